@@ -1,0 +1,237 @@
+"""The producer's client: enqueue loads, wait for their reports, look at the queue.
+
+``Client`` is async; ``BlockingClient`` is a small synchronous facade for
+backends without an event loop. Both speak only JSON to Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from enum import StrEnum
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import in_progress_key_prefix, result_key_prefix
+from arq.jobs import Job, JobStatus
+from pydantic import BaseModel, ConfigDict, ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from loadwarden.producer import wire
+from loadwarden.producer.contract import LoadReport, LoadRequest
+from loadwarden.producer.errors import (
+    ContractError,
+    JobNotFound,
+    RedisUnavailable,
+    ReportTimeout,
+)
+from loadwarden.producer.settings import Settings
+
+T = TypeVar("T")
+
+#: The one job function a producer may name; the worker registers it under this name.
+FUNCTION_NAME = "load"
+#: How often a waiting client looks for the report (one GET + one ZSCORE).
+REPORT_POLL_S = 0.05
+#: A client gives up connecting after this long instead of hanging.
+CONNECT_TIMEOUT_S = 5
+
+
+class JobState(StrEnum):
+    """Where a job is."""
+
+    QUEUED = "queued"
+    DEFERRED = "deferred"
+    RUNNING = "running"
+    COMPLETE = "complete"
+    NOT_FOUND = "not_found"
+
+
+_FROM_ARQ = {
+    JobStatus.queued: JobState.QUEUED,
+    JobStatus.deferred: JobState.DEFERRED,
+    JobStatus.in_progress: JobState.RUNNING,
+    JobStatus.complete: JobState.COMPLETE,
+    JobStatus.not_found: JobState.NOT_FOUND,
+}
+
+
+class QueueStatus(BaseModel):
+    """A look at the queue: depth, running jobs, live workers."""
+
+    model_config = ConfigDict(frozen=True)
+
+    queue: str
+    queued: int
+    running: int
+    workers_alive: bool
+
+
+async def _guard(awaitable: Awaitable[T]) -> T:
+    """Await a Redis operation, turning connection failures into RedisUnavailable."""
+    try:
+        return await awaitable
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise RedisUnavailable(f"Redis did not answer: {exc}") from exc
+
+
+class JobHandle:
+    """A reference to one enqueued load."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {self.job_id}>"
+
+    async def status(self) -> JobState:
+        return await self.client.job_state(self.job_id)
+
+    async def report(self, timeout_s: float | None = None) -> LoadReport:
+        """Wait for the job's report; ``ReportTimeout`` after ``timeout_s``, ``JobNotFound`` if none exists."""
+        return await self.client.report(self.job_id, timeout_s=timeout_s)
+
+
+class Client:
+    """Async client for producers."""
+
+    def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        url = redis_url or self.settings.redis_url
+        if not url:
+            raise RedisUnavailable("no Redis configured: pass a URL or set LOADWARDEN_REDIS_URL")
+        self.redis_url = url
+        self._pool: ArqRedis | None = None
+
+    @property
+    def queue_name(self) -> str:
+        return self.settings.queue_name
+
+    async def connect(self) -> Self:
+        if self._pool is None:
+            rs = RedisSettings.from_dsn(self.redis_url)
+            rs.conn_timeout, rs.conn_retries = CONNECT_TIMEOUT_S, 0
+            try:
+                self._pool = await create_pool(
+                    rs,
+                    job_serializer=wire.dumps,
+                    job_deserializer=wire.loads,
+                    default_queue_name=self.queue_name,
+                )
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                raise RedisUnavailable(f"cannot reach Redis at {self.redis_url}: {exc}") from exc
+        return self
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
+
+    async def __aenter__(self) -> Self:
+        return await self.connect()
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:  # fmt: skip
+        await self.close()
+
+    async def _redis(self) -> ArqRedis:
+        await self.connect()
+        assert self._pool is not None
+        return self._pool
+
+    async def enqueue(self, request: LoadRequest, *, job_id: str | None = None) -> JobHandle:
+        """Put a load on the queue; an id already queued or running returns that job's handle."""
+        redis = await self._redis()
+        job_id = job_id or uuid.uuid4().hex
+        await _guard(redis.enqueue_job(
+            FUNCTION_NAME, request=request.model_dump(mode="json"), _job_id=job_id,
+            _queue_name=self.queue_name,
+        ))  # fmt: skip
+        return JobHandle(self, job_id)
+
+    def job(self, job_id: str) -> JobHandle:
+        return JobHandle(self, job_id)
+
+    async def job_state(self, job_id: str) -> JobState:
+        redis = await self._redis()
+        job = Job(job_id, redis, _queue_name=self.queue_name, _deserializer=wire.loads)
+        return _FROM_ARQ[await _guard(job.status())]
+
+    async def _stored_report(self, redis: ArqRedis, job_id: str) -> LoadReport | None:
+        raw = await _guard(redis.get(result_key_prefix + job_id))
+        if raw is None:
+            return None
+        document = wire.loads(raw)
+        result = document.get("r")
+        if not document.get("s") or not isinstance(result, dict) or "__error__" in result:
+            detail = result.get("__error__") if isinstance(result, dict) else result
+            raise ContractError(f"job {job_id} failed before it could be loaded: {detail}")
+        try:
+            return LoadReport.model_validate(result)
+        except ValidationError as exc:
+            raise ContractError(f"job {job_id} has a report that is not valid: {exc}") from None
+
+    async def report(self, job_id: str, *, timeout_s: float | None = None) -> LoadReport:
+        """The job's report, waiting for it up to ``timeout_s`` (None: wait as long as it takes)."""
+        redis = await self._redis()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while True:
+            stored = await self._stored_report(redis, job_id)
+            if stored is not None:
+                return stored
+            if await self.job_state(job_id) is JobState.NOT_FOUND:
+                # The report may have landed between our two reads.
+                stored = await self._stored_report(redis, job_id)
+                if stored is not None:
+                    return stored
+                raise JobNotFound(f"no job {job_id!r} is queued, running or finished")
+            if deadline is not None and loop.time() >= deadline:
+                raise ReportTimeout(f"no report for job {job_id} within {timeout_s:g} s")
+            await asyncio.sleep(REPORT_POLL_S)
+
+    async def status(self) -> QueueStatus:
+        """Queue depth, jobs in progress, and whether any worker has checked in lately."""
+        redis = await self._redis()
+        queued = await _guard(redis.zcard(self.queue_name))
+        running = 0
+        async for _ in redis.scan_iter(match=in_progress_key_prefix + "*", count=1000):
+            running += 1
+        alive = bool(await _guard(redis.exists(self.queue_name + ":health-check")))
+        return QueueStatus(queue=self.queue_name, queued=queued, running=running, workers_alive=alive)
+
+
+class BlockingClient:
+    """A synchronous facade over ``Client`` for code without an event loop (one loop of its own)."""
+
+    def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
+        self._client = Client(redis_url, settings=settings)
+        self._loop = asyncio.new_event_loop()
+
+    def _run(self, factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        return self._loop.run_until_complete(factory())
+
+    def enqueue(self, request: LoadRequest, *, job_id: str | None = None) -> str:
+        return self._run(lambda: self._client.enqueue(request, job_id=job_id)).job_id
+
+    def report(self, job_id: str, *, timeout_s: float | None = None) -> LoadReport:
+        return self._run(lambda: self._client.report(job_id, timeout_s=timeout_s))
+
+    def status(self) -> QueueStatus:
+        return self._run(self._client.status)
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._run(self._client.close)
+            self._loop.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        self.close()

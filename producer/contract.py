@@ -1,0 +1,209 @@
+"""The job contract: what a producer asks for (LoadRequest) and what comes back (LoadReport).
+
+These models are the wire format. They are validated on both ends, serialized as
+JSON only, and exported as JSON Schema (``producer/schemas/``) so services in
+other languages can enqueue loads and read reports.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from loadwarden.producer.errors import LoadError, error_class_for
+
+#: Bumped on any incompatible change to LoadRequest or LoadReport.
+WIRE_VERSION: Literal[1] = 1
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lower-case hex sha256")]
+NonNegInt = Annotated[int, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Outcome(StrEnum):
+    """How a load ended. Every value but ``ok`` has one error class in ``errors``."""
+
+    OK = "ok"
+    INVALID = "invalid"
+    REFUSED = "refused"
+    TIMEOUT = "timeout"
+    MEMORY_EXCEEDED = "memory_exceeded"
+    CPU_EXCEEDED = "cpu_exceeded"
+    CRASHED = "crashed"
+    UNAVAILABLE = "unavailable"
+    CANCELLED = "cancelled"
+
+
+class ModelFormat(StrEnum):
+    """File formats loadwarden knows how to inspect and load."""
+
+    SAFETENSORS = "safetensors"
+
+
+class Derivation(StrEnum):
+    """Where a limit's value came from."""
+
+    DECLARED_SIZE = "declared_size"
+    HISTORY = "history"
+    OVERRIDE = "override"
+    DEFAULT = "default"
+
+
+class LimitOverrides(_Model):
+    """Limits a request asks for; each one wins over the derived value, within the worker's ceilings."""
+
+    memory_bytes: Annotated[int, Field(gt=0)] | None = None
+    cpu_seconds: Annotated[float, Field(gt=0)] | None = None
+    timeout_seconds: Annotated[float, Field(gt=0)] | None = None
+
+
+class RetryPolicy(_Model):
+    """How a job is retried; applied by the worker (see issue #5 for the full policy)."""
+
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    base_s: Annotated[float, Field(gt=0)] = 1.0
+    max_s: Annotated[float, Field(gt=0)] = 60.0
+    retry_on: frozenset[Outcome] = frozenset(
+        {Outcome.TIMEOUT, Outcome.CRASHED, Outcome.UNAVAILABLE}
+    )
+
+
+class LoadRequest(_Model):
+    """One model load, as a producer enqueues it."""
+
+    wire_version: Literal[1] = WIRE_VERSION
+    source: Annotated[str, Field(min_length=1, max_length=4096)]
+    sha256: Sha256 | None = None
+    format: ModelFormat | None = None
+    limits: LimitOverrides = LimitOverrides()
+    retry: RetryPolicy = RetryPolicy()
+    labels: Annotated[dict[str, Annotated[str, Field(max_length=256)]], Field(max_length=64)] = {}
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _lower_digest(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+class LimitDerivation(_Model):
+    """For each limit, where its value came from."""
+
+    memory_bytes: Derivation
+    cpu_seconds: Derivation
+    timeout_seconds: Derivation
+
+
+class Limits(_Model):
+    """The limits one load ran under, and how each was derived."""
+
+    memory_bytes: Annotated[int, Field(gt=0)]
+    cpu_seconds: Annotated[float, Field(gt=0)]
+    timeout_seconds: Annotated[float, Field(gt=0)]
+    derivation: LimitDerivation
+
+
+class TensorInfo(_Model):
+    """One tensor of a model's manifest."""
+
+    name: str
+    dtype: str
+    shape: list[NonNegInt]
+    bytes: NonNegInt
+
+
+class ModelSummary(_Model):
+    """What a model file holds, as read from its header (and confirmed by the loader)."""
+
+    format: ModelFormat
+    file_bytes: NonNegInt
+    bytes: NonNegInt = Field(description="bytes of tensor data")
+    parameters: NonNegInt
+    dtypes: dict[str, NonNegInt] = Field(description="parameter count per dtype")
+    tensors: list[TensorInfo]
+    metadata: dict[str, str] = {}
+    sha256: Sha256 | None = Field(default=None, description="set when the loader hashed the file")
+
+
+class ErrorInfo(_Model):
+    """Why a load did not end ``ok``: the error class, a stable code and a message."""
+
+    type: str
+    code: str
+    message: str
+    traceback: str | None = None
+
+    @classmethod
+    def from_error(cls, error: LoadError, traceback: str | None = None) -> ErrorInfo:
+        return cls(type=type(error).__name__, code=error.code, message=error.message,
+                   traceback=traceback)
+
+
+class Resources(_Model):
+    """What a load cost, measured (never assumed)."""
+
+    wall_seconds: NonNegFloat
+    cpu_user_seconds: NonNegFloat
+    cpu_system_seconds: NonNegFloat
+    peak_rss_bytes: NonNegInt
+    read_bytes: NonNegInt
+    samples: NonNegInt
+
+
+class Attempt(_Model):
+    """One run of a job."""
+
+    number: Annotated[int, Field(ge=1)]
+    outcome: Outcome
+    error_code: str | None = None
+    worker: str
+    started_at: datetime
+    finished_at: datetime
+
+
+class WorkerInfo(_Model):
+    """The worker that produced a report."""
+
+    id: str
+    hostname: str
+    pid: int
+    version: str
+
+
+class LoadReport(_Model):
+    """The result of one load job: outcome, model, limits, resources, attempts."""
+
+    wire_version: Literal[1] = WIRE_VERSION
+    job_id: str
+    source: str
+    outcome: Outcome
+    error: ErrorInfo | None = None
+    attempts: list[Attempt]
+    model: ModelSummary | None = None
+    limits: Limits | None = None
+    resources: Resources | None = None
+    confinement: list[str] = Field(default=[], description="mechanisms that confined the load")
+    worker: WorkerInfo
+    labels: dict[str, str] = {}
+    enqueued_at: datetime | None = None
+    started_at: datetime
+    finished_at: datetime
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+    def raise_for_outcome(self) -> LoadReport:
+        """Return self when ``ok``; otherwise raise the outcome's ``LoadError`` with this report."""
+        if self.ok:
+            return self
+        cls = error_class_for(self.outcome)
+        err = self.error
+        raise cls(err.message if err else str(self.outcome), code=err.code if err else "",
+                  report=self)

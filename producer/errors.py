@@ -1,0 +1,159 @@
+"""The one error tree of loadwarden, shared by producers and workers.
+
+::
+
+    LoadwardenError
+    ├── ContractError            a payload that is not our wire format (bad JSON, wrong version)
+    ├── ClientError              the producer side could not do what was asked
+    │   ├── RedisUnavailable     Redis did not answer
+    │   ├── JobNotFound          no job with that id is queued, running or finished
+    │   └── ReportTimeout        the report did not arrive in time (also a TimeoutError)
+    └── LoadError                a load ended in an outcome other than ``ok``
+        ├── InvalidModel         outcome ``invalid``: bad file, header defect or digest mismatch
+        ├── SourceRefused        outcome ``refused``: policy forbids this source or format
+        ├── LoadTimeout          outcome ``timeout``: the wall-clock deadline passed
+        ├── MemoryExceeded       outcome ``memory_exceeded``: the memory limit was hit
+        ├── CpuExceeded          outcome ``cpu_exceeded``: the CPU-time limit was hit
+        ├── ChildCrashed         outcome ``crashed``: the child died any other way
+        ├── SourceUnavailable    outcome ``unavailable``: the source could not be reached or read
+        └── LoadCancelled        outcome ``cancelled``: somebody cancelled the job
+
+Every ``Outcome`` except ``ok`` maps to exactly one ``LoadError`` subclass
+(``error_class_for``); a timeout is never a cancellation. Errors keep their
+arguments through ``__reduce__`` so they survive a process boundary.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from loadwarden.producer.contract import LoadReport, Outcome
+
+
+class LoadwardenError(Exception):
+    """Base of every error loadwarden raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message,))
+
+
+class ContractError(LoadwardenError):
+    """A payload is not a valid loadwarden wire document."""
+
+
+class ClientError(LoadwardenError):
+    """The producer side could not do what was asked."""
+
+
+class RedisUnavailable(ClientError):
+    """Redis could not be reached, or stopped answering."""
+
+
+class JobNotFound(ClientError):
+    """No job with this id is queued, running, or has a stored report."""
+
+
+class ReportTimeout(ClientError, TimeoutError):
+    """The job's report did not arrive within the wait."""
+
+
+class LoadError(LoadwardenError):
+    """A load ended in an outcome other than ``ok``.
+
+    ``code`` names the defect in a stable, machine-readable way (for example
+    ``header_too_large``); ``report`` is attached when the error is raised from a
+    finished report.
+    """
+
+    outcome_value: ClassVar[str] = ""
+
+    def __init__(self, message: str, *, code: str = "", report: LoadReport | None = None) -> None:
+        super().__init__(message)
+        self.code = code or type(self).__name__
+        self.report = report
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_load_error, (type(self), self.message, self.code))
+
+    @property
+    def outcome(self) -> Outcome:
+        from loadwarden.producer.contract import Outcome
+
+        return Outcome(self.outcome_value)
+
+
+def _rebuild_load_error(cls: type[LoadError], message: str, code: str) -> LoadError:
+    return cls(message, code=code)
+
+
+class InvalidModel(LoadError):
+    """The file is not a valid model: a header defect, a bad size, a digest mismatch."""
+
+    outcome_value = "invalid"
+
+
+class SourceRefused(LoadError):
+    """Policy forbids loading this source or format."""
+
+    outcome_value = "refused"
+
+
+class LoadTimeout(LoadError):
+    """The load overran its wall-clock deadline and was killed."""
+
+    outcome_value = "timeout"
+
+
+class MemoryExceeded(LoadError):
+    """The load hit its memory limit."""
+
+    outcome_value = "memory_exceeded"
+
+
+class CpuExceeded(LoadError):
+    """The load used up its CPU-time limit."""
+
+    outcome_value = "cpu_exceeded"
+
+
+class ChildCrashed(LoadError):
+    """The child process died by a signal or exit that no limit explains."""
+
+    outcome_value = "crashed"
+
+
+class SourceUnavailable(LoadError):
+    """The source could not be reached or read (worth retrying)."""
+
+    outcome_value = "unavailable"
+
+
+class LoadCancelled(LoadError):
+    """The job was cancelled before or while it ran."""
+
+    outcome_value = "cancelled"
+
+
+_BY_OUTCOME: dict[str, type[LoadError]] = {
+    cls.outcome_value: cls
+    for cls in (
+        InvalidModel,
+        SourceRefused,
+        LoadTimeout,
+        MemoryExceeded,
+        CpuExceeded,
+        ChildCrashed,
+        SourceUnavailable,
+        LoadCancelled,
+    )
+}
+
+
+def error_class_for(outcome: Outcome | str) -> type[LoadError]:
+    """The ``LoadError`` subclass for a failed outcome (``KeyError`` for ``ok``)."""
+    return _BY_OUTCOME[str(outcome)]

@@ -1,0 +1,223 @@
+"""The ``loadwarden`` command line.
+
+Exit status: 0 when the command did what it says and every load it reports is
+``ok``; 1 when a load ended in any other outcome; 2 for a usage error; 3 when
+no answer could be had (Redis unreachable, unknown job id, wait timed out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from loadwarden.producer.client import Client
+from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest, Outcome
+from loadwarden.producer.errors import ClientError, ContractError, LoadError
+from loadwarden.producer.settings import Settings
+from loadwarden.worker import _render
+from loadwarden.worker.logs import configure_logging
+
+EXIT_OK, EXIT_OUTCOME, EXIT_NO_ANSWER = 0, 1, 3
+
+app = typer.Typer(
+    name="loadwarden",
+    help="Load ML model files in sandboxed, resource-limited child processes, from a Redis queue "
+    "or right here.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RedisOpt = Annotated[
+    str | None,
+    typer.Option("--redis", envvar="LOADWARDEN_REDIS_URL", help="Redis URL, e.g. redis://127.0.0.1:6379/0."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
+LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error (logs go to stderr).")]
+Sha256Opt = Annotated[
+    str | None, typer.Option("--sha256", help="Expected sha256 of the file; a mismatch is 'invalid'.")
+]
+
+
+def _settings(redis: str | None = None, **overrides: Any) -> Settings:
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if redis:
+        values["redis_url"] = redis
+    try:
+        return Settings(**values)
+    except Exception as exc:  # pydantic's ValidationError or a bad environment variable
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _source(value: str) -> str:
+    """Local paths are made absolute here: a worker resolves relative ones against its own cwd."""
+    return value if "://" in value else os.path.abspath(value)
+
+
+def _emit_report(report: LoadReport, as_json: bool) -> None:
+    if as_json:
+        typer.echo(report.model_dump_json())
+    else:
+        _render.report(report)
+    raise typer.Exit(EXIT_OK if report.outcome is Outcome.OK else EXIT_OUTCOME)
+
+
+def _no_answer(exc: Exception, as_json: bool) -> typer.Exit:
+    if as_json:
+        typer.echo(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}))
+    else:
+        typer.echo(f"loadwarden: {exc}", err=True)
+    return typer.Exit(EXIT_NO_ANSWER)
+
+
+@app.command()
+def worker(
+    redis: RedisOpt = None,
+    concurrency: Annotated[int | None, typer.Option(help="Loads run at once (default 2).", min=1)] = None,
+    burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
+    log_level: LogOpt = "info",
+) -> None:
+    """Run a worker: pull load jobs from Redis and run each in a confined child."""
+    from loadwarden.worker.app import run_worker
+
+    settings = _settings(redis, concurrency=concurrency)
+    if not settings.redis_url:
+        raise typer.BadParameter("a worker needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis")
+    configure_logging(log_level)
+    asyncio.run(run_worker(settings, burst=burst))
+
+
+@app.command()
+def enqueue(
+    source: Annotated[str, typer.Argument(help="Model file path (made absolute) or URL.")],
+    sha256: Sha256Opt = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the report and print it.")] = False,
+    timeout_s: Annotated[float | None, typer.Option(help="With --wait: give up after this long.")] = None,
+    redis: RedisOpt = None,
+    as_json: JsonOpt = False,
+    log_level: LogOpt = "warning",
+) -> None:
+    """Enqueue one load; print its job id, or with --wait its report."""
+    configure_logging(log_level)
+    try:
+        request = LoadRequest(source=_source(source), sha256=sha256)
+    except Exception as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+    async def go() -> LoadReport | str:
+        async with Client(settings=_settings(redis)) as client:
+            handle = await client.enqueue(request)
+            return await handle.report(timeout_s=timeout_s) if wait else handle.job_id
+
+    try:
+        result = asyncio.run(go())
+    except (ClientError, ContractError) as exc:
+        raise _no_answer(exc, as_json) from None
+    if isinstance(result, LoadReport):
+        _emit_report(result, as_json)
+    typer.echo(json.dumps({"job_id": result}) if as_json else result)
+
+
+@app.command()
+def report(
+    job_id: Annotated[str, typer.Argument(help="The id printed by 'enqueue'.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the report exists.")] = False,
+    timeout_s: Annotated[float | None, typer.Option(help="With --wait: give up after this long.")] = None,
+    redis: RedisOpt = None,
+    as_json: JsonOpt = False,
+    log_level: LogOpt = "warning",
+) -> None:
+    """Print a job's report (exit 3 if it has none yet, unless --wait)."""
+    configure_logging(log_level)
+
+    async def go() -> LoadReport:
+        async with Client(settings=_settings(redis)) as client:
+            return await client.report(job_id, timeout_s=timeout_s if wait else 0)
+
+    try:
+        _emit_report(asyncio.run(go()), as_json)
+    except (ClientError, ContractError) as exc:
+        raise _no_answer(exc, as_json) from None
+
+
+@app.command()
+def load(
+    file: Annotated[Path, typer.Argument(help="Model file to load.")],
+    sha256: Sha256Opt = None,
+    memory_bytes: Annotated[int | None, typer.Option(help="Memory limit override.", min=1)] = None,
+    timeout_s: Annotated[float | None, typer.Option(help="Wall-clock deadline override.")] = None,
+    cpu_s: Annotated[float | None, typer.Option(help="CPU-time limit override.")] = None,
+    as_json: JsonOpt = False,
+    log_level: LogOpt = "warning",
+) -> None:
+    """Run one sandboxed load on this machine, no Redis, and print its report."""
+    from loadwarden.worker.supervisor import Supervisor
+
+    configure_logging(log_level)
+    try:
+        request = LoadRequest(
+            source=_source(str(file)),
+            sha256=sha256,
+            limits=LimitOverrides(memory_bytes=memory_bytes, cpu_seconds=cpu_s, timeout_seconds=timeout_s),
+        )
+    except Exception as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+    async def go() -> LoadReport:
+        async with Supervisor(_settings()) as supervisor:
+            return await supervisor.load(request)
+
+    _emit_report(asyncio.run(go()), as_json)
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="Model file whose header to check.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a model file's header only: no loader runs, no child starts."""
+    from loadwarden.producer.contract import ErrorInfo
+    from loadwarden.worker._files import open_model_file
+    from loadwarden.worker.formats.safetensors import inspect_safetensors
+
+    settings = _settings()
+    try:
+        with open_model_file(_source(str(file))) as model_file:
+            summary = inspect_safetensors(model_file.fd, model_file.size, settings.inspection).summary
+        document: dict[str, Any] = {"outcome": "ok", "error": None, "model": summary.model_dump(mode="json")}
+    except LoadError as exc:
+        document = {"outcome": str(exc.outcome), "error": ErrorInfo.from_error(exc).model_dump(mode="json"),
+                    "model": None}  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(document))
+    else:
+        _render.inspection(document)
+    raise typer.Exit(EXIT_OK if document["outcome"] == "ok" else EXIT_OUTCOME)
+
+
+@app.command()
+def status(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
+    """Show queue depth, jobs in progress and whether a worker is alive."""
+
+    async def go() -> Any:
+        async with Client(settings=_settings(redis)) as client:
+            return await client.status()
+
+    try:
+        queue = asyncio.run(go())
+    except (ClientError, ContractError) as exc:
+        raise _no_answer(exc, as_json) from None
+    if as_json:
+        typer.echo(queue.model_dump_json())
+    else:
+        _render.queue_status(queue)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,210 @@
+"""Code that runs inside a load child: confine this process, load one model, answer, exit.
+
+Imported by the fork server before it forks anything, so that numpy and
+safetensors are already in memory when a child starts. Stdlib, numpy and
+safetensors only: this module must stay lean because every child's RSS starts
+from the fork server's.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before numpy is imported: one BLAS thread (no idle threads with their own
+# stacks in the fork server), and no Rust backtraces (a child that hits
+# RLIMIT_DATA while printing one can hang forever).
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+os.environ["RUST_BACKTRACE"] = "0"
+
+import contextlib  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import stat  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import safetensors.numpy  # noqa: E402
+
+from loadwarden.worker.sandbox import _linux, _protocol  # noqa: E402
+
+Spec = dict[str, Any]
+Loader = Callable[[int, Spec], dict[str, Any]]
+
+#: Loaders by name; tests register extra ones from a module preloaded into the fork server.
+LOADERS: dict[str, Loader] = {}
+
+
+class FileChanged(Exception):
+    """The file handed to the child is not the one the supervisor inspected."""
+
+
+class DigestMismatch(Exception):
+    """The file's sha256 differs from the one the request expects."""
+
+
+class ManifestMismatch(Exception):
+    """The loader returned other tensors than the header inspection found."""
+
+
+def register_loader(name: str) -> Callable[[Loader], Loader]:
+    def decorate(fn: Loader) -> Loader:
+        LOADERS[name] = fn
+        return fn
+
+    return decorate
+
+
+_NUMPY_TO_SAFETENSORS = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "uint64": "U64",
+    "int32": "I32", "uint32": "U32", "int16": "I16", "uint16": "U16", "int8": "I8",
+    "uint8": "U8", "bool": "BOOL", "complex64": "C64",
+}  # fmt: skip
+
+
+def _hash_file(fd: int, out: list[str | BaseException]) -> None:
+    try:
+        # A description of our own, so the hash and the loader do not share a file offset.
+        with open(f"/proc/self/fd/{fd}", "rb", buffering=0) as fh:
+            out.append(hashlib.file_digest(fh, "sha256").hexdigest())
+    except BaseException as exc:
+        out.append(exc)
+
+
+def _start_hash(fd: int, out: list[str | BaseException]) -> threading.Thread:
+    # Hashing overlaps the load (hashlib drops the GIL on large buffers); a small
+    # stack keeps the thread's address space out of the memory limit.
+    threading.stack_size(512 * 1024)
+    thread = threading.Thread(target=_hash_file, args=(fd, out), daemon=True)
+    thread.start()
+    return thread
+
+
+@register_loader("safetensors")
+def load_safetensors(fd: int, spec: Spec) -> dict[str, Any]:
+    """Load every tensor into memory once (pread backend: no second copy), hash, check."""
+    digest: list[str | BaseException] = []
+    hasher = _start_hash(fd, digest) if spec.get("sha256") else None
+    tensors = safetensors.numpy.load_file(f"/proc/self/fd/{fd}", backend="pread")
+    entries = [
+        (name, _NUMPY_TO_SAFETENSORS.get(arr.dtype.name, arr.dtype.name), list(arr.shape), arr.nbytes)
+        for name, arr in tensors.items()
+    ]
+    loaded_bytes = int(sum(arr.nbytes for arr in tensors.values()))
+    del tensors
+    result: dict[str, Any] = {
+        "tensors": len(entries),
+        "bytes": loaded_bytes,
+        "manifest_digest": _protocol.manifest_digest(entries),
+        "sha256": None,
+    }
+    if hasher is not None:
+        hasher.join()
+        if isinstance(digest[0], BaseException):
+            raise digest[0]
+        result["sha256"] = digest[0]
+        if digest[0] != spec["sha256"]:
+            raise DigestMismatch(f"sha256 of the file is {digest[0]}, the request expects {spec['sha256']}")
+    expected = spec.get("manifest_digest")
+    if expected and result["manifest_digest"] != expected:
+        raise ManifestMismatch("the loader returned other tensors than the header declares")
+    return result
+
+
+def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    sock.send(data[: _protocol.MAX_REPLY_BYTES])
+
+
+def _confine_process() -> list[str]:
+    """What needs no spec: own session, die with the fork server, no privileges, no core."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    parent = os.getppid()
+    os.setsid()
+    _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+    _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    applied = ["setsid", "pdeathsig", "no_new_privs", "rlimit_core"]
+    try:
+        with open("/proc/self/oom_score_adj", "w") as fh:
+            fh.write("1000")
+        applied.append("oom_score_adj")
+    except OSError:
+        pass
+    return applied
+
+
+def _check_identity(fd: int, expect: dict[str, int]) -> None:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise FileChanged("the file handed to the loader is not a regular file")
+    if (st.st_dev, st.st_ino) != (expect["dev"], expect["ino"]):
+        raise FileChanged("the file was replaced after inspection")
+    if st.st_size != expect["size"]:
+        raise FileChanged(f"the file changed size after inspection: {expect['size']} -> {st.st_size} bytes")
+
+
+def _apply_limits(spec: Spec) -> dict[str, Any]:
+    """Address space sized for how the loader maps memory; CPU time; descriptors."""
+    vsz, rss = _linux.memory_from_statm()
+    # memory_bytes bounds the child's resident memory. Virtual size runs ahead
+    # of RSS by what the interpreter reserves but never touches; the pread
+    # loader maps each tensor once, so the growth it may use is memory - rss.
+    room = max(0, int(spec["memory_bytes"]) - rss)
+    address_space = vsz + room
+    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    cpu = max(1, math.ceil(float(spec["cpu_seconds"])))
+    # SIGXCPU at the soft limit, SIGKILL one second later if it is ignored.
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    nofile = int(spec["max_fds"])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    return {"baseline_vsz": vsz, "baseline_rss": rss, "address_space": address_space}
+
+
+def _raised(exc: BaseException) -> dict[str, Any]:
+    text = "".join(traceback.format_exception(exc))
+    return {
+        "kind": "raised",
+        "type": type(exc).__name__,
+        "module": type(exc).__module__,
+        "message": str(exc)[:2000],
+        "traceback": text[-_protocol.MAX_TRACEBACK_CHARS :],
+        "rchar": _linux.read_chars(),
+    }
+
+
+def main(sock: socket.socket) -> int:
+    """Entry point of a forked child; returns the exit status."""
+    applied = _confine_process()
+    sock.settimeout(60)
+    data, fds, _flags, _addr = socket.recv_fds(sock, _protocol.MAX_SPEC_BYTES, 1)
+    if not data or len(fds) != 1:
+        return 2
+    fd = fds[0]
+    try:
+        spec: Spec = json.loads(data)
+        _check_identity(fd, spec["expect"])
+        loader = LOADERS[spec["loader"]]
+        figures = _apply_limits(spec)
+        applied += ["rlimit_as", "rlimit_cpu", "rlimit_nofile"]
+        _send(sock, {"kind": "ready", "pid": os.getpid(), "confinement": applied, **figures})
+        result = loader(fd, spec)
+    except BaseException as exc:  # PanicException is a BaseException: catch everything
+        with contextlib.suppress(BaseException):
+            _send(sock, _raised(exc))
+        return 1
+    _send(sock, {"kind": "ok", "result": result, "rchar": _linux.read_chars()})
+    return 0
+
+
+__all__ = ["LOADERS", "main", "register_loader"]

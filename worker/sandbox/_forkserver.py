@@ -1,0 +1,114 @@
+"""The fork server: a lean, single-threaded process that imports the loaders once and forks load children.
+
+Run as ``python -m loadwarden.worker.sandbox._forkserver CONTROL_FD SUPERVISOR_PID PRELOAD...`` by
+``forkserver.ForkServer``. It forks a child for every spawn request, reaps every
+child with ``wait4`` and reports the kernel's own accounting (status, CPU time,
+peak RSS) to the supervisor. It dies with the supervisor (``PR_SET_PDEATHSIG``)
+and its children die with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import selectors
+import signal
+import socket
+import sys
+
+from loadwarden.worker.sandbox import _linux, _protocol
+
+
+def _reap(control: socket.socket) -> None:
+    while True:
+        try:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        message = _protocol.REAPED + _protocol.REAPED_MSG.pack(
+            pid,
+            status,
+            round(usage.ru_utime * 1e6),
+            round(usage.ru_stime * 1e6),
+            usage.ru_maxrss,
+        )
+        with contextlib.suppress(OSError):
+            control.send(message)
+
+
+def _fork_child(control: socket.socket, wakeup_r: int, token: int, child_end: socket.socket) -> None:
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        child_end.close()
+        control.send(_protocol.FORK_FAILED + _protocol.FORK_FAILED_MSG.pack(token, exc.errno or 0))
+        return
+    if pid == 0:  # the load child
+        status = 70
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            control.close()
+            os.close(wakeup_r)
+            from loadwarden.worker.sandbox import _child
+
+            status = _child.main(child_end)
+        finally:
+            os._exit(status)
+    child_end.close()
+    control.send(_protocol.FORKED + _protocol.FORKED_MSG.pack(token, pid))
+
+
+def _serve(control: socket.socket) -> None:
+    wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wakeup_w)
+    # A handler (not SIG_IGN) so that children stay reapable and the wakeup fd fires.
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    selector = selectors.DefaultSelector()
+    selector.register(control, selectors.EVENT_READ, "control")
+    selector.register(wakeup_r, selectors.EVENT_READ, "wakeup")
+    while True:
+        for key, _ in selector.select():
+            if key.data == "wakeup":
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wakeup_r, 4096)
+                _reap(control)
+                continue
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(control, _protocol.MAX_CONTROL_BYTES, 1)
+            except InterruptedError:
+                continue
+            if not data:  # the supervisor is gone
+                return
+            if data[:1] != _protocol.SPAWN or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            (token,) = _protocol.TOKEN.unpack(data[1:])
+            child_end = socket.socket(fileno=fds[0])
+            _fork_child(control, wakeup_r, token, child_end)
+        _reap(control)
+
+
+def main(argv: list[str]) -> int:
+    control_fd, supervisor = int(argv[0]), int(argv[1])
+    _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != supervisor:  # the supervisor died before the prctl took hold
+        return 1
+    # Grandchildren that a loader starts are reparented here and reaped, not leaked to init.
+    with contextlib.suppress(OSError):
+        _linux.prctl(_linux.PR_SET_CHILD_SUBREAPER, 1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in argv[2:]:
+        importlib.import_module(name)
+    control = socket.socket(fileno=control_fd)
+    control.send(_protocol.READY)
+    _serve(control)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,53 @@
+"""Messages between the supervisor, the fork server and a load child (stdlib only: it runs in all three).
+
+Control socket (supervisor <-> fork server), SOCK_SEQPACKET, one message per packet:
+  supervisor -> server  ``b"S" + token:u64`` with one fd attached: the child's end of its socket
+  server -> supervisor  ``b"R"``                               preloading done, ready to fork
+                        ``b"P" + token:u64 + pid:i64``          a child was forked
+                        ``b"F" + token:u64 + errno:i64``        the fork failed
+                        ``b"X" + pid:i64 + status:i64 + utime_us:i64 + stime_us:i64 + maxrss_kib:i64``
+                                                                a child was reaped (wait4)
+
+Child socket (supervisor <-> one child), SOCK_SEQPACKET, JSON objects, one per packet:
+  supervisor -> child   the spec, with the model's fd attached
+  child -> supervisor   ``{"kind": "ready", ...}`` once confined, then
+                        ``{"kind": "ok", ...}`` or ``{"kind": "raised", ...}``
+Nothing on either socket is pickled: a compromised child can at most send bad JSON.
+"""
+
+from __future__ import annotations
+
+import struct
+
+SPAWN = b"S"
+READY = b"R"
+FORKED = b"P"
+FORK_FAILED = b"F"
+REAPED = b"X"
+
+TOKEN = struct.Struct("<Q")
+FORKED_MSG = struct.Struct("<Qq")
+FORK_FAILED_MSG = struct.Struct("<Qq")
+REAPED_MSG = struct.Struct("<qqqqq")
+
+#: Largest control packet.
+MAX_CONTROL_BYTES = 64
+#: Largest spec the supervisor sends a child.
+MAX_SPEC_BYTES = 64 * 1024
+#: Largest message a child may send; anything longer is a protocol violation.
+MAX_REPLY_BYTES = 256 * 1024
+#: How much of a child's traceback text is kept.
+MAX_TRACEBACK_CHARS = 8 * 1024
+
+
+def manifest_digest(entries: list[tuple[str, str, list[int], int]]) -> str:
+    """A digest of a manifest (name, dtype, shape, bytes), independent of order.
+
+    The supervisor computes it from the inspected header and the child from what
+    the loader really returned; equal digests mean the loader read what we checked.
+    """
+    import hashlib
+    import json
+
+    canonical = json.dumps(sorted([n, d, list(s), b] for n, d, s, b in entries), separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,289 @@
+"""Start load children from a preloaded fork server, and stop them: the supervisor's side.
+
+Why a fork server of our own (measured in ``bench/spawn.py``): forking the
+supervisor itself is unsafe (it runs threads and an event loop; CPython warns
+about fork with threads) and would copy its whole heap into every child;
+``spawn`` or a fresh interpreter costs ~240 ms per child; the stdlib
+``forkserver`` re-imports the worker's ``__main__`` in every child (1.15 s per
+job inside a real arq worker) and pickles its requests. Ours is a fresh
+interpreter that imports numpy and safetensors once, forks a ready child in a
+few milliseconds, speaks only fixed-size binary packets on its control socket,
+and reports each child's exit with the kernel's own accounting from ``wait4``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import structlog
+
+from loadwarden.producer.errors import LoadwardenError
+from loadwarden.worker.sandbox import _protocol
+
+log = structlog.get_logger("loadwarden.sandbox")
+
+#: Modules every fork server imports before it forks: the child's own code
+#: (which imports numpy and safetensors.numpy).
+BASE_PRELOAD = ("loadwarden.worker.sandbox._child",)
+#: A fork server that has not finished importing in this long is broken.
+START_TIMEOUT_S = 60.0
+#: How long to wait for the fork server to report a killed child's exit.
+REAP_TIMEOUT_S = 10.0
+
+
+class SandboxError(LoadwardenError):
+    """The sandbox machinery itself failed (fork server gone, fork failed, protocol broken)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChildExit:
+    """How a child ended, from the kernel's accounting (``wait4``) in the fork server."""
+
+    pid: int
+    exit_code: int | None
+    signal: int | None
+    cpu_user_s: float
+    cpu_system_s: float
+    maxrss_bytes: int
+    killed: bool = False
+
+    @classmethod
+    def from_wait(cls, pid: int, status: int, utime_us: int, stime_us: int, maxrss_kib: int) -> ChildExit:
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        return cls(pid, code, sig, utime_us / 1e6, stime_us / 1e6, maxrss_kib * 1024)
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.signal).name if self.signal else None
+
+
+class Child:
+    """One load child: its pid (also its process group), its socket, its exit."""
+
+    def __init__(self, pid: int, sock: socket.socket, exited: asyncio.Future[ChildExit]) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.exited = exited
+
+    async def send_spec(self, spec: dict[str, Any], fd: int) -> None:
+        """Hand the child its job and the model's open descriptor (never a path to reopen)."""
+        data = json.dumps(spec, separators=(",", ":")).encode()
+        if len(data) > _protocol.MAX_SPEC_BYTES:
+            raise SandboxError(f"spec of {len(data)} bytes is too large")
+        await _send_with_fds(self.sock, data, [fd])
+
+    async def receive(self) -> dict[str, Any] | None:
+        """The child's next message, or None once it has closed its socket (exited)."""
+        loop = asyncio.get_running_loop()
+        data = await loop.sock_recv(self.sock, _protocol.MAX_REPLY_BYTES + 1)
+        if not data:
+            return None
+        if len(data) > _protocol.MAX_REPLY_BYTES:
+            raise SandboxError("the child sent an oversized message")
+        try:
+            message = json.loads(data.decode("utf-8", errors="strict"))
+        except (UnicodeDecodeError, ValueError):
+            raise SandboxError("the child sent a message that is not JSON") from None
+        if not isinstance(message, dict):
+            raise SandboxError("the child sent a message that is not a JSON object")
+        return message
+
+
+def _kill_group(pid: int) -> bool:
+    """SIGKILL the child's process group, and the child itself in case it has not called setsid yet."""
+    sent = False
+    for kill, target in ((os.killpg, pid), (os.kill, pid)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(target, signal.SIGKILL)
+            sent = True
+    return sent
+
+
+async def stop_child(child: Child) -> ChildExit:
+    """Stop a child and everything in its process group, reap it, and say how it ended.
+
+    The only function that stops a child: every wait on a child sits in a
+    ``try/finally`` that calls it. A load child holds nothing worth a graceful
+    stop, so it gets SIGKILL at once; then the group is killed again, for any
+    grandchild left behind by a leader that already exited.
+    """
+    killed = False
+    try:
+        if not child.exited.done():
+            killed = _kill_group(child.pid)
+        ended = await asyncio.wait_for(asyncio.shield(child.exited), REAP_TIMEOUT_S)
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.sock.close()
+    if killed:
+        log.debug("child_killed", child_pid=child.pid, signal=ended.signal_name)
+    return replace(ended, killed=killed)
+
+
+async def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            socket.send_fds(sock, [data], fds)
+            return
+        except BlockingIOError:
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_writer(sock.fileno())
+
+
+class ForkServer:
+    """A running fork server and the children it forked for us."""
+
+    def __init__(self, preload: Sequence[str] = ()) -> None:
+        self.preload = tuple(dict.fromkeys((*BASE_PRELOAD, *preload)))
+        self._process: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._tokens = itertools.count(1)
+        self._forks: dict[int, asyncio.Future[int]] = {}
+        self._exits: dict[int, asyncio.Future[ChildExit]] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def alive(self) -> bool:
+        return self._reader is not None and not self._reader.done()
+
+    async def start(self) -> None:
+        """Start the fork server (if it is not running) and wait until it has preloaded."""
+        async with self._lock:
+            if self.alive:
+                return
+            await self._stop_process()
+            await self._start_process()
+
+    async def _start_process(self) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ)
+        # The fork server sees the modules the supervisor sees (tests, editable installs).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        cmd = [sys.executable, "-m", "loadwarden.worker.sandbox._forkserver",
+               str(theirs.fileno()), str(os.getpid()), *self.preload]  # fmt: skip
+        try:
+            self._process = subprocess.Popen(
+                cmd, pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._control = ours
+        started = loop.time()
+        try:
+            first = await asyncio.wait_for(loop.sock_recv(ours, _protocol.MAX_CONTROL_BYTES),
+                                           START_TIMEOUT_S)
+        except BaseException:
+            await self._stop_process()
+            raise
+        if first != _protocol.READY:
+            await self._stop_process()
+            raise SandboxError("the fork server did not start (see its stderr above)")
+        self._reader = asyncio.create_task(self._read(ours), name="loadwarden-forkserver-reader")
+        log.info("forkserver_started", pid=self._process.pid, preload=list(self.preload),
+                 start_seconds=round(loop.time() - started, 3))
+
+    async def _read(self, control: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while data := await loop.sock_recv(control, _protocol.MAX_CONTROL_BYTES):
+                self._dispatch(data)
+        except OSError as exc:
+            log.warning("forkserver_lost", error=str(exc))
+        finally:
+            gone = SandboxError("the fork server exited")
+            for pending in (*self._forks.values(), *self._exits.values()):
+                if not pending.done():
+                    pending.set_exception(gone)
+                    pending.exception()  # mark retrieved: a cancelled waiter never reads it
+            self._forks.clear()
+            self._exits.clear()
+
+    def _dispatch(self, data: bytes) -> None:
+        kind, body = data[:1], data[1:]
+        if kind == _protocol.FORKED:
+            token, pid = _protocol.FORKED_MSG.unpack(body)
+            waiter = self._forks.pop(token, None)
+            self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
+            if waiter is None or waiter.done():  # its spawn() was cancelled: do not leak it
+                _kill_group(pid)
+            else:
+                waiter.set_result(pid)
+        elif kind == _protocol.FORK_FAILED:
+            token, errno = _protocol.FORK_FAILED_MSG.unpack(body)
+            waiter = self._forks.pop(token, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(SandboxError(f"fork failed: {os.strerror(errno)}"))
+        elif kind == _protocol.REAPED:
+            pid, status, utime, stime, maxrss = _protocol.REAPED_MSG.unpack(body)
+            future = self._exits.pop(pid, None)  # None: a reparented grandchild
+            if future is not None and not future.done():
+                future.set_result(ChildExit.from_wait(pid, status, utime, stime, maxrss))
+
+    async def spawn(self) -> Child:
+        """Fork a fresh, not yet confined child; it waits for its spec on its socket."""
+        if not self.alive:
+            await self.start()
+        assert self._control is not None
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        token = next(self._tokens)
+        forked: asyncio.Future[int] = loop.create_future()
+        self._forks[token] = forked
+        try:
+            await _send_with_fds(self._control, _protocol.SPAWN + _protocol.TOKEN.pack(token),
+                                 [theirs.fileno()])
+            pid = await forked
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return Child(pid, ours, self._exits[pid])
+
+    async def close(self) -> None:
+        """Stop the fork server; its children die with it (``PR_SET_PDEATHSIG``)."""
+        async with self._lock:
+            await self._stop_process()
+
+    async def _stop_process(self) -> None:
+        if self._control is not None:
+            self._control.close()  # the fork server sees EOF and exits
+            self._control = None
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        process, self._process = self._process, None
+        if process is not None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(process.wait), 5)
+            except TimeoutError:
+                process.kill()
+                await asyncio.to_thread(process.wait)
