@@ -92,7 +92,7 @@ class JobHandle:
         return await self.client.job_state(self.job_id)
 
     async def report(self, timeout_s: float | None = None) -> LoadReport:
-        """Wait for the job's report; ``ReportTimeout`` after ``timeout_s``, ``JobNotFound`` if none exists."""
+        """Wait for the report: ReportTimeout after ``timeout_s``, JobNotFound if no such job."""
         return await self.client.report(self.job_id, timeout_s=timeout_s)
 
 
@@ -134,8 +134,9 @@ class Client:
     async def __aenter__(self) -> Self:
         return await self.connect()
 
-    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:  # fmt: skip
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def _redis(self) -> ArqRedis:
@@ -147,10 +148,14 @@ class Client:
         """Put a load on the queue; an id already queued or running returns that job's handle."""
         redis = await self._redis()
         job_id = job_id or uuid.uuid4().hex
-        await _guard(redis.enqueue_job(
-            FUNCTION_NAME, request=request.model_dump(mode="json"), _job_id=job_id,
-            _queue_name=self.queue_name,
-        ))  # fmt: skip
+        await _guard(
+            redis.enqueue_job(
+                FUNCTION_NAME,
+                request=request.model_dump(mode="json"),
+                _job_id=job_id,
+                _queue_name=self.queue_name,
+            )
+        )
         return JobHandle(self, job_id)
 
     def job(self, job_id: str) -> JobHandle:
@@ -202,7 +207,9 @@ class Client:
         async for _ in redis.scan_iter(match=in_progress_key_prefix + "*", count=1000):
             running += 1
         alive = bool(await _guard(redis.exists(self.queue_name + ":health-check")))
-        return QueueStatus(queue=self.queue_name, queued=queued, running=running, workers_alive=alive)
+        return QueueStatus(
+            queue=self.queue_name, queued=queued, running=running, workers_alive=alive
+        )
 
 
 class BlockingClient:
@@ -232,6 +239,7 @@ class BlockingClient:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:  # fmt: skip
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

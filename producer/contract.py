@@ -57,7 +57,7 @@ class Derivation(StrEnum):
 
 
 class LimitOverrides(_Model):
-    """Limits a request asks for; each one wins over the derived value, within the worker's ceilings."""
+    """Limits a request asks for: each wins over the derived value, within the worker's ceilings."""
 
     memory_bytes: Annotated[int, Field(gt=0)] | None = None
     cpu_seconds: Annotated[float, Field(gt=0)] | None = None
@@ -141,8 +141,9 @@ class ErrorInfo(_Model):
 
     @classmethod
     def from_error(cls, error: LoadError, traceback: str | None = None) -> ErrorInfo:
-        return cls(type=type(error).__name__, code=error.code, message=error.message,
-                   traceback=traceback)
+        return cls(
+            type=type(error).__name__, code=error.code, message=error.message, traceback=traceback
+        )
 
 
 class Resources(_Model):
@@ -205,5 +206,6 @@ class LoadReport(_Model):
             return self
         cls = error_class_for(self.outcome)
         err = self.error
-        raise cls(err.message if err else str(self.outcome), code=err.code if err else "",
-                  report=self)
+        raise cls(
+            err.message if err else str(self.outcome), code=err.code if err else "", report=self
+        )

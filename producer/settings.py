@@ -53,7 +53,7 @@ class LimitPolicy(BaseModel):
 
 
 class Settings(BaseSettings):
-    """Every knob of loadwarden; ``LOADWARDEN_<NAME>`` (nested: ``LOADWARDEN_LIMITS__STARTUP_S``)."""
+    """Every knob: ``LOADWARDEN_<NAME>`` (nested ones: ``LOADWARDEN_LIMITS__STARTUP_S``)."""
 
     model_config = SettingsConfigDict(
         env_prefix="LOADWARDEN_", env_nested_delimiter="__", extra="forbid", frozen=True

@@ -1,4 +1,4 @@
-"""Turn what a child said and how it ended into one outcome: a pure function, tested without processes."""
+"""Turn what a child said and how it ended into one outcome (pure; tested without processes)."""
 
 from __future__ import annotations
 
@@ -92,28 +92,43 @@ _ALLOCATION_WORDS = ("alloc", "memory", "capacity overflow")
 
 def _from_raised(raised: Raised) -> LoadError:
     if raised.type == "MemoryError" or (
-        raised.type == "PanicException" and any(w in raised.message.lower() for w in _ALLOCATION_WORDS)
+        raised.type == "PanicException"
+        and any(w in raised.message.lower() for w in _ALLOCATION_WORDS)
     ):
-        return MemoryExceeded(f"the loader ran out of its memory limit ({raised.type}: "
-                              f"{raised.message[:200]})", code="memory_limit")  # fmt: skip
+        return MemoryExceeded(
+            f"the loader ran out of its memory limit ({raised.type}: {raised.message[:200]})",
+            code="memory_limit",
+        )
     if raised.type in _INVALID_BY_TYPE:
         return InvalidModel(raised.message, code=_INVALID_BY_TYPE[raised.type])
-    return ChildCrashed(f"the loader raised {raised.type}: {raised.message[:500]}", code="loader_error")
+    return ChildCrashed(
+        f"the loader raised {raised.type}: {raised.message[:500]}", code="loader_error"
+    )
 
 
 def _from_exit(ended: ChildExit, limits: Limits, peak_rss_bytes: int) -> LoadError:
     cpu_s = ended.cpu_user_s + ended.cpu_system_s
-    if ended.signal == signal.SIGXCPU or (ended.signal == signal.SIGKILL and cpu_s >= limits.cpu_seconds):
-        return CpuExceeded(f"the load used its {limits.cpu_seconds:g} s of CPU time "
-                           f"({cpu_s:.2f} s) and was stopped", code="cpu_limit")  # fmt: skip
+    if ended.signal == signal.SIGXCPU or (
+        ended.signal == signal.SIGKILL and cpu_s >= limits.cpu_seconds
+    ):
+        return CpuExceeded(
+            f"the load used its {limits.cpu_seconds:g} s of CPU time "
+            f"({cpu_s:.2f} s) and was stopped",
+            code="cpu_limit",
+        )
     if ended.signal == signal.SIGKILL and peak_rss_bytes >= 0.9 * limits.memory_bytes:
-        return MemoryExceeded(f"the child was killed with SIGKILL at {peak_rss_bytes} bytes resident, "
-                              f"near its {limits.memory_bytes}-byte limit (OOM killer)",
-                              code="oom_killed")  # fmt: skip
+        return MemoryExceeded(
+            f"the child was killed with SIGKILL at {peak_rss_bytes} bytes resident, "
+            f"near its {limits.memory_bytes}-byte limit (OOM killer)",
+            code="oom_killed",
+        )
     if ended.signal is not None:
-        return ChildCrashed(f"the child died of {ended.signal_name} without answering", code="signal")
-    return ChildCrashed(f"the child exited with status {ended.exit_code} without answering",
-                        code="exited")  # fmt: skip
+        return ChildCrashed(
+            f"the child died of {ended.signal_name} without answering", code="signal"
+        )
+    return ChildCrashed(
+        f"the child exited with status {ended.exit_code} without answering", code="exited"
+    )
 
 
 def classify(
@@ -131,12 +146,17 @@ def classify(
     else), then what the child said, then how it died.
     """
     if timed_out:
-        return LoadTimeout(f"no answer within the {limits.timeout_seconds:g} s deadline; "
-                           "the child's process group was killed", code="deadline")  # fmt: skip
+        return LoadTimeout(
+            f"no answer within the {limits.timeout_seconds:g} s deadline; "
+            "the child's process group was killed",
+            code="deadline",
+        )
     if isinstance(final, Loaded):
         if final.result.manifest_digest != expected_manifest:
-            return InvalidModel("the loader returned other tensors than the header declares",
-                                code="manifest_mismatch")  # fmt: skip
+            return InvalidModel(
+                "the loader returned other tensors than the header declares",
+                code="manifest_mismatch",
+            )
         return None
     if isinstance(final, Raised):
         return _from_raised(final)

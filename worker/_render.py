@@ -44,14 +44,20 @@ def report(r: LoadReport) -> None:
         _model_rows(table, r.model)
     if r.limits:
         lim = r.limits
-        table.add_row("limits", f"memory {_size(lim.memory_bytes)} ({lim.derivation.memory_bytes}), "
-                      f"cpu {lim.cpu_seconds:g} s ({lim.derivation.cpu_seconds}), "
-                      f"deadline {lim.timeout_seconds:g} s ({lim.derivation.timeout_seconds})")  # fmt: skip
+        table.add_row(
+            "limits",
+            f"memory {_size(lim.memory_bytes)} ({lim.derivation.memory_bytes}), "
+            f"cpu {lim.cpu_seconds:g} s ({lim.derivation.cpu_seconds}), "
+            f"deadline {lim.timeout_seconds:g} s ({lim.derivation.timeout_seconds})",
+        )
     if r.resources:
         res = r.resources
-        table.add_row("resources", f"wall {res.wall_seconds:.3f} s, cpu "
-                      f"{res.cpu_user_seconds + res.cpu_system_seconds:.3f} s, peak RSS "
-                      f"{_size(res.peak_rss_bytes)}, read {_size(res.read_bytes)}")  # fmt: skip
+        table.add_row(
+            "resources",
+            f"wall {res.wall_seconds:.3f} s, cpu "
+            f"{res.cpu_user_seconds + res.cpu_system_seconds:.3f} s, peak RSS "
+            f"{_size(res.peak_rss_bytes)}, read {_size(res.read_bytes)}",
+        )
     if r.confinement:
         table.add_row("confinement", ", ".join(r.confinement))
     console.print(table)
@@ -62,7 +68,7 @@ def inspection(document: dict[str, Any]) -> None:
     table.add_column(style="bold")
     table.add_column()
     ok = document["outcome"] == "ok"
-    table.add_row("outcome", f"[green]ok[/green]" if ok else f"[red]{document['outcome']}[/red]")
+    table.add_row("outcome", "[green]ok[/green]" if ok else f"[red]{document['outcome']}[/red]")
     if document["error"]:
         err = document["error"]
         table.add_row("error", f"{err['type']} ({err['code']}): {err['message']}")
@@ -72,5 +78,7 @@ def inspection(document: dict[str, Any]) -> None:
 
 
 def queue_status(q: QueueStatus) -> None:
-    console.print(f"queue [bold]{q.queue}[/bold]: {q.queued} queued, {q.running} running, "
-                  f"workers {'alive' if q.workers_alive else '[red]none alive[/red]'}")  # fmt: skip
+    console.print(
+        f"queue [bold]{q.queue}[/bold]: {q.queued} queued, {q.running} running, "
+        f"workers {'alive' if q.workers_alive else '[red]none alive[/red]'}"
+    )

@@ -1,4 +1,4 @@
-"""The arq worker: its job function is the supervisor's load path; JSON on the wire, never pickle."""
+"""The arq worker: its job function is the supervisor's load path; JSON on the wire, no pickle."""
 
 from __future__ import annotations
 
@@ -39,10 +39,13 @@ async def load_job(ctx: dict[str, Any], request: Any = None, **extra: Any) -> di
     except (ValidationError, ValueError) as exc:
         source = request.get("source") if isinstance(request, dict) else None
         error = InvalidModel(f"the job is not a valid LoadRequest: {exc}", code="bad_request")
-        report = supervisor.rejected(error, job_id=job_id, source=str(source or ""), attempt=attempt,
-                                     enqueued_at=enqueued_at)  # fmt: skip
+        report = supervisor.rejected(
+            error, job_id=job_id, source=str(source or ""), attempt=attempt, enqueued_at=enqueued_at
+        )
     else:
-        report = await supervisor.load(parsed, job_id=job_id, attempt=attempt, enqueued_at=enqueued_at)
+        report = await supervisor.load(
+            parsed, job_id=job_id, attempt=attempt, enqueued_at=enqueued_at
+        )
     return report.model_dump(mode="json")
 
 
@@ -71,13 +74,20 @@ def create_worker(
 
     async def startup(ctx: dict[str, Any]) -> None:
         ctx["supervisor"] = supervisor
-        log.info("worker_started", worker=supervisor.info.id, queue=settings.queue_name,
-                 concurrency=settings.concurrency)  # fmt: skip
+        log.info(
+            "worker_started",
+            worker=supervisor.info.id,
+            queue=settings.queue_name,
+            concurrency=settings.concurrency,
+        )
 
     return Worker(
         functions=[
-            func(load_job, name=FUNCTION_NAME,
-                 timeout=settings.limits.timeout_ceiling_s + ARQ_TIMEOUT_MARGIN_S)  # fmt: skip
+            func(
+                load_job,
+                name=FUNCTION_NAME,
+                timeout=settings.limits.timeout_ceiling_s + ARQ_TIMEOUT_MARGIN_S,
+            )
         ],
         queue_name=settings.queue_name,
         redis_settings=redis_settings(settings.redis_url),
@@ -117,5 +127,10 @@ async def run_worker(
                 raise
         finally:
             await worker.close()
-            log.info("worker_stopped", worker=supervisor.info.id, jobs_complete=worker.jobs_complete,
-                     jobs_retried=worker.jobs_retried, jobs_failed=worker.jobs_failed)  # fmt: skip
+            log.info(
+                "worker_stopped",
+                worker=supervisor.info.id,
+                jobs_complete=worker.jobs_complete,
+                jobs_retried=worker.jobs_retried,
+                jobs_failed=worker.jobs_failed,
+            )

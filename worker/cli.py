@@ -35,12 +35,17 @@ app = typer.Typer(
 
 RedisOpt = Annotated[
     str | None,
-    typer.Option("--redis", envvar="LOADWARDEN_REDIS_URL", help="Redis URL, e.g. redis://127.0.0.1:6379/0."),
+    typer.Option(
+        "--redis", envvar="LOADWARDEN_REDIS_URL", help="Redis URL, e.g. redis://127.0.0.1:6379/0."
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
-LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error (logs go to stderr).")]
+LogOpt = Annotated[
+    str, typer.Option("--log-level", help="debug, info, warning or error (logs go to stderr).")
+]
 Sha256Opt = Annotated[
-    str | None, typer.Option("--sha256", help="Expected sha256 of the file; a mismatch is 'invalid'.")
+    str | None,
+    typer.Option("--sha256", help="Expected sha256 of the file; a mismatch is 'invalid'."),
 ]
 
 
@@ -78,7 +83,9 @@ def _no_answer(exc: Exception, as_json: bool) -> typer.Exit:
 @app.command()
 def worker(
     redis: RedisOpt = None,
-    concurrency: Annotated[int | None, typer.Option(help="Loads run at once (default 2).", min=1)] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Loads run at once (default 2).", min=1)
+    ] = None,
     burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
     log_level: LogOpt = "info",
 ) -> None:
@@ -87,7 +94,9 @@ def worker(
 
     settings = _settings(redis, concurrency=concurrency)
     if not settings.redis_url:
-        raise typer.BadParameter("a worker needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis")
+        raise typer.BadParameter(
+            "a worker needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
+        )
     configure_logging(log_level)
     asyncio.run(run_worker(settings, burst=burst))
 
@@ -97,7 +106,9 @@ def enqueue(
     source: Annotated[str, typer.Argument(help="Model file path (made absolute) or URL.")],
     sha256: Sha256Opt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the report and print it.")] = False,
-    timeout_s: Annotated[float | None, typer.Option(help="With --wait: give up after this long.")] = None,
+    timeout_s: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this long.")
+    ] = None,
     redis: RedisOpt = None,
     as_json: JsonOpt = False,
     log_level: LogOpt = "warning",
@@ -127,7 +138,9 @@ def enqueue(
 def report(
     job_id: Annotated[str, typer.Argument(help="The id printed by 'enqueue'.")],
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the report exists.")] = False,
-    timeout_s: Annotated[float | None, typer.Option(help="With --wait: give up after this long.")] = None,
+    timeout_s: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this long.")
+    ] = None,
     redis: RedisOpt = None,
     as_json: JsonOpt = False,
     log_level: LogOpt = "warning",
@@ -163,7 +176,9 @@ def load(
         request = LoadRequest(
             source=_source(str(file)),
             sha256=sha256,
-            limits=LimitOverrides(memory_bytes=memory_bytes, cpu_seconds=cpu_s, timeout_seconds=timeout_s),
+            limits=LimitOverrides(
+                memory_bytes=memory_bytes, cpu_seconds=cpu_s, timeout_seconds=timeout_s
+            ),
         )
     except Exception as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -188,11 +203,20 @@ def inspect(
     settings = _settings()
     try:
         with open_model_file(_source(str(file))) as model_file:
-            summary = inspect_safetensors(model_file.fd, model_file.size, settings.inspection).summary
-        document: dict[str, Any] = {"outcome": "ok", "error": None, "model": summary.model_dump(mode="json")}
+            summary = inspect_safetensors(
+                model_file.fd, model_file.size, settings.inspection
+            ).summary
+        document: dict[str, Any] = {
+            "outcome": "ok",
+            "error": None,
+            "model": summary.model_dump(mode="json"),
+        }
     except LoadError as exc:
-        document = {"outcome": str(exc.outcome), "error": ErrorInfo.from_error(exc).model_dump(mode="json"),
-                    "model": None}  # fmt: skip
+        document = {
+            "outcome": str(exc.outcome),
+            "error": ErrorInfo.from_error(exc).model_dump(mode="json"),
+            "model": None,
+        }
     if as_json:
         typer.echo(json.dumps(document))
     else:

@@ -23,19 +23,25 @@ def derive_limits(tensor_bytes: int, overrides: LimitOverrides, policy: LimitPol
     memory += policy.memory_slack_bytes
     seconds = policy.startup_s + tensor_bytes / policy.min_bandwidth_bytes_per_s
 
-    def pick(derived: float, override: float | None, floor: float, ceiling: float,
-             ) -> tuple[float, Derivation]:  # fmt: skip
+    def pick(
+        derived: float,
+        override: float | None,
+        floor: float,
+        ceiling: float,
+    ) -> tuple[float, Derivation]:
         if override is not None:
             return min(override, ceiling), Derivation.OVERRIDE
         value = _clamp(derived, floor, ceiling)
         # A value held at a configured floor or ceiling comes from configuration, not the model.
         return value, Derivation.DECLARED_SIZE if value == derived else Derivation.DEFAULT
 
-    memory_bytes, memory_from = pick(memory, overrides.memory_bytes, policy.memory_floor_bytes,
-                                     policy.memory_ceiling_bytes)  # fmt: skip
+    memory_bytes, memory_from = pick(
+        memory, overrides.memory_bytes, policy.memory_floor_bytes, policy.memory_ceiling_bytes
+    )
     cpu_s, cpu_from = pick(seconds, overrides.cpu_seconds, policy.cpu_floor_s, policy.cpu_ceiling_s)
-    timeout_s, timeout_from = pick(seconds, overrides.timeout_seconds, policy.timeout_floor_s,
-                                   policy.timeout_ceiling_s)  # fmt: skip
+    timeout_s, timeout_from = pick(
+        seconds, overrides.timeout_seconds, policy.timeout_floor_s, policy.timeout_ceiling_s
+    )
     return Limits(
         memory_bytes=int(memory_bytes),
         cpu_seconds=round(cpu_s, 3),

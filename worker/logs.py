@@ -11,8 +11,12 @@ import structlog
 _configured = False
 
 
-def configure_logging(level: str = "info", *, json: bool | None = None, stream: TextIO | None = None,
-                      ) -> None:  # fmt: skip
+def configure_logging(
+    level: str = "info",
+    *,
+    json: bool | None = None,
+    stream: TextIO | None = None,
+) -> None:
     """Set up structlog (and route arq's stdlib logs through the same level). Idempotent."""
     global _configured
     out = stream or sys.stderr
@@ -28,10 +32,15 @@ def configure_logging(level: str = "info", *, json: bool | None = None, stream: 
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(logging.getLevelNamesMapping()[level.upper()], logging.WARNING),
-                        stream=out, force=not _configured)  # fmt: skip
+    logging.basicConfig(
+        level=max(logging.getLevelNamesMapping()[level.upper()], logging.WARNING),
+        stream=out,
+        force=not _configured,
+    )
     _configured = True

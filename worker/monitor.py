@@ -34,7 +34,9 @@ class Monitor:
     (35 ms on a 2 GB child) is never called here.
     """
 
-    def __init__(self, pid: int, interval_s: float, log: structlog.typing.FilteringBoundLogger) -> None:
+    def __init__(
+        self, pid: int, interval_s: float, log: structlog.typing.FilteringBoundLogger
+    ) -> None:
         self.pid = pid
         self.interval_s = interval_s
         self.usage = Usage()
@@ -69,9 +71,14 @@ class Monitor:
         while self.sample():
             now = loop.time()
             u = self.usage
-            fields = dict(child_pid=self.pid, elapsed_s=round(now - started, 3), rss_bytes=u.rss_bytes,
-                          cpu_s=round(u.cpu_user_s + u.cpu_system_s, 3), read_bytes=u.read_chars,
-                          fds=u.peak_fds)  # fmt: skip
+            fields = dict(
+                child_pid=self.pid,
+                elapsed_s=round(now - started, 3),
+                rss_bytes=u.rss_bytes,
+                cpu_s=round(u.cpu_user_s + u.cpu_system_s, 3),
+                read_bytes=u.read_chars,
+                fds=u.peak_fds,
+            )
             if now - last_info >= LOG_EVERY_S:
                 last_info = now
                 self._log.info("load_sampled", **fields)

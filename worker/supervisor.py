@@ -40,7 +40,12 @@ from loadwarden.worker.formats.safetensors import inspect_safetensors
 from loadwarden.worker.limits import derive_limits
 from loadwarden.worker.monitor import Monitor
 from loadwarden.worker.sandbox._protocol import manifest_digest
-from loadwarden.worker.sandbox.forkserver import Child, ChildExit, ForkServer, SandboxError, stop_child
+from loadwarden.worker.sandbox.forkserver import (
+    ChildExit,
+    ForkServer,
+    SandboxError,
+    stop_child,
+)
 
 T = TypeVar("T")
 
@@ -140,14 +145,27 @@ class Supervisor:
                 run = await self._run_child(model_file, summary, limits, request, log)
                 assert run.ended is not None  # _run_child always ends with stop_child
                 error = run.protocol_error or classify(
-                    run.final, run.ended, limits,
-                    timed_out=run.timed_out, peak_rss_bytes=run.sampled_peak_rss,
+                    run.final,
+                    run.ended,
+                    limits,
+                    timed_out=run.timed_out,
+                    peak_rss_bytes=run.sampled_peak_rss,
                     expected_manifest=_manifest_of(summary),
-                )  # fmt: skip
+                )
         except LoadError as exc:
             error = exc
-        report = self._report(request.source, dict(request.labels), job_id, attempt, enqueued_at,
-                              started_at, summary, limits, run, error)  # fmt: skip
+        report = self._report(
+            request.source,
+            dict(request.labels),
+            job_id,
+            attempt,
+            enqueued_at,
+            started_at,
+            summary,
+            limits,
+            run,
+            error,
+        )
         self._log_finished(log, report)
         return report
 
@@ -158,8 +176,9 @@ class Supervisor:
             raise AssertionError(f"no inspector for {fmt}")
         return inspect_safetensors(model_file.fd, model_file.size, self.settings.inspection).summary
 
-    def _spec(self, model_file: ModelFile, summary: ModelSummary, limits: Limits,
-              request: LoadRequest) -> dict[str, Any]:  # fmt: skip
+    def _spec(
+        self, model_file: ModelFile, summary: ModelSummary, limits: Limits, request: LoadRequest
+    ) -> dict[str, Any]:
         return {
             "loader": self.loaders[summary.format],
             "sha256": request.sha256,
@@ -170,8 +189,14 @@ class Supervisor:
             "expect": {"dev": model_file.dev, "ino": model_file.ino, "size": model_file.size},
         }
 
-    async def _run_child(self, model_file: ModelFile, summary: ModelSummary, limits: Limits,
-                         request: LoadRequest, log: FilteringBoundLogger) -> _Run:  # fmt: skip
+    async def _run_child(
+        self,
+        model_file: ModelFile,
+        summary: ModelSummary,
+        limits: Limits,
+        request: LoadRequest,
+        log: FilteringBoundLogger,
+    ) -> _Run:
         loop = asyncio.get_running_loop()
         run = _Run()
         try:
@@ -191,22 +216,32 @@ class Supervisor:
                     if isinstance(message, Ready) and run.ready is None:
                         run.ready = message
                         sampling = asyncio.create_task(monitor.run())
-                        log.info("load_started", child_pid=child.pid, limits=limits.model_dump(mode="json"),
-                                 confinement=message.confinement)  # fmt: skip
+                        log.info(
+                            "load_started",
+                            child_pid=child.pid,
+                            limits=limits.model_dump(mode="json"),
+                            confinement=message.confinement,
+                        )
                     elif isinstance(message, Loaded | Raised) and run.ready is not None:
                         run.final = message
                         return
                     else:
-                        raise ChildCrashed("the child sent messages out of order",
-                                           code="protocol_violation")  # fmt: skip
+                        raise ChildCrashed(
+                            "the child sent messages out of order", code="protocol_violation"
+                        )
 
             try:
                 await asyncio.wait_for(converse(), timeout=limits.timeout_seconds)
             except TimeoutError:
                 run.timed_out = True
             except (LoadError, SandboxError, OSError) as exc:
-                run.protocol_error = exc if isinstance(exc, LoadError) else ChildCrashed(
-                    f"lost contact with the child: {exc}", code="protocol_violation")  # fmt: skip
+                run.protocol_error = (
+                    exc
+                    if isinstance(exc, LoadError)
+                    else ChildCrashed(
+                        f"lost contact with the child: {exc}", code="protocol_violation"
+                    )
+                )
             if run.final is not None and not child.exited.done():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(child.exited), EXIT_GRACE_S)
@@ -222,22 +257,44 @@ class Supervisor:
         run.sampled_peak_rss = monitor.usage.peak_rss_bytes
         run.sampled_read = monitor.usage.read_chars
         if run.timed_out:
-            log.warning("child_killed", child_pid=child.pid, reason="deadline",
-                        timeout_seconds=limits.timeout_seconds)  # fmt: skip
+            log.warning(
+                "child_killed",
+                child_pid=child.pid,
+                reason="deadline",
+                timeout_seconds=limits.timeout_seconds,
+            )
         return run
 
-    def rejected(self, error: LoadError, *, job_id: str, source: str, attempt: int = 1,
-                 enqueued_at: datetime | None = None) -> LoadReport:  # fmt: skip
+    def rejected(
+        self,
+        error: LoadError,
+        *,
+        job_id: str,
+        source: str,
+        attempt: int = 1,
+        enqueued_at: datetime | None = None,
+    ) -> LoadReport:
         """The report of a job refused before any load began (for example, not a LoadRequest)."""
         log = self._log.bind(job_id=job_id, source=source, attempt=attempt)
-        report = self._report(source, {}, job_id, attempt, enqueued_at, _now(), None, None, _Run(),
-                              error)  # fmt: skip
+        report = self._report(
+            source, {}, job_id, attempt, enqueued_at, _now(), None, None, _Run(), error
+        )
         self._log_finished(log, report)
         return report
 
-    def _report(self, source: str, labels: dict[str, str], job_id: str, attempt: int, enqueued_at: datetime | None,
-                started_at: datetime, summary: ModelSummary | None, limits: Limits | None,
-                run: _Run, error: LoadError | None) -> LoadReport:  # fmt: skip
+    def _report(
+        self,
+        source: str,
+        labels: dict[str, str],
+        job_id: str,
+        attempt: int,
+        enqueued_at: datetime | None,
+        started_at: datetime,
+        summary: ModelSummary | None,
+        limits: Limits | None,
+        run: _Run,
+        error: LoadError | None,
+    ) -> LoadReport:
         finished_at = _now()
         outcome = error.outcome if error else Outcome.OK
         if summary is not None and isinstance(run.final, Loaded):
@@ -259,8 +316,16 @@ class Supervisor:
             source=source,
             outcome=outcome,
             error=ErrorInfo.from_error(error, traceback) if error else None,
-            attempts=[Attempt(number=attempt, outcome=outcome, error_code=error.code if error else None,
-                              worker=self.info.id, started_at=started_at, finished_at=finished_at)],
+            attempts=[
+                Attempt(
+                    number=attempt,
+                    outcome=outcome,
+                    error_code=error.code if error else None,
+                    worker=self.info.id,
+                    started_at=started_at,
+                    finished_at=finished_at,
+                )
+            ],
             model=summary,
             limits=limits,
             resources=resources,
@@ -270,7 +335,7 @@ class Supervisor:
             enqueued_at=enqueued_at,
             started_at=started_at,
             finished_at=finished_at,
-        )  # fmt: skip
+        )
 
     @staticmethod
     def _log_finished(log: FilteringBoundLogger, report: LoadReport) -> None:

@@ -35,6 +35,10 @@ _METADATA_KEY = "__metadata__"
 _UTF8_BOM = b"\xef\xbb\xbf"
 # A \uD800-\uDFFF escape: only then can the parsed header hold an unpaired surrogate.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# The Rust loader reads shapes and offsets as u64; this also keeps every number in a message short.
+_COUNT_LIMIT = 2**64
+# Values quoted from a hostile header are cut so a message stays readable and small.
+_SHOW_CHARS = 80
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,11 @@ def inspect_safetensors(fd: int, file_size: int, caps: InspectionCaps) -> Safete
 
 def _invalid(code: str, message: str) -> InvalidModel:
     return InvalidModel(f"safetensors: {message}", code=code)
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOW_CHARS else f"{text[: _SHOW_CHARS - 3]}..."
 
 
 def _read_length(fd: int, file_size: int, caps: InspectionCaps) -> int:
@@ -148,7 +157,7 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
         key = next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
-        raise _invalid("duplicate_key", f"key {key!r} appears twice in one object")
+        raise _invalid("duplicate_key", f"key {_show(key)} appears twice in one object")
     return result
 
 
@@ -194,7 +203,7 @@ def _check_metadata(value: object, caps: InspectionCaps) -> dict[str, str]:
     for key, item in value.items():
         if not isinstance(item, str):
             raise _invalid(
-                "bad_metadata", f"__metadata__[{key!r}] is {_json_type(item)}, not a string"
+                "bad_metadata", f"__metadata__[{_show(key)}] is {_json_type(item)}, not a string"
             )
     return dict(value)
 
@@ -208,7 +217,7 @@ def _check_tensors(header: dict[str, Any], caps: InspectionCaps) -> list[_Tensor
         if total > caps.max_total_bytes:
             raise _invalid(
                 "too_large",
-                f"tensors through {name!r} hold {total} bytes, "
+                f"tensors through {_show(name)} hold {total} bytes, "
                 f"over the cap of {caps.max_total_bytes}",
             )
         tensors.append(tensor)
@@ -218,14 +227,17 @@ def _check_tensors(header: dict[str, Any], caps: InspectionCaps) -> list[_Tensor
 def _check_tensor(name: str, entry: object, caps: InspectionCaps) -> _Tensor:
     if not 0 < len(name) <= _MAX_NAME_CHARS:
         raise _invalid(
-            "bad_tensor_entry", f"tensor name of {len(name)} characters (1-{_MAX_NAME_CHARS})"
+            "bad_tensor_entry",
+            f"tensor name {_show(name)} has {len(name)} characters (1-{_MAX_NAME_CHARS})",
         )
     if not isinstance(entry, dict):
-        raise _invalid("bad_tensor_entry", f"tensor {name!r} is {_json_type(entry)}, not an object")
+        raise _invalid(
+            "bad_tensor_entry", f"tensor {_show(name)} is {_json_type(entry)}, not an object"
+        )
     if missing := sorted(_TENSOR_FIELDS - entry.keys()):
-        raise _invalid("bad_tensor_entry", f"tensor {name!r} has no {', '.join(missing)}")
+        raise _invalid("bad_tensor_entry", f"tensor {_show(name)} has no {', '.join(missing)}")
     if unknown := sorted(entry.keys() - _TENSOR_FIELDS):
-        raise _invalid("bad_tensor_entry", f"tensor {name!r} has unknown fields {unknown}")
+        raise _invalid("bad_tensor_entry", f"tensor {_show(name)} has unknown fields {unknown}")
     itemsize = _check_dtype(name, entry["dtype"])
     shape = _check_shape(name, entry["shape"], caps)
     parameters = _count(name, shape, itemsize, caps)
@@ -233,7 +245,7 @@ def _check_tensor(name: str, entry: object, caps: InspectionCaps) -> _Tensor:
     if end - begin != parameters * itemsize:
         raise _invalid(
             "size_mismatch",
-            f"tensor {name!r}: {entry['dtype']} {shape} needs {parameters * itemsize} bytes, "
+            f"tensor {_show(name)}: {entry['dtype']} {shape} needs {parameters * itemsize} bytes, "
             f"data_offsets [{begin}, {end}] span {end - begin}",
         )
     return _Tensor(name, entry["dtype"], shape, begin, end, parameters)
@@ -246,25 +258,26 @@ def _check_dtype(name: str, dtype: object) -> int:
         reason = "is valid safetensors but not loadable by the numpy loader"
     else:
         reason = "is not a safetensors dtype"
-    raise _invalid("unknown_dtype", f"tensor {name!r}: dtype {dtype!r} {reason}")
+    raise _invalid("unknown_dtype", f"tensor {_show(name)}: dtype {_show(dtype)} {reason}")
 
 
 def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _COUNT_LIMIT
 
 
 def _check_shape(name: str, shape: object, caps: InspectionCaps) -> list[int]:
     if not isinstance(shape, list):
-        raise _invalid("bad_shape", f"tensor {name!r}: shape {shape!r} is not a list")
+        raise _invalid("bad_shape", f"tensor {_show(name)}: shape {_show(shape)} is not a list")
     if len(shape) > caps.max_rank:
         raise _invalid(
             "rank_too_large",
-            f"tensor {name!r} has rank {len(shape)}, over the cap of {caps.max_rank}",
+            f"tensor {_show(name)} has rank {len(shape)}, over the cap of {caps.max_rank}",
         )
     for dim in shape:
         if not _is_count(dim):
             raise _invalid(
-                "bad_shape", f"tensor {name!r}: dimension {dim!r} is not a non-negative integer"
+                "bad_shape",
+                f"tensor {_show(name)}: dimension {_show(dim)} is not an integer in [0, 2**64)",
             )
     return shape
 
@@ -279,7 +292,8 @@ def _count(name: str, shape: list[int], itemsize: int, caps: InspectionCaps) -> 
         if count * itemsize > caps.max_total_bytes:
             raise _invalid(
                 "too_large",
-                f"tensor {name!r}: shape {shape} is over the cap of {caps.max_total_bytes} bytes",
+                f"tensor {_show(name)}: shape {shape} is over the cap of "
+                f"{caps.max_total_bytes} bytes",
             )
     return count
 
@@ -288,11 +302,14 @@ def _check_offsets(name: str, offsets: object) -> tuple[int, int]:
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
         raise _invalid(
             "bad_offsets",
-            f"tensor {name!r}: data_offsets {offsets!r} is not two non-negative integers",
+            f"tensor {_show(name)}: data_offsets {_show(offsets)} "
+            "is not two integers in [0, 2**64)",
         )
     begin, end = offsets
     if begin > end:
-        raise _invalid("bad_offsets", f"tensor {name!r}: data_offsets begin {begin} > end {end}")
+        raise _invalid(
+            "bad_offsets", f"tensor {_show(name)}: data_offsets begin {begin} > end {end}"
+        )
     return begin, end
 
 
@@ -304,17 +321,17 @@ def _check_layout(tensors: list[_Tensor], data_bytes: int) -> None:
         if tensor.begin < expected:
             raise _invalid(
                 "offsets_not_contiguous",
-                f"tensor {tensor.name!r} at data_offsets [{tensor.begin}, {tensor.end}] overlaps "
-                f"{previous}, which ends at byte {expected}",
+                f"tensor {_show(tensor.name)} at data_offsets [{tensor.begin}, {tensor.end}] "
+                f"overlaps {previous}, which ends at byte {expected}",
             )
         if tensor.begin > expected:
             after = f"{previous} (ends at byte {expected})" if previous else "the start of the data"
             raise _invalid(
                 "offsets_not_contiguous",
                 f"{tensor.begin - expected}-byte gap between {after} "
-                f"and tensor {tensor.name!r} (starts at byte {tensor.begin})",
+                f"and tensor {_show(tensor.name)} (starts at byte {tensor.begin})",
             )
-        expected, previous = tensor.end, f"tensor {tensor.name!r}"
+        expected, previous = tensor.end, f"tensor {_show(tensor.name)}"
     if expected != data_bytes:
         defect = "is truncated" if expected > data_bytes else "has trailing bytes"
         raise _invalid(

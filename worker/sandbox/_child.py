@@ -18,22 +18,22 @@ os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 os.environ["RUST_BACKTRACE"] = "0"
 
-import contextlib  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import resource  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import stat  # noqa: E402
-import threading  # noqa: E402
-import traceback  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+import contextlib
+import hashlib
+import json
+import math
+import resource
+import signal
+import socket
+import stat
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
 
-import safetensors.numpy  # noqa: E402
+import safetensors.numpy
 
-from loadwarden.worker.sandbox import _linux, _protocol  # noqa: E402
+from loadwarden.worker.sandbox import _linux, _protocol
 
 Spec = dict[str, Any]
 Loader = Callable[[int, Spec], dict[str, Any]]
@@ -63,10 +63,20 @@ def register_loader(name: str) -> Callable[[Loader], Loader]:
 
 
 _NUMPY_TO_SAFETENSORS = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "uint64": "U64",
-    "int32": "I32", "uint32": "U32", "int16": "I16", "uint16": "U16", "int8": "I8",
-    "uint8": "U8", "bool": "BOOL", "complex64": "C64",
-}  # fmt: skip
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "int64": "I64",
+    "uint64": "U64",
+    "int32": "I32",
+    "uint32": "U32",
+    "int16": "I16",
+    "uint16": "U16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "complex64": "C64",
+}
 
 
 def _hash_file(fd: int, out: list[str | BaseException]) -> None:
@@ -94,7 +104,12 @@ def load_safetensors(fd: int, spec: Spec) -> dict[str, Any]:
     hasher = _start_hash(fd, digest) if spec.get("sha256") else None
     tensors = safetensors.numpy.load_file(f"/proc/self/fd/{fd}", backend="pread")
     entries = [
-        (name, _NUMPY_TO_SAFETENSORS.get(arr.dtype.name, arr.dtype.name), list(arr.shape), arr.nbytes)
+        (
+            name,
+            _NUMPY_TO_SAFETENSORS.get(arr.dtype.name, arr.dtype.name),
+            list(arr.shape),
+            arr.nbytes,
+        )
         for name, arr in tensors.items()
     ]
     loaded_bytes = int(sum(arr.nbytes for arr in tensors.values()))
@@ -111,7 +126,9 @@ def load_safetensors(fd: int, spec: Spec) -> dict[str, Any]:
             raise digest[0]
         result["sha256"] = digest[0]
         if digest[0] != spec["sha256"]:
-            raise DigestMismatch(f"sha256 of the file is {digest[0]}, the request expects {spec['sha256']}")
+            raise DigestMismatch(
+                f"sha256 of the file is {digest[0]}, the request expects {spec['sha256']}"
+            )
     expected = spec.get("manifest_digest")
     if expected and result["manifest_digest"] != expected:
         raise ManifestMismatch("the loader returned other tensors than the header declares")
@@ -151,7 +168,9 @@ def _check_identity(fd: int, expect: dict[str, int]) -> None:
     if (st.st_dev, st.st_ino) != (expect["dev"], expect["ino"]):
         raise FileChanged("the file was replaced after inspection")
     if st.st_size != expect["size"]:
-        raise FileChanged(f"the file changed size after inspection: {expect['size']} -> {st.st_size} bytes")
+        raise FileChanged(
+            f"the file changed size after inspection: {expect['size']} -> {st.st_size} bytes"
+        )
 
 
 def _apply_limits(spec: Spec) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The fork server: a lean, single-threaded process that imports the loaders once and forks load children.
+"""The fork server: a lean, single-threaded process that imports loaders once and forks children.
 
 Run as ``python -m loadwarden.worker.sandbox._forkserver CONTROL_FD SUPERVISOR_PID PRELOAD...`` by
 ``forkserver.ForkServer``. It forks a child for every spawn request, reaps every
@@ -39,7 +39,9 @@ def _reap(control: socket.socket) -> None:
             control.send(message)
 
 
-def _fork_child(control: socket.socket, wakeup_r: int, token: int, child_end: socket.socket) -> None:
+def _fork_child(
+    control: socket.socket, wakeup_r: int, token: int, child_end: socket.socket
+) -> None:
     try:
         pid = os.fork()
     except OSError as exc:

@@ -1,11 +1,11 @@
-"""Messages between the supervisor, the fork server and a load child (stdlib only: it runs in all three).
+"""Messages between supervisor, fork server and load child (stdlib only: it runs in all three).
 
 Control socket (supervisor <-> fork server), SOCK_SEQPACKET, one message per packet:
   supervisor -> server  ``b"S" + token:u64`` with one fd attached: the child's end of its socket
   server -> supervisor  ``b"R"``                               preloading done, ready to fork
                         ``b"P" + token:u64 + pid:i64``          a child was forked
                         ``b"F" + token:u64 + errno:i64``        the fork failed
-                        ``b"X" + pid:i64 + status:i64 + utime_us:i64 + stime_us:i64 + maxrss_kib:i64``
+                        ``b"X" + pid, status, utime_us, stime_us, maxrss_kib (i64 each)``
                                                                 a child was reaped (wait4)
 
 Child socket (supervisor <-> one child), SOCK_SEQPACKET, JSON objects, one per packet:
@@ -17,6 +17,8 @@ Nothing on either socket is pickled: a compromised child can at most send bad JS
 
 from __future__ import annotations
 
+import hashlib
+import json
 import struct
 
 SPAWN = b"S"
@@ -46,8 +48,7 @@ def manifest_digest(entries: list[tuple[str, str, list[int], int]]) -> str:
     The supervisor computes it from the inspected header and the child from what
     the loader really returned; equal digests mean the loader read what we checked.
     """
-    import hashlib
-    import json
-
-    canonical = json.dumps(sorted([n, d, list(s), b] for n, d, s, b in entries), separators=(",", ":"))
+    canonical = json.dumps(
+        sorted([n, d, list(s), b] for n, d, s, b in entries), separators=(",", ":")
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()

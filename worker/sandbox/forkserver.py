@@ -59,7 +59,9 @@ class ChildExit:
     killed: bool = False
 
     @classmethod
-    def from_wait(cls, pid: int, status: int, utime_us: int, stime_us: int, maxrss_kib: int) -> ChildExit:
+    def from_wait(
+        cls, pid: int, status: int, utime_us: int, stime_us: int, maxrss_kib: int
+    ) -> ChildExit:
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         return cls(pid, code, sig, utime_us / 1e6, stime_us / 1e6, maxrss_kib * 1024)
@@ -102,7 +104,7 @@ class Child:
 
 
 def _kill_group(pid: int) -> bool:
-    """SIGKILL the child's process group, and the child itself in case it has not called setsid yet."""
+    """SIGKILL the child's process group, and the child itself in case it has not called setsid."""
     sent = False
     for kill, target in ((os.killpg, pid), (os.kill, pid)):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -133,6 +135,11 @@ async def stop_child(child: Child) -> ChildExit:
     return replace(ended, killed=killed)
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 async def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     loop = asyncio.get_running_loop()
     while True:
@@ -140,10 +147,10 @@ async def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> No
             socket.send_fds(sock, [data], fds)
             return
         except BlockingIOError:
-            ready: asyncio.Future[None] = loop.create_future()
-            loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+            writable: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(sock.fileno(), _resolve, writable)
             try:
-                await ready
+                await writable
             finally:
                 loop.remove_writer(sock.fileno())
 
@@ -160,6 +167,8 @@ class ForkServer:
         self._tokens = itertools.count(1)
         self._forks: dict[int, asyncio.Future[int]] = {}
         self._exits: dict[int, asyncio.Future[ChildExit]] = {}
+        #: Children forked so far (tests assert that a rejected file started none).
+        self.spawned = 0
 
     @property
     def pid(self) -> int | None:
@@ -183,10 +192,17 @@ class ForkServer:
         env = dict(os.environ)
         # The fork server sees the modules the supervisor sees (tests, editable installs).
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        cmd = [sys.executable, "-m", "loadwarden.worker.sandbox._forkserver",
-               str(theirs.fileno()), str(os.getpid()), *self.preload]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "loadwarden.worker.sandbox._forkserver",
+            str(theirs.fileno()),
+            str(os.getpid()),
+            *self.preload,
+        ]
         try:
-            self._process = subprocess.Popen(
+            # A plain fork+exec, a few ms; nothing to wait for until the READY packet.
+            self._process = subprocess.Popen(  # noqa: ASYNC220
                 cmd, pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL
             )
         finally:
@@ -195,8 +211,9 @@ class ForkServer:
         self._control = ours
         started = loop.time()
         try:
-            first = await asyncio.wait_for(loop.sock_recv(ours, _protocol.MAX_CONTROL_BYTES),
-                                           START_TIMEOUT_S)
+            first = await asyncio.wait_for(
+                loop.sock_recv(ours, _protocol.MAX_CONTROL_BYTES), START_TIMEOUT_S
+            )
         except BaseException:
             await self._stop_process()
             raise
@@ -204,8 +221,12 @@ class ForkServer:
             await self._stop_process()
             raise SandboxError("the fork server did not start (see its stderr above)")
         self._reader = asyncio.create_task(self._read(ours), name="loadwarden-forkserver-reader")
-        log.info("forkserver_started", pid=self._process.pid, preload=list(self.preload),
-                 start_seconds=round(loop.time() - started, 3))
+        log.info(
+            "forkserver_started",
+            pid=self._process.pid,
+            preload=list(self.preload),
+            start_seconds=round(loop.time() - started, 3),
+        )
 
     async def _read(self, control: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -216,7 +237,8 @@ class ForkServer:
             log.warning("forkserver_lost", error=str(exc))
         finally:
             gone = SandboxError("the fork server exited")
-            for pending in (*self._forks.values(), *self._exits.values()):
+            waiting: list[asyncio.Future[Any]] = [*self._forks.values(), *self._exits.values()]
+            for pending in waiting:
                 if not pending.done():
                     pending.set_exception(gone)
                     pending.exception()  # mark retrieved: a cancelled waiter never reads it
@@ -255,8 +277,9 @@ class ForkServer:
         forked: asyncio.Future[int] = loop.create_future()
         self._forks[token] = forked
         try:
-            await _send_with_fds(self._control, _protocol.SPAWN + _protocol.TOKEN.pack(token),
-                                 [theirs.fileno()])
+            await _send_with_fds(
+                self._control, _protocol.SPAWN + _protocol.TOKEN.pack(token), [theirs.fileno()]
+            )
             pid = await forked
         except BaseException:
             ours.close()
@@ -264,6 +287,7 @@ class ForkServer:
         finally:
             theirs.close()
         ours.setblocking(False)
+        self.spawned += 1
         return Child(pid, ours, self._exits[pid])
 
     async def close(self) -> None:

@@ -1,0 +1,417 @@
+"""Sandboxed load vs. a bare in-process ``safetensors.numpy.load_file``: time and peak RSS.
+
+For each size (``--sizes-mb``, MiB) this writes a safetensors model of float32
+and float16 tensors into a temporary directory (removed at the end, also on
+Ctrl-C), computes its sha256, then ``--repeat`` times, alternating:
+
+* baseline: a fresh interpreter (``python -c``) runs ``safetensors.numpy.load_file``
+  with the default mmap backend (and, for reference, with ``backend="pread"``,
+  the loader loadwarden's child uses). Only the ``load_file`` call is timed; the
+  arrays are checked to be materialized (anonymous RSS grew by the tensor
+  bytes), else one byte per page is touched inside the timed region. Its peak
+  RSS is that process's own high-water mark (``VmHWM``), interpreter and numpy
+  included, nothing subtracted. Not ``ru_maxrss``: after (v)fork + exec it keeps
+  the launching process's peak (this bench's own RSS), so it is in the JSON only;
+* loadwarden: ``Supervisor.load`` with the sha256 (verified in the child),
+  timed end to end around the call, next to the report's ``wall_seconds`` and
+  ``peak_rss_bytes``. The fork server is started once, before any timing.
+
+Before each side's run the file is read once, so both start from a warm page
+cache. Times are medians over the repeats; peak RSS is the maximum. The target
+(from the issue): end-to-end / baseline(mmap) <= 1.5 and peak RSS <= 1.2 x
+tensor bytes + 64 MiB, printed PASS/FAIL per size.
+
+Run: ``python bench/load.py [--sizes-mb 512,2048] [--repeat 3] [--json] [--strict]``
+(exits 0 unless ``--strict`` and a size fails).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+import structlog
+from numpy.typing import NDArray
+
+from loadwarden.producer.contract import LoadRequest, Outcome
+from loadwarden.worker.supervisor import Supervisor
+
+MiB = 1024 * 1024
+#: Size of each weight tensor: big enough that per-tensor overhead does not dominate.
+CHUNK_BYTES = 64 * MiB
+#: The issue's targets.
+MAX_RATIO = 1.5
+RSS_FACTOR = 1.2
+RSS_SLACK_BYTES = 64 * MiB
+
+# Runs in a fresh interpreter: argv = path, backend. Prints one JSON object.
+BASELINE_CODE = """
+import json, resource, sys, time
+import numpy as np
+import safetensors.numpy
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+path, backend = sys.argv[1], sys.argv[2]
+before = status("RssAnon")
+started = time.perf_counter()
+tensors = safetensors.numpy.load_file(path, backend=backend)
+nbytes = sum(a.nbytes for a in tensors.values())
+grew = status("RssAnon") - before
+touched = grew < 0.95 * nbytes
+if touched:  # lazy views of a mapping: read one byte per page so every page is loaded
+    for a in tensors.values():
+        int(a.reshape(-1).view(np.uint8)[::4096].sum())
+seconds = time.perf_counter() - started
+print(json.dumps({
+    "seconds": seconds,
+    "tensor_bytes": nbytes,
+    "anon_rss_growth_bytes": grew,
+    "touched": touched,
+    "vm_hwm_bytes": status("VmHWM"),
+    "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+}))
+"""
+
+
+@dataclass(slots=True)
+class Model:
+    """A generated model file."""
+
+    size_mib: int
+    path: str
+    file_bytes: int
+    tensor_bytes: int
+    tensors: int
+    sha256: str
+
+
+@dataclass(slots=True)
+class Baseline:
+    """One baseline run in a fresh interpreter."""
+
+    seconds: float
+    peak_rss_bytes: int
+    ru_maxrss_bytes: int
+    materialized: bool
+
+
+@dataclass(slots=True)
+class Sandboxed:
+    """One ``Supervisor.load``."""
+
+    e2e_seconds: float
+    wall_seconds: float
+    peak_rss_bytes: int
+    outcome: str
+    error: str | None
+
+
+@dataclass(slots=True)
+class SizeResult:
+    """Medians (times) and maxima (RSS) over the repeats of one size."""
+
+    size_mib: int
+    tensors: int
+    file_bytes: int
+    tensor_bytes: int
+    baseline_mmap_s: float
+    baseline_pread_s: float
+    baseline_mmap_peak_rss_bytes: int
+    baseline_pread_peak_rss_bytes: int
+    baseline_ru_maxrss_bytes: int
+    baseline_materialized: bool
+    sandbox_e2e_s: float
+    sandbox_wall_s: float
+    sandbox_peak_rss_bytes: int
+    outcomes: list[str]
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.sandbox_e2e_s / self.baseline_mmap_s
+
+    @property
+    def wall_ratio(self) -> float:
+        return self.sandbox_wall_s / self.baseline_mmap_s
+
+    @property
+    def rss_per_tensor_byte(self) -> float:
+        return self.sandbox_peak_rss_bytes / self.tensor_bytes
+
+    @property
+    def rss_limit_bytes(self) -> int:
+        return int(RSS_FACTOR * self.tensor_bytes) + RSS_SLACK_BYTES
+
+    @property
+    def passed(self) -> bool:
+        return (
+            all(o == Outcome.OK for o in self.outcomes)
+            and self.ratio <= MAX_RATIO
+            and self.sandbox_peak_rss_bytes <= self.rss_limit_bytes
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "ratio": round(self.ratio, 3),
+            "wall_ratio": round(self.wall_ratio, 3),
+            "rss_per_tensor_byte": round(self.rss_per_tensor_byte, 3),
+            "rss_limit_bytes": self.rss_limit_bytes,
+            "pass": self.passed,
+        }
+
+
+def make_model(directory: str, size_mib: int, rng: np.random.Generator) -> Model:
+    """Write ~``size_mib`` MiB of alternating float32/float16 weights (+ small biases)."""
+    tensors: dict[str, NDArray[Any]] = {}
+    remaining = size_mib * MiB
+    cols = 1024
+    i = 0
+    while remaining > 0:
+        dtype = np.float32 if i % 2 == 0 else np.float16
+        itemsize = np.dtype(dtype).itemsize
+        rows = max(1, min(CHUNK_BYTES, remaining) // (cols * itemsize))
+        weight = rng.standard_normal((rows, cols), dtype=np.float32).astype(dtype, copy=False)
+        bias = rng.standard_normal(cols, dtype=np.float32).astype(dtype, copy=False)
+        tensors[f"layers.{i}.weight"] = weight
+        tensors[f"layers.{i}.bias"] = bias
+        remaining -= weight.nbytes + bias.nbytes
+        i += 1
+    path = os.path.join(directory, f"model-{size_mib}mib.safetensors")
+    safetensors.numpy.save_file(tensors, path, metadata={"bench": "loadwarden"})
+    tensor_bytes = sum(t.nbytes for t in tensors.values())
+    count = len(tensors)
+    del tensors
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    return Model(size_mib, path, os.path.getsize(path), tensor_bytes, count, digest)
+
+
+def warm_page_cache(path: str) -> None:
+    """Read the whole file once so the next load finds it in the page cache."""
+    view = memoryview(bytearray(MiB))
+    with open(path, "rb", buffering=0) as fh:
+        while fh.readinto(view):
+            pass
+
+
+async def run_baseline(path: str, backend: str) -> Baseline:
+    """One ``load_file`` in a fresh interpreter; its figures come back as JSON on stdout."""
+    await asyncio.to_thread(warm_page_cache, path)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", BASELINE_CODE, path, backend, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the baseline process exited with status {proc.returncode}")
+    figures = json.loads(out)
+    return Baseline(
+        seconds=figures["seconds"],
+        peak_rss_bytes=figures["vm_hwm_bytes"],
+        ru_maxrss_bytes=figures["ru_maxrss_bytes"],
+        materialized=not figures["touched"],
+    )
+
+
+async def run_sandboxed(sup: Supervisor, model: Model) -> Sandboxed:
+    """One ``Supervisor.load`` with sha256 verification, timed around the call."""
+    await asyncio.to_thread(warm_page_cache, model.path)
+    request = LoadRequest(source=model.path, sha256=model.sha256)
+    started = time.perf_counter()
+    report = await sup.load(request)
+    e2e = time.perf_counter() - started
+    res = report.resources
+    error = f"{report.error.code}: {report.error.message}" if report.error else None
+    return Sandboxed(
+        e2e_seconds=e2e,
+        wall_seconds=res.wall_seconds if res else float("nan"),
+        peak_rss_bytes=res.peak_rss_bytes if res else 0,
+        outcome=str(report.outcome),
+        error=error,
+    )
+
+
+async def bench_size(sup: Supervisor, model: Model, repeat: int) -> SizeResult:
+    mmap_runs: list[Baseline] = []
+    pread_runs: list[Baseline] = []
+    sandboxed: list[Sandboxed] = []
+    for _ in range(repeat):  # alternate, so drift (thermal, page cache) hits both sides
+        mmap_runs.append(await run_baseline(model.path, "mmap"))
+        pread_runs.append(await run_baseline(model.path, "pread"))
+        sandboxed.append(await run_sandboxed(sup, model))
+    return SizeResult(
+        size_mib=model.size_mib,
+        tensors=model.tensors,
+        file_bytes=model.file_bytes,
+        tensor_bytes=model.tensor_bytes,
+        baseline_mmap_s=statistics.median(r.seconds for r in mmap_runs),
+        baseline_pread_s=statistics.median(r.seconds for r in pread_runs),
+        baseline_mmap_peak_rss_bytes=max(r.peak_rss_bytes for r in mmap_runs),
+        baseline_pread_peak_rss_bytes=max(r.peak_rss_bytes for r in pread_runs),
+        baseline_ru_maxrss_bytes=max(r.ru_maxrss_bytes for r in mmap_runs + pread_runs),
+        baseline_materialized=all(r.materialized for r in mmap_runs + pread_runs),
+        sandbox_e2e_s=statistics.median(s.e2e_seconds for s in sandboxed),
+        sandbox_wall_s=statistics.median(s.wall_seconds for s in sandboxed),
+        sandbox_peak_rss_bytes=max(s.peak_rss_bytes for s in sandboxed),
+        outcomes=[s.outcome for s in sandboxed],
+        errors=[s.error for s in sandboxed if s.error],
+    )
+
+
+async def bench(models: list[Model], repeat: int) -> list[SizeResult]:
+    # Entering starts the fork server before any timing: a worker pays that once, not per load.
+    async with Supervisor() as sup:
+        return [await bench_size(sup, m, repeat) for m in models]
+
+
+def _mib(n: float) -> str:
+    return f"{n / MiB:,.0f}"
+
+
+def print_table(results: list[SizeResult], repeat: int) -> None:
+    print(
+        f"loadwarden load bench: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+        f"median of {repeat} (times), max of {repeat} (RSS)"
+    )
+    print(
+        "page cache warmed equally: each file is read once right before every timed run, both sides"
+    )
+    print(
+        "baseline: fresh interpreter per run, safetensors.numpy.load_file only; "
+        "RSS = its VmHWM, interpreter + numpy included, nothing subtracted "
+        "(not ru_maxrss: it inherits this bench's peak across fork+exec)"
+    )
+    print(
+        "sandboxed: Supervisor.load with sha256 verification; e2e = around sup.load, "
+        "wall = report.resources.wall_seconds (fork server started beforehand)"
+    )
+    print()
+    header = (
+        "size MiB",
+        "tensors",
+        "base mmap s",
+        "base pread s",
+        "base RSS MiB",
+        "sbx e2e s",
+        "sbx wall s",
+        "ratio",
+        "wall ratio",
+        "sbx RSS MiB",
+        "RSS/tensor",
+        "target",
+    )
+    rows = []
+    for r in results:
+        rows.append(
+            (
+                _mib(r.tensor_bytes),
+                str(r.tensors),
+                f"{r.baseline_mmap_s:.3f}",
+                f"{r.baseline_pread_s:.3f}",
+                _mib(r.baseline_mmap_peak_rss_bytes),
+                f"{r.sandbox_e2e_s:.3f}",
+                f"{r.sandbox_wall_s:.3f}",
+                f"{r.ratio:.2f}",
+                f"{r.wall_ratio:.2f}",
+                _mib(r.sandbox_peak_rss_bytes),
+                f"{r.rss_per_tensor_byte:.3f}",
+                "PASS" if r.passed else "FAIL",
+            )
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+    print()
+    for r in results:
+        checks = (
+            f"ratio {r.ratio:.2f} {'<=' if r.ratio <= MAX_RATIO else '>'} {MAX_RATIO}",
+            f"peak RSS {_mib(r.sandbox_peak_rss_bytes)} MiB "
+            f"{'<=' if r.sandbox_peak_rss_bytes <= r.rss_limit_bytes else '>'} "
+            f"{_mib(r.rss_limit_bytes)} MiB (1.2 x tensors + 64 MiB)",
+            f"outcomes {','.join(r.outcomes)}",
+            f"baseline pread RSS {_mib(r.baseline_pread_peak_rss_bytes)} MiB",
+            "baseline arrays "
+            + ("materialized by load_file" if r.baseline_materialized else "touched per page"),
+        )
+        print(f"{_mib(r.tensor_bytes)} MiB: {'PASS' if r.passed else 'FAIL'}: " + "; ".join(checks))
+        for error in r.errors:
+            print(f"  error: {error}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--sizes-mb",
+        default="512,2048",
+        help="model sizes in MiB, comma-separated (default: 512,2048)",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per side per size (median)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON summary")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if any size fails the target")
+    parser.add_argument(
+        "--tmpdir", default=None, help="where to write the models (default: $TMPDIR)"
+    )
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes_mb.split(",") if s.strip()]
+    if not sizes or min(sizes) <= 0 or args.repeat < 1:
+        parser.error("sizes and --repeat must be positive")
+
+    # The supervisor's log lines go to stderr, warnings and above only: stdout is the report.
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on SIGTERM too
+    directory = tempfile.mkdtemp(prefix="loadwarden-bench-", dir=args.tmpdir)
+    try:
+        rng = np.random.default_rng(0)
+        models = [make_model(directory, size, rng) for size in sizes]
+        results = asyncio.run(bench(models, args.repeat))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+    summary = {
+        "bench": "load",
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "repeat": args.repeat,
+        "page_cache": "warm (file read once before every timed run, both sides)",
+        "ratio": "sandbox_e2e_s / baseline_mmap_s",
+        "sizes": [r.summary() for r in results],
+        "pass": all(r.passed for r in results),
+    }
+    if not args.json:
+        print_table(results, args.repeat)
+        print()
+    print(json.dumps(summary, separators=(",", ":")))
+    return 1 if args.strict and not summary["pass"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Shared fixtures: a real Redis per session, a clean database per test, and no leaked processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import redis
+import structlog
+
+from loadwarden.producer.contract import ModelFormat
+from loadwarden.producer.settings import Settings
+from loadwarden.worker._redis_server import RedisServer
+from loadwarden.worker.logs import configure_logging
+from loadwarden.worker.supervisor import Supervisor
+from tests.safetensors_files import valid_model
+
+#: The database the tests own on a shared Redis; flushed before every test.
+TEST_DB = 9
+#: Test-only loaders live here; the fork server preloads it.
+TEST_LOADERS = "tests.sandbox_loaders"
+
+
+def call_until(
+    predicate: Callable[[], object], timeout_s: float = 5.0, interval_s: float = 0.01
+) -> object:
+    """Poll ``predicate`` until it is truthy, on a monotonic bound (psutil's idiom)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+def assert_pid_gone(pid: int, timeout_s: float = 5.0) -> None:
+    """The process is gone (or a zombie about to be reaped by someone else)."""
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    call_until(gone, timeout_s)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes whose process group is ``pgid``."""
+    out = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(proc.pid)
+    return out
+
+
+def _answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.exceptions.RedisError, OSError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer | None]:
+    """A Redis that answers: LOADWARDEN_TEST_REDIS_URL or 127.0.0.1:6379, else one we start."""
+    url = os.environ.get("LOADWARDEN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+    if _answers(url):
+        yield None
+        return
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_base_url(redis_server: RedisServer | None) -> str:
+    if redis_server is not None:
+        return redis_server.url
+    return os.environ.get("LOADWARDEN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+@pytest.fixture
+def redis_url(redis_base_url: str) -> Iterator[str]:
+    """A URL of a freshly flushed database that this test owns."""
+    sep = "&" if "?" in redis_base_url else "?"
+    url = f"{redis_base_url.rstrip('/')}{sep}db={TEST_DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return Settings(redis_url=redis_url)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _logging() -> None:
+    configure_logging("debug", json=True)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes(redis_server: RedisServer | None) -> Iterator[None]:
+    """Every child process a test starts is gone when it ends (the session's Redis excepted)."""
+    me = psutil.Process()
+    allowed = {redis_server.pid} if redis_server and redis_server.pid else set()
+    before = {p.pid for p in me.children(recursive=True)} | allowed
+    yield
+
+    def leftovers() -> list[psutil.Process]:
+        return [
+            p
+            for p in me.children(recursive=True)
+            if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE
+        ]
+
+    with contextlib.suppress(AssertionError):
+        call_until(lambda: not leftovers(), timeout_s=5)
+    left = leftovers()
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture
+def small_model(tmp_path: Path) -> Path:
+    """A valid multi-dtype safetensors model of about 1 MB."""
+    path = tmp_path / "small.safetensors"
+    rng = np.random.default_rng(0)
+    valid_model(
+        path,
+        {
+            "embed.weight": rng.standard_normal((256, 512)).astype(np.float32),
+            "head.weight": rng.standard_normal((64, 512)).astype(np.float16),
+            "head.bias": np.arange(64, dtype=np.int64),
+            "mask": np.array([True, False, True]),
+            "scale": np.array(0.5, dtype=np.float64),
+            "empty": np.zeros((0, 4), dtype=np.uint8),
+        },
+    )
+    return path
+
+
+@pytest.fixture
+async def supervisor() -> AsyncIterator[Supervisor]:
+    async with Supervisor(Settings(), preload=[TEST_LOADERS]) as sup:
+        yield sup
+
+
+@pytest.fixture
+def make_supervisor() -> Callable[..., Supervisor]:
+    """Build a supervisor whose safetensors loader is one of tests/sandbox_loaders.py."""
+
+    def make(loader: str = "safetensors", settings: Settings | None = None) -> Supervisor:
+        return Supervisor(
+            settings or Settings(),
+            preload=[TEST_LOADERS],
+            loaders={ModelFormat.SAFETENSORS: loader},
+        )
+
+    return make
+
+
+@pytest.fixture
+def captured_events() -> Iterator[list[structlog.typing.EventDict]]:
+    with structlog.testing.capture_logs() as events:
+        yield events

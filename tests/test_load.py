@@ -1,0 +1,241 @@
+"""One sandboxed load, end to end in-process: real fork server, real children, real limits."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import structlog
+from safetensors.numpy import load_file
+
+from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
+from loadwarden.producer.errors import (
+    ChildCrashed,
+    CpuExceeded,
+    InvalidModel,
+    LoadTimeout,
+    MemoryExceeded,
+)
+from loadwarden.worker.supervisor import Supervisor
+from tests.conftest import assert_pid_gone, group_members
+from tests.safetensors_files import entry, raw_file, valid_model, write
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _child_pid(events: list[structlog.typing.EventDict]) -> int:
+    started = [e for e in events if e["event"] == "load_started"]
+    assert len(started) == 1
+    return int(started[0]["child_pid"])
+
+
+async def _child_started(events: list[structlog.typing.EventDict], timeout_s: float = 10) -> int:
+    """Wait, with a bound, until the supervisor has logged load_started; return the child's pid."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not any(e["event"] == "load_started" for e in events):
+        assert loop.time() < deadline, "the load never started"
+        await asyncio.sleep(0.005)
+    return _child_pid(events)
+
+
+async def test_valid_model_manifest_matches_reference(
+    supervisor: Supervisor, small_model: Path
+) -> None:
+    """A valid multi-dtype model loads ok, and its manifest equals what safetensors reads."""
+    digest = hashlib.sha256(small_model.read_bytes()).hexdigest()  # noqa: ASYNC240 (1 MB)
+    report = await supervisor.load(LoadRequest(source=str(small_model), sha256=digest))
+    assert report.outcome is Outcome.OK, report.error
+    assert report.model is not None and report.model.sha256 == digest
+    reference = load_file(small_model)
+    manifest = {t.name: (t.dtype, t.shape, t.bytes) for t in report.model.tensors}
+    assert manifest.keys() == reference.keys()
+    for name, arr in reference.items():
+        dtype, shape, nbytes = manifest[name]
+        assert (shape, nbytes) == (list(arr.shape), arr.nbytes)
+        assert (
+            dtype
+            == {
+                "float32": "F32",
+                "float16": "F16",
+                "int64": "I64",
+                "bool": "BOOL",
+                "float64": "F64",
+                "uint8": "U8",
+            }[arr.dtype.name]
+        )
+    assert report.model.parameters == sum(a.size for a in reference.values())
+    assert report.resources is not None
+    assert report.resources.peak_rss_bytes > 0 and report.resources.read_bytes >= report.model.bytes
+    assert {"setsid", "no_new_privs", "rlimit_as", "rlimit_cpu", "pdeathsig"} <= set(
+        report.confinement
+    )
+
+
+async def test_wrong_sha256_is_invalid(supervisor: Supervisor, small_model: Path) -> None:
+    """A digest that does not match the file gives invalid with code sha256_mismatch."""
+    report = await supervisor.load(LoadRequest(source=str(small_model), sha256="0" * 64))
+    assert report.outcome is Outcome.INVALID
+    assert report.error is not None and report.error.code == "sha256_mismatch"
+    with pytest.raises(InvalidModel):
+        report.raise_for_outcome()
+
+
+DEFECTS = {
+    "header_too_large": raw_file("{}", length=2**40),
+    "header_beyond_file": raw_file('{"t": 1}', length=100),
+    "header_not_utf8": raw_file(b'{"\xff": 1}'),
+    "duplicate_key": raw_file('{"t": {}, "t": {}}'),
+    "non_finite_number": raw_file('{"__metadata__": {"a": NaN}}'),
+    "unknown_dtype": raw_file({"t": entry("Q9", [4], 0, 4)}, b"\0" * 4),
+    "bad_shape": raw_file({"t": entry("U8", [-4], 0, 4)}, b"\0" * 4),
+    "offsets_not_contiguous": raw_file(
+        {"a": entry("U8", [4], 0, 4), "b": entry("U8", [4], 2, 6)}, b"\0" * 6
+    ),
+    "data_size_mismatch": raw_file({"t": entry("U8", [4], 0, 4)}, b"\0" * 2),
+}
+
+
+@pytest.mark.parametrize("code", sorted(DEFECTS))
+async def test_header_defect_is_invalid_without_a_child(
+    supervisor: Supervisor, tmp_path: Path, code: str
+) -> None:
+    """Each class of header defect gives invalid, names the defect, and starts no child."""
+    path = write(tmp_path / "bad.safetensors", DEFECTS[code])
+    before = supervisor.forkserver.spawned
+    report = await supervisor.load(LoadRequest(source=path))
+    assert report.outcome is Outcome.INVALID
+    assert report.error is not None and report.error.code == code
+    assert supervisor.forkserver.spawned == before
+    assert report.resources is None
+
+
+@pytest.mark.parametrize("loader", ["stop_self", "hang"])
+async def test_load_that_never_finishes_times_out(
+    make_supervisor: Callable[..., Supervisor],
+    small_model: Path,
+    loader: str,
+    captured_events: list[structlog.typing.EventDict],
+) -> None:
+    """A child that never answers gives timeout within deadline + 1 s, and its group is gone."""
+    async with make_supervisor(loader) as sup:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        report = await sup.load(
+            LoadRequest(source=str(small_model), limits=LimitOverrides(timeout_seconds=1.0))
+        )
+        elapsed = loop.time() - started
+    assert report.outcome is Outcome.TIMEOUT
+    assert report.error is not None and report.error.type == LoadTimeout.__name__
+    assert elapsed < 1.0 + 1.0
+    pid = _child_pid(captured_events)
+    assert_pid_gone(pid)
+    assert group_members(pid) == []
+
+
+async def test_grandchildren_die_with_the_group(
+    make_supervisor: Callable[..., Supervisor],
+    small_model: Path,
+    captured_events: list[structlog.typing.EventDict],
+) -> None:
+    """A loader's own child is killed with the process group when the load is stopped."""
+    async with make_supervisor("grandchild") as sup:
+        report = await sup.load(
+            LoadRequest(source=str(small_model), limits=LimitOverrides(timeout_seconds=1.0))
+        )
+    assert report.outcome is Outcome.TIMEOUT
+    pid = _child_pid(captured_events)
+    assert_pid_gone(pid)
+    assert group_members(pid) == []
+
+
+async def test_memory_limit_below_need_is_memory_exceeded(
+    supervisor: Supervisor, tmp_path: Path
+) -> None:
+    """A memory limit below what the model needs gives memory_exceeded."""
+    import numpy as np
+
+    path = valid_model(
+        tmp_path / "big.safetensors", {"w": np.ones((64, 1024, 1024), dtype=np.uint8)}
+    )
+    report = await supervisor.load(
+        LoadRequest(source=path, limits=LimitOverrides(memory_bytes=32 * 1024 * 1024))
+    )
+    assert report.outcome is Outcome.MEMORY_EXCEEDED, report.error
+    assert report.error is not None and report.error.type == MemoryExceeded.__name__
+
+
+async def test_cpu_limit_on_a_spinning_child_is_cpu_exceeded(
+    make_supervisor: Callable[..., Supervisor], small_model: Path
+) -> None:
+    """A child that spins past its CPU-time limit gives cpu_exceeded, not timeout."""
+    async with make_supervisor("spin") as sup:
+        report = await sup.load(
+            LoadRequest(
+                source=str(small_model), limits=LimitOverrides(cpu_seconds=1, timeout_seconds=20)
+            )
+        )
+    assert report.outcome is Outcome.CPU_EXCEEDED, report.error
+    assert report.error is not None and report.error.type == CpuExceeded.__name__
+    assert report.resources is not None
+    assert report.resources.cpu_user_seconds + report.resources.cpu_system_seconds >= 1.0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGTERM, signal.SIGKILL])
+async def test_child_killed_by_a_signal_is_crashed(
+    make_supervisor: Callable[..., Supervisor],
+    small_model: Path,
+    sig: signal.Signals,
+    captured_events: list[structlog.typing.EventDict],
+) -> None:
+    """A child killed by a signal from outside gives crashed, naming the signal."""
+    async with make_supervisor("hang") as sup:
+        task = asyncio.create_task(sup.load(LoadRequest(source=str(small_model))))
+        pid = await _child_started(captured_events)
+        os.kill(pid, sig)
+        report = await task
+    assert report.outcome is Outcome.CRASHED
+    assert report.error is not None and report.error.type == ChildCrashed.__name__
+    assert sig.name in report.error.message
+
+
+async def test_protocol_violation_is_crashed(
+    make_supervisor: Callable[..., Supervisor], small_model: Path
+) -> None:
+    """A child whose answer breaks the protocol is reported crashed, never trusted."""
+    async with make_supervisor("bad_reply") as sup:
+        report = await sup.load(LoadRequest(source=str(small_model)))
+    assert report.outcome is Outcome.CRASHED
+    assert report.error is not None and report.error.code == "protocol_violation"
+
+
+async def test_cancelled_load_leaves_no_child(
+    make_supervisor: Callable[..., Supervisor],
+    small_model: Path,
+    captured_events: list[structlog.typing.EventDict],
+) -> None:
+    """Cancelling a running load (worker shutdown) kills its child and re-raises the cancel."""
+    async with make_supervisor("hang") as sup:
+        task = asyncio.create_task(sup.load(LoadRequest(source=str(small_model))))
+        pid = await _child_started(captured_events)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert_pid_gone(pid)
+
+
+async def test_symlink_and_missing_file_are_classified(
+    supervisor: Supervisor, small_model: Path, tmp_path: Path
+) -> None:
+    """A symlink is refused and a missing file is unavailable, both before any child starts."""
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(small_model)
+    refused = await supervisor.load(LoadRequest(source=str(link)))
+    missing = await supervisor.load(LoadRequest(source=str(tmp_path / "nope.safetensors")))
+    assert (refused.outcome, missing.outcome) == (Outcome.REFUSED, Outcome.UNAVAILABLE)
+    assert supervisor.forkserver.spawned == 0
