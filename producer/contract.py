@@ -70,9 +70,12 @@ class RetryPolicy(_Model):
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     base_s: Annotated[float, Field(gt=0)] = 1.0
     max_s: Annotated[float, Field(gt=0)] = 60.0
-    retry_on: frozenset[Outcome] = frozenset(
-        {Outcome.TIMEOUT, Outcome.CRASHED, Outcome.UNAVAILABLE}
-    )
+    retry_on: tuple[Outcome, ...] = (Outcome.CRASHED, Outcome.TIMEOUT, Outcome.UNAVAILABLE)
+
+    @field_validator("retry_on")
+    @classmethod
+    def _sorted_unique(cls, value: tuple[Outcome, ...]) -> tuple[Outcome, ...]:
+        return tuple(sorted(set(value)))
 
 
 class LoadRequest(_Model):

@@ -1,0 +1,60 @@
+"""loadwarden's worker side: the supervisor, the sandbox, model formats, the arq worker.
+
+Names are imported lazily (PEP 562): the fork server imports
+``loadwarden.worker.sandbox._child``, which imports this package first, and every
+load child's memory starts from the fork server's. Keep this module free of
+eager imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loadwarden.worker.app import create_worker, run_worker
+    from loadwarden.worker.formats.safetensors import SafetensorsHeader, inspect_safetensors
+    from loadwarden.worker.limits import derive_limits
+    from loadwarden.worker.logs import configure_logging
+    from loadwarden.worker.sandbox.forkserver import ChildExit, ForkServer, SandboxError, stop_child
+    from loadwarden.worker.supervisor import Supervisor
+
+_WHERE = {
+    "ChildExit": "loadwarden.worker.sandbox.forkserver",
+    "ForkServer": "loadwarden.worker.sandbox.forkserver",
+    "SafetensorsHeader": "loadwarden.worker.formats.safetensors",
+    "SandboxError": "loadwarden.worker.sandbox.forkserver",
+    "Supervisor": "loadwarden.worker.supervisor",
+    "configure_logging": "loadwarden.worker.logs",
+    "create_worker": "loadwarden.worker.app",
+    "derive_limits": "loadwarden.worker.limits",
+    "inspect_safetensors": "loadwarden.worker.formats.safetensors",
+    "run_worker": "loadwarden.worker.app",
+    "stop_child": "loadwarden.worker.sandbox.forkserver",
+}
+
+__all__ = [
+    "ChildExit",
+    "ForkServer",
+    "SafetensorsHeader",
+    "SandboxError",
+    "Supervisor",
+    "configure_logging",
+    "create_worker",
+    "derive_limits",
+    "inspect_safetensors",
+    "run_worker",
+    "stop_child",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'loadwarden.worker' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

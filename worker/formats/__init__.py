@@ -1,0 +1,1 @@
+"""Model formats: strict header inspection, in the supervisor, before any loader sees a file."""

@@ -1,0 +1,103 @@
+"""The job contract, the wire format, the error tree and the public surface."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+from pydantic import ValidationError
+
+import loadwarden.producer
+import loadwarden.worker
+from loadwarden.producer import wire
+from loadwarden.producer.contract import LoadRequest, Outcome
+from loadwarden.producer.errors import (
+    ContractError,
+    LoadCancelled,
+    LoadError,
+    LoadTimeout,
+    LoadwardenError,
+    ReportTimeout,
+    error_class_for,
+)
+from loadwarden.producer.schemas import HERE, render
+
+
+def test_committed_schemas_are_current() -> None:
+    """The JSON Schema files in producer/schemas match the models (regenerate if this fails)."""
+    for name, text in render().items():
+        assert (HERE / name).read_text() == text, (
+            f"{name} is stale: python -m loadwarden.producer.schemas"
+        )
+
+
+@pytest.mark.parametrize("module", [loadwarden.producer, loadwarden.worker])
+def test_all_is_sorted_and_complete(module: object) -> None:
+    """Each package's __all__ is sorted (constants, classes, functions) and every name resolves."""
+    names = module.__all__  # type: ignore[attr-defined]
+    assert names == sorted(names, key=lambda n: (not n.isupper(), not n[0].isupper(), n))
+    for name in names:
+        assert getattr(module, name) is not None
+
+
+def test_every_failed_outcome_has_one_error_class() -> None:
+    """Each outcome but ok maps to exactly one LoadError subclass, and back."""
+    classes = {o: error_class_for(o) for o in Outcome if o is not Outcome.OK}
+    assert len(set(classes.values())) == len(classes)
+    for outcome, cls in classes.items():
+        assert issubclass(cls, LoadError) and cls("x").outcome is outcome
+    with pytest.raises(KeyError):
+        error_class_for(Outcome.OK)
+    assert LoadTimeout is not LoadCancelled and not issubclass(LoadTimeout, LoadCancelled)
+
+
+def test_errors_survive_a_process_boundary() -> None:
+    """Errors keep their message and code through __reduce__ (as when sent between processes)."""
+    err = LoadTimeout("too slow", code="deadline")
+    back = pickle.loads(pickle.dumps(err))
+    assert (type(back), back.message, back.code) == (LoadTimeout, "too slow", "deadline")
+    assert isinstance(pickle.loads(pickle.dumps(ReportTimeout("late"))), TimeoutError)
+    assert issubclass(ContractError, LoadwardenError)
+
+
+def test_request_is_strict() -> None:
+    """A request rejects unknown fields and bad digests, and lower-cases a good digest."""
+    assert LoadRequest(source="m", sha256="AB" * 32).sha256 == "ab" * 32
+    with pytest.raises(ValidationError):
+        LoadRequest.model_validate({"source": "m", "surprise": 1})
+    with pytest.raises(ValidationError):
+        LoadRequest(source="m", sha256="xyz")
+    with pytest.raises(ValidationError):
+        LoadRequest.model_validate({"source": "m", "wire_version": 2})
+
+
+def test_request_round_trips_through_the_wire() -> None:
+    """A request survives dumps/loads unchanged."""
+    req = LoadRequest(source="/models/a.safetensors", labels={"team": "search"})
+    doc = wire.loads(wire.dumps({"k": {"request": req}}))
+    assert LoadRequest.model_validate(doc["k"]["request"]) == req
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (pickle.dumps({"f": "load"}), "not UTF-8 JSON"),
+        (b'{"a": 1, "a": 2}', "duplicate"),
+        (b'{"a": NaN}', "NaN"),
+        ('{"a": 1}'.encode("utf-16"), "UTF-8"),
+        (b"[1, 2]", "object"),
+        (b"{", "JSON"),
+    ],
+    ids=["pickle", "duplicate-key", "nan", "utf16", "not-object", "truncated"],
+)
+def test_wire_rejects_anything_but_strict_json(payload: bytes, why: str) -> None:
+    """The deserializer refuses pickle, duplicate keys, NaN, UTF-16 and non-objects."""
+    with pytest.raises(ContractError, match=why):
+        wire.loads(payload)
+
+
+def test_wire_writes_exceptions_as_data() -> None:
+    """An exception arq stores as a result is written as plain JSON, never pickled."""
+    doc = json.loads(wire.dumps({"r": RuntimeError("boom")}))
+    assert doc == {"r": {"__error__": {"type": "RuntimeError", "message": "boom"}}}
