@@ -245,3 +245,7 @@ def status(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Producer -> Redis -> worker -> report, over a real Redis with an in-process arq worker."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from arq.constants import job_key_prefix
+
+from loadwarden.producer import wire
+from loadwarden.producer.client import Client, JobState
+from loadwarden.producer.contract import LoadRequest, Outcome
+from loadwarden.producer.errors import ContractError, JobNotFound, RedisUnavailable, ReportTimeout
+from loadwarden.producer.settings import Settings
+from loadwarden.worker.app import create_worker
+from loadwarden.worker.supervisor import Supervisor
+from tests.conftest import TEST_LOADERS
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[Client]:
+    async with Client(settings=settings) as c:
+        yield c
+
+
+@pytest.fixture
+async def worker(settings: Settings) -> AsyncIterator[Supervisor]:
+    """An arq worker running in this event loop until the test ends."""
+    async with Supervisor(settings, preload=[TEST_LOADERS]) as supervisor:
+        arq_worker = create_worker(settings, supervisor, handle_signals=False)
+        task = asyncio.create_task(arq_worker.async_run())
+        try:
+            yield supervisor
+        finally:
+            await arq_worker.close()  # cancels running jobs, then waits for them
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+
+async def test_enqueued_job_is_run_and_its_report_comes_back(
+    worker: Supervisor, client: Client, small_model: Path
+) -> None:
+    """A job enqueued by the client is run by a worker, and its report comes back through Redis."""
+    handle = await client.enqueue(LoadRequest(source=str(small_model), labels={"team": "search"}))
+    report = await handle.report(timeout_s=30)
+    assert report.outcome is Outcome.OK, report.error
+    assert report.job_id == handle.job_id
+    assert report.worker.id == worker.info.id
+    assert report.labels == {"team": "search"}
+    assert report.enqueued_at is not None and report.enqueued_at <= report.started_at
+    assert await handle.status() is JobState.COMPLETE
+
+
+async def test_bad_file_report_comes_back_invalid(
+    worker: Supervisor, client: Client, tmp_path: Path
+) -> None:
+    """A malformed file's report comes back through Redis as invalid, without a child."""
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00[]")
+    report = await (await client.enqueue(LoadRequest(source=str(path)))).report(timeout_s=30)
+    assert report.outcome is Outcome.INVALID
+    assert worker.forkserver.spawned == 0
+
+
+async def test_request_that_is_not_a_load_request_is_reported_invalid(
+    worker: Supervisor, client: Client, settings: Settings
+) -> None:
+    """A job whose arguments are not a valid LoadRequest ends invalid with code bad_request."""
+    pool = await client._redis()
+    await pool.enqueue_job(
+        "load",
+        request={"source": 7, "evil": True},
+        _job_id="planted-1",
+        _queue_name=settings.queue_name,
+    )
+    report = await client.report("planted-1", timeout_s=30)
+    assert report.outcome is Outcome.INVALID
+    assert report.error is not None and report.error.code == "bad_request"
+
+
+async def test_pickle_payload_is_never_executed(
+    worker: Supervisor, client: Client, settings: Settings, redis_url: str, tmp_path: Path
+) -> None:
+    """A planted pickle job is rejected by the JSON deserializer; its code never runs."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, ...]:
+            return (Path.touch, (marker,))
+
+    raw = aioredis.from_url(redis_url)
+    payload = pickle.dumps({"t": 1, "f": "load", "a": [Evil()], "k": {}, "et": 0})
+    await raw.set(job_key_prefix + "planted-2", payload)
+    await raw.zadd(settings.queue_name, {"planted-2": time.time() * 1000})
+    await raw.aclose()
+    with pytest.raises(ContractError, match="planted-2"):
+        await client.report("planted-2", timeout_s=30)
+    assert not marker.exists()
+
+
+async def test_unknown_job_and_report_timeout(client: Client) -> None:
+    """An unknown id raises JobNotFound; a job with no worker raises ReportTimeout in time."""
+    with pytest.raises(JobNotFound):
+        await client.report("no-such-job", timeout_s=5)
+    handle = await client.enqueue(LoadRequest(source="/nowhere.safetensors"))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(ReportTimeout):
+        await handle.report(timeout_s=0.3)
+    assert loop.time() - started < 2
+    assert await handle.status() is JobState.QUEUED
+    status = await client.status()
+    assert (status.queued, status.running, status.workers_alive) == (1, 0, False)
+
+
+async def test_unreachable_redis_is_a_clear_error(tmp_path: Path) -> None:
+    """A client whose Redis does not answer raises RedisUnavailable quickly instead of hanging."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RedisUnavailable, match="cannot reach Redis"):
+        await Client(f"unix://{tmp_path}/no.sock").connect()
+    assert loop.time() - started < 6
+
+
+def test_client_without_configuration_says_what_is_missing() -> None:
+    """A client with no URL and no LOADWARDEN_REDIS_URL says how to configure one."""
+    with pytest.raises(RedisUnavailable, match="LOADWARDEN_REDIS_URL"):
+        Client(settings=Settings(redis_url=None))
+
+
+def test_wire_round_trip_of_a_report_through_arq_format(small_model: Path) -> None:
+    """The worker's result document is plain JSON our deserializer accepts."""
+    document = {"t": 1, "s": True, "r": {"outcome": "ok"}, "id": "x"}
+    assert wire.loads(wire.dumps(document)) == document
