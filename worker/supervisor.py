@@ -154,6 +154,8 @@ class Supervisor:
                 )
         except LoadError as exc:
             error = exc
+        except SandboxError as exc:  # the machinery failed, not the file: worth a retry
+            error = ChildCrashed(f"the sandbox failed: {exc.message}", code="sandbox")
         report = self._report(
             request.source,
             dict(request.labels),

@@ -42,6 +42,19 @@ START_TIMEOUT_S = 60.0
 REAP_TIMEOUT_S = 10.0
 
 
+#: The only variables a child inherits from the supervisor: never its secrets
+#: (a Redis password, cloud credentials), which a loader could read in /proc/self/environ.
+INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "HOME")
+
+
+def _child_environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV}
+    # The fork server imports what the supervisor imports (tests, editable installs).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
 class SandboxError(LoadwardenError):
     """The sandbox machinery itself failed (fork server gone, fork failed, protocol broken)."""
 
@@ -125,7 +138,12 @@ async def stop_child(child: Child) -> ChildExit:
     try:
         if not child.exited.done():
             killed = _kill_group(child.pid)
-        ended = await asyncio.wait_for(asyncio.shield(child.exited), REAP_TIMEOUT_S)
+        try:
+            ended = await asyncio.wait_for(asyncio.shield(child.exited), REAP_TIMEOUT_S)
+        except TimeoutError:
+            raise SandboxError(
+                f"child {child.pid} was not reaped within {REAP_TIMEOUT_S} s"
+            ) from None
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.pid, signal.SIGKILL)
@@ -189,9 +207,7 @@ class ForkServer:
     async def _start_process(self) -> None:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ)
-        # The fork server sees the modules the supervisor sees (tests, editable installs).
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env = _child_environment()
         cmd = [
             sys.executable,
             "-m",
