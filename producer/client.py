@@ -228,6 +228,9 @@ class BlockingClient:
     def report(self, job_id: str, *, timeout_s: float | None = None) -> LoadReport:
         return self._run(lambda: self._client.report(job_id, timeout_s=timeout_s))
 
+    def job_state(self, job_id: str) -> JobState:
+        return self._run(lambda: self._client.job_state(job_id))
+
     def status(self) -> QueueStatus:
         return self._run(self._client.status)
 

@@ -7,7 +7,7 @@ import signal
 import threading
 from typing import Any
 
-from loadwarden.worker.sandbox._child import register_loader
+from loadwarden.worker.sandbox._child import load_safetensors, register_loader
 
 
 @register_loader("spin")
@@ -46,3 +46,10 @@ def grandchild(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 def bad_reply(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
     """Answer with a result that breaks the protocol."""
     return {"tensors": -1}
+
+
+@register_loader("slow")
+def slow(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Take about a second (stands in for a big model), then load for real."""
+    threading.Event().wait(1.0)
+    return load_safetensors(fd, spec)
