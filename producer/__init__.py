@@ -23,6 +23,7 @@ from loadwarden.producer.contract import (
     WorkerInfo,
 )
 from loadwarden.producer.errors import (
+    CatalogError,
     ChildCrashed,
     ClientError,
     ContractError,
@@ -46,6 +47,7 @@ __all__ = [
     "WIRE_VERSION",
     "Attempt",
     "BlockingClient",
+    "CatalogError",
     "ChildCrashed",
     "Client",
     "ClientError",

@@ -4,6 +4,7 @@
 
     LoadwardenError
     ├── ContractError            a payload that is not our wire format (bad JSON, wrong version)
+    ├── CatalogError             a catalog file with defects (all of them listed in ``defects``)
     ├── ClientError              the producer side could not do what was asked
     │   ├── RedisUnavailable     Redis did not answer
     │   ├── JobNotFound          no job with that id is queued, running or finished
@@ -44,6 +45,17 @@ class LoadwardenError(Exception):
 
 class ContractError(LoadwardenError):
     """A payload is not a valid loadwarden wire document."""
+
+
+class CatalogError(LoadwardenError):
+    """A catalog is refused whole; ``defects`` lists every problem by entry and field."""
+
+    def __init__(self, message: str, defects: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.defects = list(defects or [])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.defects))
 
 
 class ClientError(LoadwardenError):
