@@ -9,10 +9,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from loadwarden.producer.contract import LoadReport, LoadRequest
 
 HERE = Path(__file__).parent
-SCHEMAS = {"load_request.schema.json": LoadRequest, "load_report.schema.json": LoadReport}
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "load_request.schema.json": LoadRequest,
+    "load_report.schema.json": LoadReport,
+}
 
 
 def render() -> dict[str, str]:
