@@ -24,8 +24,9 @@ def render() -> dict[str, str]:
     """Each schema file's name and its text, as generated from the models now."""
     out = {}
     for name, model in SCHEMAS.items():
-        mode = "validation" if model is LoadRequest else "serialization"
-        schema = model.model_json_schema(mode=mode)
+        schema = model.model_json_schema(
+            mode="validation" if model is LoadRequest else "serialization"
+        )
         schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
         out[name] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return out
