@@ -183,7 +183,8 @@ async def test_cpu_limit_on_a_spinning_child_is_cpu_exceeded(
     assert report.outcome is Outcome.CPU_EXCEEDED, report.error
     assert report.error is not None and report.error.type == CpuExceeded.__name__
     assert report.resources is not None
-    assert report.resources.cpu_user_seconds + report.resources.cpu_system_seconds >= 1.0
+    # The kernel checks RLIMIT_CPU on its own clock ticks: rusage may read a hair under 1 s.
+    assert report.resources.cpu_user_seconds + report.resources.cpu_system_seconds >= 0.9
 
 
 @pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGTERM, signal.SIGKILL])
