@@ -3,6 +3,13 @@
 The worker imports this package; this package never imports the worker.
 """
 
+from loadwarden.producer.catalog import (
+    Catalog,
+    CatalogDefaults,
+    CatalogEntry,
+    load_catalog,
+    parse_catalog,
+)
 from loadwarden.producer.client import BlockingClient, Client, JobHandle, JobState, QueueStatus
 from loadwarden.producer.contract import (
     WIRE_VERSION,
@@ -47,6 +54,9 @@ __all__ = [
     "WIRE_VERSION",
     "Attempt",
     "BlockingClient",
+    "Catalog",
+    "CatalogDefaults",
+    "CatalogEntry",
     "CatalogError",
     "ChildCrashed",
     "Client",
@@ -85,4 +95,6 @@ __all__ = [
     "TensorInfo",
     "WorkerInfo",
     "error_class_for",
+    "load_catalog",
+    "parse_catalog",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -28,6 +28,7 @@ from loadwarden.producer.errors import (
     RedisUnavailable,
     ReportTimeout,
 )
+from loadwarden.producer.preload import PreloadResult, ProgressCallback, preload
 from loadwarden.producer.settings import Settings
 
 T = TypeVar("T")
@@ -139,14 +140,15 @@ class Client:
     ) -> None:
         await self.close()
 
-    async def _redis(self) -> ArqRedis:
+    async def redis(self) -> ArqRedis:
+        """The connection pool (connecting first if needed)."""
         await self.connect()
         assert self._pool is not None
         return self._pool
 
     async def enqueue(self, request: LoadRequest, *, job_id: str | None = None) -> JobHandle:
         """Put a load on the queue; an id already queued or running returns that job's handle."""
-        redis = await self._redis()
+        redis = await self.redis()
         job_id = job_id or uuid.uuid4().hex
         await _guard(
             redis.enqueue_job(
@@ -162,11 +164,13 @@ class Client:
         return JobHandle(self, job_id)
 
     async def job_state(self, job_id: str) -> JobState:
-        redis = await self._redis()
+        redis = await self.redis()
         job = Job(job_id, redis, _queue_name=self.queue_name, _deserializer=wire.loads)
         return _FROM_ARQ[await _guard(job.status())]
 
-    async def _stored_report(self, redis: ArqRedis, job_id: str) -> LoadReport | None:
+    async def stored_report(self, job_id: str) -> LoadReport | None:
+        """The job's report if one is stored now (no waiting), else None."""
+        redis = await self.redis()
         raw = await _guard(redis.get(result_key_prefix + job_id))
         if raw is None:
             return None
@@ -182,16 +186,15 @@ class Client:
 
     async def report(self, job_id: str, *, timeout_s: float | None = None) -> LoadReport:
         """The job's report, waiting for it up to ``timeout_s`` (None: wait as long as it takes)."""
-        redis = await self._redis()
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         while True:
-            stored = await self._stored_report(redis, job_id)
+            stored = await self.stored_report(job_id)
             if stored is not None:
                 return stored
             if await self.job_state(job_id) is JobState.NOT_FOUND:
                 # The report may have landed between our two reads.
-                stored = await self._stored_report(redis, job_id)
+                stored = await self.stored_report(job_id)
                 if stored is not None:
                     return stored
                 raise JobNotFound(f"no job {job_id!r} is queued, running or finished")
@@ -199,9 +202,30 @@ class Client:
                 raise ReportTimeout(f"no report for job {job_id} within {timeout_s:g} s")
             await asyncio.sleep(REPORT_POLL_S)
 
+    async def preload(
+        self,
+        requests: Sequence[tuple[str, LoadRequest]] | Sequence[LoadRequest],
+        *,
+        on_progress: ProgressCallback | None = None,
+        concurrency: int = 16,
+        timeout_s: float | None = None,
+        fail_fast: bool = False,
+        force: bool = False,
+    ) -> PreloadResult:
+        """Run a batch (named requests or bare ones); see ``loadwarden.producer.preload``."""
+        return await preload(
+            self,
+            requests,
+            on_progress=on_progress,
+            concurrency=concurrency,
+            timeout_s=timeout_s,
+            fail_fast=fail_fast,
+            force=force,
+        )
+
     async def status(self) -> QueueStatus:
         """Queue depth, jobs in progress, and whether any worker has checked in lately."""
-        redis = await self._redis()
+        redis = await self.redis()
         queued = await _guard(redis.zcard(self.queue_name))
         running = 0
         async for _ in redis.scan_iter(match=in_progress_key_prefix + "*", count=1000):

@@ -20,7 +20,9 @@ WIRE_VERSION: Literal[1] = 1
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lower-case hex sha256")]
 NonNegInt = Annotated[int, Field(ge=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+#: A finite, positive duration (JSON has no infinity; neither do our limits).
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class _Model(BaseModel):
@@ -60,16 +62,16 @@ class LimitOverrides(_Model):
     """Limits a request asks for: each wins over the derived value, within the worker's ceilings."""
 
     memory_bytes: Annotated[int, Field(gt=0)] | None = None
-    cpu_seconds: Annotated[float, Field(gt=0)] | None = None
-    timeout_seconds: Annotated[float, Field(gt=0)] | None = None
+    cpu_seconds: PositiveSeconds | None = None
+    timeout_seconds: PositiveSeconds | None = None
 
 
 class RetryPolicy(_Model):
     """How a job is retried; applied by the worker (see issue #5 for the full policy)."""
 
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
-    base_s: Annotated[float, Field(gt=0)] = 1.0
-    max_s: Annotated[float, Field(gt=0)] = 60.0
+    base_s: PositiveSeconds = 1.0
+    max_s: PositiveSeconds = 60.0
     retry_on: tuple[Outcome, ...] = (Outcome.CRASHED, Outcome.TIMEOUT, Outcome.UNAVAILABLE)
 
     @field_validator("retry_on")
@@ -107,8 +109,8 @@ class Limits(_Model):
     """The limits one load ran under, and how each was derived."""
 
     memory_bytes: Annotated[int, Field(gt=0)]
-    cpu_seconds: Annotated[float, Field(gt=0)]
-    timeout_seconds: Annotated[float, Field(gt=0)]
+    cpu_seconds: PositiveSeconds
+    timeout_seconds: PositiveSeconds
     derivation: LimitDerivation
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
+from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -52,6 +55,86 @@ class LimitPolicy(BaseModel):
     timeout_ceiling_s: Annotated[float, Field(gt=0)] = 3600.0
 
 
+def _default_cache_dir() -> Path:
+    # The XDG base-directory rule: $XDG_CACHE_HOME when it is set and absolute, else ~/.cache.
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "loadwarden"
+
+
+class SourcePolicy(BaseModel):
+    """Where a model may come from: local roots, URL hosts and networks, download bounds.
+
+    From the environment, tuples are JSON lists, e.g.
+    ``LOADWARDEN_SOURCES__ALLOW_ROOTS='["/models", "/srv/models"]'`` and
+    ``LOADWARDEN_SOURCES__ALLOW_HOSTS='["huggingface.co"]'``. pydantic-settings JSON-decodes
+    every tuple-typed variable, so a comma-separated value (``/models,/srv/models``) is an
+    error, not a list: splitting needs its ``NoDecode`` marker, which arrived in
+    pydantic-settings 2.7 while we support 2.3 and later.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Empty: the worker's cwd at resolve time, so `loadwarden load FILE` works where it is run.
+    # A deployed worker should name its model folders. Roots must be absolute.
+    allow_roots: tuple[Path, ...] = ()
+    # Empty: no URL is fetched at all until an operator names the hosts it trusts (exact
+    # names, compared case-insensitively; no wildcards, so a typo cannot open a whole domain).
+    allow_hosts: tuple[str, ...] = ()
+    # Empty: private, loopback, link-local and other non-global addresses are refused (SSRF);
+    # name CIDRs (e.g. "10.20.0.0/16" for an in-cluster mirror) to allow them.
+    allow_networks: tuple[str, ...] = ()
+    # A TCP + TLS handshake with a reachable host takes well under a second; 10 s rides out a
+    # slow resolver or a lost SYN while still failing a dead host quickly (it is retried).
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # The longest silence allowed between two reads of a body; 30 s tolerates a busy CDN but
+    # frees a job held by a server that stopped sending.
+    read_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # 64 GiB: the default memory ceiling (LimitPolicy.memory_ceiling_bytes); a larger file
+    # could not be loaded under the default limits anyway, so it is not worth the disk.
+    max_download_bytes: Annotated[int, Field(gt=0)] = 64 * GiB
+    # Model hubs redirect once or twice (to a CDN); each hop is checked against the host and
+    # address rules again. More than 5 is a loop or a trick.
+    max_redirects: Annotated[int, Field(ge=0, le=20)] = 5
+    # Per user, survives restarts, and is where cache cleaners look (XDG base directories).
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+
+    @field_validator("allow_roots", "cache_dir")
+    @classmethod
+    def _absolute(cls, value: Path | tuple[Path, ...]) -> Path | tuple[Path, ...]:
+        for path in value if isinstance(value, tuple) else (value,):
+            if not path.is_absolute():
+                raise ValueError(f"{str(path)!r} is not an absolute path")
+        return value
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _exact_hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for host in hosts:
+            name = host.strip().lower().rstrip(".")
+            if not name or (any(c in name for c in "*/:@ ") and not _is_ip(name)):
+                raise ValueError(f"{host!r} is not a host name (exact names only, no wildcards)")
+            out.append(name)
+        return tuple(out)
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _cidrs(cls, networks: tuple[str, ...]) -> tuple[str, ...]:
+        # strict: "127.0.0.1/8" (host bits set) is more likely a typo than a network.
+        try:
+            return tuple(str(ipaddress.ip_network(n.strip(), strict=True)) for n in networks)
+        except ValueError as exc:
+            raise ValueError(f"not a CIDR network: {exc}") from None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 class Settings(BaseSettings):
     """Every knob: ``LOADWARDEN_<NAME>`` (nested ones: ``LOADWARDEN_LIMITS__STARTUP_S``)."""
 
@@ -77,3 +160,5 @@ class Settings(BaseSettings):
     child_max_fds: Annotated[int, Field(ge=16)] = 64
     inspection: InspectionCaps = InspectionCaps()
     limits: LimitPolicy = LimitPolicy()
+    # A factory, not a shared instance: the cache dir follows $XDG_CACHE_HOME at construction.
+    sources: SourcePolicy = Field(default_factory=SourcePolicy)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,6 +24,8 @@ from tests.safetensors_files import valid_model
 
 #: The database the tests own on a shared Redis; flushed before every test.
 TEST_DB = 9
+#: Where a worker may read local model files (a JSON list).
+ROOTS_ENV = "LOADWARDEN_SOURCES__ALLOW_ROOTS"
 #: Test-only loaders live here; the fork server preloads it.
 TEST_LOADERS = "tests.sandbox_loaders"
 
@@ -111,6 +114,19 @@ def settings(redis_url: str) -> Settings:
 @pytest.fixture(autouse=True, scope="session")
 def _logging() -> None:
     configure_logging("debug", json=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _allowed_roots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Workers and supervisors of the tests (and their subprocesses) may read the test folders."""
+    base = str(tmp_path_factory.getbasetemp().resolve())
+    old = os.environ.get(ROOTS_ENV)
+    os.environ[ROOTS_ENV] = json.dumps([base])
+    yield
+    if old is None:
+        del os.environ[ROOTS_ENV]
+    else:
+        os.environ[ROOTS_ENV] = old
 
 
 @pytest.fixture(autouse=True)

@@ -138,3 +138,13 @@ def test_worker_stops_cleanly_on_sigterm(worker_process: subprocess.Popen[bytes]
     """SIGTERM stops an idle worker promptly with exit 0, its fork server gone with it."""
     worker_process.send_signal(signal.SIGTERM)
     assert worker_process.wait(30) == 0
+
+
+def test_enqueue_wait_without_redis_runs_embedded(small_model: Path, tmp_path: Path) -> None:
+    """With no Redis configured, `enqueue --wait` runs on an embedded server and worker."""
+    env = {"XDG_STATE_HOME": str(tmp_path / "state"), "LOADWARDEN_REDIS_URL": ""}
+    result = run("enqueue", str(small_model), "--wait", "--json", env=env)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "running embedded" in result.stderr
+    assert LoadReport.model_validate_json(result.stdout).outcome is Outcome.OK
+    assert run("enqueue", str(small_model), env=env).returncode == 2

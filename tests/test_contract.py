@@ -62,7 +62,7 @@ def test_errors_survive_a_process_boundary() -> None:
 
 
 def test_request_is_strict() -> None:
-    """A request rejects unknown fields and bad digests, and lower-cases a good digest."""
+    """A request rejects unknown fields, bad digests and infinite limits; lower-cases a digest."""
     assert LoadRequest(source="m", sha256="AB" * 32).sha256 == "ab" * 32
     with pytest.raises(ValidationError):
         LoadRequest.model_validate({"source": "m", "surprise": 1})
@@ -70,6 +70,8 @@ def test_request_is_strict() -> None:
         LoadRequest(source="m", sha256="xyz")
     with pytest.raises(ValidationError):
         LoadRequest.model_validate({"source": "m", "wire_version": 2})
+    with pytest.raises(ValidationError):
+        LoadRequest.model_validate({"source": "m", "limits": {"timeout_seconds": float("inf")}})
 
 
 def test_request_round_trips_through_the_wire() -> None:

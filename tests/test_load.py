@@ -233,10 +233,11 @@ async def test_cancelled_load_leaves_no_child(
 async def test_symlink_and_missing_file_are_classified(
     supervisor: Supervisor, small_model: Path, tmp_path: Path
 ) -> None:
-    """A symlink is refused and a missing file is unavailable, both before any child starts."""
+    """A symlink out of the roots is refused, a missing file unavailable: no child starts."""
     link = tmp_path / "link.safetensors"
-    link.symlink_to(small_model)
+    link.symlink_to("/etc/passwd")
     refused = await supervisor.load(LoadRequest(source=str(link)))
     missing = await supervisor.load(LoadRequest(source=str(tmp_path / "nope.safetensors")))
     assert (refused.outcome, missing.outcome) == (Outcome.REFUSED, Outcome.UNAVAILABLE)
+    assert refused.error is not None and refused.error.code == "outside_root"
     assert supervisor.forkserver.spawned == 0

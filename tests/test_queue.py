@@ -72,7 +72,7 @@ async def test_request_that_is_not_a_load_request_is_reported_invalid(
     worker: Supervisor, client: Client, settings: Settings
 ) -> None:
     """A job whose arguments are not a valid LoadRequest ends invalid with code bad_request."""
-    pool = await client._redis()
+    pool = await client.redis()
     await pool.enqueue_job(
         "load",
         request={"source": 7, "evil": True},

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from loadwarden.worker.limits import derive_limits
     from loadwarden.worker.logs import configure_logging
     from loadwarden.worker.sandbox.forkserver import ChildExit, ForkServer, SandboxError, stop_child
+    from loadwarden.worker.sources import open_source
     from loadwarden.worker.supervisor import Supervisor
 
 _WHERE = {
@@ -29,6 +30,7 @@ _WHERE = {
     "create_worker": "loadwarden.worker.app",
     "derive_limits": "loadwarden.worker.limits",
     "inspect_safetensors": "loadwarden.worker.formats.safetensors",
+    "open_source": "loadwarden.worker.sources",
     "run_worker": "loadwarden.worker.app",
     "stop_child": "loadwarden.worker.sandbox.forkserver",
 }
@@ -43,6 +45,7 @@ __all__ = [
     "create_worker",
     "derive_limits",
     "inspect_safetensors",
+    "open_source",
     "run_worker",
     "stop_child",
 ]

@@ -60,7 +60,9 @@ class RedisServer:
         self.appendonly = appendonly
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="loadwarden-redis-"))
-        self.socket_path = self.data_dir / "redis.sock"
+        # A socket path must fit in 108 bytes: it gets a short private folder of its own.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="lw-"))
+        self.socket_path = self._socket_dir / "redis.sock"
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -137,6 +139,7 @@ class RedisServer:
     def close(self) -> None:
         """Stop the server and remove its folder if we made it."""
         self.stop()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from loadwarden.producer.client import QueueStatus
 from loadwarden.producer.contract import LoadReport, ModelSummary, Outcome
+from loadwarden.producer.preload import PreloadEntry, PreloadResult
 
 console = Console()
 
@@ -81,4 +82,62 @@ def queue_status(q: QueueStatus) -> None:
     console.print(
         f"queue [bold]{q.queue}[/bold]: {q.queued} queued, {q.running} running, "
         f"workers {'alive' if q.workers_alive else '[red]none alive[/red]'}"
+    )
+
+
+_STATE_STYLE = {
+    "pending": "dim",
+    "queued": "yellow",
+    "running": "cyan",
+    "skipped": "dim",
+    "unfinished": "red",
+}
+
+
+def _entry_outcome(entry: PreloadEntry) -> str:
+    if entry.report is None:
+        return f"[{_STATE_STYLE.get(entry.state, '')}]{entry.state}[/]"
+    style = "green" if entry.report.outcome is Outcome.OK else "red"
+    cached = " (stored)" if entry.cached else ""
+    return f"[{style}]{entry.report.outcome}[/{style}]{cached}"
+
+
+def preload_progress(entries: list[PreloadEntry]) -> Table:
+    """The live view: one row per entry with its state."""
+    done = sum(e.report is not None for e in entries)
+    table = Table(title=f"preloading: {done}/{len(entries)} done", title_justify="left", box=None)
+    table.add_column("model")
+    table.add_column("state")
+    for entry in entries:
+        table.add_row(entry.name, _entry_outcome(entry))
+    return table
+
+
+def preload_summary(result: PreloadResult) -> None:
+    """The summary table: model, outcome, size, wall time, peak RSS, error."""
+    table = Table(title="preload summary", title_justify="left")
+    for column in ("model", "outcome", "size", "wall s", "peak RSS", "error"):
+        table.add_column(
+            column, justify="right" if column in ("size", "wall s", "peak RSS") else "left"
+        )
+    for e in result.entries:
+        r = e.report
+        res = r.resources if r else None
+        table.add_row(
+            e.name,
+            _entry_outcome(e),
+            _size(r.model.bytes) if r and r.model else "",
+            f"{res.wall_seconds:.2f}" if res else "",
+            _size(res.peak_rss_bytes) if res else "",
+            r.error.code if r and r.error else "",
+        )
+    console.print(table)
+    for e in result.entries:
+        if e.report and e.report.error and e.duplicate_of is None:
+            console.print(f"  [bold]{e.name}[/bold]: {e.report.error.message}", highlight=False)
+    t = result.totals
+    outcomes = ", ".join(f"{k} {v}" for k, v in t.by_outcome.items())
+    console.print(
+        f"{t.entries} entries ({t.jobs} jobs, {t.cached} answered from stored reports): "
+        f"{outcomes}; {t.wall_seconds:.2f} s"
     )

@@ -107,6 +107,17 @@ def create_worker(
     )
 
 
+async def cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel a task and wait for it; re-raise only a cancellation aimed at the caller."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+
+
 async def run_worker(
     settings: Settings,
     *,

@@ -17,12 +17,13 @@ import typer
 
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest, Outcome
-from loadwarden.producer.errors import ClientError, ContractError, LoadError
+from loadwarden.producer.errors import CatalogError, ClientError, ContractError, LoadError
+from loadwarden.producer.preload import PreloadEntry, PreloadResult
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _render
 from loadwarden.worker.logs import configure_logging
 
-EXIT_OK, EXIT_OUTCOME, EXIT_NO_ANSWER = 0, 1, 3
+EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 
 app = typer.Typer(
     name="loadwarden",
@@ -59,6 +60,21 @@ def _settings(redis: str | None = None, **overrides: Any) -> Settings:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _with_roots(settings: Settings, *roots: Path) -> Settings:
+    """Settings whose local sources may come only from ``roots``."""
+    policy = settings.sources.model_copy(update={"allow_roots": tuple(roots)})
+    return settings.model_copy(update={"sources": policy})
+
+
+def _note_embedded(roots: tuple[Path, ...]) -> None:
+    where = ", ".join(str(r) for r in roots) or "no local folder"
+    typer.echo(
+        f"loadwarden: no Redis configured (--redis / LOADWARDEN_REDIS_URL); running embedded: "
+        f"private server + in-process worker reading {where}",
+        err=True,
+    )
+
+
 def _source(value: str) -> str:
     """Local paths are made absolute here: a worker resolves relative ones against its own cwd."""
     return value if "://" in value else os.path.abspath(value)
@@ -87,12 +103,22 @@ def worker(
         int | None, typer.Option(help="Loads run at once (default 2).", min=1)
     ] = None,
     burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
+    allow_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--allow-root",
+            help="A folder local sources may come from (repeatable; "
+            "default: LOADWARDEN_SOURCES__ALLOW_ROOTS, else the working directory).",
+        ),
+    ] = None,
     log_level: LogOpt = "info",
 ) -> None:
     """Run a worker: pull load jobs from Redis and run each in a confined child."""
     from loadwarden.worker.app import run_worker
 
     settings = _settings(redis, concurrency=concurrency)
+    if allow_root:
+        settings = _with_roots(settings, *(root.resolve() for root in allow_root))
     if not settings.redis_url:
         raise typer.BadParameter(
             "a worker needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
@@ -113,17 +139,34 @@ def enqueue(
     as_json: JsonOpt = False,
     log_level: LogOpt = "warning",
 ) -> None:
-    """Enqueue one load; print its job id, or with --wait its report."""
+    """Enqueue one load; print its job id, or with --wait its report.
+
+    With --wait and no Redis configured, it runs embedded (a private server and an
+    in-process worker allowed to read the file's folder), like `preload`.
+    """
     configure_logging(log_level)
     try:
         request = LoadRequest(source=_source(source), sha256=sha256)
     except Exception as exc:
         raise typer.BadParameter(str(exc)) from None
+    settings = _settings(redis)
+    if not settings.redis_url and not wait:
+        raise typer.BadParameter("without --wait, enqueue needs --redis or LOADWARDEN_REDIS_URL")
 
     async def go() -> LoadReport | str:
-        async with Client(settings=_settings(redis)) as client:
-            handle = await client.enqueue(request)
-            return await handle.report(timeout_s=timeout_s) if wait else handle.job_id
+        if settings.redis_url:
+            async with Client(settings=settings) as client:
+                handle = await client.enqueue(request)
+                return await handle.report(timeout_s=timeout_s) if wait else handle.job_id
+        from loadwarden.worker.embedded import embedded
+
+        roots = () if "://" in request.source else (Path(request.source).parent,)
+        _note_embedded(roots)
+        async with (
+            embedded(_with_roots(settings, *roots)) as active,
+            Client(settings=active) as client,
+        ):
+            return await (await client.enqueue(request)).report(timeout_s=timeout_s)
 
     try:
         result = asyncio.run(go())
@@ -183,8 +226,11 @@ def load(
     except Exception as exc:
         raise typer.BadParameter(str(exc)) from None
 
+    # The file was named on the command line: its own folder is the one allowed root.
+    settings = _with_roots(_settings(), file.resolve().parent)
+
     async def go() -> LoadReport:
-        async with Supervisor(_settings()) as supervisor:
+        async with Supervisor(settings) as supervisor:
             return await supervisor.load(request)
 
     _emit_report(asyncio.run(go()), as_json)
@@ -222,6 +268,121 @@ def inspect(
     else:
         _render.inspection(document)
     raise typer.Exit(EXIT_OK if document["outcome"] == "ok" else EXIT_OUTCOME)
+
+
+@app.command()
+def preload(
+    catalog: Annotated[Path, typer.Argument(help="Catalog file (TOML, one [[model]] table each).")],
+    redis: RedisOpt = None,
+    json_report: Annotated[
+        Path | None, typer.Option("--json-report", help="Write every report and the totals here.")
+    ] = None,
+    concurrency: Annotated[
+        int,
+        typer.Option(help="Jobs this batch keeps queued at once (embedded: loads at once).", min=1),
+    ] = 2,
+    timeout_s: Annotated[
+        float | None, typer.Option(help="Give up on the whole batch after this.")
+    ] = None,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="Stop at the first failure.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Load again even if reports are stored.")
+    ] = False,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Embedded mode: where the private server keeps its data.")
+    ] = None,
+    as_json: JsonOpt = False,
+    log_level: LogOpt = "warning",
+) -> None:
+    """Load a whole catalog: progress, a summary table, exit 0 only if every entry is ok.
+
+    With no --redis and no LOADWARDEN_REDIS_URL it starts a private Valkey and an
+    in-process worker (allowed to read the catalog's folder), and stops both after.
+    """
+    from loadwarden.producer.catalog import load_catalog
+
+    configure_logging(log_level)
+    try:
+        requests = load_catalog(catalog).requests()
+    except CatalogError as exc:
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "error": {
+                            "type": "CatalogError",
+                            "message": exc.message,
+                            "defects": exc.defects,
+                        }
+                    }
+                )
+            )
+        else:
+            typer.echo(f"loadwarden: {exc.message}", err=True)
+            for defect in exc.defects:
+                typer.echo(f"  - {defect}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    settings = _settings(redis, concurrency=concurrency)
+    try:
+        result = asyncio.run(
+            _preload(
+                settings,
+                requests,
+                catalog.resolve().parent,
+                state_dir,
+                concurrency=concurrency,
+                timeout_s=timeout_s,
+                fail_fast=fail_fast,
+                force=force,
+                live=not as_json,
+            )
+        )
+    except (ClientError, ContractError) as exc:
+        raise _no_answer(exc, as_json) from None
+    document = result.model_dump_json(indent=2)
+    if json_report is not None:
+        json_report.write_text(document + "\n")
+    if as_json:
+        typer.echo(result.model_dump_json())
+    else:
+        _render.preload_summary(result)
+    raise typer.Exit(EXIT_OK if result.ok else EXIT_OUTCOME)
+
+
+async def _preload(
+    settings: Settings,
+    requests: list[tuple[str, LoadRequest]],
+    folder: Path,
+    state_dir: Path | None,
+    *,
+    live: bool,
+    **options: Any,
+) -> PreloadResult:
+    from rich.live import Live
+
+    from loadwarden.worker.embedded import embedded
+
+    async def run(active: Settings) -> PreloadResult:
+        async with Client(settings=active) as client:
+            if not live:
+                return await client.preload(requests, **options)
+            view: dict[int, PreloadEntry] = {}  # every entry, in catalog order, by identity
+            with Live(console=_render.console, transient=True, auto_refresh=False) as display:
+
+                def progress(entry: PreloadEntry) -> None:
+                    view.setdefault(id(entry), entry)
+                    display.update(_render.preload_progress(list(view.values())), refresh=True)
+
+                return await client.preload(requests, on_progress=progress, **options)
+
+    if settings.redis_url:
+        return await run(settings)
+    local = _with_roots(settings, folder)
+    _note_embedded((folder,))
+    async with embedded(local, state_dir=state_dir) as active:
+        return await run(active)
 
 
 @app.command()

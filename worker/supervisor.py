@@ -34,7 +34,7 @@ from loadwarden.producer.contract import (
 from loadwarden.producer.errors import ChildCrashed, LoadError
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _version
-from loadwarden.worker._files import ModelFile, open_model_file
+from loadwarden.worker._files import ModelFile
 from loadwarden.worker._outcome import Loaded, Raised, Ready, classify, parse_message
 from loadwarden.worker.formats.safetensors import inspect_safetensors
 from loadwarden.worker.limits import derive_limits
@@ -46,6 +46,7 @@ from loadwarden.worker.sandbox.forkserver import (
     SandboxError,
     stop_child,
 )
+from loadwarden.worker.sources import open_source
 
 T = TypeVar("T")
 
@@ -139,7 +140,10 @@ class Supervisor:
         run = _Run()
         error: LoadError | None = None
         try:
-            with open_model_file(request.source) as model_file:
+            opened = await open_source(
+                request.source, expected_sha256=request.sha256, policy=self.settings.sources
+            )
+            with opened as model_file:
                 summary = await _in_thread(lambda: self._inspect(model_file, request))
                 limits = derive_limits(summary.bytes, request.limits, self.settings.limits)
                 run = await self._run_child(model_file, summary, limits, request, log)

@@ -1,0 +1,196 @@
+"""Batch preloading: client.preload(), and `loadwarden preload` embedded and against a worker."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from loadwarden.producer.client import Client
+from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
+from loadwarden.producer.preload import EntryState, PreloadEntry
+from loadwarden.producer.settings import Settings
+from loadwarden.worker.app import cancel_and_wait, create_worker
+from loadwarden.worker.supervisor import Supervisor
+from tests.conftest import TEST_LOADERS, call_until
+
+ROOT = Path(__file__).parent.parent
+LOADWARDEN = str(Path(sys.executable).parent / "loadwarden")
+sys.path.insert(0, str(ROOT / "examples"))
+from make_models import make  # noqa: E402
+
+#: What each entry of examples/catalog.toml must end as.
+EXPECTED = {
+    "tiny": "ok",
+    "encoder": "ok",
+    "encoder-alias": "ok",
+    "mixed": "ok",
+    "mixed-wrong-digest": "invalid",
+    "truncated": "invalid",
+    "header-bomb": "invalid",
+    "disguised-pickle": "invalid",
+}
+
+
+@pytest.fixture
+def example_catalog(tmp_path: Path) -> Path:
+    """examples/catalog.toml beside freshly generated example models."""
+    make(tmp_path / "models")
+    shutil.copy(ROOT / "examples" / "catalog.toml", tmp_path / "catalog.toml")
+    return tmp_path / "catalog.toml"
+
+
+@pytest.fixture
+async def worker_in_loop(settings: Settings) -> AsyncIterator[Supervisor]:
+    import asyncio
+
+    async with Supervisor(settings, preload=[TEST_LOADERS]) as supervisor:
+        worker = create_worker(settings, supervisor, handle_signals=False)
+        task = asyncio.create_task(worker.async_run())
+        try:
+            yield supervisor
+        finally:
+            await worker.close()
+            await cancel_and_wait(task)
+
+
+def _outcomes(document: dict[str, object]) -> dict[str, str | None]:
+    entries = document["entries"]
+    assert isinstance(entries, list)
+    return {e["name"]: (e["report"] or {}).get("outcome") for e in entries}
+
+
+async def test_duplicates_become_one_job_and_a_rerun_uses_stored_reports(
+    worker_in_loop: Supervisor, settings: Settings, small_model: Path
+) -> None:
+    """Repeated entries (same path, or same digest) run once; a second run runs nothing."""
+    import hashlib
+
+    digest = hashlib.sha256(small_model.read_bytes()).hexdigest()  # noqa: ASYNC240
+    copy = small_model.with_name("copy.safetensors")
+    shutil.copy(small_model, copy)
+    batch = [
+        ("a", LoadRequest(source=str(small_model))),
+        ("a-again", LoadRequest(source=str(small_model))),
+        ("pinned", LoadRequest(source=str(small_model), sha256=digest)),
+        ("pinned-copy", LoadRequest(source=str(copy), sha256=digest)),
+    ]
+    seen: list[tuple[str, EntryState]] = []
+
+    def progress(entry: PreloadEntry) -> None:
+        seen.append((entry.name, entry.state))
+
+    async with Client(settings=settings) as client:
+        first = await client.preload(batch, on_progress=progress)
+        spawned = worker_in_loop.forkserver.spawned
+        second = await client.preload(batch)
+    assert first.ok and second.ok
+    assert (first.totals.entries, first.totals.jobs, spawned) == (4, 2, 2)
+    assert [e.duplicate_of for e in first.entries] == [None, "a", None, "pinned"]
+    assert ("a", EntryState.DONE) in seen and ("a", EntryState.PENDING) in seen
+    assert second.totals.cached == 4
+    assert worker_in_loop.forkserver.spawned == spawned
+
+
+async def test_force_runs_again(
+    worker_in_loop: Supervisor, settings: Settings, small_model: Path
+) -> None:
+    """--force ignores stored reports and loads every job again."""
+    batch = [LoadRequest(source=str(small_model))]
+    async with Client(settings=settings) as client:
+        await client.preload(batch)
+        again = await client.preload(batch, force=True)
+    assert again.totals.cached == 0 and worker_in_loop.forkserver.spawned == 2
+
+
+async def test_fail_fast_skips_the_rest(
+    worker_in_loop: Supervisor, settings: Settings, small_model: Path, tmp_path: Path
+) -> None:
+    """With fail_fast, nothing more is enqueued after the first failure."""
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 16)
+    batch = [LoadRequest(source=str(bad))] + [
+        LoadRequest(source=str(small_model), limits=LimitOverrides(timeout_seconds=10 + i))
+        for i in range(5)
+    ]
+    async with Client(settings=settings) as client:
+        result = await client.preload(batch, concurrency=1, fail_fast=True)
+    assert result.entries[0].outcome is Outcome.INVALID
+    assert all(e.state is EntryState.SKIPPED for e in result.entries[1:])
+    assert not result.ok
+
+
+async def test_batch_timeout_leaves_unfinished_entries(
+    settings: Settings, small_model: Path
+) -> None:
+    """Entries still out when the batch's time runs out are reported unfinished (no worker here)."""
+    async with Client(settings=settings) as client:
+        result = await client.preload([LoadRequest(source=str(small_model))], timeout_s=0.3)
+    assert result.entries[0].state is EntryState.UNFINISHED
+    assert result.totals.unfinished == 1 and not result.ok
+
+
+def _preload(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [LOADWARDEN, "preload", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+    )
+
+
+def test_examples_catalog_embedded_end_to_end(example_catalog: Path, tmp_path: Path) -> None:
+    """The example catalog preloads on the embedded server: right outcomes, report file, exit 1."""
+    report_path = tmp_path / "report.json"
+    state = tmp_path / "state"
+    result = _preload(
+        str(example_catalog), "--state-dir", str(state), "--json-report", str(report_path)
+    )
+    assert result.returncode == 1, result.stderr
+    assert "running embedded" in result.stderr
+    assert "preload summary" in result.stdout
+    document = json.loads(report_path.read_text())
+    assert _outcomes(document) == EXPECTED
+    assert document["totals"]["jobs"] == 7
+    again = _preload(str(example_catalog), "--state-dir", str(state), "--json")
+    assert json.loads(again.stdout)["totals"]["cached"] == len(EXPECTED)
+
+
+def test_examples_catalog_against_a_worker(
+    example_catalog: Path, redis_url: str, tmp_path: Path
+) -> None:
+    """The same catalog against a running worker and Redis gives the same outcomes."""
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [LOADWARDEN, "worker", "--redis", redis_url],
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            cwd=example_catalog.parent,
+        )
+    try:
+        call_until(lambda: b"worker_started" in log.read_bytes() or worker.poll() is not None, 30)
+        result = _preload(str(example_catalog), "--redis", redis_url, "--json")
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    assert result.returncode == 1, result.stderr
+    assert _outcomes(json.loads(result.stdout)) == EXPECTED
+
+
+def test_invalid_catalog_is_refused_whole(tmp_path: Path) -> None:
+    """A catalog with defects enqueues nothing, lists every defect, and exits 2."""
+    catalog = tmp_path / "bad.toml"
+    catalog.write_text('[[model]]\nname = "a"\n\n[[model]]\nsource = "b"\nsha256 = "xyz"\n')
+    result = _preload(str(catalog), "--redis", "unix:///nonexistent")
+    assert result.returncode == 2
+    assert result.stderr.count("  - ") >= 3
