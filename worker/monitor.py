@@ -55,6 +55,8 @@ class Monitor:
                 fds = self._process.num_fds()
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             return False
+        if mem.rss == 0:  # an exited child not reaped yet reads as all zeros
+            return False
         u = self.usage
         u.samples += 1
         u.rss_bytes = mem.rss
