@@ -28,6 +28,7 @@ from loadwarden.producer.contract import (
     RetryPolicy,
     TensorInfo,
     WorkerInfo,
+    WorkerStatus,
 )
 from loadwarden.producer.errors import (
     CatalogError,
@@ -94,6 +95,7 @@ __all__ = [
     "SourceUnavailable",
     "TensorInfo",
     "WorkerInfo",
+    "WorkerStatus",
     "error_class_for",
     "load_catalog",
     "parse_catalog",

@@ -7,6 +7,7 @@ backends without an event loop. Both speak only JSON to Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from enum import StrEnum
@@ -21,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from loadwarden.producer import wire
-from loadwarden.producer.contract import LoadReport, LoadRequest
+from loadwarden.producer.contract import LoadReport, LoadRequest, WorkerStatus
 from loadwarden.producer.errors import (
     ContractError,
     JobNotFound,
@@ -60,15 +61,31 @@ _FROM_ARQ = {
 }
 
 
+#: Where workers keep their heartbeats (see loadwarden.worker.heartbeat).
+WORKER_KEY_PREFIX = "loadwarden:worker:"
+
+
 class QueueStatus(BaseModel):
-    """A look at the queue: depth, running jobs, live workers."""
+    """A look at the queue: depth, running jobs, live workers and their memory budgets."""
 
     model_config = ConfigDict(frozen=True)
 
     queue: str
     queued: int
     running: int
-    workers_alive: bool
+    workers: list[WorkerStatus]
+
+    @property
+    def workers_alive(self) -> bool:
+        return bool(self.workers)
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return sum(w.memory_budget_bytes for w in self.workers)
+
+    @property
+    def memory_in_use_bytes(self) -> int:
+        return sum(w.memory_in_use_bytes for w in self.workers)
 
 
 async def _guard(awaitable: Awaitable[T]) -> T:
@@ -224,16 +241,28 @@ class Client:
         )
 
     async def status(self) -> QueueStatus:
-        """Queue depth, jobs in progress, and whether any worker has checked in lately."""
+        """Queue depth, jobs in progress, and the live workers' heartbeats."""
         redis = await self.redis()
         queued = await _guard(redis.zcard(self.queue_name))
         running = 0
-        async for _ in redis.scan_iter(match=in_progress_key_prefix + "*", count=1000):
-            running += 1
-        alive = bool(await _guard(redis.exists(self.queue_name + ":health-check")))
-        return QueueStatus(
-            queue=self.queue_name, queued=queued, running=running, workers_alive=alive
-        )
+        worker_keys = []
+        try:
+            async for _ in redis.scan_iter(match=in_progress_key_prefix + "*", count=1000):
+                running += 1
+            async for key in redis.scan_iter(match=WORKER_KEY_PREFIX + "*", count=1000):
+                worker_keys.append(key)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise RedisUnavailable(f"Redis did not answer: {exc}") from exc
+        workers = []
+        for raw in await _guard(redis.mget(worker_keys)) if worker_keys else []:
+            if raw is None:
+                continue  # expired between SCAN and MGET
+            with contextlib.suppress(ValidationError):
+                status = WorkerStatus.model_validate_json(raw)
+                if status.queue == self.queue_name:
+                    workers.append(status)
+        workers.sort(key=lambda w: w.id)
+        return QueueStatus(queue=self.queue_name, queued=queued, running=running, workers=workers)
 
 
 class BlockingClient:

@@ -160,6 +160,9 @@ class Resources(_Model):
     peak_rss_bytes: NonNegInt
     read_bytes: NonNegInt
     samples: NonNegInt
+    cgroup_peak_bytes: NonNegInt | None = Field(
+        default=None, description="peak of the load's cgroup (memory and page cache it charged)"
+    )
 
 
 class Attempt(_Model):
@@ -214,3 +217,23 @@ class LoadReport(_Model):
         raise cls(
             err.message if err else str(self.outcome), code=err.code if err else "", report=self
         )
+
+
+class WorkerStatus(_Model):
+    """A live worker's heartbeat: who it is, what it runs, how much of its memory budget is held."""
+
+    id: str
+    hostname: str
+    pid: int
+    version: str
+    queue: str
+    concurrency: Annotated[int, Field(ge=1)]
+    memory_budget_bytes: NonNegInt
+    memory_in_use_bytes: NonNegInt
+    running: NonNegInt
+    waiting: NonNegInt = Field(description="loads waiting for memory budget")
+    in_flight: list[str] = Field(default=[], description="job ids this worker is running")
+    cgroups: str
+    landlock_abi: NonNegInt
+    started_at: datetime
+    seen_at: datetime

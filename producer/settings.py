@@ -53,6 +53,18 @@ class LimitPolicy(BaseModel):
     cpu_ceiling_s: Annotated[float, Field(gt=0)] = 3600.0
     timeout_floor_s: Annotated[float, Field(gt=0)] = 10.0
     timeout_ceiling_s: Annotated[float, Field(gt=0)] = 3600.0
+    # History wins over the declared size once a model has loaded this often: fewer
+    # samples make a p95 that one slow run can swing.
+    history_min_samples: Annotated[int, Field(ge=1)] = 3
+    # Loads kept per model; a p95 over 20 ignores one outlier and follows a trend.
+    history_samples: Annotated[int, Field(ge=1, le=1000)] = 20
+    # Deadline and CPU from history = p95 x margin: 3x covers a busy node (measured
+    # run-to-run spread under load is below 2x) and still stops a 10x regression.
+    history_time_margin: Annotated[float, Field(ge=1.0)] = 3.0
+    # Memory from history = p95 peak x margin, never below the declared-size figure.
+    history_memory_margin: Annotated[float, Field(ge=1.0)] = 1.25
+    # History of a model not loaded for a month is dropped.
+    history_ttl_s: Annotated[int, Field(gt=0)] = 30 * 86_400
 
 
 def _default_cache_dir() -> Path:
@@ -158,6 +170,21 @@ class Settings(BaseSettings):
     keep_result_s: Annotated[int, Field(gt=0)] = 86_400
     # A loader needs the model, a few libraries and its pipe; 64 leaves room.
     child_max_fds: Annotated[int, Field(ge=16)] = 64
+    # The memory all running loads may hold together; None: the container's (cgroup)
+    # or machine's memory minus ``memory_reserve_bytes``.
+    memory_budget_bytes: Annotated[int, Field(gt=0)] | None = None
+    # Left for the supervisor, Redis clients and the page cache: 512 MiB covers a
+    # worker's own ~100 MiB several times over.
+    memory_reserve_bytes: Annotated[int, Field(ge=0)] = 512 * MiB
+    # Put each load in a cgroup of its own when this worker may create them; False
+    # relies on rlimits alone.
+    use_cgroups: bool = True
+    # Restrict each child with Landlock (read the model and the interpreter only; no
+    # writes, no exec, no TCP) where the kernel supports it.
+    use_landlock: bool = True
+    # RLIMIT_AS bounds the child's address space. Some native libraries reserve far more
+    # address space than they touch; where cgroups confine memory, this may be turned off.
+    use_address_space_limit: bool = True
     inspection: InspectionCaps = InspectionCaps()
     limits: LimitPolicy = LimitPolicy()
     # A factory, not a shared instance: the cache dir follows $XDG_CACHE_HOME at construction.

@@ -15,7 +15,8 @@ from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
 from loadwarden.producer.preload import EntryState, PreloadEntry
 from loadwarden.producer.settings import Settings
-from loadwarden.worker.app import cancel_and_wait, create_worker
+from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker.app import create_worker
 from loadwarden.worker.supervisor import Supervisor
 from tests.conftest import TEST_LOADERS, call_until
 

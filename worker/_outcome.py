@@ -15,6 +15,7 @@ from loadwarden.producer.errors import (
     LoadError,
     LoadTimeout,
     MemoryExceeded,
+    SourceRefused,
 )
 from loadwarden.worker.sandbox.forkserver import ChildExit
 
@@ -98,6 +99,11 @@ def _from_raised(raised: Raised) -> LoadError:
         return MemoryExceeded(
             f"the loader ran out of its memory limit ({raised.type}: {raised.message[:200]})",
             code="memory_limit",
+        )
+    if raised.type == "PermissionError":
+        return SourceRefused(
+            f"the loader tried something the sandbox forbids: {raised.message[:300]}",
+            code="sandbox_denied",
         )
     if raised.type in _INVALID_BY_TYPE:
         return InvalidModel(raised.message, code=_INVALID_BY_TYPE[raised.type])

@@ -81,8 +81,23 @@ def inspection(document: dict[str, Any]) -> None:
 def queue_status(q: QueueStatus) -> None:
     console.print(
         f"queue [bold]{q.queue}[/bold]: {q.queued} queued, {q.running} running, "
-        f"workers {'alive' if q.workers_alive else '[red]none alive[/red]'}"
+        f"{len(q.workers)} live worker(s)"
     )
+    if not q.workers:
+        console.print("[red]no worker has sent a heartbeat lately[/red]")
+        return
+    table = Table(box=None)
+    for column in ("worker", "running", "waiting", "memory in use / budget", "confinement"):
+        table.add_column(column)
+    for w in q.workers:
+        table.add_row(
+            w.id,
+            f"{w.running}/{w.concurrency}",
+            str(w.waiting),
+            f"{_size(w.memory_in_use_bytes)} / {_size(w.memory_budget_bytes)}",
+            f"{w.cgroups}, landlock ABI {w.landlock_abi or 'none'}",
+        )
+    console.print(table)
 
 
 _STATE_STYLE = {

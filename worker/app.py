@@ -18,6 +18,9 @@ from loadwarden.producer.client import FUNCTION_NAME
 from loadwarden.producer.contract import LoadRequest, ModelFormat
 from loadwarden.producer.errors import InvalidModel
 from loadwarden.producer.settings import Settings
+from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker.heartbeat import beat
+from loadwarden.worker.history import History
 from loadwarden.worker.supervisor import Supervisor
 
 #: arq's own timeout around a job must never fire before our deadline does.
@@ -74,12 +77,19 @@ def create_worker(
 
     async def startup(ctx: dict[str, Any]) -> None:
         ctx["supervisor"] = supervisor
+        if supervisor.history is None:
+            supervisor.history = History(ctx["redis"], settings.limits)
+        ctx["heartbeat"] = asyncio.create_task(beat(ctx["redis"], supervisor, settings))
         log.info(
             "worker_started",
             worker=supervisor.info.id,
             queue=settings.queue_name,
             concurrency=settings.concurrency,
         )
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        if "heartbeat" in ctx:
+            await cancel_and_wait(ctx["heartbeat"])
 
     return Worker(
         functions=[
@@ -98,6 +108,7 @@ def create_worker(
         job_serializer=wire.dumps,
         job_deserializer=wire.loads,
         on_startup=startup,
+        on_shutdown=shutdown,
         handle_signals=handle_signals,
         job_completion_wait=settings.shutdown_grace_s,
         retry_jobs=True,
@@ -105,17 +116,6 @@ def create_worker(
         # "workers alive" in status() means a heartbeat within this many seconds.
         health_check_interval=10,
     )
-
-
-async def cancel_and_wait(task: asyncio.Task[None]) -> None:
-    """Cancel a task and wait for it; re-raise only a cancellation aimed at the caller."""
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
 
 
 async def run_worker(

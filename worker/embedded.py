@@ -20,7 +20,8 @@ import structlog
 from loadwarden.producer.errors import LoadwardenError
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._redis_server import RedisServer
-from loadwarden.worker.app import cancel_and_wait, create_worker
+from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker.app import create_worker
 from loadwarden.worker.supervisor import Supervisor
 
 log = structlog.get_logger("loadwarden.embedded")

@@ -1,46 +1,105 @@
-"""Derive a load's limits from the model's declared size and the request: pure functions, no I/O."""
+"""Derive a load's limits from the model's declared size, its history and the request: pure."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from loadwarden.producer.contract import Derivation, LimitDerivation, LimitOverrides, Limits
 from loadwarden.producer.settings import LimitPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryStats:
+    """p95 of a model's recent successful loads."""
+
+    samples: int
+    wall_p95_s: float
+    cpu_p95_s: float
+    peak_rss_p95_bytes: int
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank percentile (``q`` in 0..100) of a non-empty sequence."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def stats_of(samples: Sequence[tuple[float, float, int]]) -> HistoryStats | None:
+    """p95 figures of (wall s, cpu s, peak RSS bytes) samples, or None for no samples."""
+    if not samples:
+        return None
+    return HistoryStats(
+        samples=len(samples),
+        wall_p95_s=percentile([s[0] for s in samples], 95),
+        cpu_p95_s=percentile([s[1] for s in samples], 95),
+        peak_rss_p95_bytes=int(percentile([s[2] for s in samples], 95)),
+    )
 
 
 def _clamp(value: float, floor: float, ceiling: float) -> float:
     return max(floor, min(value, ceiling))
 
 
-def derive_limits(tensor_bytes: int, overrides: LimitOverrides, policy: LimitPolicy) -> Limits:
+def _pick(
+    derived: float, source: Derivation, override: float | None, floor: float, ceiling: float
+) -> tuple[float, Derivation]:
+    if override is not None:
+        return min(override, ceiling), Derivation.OVERRIDE
+    value = _clamp(derived, floor, ceiling)
+    # A value held at a configured floor or ceiling comes from configuration, not the model.
+    return value, source if value == derived else Derivation.DEFAULT
+
+
+def derive_limits(
+    tensor_bytes: int,
+    overrides: LimitOverrides,
+    policy: LimitPolicy,
+    history: HistoryStats | None = None,
+) -> Limits:
     """Limits for a model of ``tensor_bytes`` declared bytes.
 
-    memory  = baseline + tensor_bytes x loader factor + slack
-    cpu     = startup + tensor_bytes / minimum bandwidth
-    timeout = startup + tensor_bytes / minimum bandwidth
-    each clamped to its floor and ceiling; a request's override wins, but never
+    From the declared size:
+        memory  = baseline + tensor_bytes x loader factor + slack
+        cpu     = startup + tensor_bytes / minimum bandwidth
+        timeout = startup + tensor_bytes / minimum bandwidth
+    With at least ``history_min_samples`` recent loads of the same model:
+        cpu, timeout = p95 of its history x time margin (so a model that always
+                       takes 40 s is not killed at 30 s, and a 10x regression is)
+        memory       = max(declared-size figure, p95 peak x memory margin)
+    Each is clamped to its floor and ceiling; a request's override wins, but never
     beyond the ceiling (a producer cannot lift the worker's own bounds).
     """
-    memory = policy.baseline_memory_bytes + tensor_bytes * policy.loader_memory_factor
+    memory: float = policy.baseline_memory_bytes + tensor_bytes * policy.loader_memory_factor
     memory += policy.memory_slack_bytes
-    seconds = policy.startup_s + tensor_bytes / policy.min_bandwidth_bytes_per_s
-
-    def pick(
-        derived: float,
-        override: float | None,
-        floor: float,
-        ceiling: float,
-    ) -> tuple[float, Derivation]:
-        if override is not None:
-            return min(override, ceiling), Derivation.OVERRIDE
-        value = _clamp(derived, floor, ceiling)
-        # A value held at a configured floor or ceiling comes from configuration, not the model.
-        return value, Derivation.DECLARED_SIZE if value == derived else Derivation.DEFAULT
-
-    memory_bytes, memory_from = pick(
-        memory, overrides.memory_bytes, policy.memory_floor_bytes, policy.memory_ceiling_bytes
+    memory_from = cpu_from = timeout_from = Derivation.DECLARED_SIZE
+    cpu = wall = policy.startup_s + tensor_bytes / policy.min_bandwidth_bytes_per_s
+    if history is not None and history.samples >= policy.history_min_samples:
+        cpu, cpu_from = history.cpu_p95_s * policy.history_time_margin, Derivation.HISTORY
+        wall, timeout_from = history.wall_p95_s * policy.history_time_margin, Derivation.HISTORY
+        from_history = history.peak_rss_p95_bytes * policy.history_memory_margin
+        if from_history > memory:
+            memory, memory_from = from_history, Derivation.HISTORY
+    memory_bytes, memory_from = _pick(
+        memory,
+        memory_from,
+        overrides.memory_bytes,
+        policy.memory_floor_bytes,
+        policy.memory_ceiling_bytes,
     )
-    cpu_s, cpu_from = pick(seconds, overrides.cpu_seconds, policy.cpu_floor_s, policy.cpu_ceiling_s)
-    timeout_s, timeout_from = pick(
-        seconds, overrides.timeout_seconds, policy.timeout_floor_s, policy.timeout_ceiling_s
+    cpu_s, cpu_from = _pick(
+        cpu, cpu_from, overrides.cpu_seconds, policy.cpu_floor_s, policy.cpu_ceiling_s
+    )
+    timeout_s, timeout_from = _pick(
+        wall,
+        timeout_from,
+        overrides.timeout_seconds,
+        policy.timeout_floor_s,
+        policy.timeout_ceiling_s,
     )
     return Limits(
         memory_bytes=int(memory_bytes),

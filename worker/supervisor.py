@@ -1,4 +1,4 @@
-"""The load path: inspect, derive limits, run one confined child under a deadline, report.
+"""The load path: open, inspect, derive limits, admit, run one confined child, report.
 
 ``Supervisor.load`` is the job function's body and the ``loadwarden load``
 command's; nothing else runs a load.
@@ -12,7 +12,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -31,27 +31,23 @@ from loadwarden.producer.contract import (
     Resources,
     WorkerInfo,
 )
-from loadwarden.producer.errors import ChildCrashed, LoadError
+from loadwarden.producer.errors import ChildCrashed, LoadError, MemoryExceeded
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _version
+from loadwarden.worker._child_run import ChildRun, run_child
 from loadwarden.worker._files import ModelFile
-from loadwarden.worker._outcome import Loaded, Raised, Ready, classify, parse_message
+from loadwarden.worker._outcome import Loaded, Raised, classify
+from loadwarden.worker.admission import Admission, detect_memory_bytes
 from loadwarden.worker.formats.safetensors import inspect_safetensors
+from loadwarden.worker.history import History, model_identity
 from loadwarden.worker.limits import derive_limits
-from loadwarden.worker.monitor import Monitor
+from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox._protocol import manifest_digest
-from loadwarden.worker.sandbox.forkserver import (
-    ChildExit,
-    ForkServer,
-    SandboxError,
-    stop_child,
-)
+from loadwarden.worker.sandbox.cgroups import CgroupManager
+from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
 from loadwarden.worker.sources import open_source
 
 T = TypeVar("T")
-
-#: After its final message a child exits at once; wait this long before killing it.
-EXIT_GRACE_S = 1.0
 
 #: The loader each format runs in the child.
 DEFAULT_LOADERS: Mapping[ModelFormat, str] = {ModelFormat.SAFETENSORS: "safetensors"}
@@ -73,23 +69,16 @@ async def _in_thread(fn: Callable[[], T]) -> T:
 
 
 @dataclass(slots=True)
-class _Run:
-    """What one child run produced."""
+class _Loaded:
+    """What the load path learned before and during the child run."""
 
-    ready: Ready | None = None
-    final: Loaded | Raised | None = None
-    ended: ChildExit | None = None
-    wall_seconds: float = 0.0
-    timed_out: bool = False
-    protocol_error: LoadError | None = None
-    usage_samples: int = 0
-    sampled_peak_rss: int = 0
-    sampled_read: int = 0
-    confinement: list[str] = field(default_factory=list)
+    summary: ModelSummary | None = None
+    limits: Limits | None = None
+    run: ChildRun | None = None
 
 
 class Supervisor:
-    """Runs loads, one fresh confined child each, and reports what happened."""
+    """Runs loads, one fresh confined child each, within the node's memory budget."""
 
     def __init__(
         self,
@@ -98,10 +87,19 @@ class Supervisor:
         forkserver: ForkServer | None = None,
         loaders: Mapping[ModelFormat, str] | None = None,
         preload: Sequence[str] = (),
+        history: History | None = None,
     ) -> None:
-        self.settings = settings or Settings()
+        self.settings = s = settings or Settings()
         self.forkserver = forkserver or ForkServer(preload=preload)
         self.loaders = {**DEFAULT_LOADERS, **(loaders or {})}
+        self.history = history
+        #: Job id -> source of every load running now (the heartbeat publishes them).
+        self.in_flight: dict[str, str] = {}
+        budget = s.memory_budget_bytes or max(0, detect_memory_bytes() - s.memory_reserve_bytes)
+        self.admission = Admission(budget)
+        self.cgroups: CgroupManager | None = None
+        self.cgroups_note = "disabled by settings (use_cgroups = false)"
+        self.landlock_abi = abi_version() if s.use_landlock else 0
         self.info = WorkerInfo(
             id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
             hostname=socket.gethostname(),
@@ -111,10 +109,20 @@ class Supervisor:
         self._log = structlog.get_logger("loadwarden.supervisor").bind(worker=self.info.id)
 
     async def start(self) -> None:
+        if self.settings.use_cgroups and self.cgroups is None:
+            self.cgroups, self.cgroups_note = CgroupManager.detect()
+        self._log.info(
+            "sandbox_ready" if self.cgroups else "cgroups_unavailable",
+            cgroups=self.cgroups_note,
+            landlock_abi=self.landlock_abi,
+            memory_budget_bytes=self.admission.budget_bytes,
+        )
         await self.forkserver.start()
 
     async def close(self) -> None:
         await self.forkserver.close()
+        if self.cgroups is not None:
+            self.cgroups.close()
 
     async def __aenter__(self) -> Supervisor:
         await self.start()
@@ -135,31 +143,17 @@ class Supervisor:
         job_id = job_id or uuid.uuid4().hex
         log = self._log.bind(job_id=job_id, source=request.source, attempt=attempt)
         started_at = _now()
-        summary: ModelSummary | None = None
-        limits: Limits | None = None
-        run = _Run()
+        state = _Loaded()
         error: LoadError | None = None
+        self.in_flight[job_id] = request.source
         try:
-            opened = await open_source(
-                request.source, expected_sha256=request.sha256, policy=self.settings.sources
-            )
-            with opened as model_file:
-                summary = await _in_thread(lambda: self._inspect(model_file, request))
-                limits = derive_limits(summary.bytes, request.limits, self.settings.limits)
-                run = await self._run_child(model_file, summary, limits, request, log)
-                assert run.ended is not None  # _run_child always ends with stop_child
-                error = run.protocol_error or classify(
-                    run.final,
-                    run.ended,
-                    limits,
-                    timed_out=run.timed_out,
-                    peak_rss_bytes=run.sampled_peak_rss,
-                    expected_manifest=_manifest_of(summary),
-                )
+            error = await self._load(request, state, log)
         except LoadError as exc:
             error = exc
         except SandboxError as exc:  # the machinery failed, not the file: worth a retry
             error = ChildCrashed(f"the sandbox failed: {exc.message}", code="sandbox")
+        finally:
+            self.in_flight.pop(job_id, None)
         report = self._report(
             request.source,
             dict(request.labels),
@@ -167,13 +161,61 @@ class Supervisor:
             attempt,
             enqueued_at,
             started_at,
-            summary,
-            limits,
-            run,
+            state,
             error,
         )
         self._log_finished(log, report)
         return report
+
+    async def _load(
+        self,
+        request: LoadRequest,
+        state: _Loaded,
+        log: FilteringBoundLogger,
+    ) -> LoadError | None:
+        opened = await open_source(
+            request.source, expected_sha256=request.sha256, policy=self.settings.sources
+        )
+        with opened as model_file:
+            state.summary = summary = await _in_thread(lambda: self._inspect(model_file, request))
+            identity = model_identity(model_file, request.sha256)
+            history = await self.history.stats(identity) if self.history else None
+            state.limits = limits = derive_limits(
+                summary.bytes, request.limits, self.settings.limits, history
+            )
+            async with self.admission.reserve(limits.memory_bytes):
+                state.run = run = await run_child(
+                    self.forkserver,
+                    self._spec(model_file, summary, limits, request),
+                    model_file.fd,
+                    limits,
+                    cgroups=self.cgroups,
+                    sample_interval_s=self.settings.sample_interval_s,
+                    log=log,
+                )
+        assert run.ended is not None  # run_child always ends with stop_child
+        error = run.protocol_error or classify(
+            run.final,
+            run.ended,
+            limits,
+            timed_out=run.timed_out,
+            peak_rss_bytes=run.sampled_peak_rss,
+            expected_manifest=_manifest_of(summary),
+        )
+        if run.cgroup_oom and not run.timed_out and not isinstance(run.final, Loaded):
+            error = MemoryExceeded(
+                f"the kernel's OOM killer stopped the load at its cgroup's "
+                f"{limits.memory_bytes}-byte limit",
+                code="cgroup_oom",
+            )
+        if error is None and self.history is not None:
+            await self.history.record(
+                identity,
+                run.wall_seconds,
+                run.ended.cpu_user_s + run.ended.cpu_system_s,
+                run.ended.maxrss_bytes,
+            )
+        return error
 
     def _inspect(self, model_file: ModelFile, request: LoadRequest) -> ModelSummary:
         # Only safetensors so far; format sniffing by magic bytes comes with issue #6.
@@ -191,85 +233,11 @@ class Supervisor:
             "memory_bytes": limits.memory_bytes,
             "cpu_seconds": limits.cpu_seconds,
             "max_fds": self.settings.child_max_fds,
+            "address_space_limit": self.settings.use_address_space_limit,
+            "landlock": self.landlock_abi > 0,
             "manifest_digest": _manifest_of(summary),
             "expect": {"dev": model_file.dev, "ino": model_file.ino, "size": model_file.size},
         }
-
-    async def _run_child(
-        self,
-        model_file: ModelFile,
-        summary: ModelSummary,
-        limits: Limits,
-        request: LoadRequest,
-        log: FilteringBoundLogger,
-    ) -> _Run:
-        loop = asyncio.get_running_loop()
-        run = _Run()
-        try:
-            child = await self.forkserver.spawn()
-        except SandboxError as exc:
-            raise ChildCrashed(f"could not start a child: {exc.message}", code="sandbox") from None
-        started = loop.time()
-        monitor = Monitor(child.pid, self.settings.sample_interval_s, log)
-        sampling: asyncio.Task[None] | None = None
-        try:
-            await child.send_spec(self._spec(model_file, summary, limits, request), model_file.fd)
-
-            async def converse() -> None:
-                nonlocal sampling
-                while (raw := await child.receive()) is not None:
-                    message = parse_message(raw)
-                    if isinstance(message, Ready) and run.ready is None:
-                        run.ready = message
-                        sampling = asyncio.create_task(monitor.run())
-                        log.info(
-                            "load_started",
-                            child_pid=child.pid,
-                            limits=limits.model_dump(mode="json"),
-                            confinement=message.confinement,
-                        )
-                    elif isinstance(message, Loaded | Raised) and run.ready is not None:
-                        run.final = message
-                        return
-                    else:
-                        raise ChildCrashed(
-                            "the child sent messages out of order", code="protocol_violation"
-                        )
-
-            try:
-                await asyncio.wait_for(converse(), timeout=limits.timeout_seconds)
-            except TimeoutError:
-                run.timed_out = True
-            except (LoadError, SandboxError, OSError) as exc:
-                run.protocol_error = (
-                    exc
-                    if isinstance(exc, LoadError)
-                    else ChildCrashed(
-                        f"lost contact with the child: {exc}", code="protocol_violation"
-                    )
-                )
-            if run.final is not None and not child.exited.done():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(child.exited), EXIT_GRACE_S)
-        finally:
-            if sampling is not None:
-                sampling.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sampling
-            monitor.sample()  # a last look, if it is still there
-            run.ended = await stop_child(child)
-        run.wall_seconds = loop.time() - started
-        run.usage_samples = monitor.usage.samples
-        run.sampled_peak_rss = monitor.usage.peak_rss_bytes
-        run.sampled_read = monitor.usage.read_chars
-        if run.timed_out:
-            log.warning(
-                "child_killed",
-                child_pid=child.pid,
-                reason="deadline",
-                timeout_seconds=limits.timeout_seconds,
-            )
-        return run
 
     def rejected(
         self,
@@ -282,9 +250,7 @@ class Supervisor:
     ) -> LoadReport:
         """The report of a job refused before any load began (for example, not a LoadRequest)."""
         log = self._log.bind(job_id=job_id, source=source, attempt=attempt)
-        report = self._report(
-            source, {}, job_id, attempt, enqueued_at, _now(), None, None, _Run(), error
-        )
+        report = self._report(source, {}, job_id, attempt, enqueued_at, _now(), _Loaded(), error)
         self._log_finished(log, report)
         return report
 
@@ -296,32 +262,19 @@ class Supervisor:
         attempt: int,
         enqueued_at: datetime | None,
         started_at: datetime,
-        summary: ModelSummary | None,
-        limits: Limits | None,
-        run: _Run,
+        state: _Loaded,
         error: LoadError | None,
     ) -> LoadReport:
         finished_at = _now()
         outcome = error.outcome if error else Outcome.OK
-        if summary is not None and isinstance(run.final, Loaded):
+        summary, run = state.summary, state.run
+        if summary is not None and run is not None and isinstance(run.final, Loaded):
             summary = summary.model_copy(update={"sha256": run.final.result.sha256})
-        resources = None
-        if run.ended is not None:
-            rchar = run.final.rchar if run.final is not None else 0
-            resources = Resources(
-                wall_seconds=round(run.wall_seconds, 6),
-                cpu_user_seconds=run.ended.cpu_user_s,
-                cpu_system_seconds=run.ended.cpu_system_s,
-                peak_rss_bytes=max(run.ended.maxrss_bytes, run.sampled_peak_rss),
-                read_bytes=max(rchar, run.sampled_read),
-                samples=run.usage_samples,
-            )
-        traceback = run.final.traceback if isinstance(run.final, Raised) else None
         return LoadReport(
             job_id=job_id,
             source=source,
             outcome=outcome,
-            error=ErrorInfo.from_error(error, traceback) if error else None,
+            error=ErrorInfo.from_error(error, _traceback(run)) if error else None,
             attempts=[
                 Attempt(
                     number=attempt,
@@ -333,9 +286,9 @@ class Supervisor:
                 )
             ],
             model=summary,
-            limits=limits,
-            resources=resources,
-            confinement=run.ready.confinement if run.ready else [],
+            limits=state.limits,
+            resources=_resources(run),
+            confinement=run.confinement if run else [],
             worker=self.info,
             labels=labels,
             enqueued_at=enqueued_at,
@@ -357,6 +310,25 @@ class Supervisor:
             read_bytes=res.read_bytes if res else 0,
             model_bytes=report.model.bytes if report.model else None,
         )
+
+
+def _traceback(run: ChildRun | None) -> str | None:
+    return run.final.traceback if run is not None and isinstance(run.final, Raised) else None
+
+
+def _resources(run: ChildRun | None) -> Resources | None:
+    if run is None or run.ended is None:
+        return None
+    rchar = run.final.rchar if run.final is not None else 0
+    return Resources(
+        wall_seconds=round(run.wall_seconds, 6),
+        cpu_user_seconds=run.ended.cpu_user_s,
+        cpu_system_seconds=run.ended.cpu_system_s,
+        peak_rss_bytes=max(run.ended.maxrss_bytes, run.sampled_peak_rss),
+        read_bytes=max(rchar, run.sampled_read),
+        samples=run.samples,
+        cgroup_peak_bytes=run.cgroup_peak_bytes,
+    )
 
 
 def _manifest_of(summary: ModelSummary) -> str:

@@ -33,7 +33,7 @@ from typing import Any
 
 import safetensors.numpy
 
-from loadwarden.worker.sandbox import _linux, _protocol
+from loadwarden.worker.sandbox import _landlock, _linux, _protocol
 
 Spec = dict[str, Any]
 Loader = Callable[[int, Spec], dict[str, Any]]
@@ -204,7 +204,7 @@ def _check_identity(fd: int, expect: dict[str, int]) -> None:
         )
 
 
-def _apply_limits(spec: Spec) -> dict[str, Any]:
+def _apply_limits(spec: Spec, applied: list[str]) -> dict[str, Any]:
     """Address space sized for how the loader maps memory; CPU time; descriptors."""
     vsz, rss = _linux.memory_from_statm()
     # memory_bytes bounds the child's resident memory. Virtual size runs ahead
@@ -212,13 +212,25 @@ def _apply_limits(spec: Spec) -> dict[str, Any]:
     # loader maps each tensor once, so the growth it may use is memory - rss.
     room = max(0, int(spec["memory_bytes"]) - rss)
     address_space = vsz + room
-    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    if spec.get("address_space_limit", True):
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+        applied.append("rlimit_as")
     cpu = max(1, math.ceil(float(spec["cpu_seconds"])))
     # SIGXCPU at the soft limit, SIGKILL one second later if it is ignored.
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     nofile = int(spec["max_fds"])
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    applied += ["rlimit_cpu", "rlimit_nofile"]
     return {"baseline_vsz": vsz, "baseline_rss": rss, "address_space": address_space}
+
+
+def _apply_landlock(fd: int, applied: list[str]) -> None:
+    """Read the model and the interpreter only; no writes, no exec, no TCP (where supported)."""
+    try:
+        abi = _landlock.restrict([fd], _landlock.interpreter_paths())
+    except OSError:
+        return  # no Landlock in this kernel: the report's confinement list says so by omission
+    applied.append(f"landlock_abi{abi}")
 
 
 def _raised(exc: BaseException) -> dict[str, Any]:
@@ -245,8 +257,9 @@ def main(sock: socket.socket) -> int:
         spec: Spec = json.loads(data)
         _check_identity(fd, spec["expect"])
         loader = LOADERS[spec["loader"]]
-        figures = _apply_limits(spec)
-        applied += ["rlimit_as", "rlimit_cpu", "rlimit_nofile"]
+        figures = _apply_limits(spec, applied)
+        if spec.get("landlock"):
+            _apply_landlock(fd, applied)
         _send(sock, {"kind": "ready", "pid": os.getpid(), "confinement": applied, **figures})
         result = loader(fd, spec)
     except BaseException as exc:  # PanicException is a BaseException: catch everything

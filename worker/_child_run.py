@@ -1,0 +1,155 @@
+"""One child run: spawn, place in a cgroup, hand over the job, converse under a deadline, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from structlog.typing import FilteringBoundLogger
+
+from loadwarden.producer.contract import Limits
+from loadwarden.producer.errors import ChildCrashed, LoadError
+from loadwarden.worker._outcome import Loaded, Raised, Ready, parse_message
+from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker.monitor import Monitor
+from loadwarden.worker.sandbox.cgroups import Cgroup, CgroupManager
+from loadwarden.worker.sandbox.forkserver import (
+    Child,
+    ChildExit,
+    ForkServer,
+    SandboxError,
+    stop_child,
+)
+
+#: After its final message a child exits at once; wait this long before killing it.
+EXIT_GRACE_S = 1.0
+#: Processes a load may have at once (itself, the hashing helper, a little room).
+CHILD_PIDS_MAX = 16
+
+
+@dataclass(slots=True)
+class ChildRun:
+    """What one child run produced."""
+
+    ready: Ready | None = None
+    final: Loaded | Raised | None = None
+    ended: ChildExit | None = None
+    wall_seconds: float = 0.0
+    timed_out: bool = False
+    protocol_error: LoadError | None = None
+    samples: int = 0
+    sampled_peak_rss: int = 0
+    sampled_read: int = 0
+    cgroup_oom: bool = False
+    cgroup_peak_bytes: int | None = None
+    confinement: list[str] = field(default_factory=list)
+
+
+async def _converse(
+    child: Child,
+    run: ChildRun,
+    monitor: Monitor,
+    limits: Limits,
+    log: FilteringBoundLogger,
+    sampling: list[asyncio.Task[None]],
+) -> None:
+    """Read the child's messages: ready (start sampling), then its one answer."""
+    while (raw := await child.receive()) is not None:
+        message = parse_message(raw)
+        if isinstance(message, Ready) and run.ready is None:
+            run.ready = message
+            run.confinement += message.confinement
+            sampling.append(asyncio.create_task(monitor.run()))
+            log.info(
+                "load_started",
+                child_pid=child.pid,
+                limits=limits.model_dump(mode="json"),
+                confinement=run.confinement,
+            )
+        elif isinstance(message, Loaded | Raised) and run.ready is not None:
+            run.final = message
+            return
+        else:
+            raise ChildCrashed("the child sent messages out of order", code="protocol_violation")
+
+
+def _place(
+    cgroups: CgroupManager | None, child: Child, limits: Limits, run: ChildRun
+) -> Cgroup | None:
+    """Put the child in a cgroup of its own before it learns its job."""
+    if cgroups is None:
+        return None
+    cgroup = cgroups.create(f"child-{child.pid}", limits.memory_bytes, CHILD_PIDS_MAX)
+    try:
+        cgroup.add(child.pid)
+    except OSError:
+        cgroup.remove()
+        raise
+    run.confinement.append(cgroups.mechanism)
+    return cgroup
+
+
+async def run_child(
+    forkserver: ForkServer,
+    spec: dict[str, Any],
+    fd: int,
+    limits: Limits,
+    *,
+    cgroups: CgroupManager | None,
+    sample_interval_s: float,
+    log: FilteringBoundLogger,
+) -> ChildRun:
+    """Run one load in a fresh child and always stop it; never leaves a process behind."""
+    loop = asyncio.get_running_loop()
+    run = ChildRun()
+    try:
+        child = await forkserver.spawn()
+    except SandboxError as exc:
+        raise ChildCrashed(f"could not start a child: {exc.message}", code="sandbox") from None
+    started = loop.time()
+    monitor = Monitor(child.pid, sample_interval_s, log)
+    sampling: list[asyncio.Task[None]] = []
+    cgroup: Cgroup | None = None
+    try:
+        cgroup = _place(cgroups, child, limits, run)
+        await child.send_spec(spec, fd)
+        try:
+            await asyncio.wait_for(
+                _converse(child, run, monitor, limits, log, sampling),
+                timeout=limits.timeout_seconds,
+            )
+        except TimeoutError:
+            run.timed_out = True
+        except LoadError as exc:
+            run.protocol_error = exc
+        except (SandboxError, OSError) as exc:
+            run.protocol_error = ChildCrashed(
+                f"lost contact with the child: {exc}", code="protocol_violation"
+            )
+        if run.final is not None and not child.exited.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(child.exited), EXIT_GRACE_S)
+    finally:
+        monitor.sample()  # a last look, if it is still there
+        try:
+            run.ended = await stop_child(child)
+        finally:
+            for task in sampling:
+                await cancel_and_wait(task)
+        if cgroup is not None:
+            run.cgroup_oom, run.cgroup_peak_bytes = cgroup.oom_killed(), cgroup.peak_bytes()
+            cgroup.remove()
+    run.wall_seconds = loop.time() - started
+    run.samples = monitor.usage.samples
+    run.sampled_peak_rss = monitor.usage.peak_rss_bytes
+    run.sampled_read = monitor.usage.read_chars
+    if run.timed_out:
+        log.warning(
+            "child_killed",
+            child_pid=child.pid,
+            reason="deadline",
+            timeout_seconds=limits.timeout_seconds,
+        )
+    return run

@@ -1,0 +1,61 @@
+"""Each worker's heartbeat in Redis: identity, concurrency, memory budget, jobs in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from loadwarden.producer.contract import WorkerStatus
+from loadwarden.producer.settings import Settings
+from loadwarden.worker.supervisor import Supervisor
+
+#: ``<prefix><worker id>`` holds a WorkerStatus as JSON; it expires unless renewed.
+KEY_PREFIX = "loadwarden:worker:"
+#: Renewed this often; a worker missing for TTL_S is not alive.
+INTERVAL_S = 5.0
+TTL_S = 15
+
+log = structlog.get_logger("loadwarden.heartbeat")
+
+
+def worker_status(supervisor: Supervisor, settings: Settings, started_at: datetime) -> WorkerStatus:
+    admission = supervisor.admission
+    return WorkerStatus(
+        id=supervisor.info.id,
+        hostname=supervisor.info.hostname,
+        pid=supervisor.info.pid,
+        version=supervisor.info.version,
+        queue=settings.queue_name,
+        concurrency=settings.concurrency,
+        memory_budget_bytes=admission.budget_bytes,
+        memory_in_use_bytes=admission.in_use_bytes,
+        running=admission.running,
+        waiting=admission.waiting,
+        in_flight=sorted(supervisor.in_flight),
+        cgroups=supervisor.cgroups.mechanism if supervisor.cgroups else "none",
+        landlock_abi=supervisor.landlock_abi,
+        started_at=started_at,
+        seen_at=datetime.now(UTC),
+    )
+
+
+async def beat(redis: Redis, supervisor: Supervisor, settings: Settings) -> None:  # type: ignore[type-arg]
+    """Write the heartbeat every INTERVAL_S until cancelled; then remove it."""
+    started_at = datetime.now(UTC)
+    key = KEY_PREFIX + supervisor.info.id
+    try:
+        while True:
+            status = worker_status(supervisor, settings, started_at)
+            try:
+                await redis.set(key, status.model_dump_json(), ex=TTL_S)
+            except (RedisError, OSError) as exc:
+                log.warning("heartbeat_failed", error=str(exc))
+            await asyncio.sleep(INTERVAL_S)
+    finally:
+        with contextlib.suppress(RedisError, OSError):  # else it expires on its own
+            await asyncio.shield(redis.delete(key))

@@ -1,0 +1,64 @@
+"""What each model cost when it last loaded, kept in Redis, so its next limits fit it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from loadwarden.producer.settings import LimitPolicy
+from loadwarden.worker._files import ModelFile
+from loadwarden.worker.limits import HistoryStats, stats_of
+
+KEY_PREFIX = "loadwarden:history:"
+
+log = structlog.get_logger("loadwarden.history")
+
+
+def model_identity(model_file: ModelFile, sha256: str | None) -> str:
+    """The model's identity: its digest when known, else its path, size and mtime."""
+    if sha256:
+        return f"sha256:{sha256}"
+    key = f"{model_file.path}\0{model_file.size}\0{model_file.mtime_ns}"
+    return "file:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class History:
+    """Recent (wall s, cpu s, peak RSS bytes) of successful loads, per model identity.
+
+    A bounded list per model (``history_samples``, expiring after ``history_ttl_s``).
+    Redis trouble never fails a load: it only costs the history.
+    """
+
+    def __init__(self, redis: Redis, policy: LimitPolicy) -> None:  # type: ignore[type-arg]
+        self.redis = redis
+        self.policy = policy
+
+    async def stats(self, identity: str) -> HistoryStats | None:
+        try:
+            raw = await self.redis.lrange(KEY_PREFIX + identity, 0, -1)
+        except RedisError as exc:
+            log.warning("history_unavailable", error=str(exc))
+            return None
+        samples = []
+        for item in raw:
+            try:
+                wall, cpu, peak = json.loads(item)
+                samples.append((float(wall), float(cpu), int(peak)))
+            except (ValueError, TypeError):
+                continue  # a damaged entry costs one sample, not the load
+        return stats_of(samples)
+
+    async def record(self, identity: str, wall_s: float, cpu_s: float, peak_rss_bytes: int) -> None:
+        key = KEY_PREFIX + identity
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.lpush(key, json.dumps([round(wall_s, 6), round(cpu_s, 6), peak_rss_bytes]))
+                pipe.ltrim(key, 0, self.policy.history_samples - 1)
+                pipe.expire(key, self.policy.history_ttl_s)
+                await pipe.execute()
+        except RedisError as exc:
+            log.warning("history_unavailable", error=str(exc))
