@@ -47,6 +47,9 @@ class ModelFormat(StrEnum):
     """File formats loadwarden knows how to inspect and load."""
 
     SAFETENSORS = "safetensors"
+    NPY = "npy"
+    NPZ = "npz"
+    GGUF = "gguf"
 
 
 class Derivation(StrEnum):

@@ -20,7 +20,8 @@ class InspectionCaps(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # safetensors itself accepts 100 MB headers (1.4 GB and 10 s to parse); real
-    # models with 100k tensors need about 10 MB.
+    # models with 100k tensors need about 10 MB. Also bounds a GGUF header (keys and
+    # tensor infos: ~6 MB with a 262k-token vocabulary) and a zip central directory.
     max_header_bytes: Annotated[int, Field(gt=0)] = 16 * MiB
     # The largest public checkpoints have a few tens of thousands of tensors.
     max_tensors: Annotated[int, Field(gt=0)] = 200_000
@@ -30,6 +31,22 @@ class InspectionCaps(BaseModel):
     max_total_bytes: Annotated[int, Field(gt=0)] = 1024 * GiB
     # __metadata__ is free-form strings; bound how much of it we carry into reports.
     max_metadata_entries: Annotated[int, Field(ge=0)] = 1024
+    # numpy's own limit (np.lib.format's max_header_size); real .npy headers are under
+    # 200 bytes. Checked before the header is read: numpy itself reads up to 4 GiB first.
+    max_npy_header_bytes: Annotated[int, Field(gt=0, le=1024 * 1024)] = 10_000
+    # Trained weights deflate by less than 1.5x; an .npz member that inflates over 100x is
+    # almost all one repeated byte, which is what a zip bomb is. Members under 1 MiB are
+    # exempt, so small zero-initialised tensors (biases, LoRA B matrices) still load.
+    max_compression_ratio: Annotated[float, Field(gt=1)] = 100.0
+    # llama.cpp's GGUF files carry 20-60 keys; 4096 leaves room for custom metadata.
+    max_gguf_keys: Annotated[int, Field(gt=0)] = 4096
+    # The longest GGUF strings are chat templates and licences: tens of KiB.
+    max_gguf_string_bytes: Annotated[int, Field(gt=0)] = 1 * MiB
+    # The largest GGUF arrays are tokenizer vocabularies (262k tokens) and merges (~500k).
+    max_gguf_array_elements: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
+    # llama.cpp refuses arrays of arrays and gguf-py can write them: 2 allows one level.
+    # At most 32, so the parser's recursion stays far from Python's limit.
+    max_gguf_nesting: Annotated[int, Field(gt=0, le=32)] = 2
 
 
 class LimitPolicy(BaseModel):
@@ -41,8 +58,10 @@ class LimitPolicy(BaseModel):
     baseline_memory_bytes: Annotated[int, Field(ge=0)] = 64 * MiB
     # Measured: the pread backend holds the tensors once (peak RSS 1.0x tensor bytes).
     loader_memory_factor: Annotated[float, Field(ge=1.0)] = 1.0
-    # Headroom for the parsed header, the hashing buffer and allocator slack.
-    memory_slack_bytes: Annotated[int, Field(ge=0)] = 64 * MiB
+    # Headroom for the parsed header, the hashing helper and allocator slack: a fixed
+    # part for small models and a fraction for large ones (a 100 MB model: 1.42x).
+    memory_slack_bytes: Annotated[int, Field(ge=0)] = 32 * MiB
+    memory_slack_fraction: Annotated[float, Field(ge=0)] = 0.1
     memory_floor_bytes: Annotated[int, Field(gt=0)] = 128 * MiB
     memory_ceiling_bytes: Annotated[int, Field(gt=0)] = 64 * GiB
     # Interpreter start, confinement and the first page faults.

@@ -53,3 +53,34 @@ def slow(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
     """Take about a second (stands in for a big model), then load for real."""
     threading.Event().wait(1.0)
     return load_safetensors(fd, spec)
+
+
+@register_loader("read_other")
+def read_other(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Try to read a file that is not the model."""
+    with open("/etc/hostname") as fh:
+        fh.read()
+    return load_safetensors(fd, spec)
+
+
+@register_loader("write_file")
+def write_file(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Try to write a file."""
+    with open(f"/tmp/loadwarden-escape-{os.getpid()}", "w") as fh:
+        fh.write("escaped")
+    return load_safetensors(fd, spec)
+
+
+@register_loader("exec_true")
+def exec_true(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Try to execute a program."""
+    os.execv("/bin/true", ["true"])
+
+
+@register_loader("tcp_connect")
+def tcp_connect(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Try to open a TCP connection (to the local Redis port)."""
+    import socket
+
+    socket.create_connection(("127.0.0.1", 6379), timeout=2).close()
+    return load_safetensors(fd, spec)

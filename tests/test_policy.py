@@ -19,11 +19,10 @@ DIGEST = "a" * 64
 
 
 def test_memory_limit_follows_the_declared_size() -> None:
-    """A 100 MB model gets baseline + 1.0x its bytes + slack, derived from its declared size."""
+    """A 100 MB model gets baseline + its bytes + slack, derived from its declared size."""
     limits = derive_limits(100 * MiB, LimitOverrides(), POLICY)
-    assert (
-        limits.memory_bytes == POLICY.baseline_memory_bytes + 100 * MiB + POLICY.memory_slack_bytes
-    )
+    slack = POLICY.memory_slack_bytes + 100 * MiB * POLICY.memory_slack_fraction
+    assert limits.memory_bytes == int(POLICY.baseline_memory_bytes + 100 * MiB + slack)
     assert limits.derivation.memory_bytes is Derivation.DECLARED_SIZE
 
 
@@ -145,3 +144,36 @@ def test_a_loader_that_returns_other_tensors_is_invalid() -> None:
         OK, _exit(code=0), LIMITS, timed_out=False, peak_rss_bytes=0, expected_manifest="b" * 64
     )
     assert error is not None and error.code == "manifest_mismatch"
+
+
+def test_percentile_is_nearest_rank() -> None:
+    """p95 of 20 samples is the 19th smallest; of 3 samples, the largest."""
+    from loadwarden.worker.limits import percentile, stats_of
+
+    assert percentile(list(range(1, 21)), 95) == 19
+    assert percentile([3.0, 1.0, 2.0], 95) == 3.0
+    stats = stats_of([(1.0, 0.5, 100), (2.0, 0.7, 300), (1.5, 0.6, 200)])
+    assert stats is not None
+    assert (stats.samples, stats.wall_p95_s, stats.cpu_p95_s, stats.peak_rss_p95_bytes) == (
+        3,
+        2.0,
+        0.7,
+        300,
+    )
+    assert stats_of([]) is None
+
+
+def test_history_sets_deadline_and_keeps_memory_at_least_declared() -> None:
+    """With enough history, time limits are p95 x margin; memory stays at least the size figure."""
+    from loadwarden.worker.limits import HistoryStats
+
+    declared = derive_limits(100 * MiB, LimitOverrides(), POLICY)
+    slow = HistoryStats(samples=5, wall_p95_s=40.0, cpu_p95_s=30.0, peak_rss_p95_bytes=10 * MiB)
+    limits = derive_limits(100 * MiB, LimitOverrides(), POLICY, slow)
+    assert limits.timeout_seconds == 40.0 * POLICY.history_time_margin
+    assert limits.cpu_seconds == 30.0 * POLICY.history_time_margin
+    assert limits.memory_bytes == declared.memory_bytes
+    assert limits.derivation.timeout_seconds is Derivation.HISTORY
+    assert limits.derivation.memory_bytes is Derivation.DECLARED_SIZE
+    few = HistoryStats(samples=1, wall_p95_s=40.0, cpu_p95_s=30.0, peak_rss_p95_bytes=10 * MiB)
+    assert derive_limits(100 * MiB, LimitOverrides(), POLICY, few) == declared

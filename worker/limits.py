@@ -64,7 +64,7 @@ def derive_limits(
     """Limits for a model of ``tensor_bytes`` declared bytes.
 
     From the declared size:
-        memory  = baseline + tensor_bytes x loader factor + slack
+        memory  = baseline + tensor_bytes x (loader factor + slack fraction) + slack
         cpu     = startup + tensor_bytes / minimum bandwidth
         timeout = startup + tensor_bytes / minimum bandwidth
     With at least ``history_min_samples`` recent loads of the same model:
@@ -75,7 +75,7 @@ def derive_limits(
     beyond the ceiling (a producer cannot lift the worker's own bounds).
     """
     memory: float = policy.baseline_memory_bytes + tensor_bytes * policy.loader_memory_factor
-    memory += policy.memory_slack_bytes
+    memory += policy.memory_slack_bytes + tensor_bytes * policy.memory_slack_fraction
     memory_from = cpu_from = timeout_from = Derivation.DECLARED_SIZE
     cpu = wall = policy.startup_s + tensor_bytes / policy.min_bandwidth_bytes_per_s
     if history is not None and history.samples >= policy.history_min_samples:

@@ -1,0 +1,179 @@
+"""Limits that fit the model: rlimit, cgroup and Landlock, history, and the memory budget."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+import structlog
+
+from loadwarden.producer.contract import Derivation, LimitOverrides, LoadRequest, Outcome
+from loadwarden.producer.settings import LimitPolicy, Settings
+from loadwarden.worker._files import open_model_file
+from loadwarden.worker.history import History, model_identity
+from loadwarden.worker.supervisor import Supervisor
+from tests.conftest import TEST_LOADERS
+from tests.safetensors_files import valid_model
+
+MiB = 1024 * 1024
+Events = list[structlog.typing.EventDict]
+
+
+@pytest.fixture
+def model_64m(tmp_path: Path) -> Path:
+    return Path(
+        valid_model(tmp_path / "m64.safetensors", {"w": np.ones((64, MiB), dtype=np.uint8)})
+    )
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:  # type: ignore[type-arg]
+    client = aioredis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "options", "code"),
+    [
+        ("rlimit", {"use_cgroups": False}, "memory_limit"),
+        ("cgroup", {"use_address_space_limit": False}, "cgroup_oom"),
+    ],
+)
+async def test_memory_limit_is_enforced_by_each_mechanism(
+    mechanism: str, options: dict[str, bool], code: str, model_64m: Path
+) -> None:
+    """A model over its memory limit ends memory_exceeded, by RLIMIT_AS and by a cgroup alone."""
+    async with Supervisor(Settings(**options)) as sup:
+        if mechanism == "cgroup":
+            assert sup.cgroups is not None, f"this machine must allow cgroups: {sup.cgroups_note}"
+        report = await sup.load(
+            LoadRequest(source=str(model_64m), limits=LimitOverrides(memory_bytes=48 * MiB))
+        )
+    assert report.outcome is Outcome.MEMORY_EXCEEDED, report.error
+    assert report.error is not None and report.error.code == code
+    confinement = set(report.confinement)
+    assert ("rlimit_as" in confinement) is (mechanism == "rlimit")
+    assert any(c.startswith("cgroup_v") for c in confinement) is (mechanism == "cgroup")
+
+
+async def test_cgroup_reports_peak_memory(model_64m: Path) -> None:
+    """With a cgroup, the report carries the cgroup's own peak, at least the tensor bytes."""
+    async with Supervisor(Settings()) as sup:
+        report = await sup.load(LoadRequest(source=str(model_64m)))
+    assert report.outcome is Outcome.OK
+    assert report.resources is not None and report.resources.cgroup_peak_bytes is not None
+    assert report.resources.cgroup_peak_bytes >= 64 * MiB
+
+
+@pytest.mark.parametrize("loader", ["read_other", "write_file", "exec_true", "tcp_connect"])
+async def test_landlock_denies_what_a_loader_must_not_do(
+    make_supervisor: Callable[..., Supervisor], small_model: Path, loader: str
+) -> None:
+    """Under Landlock, reading another file, writing, exec and TCP are denied and reported."""
+    async with make_supervisor(loader) as sup:
+        assert sup.landlock_abi >= 4, "this machine's kernel must offer Landlock ABI >= 4"
+        report = await sup.load(LoadRequest(source=str(small_model)))
+    assert report.outcome is Outcome.REFUSED, report.error
+    assert report.error is not None and report.error.code == "sandbox_denied"
+    assert f"landlock_abi{sup.landlock_abi}" in report.confinement
+
+
+def _fast_policy() -> LimitPolicy:
+    # Declared-size deadlines of 0.2 s, so that only history can allow a 1-second load.
+    return LimitPolicy(startup_s=0.1, timeout_floor_s=0.2, cpu_floor_s=1.0, history_min_samples=3)
+
+
+async def _with_history(redis_client: aioredis.Redis, path: Path, wall_s: float) -> History:  # type: ignore[type-arg]
+    history = History(redis_client, _fast_policy())
+    with open_model_file(path) as model_file:
+        identity = model_identity(model_file, None)
+    for _ in range(3):
+        await history.record(identity, wall_s, 0.05, 30 * MiB)
+    return history
+
+
+@pytest.mark.parametrize(
+    ("history_wall_s", "outcome"),
+    [(None, Outcome.TIMEOUT), (1.0, Outcome.OK), (0.1, Outcome.TIMEOUT)],
+    ids=["no-history-killed", "slow-within-history-kept", "regression-10x-killed"],
+)
+async def test_deadline_follows_history(
+    redis_client: aioredis.Redis,  # type: ignore[type-arg]
+    small_model: Path,
+    history_wall_s: float | None,
+    outcome: Outcome,
+) -> None:
+    """A model that always takes ~1 s is not killed at the size-based deadline; a 10x one is."""
+    history = None
+    if history_wall_s is not None:
+        history = await _with_history(redis_client, small_model, history_wall_s)
+    settings = Settings(limits=_fast_policy())
+    async with Supervisor(
+        settings, preload=[TEST_LOADERS], history=history, loaders={"safetensors": "slow"}
+    ) as sup:  # type: ignore[dict-item]
+        report = await sup.load(LoadRequest(source=str(small_model)))
+    assert report.outcome is outcome, report.error
+    assert report.limits is not None
+    expected = Derivation.DEFAULT if history is None else Derivation.HISTORY
+    assert report.limits.derivation.timeout_seconds is expected
+
+
+async def test_successful_loads_are_recorded(
+    redis_client: aioredis.Redis, small_model: Path
+) -> None:  # type: ignore[type-arg]
+    """Each successful load adds a sample to its model's history."""
+    history = History(redis_client, LimitPolicy())
+    async with Supervisor(Settings(), history=history) as sup:
+        for _ in range(2):
+            assert (await sup.load(LoadRequest(source=str(small_model)))).ok
+    with open_model_file(small_model) as model_file:
+        stats = await history.stats(model_identity(model_file, None))
+    assert stats is not None and stats.samples == 2
+
+
+async def test_budget_admits_large_loads_one_at_a_time(
+    small_model: Path, captured_events: Events
+) -> None:
+    """With a small budget, three large loads run one at a time and never together."""
+    settings = Settings(memory_budget_bytes=300 * MiB)
+    big = LimitOverrides(memory_bytes=200 * MiB)
+    async with Supervisor(settings, preload=[TEST_LOADERS], loaders={"safetensors": "slow"}) as sup:  # type: ignore[dict-item]
+        reports = await asyncio.gather(
+            *(sup.load(LoadRequest(source=str(small_model), limits=big)) for _ in range(3))
+        )
+    assert all(r.ok for r in reports)
+    running = peak = 0
+    for event in captured_events:
+        if event["event"] == "load_started":
+            running += 1
+        elif event["event"] == "job_finished":
+            running -= 1
+        peak = max(peak, running)
+    assert peak == 1
+    assert sup.admission.in_use_bytes == 0
+
+
+async def test_load_over_the_whole_budget_is_refused(small_model: Path) -> None:
+    """A load whose memory limit exceeds the whole budget is refused at once, with no child."""
+    async with Supervisor(Settings(memory_budget_bytes=100 * MiB)) as sup:
+        report = await sup.load(
+            LoadRequest(source=str(small_model), limits=LimitOverrides(memory_bytes=200 * MiB))
+        )
+    assert report.outcome is Outcome.REFUSED
+    assert report.error is not None and report.error.code == "over_budget"
+    assert sup.forkserver.spawned == 0
+
+
+def test_hundred_megabyte_model_limit_is_within_bounds() -> None:
+    """A 100 MB model gets a memory limit between 1.0x and 1.5x its bytes plus the baseline."""
+    from loadwarden.worker.limits import derive_limits
+
+    policy = LimitPolicy()
+    limits = derive_limits(100 * MiB, LimitOverrides(), policy)
+    beyond_baseline = limits.memory_bytes - policy.baseline_memory_bytes
+    assert 1.0 * 100 * MiB <= beyond_baseline <= 1.5 * 100 * MiB
