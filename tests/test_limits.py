@@ -177,3 +177,32 @@ def test_hundred_megabyte_model_limit_is_within_bounds() -> None:
     limits = derive_limits(100 * MiB, LimitOverrides(), policy)
     beyond_baseline = limits.memory_bytes - policy.baseline_memory_bytes
     assert 1.0 * 100 * MiB <= beyond_baseline <= 1.5 * 100 * MiB
+
+
+async def test_calibrated_limits_fit_each_model_and_stop_a_10x_one(tmp_path: Path) -> None:
+    """calibrate's limits let every entry of a catalog load, and stop a 10x bigger model."""
+    from loadwarden.producer.catalog import parse_catalog
+    from loadwarden.worker.calibrate import calibrate, to_toml
+
+    for name, mib in (("small", 8), ("medium", 24), ("huge", 240)):
+        valid_model(tmp_path / f"{name}.safetensors", {"w": np.ones((mib, MiB), dtype=np.uint8)})
+    catalog = parse_catalog(
+        '[[model]]\nname = "small"\nsource = "small.safetensors"\n'
+        '[[model]]\nname = "medium"\nsource = "medium.safetensors"\n',
+        base_dir=tmp_path,
+    )
+    settings = Settings()
+    async with Supervisor(settings) as sup:
+        results = await calibrate(catalog.requests(), settings, sup)
+        assert [r.report.outcome for r in results] == [Outcome.OK, Outcome.OK]
+        toml = to_toml(results)
+        recommended = parse_catalog(toml, base_dir=tmp_path)  # the output is a valid catalog
+        for (_, request), result in zip(recommended.requests(), results, strict=True):
+            assert request.limits == result.recommended
+            assert (await sup.load(request)).ok
+        medium_limits = results[1].recommended
+        assert medium_limits is not None
+        huge = await sup.load(
+            LoadRequest(source=str(tmp_path / "huge.safetensors"), limits=medium_limits)
+        )
+    assert huge.outcome is Outcome.MEMORY_EXCEEDED

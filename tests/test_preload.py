@@ -195,3 +195,23 @@ def test_invalid_catalog_is_refused_whole(tmp_path: Path) -> None:
     result = _preload(str(catalog), "--redis", "unix:///nonexistent")
     assert result.returncode == 2
     assert result.stderr.count("  - ") >= 3
+
+
+def test_calibrate_command_writes_recommendations(example_catalog: Path, tmp_path: Path) -> None:
+    """`calibrate CATALOG -o FILE` measures every entry and writes a catalog of limits."""
+    from loadwarden.producer.catalog import load_catalog
+
+    output = tmp_path / "limits.toml"
+    result = subprocess.run(
+        [LOADWARDEN, "calibrate", str(example_catalog), "-o", str(output), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 1  # the hostile entries get no recommendation
+    outcomes = {c["name"]: c["report"]["outcome"] for c in json.loads(result.stdout)}
+    assert outcomes == EXPECTED
+    recommended = {name: r.limits for name, r in load_catalog(output).requests()}
+    assert all(recommended[n].memory_bytes for n, o in EXPECTED.items() if o == "ok")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -10,6 +11,9 @@ from rich.table import Table
 from loadwarden.producer.client import QueueStatus
 from loadwarden.producer.contract import LoadReport, ModelSummary, Outcome
 from loadwarden.producer.preload import PreloadEntry, PreloadResult
+
+if TYPE_CHECKING:
+    from loadwarden.worker.calibrate import Calibration
 
 console = Console()
 
@@ -156,3 +160,37 @@ def preload_summary(result: PreloadResult) -> None:
         f"{t.entries} entries ({t.jobs} jobs, {t.cached} answered from stored reports): "
         f"{outcomes}; {t.wall_seconds:.2f} s"
     )
+
+
+def calibration(results: Sequence[Calibration]) -> None:
+    """Measured cost and recommended limits per entry."""
+    table = Table(title="calibration (recommended = measured x margins)", title_justify="left")
+    for column in (
+        "model",
+        "outcome",
+        "wall s",
+        "cpu s",
+        "peak",
+        "→ memory",
+        "→ cpu s",
+        "→ deadline s",
+    ):
+        table.add_column(column, justify="left" if column in ("model", "outcome") else "right")
+    for c in results:
+        res, lim = c.report.resources, c.recommended
+        table.add_row(
+            c.name,
+            _entry_outcome_of(c.report),
+            f"{res.wall_seconds:.3f}" if res else "",
+            f"{res.cpu_user_seconds + res.cpu_system_seconds:.3f}" if res else "",
+            _size(res.peak_rss_bytes) if res else "",
+            _size(lim.memory_bytes or 0) if lim else "",
+            f"{lim.cpu_seconds:g}" if lim else "",
+            f"{lim.timeout_seconds:g}" if lim else "",
+        )
+    console.print(table)
+
+
+def _entry_outcome_of(report: LoadReport) -> str:
+    style = "green" if report.outcome is Outcome.OK else "red"
+    return f"[{style}]{report.outcome}[/{style}]"

@@ -386,6 +386,42 @@ async def _preload(
 
 
 @app.command()
+def calibrate(
+    catalog: Annotated[Path, typer.Argument(help="Catalog file whose entries to measure.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the recommended limits as TOML.")
+    ] = None,
+    as_json: JsonOpt = False,
+    log_level: LogOpt = "warning",
+) -> None:
+    """Load each catalog entry once with generous limits and recommend limits that fit it.
+
+    Runs here, one entry at a time, no Redis; the catalog's folder is the allowed root.
+    """
+    from loadwarden.producer.catalog import load_catalog
+    from loadwarden.worker import calibrate as calib
+
+    configure_logging(log_level)
+    try:
+        requests = load_catalog(catalog).requests()
+    except CatalogError as exc:
+        typer.echo(f"loadwarden: {exc.message}", err=True)
+        for defect in exc.defects:
+            typer.echo(f"  - {defect}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    settings = _with_roots(_settings(), catalog.resolve().parent)
+    results = asyncio.run(calib.calibrate(requests, settings))
+    if output is not None:
+        output.write_text(calib.to_toml(results))
+    if as_json:
+        typer.echo(json.dumps([r.model_dump(mode="json") for r in results]))
+    else:
+        _render.calibration(results)
+    ok = all(r.recommended is not None for r in results)
+    raise typer.Exit(EXIT_OK if ok else EXIT_OUTCOME)
+
+
+@app.command()
 def status(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     """Show queue depth, jobs in progress and whether a worker is alive."""
 
