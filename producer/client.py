@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from enum import StrEnum
@@ -28,6 +29,14 @@ from loadwarden.producer.errors import (
     JobNotFound,
     RedisUnavailable,
     ReportTimeout,
+)
+from loadwarden.producer.keys import (
+    CANCEL_CHANNEL,
+    CANCEL_KEY_PREFIX,
+    DEAD_LETTER_STREAM,
+    DEDUPE_KEY_PREFIX,
+    WORKER_KEY_PREFIX,
+    dedupe_key,
 )
 from loadwarden.producer.preload import PreloadResult, ProgressCallback, preload
 from loadwarden.producer.settings import Settings
@@ -61,19 +70,54 @@ _FROM_ARQ = {
 }
 
 
-#: Where workers keep their heartbeats (see loadwarden.worker.heartbeat).
-WORKER_KEY_PREFIX = "loadwarden:worker:"
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class DeadLetter(BaseModel):
+    """A job that failed for good: its final report and (when it was one) its request."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    job_id: str
+    outcome: str
+    at: str
+    request: LoadRequest | None
+    report: LoadReport
+
+    @classmethod
+    def from_entry(cls, entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
+        text = {k.decode(): v.decode() for k, v in fields.items()}
+        try:
+            request: LoadRequest | None = LoadRequest.model_validate_json(text["request"])
+        except ValidationError:
+            request = None
+        return cls(
+            id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+            job_id=text["job_id"],
+            outcome=text["outcome"],
+            at=text["at"],
+            request=request,
+            report=LoadReport.model_validate_json(text["report"]),
+        )
 
 
 class QueueStatus(BaseModel):
-    """A look at the queue: depth, running jobs, live workers and their memory budgets."""
+    """A look at the queue: ready and deferred jobs, running jobs, dead letters, live workers."""
 
     model_config = ConfigDict(frozen=True)
 
     queue: str
-    queued: int
+    ready: int
+    deferred: int
     running: int
+    dead_letters: int
     workers: list[WorkerStatus]
+
+    @property
+    def queued(self) -> int:
+        return self.ready + self.deferred
 
     @property
     def workers_alive(self) -> bool:
@@ -112,6 +156,10 @@ class JobHandle:
     async def report(self, timeout_s: float | None = None) -> LoadReport:
         """Wait for the report: ReportTimeout after ``timeout_s``, JobNotFound if no such job."""
         return await self.client.report(self.job_id, timeout_s=timeout_s)
+
+    async def cancel(self) -> JobState:
+        """Cancel this job (see ``Client.cancel``)."""
+        return await self.client.cancel(self.job_id)
 
 
 class Client:
@@ -164,18 +212,109 @@ class Client:
         return self._pool
 
     async def enqueue(self, request: LoadRequest, *, job_id: str | None = None) -> JobHandle:
-        """Put a load on the queue; an id already queued or running returns that job's handle."""
+        """Put a load on the queue and return its handle.
+
+        Idempotent: the same request enqueued again while the first is queued or
+        running returns the first job. A caller's ``job_id`` already in use
+        returns that job too.
+        """
         redis = await self.redis()
-        job_id = job_id or uuid.uuid4().hex
+        if job_id is None:
+            job_id = await self._dedupe(redis, request)
+            if await self.job_state(job_id) in (
+                JobState.QUEUED,
+                JobState.DEFERRED,
+                JobState.RUNNING,
+            ):
+                return JobHandle(self, job_id)
+        # Only the fields the caller set travel: the worker can then tell a request's own
+        # retry policy from the defaults (request > worker > default).
         await _guard(
             redis.enqueue_job(
                 FUNCTION_NAME,
-                request=request.model_dump(mode="json"),
+                request=request.model_dump(mode="json", exclude_unset=True),
                 _job_id=job_id,
                 _queue_name=self.queue_name,
             )
         )
         return JobHandle(self, job_id)
+
+    async def _dedupe(self, redis: ArqRedis, request: LoadRequest) -> str:
+        """The job id for this request: the one queued or running, else a new one."""
+        key = DEDUPE_KEY_PREFIX + dedupe_key(request)
+        fresh = uuid.uuid4().hex
+        if await _guard(redis.set(key, fresh, nx=True, ex=self.settings.keep_result_s)):
+            return fresh
+        existing = await _guard(redis.get(key))
+        if existing is not None:
+            job_id = existing.decode()
+            if await self.job_state(job_id) in (
+                JobState.QUEUED,
+                JobState.DEFERRED,
+                JobState.RUNNING,
+            ):
+                return job_id
+        await _guard(redis.set(key, fresh, ex=self.settings.keep_result_s))
+        return fresh
+
+    async def cancel(self, job_id: str) -> JobState:
+        """Cancel a job: a queued one never loads, a running one has its child killed at once.
+
+        Returns the job's state when the cancel was sent; the job then ends with a
+        ``cancelled`` report (``JobNotFound`` if there is no such job, nothing to do
+        if it has already finished).
+        """
+        redis = await self.redis()
+        state = await self.job_state(job_id)
+        if state is JobState.NOT_FOUND:
+            raise JobNotFound(f"no job {job_id!r} is queued, running or finished")
+        if state is JobState.COMPLETE:
+            return state
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.set(CANCEL_KEY_PREFIX + job_id, "1", ex=self.settings.keep_result_s)
+            pipe.publish(CANCEL_CHANNEL, job_id)
+            if state is JobState.DEFERRED:  # waiting out a backoff: let it end now
+                pipe.zadd(self.queue_name, {job_id: _now_ms()}, xx=True)
+            await _guard(pipe.execute())
+        return state
+
+    async def dead_letters(self, count: int = 100) -> list[DeadLetter]:
+        """The most recent jobs that failed for good, newest first."""
+        redis = await self.redis()
+        entries = await _guard(redis.xrevrange(DEAD_LETTER_STREAM, count=count))
+        return [DeadLetter.from_entry(entry_id, fields) for entry_id, fields in entries]
+
+    async def retry_dead(self, ids: Sequence[str] | None = None) -> list[JobHandle]:
+        """Enqueue dead-lettered jobs again (all of them when ``ids`` is None) and drop them."""
+        redis = await self.redis()
+        if ids is None:
+            entries = await _guard(redis.xrange(DEAD_LETTER_STREAM))
+        else:
+            entries = []
+            for entry_id in ids:
+                found = await _guard(redis.xrange(DEAD_LETTER_STREAM, entry_id, entry_id))
+                if not found:
+                    raise JobNotFound(f"no dead letter {entry_id!r}")
+                entries += found
+        handles = []
+        for entry_id, fields in entries:
+            letter = DeadLetter.from_entry(entry_id, fields)
+            if letter.request is None:
+                continue  # not a request at all (a planted payload): nothing to rerun
+            handles.append(
+                await self.enqueue(
+                    letter.request, job_id=f"{letter.job_id}-r{uuid.uuid4().hex[:6]}"
+                )
+            )
+            await _guard(redis.xdel(DEAD_LETTER_STREAM, letter.id))
+        return handles
+
+    async def purge_dead(self) -> int:
+        """Drop every dead letter; return how many there were."""
+        redis = await self.redis()
+        count = await _guard(redis.xlen(DEAD_LETTER_STREAM))
+        await _guard(redis.delete(DEAD_LETTER_STREAM))
+        return int(count)
 
     def job(self, job_id: str) -> JobHandle:
         return JobHandle(self, job_id)
@@ -243,7 +382,11 @@ class Client:
     async def status(self) -> QueueStatus:
         """Queue depth, jobs in progress, and the live workers' heartbeats."""
         redis = await self.redis()
-        queued = await _guard(redis.zcard(self.queue_name))
+        now = _now_ms()
+        # arq keeps running jobs in the queue's sorted set too, scored in the past.
+        due = await _guard(redis.zcount(self.queue_name, "-inf", now))
+        deferred = await _guard(redis.zcount(self.queue_name, f"({now}", "+inf"))
+        dead = await _guard(redis.xlen(DEAD_LETTER_STREAM))
         running = 0
         worker_keys = []
         try:
@@ -262,7 +405,14 @@ class Client:
                 if status.queue == self.queue_name:
                     workers.append(status)
         workers.sort(key=lambda w: w.id)
-        return QueueStatus(queue=self.queue_name, queued=queued, running=running, workers=workers)
+        return QueueStatus(
+            queue=self.queue_name,
+            ready=max(0, due - running),
+            deferred=deferred,
+            running=running,
+            dead_letters=dead,
+            workers=workers,
+        )
 
 
 class BlockingClient:
@@ -286,6 +436,9 @@ class BlockingClient:
 
     def status(self) -> QueueStatus:
         return self._run(self._client.status)
+
+    def cancel(self, job_id: str) -> JobState:
+        return self._run(lambda: self._client.cancel(job_id))
 
     def close(self) -> None:
         if not self._loop.is_closed():

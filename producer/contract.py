@@ -70,7 +70,12 @@ class LimitOverrides(_Model):
 
 
 class RetryPolicy(_Model):
-    """How a job is retried; applied by the worker (see issue #5 for the full policy)."""
+    """How a job is retried: which outcomes, how often, with what exponential backoff.
+
+    ``retry_on`` given in a request wins over the worker's setting, which wins over
+    the default (timeout, crashed, unavailable). Delays are full-jitter exponential:
+    uniform in [0, min(max_s, base_s x 2^(attempt-1))).
+    """
 
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     base_s: PositiveSeconds = 1.0
@@ -177,6 +182,9 @@ class Attempt(_Model):
     worker: str
     started_at: datetime
     finished_at: datetime
+    delay_s: NonNegFloat | None = Field(
+        default=None, description="the backoff chosen before the next attempt, if one followed"
+    )
 
 
 class WorkerInfo(_Model):

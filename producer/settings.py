@@ -10,6 +10,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from loadwarden.producer.contract import Outcome
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -195,6 +197,16 @@ class Settings(BaseSettings):
     # Left for the supervisor, Redis clients and the page cache: 512 MiB covers a
     # worker's own ~100 MiB several times over.
     memory_reserve_bytes: Annotated[int, Field(ge=0)] = 512 * MiB
+    # The crash lease: a job whose worker stops renewing it runs again this soon
+    # (arq alone waits for its longest timeout + 10 s, an hour here).
+    lease_s: Annotated[float, Field(gt=0)] = 30.0
+    # Renewed three times per lease: two missed renewals are survivable.
+    lease_renew_s: Annotated[float, Field(gt=0)] = 10.0
+    # Outcomes this worker retries when a request does not say; None: timeout,
+    # crashed and unavailable.
+    retry_on: tuple[Outcome, ...] | None = None
+    # Final failures kept in the dead-letter stream (approximately; XADD MAXLEN ~).
+    dead_letter_maxlen: Annotated[int, Field(ge=1)] = 10_000
     # Put each load in a cgroup of its own when this worker may create them; False
     # relies on rlimits alone.
     use_cgroups: bool = True

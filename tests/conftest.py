@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,6 +19,7 @@ import structlog
 from loadwarden.producer.contract import ModelFormat
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._redis_server import RedisServer
+from loadwarden.worker.app import WorkerRunner
 from loadwarden.worker.logs import configure_logging
 from loadwarden.worker.supervisor import Supervisor
 from tests.safetensors_files import valid_model
@@ -195,6 +197,24 @@ def make_supervisor() -> Callable[..., Supervisor]:
         )
 
     return make
+
+
+@pytest.fixture
+async def worker_runner(settings: Settings) -> AsyncIterator[WorkerRunner]:
+    """A worker (arq + supervisor + bookkeeping) running in this test's event loop."""
+    runner = WorkerRunner(settings, handle_signals=False, preload=[TEST_LOADERS])
+    task = asyncio.create_task(runner.run())
+    started = asyncio.create_task(runner.started.wait())
+    await asyncio.wait({task, started}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        started.cancel()
+        task.result()
+    try:
+        yield runner
+    finally:
+        runner.stop()
+        runner.stop()
+        await asyncio.wait_for(task, 30)
 
 
 @pytest.fixture

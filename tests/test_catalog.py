@@ -162,7 +162,7 @@ def test_symlinked_catalog_resolves_against_its_real_folder(tmp_path: Path) -> N
         ),
         pytest.param(
             ENTRY + 'format = "onnx"\n',
-            "model[0] \"m\" format: must be 'safetensors'",
+            "model[0] \"m\" format: must be 'safetensors', 'npy', 'npz' or 'gguf'",
             id="bad-format",
         ),
         pytest.param(

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,8 @@ from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
 from loadwarden.producer.preload import EntryState, PreloadEntry
 from loadwarden.producer.settings import Settings
-from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.app import create_worker
-from loadwarden.worker.supervisor import Supervisor
-from tests.conftest import TEST_LOADERS, call_until
+from loadwarden.worker.app import WorkerRunner
+from tests.conftest import call_until
 
 ROOT = Path(__file__).parent.parent
 LOADWARDEN = str(Path(sys.executable).parent / "loadwarden")
@@ -46,20 +43,6 @@ def example_catalog(tmp_path: Path) -> Path:
     return tmp_path / "catalog.toml"
 
 
-@pytest.fixture
-async def worker_in_loop(settings: Settings) -> AsyncIterator[Supervisor]:
-    import asyncio
-
-    async with Supervisor(settings, preload=[TEST_LOADERS]) as supervisor:
-        worker = create_worker(settings, supervisor, handle_signals=False)
-        task = asyncio.create_task(worker.async_run())
-        try:
-            yield supervisor
-        finally:
-            await worker.close()
-            await cancel_and_wait(task)
-
-
 def _outcomes(document: dict[str, object]) -> dict[str, str | None]:
     entries = document["entries"]
     assert isinstance(entries, list)
@@ -67,7 +50,7 @@ def _outcomes(document: dict[str, object]) -> dict[str, str | None]:
 
 
 async def test_duplicates_become_one_job_and_a_rerun_uses_stored_reports(
-    worker_in_loop: Supervisor, settings: Settings, small_model: Path
+    worker_runner: WorkerRunner, settings: Settings, small_model: Path
 ) -> None:
     """Repeated entries (same path, or same digest) run once; a second run runs nothing."""
     import hashlib
@@ -88,29 +71,29 @@ async def test_duplicates_become_one_job_and_a_rerun_uses_stored_reports(
 
     async with Client(settings=settings) as client:
         first = await client.preload(batch, on_progress=progress)
-        spawned = worker_in_loop.forkserver.spawned
+        spawned = worker_runner.supervisor.forkserver.spawned
         second = await client.preload(batch)
     assert first.ok and second.ok
     assert (first.totals.entries, first.totals.jobs, spawned) == (4, 2, 2)
     assert [e.duplicate_of for e in first.entries] == [None, "a", None, "pinned"]
     assert ("a", EntryState.DONE) in seen and ("a", EntryState.PENDING) in seen
     assert second.totals.cached == 4
-    assert worker_in_loop.forkserver.spawned == spawned
+    assert worker_runner.supervisor.forkserver.spawned == spawned
 
 
 async def test_force_runs_again(
-    worker_in_loop: Supervisor, settings: Settings, small_model: Path
+    worker_runner: WorkerRunner, settings: Settings, small_model: Path
 ) -> None:
     """--force ignores stored reports and loads every job again."""
     batch = [LoadRequest(source=str(small_model))]
     async with Client(settings=settings) as client:
         await client.preload(batch)
         again = await client.preload(batch, force=True)
-    assert again.totals.cached == 0 and worker_in_loop.forkserver.spawned == 2
+    assert again.totals.cached == 0 and worker_runner.supervisor.forkserver.spawned == 2
 
 
 async def test_fail_fast_skips_the_rest(
-    worker_in_loop: Supervisor, settings: Settings, small_model: Path, tmp_path: Path
+    worker_runner: WorkerRunner, settings: Settings, small_model: Path, tmp_path: Path
 ) -> None:
     """With fail_fast, nothing more is enqueued after the first failure."""
     bad = tmp_path / "bad.safetensors"

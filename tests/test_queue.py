@@ -15,11 +15,9 @@ from arq.constants import job_key_prefix
 from loadwarden.producer import wire
 from loadwarden.producer.client import Client, JobState
 from loadwarden.producer.contract import LoadRequest, Outcome
-from loadwarden.producer.errors import ContractError, JobNotFound, RedisUnavailable, ReportTimeout
+from loadwarden.producer.errors import JobNotFound, RedisUnavailable, ReportTimeout
 from loadwarden.producer.settings import Settings
-from loadwarden.worker.app import create_worker
-from loadwarden.worker.supervisor import Supervisor
-from tests.conftest import TEST_LOADERS
+from loadwarden.worker.app import WorkerRunner
 
 
 @pytest.fixture
@@ -28,48 +26,33 @@ async def client(settings: Settings) -> AsyncIterator[Client]:
         yield c
 
 
-@pytest.fixture
-async def worker(settings: Settings) -> AsyncIterator[Supervisor]:
-    """An arq worker running in this event loop until the test ends."""
-    async with Supervisor(settings, preload=[TEST_LOADERS]) as supervisor:
-        arq_worker = create_worker(settings, supervisor, handle_signals=False)
-        task = asyncio.create_task(arq_worker.async_run())
-        try:
-            yield supervisor
-        finally:
-            await arq_worker.close()  # cancels running jobs, then waits for them
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-
-
 async def test_enqueued_job_is_run_and_its_report_comes_back(
-    worker: Supervisor, client: Client, small_model: Path
+    worker_runner: WorkerRunner, client: Client, small_model: Path
 ) -> None:
     """A job enqueued by the client is run by a worker, and its report comes back through Redis."""
     handle = await client.enqueue(LoadRequest(source=str(small_model), labels={"team": "search"}))
     report = await handle.report(timeout_s=30)
     assert report.outcome is Outcome.OK, report.error
     assert report.job_id == handle.job_id
-    assert report.worker.id == worker.info.id
+    assert report.worker.id == worker_runner.supervisor.info.id
     assert report.labels == {"team": "search"}
     assert report.enqueued_at is not None and report.enqueued_at <= report.started_at
     assert await handle.status() is JobState.COMPLETE
 
 
 async def test_bad_file_report_comes_back_invalid(
-    worker: Supervisor, client: Client, tmp_path: Path
+    worker_runner: WorkerRunner, client: Client, tmp_path: Path
 ) -> None:
     """A malformed file's report comes back through Redis as invalid, without a child."""
     path = tmp_path / "bad.safetensors"
     path.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00[]")
     report = await (await client.enqueue(LoadRequest(source=str(path)))).report(timeout_s=30)
     assert report.outcome is Outcome.INVALID
-    assert worker.forkserver.spawned == 0
+    assert worker_runner.supervisor.forkserver.spawned == 0
 
 
 async def test_request_that_is_not_a_load_request_is_reported_invalid(
-    worker: Supervisor, client: Client, settings: Settings
+    worker_runner: WorkerRunner, client: Client, settings: Settings
 ) -> None:
     """A job whose arguments are not a valid LoadRequest ends invalid with code bad_request."""
     pool = await client.redis()
@@ -85,9 +68,9 @@ async def test_request_that_is_not_a_load_request_is_reported_invalid(
 
 
 async def test_pickle_payload_is_never_executed(
-    worker: Supervisor, client: Client, settings: Settings, redis_url: str, tmp_path: Path
+    worker_runner: WorkerRunner, client: Client, settings: Settings, redis_url: str, tmp_path: Path
 ) -> None:
-    """A planted pickle job is rejected by the JSON deserializer; its code never runs."""
+    """A planted pickle job is refused and dead-lettered by the JSON deserializer, never run."""
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -99,9 +82,12 @@ async def test_pickle_payload_is_never_executed(
     await raw.set(job_key_prefix + "planted-2", payload)
     await raw.zadd(settings.queue_name, {"planted-2": time.time() * 1000})
     await raw.aclose()
-    with pytest.raises(ContractError, match="planted-2"):
-        await client.report("planted-2", timeout_s=30)
+    report = await client.report("planted-2", timeout_s=30)
+    assert report.outcome is Outcome.INVALID
+    assert report.error is not None and report.error.code == "bad_payload"
     assert not marker.exists()
+    dead = await client.dead_letters()
+    assert [d.job_id for d in dead] == ["planted-2"] and dead[0].request is None
 
 
 async def test_unknown_job_and_report_timeout(client: Client) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -99,5 +98,6 @@ def test_sigterm_past_the_grace_kills_and_requeues(
         start_worker("safetensors", 5)  # another worker picks the job up at once
         report = client.report(job_id, timeout_s=30)
     assert report.outcome is Outcome.OK
-    assert report.attempts[-1].number == 2
-    assert os.getpid() != report.worker.pid
+    assert report.worker.pid != worker.pid
+    # A load released at shutdown was not an attempt: it does not count against retries.
+    assert [a.number for a in report.attempts] == [1]

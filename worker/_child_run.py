@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ class ChildRun:
     ended: ChildExit | None = None
     wall_seconds: float = 0.0
     timed_out: bool = False
+    cancelled: bool = False
     protocol_error: LoadError | None = None
     samples: int = 0
     sampled_peak_rss: int = 0
@@ -75,6 +77,26 @@ async def _converse(
             raise ChildCrashed("the child sent messages out of order", code="protocol_violation")
 
 
+async def _until_cancelled(
+    work: Coroutine[Any, Any, None], cancel: asyncio.Event | None, run: ChildRun
+) -> None:
+    """Await ``work``; if ``cancel`` is set first, abandon it and mark the run cancelled."""
+    if cancel is None:
+        await work
+        return
+    task = asyncio.ensure_future(work)
+    cancelled = asyncio.ensure_future(cancel.wait())
+    try:
+        await asyncio.wait({task, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_and_wait(cancelled)
+        if not task.done():
+            await cancel_and_wait(task)
+            run.cancelled = True
+    if not run.cancelled:
+        task.result()
+
+
 def _place(
     cgroups: CgroupManager | None, child: Child, limits: Limits, run: ChildRun
 ) -> Cgroup | None:
@@ -100,6 +122,7 @@ async def run_child(
     cgroups: CgroupManager | None,
     sample_interval_s: float,
     log: FilteringBoundLogger,
+    cancel: asyncio.Event | None = None,
 ) -> ChildRun:
     """Run one load in a fresh child and always stop it; never leaves a process behind."""
     loop = asyncio.get_running_loop()
@@ -116,9 +139,13 @@ async def run_child(
         cgroup = _place(cgroups, child, limits, run)
         await child.send_spec(spec, fd)
         try:
-            await asyncio.wait_for(
-                _converse(child, run, monitor, limits, log, sampling),
-                timeout=limits.timeout_seconds,
+            await _until_cancelled(
+                asyncio.wait_for(
+                    _converse(child, run, monitor, limits, log, sampling),
+                    timeout=limits.timeout_seconds,
+                ),
+                cancel,
+                run,
             )
         except TimeoutError:
             run.timed_out = True

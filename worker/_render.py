@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from loadwarden.producer.client import QueueStatus
+from loadwarden.producer.client import DeadLetter, QueueStatus
 from loadwarden.producer.contract import LoadReport, ModelSummary, Outcome
 from loadwarden.producer.preload import PreloadEntry, PreloadResult
 
@@ -84,7 +84,8 @@ def inspection(document: dict[str, Any]) -> None:
 
 def queue_status(q: QueueStatus) -> None:
     console.print(
-        f"queue [bold]{q.queue}[/bold]: {q.queued} queued, {q.running} running, "
+        f"queue [bold]{q.queue}[/bold]: {q.ready} ready, {q.deferred} deferred, "
+        f"{q.running} running, {q.dead_letters} dead letters, "
         f"{len(q.workers)} live worker(s)"
     )
     if not q.workers:
@@ -194,3 +195,23 @@ def calibration(results: Sequence[Calibration]) -> None:
 def _entry_outcome_of(report: LoadReport) -> str:
     style = "green" if report.outcome is Outcome.OK else "red"
     return f"[{style}]{report.outcome}[/{style}]"
+
+
+def dead_letters(letters: Sequence[DeadLetter]) -> None:
+    if not letters:
+        console.print("no dead letters")
+        return
+    table = Table(title="dead letters (newest first)", title_justify="left")
+    for column in ("id", "job", "outcome", "attempts", "source", "error"):
+        table.add_column(column)
+    for d in letters:
+        r = d.report
+        table.add_row(
+            d.id,
+            d.job_id,
+            str(r.outcome),
+            str(len(r.attempts)),
+            r.source,
+            r.error.code if r.error else "",
+        )
+    console.print(table)

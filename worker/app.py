@@ -1,55 +1,193 @@
-"""The arq worker: its job function is the supervisor's load path; JSON on the wire, no pickle."""
+"""The arq worker: its job function is the supervisor's load path; JSON on the wire, no pickle.
+
+``WorkerRunner`` owns one worker process's life: the supervisor (fork server),
+a Redis connection for loadwarden's own bookkeeping (history, heartbeat,
+attempts, cancels, dead letters), the arq worker (recreated with backoff when
+Redis drops), and shutdown: the first SIGTERM/SIGINT stops pulling jobs and
+lets running loads finish for ``shutdown_grace_s``, then kills them and leaves
+their jobs queued for another worker; a second signal stops at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+import redis.asyncio as aioredis
 import structlog
-from arq import func
+from arq import Retry, func
 from arq.connections import RedisSettings
 from arq.worker import Worker
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from loadwarden.producer import wire
 from loadwarden.producer.client import FUNCTION_NAME
-from loadwarden.producer.contract import LoadRequest, ModelFormat
-from loadwarden.producer.errors import InvalidModel
+from loadwarden.producer.contract import Attempt, LoadReport, LoadRequest, ModelFormat, Outcome
+from loadwarden.producer.errors import (
+    ChildCrashed,
+    ContractError,
+    InvalidModel,
+    LoadCancelled,
+    LoadError,
+)
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.heartbeat import beat
 from loadwarden.worker.history import History
+from loadwarden.worker.jobs import JobBook
+from loadwarden.worker.retry import backoff_s, retry_on, should_retry
 from loadwarden.worker.supervisor import Supervisor
 
 #: arq's own timeout around a job must never fire before our deadline does.
 ARQ_TIMEOUT_MARGIN_S = 60
+#: Reruns after lost workers allowed beyond a request's max_attempts before giving up.
+LOST_WORKER_ALLOWANCE = 2
+#: The marker a job payload that is not our JSON is rewritten to (it is never executed).
+UNDECODABLE = "__undecodable__"
 
 log = structlog.get_logger("loadwarden.worker")
 
 
-async def load_job(ctx: dict[str, Any], request: Any = None, **extra: Any) -> dict[str, Any]:
-    """arq job function: validate the request, run the load, return the report as JSON data."""
-    supervisor: Supervisor = ctx["supervisor"]
-    job_id: str = ctx["job_id"]
-    attempt: int = ctx.get("job_try", 1)
-    enqueued_at: datetime | None = ctx.get("enqueue_time")
+def job_deserializer(data: bytes) -> dict[str, Any]:
+    """arq's job deserializer: our strict JSON; anything else becomes a job that is refused.
+
+    A payload that is not our wire format (a planted pickle, say) is never
+    decoded by anything but ``wire.loads``: the job function receives a marker
+    instead of a request, reports ``invalid`` and dead-letters it.
+    """
+    try:
+        document = wire.loads(data)
+        if not {"f", "a", "k", "t", "et"} <= document.keys():
+            raise ContractError("not an arq job envelope")
+        return document
+    except ContractError as exc:
+        preview = bytes(data[:64])
+        marker = {UNDECODABLE: f"{exc.message}; first bytes: {preview!r}"}
+        return {"f": FUNCTION_NAME, "a": [], "k": {"request": marker}, "t": 1, "et": 0}
+
+
+def _parse(request: Any, extra: dict[str, Any]) -> LoadRequest | LoadError:
+    if isinstance(request, dict) and UNDECODABLE in request:
+        return InvalidModel(
+            f"the job payload is not loadwarden JSON: {request[UNDECODABLE]}", code="bad_payload"
+        )
     try:
         if extra:
             raise ValueError(f"unexpected job arguments: {sorted(extra)}")
-        parsed = LoadRequest.model_validate(request)
+        return LoadRequest.model_validate(request)
     except (ValidationError, ValueError) as exc:
+        return InvalidModel(f"the job is not a valid LoadRequest: {exc}", code="bad_request")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def load_job(ctx: dict[str, Any], request: Any = None, **extra: Any) -> dict[str, Any]:
+    """arq job function: one attempt of a load, with retries, lease, cancel and dead letters."""
+    sup: Supervisor = ctx["supervisor"]
+    book: JobBook = ctx["book"]
+    settings: Settings = ctx["settings"]
+    job_id: str = ctx["job_id"]
+    enqueued_at: datetime | None = ctx.get("enqueue_time")
+    previous = await book.attempts(job_id)
+    number = len(previous) + 1
+    parsed = _parse(request, extra)
+    if isinstance(parsed, LoadError):
         source = request.get("source") if isinstance(request, dict) else None
-        error = InvalidModel(f"the job is not a valid LoadRequest: {exc}", code="bad_request")
-        report = supervisor.rejected(
-            error, job_id=job_id, source=str(source or ""), attempt=attempt, enqueued_at=enqueued_at
+        report = sup.rejected(
+            parsed, job_id=job_id, source=str(source or ""), attempt=number, enqueued_at=enqueued_at
         )
-    else:
-        report = await supervisor.load(
-            parsed, job_id=job_id, attempt=attempt, enqueued_at=enqueued_at
+        await book.dead_letter_raw(job_id, repr(request), report)
+        return report.model_dump(mode="json")
+    final = await _refuse_early(sup, book, parsed, job_id, number, enqueued_at)
+    if final is None:
+        final = await _attempt(sup, book, settings, parsed, job_id, previous, enqueued_at)
+    final = final.model_copy(update={"attempts": previous + final.attempts})
+    await book.finish(job_id, parsed, final)
+    return final.model_dump(mode="json")
+
+
+async def _refuse_early(
+    sup: Supervisor,
+    book: JobBook,
+    request: LoadRequest,
+    job_id: str,
+    number: int,
+    enqueued_at: datetime | None,
+) -> LoadReport | None:
+    """A final report without loading: cancelled while queued, or out of attempts."""
+    error: LoadError | None = None
+    if await book.is_cancelled(job_id):
+        error = LoadCancelled("cancelled before it started", code="cancelled")
+    elif number > request.retry.max_attempts + LOST_WORKER_ALLOWANCE:
+        error = ChildCrashed(
+            f"{number - 1} attempts used, workers lost on the way", code="attempts_exhausted"
         )
-    return report.model_dump(mode="json")
+    if error is None:
+        return None
+    return sup.rejected(
+        error, job_id=job_id, source=request.source, attempt=number, enqueued_at=enqueued_at
+    )
+
+
+async def _attempt(
+    sup: Supervisor,
+    book: JobBook,
+    settings: Settings,
+    request: LoadRequest,
+    job_id: str,
+    previous: list[Attempt],
+    enqueued_at: datetime | None,
+) -> LoadReport:
+    """Run one attempt; raise arq's Retry when the policy wants another."""
+    number = len(previous) + 1
+    now = _now()
+    # Stays recorded only if this worker dies mid-load: then the next run counts it lost.
+    lost = Attempt(
+        number=number,
+        outcome=Outcome.CRASHED,
+        error_code="worker_lost",
+        worker=sup.info.id,
+        started_at=now,
+        finished_at=now,
+    )
+    await book.save_attempts(job_id, [*previous, lost])
+    try:
+        async with book.lease(job_id):
+            report = await sup.load(
+                request,
+                job_id=job_id,
+                attempt=number,
+                enqueued_at=enqueued_at,
+                cancel=book.cancel_event(job_id),
+            )
+    except asyncio.CancelledError:  # shutdown: this was not an attempt; the job is released
+        await asyncio.shield(book.save_attempts(job_id, previous))
+        raise
+    finally:
+        book.forget(job_id)
+    retryable = retry_on(
+        request.retry, "retry_on" in request.retry.model_fields_set, settings.retry_on
+    )
+    if not should_retry(report.outcome, number, request.retry, retryable):
+        return report
+    delay = round(backoff_s(number, request.retry), 3)
+    attempt = report.attempts[-1].model_copy(update={"delay_s": delay})
+    await book.save_attempts(job_id, [*previous, attempt])
+    log.info(
+        "job_retry_scheduled",
+        job_id=job_id,
+        attempt=number,
+        outcome=str(report.outcome),
+        error_code=attempt.error_code,
+        delay_s=delay,
+    )
+    raise Retry(defer=delay)
 
 
 def redis_settings(url: str, *, conn_timeout_s: int = 5, conn_retries: int = 5) -> RedisSettings:
@@ -60,42 +198,17 @@ def redis_settings(url: str, *, conn_timeout_s: int = 5, conn_retries: int = 5) 
 
 
 def create_worker(
-    settings: Settings,
-    supervisor: Supervisor,
-    *,
-    burst: bool = False,
-    handle_signals: bool = True,
+    settings: Settings, supervisor: Supervisor, book: JobBook, *, burst: bool = False
 ) -> Worker:
-    """An arq Worker that runs loads through ``supervisor``.
-
-    On SIGTERM/SIGINT arq stops pulling jobs and waits ``shutdown_grace_s`` for
-    running loads; then it cancels them, our ``finally`` kills their children,
-    and arq leaves their jobs in the queue to be run again.
-    """
+    """An arq Worker that runs loads through ``supervisor`` (signals are WorkerRunner's)."""
     if not settings.redis_url:
         raise ValueError("a worker needs a Redis URL (--redis or LOADWARDEN_REDIS_URL)")
-
-    async def startup(ctx: dict[str, Any]) -> None:
-        ctx["supervisor"] = supervisor
-        if supervisor.history is None:
-            supervisor.history = History(ctx["redis"], settings.limits)
-        ctx["heartbeat"] = asyncio.create_task(beat(ctx["redis"], supervisor, settings))
-        log.info(
-            "worker_started",
-            worker=supervisor.info.id,
-            queue=settings.queue_name,
-            concurrency=settings.concurrency,
-        )
-
-    async def shutdown(ctx: dict[str, Any]) -> None:
-        if "heartbeat" in ctx:
-            await cancel_and_wait(ctx["heartbeat"])
-
     return Worker(
         functions=[
             func(
                 load_job,
                 name=FUNCTION_NAME,
+                max_tries=10_000,
                 timeout=settings.limits.timeout_ceiling_s + ARQ_TIMEOUT_MARGIN_S,
             )
         ],
@@ -106,16 +219,120 @@ def create_worker(
         poll_delay=settings.poll_delay_s,
         keep_result=settings.keep_result_s,
         job_serializer=wire.dumps,
-        job_deserializer=wire.loads,
-        on_startup=startup,
-        on_shutdown=shutdown,
-        handle_signals=handle_signals,
-        job_completion_wait=settings.shutdown_grace_s,
+        job_deserializer=job_deserializer,
+        ctx={"supervisor": supervisor, "book": book, "settings": settings},
+        handle_signals=False,
         retry_jobs=True,
         log_results=False,
-        # "workers alive" in status() means a heartbeat within this many seconds.
-        health_check_interval=10,
     )
+
+
+class WorkerRunner:
+    """Runs one worker until stopped: ``run()`` in a task, ``stop()`` from a signal or a test."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        burst: bool = False,
+        handle_signals: bool = True,
+        loaders: Mapping[ModelFormat, str] | None = None,
+        preload: Sequence[str] = (),
+    ) -> None:
+        self.settings = settings
+        self.burst = burst
+        self.handle_signals = handle_signals
+        self.supervisor = Supervisor(settings, loaders=loaders, preload=preload)
+        self.started = asyncio.Event()
+        self.worker: Worker | None = None
+        self._stop_requested = False
+        self._draining: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        """Run until stopped (or, in burst mode, until the queue is empty)."""
+        assert self.settings.redis_url
+        redis = aioredis.from_url(self.settings.redis_url, socket_connect_timeout=5)
+        book = JobBook(redis, self.settings)
+        self.supervisor.history = History(redis, self.settings.limits)
+        loop = asyncio.get_running_loop()
+        async with self.supervisor as sup:
+            side = [
+                asyncio.create_task(beat(redis, sup, self.settings)),
+                asyncio.create_task(book.watch_cancels()),
+            ]
+            if self.handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, self.stop)
+            try:
+                log.info(
+                    "worker_started",
+                    worker=sup.info.id,
+                    queue=self.settings.queue_name,
+                    concurrency=self.settings.concurrency,
+                )
+                self.started.set()
+                await self._run_arq(sup, book)
+            finally:
+                if self.handle_signals:
+                    for sig in (signal.SIGTERM, signal.SIGINT):
+                        loop.remove_signal_handler(sig)
+                for task in side:
+                    await cancel_and_wait(task)
+                if self._draining is not None:
+                    await cancel_and_wait(self._draining)
+                await redis.aclose()
+                log.info("worker_stopped", worker=sup.info.id)
+
+    async def _run_arq(self, sup: Supervisor, book: JobBook) -> None:
+        delay = 0.5
+        while not self._stop_requested:
+            self.worker = worker = create_worker(self.settings, sup, book, burst=self.burst)
+            try:
+                await worker.async_run()
+                return
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                return  # stop() cancelled arq's main task
+            except (RedisError, OSError) as exc:
+                log.warning("redis_lost", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                if worker.main_task is None or worker.main_task.done():
+                    await self._close(worker)
+
+    @staticmethod
+    async def _close(worker: Worker) -> None:
+        try:
+            await worker.close()
+        except (RedisError, OSError) as exc:  # Redis is gone: nothing left to tidy there
+            log.warning("worker_close_incomplete", error=str(exc))
+
+    def stop(self) -> None:
+        """First call: stop pulling, drain for the grace period, then stop; second call: at once.
+
+        Idempotent beyond that; safe to call from a signal handler (it only schedules work).
+        """
+        if self._stop_requested:
+            self._stop_now()
+            return
+        self._stop_requested = True
+        log.info("worker_stopping", grace_s=self.settings.shutdown_grace_s)
+        if self.worker is not None:
+            self.worker.allow_pick_jobs = False
+        self._draining = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        worker = self.worker
+        if worker is not None and worker.tasks:
+            await asyncio.wait(list(worker.tasks.values()), timeout=self.settings.shutdown_grace_s)
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        if self.worker is not None and self.worker.main_task is not None:
+            self.worker.handle_sig(signal.SIGTERM)  # cancels running jobs, then arq's main task
 
 
 async def run_worker(
@@ -125,23 +342,5 @@ async def run_worker(
     loaders: Mapping[ModelFormat, str] | None = None,
     preload: Sequence[str] = (),
 ) -> None:
-    """Start the fork server, run an arq worker until it is stopped (or, in burst mode, drained)."""
-    async with Supervisor(settings, loaders=loaders, preload=preload) as supervisor:
-        worker = create_worker(settings, supervisor, burst=burst)
-        try:
-            await worker.async_run()
-        except asyncio.CancelledError:
-            # arq's signal handler cancels its own main task; only a cancellation
-            # of *this* task is ours to propagate.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-        finally:
-            await worker.close()
-            log.info(
-                "worker_stopped",
-                worker=supervisor.info.id,
-                jobs_complete=worker.jobs_complete,
-                jobs_retried=worker.jobs_retried,
-                jobs_failed=worker.jobs_failed,
-            )
+    """Run a worker until SIGTERM/SIGINT (or, in burst mode, until the queue is drained)."""
+    await WorkerRunner(settings, burst=burst, loaders=loaders, preload=preload).run()

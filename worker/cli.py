@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from loadwarden.producer.client import Client
+from loadwarden.producer.client import Client, DeadLetter
 from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest, Outcome
 from loadwarden.producer.errors import CatalogError, ClientError, ContractError, LoadError
 from loadwarden.producer.preload import PreloadEntry, PreloadResult
@@ -437,6 +437,95 @@ def status(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
         typer.echo(queue.model_dump_json())
     else:
         _render.queue_status(queue)
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="The job to cancel.")],
+    redis: RedisOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel a job: a queued one never loads; a running one has its child killed at once."""
+
+    async def go() -> str:
+        async with Client(settings=_settings(redis)) as client:
+            return str(await client.cancel(job_id))
+
+    try:
+        state = asyncio.run(go())
+    except (ClientError, ContractError) as exc:
+        raise _no_answer(exc, as_json) from None
+    note = "already finished" if state == "complete" else f"cancel sent (it was {state})"
+    typer.echo(json.dumps({"job_id": job_id, "state": state}) if as_json else f"{job_id}: {note}")
+
+
+dead_app = typer.Typer(
+    help="Jobs that failed for good: list, retry or purge them.", no_args_is_help=True
+)
+app.add_typer(dead_app, name="dead")
+
+
+@dead_app.command("list")
+def dead_list(
+    count: Annotated[int, typer.Option(help="How many, newest first.", min=1)] = 100,
+    redis: RedisOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List dead letters: the final reports of jobs that failed for good."""
+
+    async def go() -> list[DeadLetter]:
+        async with Client(settings=_settings(redis)) as client:
+            return await client.dead_letters(count)
+
+    try:
+        letters = asyncio.run(go())
+    except (ClientError, ContractError) as exc:
+        raise _no_answer(exc, as_json) from None
+    if as_json:
+        typer.echo(json.dumps([letter.model_dump(mode="json") for letter in letters]))
+    else:
+        _render.dead_letters(letters)
+
+
+@dead_app.command("retry")
+def dead_retry(
+    ids: Annotated[
+        list[str] | None, typer.Argument(help="Dead-letter ids (from 'dead list').")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Retry every dead letter.")] = False,
+    redis: RedisOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Enqueue dead-lettered jobs again (as new jobs) and remove them from the dead letters."""
+    if not ids and not all_:
+        raise typer.BadParameter("name dead-letter ids, or --all")
+
+    async def go() -> list[str]:
+        async with Client(settings=_settings(redis)) as client:
+            return [h.job_id for h in await client.retry_dead(None if all_ else ids)]
+
+    try:
+        job_ids = asyncio.run(go())
+    except (ClientError, ContractError) as exc:
+        raise _no_answer(exc, as_json) from None
+    typer.echo(
+        json.dumps({"job_ids": job_ids}) if as_json else "\n".join(job_ids) or "nothing to retry"
+    )
+
+
+@dead_app.command("purge")
+def dead_purge(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
+    """Remove every dead letter."""
+
+    async def go() -> int:
+        async with Client(settings=_settings(redis)) as client:
+            return await client.purge_dead()
+
+    try:
+        removed = asyncio.run(go())
+    except (ClientError, ContractError) as exc:
+        raise _no_answer(exc, as_json) from None
+    typer.echo(json.dumps({"removed": removed}) if as_json else f"removed {removed} dead letter(s)")
 
 
 def main() -> None:

@@ -21,8 +21,7 @@ from loadwarden.producer.errors import LoadwardenError
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._redis_server import RedisServer
 from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.app import create_worker
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.app import WorkerRunner
 
 log = structlog.get_logger("loadwarden.embedded")
 
@@ -54,14 +53,19 @@ async def embedded(settings: Settings, *, state_dir: Path | None = None) -> Asyn
         await asyncio.to_thread(server.start)
         try:
             local = settings.model_copy(update={"redis_url": server.url})
-            async with Supervisor(local) as supervisor:
-                worker = create_worker(local, supervisor, handle_signals=False)
-                task = asyncio.create_task(worker.async_run(), name="loadwarden-embedded-worker")
-                log.info("embedded_started", server=server.binary, state_dir=str(state))
-                try:
-                    yield local
-                finally:
-                    await worker.close()  # cancels jobs still running; their children are killed
-                    await cancel_and_wait(task)
+            runner = WorkerRunner(local, handle_signals=False)
+            task = asyncio.create_task(runner.run(), name="loadwarden-embedded-worker")
+            started = asyncio.create_task(runner.started.wait())
+            await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():  # it failed to start: say why
+                await cancel_and_wait(started)
+                task.result()
+            log.info("embedded_started", server=server.binary, state_dir=str(state))
+            try:
+                yield local
+            finally:
+                runner.stop()
+                runner.stop()  # twice: no grace here, the batch is over
+                await asyncio.wait({task})
         finally:
             await asyncio.to_thread(server.close)

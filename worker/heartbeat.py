@@ -11,11 +11,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from loadwarden.producer.contract import WorkerStatus
+from loadwarden.producer.keys import WORKER_KEY_PREFIX
 from loadwarden.producer.settings import Settings
 from loadwarden.worker.supervisor import Supervisor
 
 #: ``<prefix><worker id>`` holds a WorkerStatus as JSON; it expires unless renewed.
-KEY_PREFIX = "loadwarden:worker:"
+KEY_PREFIX = WORKER_KEY_PREFIX
 #: Renewed this often; a worker missing for TTL_S is not alive.
 INTERVAL_S = 5.0
 TTL_S = 15

@@ -9,11 +9,12 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from loadwarden.producer.keys import HISTORY_KEY_PREFIX
 from loadwarden.producer.settings import LimitPolicy
 from loadwarden.worker._files import ModelFile
 from loadwarden.worker.limits import HistoryStats, stats_of
 
-KEY_PREFIX = "loadwarden:history:"
+KEY_PREFIX = HISTORY_KEY_PREFIX
 
 log = structlog.get_logger("loadwarden.history")
 

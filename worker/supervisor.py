@@ -31,7 +31,7 @@ from loadwarden.producer.contract import (
     Resources,
     WorkerInfo,
 )
-from loadwarden.producer.errors import ChildCrashed, LoadError, MemoryExceeded
+from loadwarden.producer.errors import ChildCrashed, LoadCancelled, LoadError, MemoryExceeded
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _version
 from loadwarden.worker._child_run import ChildRun, run_child
@@ -138,8 +138,12 @@ class Supervisor:
         job_id: str | None = None,
         attempt: int = 1,
         enqueued_at: datetime | None = None,
+        cancel: asyncio.Event | None = None,
     ) -> LoadReport:
-        """Run one load to its end and return its report; never raises for a bad file."""
+        """Run one load to its end and return its report; never raises for a bad file.
+
+        Setting ``cancel`` kills the child at once and ends the load ``cancelled``.
+        """
         job_id = job_id or uuid.uuid4().hex
         log = self._log.bind(job_id=job_id, source=request.source, attempt=attempt)
         started_at = _now()
@@ -147,7 +151,7 @@ class Supervisor:
         error: LoadError | None = None
         self.in_flight[job_id] = request.source
         try:
-            error = await self._load(request, state, log)
+            error = await self._load(request, state, log, cancel)
         except LoadError as exc:
             error = exc
         except SandboxError as exc:  # the machinery failed, not the file: worth a retry
@@ -172,6 +176,7 @@ class Supervisor:
         request: LoadRequest,
         state: _Loaded,
         log: FilteringBoundLogger,
+        cancel: asyncio.Event | None,
     ) -> LoadError | None:
         opened = await open_source(
             request.source, expected_sha256=request.sha256, policy=self.settings.sources
@@ -184,6 +189,8 @@ class Supervisor:
                 summary.bytes, request.limits, self.settings.limits, history
             )
             async with self.admission.reserve(limits.memory_bytes):
+                if cancel is not None and cancel.is_set():
+                    raise LoadCancelled("cancelled before the load began", code="cancelled")
                 state.run = run = await run_child(
                     self.forkserver,
                     self._spec(model_file, summary, limits, request),
@@ -192,8 +199,11 @@ class Supervisor:
                     cgroups=self.cgroups,
                     sample_interval_s=self.settings.sample_interval_s,
                     log=log,
+                    cancel=cancel,
                 )
         assert run.ended is not None  # run_child always ends with stop_child
+        if run.cancelled:
+            return LoadCancelled("cancelled while loading; the child was killed", code="cancelled")
         error = run.protocol_error or classify(
             run.final,
             run.ended,

@@ -1,0 +1,26 @@
+"""Where loadwarden keeps things in Redis beside arq's own keys: one place, for both sides."""
+
+from __future__ import annotations
+
+import hashlib
+
+from loadwarden.producer.contract import LoadRequest
+
+#: The attempts of a job so far, as a JSON list of Attempt, until it ends.
+ATTEMPTS_KEY_PREFIX = "loadwarden:attempts:"
+#: Set when a producer cancels a job; the job id is also published on CANCEL_CHANNEL.
+CANCEL_KEY_PREFIX = "loadwarden:cancel:"
+CANCEL_CHANNEL = "loadwarden:cancel"
+#: The job id of a request that is queued or running (so enqueueing it again returns it).
+DEDUPE_KEY_PREFIX = "loadwarden:dedupe:"
+#: A capped stream of the final reports of jobs that failed for good.
+DEAD_LETTER_STREAM = "loadwarden:dead"
+#: Each worker's heartbeat (a WorkerStatus as JSON), expiring unless renewed.
+WORKER_KEY_PREFIX = "loadwarden:worker:"
+#: Per-model load history (see loadwarden.worker.history).
+HISTORY_KEY_PREFIX = "loadwarden:history:"
+
+
+def dedupe_key(request: LoadRequest) -> str:
+    """The key naming one request's content (labels included: they are part of what was asked)."""
+    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()

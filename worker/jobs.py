@@ -1,0 +1,148 @@
+"""A job's bookkeeping in Redis beyond arq's own: attempts, lease, cancel flag, dead letters.
+
+Keys (all JSON, never pickle):
+  loadwarden:attempts:<job>   the attempts so far (a list of Attempt), until the job ends
+  loadwarden:cancel:<job>     set by a producer's cancel; also published on CANCEL_CHANNEL
+  loadwarden:dedupe:<hash>    the job id of a queued or running request (idempotent enqueue)
+  loadwarden:dead             a capped stream of final reports of jobs that failed for good
+  arq:in-progress:<job>       arq's own marker, whose expiry we keep short: the crash lease
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import structlog
+from arq.constants import in_progress_key_prefix
+from pydantic import TypeAdapter, ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from loadwarden.producer.contract import Attempt, LoadReport, LoadRequest, Outcome
+from loadwarden.producer.keys import (
+    ATTEMPTS_KEY_PREFIX,
+    CANCEL_CHANNEL,
+    CANCEL_KEY_PREFIX,
+    DEAD_LETTER_STREAM,
+    DEDUPE_KEY_PREFIX,
+    dedupe_key,
+)
+from loadwarden.producer.settings import Settings
+
+log = structlog.get_logger("loadwarden.jobs")
+
+_attempts = TypeAdapter(list[Attempt])
+#: How long a job's attempts and cancel flag outlive it (a producer may come back late).
+BOOK_TTL_S = 7 * 86_400
+
+
+class JobBook:
+    """Per-job bookkeeping for one worker, on its own Redis connection."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:  # type: ignore[type-arg]
+        self.redis = redis
+        self.settings = settings
+        self._cancel_events: dict[str, asyncio.Event] = {}
+
+    async def attempts(self, job_id: str) -> list[Attempt]:
+        """Attempts recorded so far (a placeholder still marked ``worker_lost`` was lost)."""
+        raw = await self.redis.get(ATTEMPTS_KEY_PREFIX + job_id)
+        try:
+            recorded = _attempts.validate_json(raw) if raw else []
+        except ValidationError:
+            recorded = []
+        return recorded
+
+    async def save_attempts(self, job_id: str, attempts: list[Attempt]) -> None:
+        await self.redis.set(ATTEMPTS_KEY_PREFIX + job_id, _attempts.dump_json(attempts),
+                             ex=BOOK_TTL_S)  # fmt: skip
+
+    async def is_cancelled(self, job_id: str) -> bool:
+        return bool(await self.redis.exists(CANCEL_KEY_PREFIX + job_id))
+
+    def cancel_event(self, job_id: str) -> asyncio.Event:
+        """An event set when a producer cancels this job (while it runs here)."""
+        return self._cancel_events.setdefault(job_id, asyncio.Event())
+
+    def forget(self, job_id: str) -> None:
+        self._cancel_events.pop(job_id, None)
+
+    async def watch_cancels(self) -> None:
+        """Follow the cancel channel until cancelled; reconnect with backoff when Redis drops."""
+        delay = 0.5
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(CANCEL_CHANNEL)
+                    delay = 0.5
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        job_id = message["data"].decode(errors="replace")
+                        if job_id in self._cancel_events:
+                            self._cancel_events[job_id].set()
+                        # A cancel may arrive before the load starts: the flag key covers that.
+            except (RedisError, OSError) as exc:
+                log.warning("cancel_watch_lost", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, job_id: str) -> AsyncIterator[None]:
+        """Keep arq's in-progress marker alive only while we live: if this worker dies, the
+        marker lapses after ``lease_s`` and another worker runs the job."""
+        key = in_progress_key_prefix + job_id
+        lease_ms = int(self.settings.lease_s * 1000)
+
+        async def renew() -> None:
+            while True:
+                try:
+                    await self.redis.pexpire(key, lease_ms)
+                except (RedisError, OSError) as exc:
+                    log.warning("lease_renewal_failed", job_id=job_id, error=str(exc))
+                await asyncio.sleep(self.settings.lease_renew_s)
+
+        task = asyncio.create_task(renew(), name=f"loadwarden-lease-{job_id}")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def finish(self, job_id: str, request: LoadRequest | None, report: LoadReport) -> None:
+        """The job ended for good: drop its bookkeeping; dead-letter it unless ok or cancelled."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(ATTEMPTS_KEY_PREFIX + job_id, CANCEL_KEY_PREFIX + job_id)
+            if request is not None:
+                pipe.delete(DEDUPE_KEY_PREFIX + dedupe_key(request))
+            if report.outcome not in (Outcome.OK, Outcome.CANCELLED):
+                fields = {
+                    "job_id": job_id,
+                    "outcome": str(report.outcome),
+                    "request": request.model_dump_json() if request else "null",
+                    "report": report.model_dump_json(),
+                    "at": datetime.now(UTC).isoformat(),
+                }
+                pipe.xadd(DEAD_LETTER_STREAM, fields,  # type: ignore[arg-type]
+                          maxlen=self.settings.dead_letter_maxlen, approximate=True)  # fmt: skip
+            await pipe.execute()
+
+    async def dead_letter_raw(self, job_id: str, payload: str, report: LoadReport) -> None:
+        """Dead-letter a job whose payload was not a request at all (kept as text, truncated)."""
+        fields = {
+            "job_id": job_id,
+            "outcome": str(report.outcome),
+            "request": json.dumps(payload[:4096]),
+            "report": report.model_dump_json(),
+            "at": datetime.now(UTC).isoformat(),
+        }
+        await self.redis.xadd(
+            DEAD_LETTER_STREAM,
+            fields,  # type: ignore[arg-type]
+            maxlen=self.settings.dead_letter_maxlen,
+            approximate=True,
+        )
