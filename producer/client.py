@@ -70,6 +70,10 @@ _FROM_ARQ = {
 }
 
 
+#: Hosts' clocks differ by this much at most (NTP keeps them far closer).
+CLOCK_SKEW_MS = 1000
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -382,7 +386,8 @@ class Client:
     async def status(self) -> QueueStatus:
         """Queue depth, jobs in progress, and the live workers' heartbeats."""
         redis = await self.redis()
-        now = _now_ms()
+        # Deferred: scored beyond now plus clock skew between this host and the enqueuer.
+        now = _now_ms() + CLOCK_SKEW_MS
         # arq keeps running jobs in the queue's sorted set too, scored in the past.
         due = await _guard(redis.zcount(self.queue_name, "-inf", now))
         deferred = await _guard(redis.zcount(self.queue_name, f"({now}", "+inf"))

@@ -84,3 +84,10 @@ def tcp_connect(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 
     socket.create_connection(("127.0.0.1", 6379), timeout=2).close()
     return load_safetensors(fd, spec)
+
+
+@register_loader("brief")
+def brief(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Take a fifth of a second, then load for real."""
+    threading.Event().wait(0.2)
+    return load_safetensors(fd, spec)

@@ -148,3 +148,33 @@ def test_enqueue_wait_without_redis_runs_embedded(small_model: Path, tmp_path: P
     assert "running embedded" in result.stderr
     assert LoadReport.model_validate_json(result.stdout).outcome is Outcome.OK
     assert run("enqueue", str(small_model), env=env).returncode == 2
+
+
+def test_cancel_and_dead_letters_from_the_cli(redis_url: str, bad_model: Path) -> None:
+    """`cancel` answers for a queued job; `dead list`, `dead retry` and `dead purge` work."""
+    import asyncio
+
+    from loadwarden.producer.client import Client
+    from loadwarden.producer.settings import Settings
+    from loadwarden.worker.app import WorkerRunner
+
+    env = {"LOADWARDEN_REDIS_URL": redis_url}
+    queued = json.loads(run("enqueue", str(bad_model), "--json", env=env).stdout)["job_id"]
+    cancelled = run("cancel", queued, "--json", env=env)
+    assert json.loads(cancelled.stdout) == {"job_id": queued, "state": "queued"}
+    assert run("cancel", "no-such-job", env=env).returncode == EXIT_NO_ANSWER
+
+    async def drain() -> None:
+        # A worker in burst mode: runs what is queued (the cancelled job, a bad file), then stops.
+        settings = Settings(redis_url=redis_url)
+        async with Client(settings=settings) as client:
+            await client.enqueue(LoadRequest(source=str(bad_model), labels={"second": "yes"}))
+        await WorkerRunner(settings, burst=True, handle_signals=False).run()
+
+    asyncio.run(drain())
+    dead = json.loads(run("dead", "list", "--json", env=env).stdout)
+    assert [d["outcome"] for d in dead] == ["invalid"]  # the cancelled job is not dead-lettered
+    retried = json.loads(run("dead", "retry", dead[0]["id"], "--json", env=env).stdout)
+    assert len(retried["job_ids"]) == 1
+    assert json.loads(run("dead", "list", "--json", env=env).stdout) == []
+    assert json.loads(run("dead", "purge", "--json", env=env).stdout) == {"removed": 0}

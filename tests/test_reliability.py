@@ -1,0 +1,262 @@
+"""When things break: dead workers, a restarted Redis, cancels, retries, dead letters, repeats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from loadwarden.producer.client import Client, JobState
+from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome, RetryPolicy
+from loadwarden.producer.keys import ATTEMPTS_KEY_PREFIX
+from loadwarden.producer.settings import Settings
+from loadwarden.worker._redis_server import RedisServer
+from loadwarden.worker.app import WorkerRunner
+from tests.conftest import TEST_LOADERS, call_until
+
+WORKER = """
+import asyncio, sys
+from loadwarden.producer.keys import ATTEMPTS_KEY_PREFIX
+from loadwarden.producer.contract import ModelFormat
+from loadwarden.producer.settings import Settings
+from loadwarden.worker.app import run_worker
+from loadwarden.worker.logs import configure_logging
+configure_logging("info", json=True)
+settings = Settings(redis_url=sys.argv[1], concurrency=4, lease_s=2, lease_renew_s=0.5)
+loaders = {ModelFormat.SAFETENSORS: sys.argv[2]}
+asyncio.run(run_worker(settings, loaders=loaders, preload=[sys.argv[3]]))
+"""
+
+
+def _sandbox_processes(supervisor_pid: int) -> list[int]:
+    """Fork servers and load children of one supervisor, wherever they have been reparented."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
+        cmd = proc.info["cmdline"] or []
+        if "loadwarden.worker.sandbox._forkserver" in cmd and str(supervisor_pid) in cmd:
+            found.append(proc.pid)
+    return found
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[[str, str], subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(redis_url: str, loader: str = "brief") -> subprocess.Popen[bytes]:
+        log = tmp_path / f"worker-{len(procs)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", WORKER, redis_url, loader, TEST_LOADERS],
+                stdout=out,
+                stderr=out,
+                stdin=subprocess.DEVNULL,
+                cwd=Path(__file__).parent.parent,
+            )
+        procs.append(proc)
+        call_until(lambda: b"worker_started" in log.read_bytes() or proc.poll() is not None, 30)
+        assert proc.poll() is None, log.read_text()
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(30)
+
+
+async def _reports(client: Client, job_ids: list[str], timeout_s: float) -> dict[str, object]:
+    reports = await asyncio.gather(*(client.report(j, timeout_s=timeout_s) for j in job_ids))
+    return dict(zip(job_ids, reports, strict=True))
+
+
+async def test_sigkill_mid_batch_loses_nothing(
+    start_worker: Callable[..., subprocess.Popen[bytes]], redis_url: str, small_model: Path
+) -> None:
+    """kill -9 of a worker mid-batch: every job gets one report, reruns come within lease + 5 s."""
+    doomed = start_worker(redis_url, "slow")
+    start_worker(redis_url, "slow")
+    async with Client(redis_url) as client:
+        handles = [
+            await client.enqueue(LoadRequest(source=str(small_model), labels={"n": str(i)}))
+            for i in range(50)
+        ]
+        job_ids = [h.job_id for h in handles]
+
+        redis = await client.redis()
+
+        async def doomed_is_busy() -> list[str]:
+            """Jobs whose current attempt belongs to the doomed worker (its attempt placeholder)."""
+            status = await client.status()
+            ids = {w.id for w in status.workers if w.pid == doomed.pid}
+            raws = await redis.mget([ATTEMPTS_KEY_PREFIX + j for j in job_ids])
+            return [
+                j
+                for j, raw in zip(job_ids, raws, strict=True)
+                if raw
+                and json.loads(raw)[-1]["worker"] in ids
+                and json.loads(raw)[-1]["error_code"] == "worker_lost"
+            ]
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not (orphaned := await doomed_is_busy()):
+            assert loop.time() < deadline, "the doomed worker never took a job"
+            await asyncio.sleep(0.05)
+        doomed.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        doomed.wait(10)
+        # Its fork server and children die with it (PR_SET_PDEATHSIG), not left loading.
+        call_until(lambda: not _sandbox_processes(doomed.pid), 5)
+        orphan_reports = await _reports(client, orphaned, timeout_s=2 + 5 + 10)
+        rerun_within = time.monotonic() - killed_at
+        reports = await _reports(client, job_ids, timeout_s=60)
+    assert rerun_within < 2 + 5 + 10  # lease 2 s + 5 s, plus the rerun's own load time
+    assert all(r.outcome is Outcome.OK for r in reports.values())  # type: ignore[attr-defined]
+    for job_id in orphaned:
+        attempts = orphan_reports[job_id].attempts  # type: ignore[attr-defined]
+        assert [a.error_code for a in attempts[:-1]] == ["worker_lost"]
+        assert sum(a.outcome is Outcome.OK for a in attempts) == 1
+
+
+async def test_redis_restart_mid_batch(
+    start_worker: Callable[..., subprocess.Popen[bytes]], small_model: Path, tmp_path: Path
+) -> None:
+    """Redis (AOF on) stopped and started during a batch: every job still ends with a report."""
+    server = RedisServer(appendonly=True, data_dir=tmp_path / "redis").start()
+    try:
+        start_worker(server.url)
+        async with Client(server.url) as client:
+            job_ids = [
+                (
+                    await client.enqueue(LoadRequest(source=str(small_model), labels={"n": str(i)}))
+                ).job_id
+                for i in range(20)
+            ]
+            await client.report(job_ids[0], timeout_s=30)  # the batch is under way
+        server.stop()
+        server.start()
+        async with Client(server.url) as client:
+            reports = await _reports(client, job_ids, timeout_s=90)
+        assert all(r.outcome is Outcome.OK for r in reports.values())  # type: ignore[attr-defined]
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def hanging_worker(settings: Settings) -> AsyncIterator[WorkerRunner]:
+    runner = WorkerRunner(
+        settings, handle_signals=False, preload=[TEST_LOADERS], loaders={"safetensors": "hang"}
+    )  # type: ignore[dict-item]
+    task = asyncio.create_task(runner.run())
+    await asyncio.wait_for(runner.started.wait(), 30)
+    yield runner
+    runner.stop()
+    runner.stop()
+    await asyncio.wait_for(task, 30)
+
+
+async def test_cancel_a_queued_job(settings: Settings, small_model: Path) -> None:
+    """A job cancelled while queued never loads: no child starts, its report says cancelled."""
+    async with Client(settings=settings) as client:
+        handle = await client.enqueue(LoadRequest(source=str(small_model)))
+        assert await handle.cancel() is JobState.QUEUED
+        runner = WorkerRunner(settings, handle_signals=False)
+        task = asyncio.create_task(runner.run())
+        try:
+            report = await handle.report(timeout_s=30)
+        finally:
+            runner.stop()
+            runner.stop()
+            await asyncio.wait_for(task, 30)
+    assert report.outcome is Outcome.CANCELLED
+    assert runner.supervisor.forkserver.spawned == 0
+    assert await _no_dead_letters(settings)
+
+
+async def _no_dead_letters(settings: Settings) -> bool:
+    async with Client(settings=settings) as client:
+        return await client.dead_letters() == []
+
+
+async def test_cancel_a_running_job(
+    hanging_worker: WorkerRunner, settings: Settings, small_model: Path
+) -> None:
+    """A running job's child is killed at once and the job ends cancelled (not timeout)."""
+    async with Client(settings=settings) as client:
+        handle = await client.enqueue(LoadRequest(source=str(small_model)))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not hanging_worker.supervisor.forkserver.spawned:  # its child is loading
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        assert await handle.cancel() is JobState.RUNNING
+        started = loop.time()
+        report = await handle.report(timeout_s=10)
+    assert report.outcome is Outcome.CANCELLED
+    assert report.error is not None and report.error.type == "LoadCancelled"
+    assert loop.time() - started < 2
+    assert report.resources is not None  # a child ran, and was stopped
+
+
+async def test_retries_then_dead_letter(
+    hanging_worker: WorkerRunner, settings: Settings, small_model: Path
+) -> None:
+    """A timeout is retried with backoff up to max_attempts; then the job is dead-lettered."""
+    request = LoadRequest(
+        source=str(small_model),
+        limits=LimitOverrides(timeout_seconds=0.3),
+        retry=RetryPolicy(max_attempts=3, base_s=0.05, max_s=0.1),
+    )
+    async with Client(settings=settings) as client:
+        report = await (await client.enqueue(request)).report(timeout_s=30)
+        dead = await client.dead_letters()
+        assert [d.job_id for d in dead] == [report.job_id]
+        retried = await client.retry_dead([dead[0].id])
+        assert len(retried) == 1 and await client.dead_letters() == []
+        assert await client.purge_dead() == 0
+    assert report.outcome is Outcome.TIMEOUT
+    assert [a.number for a in report.attempts] == [1, 2, 3]
+    assert all(a.outcome is Outcome.TIMEOUT for a in report.attempts)
+    assert [a.delay_s is not None for a in report.attempts] == [True, True, False]
+    assert all(0 <= (a.delay_s or 0) <= 0.1 for a in report.attempts)
+
+
+async def test_same_request_twice_is_one_job(settings: Settings, small_model: Path) -> None:
+    """Enqueueing a request that is already queued returns its job; a caller may name the id."""
+    async with Client(settings=settings) as client:
+        request = LoadRequest(source=str(small_model))
+        first = await client.enqueue(request)
+        second = await client.enqueue(request)
+        other = await client.enqueue(request.model_copy(update={"labels": {"x": "y"}}))
+        named = await client.enqueue(request, job_id="my-own-id")
+        status = await client.status()
+    assert first.job_id == second.job_id != other.job_id
+    assert named.job_id == "my-own-id"
+    assert (status.ready, status.deferred, status.running, status.dead_letters) == (3, 0, 0, 0)
+
+
+def test_status_lists_live_workers(
+    start_worker: Callable[..., subprocess.Popen[bytes]], redis_url: str
+) -> None:
+    """`loadwarden status --json` shows each live worker's heartbeat with its budget."""
+    worker = start_worker(redis_url)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "loadwarden"), "status", "--json", "--redis", redis_url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    status = json.loads(out.stdout)
+    [me] = [w for w in status["workers"] if w["pid"] == worker.pid]
+    assert me["memory_budget_bytes"] > 0 and me["concurrency"] == 4
+    assert os.getpid() != me["pid"]
