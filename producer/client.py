@@ -359,7 +359,10 @@ class Client:
                     return stored
                 raise JobNotFound(f"no job {job_id!r} is queued, running or finished")
             if deadline is not None and loop.time() >= deadline:
-                raise ReportTimeout(f"no report for job {job_id} within {timeout_s:g} s")
+                state = await self.job_state(job_id)
+                raise ReportTimeout(
+                    f"job {job_id} has no report yet (it is {state}; waited {timeout_s:g} s)"
+                )
             await asyncio.sleep(REPORT_POLL_S)
 
     async def preload(

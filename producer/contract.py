@@ -159,6 +159,14 @@ class ErrorInfo(_Model):
         )
 
 
+class Sample(_Model):
+    """One psutil sample of a running load, ``t_s`` seconds after its first."""
+
+    t_s: NonNegFloat
+    rss_bytes: NonNegInt
+    cpu_s: NonNegFloat
+
+
 class Resources(_Model):
     """What a load cost, measured (never assumed)."""
 
@@ -171,6 +179,7 @@ class Resources(_Model):
     cgroup_peak_bytes: NonNegInt | None = Field(
         default=None, description="peak of the load's cgroup (memory and page cache it charged)"
     )
+    series: list[Sample] = Field(default=[], description="at most 120 samples, evenly thinned")
 
 
 class Attempt(_Model):

@@ -24,3 +24,13 @@ HISTORY_KEY_PREFIX = "loadwarden:history:"
 def dedupe_key(request: LoadRequest) -> str:
     """The key naming one request's content (labels included: they are part of what was asked)."""
     return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+
+
+#: Running jobs, scored by when their lease lapses (a dead worker's jobs drop out by themselves).
+RUNNING_ZSET = "loadwarden:running"
+#: Live workers, scored by when their heartbeat lapses.
+WORKERS_ZSET = "loadwarden:workers"
+#: Finished jobs, scored by when they finished (the recent service rate, for autoscaling).
+COMPLETIONS_ZSET = "loadwarden:completions"
+#: How long completions are kept for the service-rate estimate.
+COMPLETIONS_WINDOW_S = 900

@@ -197,6 +197,14 @@ class Settings(BaseSettings):
     # Left for the supervisor, Redis clients and the page cache: 512 MiB covers a
     # worker's own ~100 MiB several times over.
     memory_reserve_bytes: Annotated[int, Field(ge=0)] = 512 * MiB
+    # Serve /metrics, /livez and /readyz here (None: no HTTP server).
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    metrics_host: str = "0.0.0.0"
+    # Log (and count) a load that crosses this fraction of a limit: early warning
+    # before the limit itself stops it.
+    threshold_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
+    # A load this many times beyond its history's p95 (wall or peak) is an anomaly.
+    anomaly_factor: Annotated[float, Field(gt=1)] = 3.0
     # The crash lease: a job whose worker stops renewing it runs again this soon
     # (arq alone waits for its longest timeout + 10 s, an hour here).
     lease_s: Annotated[float, Field(gt=0)] = 30.0

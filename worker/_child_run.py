@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
-from loadwarden.producer.contract import Limits
+from loadwarden.producer.contract import Limits, Sample
 from loadwarden.producer.errors import ChildCrashed, LoadError
 from loadwarden.worker._outcome import Loaded, Raised, Ready, parse_message
 from loadwarden.worker._tasks import cancel_and_wait
@@ -46,6 +46,7 @@ class ChildRun:
     sampled_read: int = 0
     cgroup_oom: bool = False
     cgroup_peak_bytes: int | None = None
+    series: list[Sample] = field(default_factory=list)
     confinement: list[str] = field(default_factory=list)
 
 
@@ -123,6 +124,8 @@ async def run_child(
     sample_interval_s: float,
     log: FilteringBoundLogger,
     cancel: asyncio.Event | None = None,
+    threshold_fraction: float = 0.8,
+    on_threshold: Callable[[str], object] | None = None,
 ) -> ChildRun:
     """Run one load in a fresh child and always stop it; never leaves a process behind."""
     loop = asyncio.get_running_loop()
@@ -132,7 +135,14 @@ async def run_child(
     except SandboxError as exc:
         raise ChildCrashed(f"could not start a child: {exc.message}", code="sandbox") from None
     started = loop.time()
-    monitor = Monitor(child.pid, sample_interval_s, log)
+    monitor = Monitor(
+        child.pid,
+        sample_interval_s,
+        log,
+        limits=limits,
+        threshold_fraction=threshold_fraction,
+        on_threshold=on_threshold,
+    )
     sampling: list[asyncio.Task[None]] = []
     cgroup: Cgroup | None = None
     try:
@@ -172,6 +182,7 @@ async def run_child(
     run.samples = monitor.usage.samples
     run.sampled_peak_rss = monitor.usage.peak_rss_bytes
     run.sampled_read = monitor.usage.read_chars
+    run.series = monitor.usage.series
     if run.timed_out:
         log.warning(
             "child_killed",

@@ -215,3 +215,35 @@ def dead_letters(letters: Sequence[DeadLetter]) -> None:
             r.error.code if r.error else "",
         )
     console.print(table)
+
+
+_BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float]) -> str:
+    """Values as a line of block characters, scaled to their own maximum."""
+    top = max(values, default=0.0)
+    if top <= 0:
+        return _BLOCKS[1] * len(values)
+    return "".join(_BLOCKS[max(1, round(v / top * (len(_BLOCKS) - 1)))] for v in values)
+
+
+def resource_chart(r: LoadReport) -> None:
+    """Memory and CPU of a load over time, from the samples kept in its report."""
+    series = r.resources.series if r.resources else []
+    if len(series) < 2:
+        console.print(
+            "[dim]no samples to chart (the load was shorter than one sampling interval)[/dim]"
+        )
+        return
+    rss = [s.rss_bytes for s in series]
+    busy = [0.0] + [
+        max(0.0, (b.cpu_s - a.cpu_s) / (b.t_s - a.t_s)) if b.t_s > a.t_s else 0.0
+        for a, b in zip(series, series[1:], strict=False)
+    ]
+    span = series[-1].t_s
+    console.print(f"memory  {sparkline(rss)}  peak {_size(max(rss))}")
+    console.print(f"cpu     {sparkline(busy)}  peak {max(busy) * 100:.0f}% of a core")
+    console.print(
+        f"        0 s{' ' * max(1, len(series) - 8)}{span:.1f} s  ({len(series)} samples)"
+    )

@@ -36,9 +36,12 @@ from loadwarden.producer.errors import (
 )
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker.autoscale_glue import desired_from_counts
 from loadwarden.worker.heartbeat import beat
 from loadwarden.worker.history import History
 from loadwarden.worker.jobs import JobBook
+from loadwarden.worker.metrics import Metrics, queue_counts
+from loadwarden.worker.probes import Probes
 from loadwarden.worker.retry import backoff_s, retry_on, should_retry
 from loadwarden.worker.supervisor import Supervisor
 
@@ -179,6 +182,7 @@ async def _attempt(
     delay = round(backoff_s(number, request.retry), 3)
     attempt = report.attempts[-1].model_copy(update={"delay_s": delay})
     await book.save_attempts(job_id, [*previous, attempt])
+    sup.metrics.retries.inc()
     log.info(
         "job_retry_scheduled",
         job_id=job_id,
@@ -247,19 +251,44 @@ class WorkerRunner:
         self.worker: Worker | None = None
         self._stop_requested = False
         self._draining: asyncio.Task[None] | None = None
+        self.probes: Probes | None = None
+        self.redis: aioredis.Redis | None = None  # type: ignore[type-arg]
+
+    async def readiness(self) -> tuple[bool, str]:
+        """Ready: Redis answers, the fork server is alive, and we are not shutting down."""
+        if self._stop_requested:
+            return False, "shutting down"
+        if not self.supervisor.forkserver.alive:
+            return False, "fork server not running"
+        try:
+            assert self.redis is not None
+            await asyncio.wait_for(self.redis.ping(), 1.0)
+        except (RedisError, OSError, TimeoutError, AssertionError) as exc:
+            return False, f"Redis does not answer: {exc}"
+        return True, "ready"
 
     async def run(self) -> None:
         """Run until stopped (or, in burst mode, until the queue is empty)."""
         assert self.settings.redis_url
         redis = aioredis.from_url(self.settings.redis_url, socket_connect_timeout=5)
-        book = JobBook(redis, self.settings)
+        self.redis = redis
+        book = JobBook(redis, self.settings, self.supervisor.metrics)
         self.supervisor.history = History(redis, self.settings.limits)
         loop = asyncio.get_running_loop()
         async with self.supervisor as sup:
             side = [
                 asyncio.create_task(beat(redis, sup, self.settings)),
                 asyncio.create_task(book.watch_cancels()),
+                asyncio.create_task(update_queue_gauges(redis, sup.metrics, self.settings)),
             ]
+            if self.settings.metrics_port is not None:
+                self.probes = Probes(
+                    sup.metrics.registry,
+                    self.readiness,
+                    host=self.settings.metrics_host,
+                    port=self.settings.metrics_port,
+                )
+                await self.probes.start()
             if self.handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self.stop)
@@ -280,6 +309,8 @@ class WorkerRunner:
                     await cancel_and_wait(task)
                 if self._draining is not None:
                     await cancel_and_wait(self._draining)
+                if self.probes is not None:
+                    await self.probes.close()
                 await redis.aclose()
                 log.info("worker_stopped", worker=sup.info.id)
 
@@ -333,6 +364,27 @@ class WorkerRunner:
     def _stop_now(self) -> None:
         if self.worker is not None and self.worker.main_task is not None:
             self.worker.handle_sig(signal.SIGTERM)  # cancels running jobs, then arq's main task
+
+
+async def update_queue_gauges(
+    redis: aioredis.Redis,
+    metrics: Metrics,  # type: ignore[type-arg]
+    settings: Settings,
+    interval_s: float = 5.0,
+) -> None:
+    """Refresh the queue gauges every ``interval_s`` until cancelled (cheap sorted-set counts)."""
+    while True:
+        try:
+            counts = await queue_counts(redis, settings.queue_name)
+        except (RedisError, OSError) as exc:
+            log.debug("queue_gauges_failed", error=str(exc))
+        else:
+            for state in ("ready", "deferred", "running"):
+                metrics.queue.labels(state=state).set(counts[state])
+            metrics.dead_letter_jobs.set(counts["dead"])
+            metrics.workers_alive.set(counts["workers"])
+            metrics.desired_workers.set(desired_from_counts(counts, settings))
+        await asyncio.sleep(interval_s)
 
 
 async def run_worker(

@@ -103,6 +103,12 @@ def worker(
         int | None, typer.Option(help="Loads run at once (default 2).", min=1)
     ] = None,
     burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve /metrics, /livez and /readyz on this port (LOADWARDEN_METRICS_PORT)."
+        ),
+    ] = None,
     allow_root: Annotated[
         list[Path] | None,
         typer.Option(
@@ -116,7 +122,7 @@ def worker(
     """Run a worker: pull load jobs from Redis and run each in a confined child."""
     from loadwarden.worker.app import run_worker
 
-    settings = _settings(redis, concurrency=concurrency)
+    settings = _settings(redis, concurrency=concurrency, metrics_port=metrics_port)
     if allow_root:
         settings = _with_roots(settings, *(root.resolve() for root in allow_root))
     if not settings.redis_url:
@@ -422,6 +428,30 @@ def calibrate(
 
 
 @app.command()
+def show(
+    job_id: Annotated[str, typer.Argument(help="The job whose report to show.")],
+    redis: RedisOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a job's report and a chart of its memory and CPU over time."""
+
+    async def go() -> LoadReport:
+        async with Client(settings=_settings(redis)) as client:
+            return await client.report(job_id, timeout_s=0)
+
+    try:
+        found = asyncio.run(go())
+    except (ClientError, ContractError) as exc:
+        raise _no_answer(exc, as_json) from None
+    if as_json:
+        typer.echo(found.model_dump_json())
+    else:
+        _render.report(found)
+        _render.resource_chart(found)
+    raise typer.Exit(EXIT_OK if found.outcome is Outcome.OK else EXIT_OUTCOME)
+
+
+@app.command()
 def status(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     """Show queue depth, jobs in progress and whether a worker is alive."""
 
@@ -526,6 +556,24 @@ def dead_purge(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     except (ClientError, ContractError) as exc:
         raise _no_answer(exc, as_json) from None
     typer.echo(json.dumps({"removed": removed}) if as_json else f"removed {removed} dead letter(s)")
+
+
+@app.command()
+def exporter(
+    redis: RedisOpt = None,
+    port: Annotated[int, typer.Option(help="Serve /metrics, /livez and /readyz here.")] = 9401,
+    log_level: LogOpt = "info",
+) -> None:
+    """Export the queue's gauges for Prometheus and autoscalers (runs with zero workers too)."""
+    from loadwarden.worker.exporter import run_exporter
+
+    settings = _settings(redis)
+    if not settings.redis_url:
+        raise typer.BadParameter(
+            "the exporter needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
+        )
+    configure_logging(log_level)
+    asyncio.run(run_exporter(settings, port))
 
 
 def main() -> None:

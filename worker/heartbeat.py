@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from datetime import UTC, datetime
 
 import structlog
@@ -11,7 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from loadwarden.producer.contract import WorkerStatus
-from loadwarden.producer.keys import WORKER_KEY_PREFIX
+from loadwarden.producer.keys import WORKER_KEY_PREFIX, WORKERS_ZSET
 from loadwarden.producer.settings import Settings
 from loadwarden.worker.supervisor import Supervisor
 
@@ -53,10 +54,16 @@ async def beat(redis: Redis, supervisor: Supervisor, settings: Settings) -> None
         while True:
             status = worker_status(supervisor, settings, started_at)
             try:
-                await redis.set(key, status.model_dump_json(), ex=TTL_S)
+                async with redis.pipeline(transaction=False) as pipe:
+                    pipe.set(key, status.model_dump_json(), ex=TTL_S)
+                    pipe.zadd(
+                        WORKERS_ZSET, {supervisor.info.id: int(time.time() * 1000) + TTL_S * 1000}
+                    )
+                    await pipe.execute()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat_failed", error=str(exc))
             await asyncio.sleep(INTERVAL_S)
     finally:
         with contextlib.suppress(RedisError, OSError):  # else it expires on its own
             await asyncio.shield(redis.delete(key))
+            await asyncio.shield(redis.zrem(WORKERS_ZSET, supervisor.info.id))

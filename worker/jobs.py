@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -27,15 +28,25 @@ from loadwarden.producer.keys import (
     ATTEMPTS_KEY_PREFIX,
     CANCEL_CHANNEL,
     CANCEL_KEY_PREFIX,
+    COMPLETIONS_WINDOW_S,
+    COMPLETIONS_ZSET,
     DEAD_LETTER_STREAM,
     DEDUPE_KEY_PREFIX,
+    RUNNING_ZSET,
     dedupe_key,
 )
 from loadwarden.producer.settings import Settings
+from loadwarden.worker.metrics import Metrics
 
 log = structlog.get_logger("loadwarden.jobs")
 
 _attempts = TypeAdapter(list[Attempt])
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 #: How long a job's attempts and cancel flag outlive it (a producer may come back late).
 BOOK_TTL_S = 7 * 86_400
 
@@ -43,9 +54,15 @@ BOOK_TTL_S = 7 * 86_400
 class JobBook:
     """Per-job bookkeeping for one worker, on its own Redis connection."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:  # type: ignore[type-arg]
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,  # type: ignore[type-arg]
+        metrics: Metrics | None = None,
+    ) -> None:
         self.redis = redis
         self.settings = settings
+        self.metrics = metrics
         self._cancel_events: dict[str, asyncio.Event] = {}
 
     async def attempts(self, job_id: str) -> list[Attempt]:
@@ -58,8 +75,9 @@ class JobBook:
         return recorded
 
     async def save_attempts(self, job_id: str, attempts: list[Attempt]) -> None:
-        await self.redis.set(ATTEMPTS_KEY_PREFIX + job_id, _attempts.dump_json(attempts),
-                             ex=BOOK_TTL_S)  # fmt: skip
+        await self.redis.set(
+            ATTEMPTS_KEY_PREFIX + job_id, _attempts.dump_json(attempts), ex=BOOK_TTL_S
+        )
 
     async def is_cancelled(self, job_id: str) -> bool:
         return bool(await self.redis.exists(CANCEL_KEY_PREFIX + job_id))
@@ -101,7 +119,10 @@ class JobBook:
         async def renew() -> None:
             while True:
                 try:
-                    await self.redis.pexpire(key, lease_ms)
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.pexpire(key, lease_ms)
+                        pipe.zadd(RUNNING_ZSET, {job_id: _now_ms() + lease_ms})
+                        await pipe.execute()
                 except (RedisError, OSError) as exc:
                     log.warning("lease_renewal_failed", job_id=job_id, error=str(exc))
                 await asyncio.sleep(self.settings.lease_renew_s)
@@ -112,14 +133,21 @@ class JobBook:
         finally:
             task.cancel()
             await asyncio.wait({task})
+            with contextlib.suppress(RedisError, OSError):  # else it lapses by itself
+                await asyncio.shield(self.redis.zrem(RUNNING_ZSET, job_id))
 
     async def finish(self, job_id: str, request: LoadRequest | None, report: LoadReport) -> None:
         """The job ended for good: drop its bookkeeping; dead-letter it unless ok or cancelled."""
+        now = _now_ms()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(ATTEMPTS_KEY_PREFIX + job_id, CANCEL_KEY_PREFIX + job_id)
+            pipe.zadd(COMPLETIONS_ZSET, {job_id: now})
+            pipe.zremrangebyscore(COMPLETIONS_ZSET, "-inf", now - COMPLETIONS_WINDOW_S * 1000)
             if request is not None:
                 pipe.delete(DEDUPE_KEY_PREFIX + dedupe_key(request))
             if report.outcome not in (Outcome.OK, Outcome.CANCELLED):
+                if self.metrics is not None:
+                    self.metrics.dead_letters.inc()
                 fields = {
                     "job_id": job_id,
                     "outcome": str(report.outcome),
@@ -127,8 +155,12 @@ class JobBook:
                     "report": report.model_dump_json(),
                     "at": datetime.now(UTC).isoformat(),
                 }
-                pipe.xadd(DEAD_LETTER_STREAM, fields,  # type: ignore[arg-type]
-                          maxlen=self.settings.dead_letter_maxlen, approximate=True)  # fmt: skip
+                pipe.xadd(
+                    DEAD_LETTER_STREAM,
+                    fields,  # type: ignore[arg-type]
+                    maxlen=self.settings.dead_letter_maxlen,
+                    approximate=True,
+                )
             await pipe.execute()
 
     async def dead_letter_raw(self, job_id: str, payload: str, report: LoadReport) -> None:
@@ -140,6 +172,8 @@ class JobBook:
             "report": report.model_dump_json(),
             "at": datetime.now(UTC).isoformat(),
         }
+        if self.metrics is not None:
+            self.metrics.dead_letters.inc()
         await self.redis.xadd(
             DEAD_LETTER_STREAM,
             fields,  # type: ignore[arg-type]

@@ -1,15 +1,25 @@
-"""Sample a running load child with psutil: cheap figures only, at a fixed interval."""
+"""Sample a running load child with psutil: cheap figures only, at a fixed interval.
+
+Each sample is checked against the load's limits: the first time a figure
+crosses ``threshold_fraction`` of its limit, one ``load_threshold_crossed``
+event is logged (and counted) for that limit.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import psutil
 import structlog
 
+from loadwarden.producer.contract import Limits, Sample
+
 #: An info-level ``load_sampled`` line at most this often; every sample goes out at debug level.
 LOG_EVERY_S = 1.0
+#: Samples kept for the report's series; beyond it every other one is dropped (shape kept).
+MAX_SERIES = 120
 
 
 @dataclass(slots=True)
@@ -24,6 +34,8 @@ class Usage:
     cpu_system_s: float = 0.0
     read_chars: int = 0
     peak_fds: int = 0
+    series: list[Sample] = field(default_factory=list)
+    crossed: set[str] = field(default_factory=set)
 
 
 class Monitor:
@@ -35,13 +47,24 @@ class Monitor:
     """
 
     def __init__(
-        self, pid: int, interval_s: float, log: structlog.typing.FilteringBoundLogger
+        self,
+        pid: int,
+        interval_s: float,
+        log: structlog.typing.FilteringBoundLogger,
+        *,
+        limits: Limits | None = None,
+        threshold_fraction: float = 0.8,
+        on_threshold: Callable[[str], object] | None = None,
     ) -> None:
         self.pid = pid
         self.interval_s = interval_s
         self.usage = Usage()
+        self.limits = limits
+        self.threshold_fraction = threshold_fraction
+        self.on_threshold = on_threshold
         self._log = log
         self._process: psutil.Process | None = None
+        self._started: float | None = None
 
     def sample(self) -> bool:
         """Take one sample; False once the child is gone."""
@@ -57,6 +80,9 @@ class Monitor:
             return False
         if mem.rss == 0:  # an exited child not reaped yet reads as all zeros
             return False
+        loop = asyncio.get_running_loop()
+        if self._started is None:
+            self._started = loop.time()
         u = self.usage
         u.samples += 1
         u.rss_bytes = mem.rss
@@ -65,7 +91,37 @@ class Monitor:
         u.cpu_user_s, u.cpu_system_s = cpu.user, cpu.system
         u.read_chars = max(u.read_chars, getattr(io, "read_chars", io.read_bytes))
         u.peak_fds = max(u.peak_fds, fds)
+        elapsed = loop.time() - self._started
+        u.series.append(
+            Sample(t_s=round(elapsed, 3), rss_bytes=mem.rss, cpu_s=round(cpu.user + cpu.system, 3))
+        )
+        if len(u.series) > MAX_SERIES:
+            del u.series[1::2]
+        self._check(elapsed)
         return True
+
+    def _check(self, elapsed_s: float) -> None:
+        if self.limits is None:
+            return
+        u, lim, f = self.usage, self.limits, self.threshold_fraction
+        figures = {
+            "memory": (u.rss_bytes, lim.memory_bytes),
+            "cpu": (u.cpu_user_s + u.cpu_system_s, lim.cpu_seconds),
+            "deadline": (elapsed_s, lim.timeout_seconds),
+        }
+        for name, (value, limit) in figures.items():
+            if name not in u.crossed and value >= f * limit:
+                u.crossed.add(name)
+                self._log.warning(
+                    "load_threshold_crossed",
+                    child_pid=self.pid,
+                    limit=name,
+                    value=value,
+                    limit_value=limit,
+                    fraction=f,
+                )
+                if self.on_threshold is not None:
+                    self.on_threshold(name)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

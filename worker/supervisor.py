@@ -40,7 +40,8 @@ from loadwarden.worker._outcome import Loaded, Raised, classify
 from loadwarden.worker.admission import Admission, detect_memory_bytes
 from loadwarden.worker.formats.safetensors import inspect_safetensors
 from loadwarden.worker.history import History, model_identity
-from loadwarden.worker.limits import derive_limits
+from loadwarden.worker.limits import HistoryStats, derive_limits
+from loadwarden.worker.metrics import Metrics
 from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox._protocol import manifest_digest
 from loadwarden.worker.sandbox.cgroups import CgroupManager
@@ -88,6 +89,7 @@ class Supervisor:
         loaders: Mapping[ModelFormat, str] | None = None,
         preload: Sequence[str] = (),
         history: History | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = s = settings or Settings()
         self.forkserver = forkserver or ForkServer(preload=preload)
@@ -107,6 +109,13 @@ class Supervisor:
             version=_version.VERSION,
         )
         self._log = structlog.get_logger("loadwarden.supervisor").bind(worker=self.info.id)
+        self.metrics = metrics or Metrics()
+        self.metrics.bind(
+            lambda: len(self.in_flight),
+            lambda: self.admission.budget_bytes,
+            lambda: self.admission.in_use_bytes,
+        )
+        self.metrics.info.info({"worker": self.info.id, "version": self.info.version})
 
     async def start(self) -> None:
         if self.settings.use_cgroups and self.cgroups is None:
@@ -200,6 +209,8 @@ class Supervisor:
                     sample_interval_s=self.settings.sample_interval_s,
                     log=log,
                     cancel=cancel,
+                    threshold_fraction=self.settings.threshold_fraction,
+                    on_threshold=lambda limit: self.metrics.thresholds.labels(limit=limit).inc(),
                 )
         assert run.ended is not None  # run_child always ends with stop_child
         if run.cancelled:
@@ -218,6 +229,8 @@ class Supervisor:
                 f"{limits.memory_bytes}-byte limit",
                 code="cgroup_oom",
             )
+        if error is None and history is not None:
+            self._check_anomaly(run, history, log)
         if error is None and self.history is not None:
             await self.history.record(
                 identity,
@@ -226,6 +239,21 @@ class Supervisor:
                 run.ended.maxrss_bytes,
             )
         return error
+
+    def _check_anomaly(
+        self, run: ChildRun, history: HistoryStats, log: FilteringBoundLogger
+    ) -> None:
+        """Log (and count) a load far beyond its own history, even when it succeeded."""
+        factor = self.settings.anomaly_factor
+        assert run.ended is not None
+        figures = {
+            "wall": (run.wall_seconds, history.wall_p95_s),
+            "peak_rss": (float(run.ended.maxrss_bytes), float(history.peak_rss_p95_bytes)),
+        }
+        for kind, (value, p95) in figures.items():
+            if p95 > 0 and value > factor * p95:
+                log.warning("load_anomaly", kind=kind, value=value, history_p95=p95, factor=factor)
+                self.metrics.anomalies.labels(kind=kind).inc()
 
     def _inspect(self, model_file: ModelFile, request: LoadRequest) -> ModelSummary:
         # Only safetensors so far; format sniffing by magic bytes comes with issue #6.
@@ -306,8 +334,8 @@ class Supervisor:
             finished_at=finished_at,
         )
 
-    @staticmethod
-    def _log_finished(log: FilteringBoundLogger, report: LoadReport) -> None:
+    def _log_finished(self, log: FilteringBoundLogger, report: LoadReport) -> None:
+        self.metrics.observe(report)
         res = report.resources
         log.info(
             "job_finished",
@@ -338,6 +366,7 @@ def _resources(run: ChildRun | None) -> Resources | None:
         read_bytes=max(rchar, run.sampled_read),
         samples=run.samples,
         cgroup_peak_bytes=run.cgroup_peak_bytes,
+        series=run.series,
     )
 
 

@@ -1,0 +1,207 @@
+"""Monitoring: metrics and probes of a worker, the exporter, thresholds, anomalies, show."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+import structlog
+
+from loadwarden.producer.client import Client
+from loadwarden.producer.contract import LoadRequest, Outcome
+from loadwarden.producer.settings import Settings
+from loadwarden.worker import _render
+from loadwarden.worker._files import open_model_file
+from loadwarden.worker.app import WorkerRunner
+from loadwarden.worker.exporter import run_exporter
+from loadwarden.worker.history import History, model_identity
+from loadwarden.worker.supervisor import Supervisor
+
+Events = list[structlog.typing.EventDict]
+
+
+def _metric(text: str, name: str) -> float:
+    """The value of one sample line (``name`` includes its labels) in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in the scrape")
+
+
+@pytest.fixture
+async def observed_worker(redis_url: str) -> AsyncIterator[WorkerRunner]:
+    settings = Settings(redis_url=redis_url, metrics_port=0, metrics_host="127.0.0.1")
+    runner = WorkerRunner(settings, handle_signals=False)
+    task = asyncio.create_task(runner.run())
+    await asyncio.wait_for(runner.started.wait(), 30)
+    yield runner
+    runner.stop()
+    runner.stop()
+    await asyncio.wait_for(task, 30)
+
+
+async def test_worker_serves_metrics_and_probes(
+    observed_worker: WorkerRunner, redis_url: str, small_model: Path
+) -> None:
+    """A worker with a metrics port serves its load metrics, /livez and /readyz."""
+    assert observed_worker.probes is not None
+    base = f"http://127.0.0.1:{observed_worker.probes.port}"
+    async with Client(redis_url) as client:
+        report = await (await client.enqueue(LoadRequest(source=str(small_model)))).report(
+            timeout_s=30
+        )
+    assert report.ok
+    async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+        metrics = (await http.get("/metrics")).text
+        live, ready = await http.get("/livez"), await http.get("/readyz")
+        observed_worker.stop()  # draining now: no longer ready
+        draining = await http.get("/readyz")
+        missing = await http.get("/nope")
+    assert _metric(metrics, 'loadwarden_loads_total{outcome="ok"}') == 1
+    assert _metric(metrics, "loadwarden_load_duration_seconds_count") == 1
+    assert _metric(metrics, "loadwarden_load_peak_rss_bytes_count") == 1
+    assert _metric(metrics, "loadwarden_memory_budget_bytes") > 0
+    assert _metric(metrics, "loadwarden_loads_in_flight") == 0
+    assert "loadwarden_worker_info{" in metrics
+    assert (live.status_code, ready.status_code, draining.status_code) == (200, 200, 503)
+    assert missing.status_code == 404
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_exporter_reports_a_prepared_backlog(redis_url: str, small_model: Path) -> None:
+    """The exporter serves the queue gauges (with no worker running) for a prepared backlog."""
+    settings = Settings(redis_url=redis_url)
+    async with Client(settings=settings) as client:
+        for i in range(3):
+            await client.enqueue(LoadRequest(source=str(small_model), labels={"n": str(i)}))
+    port, stop = _free_port(), asyncio.Event()
+    task = asyncio.create_task(
+        run_exporter(settings, port, host="127.0.0.1", stop=stop, interval_s=0.05)
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while True:
+                try:
+                    text = (await http.get("/metrics")).text
+                    if _metric(text, 'loadwarden_queue_jobs{state="ready"}') == 3:
+                        break
+                except (httpx.TransportError, AssertionError):
+                    pass
+                assert loop.time() < deadline, "the exporter never showed the backlog"
+                await asyncio.sleep(0.05)
+            ready = await http.get("/readyz")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert _metric(text, "loadwarden_workers_alive") == 0
+    assert _metric(text, "loadwarden_desired_workers") >= 1
+    assert ready.status_code == 200
+
+
+async def test_threshold_crossing_is_logged_once_per_limit(
+    small_model: Path, captured_events: Events
+) -> None:
+    """A load past a fraction of its limits logs load_threshold_crossed once per limit."""
+    async with Supervisor(Settings(threshold_fraction=0.01)) as sup:
+        assert (await sup.load(LoadRequest(source=str(small_model)))).ok
+        scraped = sup.metrics.registry.get_sample_value(
+            "loadwarden_threshold_crossings_total", {"limit": "memory"}
+        )
+    crossed = [e["limit"] for e in captured_events if e["event"] == "load_threshold_crossed"]
+    assert "memory" in crossed and len(crossed) == len(set(crossed))
+    assert scraped == 1
+
+
+async def test_anomaly_beyond_history(
+    redis_url: str, small_model: Path, captured_events: Events
+) -> None:
+    """A load far slower than its history logs load_anomaly (and still succeeds)."""
+    redis = aioredis.from_url(redis_url)
+    history = History(redis, Settings().limits)
+    with open_model_file(small_model) as model_file:
+        identity = model_identity(model_file, None)
+    for _ in range(3):
+        await history.record(identity, 1e-6, 1e-6, 1)
+    async with Supervisor(Settings(), history=history) as sup:
+        report = await sup.load(LoadRequest(source=str(small_model)))
+        counted = sup.metrics.registry.get_sample_value(
+            "loadwarden_load_anomalies_total", {"kind": "wall"}
+        )
+    await redis.aclose()
+    assert report.outcome is Outcome.OK
+    assert {e["kind"] for e in captured_events if e["event"] == "load_anomaly"} >= {
+        "wall",
+        "peak_rss",
+    }
+    assert counted == 1
+
+
+def test_resource_chart_draws_memory_and_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """`show` charts memory and CPU over time from the samples kept in a report."""
+    from loadwarden.producer.contract import LoadReport
+
+    report = LoadReport.model_validate(
+        {
+            "job_id": "j",
+            "source": "s",
+            "outcome": "ok",
+            "attempts": [],
+            "worker": {"id": "w", "hostname": "h", "pid": 1, "version": "0"},
+            "started_at": "2026-01-01T00:00:00Z",
+            "finished_at": "2026-01-01T00:00:01Z",
+            "resources": {
+                "wall_seconds": 1,
+                "cpu_user_seconds": 1,
+                "cpu_system_seconds": 0,
+                "peak_rss_bytes": 4 << 20,
+                "read_bytes": 0,
+                "samples": 3,
+                "series": [
+                    {"t_s": 0, "rss_bytes": 1 << 20, "cpu_s": 0},
+                    {"t_s": 0.5, "rss_bytes": 2 << 20, "cpu_s": 0.5},
+                    {"t_s": 1.0, "rss_bytes": 4 << 20, "cpu_s": 0.6},
+                ],
+            },
+        }
+    )
+    _render.resource_chart(report)
+    out = capsys.readouterr().out
+    assert "memory" in out and "peak 4.0 MiB" in out and "peak 100% of a core" in out
+    assert _render.sparkline([1, 2, 4]) == "▂▄█"
+
+
+def test_show_command(redis_url: str, small_model: Path) -> None:
+    """`loadwarden show JOB_ID` prints the report of a finished job."""
+
+    async def one_job() -> str:
+        settings = Settings(redis_url=redis_url)
+        async with Client(settings=settings) as client:
+            handle = await client.enqueue(LoadRequest(source=str(small_model)))
+        await WorkerRunner(settings, burst=True, handle_signals=False).run()
+        return handle.job_id
+
+    job_id = asyncio.run(one_job())
+    exe = str(Path(sys.executable).parent / "loadwarden")
+    shown = subprocess.run(
+        [exe, "show", job_id, "--redis", redis_url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert job_id in shown.stdout and ("memory" in shown.stdout or "no samples" in shown.stdout)

@@ -1,0 +1,63 @@
+"""`loadwarden exporter`: the queue's gauges for Prometheus, running even when no worker does.
+
+Workers export their own load metrics; autoscalers need the backlog when the
+pool is scaled to zero, so this small process exports the queue gauges
+(ready / deferred / running jobs, dead letters, live workers, desired workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from loadwarden.producer.settings import Settings
+from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker.app import update_queue_gauges
+from loadwarden.worker.metrics import Metrics
+from loadwarden.worker.probes import Probes
+
+log = structlog.get_logger("loadwarden.exporter")
+
+
+async def run_exporter(
+    settings: Settings,
+    port: int,
+    *,
+    host: str = "0.0.0.0",
+    stop: asyncio.Event | None = None,
+    interval_s: float = 5.0,
+) -> None:
+    """Serve the queue gauges on ``host:port`` until SIGTERM/SIGINT (or ``stop`` is set)."""
+    assert settings.redis_url
+    redis = aioredis.from_url(settings.redis_url, socket_connect_timeout=5)
+    metrics = Metrics()
+    stopping = stop or asyncio.Event()
+
+    async def ready() -> tuple[bool, str]:
+        try:
+            await asyncio.wait_for(redis.ping(), 1.0)
+        except (RedisError, OSError, TimeoutError) as exc:
+            return False, f"Redis does not answer: {exc}"
+        return True, "ready"
+
+    probes = Probes(metrics.registry, ready, host=host, port=port)
+    loop = asyncio.get_running_loop()
+    if stop is None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+    bound = await probes.start()
+    updater = asyncio.create_task(update_queue_gauges(redis, metrics, settings, interval_s))
+    log.info("exporter_started", port=bound, queue=settings.queue_name)
+    try:
+        await stopping.wait()
+    finally:
+        await cancel_and_wait(updater)
+        await probes.close()
+        await redis.aclose()
+        if stop is None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)

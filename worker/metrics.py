@@ -1,0 +1,136 @@
+"""Prometheus metrics of one worker (or exporter) process: its own registry, served by probes.py.
+
+Children never write metrics: they report over their socket and the supervisor
+records what they did, so there are no multiprocess files to manage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from redis.asyncio import Redis
+
+from loadwarden.producer.contract import LoadReport
+from loadwarden.producer.keys import (
+    COMPLETIONS_WINDOW_S,
+    COMPLETIONS_ZSET,
+    DEAD_LETTER_STREAM,
+    RUNNING_ZSET,
+    WORKERS_ZSET,
+)
+
+MiB, GiB = 1 << 20, 1 << 30
+#: Load times from a tiny file on a warm cache to an hour-long pull of a huge model.
+SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+#: Model-sized memory: 16 MiB to 256 GiB in steps of 4x.
+BYTES_BUCKETS = tuple(float(16 * MiB * 4**i) for i in range(8))
+
+
+class Metrics:
+    """Every loadwarden metric, registered in a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.loads = Counter("loadwarden_loads", "Loads by outcome.", ["outcome"], registry=r)
+        self.duration = Histogram(
+            "loadwarden_load_duration_seconds",
+            "Wall time of a load.",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.cpu = Histogram(
+            "loadwarden_load_cpu_seconds",
+            "CPU time of a load (user + system).",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.peak_rss = Histogram(
+            "loadwarden_load_peak_rss_bytes",
+            "Peak resident memory of a load.",
+            buckets=BYTES_BUCKETS,
+            registry=r,
+        )
+        self.read = Histogram(
+            "loadwarden_load_read_bytes", "Bytes a load read.", buckets=BYTES_BUCKETS, registry=r
+        )
+        self.retries = Counter("loadwarden_retries", "Attempts that were retried.", registry=r)
+        self.dead_letters = Counter("loadwarden_dead_letters", "Jobs dead-lettered.", registry=r)
+        self.thresholds = Counter(
+            "loadwarden_threshold_crossings",
+            "Loads that crossed a fraction of a limit.",
+            ["limit"],
+            registry=r,
+        )
+        self.anomalies = Counter(
+            "loadwarden_load_anomalies", "Loads far beyond their history.", ["kind"], registry=r
+        )
+        self.in_flight = Gauge("loadwarden_loads_in_flight", "Loads running now.", registry=r)
+        self.budget = Gauge(
+            "loadwarden_memory_budget_bytes", "This worker's memory budget.", registry=r
+        )
+        self.budget_in_use = Gauge(
+            "loadwarden_memory_budget_in_use_bytes",
+            "Memory limits of the loads running now.",
+            registry=r,
+        )
+        self.queue = Gauge("loadwarden_queue_jobs", "Jobs by state.", ["state"], registry=r)
+        self.dead_letter_jobs = Gauge(
+            "loadwarden_dead_letter_jobs", "Jobs in the dead-letter stream.", registry=r
+        )
+        self.workers_alive = Gauge(
+            "loadwarden_workers_alive", "Workers with a live heartbeat.", registry=r
+        )
+        self.desired_workers = Gauge(
+            "loadwarden_desired_workers",
+            "Workers the backlog calls for (see `loadwarden autoscale`).",
+            registry=r,
+        )
+        self.info = Info("loadwarden_worker", "This process.", registry=r)
+
+    def bind(
+        self,
+        in_flight: Callable[[], float],
+        budget: Callable[[], float],
+        in_use: Callable[[], float],
+    ) -> None:
+        """Gauges read on scrape from the supervisor's own state."""
+        self.in_flight.set_function(in_flight)
+        self.budget.set_function(budget)
+        self.budget_in_use.set_function(in_use)
+
+    def observe(self, report: LoadReport) -> None:
+        """Count a finished load and its resources."""
+        self.loads.labels(outcome=str(report.outcome)).inc()
+        res = report.resources
+        if res is not None:
+            self.duration.observe(res.wall_seconds)
+            self.cpu.observe(res.cpu_user_seconds + res.cpu_system_seconds)
+            self.peak_rss.observe(res.peak_rss_bytes)
+            self.read.observe(res.read_bytes)
+
+
+async def queue_counts(redis: Redis, queue: str) -> dict[str, int]:  # type: ignore[type-arg]
+    """ready / deferred / running / dead / workers / recent completions, in one round trip.
+
+    Each is O(log n) on a sorted set or O(1): cheap enough to run every few seconds.
+    """
+    now = int(time.time() * 1000)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcount(queue, "-inf", now)
+        pipe.zcount(queue, f"({now}", "+inf")
+        pipe.zcount(RUNNING_ZSET, now, "+inf")
+        pipe.xlen(DEAD_LETTER_STREAM)
+        pipe.zcount(WORKERS_ZSET, now, "+inf")
+        pipe.zcount(COMPLETIONS_ZSET, now - COMPLETIONS_WINDOW_S * 1000, "+inf")
+        due, deferred, running, dead, workers, completions = await pipe.execute()
+    # arq keeps running jobs in the queue's sorted set too, scored in the past.
+    return {
+        "ready": max(0, due - running),
+        "deferred": deferred,
+        "running": running,
+        "dead": dead,
+        "workers": workers,
+        "completions": completions,
+    }
