@@ -251,7 +251,7 @@ class Client:
             return fresh
         existing = await _guard(redis.get(key))
         if existing is not None:
-            job_id = existing.decode()
+            job_id = str(existing.decode())
             if await self.job_state(job_id) in (
                 JobState.QUEUED,
                 JobState.DEFERRED,

@@ -30,7 +30,8 @@ def dedupe_key(request: LoadRequest) -> str:
 RUNNING_ZSET = "loadwarden:running"
 #: Live workers, scored by when their heartbeat lapses.
 WORKERS_ZSET = "loadwarden:workers"
-#: Finished jobs, scored by when they finished (the recent service rate, for autoscaling).
-COMPLETIONS_ZSET = "loadwarden:completions"
-#: How long completions are kept for the service-rate estimate.
-COMPLETIONS_WINDOW_S = 900
+#: Per-minute service counters (a hash of jobs finished and busy load-seconds), for the
+#: autoscaler's service-rate estimate: ``<prefix><unix minute>``.
+SERVICE_KEY_PREFIX = "loadwarden:service:"
+#: Minutes of service counters the estimate reads (an hour: shorter windows were noisy).
+SERVICE_WINDOW_MINUTES = 60

@@ -168,6 +168,24 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+class AutoscalePolicy(BaseModel):
+    """Inputs of the autoscaling formula (see ``loadwarden.worker.autoscale``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # What the formula aims for, not the drain time you promise: new workers arrive an
+    # evaluation interval plus a pod start-up later, and loads vary in size, so set it
+    # to (your drain target - interval - start-up) / 2 (bench/autoscale_sim.py: a
+    # 120 s promise with 15 s polls and 30 s start-up needs 37.5 here).
+    target_drain_s: Annotated[float, Field(gt=0)] = 60.0
+    # KEDA's minReplicaCount: 0 lets the pool scale to zero when the queue is empty.
+    min_workers: Annotated[int, Field(ge=0)] = 0
+    # KEDA's maxReplicaCount in deploy/k8s/keda.
+    max_workers: Annotated[int, Field(ge=1)] = 20
+    # Two concurrent loads of ~6 s each, used until loads have been measured.
+    default_service_rate_per_worker: Annotated[float, Field(gt=0)] = 0.33
+
+
 class Settings(BaseSettings):
     """Every knob: ``LOADWARDEN_<NAME>`` (nested ones: ``LOADWARDEN_LIMITS__STARTUP_S``)."""
 
@@ -224,6 +242,7 @@ class Settings(BaseSettings):
     # RLIMIT_AS bounds the child's address space. Some native libraries reserve far more
     # address space than they touch; where cgroups confine memory, this may be turned off.
     use_address_space_limit: bool = True
+    autoscale: AutoscalePolicy = AutoscalePolicy()
     inspection: InspectionCaps = InspectionCaps()
     limits: LimitPolicy = LimitPolicy()
     # A factory, not a shared instance: the cache dir follows $XDG_CACHE_HOME at construction.

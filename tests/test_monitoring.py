@@ -205,3 +205,35 @@ def test_show_command(redis_url: str, small_model: Path) -> None:
     )
     assert shown.returncode == 0, shown.stderr
     assert job_id in shown.stdout and ("memory" in shown.stdout or "no samples" in shown.stdout)
+
+
+def test_autoscale_for_a_prepared_backlog(redis_url: str) -> None:
+    """`autoscale --json` answers ceil((ready + running) / (rate x target)) for a known backlog."""
+    import json
+    import time
+
+    import redis as sync_redis
+
+    from loadwarden.producer.keys import SERVICE_KEY_PREFIX
+
+    client = sync_redis.Redis.from_url(redis_url)
+    now_ms = int(time.time() * 1000) - 5000
+    client.zadd("loadwarden:queue", {f"job-{i}": now_ms for i in range(120)})
+    # The last hour: 100 loads that kept a slot busy 400 s in all -> 4 s each; two slots per
+    # worker -> 0.5 jobs/s per worker. With a 60 s target, one worker is worth 30 jobs.
+    client.hset(SERVICE_KEY_PREFIX + str(now_ms // 60_000), mapping={"jobs": 100, "seconds": 400})
+    client.close()
+    exe = str(Path(sys.executable).parent / "loadwarden")
+    env = {**__import__("os").environ, "LOADWARDEN_AUTOSCALE__TARGET_DRAIN_S": "60"}
+    out = subprocess.run(
+        [exe, "autoscale", "--json", "--redis", redis_url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env=env,
+    )
+    decision = json.loads(out.stdout)
+    assert decision["desired"] == 4  # ceil(120 / (0.5 x 60))
+    assert decision["counts"]["ready"] == 120
+    assert decision["service_rate_per_worker"] == pytest.approx(0.5)

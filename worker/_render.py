@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -239,7 +240,7 @@ def resource_chart(r: LoadReport) -> None:
     rss = [s.rss_bytes for s in series]
     busy = [0.0] + [
         max(0.0, (b.cpu_s - a.cpu_s) / (b.t_s - a.t_s)) if b.t_s > a.t_s else 0.0
-        for a, b in zip(series, series[1:], strict=False)
+        for a, b in itertools.pairwise(series)
     ]
     span = series[-1].t_s
     console.print(f"memory  {sparkline(rss)}  peak {_size(max(rss))}")

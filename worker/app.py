@@ -36,7 +36,7 @@ from loadwarden.producer.errors import (
 )
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.autoscale_glue import desired_from_counts
+from loadwarden.worker.autoscale_inputs import desired_from_counts
 from loadwarden.worker.heartbeat import beat
 from loadwarden.worker.history import History
 from loadwarden.worker.jobs import JobBook
@@ -252,7 +252,7 @@ class WorkerRunner:
         self._stop_requested = False
         self._draining: asyncio.Task[None] | None = None
         self.probes: Probes | None = None
-        self.redis: aioredis.Redis | None = None  # type: ignore[type-arg]
+        self.redis: aioredis.Redis | None = None
 
     async def readiness(self) -> tuple[bool, str]:
         """Ready: Redis answers, the fork server is alive, and we are not shutting down."""
@@ -270,7 +270,7 @@ class WorkerRunner:
     async def run(self) -> None:
         """Run until stopped (or, in burst mode, until the queue is empty)."""
         assert self.settings.redis_url
-        redis = aioredis.from_url(self.settings.redis_url, socket_connect_timeout=5)
+        redis = aioredis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5)
         self.redis = redis
         book = JobBook(redis, self.settings, self.supervisor.metrics)
         self.supervisor.history = History(redis, self.settings.limits)
@@ -368,7 +368,7 @@ class WorkerRunner:
 
 async def update_queue_gauges(
     redis: aioredis.Redis,
-    metrics: Metrics,  # type: ignore[type-arg]
+    metrics: Metrics,
     settings: Settings,
     interval_s: float = 5.0,
 ) -> None:

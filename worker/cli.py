@@ -14,10 +14,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from redis.exceptions import RedisError
 
 from loadwarden.producer.client import Client, DeadLetter
 from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest, Outcome
-from loadwarden.producer.errors import CatalogError, ClientError, ContractError, LoadError
+from loadwarden.producer.errors import (
+    CatalogError,
+    ClientError,
+    ContractError,
+    LoadError,
+    RedisUnavailable,
+)
 from loadwarden.producer.preload import PreloadEntry, PreloadResult
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _render
@@ -556,6 +563,45 @@ def dead_purge(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     except (ClientError, ContractError) as exc:
         raise _no_answer(exc, as_json) from None
     typer.echo(json.dumps({"removed": removed}) if as_json else f"removed {removed} dead letter(s)")
+
+
+@app.command()
+def autoscale(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
+    """The number of workers the current backlog calls for, and why.
+
+    desired = clamp(ceil((ready + running) / (service rate per worker x target drain s)),
+    min, max); the service rate is measured from the last hour's loads (see README).
+    """
+    import redis.asyncio as aioredis
+
+    from loadwarden.worker.autoscale_inputs import decide_from_counts
+    from loadwarden.worker.metrics import queue_counts
+
+    settings = _settings(redis)
+    if not settings.redis_url:
+        raise typer.BadParameter(
+            "autoscale needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
+        )
+
+    async def go() -> dict[str, Any]:
+        client = aioredis.Redis.from_url(settings.redis_url or "", socket_connect_timeout=5)
+        try:
+            counts = await queue_counts(client, settings.queue_name)
+        finally:
+            await client.aclose()
+        return {**decide_from_counts(counts, settings).as_dict(), "counts": counts}
+
+    try:
+        document = asyncio.run(go())
+    except (RedisError, OSError) as exc:
+        raise _no_answer(
+            RedisUnavailable(f"cannot reach Redis at {settings.redis_url}: {exc}"), as_json
+        ) from None
+    typer.echo(
+        json.dumps(document)
+        if as_json
+        else f"desired workers: {document['desired']}\n{document['reason']}"
+    )
 
 
 @app.command()

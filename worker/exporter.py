@@ -33,7 +33,7 @@ async def run_exporter(
 ) -> None:
     """Serve the queue gauges on ``host:port`` until SIGTERM/SIGINT (or ``stop`` is set)."""
     assert settings.redis_url
-    redis = aioredis.from_url(settings.redis_url, socket_connect_timeout=5)
+    redis = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
     metrics = Metrics()
     stopping = stop or asyncio.Event()
 

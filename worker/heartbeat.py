@@ -46,7 +46,7 @@ def worker_status(supervisor: Supervisor, settings: Settings, started_at: dateti
     )
 
 
-async def beat(redis: Redis, supervisor: Supervisor, settings: Settings) -> None:  # type: ignore[type-arg]
+async def beat(redis: Redis, supervisor: Supervisor, settings: Settings) -> None:
     """Write the heartbeat every INTERVAL_S until cancelled; then remove it."""
     started_at = datetime.now(UTC)
     key = KEY_PREFIX + supervisor.info.id

@@ -34,13 +34,13 @@ class History:
     Redis trouble never fails a load: it only costs the history.
     """
 
-    def __init__(self, redis: Redis, policy: LimitPolicy) -> None:  # type: ignore[type-arg]
+    def __init__(self, redis: Redis, policy: LimitPolicy) -> None:
         self.redis = redis
         self.policy = policy
 
     async def stats(self, identity: str) -> HistoryStats | None:
         try:
-            raw = await self.redis.lrange(KEY_PREFIX + identity, 0, -1)
+            raw: list[bytes] = await self.redis.lrange(KEY_PREFIX + identity, 0, -1)  # type: ignore[misc]
         except RedisError as exc:
             log.warning("history_unavailable", error=str(exc))
             return None

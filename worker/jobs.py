@@ -28,11 +28,11 @@ from loadwarden.producer.keys import (
     ATTEMPTS_KEY_PREFIX,
     CANCEL_CHANNEL,
     CANCEL_KEY_PREFIX,
-    COMPLETIONS_WINDOW_S,
-    COMPLETIONS_ZSET,
     DEAD_LETTER_STREAM,
     DEDUPE_KEY_PREFIX,
     RUNNING_ZSET,
+    SERVICE_KEY_PREFIX,
+    SERVICE_WINDOW_MINUTES,
     dedupe_key,
 )
 from loadwarden.producer.settings import Settings
@@ -57,7 +57,7 @@ class JobBook:
     def __init__(
         self,
         redis: Redis,
-        settings: Settings,  # type: ignore[type-arg]
+        settings: Settings,
         metrics: Metrics | None = None,
     ) -> None:
         self.redis = redis
@@ -141,8 +141,11 @@ class JobBook:
         now = _now_ms()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(ATTEMPTS_KEY_PREFIX + job_id, CANCEL_KEY_PREFIX + job_id)
-            pipe.zadd(COMPLETIONS_ZSET, {job_id: now})
-            pipe.zremrangebyscore(COMPLETIONS_ZSET, "-inf", now - COMPLETIONS_WINDOW_S * 1000)
+            bucket = SERVICE_KEY_PREFIX + str(now // 60_000)
+            pipe.hincrby(bucket, "jobs", 1)
+            if report.resources is not None:
+                pipe.hincrbyfloat(bucket, "seconds", report.resources.wall_seconds)
+            pipe.expire(bucket, (SERVICE_WINDOW_MINUTES + 5) * 60)
             if request is not None:
                 pipe.delete(DEDUPE_KEY_PREFIX + dedupe_key(request))
             if report.outcome not in (Outcome.OK, Outcome.CANCELLED):

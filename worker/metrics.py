@@ -14,10 +14,10 @@ from redis.asyncio import Redis
 
 from loadwarden.producer.contract import LoadReport
 from loadwarden.producer.keys import (
-    COMPLETIONS_WINDOW_S,
-    COMPLETIONS_ZSET,
     DEAD_LETTER_STREAM,
     RUNNING_ZSET,
+    SERVICE_KEY_PREFIX,
+    SERVICE_WINDOW_MINUTES,
     WORKERS_ZSET,
 )
 
@@ -111,10 +111,9 @@ class Metrics:
             self.read.observe(res.read_bytes)
 
 
-async def queue_counts(redis: Redis, queue: str) -> dict[str, int]:  # type: ignore[type-arg]
-    """ready / deferred / running / dead / workers / recent completions, in one round trip.
-
-    Each is O(log n) on a sorted set or O(1): cheap enough to run every few seconds.
+async def queue_counts(redis: Redis, queue: str) -> dict[str, float]:
+    """ready / deferred / running / dead / workers, and the last hour's finished jobs and
+    their busy seconds, in one round trip: each O(log n) or O(1), cheap every few seconds.
     """
     now = int(time.time() * 1000)
     async with redis.pipeline(transaction=False) as pipe:
@@ -123,8 +122,10 @@ async def queue_counts(redis: Redis, queue: str) -> dict[str, int]:  # type: ign
         pipe.zcount(RUNNING_ZSET, now, "+inf")
         pipe.xlen(DEAD_LETTER_STREAM)
         pipe.zcount(WORKERS_ZSET, now, "+inf")
-        pipe.zcount(COMPLETIONS_ZSET, now - COMPLETIONS_WINDOW_S * 1000, "+inf")
-        due, deferred, running, dead, workers, completions = await pipe.execute()
+        minute = now // 60_000
+        for m in range(minute - SERVICE_WINDOW_MINUTES + 1, minute + 1):
+            pipe.hmget(SERVICE_KEY_PREFIX + str(m), ["jobs", "seconds"])
+        due, deferred, running, dead, workers, *buckets = await pipe.execute()
     # arq keeps running jobs in the queue's sorted set too, scored in the past.
     return {
         "ready": max(0, due - running),
@@ -132,5 +133,6 @@ async def queue_counts(redis: Redis, queue: str) -> dict[str, int]:  # type: ign
         "running": running,
         "dead": dead,
         "workers": workers,
-        "completions": completions,
+        "served_jobs": sum(int(b[0] or 0) for b in buckets),
+        "served_seconds": sum(float(b[1] or 0) for b in buckets),
     }

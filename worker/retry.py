@@ -34,7 +34,7 @@ def backoff_s(
     ``attempt`` is the number of the attempt that just failed (1 for the first);
     ``rand`` returns a float in [0, 1) and is injectable for tests.
     """
-    ceiling = min(policy.max_s, policy.base_s * 2 ** (attempt - 1))
+    ceiling = min(policy.max_s, policy.base_s * 2.0 ** (attempt - 1))
     return ceiling * rand()
 
 
