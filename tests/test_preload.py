@@ -31,7 +31,7 @@ EXPECTED = {
     "mixed-wrong-digest": "invalid",
     "truncated": "invalid",
     "header-bomb": "invalid",
-    "disguised-pickle": "invalid",
+    "disguised-pickle": "refused",
 }
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from loadwarden.worker.app import create_worker, run_worker
+    from loadwarden.worker.formats import Inspection, inspect_model
     from loadwarden.worker.formats.safetensors import SafetensorsHeader, inspect_safetensors
     from loadwarden.worker.limits import derive_limits
     from loadwarden.worker.logs import configure_logging
@@ -23,12 +24,14 @@ if TYPE_CHECKING:
 _WHERE = {
     "ChildExit": "loadwarden.worker.sandbox.forkserver",
     "ForkServer": "loadwarden.worker.sandbox.forkserver",
+    "Inspection": "loadwarden.worker.formats",
     "SafetensorsHeader": "loadwarden.worker.formats.safetensors",
     "SandboxError": "loadwarden.worker.sandbox.forkserver",
     "Supervisor": "loadwarden.worker.supervisor",
     "configure_logging": "loadwarden.worker.logs",
     "create_worker": "loadwarden.worker.app",
     "derive_limits": "loadwarden.worker.limits",
+    "inspect_model": "loadwarden.worker.formats",
     "inspect_safetensors": "loadwarden.worker.formats.safetensors",
     "open_source": "loadwarden.worker.sources",
     "run_worker": "loadwarden.worker.app",
@@ -38,12 +41,14 @@ _WHERE = {
 __all__ = [
     "ChildExit",
     "ForkServer",
+    "Inspection",
     "SafetensorsHeader",
     "SandboxError",
     "Supervisor",
     "configure_logging",
     "create_worker",
     "derive_limits",
+    "inspect_model",
     "inspect_safetensors",
     "open_source",
     "run_worker",

@@ -71,7 +71,8 @@ async def _converse(
                 limits=limits.model_dump(mode="json"),
                 confinement=run.confinement,
             )
-        elif isinstance(message, Loaded | Raised) and run.ready is not None:
+        elif isinstance(message, Raised) or (isinstance(message, Loaded) and run.ready is not None):
+            # A child may raise before it is ready (the file changed since inspection).
             run.final = message
             return
         else:

@@ -10,14 +10,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from redis.exceptions import RedisError
 
-from loadwarden.producer.client import Client, DeadLetter
-from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest, Outcome
+from loadwarden.producer.client import Client
+from loadwarden.producer.contract import (
+    LimitOverrides,
+    LoadReport,
+    LoadRequest,
+    ModelFormat,
+    Outcome,
+)
 from loadwarden.producer.errors import (
     CatalogError,
     ClientError,
@@ -31,6 +38,7 @@ from loadwarden.worker import _render
 from loadwarden.worker.logs import configure_logging
 
 EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
+T = TypeVar("T")
 
 app = typer.Typer(
     name="loadwarden",
@@ -93,6 +101,19 @@ def _emit_report(report: LoadReport, as_json: bool) -> None:
     else:
         _render.report(report)
     raise typer.Exit(EXIT_OK if report.outcome is Outcome.OK else EXIT_OUTCOME)
+
+
+def _ask(redis: str | None, as_json: bool, query: Callable[[Client], Awaitable[T]]) -> T:
+    """Run one query with a client; a failure to get an answer exits 3 with a clear message."""
+
+    async def go() -> T:
+        async with Client(settings=_settings(redis)) as client:
+            return await query(client)
+
+    try:
+        return asyncio.run(go())
+    except (ClientError, ContractError) as exc:
+        raise _no_answer(exc, as_json) from None
 
 
 def _no_answer(exc: Exception, as_json: bool) -> typer.Exit:
@@ -204,14 +225,10 @@ def report(
     """Print a job's report (exit 3 if it has none yet, unless --wait)."""
     configure_logging(log_level)
 
-    async def go() -> LoadReport:
-        async with Client(settings=_settings(redis)) as client:
-            return await client.report(job_id, timeout_s=timeout_s if wait else 0)
-
-    try:
-        _emit_report(asyncio.run(go()), as_json)
-    except (ClientError, ContractError) as exc:
-        raise _no_answer(exc, as_json) from None
+    found = _ask(
+        redis, as_json, lambda client: client.report(job_id, timeout_s=timeout_s if wait else 0)
+    )
+    _emit_report(found, as_json)
 
 
 @app.command()
@@ -252,18 +269,30 @@ def load(
 @app.command()
 def inspect(
     file: Annotated[Path, typer.Argument(help="Model file whose header to check.")],
+    format_: Annotated[
+        ModelFormat | None,
+        typer.Option("--format", help="Expected format; refused if the content says otherwise."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check a model file's header only: no loader runs, no child starts."""
+    """Check a model file's header only: no loader runs, no child starts.
+
+    The format is sniffed from the content (safetensors, npy, npz, GGUF); pickles,
+    PyTorch and Keras/HDF5 files are refused: they can execute code when loaded.
+    """
     from loadwarden.producer.contract import ErrorInfo
     from loadwarden.worker._files import open_model_file
-    from loadwarden.worker.formats.safetensors import inspect_safetensors
+    from loadwarden.worker.formats import inspect_model
 
     settings = _settings()
     try:
         with open_model_file(_source(str(file))) as model_file:
-            summary = inspect_safetensors(
-                model_file.fd, model_file.size, settings.inspection
+            summary = inspect_model(
+                model_file.fd,
+                model_file.size,
+                path=model_file.path,
+                declared=format_,
+                caps=settings.inspection,
             ).summary
         document: dict[str, Any] = {
             "outcome": "ok",
@@ -441,15 +470,7 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Print a job's report and a chart of its memory and CPU over time."""
-
-    async def go() -> LoadReport:
-        async with Client(settings=_settings(redis)) as client:
-            return await client.report(job_id, timeout_s=0)
-
-    try:
-        found = asyncio.run(go())
-    except (ClientError, ContractError) as exc:
-        raise _no_answer(exc, as_json) from None
+    found = _ask(redis, as_json, lambda client: client.report(job_id, timeout_s=0))
     if as_json:
         typer.echo(found.model_dump_json())
     else:
@@ -460,16 +481,8 @@ def show(
 
 @app.command()
 def status(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
-    """Show queue depth, jobs in progress and whether a worker is alive."""
-
-    async def go() -> Any:
-        async with Client(settings=_settings(redis)) as client:
-            return await client.status()
-
-    try:
-        queue = asyncio.run(go())
-    except (ClientError, ContractError) as exc:
-        raise _no_answer(exc, as_json) from None
+    """Show ready, deferred and running jobs, dead letters, and each live worker."""
+    queue = _ask(redis, as_json, lambda client: client.status())
     if as_json:
         typer.echo(queue.model_dump_json())
     else:
@@ -484,14 +497,7 @@ def cancel(
 ) -> None:
     """Cancel a job: a queued one never loads; a running one has its child killed at once."""
 
-    async def go() -> str:
-        async with Client(settings=_settings(redis)) as client:
-            return str(await client.cancel(job_id))
-
-    try:
-        state = asyncio.run(go())
-    except (ClientError, ContractError) as exc:
-        raise _no_answer(exc, as_json) from None
+    state = str(_ask(redis, as_json, lambda client: client.cancel(job_id)))
     note = "already finished" if state == "complete" else f"cancel sent (it was {state})"
     typer.echo(json.dumps({"job_id": job_id, "state": state}) if as_json else f"{job_id}: {note}")
 
@@ -510,14 +516,7 @@ def dead_list(
 ) -> None:
     """List dead letters: the final reports of jobs that failed for good."""
 
-    async def go() -> list[DeadLetter]:
-        async with Client(settings=_settings(redis)) as client:
-            return await client.dead_letters(count)
-
-    try:
-        letters = asyncio.run(go())
-    except (ClientError, ContractError) as exc:
-        raise _no_answer(exc, as_json) from None
+    letters = _ask(redis, as_json, lambda client: client.dead_letters(count))
     if as_json:
         typer.echo(json.dumps([letter.model_dump(mode="json") for letter in letters]))
     else:
@@ -537,14 +536,8 @@ def dead_retry(
     if not ids and not all_:
         raise typer.BadParameter("name dead-letter ids, or --all")
 
-    async def go() -> list[str]:
-        async with Client(settings=_settings(redis)) as client:
-            return [h.job_id for h in await client.retry_dead(None if all_ else ids)]
-
-    try:
-        job_ids = asyncio.run(go())
-    except (ClientError, ContractError) as exc:
-        raise _no_answer(exc, as_json) from None
+    handles = _ask(redis, as_json, lambda client: client.retry_dead(None if all_ else ids))
+    job_ids = [h.job_id for h in handles]
     typer.echo(
         json.dumps({"job_ids": job_ids}) if as_json else "\n".join(job_ids) or "nothing to retry"
     )
@@ -554,14 +547,7 @@ def dead_retry(
 def dead_purge(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     """Remove every dead letter."""
 
-    async def go() -> int:
-        async with Client(settings=_settings(redis)) as client:
-            return await client.purge_dead()
-
-    try:
-        removed = asyncio.run(go())
-    except (ClientError, ContractError) as exc:
-        raise _no_answer(exc, as_json) from None
+    removed = _ask(redis, as_json, lambda client: client.purge_dead())
     typer.echo(json.dumps({"removed": removed}) if as_json else f"removed {removed} dead letter(s)")
 
 

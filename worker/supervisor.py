@@ -38,7 +38,7 @@ from loadwarden.worker._child_run import ChildRun, run_child
 from loadwarden.worker._files import ModelFile
 from loadwarden.worker._outcome import Loaded, Raised, classify
 from loadwarden.worker.admission import Admission, detect_memory_bytes
-from loadwarden.worker.formats.safetensors import inspect_safetensors
+from loadwarden.worker.formats import LOADERS, inspect_model
 from loadwarden.worker.history import History, model_identity
 from loadwarden.worker.limits import HistoryStats, derive_limits
 from loadwarden.worker.metrics import Metrics
@@ -51,7 +51,7 @@ from loadwarden.worker.sources import open_source
 T = TypeVar("T")
 
 #: The loader each format runs in the child.
-DEFAULT_LOADERS: Mapping[ModelFormat, str] = {ModelFormat.SAFETENSORS: "safetensors"}
+DEFAULT_LOADERS: Mapping[ModelFormat, str] = LOADERS
 
 
 def _now() -> datetime:
@@ -256,11 +256,23 @@ class Supervisor:
                 self.metrics.anomalies.labels(kind=kind).inc()
 
     def _inspect(self, model_file: ModelFile, request: LoadRequest) -> ModelSummary:
-        # Only safetensors so far; format sniffing by magic bytes comes with issue #6.
-        fmt = request.format or ModelFormat.SAFETENSORS
-        if fmt is not ModelFormat.SAFETENSORS:
-            raise AssertionError(f"no inspector for {fmt}")
-        return inspect_safetensors(model_file.fd, model_file.size, self.settings.inspection).summary
+        """Sniff the format by magic bytes and inspect it strictly (no loader, no child)."""
+        return inspect_model(
+            model_file.fd,
+            model_file.size,
+            path=model_file.path,
+            declared=request.format,
+            caps=self.settings.inspection,
+            budget_bytes=self.tensor_budget_bytes(),
+        ).summary
+
+    def tensor_budget_bytes(self) -> int:
+        """The most tensor bytes a load could hold here: derive_limits' memory formula, inverted,
+        at the lower of the memory ceiling and this worker's whole budget."""
+        p = self.settings.limits
+        room = min(p.memory_ceiling_bytes, self.admission.budget_bytes)
+        room -= p.baseline_memory_bytes + p.memory_slack_bytes
+        return max(0, int(room / (p.loader_memory_factor + p.memory_slack_fraction)))
 
     def _spec(
         self, model_file: ModelFile, summary: ModelSummary, limits: Limits, request: LoadRequest

@@ -271,3 +271,6 @@ def main(sock: socket.socket) -> int:
 
 
 __all__ = ["LOADERS", "main", "register_loader"]
+
+# Last, because it imports this module: the npy, npz and GGUF loaders register themselves.
+from loadwarden.worker.sandbox import loaders  # noqa: E402, F401

@@ -10,87 +10,40 @@ previous end rounded up to ``general.alignment`` (a power of two, default 32).
 
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass, field
 
+from loadwarden.worker.sandbox._gguf_rules import (
+    ALIGNMENT_KEY,
+    MAX_DIMS,
+    GGUFError,
+    TensorEntry,
+    align,
+    check_alignment,
+    check_layout,
+    metadata_text,
+    show,
+    tensor_size,
+)
 from loadwarden.worker.sandbox._pread import pread_into
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-#: ggml tensors have at most four dimensions (GGML_MAX_DIMS).
-MAX_DIMS = 4
 #: Longest tensor name we accept (ggml's own is 64; converters stay well under 1024).
 MAX_NAME_BYTES = 1024
-#: A metadata value longer than this is left out of reports.
-MAX_METADATA_CHARS = 256
-ALIGNMENT_KEY = "general.alignment"
-
-#: ggml type id -> (name, elements per block, bytes per block), as in ggml.h / gguf-py.
-GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    0: ("F32", 1, 4),
-    1: ("F16", 1, 2),
-    2: ("Q4_0", 32, 18),
-    3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24),
-    8: ("Q8_0", 32, 34),
-    9: ("Q8_1", 32, 40),
-    10: ("Q2_K", 256, 84),
-    11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144),
-    13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210),
-    15: ("Q8_K", 256, 292),
-    16: ("IQ2_XXS", 256, 66),
-    17: ("IQ2_XS", 256, 74),
-    18: ("IQ3_XXS", 256, 98),
-    19: ("IQ1_S", 256, 50),
-    20: ("IQ4_NL", 32, 18),
-    21: ("IQ3_S", 256, 110),
-    22: ("IQ2_S", 256, 82),
-    23: ("IQ4_XS", 256, 136),
-    24: ("I8", 1, 1),
-    25: ("I16", 1, 2),
-    26: ("I32", 1, 4),
-    27: ("I64", 1, 8),
-    28: ("F64", 1, 8),
-    29: ("IQ1_M", 256, 56),
-    30: ("BF16", 1, 2),
-    34: ("TQ1_0", 256, 54),
-    35: ("TQ2_0", 256, 66),
-    39: ("MXFP4", 32, 17),
-}
 
 # Value types of the key/value section.
-_STRING, _ARRAY, _BOOL, _UINT32 = 8, 9, 7, 4
+_STRING, _ARRAY, _BOOL = 8, 9, 7
+# Fixed-size value types (UINT8 ... FLOAT64, BOOL as a byte) and their struct formats.
 _SCALARS: dict[int, struct.Struct] = {
-    0: struct.Struct("<B"),
-    1: struct.Struct("<b"),
-    2: struct.Struct("<H"),
-    3: struct.Struct("<h"),
-    4: struct.Struct("<I"),
-    5: struct.Struct("<i"),
-    6: struct.Struct("<f"),
-    7: struct.Struct("<B"),
-    10: struct.Struct("<Q"),
-    11: struct.Struct("<q"),
-    12: struct.Struct("<d"),
+    vtype: struct.Struct(f"<{code}")
+    for vtype, code in zip((0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12), "BbHhIifBQqd", strict=True)
 }
 _U32 = struct.Struct("<I")
+_ARRAY_HEAD = struct.Struct("<IQ")  # element type, length
 _U64 = struct.Struct("<Q")
 _FIXED_PREFIX = 24  # magic, version, tensor count, key/value count
 _FIRST_READ = 64 * 1024
-_SHOW_CHARS = 80
-
-
-class GGUFError(Exception):
-    """A GGUF defect: ``code`` names it (stable), ``message`` says where and what."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,18 +65,6 @@ class Caps:
         """Caps bounded only by the file itself (the child re-reads an inspected file)."""
         n = max(file_size, 1)
         return cls(n, n, n, n, n, 32, MAX_DIMS, n)
-
-
-@dataclass(frozen=True, slots=True)
-class TensorEntry:
-    """One tensor: its ggml type name, its shape in row-major (numpy) order, where it lies."""
-
-    name: str
-    dtype: str
-    shape: list[int]
-    offset: int
-    nbytes: int
-    parameters: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,22 +94,17 @@ def read_layout(fd: int, file_size: int, caps: Caps) -> Layout:
             "too_large", f"tensors hold {total} bytes, over the cap of {caps.max_total_bytes}"
         )
     header_bytes = reader.pos
-    data_start = _align(header_bytes, alignment)
-    _check_layout(tensors, alignment, data_start, header_bytes, file_size)
+    data_start = align(header_bytes, alignment)
+    check_layout(tensors, alignment, data_start, header_bytes, file_size)
     return Layout(version, alignment, header_bytes, data_start, tensors, metadata)
 
 
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= _SHOW_CHARS else f"{text[: _SHOW_CHARS - 3]}..."
-
-
-def _align(offset: int, alignment: int) -> int:
-    return offset + (-offset % alignment)
-
-
 class _Reader:
-    """Reads the header through a buffer that grows on demand, never past the caps or the file."""
+    """Reads the header through a buffer that grows on demand, never past the caps or the file.
+
+    Messages name what was being read as ``(label, subject)`` and are only built on
+    error: the hot loops (a vocabulary is 10^5 strings) must not format text.
+    """
 
     def __init__(self, fd: int, file_size: int, caps: Caps) -> None:
         self.fd = fd
@@ -176,12 +112,12 @@ class _Reader:
         self.caps = caps
         self.buf = bytearray()
         self.pos = 0
-        self.keys = 0
 
-    def _need(self, count: int, what: str) -> None:
+    def _need(self, count: int, label: str, subject: str | None = None) -> None:
         end = self.pos + count
         if end <= len(self.buf):
             return
+        what = _what(label, subject)
         if end > self.caps.max_header_bytes:
             raise GGUFError(
                 "header_too_large",
@@ -193,49 +129,59 @@ class _Reader:
                 f"{what} ends at byte {end}, past the end of a {self.file_size}-byte file",
             )
         want = min(max(end, 2 * len(self.buf), _FIRST_READ), self.caps.max_header_bytes)
-        want = min(want, self.file_size)
-        chunk = bytearray(want - len(self.buf))
+        chunk = bytearray(min(want, self.file_size) - len(self.buf))
         got = pread_into(self.fd, memoryview(chunk), len(self.buf))
         self.buf += chunk[:got]
         if end > len(self.buf):  # the file shrank since its size was taken
             raise GGUFError("header_beyond_file", f"the file ends at byte {len(self.buf)}")
 
-    def _unpack(self, fmt: struct.Struct, what: str) -> int:
-        self._need(fmt.size, what)
+    def _unpack(self, fmt: struct.Struct, label: str, subject: str | None = None) -> int:
+        self._need(fmt.size, label, subject)
         (value,) = fmt.unpack_from(self.buf, self.pos)
         self.pos += fmt.size
         return int(value)
 
-    def u32(self, what: str) -> int:
-        return self._unpack(_U32, what)
+    def u32(self, label: str, subject: str | None = None) -> int:
+        return self._unpack(_U32, label, subject)
 
-    def u64(self, what: str) -> int:
-        return self._unpack(_U64, what)
+    def u64(self, label: str, subject: str | None = None) -> int:
+        return self._unpack(_U64, label, subject)
 
-    def skip(self, count: int, what: str) -> None:
-        self._need(count, what)
-        self.pos += count
-
-    def raw_string(self, what: str) -> bytes:
-        length = self.u64(f"the length of {what}")
+    def raw_string(self, label: str, subject: str | None = None) -> bytes:
+        length = self.u64(f"the length of {label}", subject)
         if length > self.caps.max_string_bytes:
             raise GGUFError(
                 "string_too_long",
-                f"{what} declares {length} bytes, over the cap of {self.caps.max_string_bytes}",
+                f"{_what(label, subject)} declares {length} bytes, "
+                f"over the cap of {self.caps.max_string_bytes}",
             )
-        self._need(length, what)
+        self._need(length, label, subject)
         value = bytes(self.buf[self.pos : self.pos + length])
         self.pos += length
         return value
 
-    def text(self, what: str) -> str:
-        raw = self.raw_string(what)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise GGUFError(
-                "header_not_utf8", f"{what} is not UTF-8: {exc.reason} at byte {exc.start}"
-            ) from exc
+    def skip_strings(self, count: int, key: str) -> None:
+        """Skip ``count`` strings (checking each length) without copying or decoding them."""
+        cap = self.caps.max_string_bytes
+        unpack = _U64.unpack_from
+        buf, pos, end = self.buf, self.pos, len(self.buf)  # locals: this loop runs 10^6 times
+        for _ in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                self._need(8, "a string in", key)
+                end = len(buf)  # the buffer grew in place
+            (length,) = unpack(buf, pos)
+            if length > cap:
+                raise GGUFError(
+                    "string_too_long",
+                    f"a string in {show(key)} declares {length} bytes, over the cap of {cap}",
+                )
+            pos += 8 + length
+            if pos > end:
+                self.pos = pos - length
+                self._need(length, "a string in", key)
+                end = len(buf)
+        self.pos = pos
 
     def prefix(self) -> tuple[int, int, int]:
         self._need(_FIXED_PREFIX, "the fixed header")
@@ -254,8 +200,7 @@ class _Reader:
         tensors = self.u64("the tensor count")
         if tensors > self.caps.max_tensors:
             raise GGUFError(
-                "too_many_tensors",
-                f"{tensors} tensors, over the cap of {self.caps.max_tensors}",
+                "too_many_tensors", f"{tensors} tensors, over the cap of {self.caps.max_tensors}"
             )
         keys = self.u64("the key/value count")
         if keys > self.caps.max_keys:
@@ -269,177 +214,123 @@ class _Reader:
         seen: set[str] = set()
         alignment = DEFAULT_ALIGNMENT
         for index in range(count):
-            key = self.text(f"key #{index}")
+            key = _utf8(self.raw_string(f"key #{index}"), f"key #{index}")
             if not key:
                 raise GGUFError("bad_key", f"key #{index} is empty")
             if key in seen:
-                raise GGUFError("duplicate_key", f"key {_show(key)} appears twice")
+                raise GGUFError("duplicate_key", f"key {show(key)} appears twice")
             seen.add(key)
-            vtype = self.u32(f"the type of {_show(key)}")
-            value = self.value(vtype, 0, key)
+            vtype = self.u32("the type", key)
+            value = self.value(vtype, key)
             if key == ALIGNMENT_KEY:
-                alignment = _check_alignment(vtype, value)
+                alignment = check_alignment(vtype, value)
             if value is not None and len(metadata) < self.caps.max_metadata_entries:
-                text = _metadata_text(value)
+                text = metadata_text(value)
                 if text is not None:
                     metadata[key] = text
         return metadata, alignment
 
-    def value(self, vtype: int, depth: int, key: str) -> object:
+    def value(self, vtype: int, key: str) -> object:
         """Read one value; scalars and strings are returned, arrays skipped (None)."""
         if vtype in _SCALARS:
-            scalar = _SCALARS[vtype]
-            self._need(scalar.size, f"the value of {_show(key)}")
-            (result,) = scalar.unpack_from(self.buf, self.pos)
-            self.pos += scalar.size
-            if vtype == _BOOL and result not in (0, 1):
-                raise GGUFError("bad_value", f"{_show(key)}: boolean byte {result} is not 0 or 1")
-            return bool(result) if vtype == _BOOL else result
+            result = _SCALARS[vtype]
+            self._need(result.size, "the value", key)
+            (scalar,) = result.unpack_from(self.buf, self.pos)
+            self.pos += result.size
+            if vtype == _BOOL and scalar not in (0, 1):
+                raise GGUFError("bad_value", f"{show(key)}: boolean byte {scalar} is not 0 or 1")
+            return bool(scalar) if vtype == _BOOL else scalar
         if vtype == _STRING:
-            return self.raw_string(f"the value of {_show(key)}")
+            return self.raw_string("the value", key)
         if vtype == _ARRAY:
-            self.array(depth + 1, key)
+            self.array(1, key)
             return None
-        raise GGUFError("bad_value_type", f"{_show(key)} has unknown value type {vtype}")
+        raise GGUFError("bad_value_type", f"{show(key)} has unknown value type {vtype}")
 
     def array(self, depth: int, key: str) -> None:
+        """Skip one array value (its elements are not kept)."""
+        self._check_depth(depth, key)
+        etype = self.u32("the element type", key)
+        count = self.u64("the length", key)
+        self._check_count(count, key)
+        self._elements(etype, count, depth, key)
+
+    def _elements(self, etype: int, count: int, depth: int, key: str) -> None:
+        if etype in _SCALARS:
+            self._need(count * _SCALARS[etype].size, "the elements", key)
+            self.pos += count * _SCALARS[etype].size
+        elif etype == _STRING:
+            self.skip_strings(count, key)
+        elif etype == _ARRAY:
+            self._arrays(count, depth + 1, key)
+        else:
+            raise GGUFError("bad_value_type", f"{show(key)} has unknown element type {etype}")
+
+    def _arrays(self, count: int, depth: int, key: str) -> None:
+        """Skip ``count`` arrays; a fast path for scalar ones (this loop can run 10^6 times)."""
+        if count:
+            self._check_depth(depth, key)
+        unpack = _ARRAY_HEAD.unpack_from
+        for _ in range(count):
+            self._need(_ARRAY_HEAD.size, "an array in", key)
+            etype, length = unpack(self.buf, self.pos)
+            self.pos += _ARRAY_HEAD.size
+            self._check_count(length, key)
+            self._elements(etype, length, depth, key)
+
+    def _check_depth(self, depth: int, key: str) -> None:
         if depth > self.caps.max_nesting:
             raise GGUFError(
                 "nesting_too_deep",
-                f"{_show(key)}: arrays nested {depth} deep, over the cap of {self.caps.max_nesting}",
+                f"{show(key)}: arrays nested {depth} deep, over the cap of {self.caps.max_nesting}",
             )
-        etype = self.u32(f"the element type of {_show(key)}")
-        count = self.u64(f"the length of {_show(key)}")
+
+    def _check_count(self, count: int, key: str) -> None:
         if count > self.caps.max_array_elements:
             raise GGUFError(
                 "array_too_long",
-                f"{_show(key)} declares {count} elements, "
+                f"{show(key)} declares {count} elements, "
                 f"over the cap of {self.caps.max_array_elements}",
             )
-        if etype in _SCALARS:
-            self.skip(count * _SCALARS[etype].size, f"the elements of {_show(key)}")
-        elif etype == _STRING:
-            for _ in range(count):
-                self.raw_string(f"a string in {_show(key)}")
-        elif etype == _ARRAY:
-            for _ in range(count):
-                self.array(depth + 1, key)
-        else:
-            raise GGUFError("bad_value_type", f"{_show(key)} has unknown element type {etype}")
 
     def tensor_info(self, names: set[str]) -> TensorEntry:
         index = len(names)
         raw = self.raw_string(f"the name of tensor #{index}")
-        name = _tensor_name(raw, index)
+        if not 0 < len(raw) <= MAX_NAME_BYTES:
+            raise GGUFError(
+                "bad_tensor_entry",
+                f"the name of tensor #{index} has {len(raw)} bytes (1-{MAX_NAME_BYTES})",
+            )
+        name = _utf8(raw, f"the name of tensor #{index}")
         if name in names:
-            raise GGUFError("duplicate_key", f"tensor name {_show(name)} appears twice")
+            raise GGUFError("duplicate_key", f"tensor name {show(name)} appears twice")
         names.add(name)
-        rank = self.u32(f"the rank of {_show(name)}")
+        rank = self.u32("the rank", name)
         if rank > min(MAX_DIMS, self.caps.max_rank):
             raise GGUFError(
                 "rank_too_large",
-                f"tensor {_show(name)} has rank {rank}; "
+                f"tensor {show(name)} has rank {rank}; "
                 f"at most {min(MAX_DIMS, self.caps.max_rank)} allowed",
             )
-        dims = [self.u64(f"a dimension of {_show(name)}") for _ in range(rank)]
-        type_id = self.u32(f"the type of {_show(name)}")
-        offset = self.u64(f"the offset of {_show(name)}")
-        dtype, parameters, nbytes = _size(name, dims, type_id, self.caps.max_total_bytes)
+        dims = [self.u64("a dimension", name) for _ in range(rank)]
+        type_id = self.u32("the type", name)
+        offset = self.u64("the offset", name)
+        dtype, parameters, nbytes = tensor_size(name, dims, type_id, self.caps.max_total_bytes)
         # GGUF lists dimensions innermost first; numpy (and our manifests) outermost first.
         return TensorEntry(name, dtype, dims[::-1], offset, nbytes, parameters)
 
 
-def _tensor_name(raw: bytes, index: int) -> str:
-    if not 0 < len(raw) <= MAX_NAME_BYTES:
-        raise GGUFError(
-            "bad_tensor_entry",
-            f"the name of tensor #{index} has {len(raw)} bytes (1-{MAX_NAME_BYTES})",
-        )
+def _what(label: str, subject: str | None) -> str:
+    return label if subject is None else f"{label} of {show(subject)}"
+
+
+def _utf8(raw: bytes, what: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise GGUFError(
-            "header_not_utf8", f"the name of tensor #{index} is not UTF-8: {exc.reason}"
+            "header_not_utf8", f"{what} is not UTF-8: {exc.reason} at byte {exc.start}"
         ) from exc
 
 
-def _size(name: str, dims: list[int], type_id: int, max_total: int) -> tuple[str, int, int]:
-    if type_id not in GGML_TYPES:
-        raise GGUFError("unknown_dtype", f"tensor {_show(name)} has unknown ggml type {type_id}")
-    dtype, block, block_bytes = GGML_TYPES[type_id]
-    for dim in dims:
-        if dim >= 2**63:  # ggml's ne is int64_t
-            raise GGUFError("bad_shape", f"tensor {_show(name)}: dimension {dim} is not below 2**63")
-    if dims and dims[0] % block:
-        raise GGUFError(
-            "bad_shape",
-            f"tensor {_show(name)}: {dtype} packs {block} values per block, "
-            f"but its first dimension is {dims[0]}",
-        )
-    parameters = 1
-    for dim in dims:
-        parameters *= dim
-        # Stop at the cap so dims like [2**62, 2**62, ...] never build a huge number.
-        if parameters // block * block_bytes > max_total:
-            raise GGUFError(
-                "too_large",
-                f"tensor {_show(name)}: {dtype} {dims[::-1]} is over the cap of {max_total} bytes",
-            )
-    return dtype, parameters, parameters // block * block_bytes
-
-
-def _check_alignment(vtype: int, value: object) -> int:
-    if vtype != _UINT32 or not isinstance(value, int) or value <= 0 or value & (value - 1):
-        raise GGUFError(
-            "bad_alignment",
-            f"{ALIGNMENT_KEY} must be a power-of-two UINT32, not {_show(value)} (type {vtype})",
-        )
-    return value
-
-
-def _metadata_text(value: object) -> str | None:
-    if isinstance(value, bytes):
-        try:
-            text = value.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    elif isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, float) and not math.isfinite(value):
-        return None
-    else:
-        text = str(value)
-    return text if len(text) <= MAX_METADATA_CHARS else None
-
-
-def _check_layout(
-    tensors: list[TensorEntry], alignment: int, data_start: int, header_bytes: int, size: int
-) -> None:
-    expected = 0
-    for tensor in tensors:
-        if tensor.offset % alignment:
-            raise GGUFError(
-                "bad_offsets",
-                f"tensor {_show(tensor.name)} at offset {tensor.offset} "
-                f"is not aligned to {alignment} bytes",
-            )
-        if tensor.offset != expected:
-            defect = "overlaps what comes before it" if tensor.offset < expected else "leaves a gap"
-            raise GGUFError(
-                "offsets_not_contiguous",
-                f"tensor {_show(tensor.name)} at offset {tensor.offset} {defect}: "
-                f"the previous tensor ends, aligned, at {expected}",
-            )
-        expected = _align(tensor.offset + tensor.nbytes, alignment)
-    end = data_start + tensors[-1].offset + tensors[-1].nbytes if tensors else header_bytes
-    if size < end:
-        raise GGUFError(
-            "data_size_mismatch",
-            f"file is truncated: tensor data ends at byte {end}, the file has {size}",
-        )
-    if size > _align(end, alignment):
-        raise GGUFError(
-            "data_size_mismatch",
-            f"file has trailing bytes: tensor data ends at byte {end} "
-            f"(padded: {_align(end, alignment)}), the file has {size}",
-        )
+__all__ = ["Caps", "GGUFError", "Layout", "TensorEntry", "read_layout"]

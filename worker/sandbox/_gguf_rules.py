@@ -1,0 +1,172 @@
+"""GGUF's rules beyond its byte format: ggml tensor types and sizes, alignment, layout.
+
+Stdlib only: the load child uses it too (through ``_gguf``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+#: ggml tensors have at most four dimensions (GGML_MAX_DIMS).
+MAX_DIMS = 4
+#: A metadata value longer than this is left out of reports.
+MAX_METADATA_CHARS = 256
+ALIGNMENT_KEY = "general.alignment"
+_UINT32 = 4
+_SHOW_CHARS = 80
+
+#: ggml type id -> (name, elements per block, bytes per block), as in ggml.h / gguf-py.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+}
+
+
+class GGUFError(Exception):
+    """A GGUF defect: ``code`` names it (stable), ``message`` says where and what."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """One tensor: its ggml type name, its shape in row-major (numpy) order, where it lies."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int
+    nbytes: int
+    parameters: int
+
+
+def show(value: object) -> str:
+    """``repr(value)``, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= _SHOW_CHARS else f"{text[: _SHOW_CHARS - 3]}..."
+
+
+def align(offset: int, alignment: int) -> int:
+    """``offset`` rounded up to a multiple of ``alignment``."""
+    return offset + (-offset % alignment)
+
+
+def tensor_size(name: str, dims: list[int], type_id: int, max_total: int) -> tuple[str, int, int]:
+    """The ggml type name, element count and byte size of a tensor; its dims checked."""
+    if type_id not in GGML_TYPES:
+        raise GGUFError("unknown_dtype", f"tensor {show(name)} has unknown ggml type {type_id}")
+    dtype, block, block_bytes = GGML_TYPES[type_id]
+    for dim in dims:
+        if dim >= 2**63:  # ggml's ne is int64_t
+            raise GGUFError("bad_shape", f"tensor {show(name)}: dimension {dim} is not below 2**63")
+    if dims and dims[0] % block:
+        raise GGUFError(
+            "bad_shape",
+            f"tensor {show(name)}: {dtype} packs {block} values per block, "
+            f"but its first dimension is {dims[0]}",
+        )
+    parameters = 1
+    for dim in dims:
+        parameters *= dim
+        # Stop at the cap so dims like [2**62, 2**62, ...] never build a huge number.
+        if parameters // block * block_bytes > max_total:
+            raise GGUFError(
+                "too_large",
+                f"tensor {show(name)}: {dtype} {dims[::-1]} is over the cap of {max_total} bytes",
+            )
+    return dtype, parameters, parameters // block * block_bytes
+
+
+def check_alignment(vtype: int, value: object) -> int:
+    """The alignment a ``general.alignment`` value declares: a power-of-two UINT32."""
+    if vtype != _UINT32 or not isinstance(value, int) or value <= 0 or value & (value - 1):
+        raise GGUFError(
+            "bad_alignment",
+            f"{ALIGNMENT_KEY} must be a power-of-two UINT32, not {show(value)} (type {vtype})",
+        )
+    return value
+
+
+def metadata_text(value: object) -> str | None:
+    """A scalar metadata value as report text, or None when it is not worth reporting."""
+    if isinstance(value, bytes):
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, float) and not math.isfinite(value):
+        return None
+    else:
+        text = str(value)
+    return text if len(text) <= MAX_METADATA_CHARS else None
+
+
+def check_layout(
+    tensors: list[TensorEntry], alignment: int, data_start: int, header_bytes: int, size: int
+) -> None:
+    """llama.cpp's rule: in file order, each tensor at the previous end rounded up to the
+    alignment; the file ends with the last tensor (plus padding to the alignment)."""
+    expected = 0
+    for tensor in tensors:
+        if tensor.offset % alignment:
+            raise GGUFError(
+                "bad_offsets",
+                f"tensor {show(tensor.name)} at offset {tensor.offset} "
+                f"is not aligned to {alignment} bytes",
+            )
+        if tensor.offset != expected:
+            defect = "overlaps what comes before it" if tensor.offset < expected else "leaves a gap"
+            raise GGUFError(
+                "offsets_not_contiguous",
+                f"tensor {show(tensor.name)} at offset {tensor.offset} {defect}: "
+                f"the previous tensor ends, aligned, at {expected}",
+            )
+        expected = align(tensor.offset + tensor.nbytes, alignment)
+    end = data_start + tensors[-1].offset + tensors[-1].nbytes if tensors else header_bytes
+    if size < end:
+        raise GGUFError(
+            "data_size_mismatch",
+            f"file is truncated: tensor data ends at byte {end}, the file has {size}",
+        )
+    if size > align(end, alignment):
+        raise GGUFError(
+            "data_size_mismatch",
+            f"file has trailing bytes: tensor data ends at byte {end} "
+            f"(padded: {align(end, alignment)}), the file has {size}",
+        )
