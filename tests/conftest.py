@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -199,10 +202,10 @@ def make_supervisor() -> Callable[..., Supervisor]:
     return make
 
 
-@pytest.fixture
-async def worker_runner(settings: Settings) -> AsyncIterator[WorkerRunner]:
-    """A worker (arq + supervisor + bookkeeping) running in this test's event loop."""
-    runner = WorkerRunner(settings, handle_signals=False, preload=[TEST_LOADERS])
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, **options: Any) -> AsyncIterator[WorkerRunner]:
+    """A worker (arq + supervisor + bookkeeping) running in this event loop, stopped after."""
+    runner = WorkerRunner(settings, handle_signals=False, preload=[TEST_LOADERS], **options)
     task = asyncio.create_task(runner.run())
     started = asyncio.create_task(runner.started.wait())
     await asyncio.wait({task, started}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
@@ -218,6 +221,79 @@ async def worker_runner(settings: Settings) -> AsyncIterator[WorkerRunner]:
 
 
 @pytest.fixture
+async def worker_runner(settings: Settings) -> AsyncIterator[WorkerRunner]:
+    async with running_worker(settings) as runner:
+        yield runner
+
+
+@pytest.fixture
 def captured_events() -> Iterator[list[structlog.typing.EventDict]]:
     with structlog.testing.capture_logs() as events:
         yield events
+
+
+#: A worker process with test loaders: argv = redis URL, loader, JSON settings overrides.
+WORKER_SCRIPT = """
+import asyncio, json, sys
+from loadwarden.producer.contract import ModelFormat
+from loadwarden.producer.settings import Settings
+from loadwarden.worker.app import run_worker
+from loadwarden.worker.logs import configure_logging
+configure_logging("info", json=True)
+settings = Settings(redis_url=sys.argv[1], **json.loads(sys.argv[3]))
+loaders = {ModelFormat.SAFETENSORS: sys.argv[2]}
+asyncio.run(run_worker(settings, loaders=loaders, preload=[sys.argv[4]]))
+"""
+
+StartWorker = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[StartWorker]:
+    """Start ``loadwarden`` worker processes (test loaders available); all stopped at the end.
+
+    ``start(redis_url, loader="safetensors", **settings)`` returns once the worker has
+    logged ``worker_started``.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        redis_url: str, loader: str = "safetensors", **overrides: object
+    ) -> subprocess.Popen[bytes]:
+        log = tmp_path / f"worker-{len(procs)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    WORKER_SCRIPT,
+                    redis_url,
+                    loader,
+                    json.dumps(overrides),
+                    TEST_LOADERS,
+                ],
+                stdout=out,
+                stderr=out,
+                stdin=subprocess.DEVNULL,
+                cwd=Path(__file__).parent.parent,
+            )
+        procs.append(proc)
+        call_until(lambda: b"worker_started" in log.read_bytes() or proc.poll() is not None, 30)
+        assert proc.poll() is None, log.read_text()
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(30)
+
+
+def sandbox_processes(supervisor_pid: int) -> list[int]:
+    """Fork servers and load children of one supervisor, wherever they have been reparented."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "loadwarden.worker.sandbox._forkserver" in cmd and str(supervisor_pid) in cmd:
+            found.append(proc.pid)
+    return found

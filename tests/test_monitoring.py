@@ -23,6 +23,7 @@ from loadwarden.worker.app import WorkerRunner
 from loadwarden.worker.exporter import run_exporter
 from loadwarden.worker.history import History, model_identity
 from loadwarden.worker.supervisor import Supervisor
+from tests.conftest import running_worker
 
 Events = list[structlog.typing.EventDict]
 
@@ -38,13 +39,8 @@ def _metric(text: str, name: str) -> float:
 @pytest.fixture
 async def observed_worker(redis_url: str) -> AsyncIterator[WorkerRunner]:
     settings = Settings(redis_url=redis_url, metrics_port=0, metrics_host="127.0.0.1")
-    runner = WorkerRunner(settings, handle_signals=False)
-    task = asyncio.create_task(runner.run())
-    await asyncio.wait_for(runner.started.wait(), 30)
-    yield runner
-    runner.stop()
-    runner.stop()
-    await asyncio.wait_for(task, 30)
+    async with running_worker(settings) as runner:
+        yield runner
 
 
 async def test_worker_serves_metrics_and_probes(

@@ -9,10 +9,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from loadwarden.producer.client import Client, JobState
@@ -21,56 +20,10 @@ from loadwarden.producer.keys import ATTEMPTS_KEY_PREFIX
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._redis_server import RedisServer
 from loadwarden.worker.app import WorkerRunner
-from tests.conftest import TEST_LOADERS, call_until
+from tests.conftest import StartWorker, call_until, running_worker, sandbox_processes
 
-WORKER = """
-import asyncio, sys
-from loadwarden.producer.keys import ATTEMPTS_KEY_PREFIX
-from loadwarden.producer.contract import ModelFormat
-from loadwarden.producer.settings import Settings
-from loadwarden.worker.app import run_worker
-from loadwarden.worker.logs import configure_logging
-configure_logging("info", json=True)
-settings = Settings(redis_url=sys.argv[1], concurrency=4, lease_s=2, lease_renew_s=0.5)
-loaders = {ModelFormat.SAFETENSORS: sys.argv[2]}
-asyncio.run(run_worker(settings, loaders=loaders, preload=[sys.argv[3]]))
-"""
-
-
-def _sandbox_processes(supervisor_pid: int) -> list[int]:
-    """Fork servers and load children of one supervisor, wherever they have been reparented."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "ppid"]):
-        cmd = proc.info["cmdline"] or []
-        if "loadwarden.worker.sandbox._forkserver" in cmd and str(supervisor_pid) in cmd:
-            found.append(proc.pid)
-    return found
-
-
-@pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[[str, str], subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(redis_url: str, loader: str = "brief") -> subprocess.Popen[bytes]:
-        log = tmp_path / f"worker-{len(procs)}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", WORKER, redis_url, loader, TEST_LOADERS],
-                stdout=out,
-                stderr=out,
-                stdin=subprocess.DEVNULL,
-                cwd=Path(__file__).parent.parent,
-            )
-        procs.append(proc)
-        call_until(lambda: b"worker_started" in log.read_bytes() or proc.poll() is not None, 30)
-        assert proc.poll() is None, log.read_text()
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-        proc.wait(30)
+#: Workers of these tests renew a 2 s lease twice a second, so reruns come fast.
+FAST_LEASE = {"concurrency": 4, "lease_s": 2, "lease_renew_s": 0.5}
 
 
 async def _reports(client: Client, job_ids: list[str], timeout_s: float) -> dict[str, object]:
@@ -79,11 +32,11 @@ async def _reports(client: Client, job_ids: list[str], timeout_s: float) -> dict
 
 
 async def test_sigkill_mid_batch_loses_nothing(
-    start_worker: Callable[..., subprocess.Popen[bytes]], redis_url: str, small_model: Path
+    start_worker: StartWorker, redis_url: str, small_model: Path
 ) -> None:
     """kill -9 of a worker mid-batch: every job gets one report, reruns come within lease + 5 s."""
-    doomed = start_worker(redis_url, "slow")
-    start_worker(redis_url, "slow")
+    doomed = start_worker(redis_url, "slow", **FAST_LEASE)
+    start_worker(redis_url, "slow", **FAST_LEASE)
     async with Client(redis_url) as client:
         handles = [
             await client.enqueue(LoadRequest(source=str(small_model), labels={"n": str(i)}))
@@ -115,7 +68,7 @@ async def test_sigkill_mid_batch_loses_nothing(
         killed_at = time.monotonic()
         doomed.wait(10)
         # Its fork server and children die with it (PR_SET_PDEATHSIG), not left loading.
-        call_until(lambda: not _sandbox_processes(doomed.pid), 5)
+        call_until(lambda: not sandbox_processes(doomed.pid), 5)
         orphan_reports = await _reports(client, orphaned, timeout_s=2 + 5 + 10)
         rerun_within = time.monotonic() - killed_at
         reports = await _reports(client, job_ids, timeout_s=60)
@@ -128,12 +81,12 @@ async def test_sigkill_mid_batch_loses_nothing(
 
 
 async def test_redis_restart_mid_batch(
-    start_worker: Callable[..., subprocess.Popen[bytes]], small_model: Path, tmp_path: Path
+    start_worker: StartWorker, small_model: Path, tmp_path: Path
 ) -> None:
     """Redis (AOF on) stopped and started during a batch: every job still ends with a report."""
     server = RedisServer(appendonly=True, data_dir=tmp_path / "redis").start()
     try:
-        start_worker(server.url)
+        start_worker(server.url, "brief", **FAST_LEASE)
         async with Client(server.url) as client:
             job_ids = [
                 (
@@ -153,15 +106,8 @@ async def test_redis_restart_mid_batch(
 
 @pytest.fixture
 async def hanging_worker(settings: Settings) -> AsyncIterator[WorkerRunner]:
-    runner = WorkerRunner(
-        settings, handle_signals=False, preload=[TEST_LOADERS], loaders={"safetensors": "hang"}
-    )  # type: ignore[dict-item]
-    task = asyncio.create_task(runner.run())
-    await asyncio.wait_for(runner.started.wait(), 30)
-    yield runner
-    runner.stop()
-    runner.stop()
-    await asyncio.wait_for(task, 30)
+    async with running_worker(settings, loaders={"safetensors": "hang"}) as runner:
+        yield runner
 
 
 async def test_cancel_a_queued_job(settings: Settings, small_model: Path) -> None:
@@ -244,11 +190,9 @@ async def test_same_request_twice_is_one_job(settings: Settings, small_model: Pa
     assert (status.ready, status.deferred, status.running, status.dead_letters) == (3, 0, 0, 0)
 
 
-def test_status_lists_live_workers(
-    start_worker: Callable[..., subprocess.Popen[bytes]], redis_url: str
-) -> None:
+def test_status_lists_live_workers(start_worker: StartWorker, redis_url: str) -> None:
     """`loadwarden status --json` shows each live worker's heartbeat with its budget."""
-    worker = start_worker(redis_url)
+    worker = start_worker(redis_url, concurrency=4)
     out = subprocess.run(
         [str(Path(sys.executable).parent / "loadwarden"), "status", "--json", "--redis", redis_url],
         capture_output=True,
@@ -260,3 +204,23 @@ def test_status_lists_live_workers(
     [me] = [w for w in status["workers"] if w["pid"] == worker.pid]
     assert me["memory_budget_bytes"] > 0 and me["concurrency"] == 4
     assert os.getpid() != me["pid"]
+
+
+async def test_in_progress_marker_lasts_one_lease(
+    hanging_worker: WorkerRunner, settings: Settings, small_model: Path
+) -> None:
+    """A running job's marker expires within one lease (not arq's hour), so a dead worker's
+    job runs again soon even if it died before its first renewal."""
+    from arq.constants import in_progress_key_prefix
+
+    async with Client(settings=settings) as client:
+        handle = await client.enqueue(LoadRequest(source=str(small_model)))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not hanging_worker.supervisor.forkserver.spawned:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        redis = await client.redis()
+        ttl_ms = await redis.pttl(in_progress_key_prefix + handle.job_id)
+        await handle.cancel()
+    assert 0 < ttl_ms <= settings.lease_s * 1000

@@ -207,7 +207,7 @@ def create_worker(
     """An arq Worker that runs loads through ``supervisor`` (signals are WorkerRunner's)."""
     if not settings.redis_url:
         raise ValueError("a worker needs a Redis URL (--redis or LOADWARDEN_REDIS_URL)")
-    return Worker(
+    worker = Worker(
         functions=[
             func(
                 load_job,
@@ -229,6 +229,11 @@ def create_worker(
         retry_jobs=True,
         log_results=False,
     )
+    # arq marks a job in progress for its longest timeout + 10 s (an hour here): a worker
+    # dying before our first lease renewal would hold the job that long (arq #402). The
+    # marker starts with the lease's length instead; JobBook.lease renews it.
+    worker.in_progress_timeout_s = settings.lease_s
+    return worker
 
 
 class WorkerRunner:

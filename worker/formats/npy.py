@@ -21,6 +21,7 @@ from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker.formats._common import (
     CONVERT_HINT,
     Cursor,
+    element_count,
     invalid,
     pickle_protocol,
     refuse_pickle,
@@ -229,16 +230,11 @@ def _check_shape(shape: object, caps: InspectionCaps, where: str) -> list[int]:
 
 
 def _count(shape: list[int], itemsize: int, caps: InspectionCaps, where: str) -> int:
-    if 0 in shape:
-        return 0
-    count = 1
-    for dim in shape:
-        count *= dim
-        # Stop at the cap so a shape like (2**62, 2**62, ...) never builds a huge number.
-        if count * itemsize > caps.max_total_bytes:
-            raise invalid(
-                where,
-                "too_large",
-                f"shape {show(tuple(shape))} is over the cap of {caps.max_total_bytes} bytes",
-            )
+    count = element_count(shape, itemsize, caps.max_total_bytes)
+    if count is None:
+        raise invalid(
+            where,
+            "too_large",
+            f"shape {show(tuple(shape))} is over the cap of {caps.max_total_bytes} bytes",
+        )
     return count

@@ -14,6 +14,7 @@ from typing import Any
 from loadwarden.producer.contract import ModelFormat, ModelSummary, TensorInfo
 from loadwarden.producer.errors import InvalidModel, SourceUnavailable
 from loadwarden.producer.settings import InspectionCaps
+from loadwarden.worker.formats._common import element_count
 
 #: Dtypes ``safetensors.numpy`` can load, with their item size in bytes.
 NUMPY_DTYPE_BYTES: dict[str, int] = {
@@ -283,18 +284,12 @@ def _check_shape(name: str, shape: object, caps: InspectionCaps) -> list[int]:
 
 
 def _count(name: str, shape: list[int], itemsize: int, caps: InspectionCaps) -> int:
-    if 0 in shape:
-        return 0
-    count = 1
-    for dim in shape:
-        count *= dim
-        # Stop at the cap so a shape like [2**62, 2**62, ...] never builds a huge number.
-        if count * itemsize > caps.max_total_bytes:
-            raise _invalid(
-                "too_large",
-                f"tensor {_show(name)}: shape {shape} is over the cap of "
-                f"{caps.max_total_bytes} bytes",
-            )
+    count = element_count(shape, itemsize, caps.max_total_bytes)
+    if count is None:
+        raise _invalid(
+            "too_large",
+            f"tensor {_show(name)}: shape {shape} is over the cap of {caps.max_total_bytes} bytes",
+        )
     return count
 
 

@@ -145,11 +145,17 @@ def load_safetensors(fd: int, spec: Spec) -> dict[str, Any]:
         )
         for name, arr in tensors.items()
     ]
-    loaded_bytes = int(sum(arr.nbytes for arr in tensors.values()))
     del tensors
+    return finish(entries, hasher, spec)
+
+
+def finish(
+    entries: list[tuple[str, str, list[int], int]], hasher: _Hasher | None, spec: Spec
+) -> dict[str, Any]:
+    """A loader's answer: its manifest digest, checked against the spec, and the sha256."""
     result: dict[str, Any] = {
         "tensors": len(entries),
-        "bytes": loaded_bytes,
+        "bytes": sum(nbytes for _, _, _, nbytes in entries),
         "manifest_digest": _protocol.manifest_digest(entries),
         "sha256": None,
     }

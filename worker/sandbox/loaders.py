@@ -20,14 +20,13 @@ from typing import IO, Any
 import numpy as np
 import numpy.lib.format as npy_format
 
-from loadwarden.worker.sandbox import _gguf, _protocol
+from loadwarden.worker.sandbox import _gguf
 from loadwarden.worker.sandbox._child import (
     _NUMPY_TO_SAFETENSORS,
-    DigestMismatch,
     FileChanged,
-    ManifestMismatch,
     Spec,
     _Hasher,
+    finish,
     register_loader,
 )
 from loadwarden.worker.sandbox._pread import open_reader, pread_into
@@ -124,27 +123,6 @@ def read_gguf(fd: int) -> list[tuple[_gguf.TensorEntry, np.ndarray[Any, Any]]]:
     except _gguf.GGUFError as exc:
         raise FileChanged(f"the GGUF file changed after inspection: {exc.message}") from exc
     return [(t, _read_tensor(fd, layout.data_start, t)) for t in layout.tensors]
-
-
-def finish(entries: list[Entry], hasher: _Hasher | None, spec: Spec) -> dict[str, Any]:
-    """The loader's answer: its manifest digest, checked against the spec, and the sha256."""
-    result: dict[str, Any] = {
-        "tensors": len(entries),
-        "bytes": sum(nbytes for _, _, _, nbytes in entries),
-        "manifest_digest": _protocol.manifest_digest(entries),
-        "sha256": None,
-    }
-    if hasher is not None:
-        digest = hasher.result()
-        result["sha256"] = digest
-        if digest != spec["sha256"]:
-            raise DigestMismatch(
-                f"sha256 of the file is {digest}, the request expects {spec['sha256']}"
-            )
-    expected = spec.get("manifest_digest")
-    if expected and result["manifest_digest"] != expected:
-        raise ManifestMismatch("the loader returned other tensors than the header declares")
-    return result
 
 
 def _entry(name: str, array: np.ndarray[Any, Any]) -> Entry:
