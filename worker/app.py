@@ -35,7 +35,7 @@ from loadwarden.producer.errors import (
     LoadError,
 )
 from loadwarden.producer.settings import Settings
-from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker._tasks import cancel_and_wait, finish_despite_cancel
 from loadwarden.worker.autoscale_inputs import desired_from_counts
 from loadwarden.worker.heartbeat import beat
 from loadwarden.worker.history import History
@@ -170,7 +170,7 @@ async def _attempt(
                 cancel=book.cancel_event(job_id),
             )
     except asyncio.CancelledError:  # shutdown: this was not an attempt; the job is released
-        await asyncio.shield(book.save_attempts(job_id, previous))
+        await finish_despite_cancel(book.save_attempts(job_id, previous))
         raise
     finally:
         book.forget(job_id)
@@ -341,6 +341,11 @@ class WorkerRunner:
 
     @staticmethod
     async def _close(worker: Worker) -> None:
+        # Let cancelled jobs finish their own bookkeeping first: arq's close() cancels
+        # whatever still runs a second time, which would cut a job's last Redis writes.
+        running = [t for t in worker.tasks.values() if not t.done()]
+        if running:
+            await asyncio.wait(running, timeout=10)
         try:
             await worker.close()
         except (RedisError, OSError) as exc:  # Redis is gone: nothing left to tidy there

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from loadwarden.producer.contract import WorkerStatus
 from loadwarden.producer.keys import WORKER_KEY_PREFIX, WORKERS_ZSET
 from loadwarden.producer.settings import Settings
+from loadwarden.worker._tasks import finish_despite_cancel
 from loadwarden.worker.supervisor import Supervisor
 
 #: ``<prefix><worker id>`` holds a WorkerStatus as JSON; it expires unless renewed.
@@ -65,5 +66,5 @@ async def beat(redis: Redis, supervisor: Supervisor, settings: Settings) -> None
             await asyncio.sleep(INTERVAL_S)
     finally:
         with contextlib.suppress(RedisError, OSError):  # else it expires on its own
-            await asyncio.shield(redis.delete(key))
-            await asyncio.shield(redis.zrem(WORKERS_ZSET, supervisor.info.id))
+            await finish_despite_cancel(redis.delete(key))
+            await finish_despite_cancel(redis.zrem(WORKERS_ZSET, supervisor.info.id))

@@ -36,6 +36,7 @@ from loadwarden.producer.keys import (
     dedupe_key,
 )
 from loadwarden.producer.settings import Settings
+from loadwarden.worker._tasks import finish_despite_cancel
 from loadwarden.worker.metrics import Metrics
 
 log = structlog.get_logger("loadwarden.jobs")
@@ -134,7 +135,7 @@ class JobBook:
             task.cancel()
             await asyncio.wait({task})
             with contextlib.suppress(RedisError, OSError):  # else it lapses by itself
-                await asyncio.shield(self.redis.zrem(RUNNING_ZSET, job_id))
+                await finish_despite_cancel(self.redis.zrem(RUNNING_ZSET, job_id))
 
     async def finish(self, job_id: str, request: LoadRequest | None, report: LoadReport) -> None:
         """The job ended for good: drop its bookkeeping; dead-letter it unless ok or cancelled."""
