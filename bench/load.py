@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,7 @@ import structlog
 from numpy.typing import NDArray
 
 from loadwarden.producer.contract import LoadRequest, Outcome
+from loadwarden.producer.settings import Settings, SourcePolicy
 from loadwarden.worker.supervisor import Supervisor
 
 MiB = 1024 * 1024
@@ -285,7 +287,9 @@ async def bench_size(sup: Supervisor, model: Model, repeat: int) -> SizeResult:
 
 async def bench(models: list[Model], repeat: int) -> list[SizeResult]:
     # Entering starts the fork server before any timing: a worker pays that once, not per load.
-    async with Supervisor() as sup:
+    folders = tuple({Path(m.path).parent for m in models})
+    settings = Settings(sources=SourcePolicy(allow_roots=folders))
+    async with Supervisor(settings) as sup:
         return [await bench_size(sup, m, repeat) for m in models]
 
 
