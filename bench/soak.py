@@ -28,7 +28,8 @@ from loadwarden.worker._redis_server import RedisServer
 from loadwarden.worker.app import WorkerRunner
 from loadwarden.worker.logs import configure_logging
 
-WARMUP = 200
+#: Loads before the first figures: connection pools and caches reach their steady size.
+WARMUP = 1000
 
 
 def _figures() -> tuple[int, int]:
@@ -63,10 +64,12 @@ async def main(jobs: int, concurrency: int) -> dict[str, object]:
             rss0, fds0 = _figures()
             t0 = time.perf_counter()
             done = WARMUP
+            trace = [(0, rss0, fds0)]
             while done < WARMUP + jobs:
                 step = min(500, WARMUP + jobs - done)
                 await _run_batch(client, str(model), done, step)
                 done += step
+                trace.append((done - WARMUP, *_figures()))
             elapsed = time.perf_counter() - t0
             rss1, fds1 = _figures()
         runner.stop()
@@ -83,6 +86,7 @@ async def main(jobs: int, concurrency: int) -> dict[str, object]:
         "fds_start": fds0,
         "fds_end": fds1,
         "flat_within_5pct": rss1 <= rss0 * 1.05 and fds1 <= fds0 * 1.05,
+        "trace": [{"jobs": j, "rss_bytes": r, "fds": f} for j, r, f in trace],
     }
 
 

@@ -223,8 +223,12 @@ class Settings(BaseSettings):
     # Log (and count) a load that crosses this fraction of a limit: early warning
     # before the limit itself stops it.
     threshold_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
-    # A load this many times beyond its history's p95 (wall or peak) is an anomaly.
+    # A load this many times beyond its history's p95 (wall or peak) is an anomaly...
     anomaly_factor: Annotated[float, Field(gt=1)] = 3.0
+    # ...and also this far beyond it in absolute terms: tiny loads vary by several times
+    # in milliseconds (measured in bench/soak.py), which is noise, not an anomaly.
+    anomaly_min_wall_s: Annotated[float, Field(ge=0)] = 1.0
+    anomaly_min_rss_bytes: Annotated[int, Field(ge=0)] = 64 * MiB
     # The crash lease: a job whose worker stops renewing it runs again this soon
     # (arq alone waits for its longest timeout + 10 s, an hour here).
     lease_s: Annotated[float, Field(gt=0)] = 30.0

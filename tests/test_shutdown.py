@@ -46,3 +46,53 @@ def test_sigterm_past_the_grace_kills_and_requeues(
     assert report.worker.pid != worker.pid
     # A load released at shutdown was not an attempt: it does not count against retries.
     assert [a.number for a in report.attempts] == [1]
+
+
+def test_second_sigterm_stops_at_once(
+    start_worker: StartWorker, redis_url: str, small_model: Path
+) -> None:
+    """A second SIGTERM ends the grace period at once: the worker exits, the job stays queued."""
+    worker = start_worker(redis_url, "hang", shutdown_grace_s=600)
+    with BlockingClient(redis_url) as client:
+        job_id = client.enqueue(LoadRequest(source=str(small_model)))
+        call_until(lambda: _running(client, job_id), 30)
+        worker.send_signal(signal.SIGTERM)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0  # far sooner than the 600 s grace
+        call_until(lambda: not sandbox_processes(worker.pid), 10)
+        assert client.job_state(job_id) is JobState.QUEUED
+
+
+def test_allow_root_from_the_environment(
+    start_worker: StartWorker, redis_url: str, small_model: Path, tmp_path: Path
+) -> None:
+    """`loadwarden worker` reads its allowed roots from LOADWARDEN_ALLOW_ROOTS (':'-separated)."""
+    import os
+    import subprocess
+    import sys
+
+    log = tmp_path / "w.log"
+    env = {**os.environ, "LOADWARDEN_ALLOW_ROOTS": f"/nonexistent-root:{small_model.parent}"}
+    env.pop("LOADWARDEN_SOURCES__ALLOW_ROOTS", None)
+    exe = str(Path(sys.executable).parent / "loadwarden")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [exe, "worker", "--redis", redis_url],
+            env=env,
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            cwd="/",
+        )
+    try:
+        call_until(lambda: b"worker_started" in log.read_bytes(), 30)
+        with BlockingClient(redis_url) as client:
+            ok = client.report(client.enqueue(LoadRequest(source=str(small_model))), timeout_s=30)
+            outside = client.report(
+                client.enqueue(LoadRequest(source="/etc/hostname")), timeout_s=30
+            )
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert ok.outcome is Outcome.OK
+    assert outside.outcome is Outcome.REFUSED

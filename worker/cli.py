@@ -141,8 +141,10 @@ def worker(
         list[Path] | None,
         typer.Option(
             "--allow-root",
-            help="A folder local sources may come from (repeatable; "
-            "default: LOADWARDEN_SOURCES__ALLOW_ROOTS, else the working directory).",
+            envvar="LOADWARDEN_ALLOW_ROOTS",
+            help="A folder local sources may come from (repeatable; or LOADWARDEN_ALLOW_ROOTS, "
+            "folders separated by ':'; default: LOADWARDEN_SOURCES__ALLOW_ROOTS, else the "
+            "working directory).",
         ),
     ] = None,
     log_level: LogOpt = "info",

@@ -244,14 +244,19 @@ class Supervisor:
         self, run: ChildRun, history: HistoryStats, log: FilteringBoundLogger
     ) -> None:
         """Log (and count) a load far beyond its own history, even when it succeeded."""
-        factor = self.settings.anomaly_factor
+        s = self.settings
         assert run.ended is not None
         figures = {
-            "wall": (run.wall_seconds, history.wall_p95_s),
-            "peak_rss": (float(run.ended.maxrss_bytes), float(history.peak_rss_p95_bytes)),
+            "wall": (run.wall_seconds, history.wall_p95_s, s.anomaly_min_wall_s),
+            "peak_rss": (
+                float(run.ended.maxrss_bytes),
+                float(history.peak_rss_p95_bytes),
+                float(s.anomaly_min_rss_bytes),
+            ),
         }
-        for kind, (value, p95) in figures.items():
-            if p95 > 0 and value > factor * p95:
+        factor = s.anomaly_factor
+        for kind, (value, p95, margin) in figures.items():
+            if p95 > 0 and value > factor * p95 and value - p95 > margin:
                 log.warning("load_anomaly", kind=kind, value=value, history_p95=p95, factor=factor)
                 self.metrics.anomalies.labels(kind=kind).inc()
 
