@@ -280,6 +280,7 @@ def start_worker(tmp_path: Path) -> Iterator[StartWorker]:
         procs.append(proc)
         call_until(lambda: b"worker_started" in log.read_bytes() or proc.poll() is not None, 30)
         assert proc.poll() is None, log.read_text()
+        proc.log_path = log  # type: ignore[attr-defined]  # where its JSON log lines go
         return proc
 
     yield start

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 from pathlib import Path
 
 from loadwarden.producer.client import BlockingClient, JobState
@@ -10,8 +11,22 @@ from loadwarden.producer.contract import LoadRequest, Outcome
 from tests.conftest import StartWorker, call_until, sandbox_processes
 
 
-def _running(client: BlockingClient, job_id: str) -> bool:
-    return client.job_state(job_id) is JobState.RUNNING
+def _signal_while_running(
+    worker: subprocess.Popen[bytes], client: BlockingClient, source: Path, signals: int = 1
+) -> str:
+    """Enqueue a load, wait until it runs, send SIGTERM ``signals`` times; return the job id.
+
+    Each further signal waits until the worker has acted on the one before: two identical
+    signals sent at once reach a process as one.
+    """
+    job_id = client.enqueue(LoadRequest(source=str(source)))
+    call_until(lambda: client.job_state(job_id) is JobState.RUNNING, 30)
+    log = worker.log_path  # type: ignore[attr-defined]
+    for n in range(signals):
+        if n:
+            call_until(lambda: b"worker_stopping" in log.read_bytes(), 10)
+        worker.send_signal(signal.SIGTERM)
+    return job_id
 
 
 def test_sigterm_lets_a_running_load_finish(
@@ -20,9 +35,7 @@ def test_sigterm_lets_a_running_load_finish(
     """A load that ends within the grace finishes ok after SIGTERM; the worker then exits 0."""
     worker = start_worker(redis_url, "slow", shutdown_grace_s=20)
     with BlockingClient(redis_url) as client:
-        job_id = client.enqueue(LoadRequest(source=str(small_model)))
-        call_until(lambda: _running(client, job_id), 30)
-        worker.send_signal(signal.SIGTERM)
+        job_id = _signal_while_running(worker, client, small_model)
         assert worker.wait(30) == 0
         assert client.report(job_id, timeout_s=1).outcome is Outcome.OK
     assert sandbox_processes(worker.pid) == []
@@ -34,9 +47,7 @@ def test_sigterm_past_the_grace_kills_and_requeues(
     """A load still running after the grace is killed, its job requeued and rerun elsewhere."""
     worker = start_worker(redis_url, "hang", shutdown_grace_s=1)
     with BlockingClient(redis_url) as client:
-        job_id = client.enqueue(LoadRequest(source=str(small_model)))
-        call_until(lambda: _running(client, job_id), 30)
-        worker.send_signal(signal.SIGTERM)
+        job_id = _signal_while_running(worker, client, small_model)
         assert worker.wait(30) == 0
         call_until(lambda: not sandbox_processes(worker.pid), 10)
         assert client.job_state(job_id) is JobState.QUEUED
@@ -54,21 +65,15 @@ def test_second_sigterm_stops_at_once(
     """A second SIGTERM ends the grace period at once: the worker exits, the job stays queued."""
     worker = start_worker(redis_url, "hang", shutdown_grace_s=600)
     with BlockingClient(redis_url) as client:
-        job_id = client.enqueue(LoadRequest(source=str(small_model)))
-        call_until(lambda: _running(client, job_id), 30)
-        worker.send_signal(signal.SIGTERM)
-        worker.send_signal(signal.SIGTERM)
+        job_id = _signal_while_running(worker, client, small_model, signals=2)
         assert worker.wait(30) == 0  # far sooner than the 600 s grace
         call_until(lambda: not sandbox_processes(worker.pid), 10)
         assert client.job_state(job_id) is JobState.QUEUED
 
 
-def test_allow_root_from_the_environment(
-    start_worker: StartWorker, redis_url: str, small_model: Path, tmp_path: Path
-) -> None:
+def test_allow_root_from_the_environment(redis_url: str, small_model: Path, tmp_path: Path) -> None:
     """`loadwarden worker` reads its allowed roots from LOADWARDEN_ALLOW_ROOTS (':'-separated)."""
     import os
-    import subprocess
     import sys
 
     log = tmp_path / "w.log"
