@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import psutil
@@ -26,6 +27,8 @@ from loadwarden.worker.app import WorkerRunner
 from loadwarden.worker.logs import configure_logging
 from loadwarden.worker.supervisor import Supervisor
 from tests.safetensors_files import valid_model
+
+T = TypeVar("T")
 
 #: The database the tests own on a shared Redis; flushed before every test.
 TEST_DB = 9
@@ -47,6 +50,30 @@ def call_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         time.sleep(interval_s)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T] | T],
+    timeout_s: float = 10.0,
+    what: str = "condition",
+    interval_s: float = 0.01,
+) -> T:
+    """Await until ``check()`` (sync or async) returns something truthy, on a monotonic bound.
+
+    The one place the async tests poll: the state they wait on lives in another process
+    (Redis, a worker, a child) with no event to await.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if loop.time() > deadline:
+            raise AssertionError(f"{what}: not met within {timeout_s} s")
+        await asyncio.sleep(interval_s)
 
 
 def assert_pid_gone(pid: int, timeout_s: float = 5.0) -> None:

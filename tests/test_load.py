@@ -22,7 +22,7 @@ from loadwarden.producer.errors import (
     MemoryExceeded,
 )
 from loadwarden.worker.supervisor import Supervisor
-from tests.conftest import assert_pid_gone, group_members
+from tests.conftest import assert_pid_gone, eventually, group_members
 from tests.safetensors_files import entry, raw_file, valid_model, write
 
 pytestmark = pytest.mark.timeout(60)
@@ -36,11 +36,9 @@ def _child_pid(events: list[structlog.typing.EventDict]) -> int:
 
 async def _child_started(events: list[structlog.typing.EventDict], timeout_s: float = 10) -> int:
     """Wait, with a bound, until the supervisor has logged load_started; return the child's pid."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not any(e["event"] == "load_started" for e in events):
-        assert loop.time() < deadline, "the load never started"
-        await asyncio.sleep(0.005)
+    await eventually(
+        lambda: any(e["event"] == "load_started" for e in events), timeout_s, "the load started"
+    )
     return _child_pid(events)
 
 

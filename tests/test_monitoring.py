@@ -23,7 +23,7 @@ from loadwarden.worker.app import WorkerRunner
 from loadwarden.worker.exporter import run_exporter
 from loadwarden.worker.history import History, model_identity
 from loadwarden.worker.supervisor import Supervisor
-from tests.conftest import running_worker
+from tests.conftest import eventually, running_worker
 
 Events = list[structlog.typing.EventDict]
 
@@ -88,17 +88,17 @@ async def test_exporter_reports_a_prepared_backlog(redis_url: str, small_model: 
     )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 10
-            while True:
+
+            async def scrape() -> str | None:
                 try:
                     text = (await http.get("/metrics")).text
-                    if _metric(text, 'loadwarden_queue_jobs{state="ready"}') == 3:
-                        break
+                    return (
+                        text if _metric(text, 'loadwarden_queue_jobs{state="ready"}') == 3 else None
+                    )
                 except (httpx.TransportError, AssertionError):
-                    pass
-                assert loop.time() < deadline, "the exporter never showed the backlog"
-                await asyncio.sleep(0.05)
+                    return None
+
+            text = await eventually(scrape, 10, "the exporter shows the backlog")
             ready = await http.get("/readyz")
     finally:
         stop.set()

@@ -20,7 +20,13 @@ from loadwarden.producer.keys import ATTEMPTS_KEY_PREFIX
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._redis_server import RedisServer
 from loadwarden.worker.app import WorkerRunner
-from tests.conftest import StartWorker, call_until, running_worker, sandbox_processes
+from tests.conftest import (
+    StartWorker,
+    call_until,
+    eventually,
+    running_worker,
+    sandbox_processes,
+)
 
 #: Workers of these tests renew a 2 s lease twice a second, so reruns come fast.
 FAST_LEASE = {"concurrency": 4, "lease_s": 2, "lease_renew_s": 0.5}
@@ -59,11 +65,7 @@ async def test_sigkill_mid_batch_loses_nothing(
                 and json.loads(raw)[-1]["error_code"] == "worker_lost"
             ]
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while not (orphaned := await doomed_is_busy()):
-            assert loop.time() < deadline, "the doomed worker never took a job"
-            await asyncio.sleep(0.05)
+        orphaned = await eventually(doomed_is_busy, 30, "the doomed worker took a job")
         doomed.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         doomed.wait(10)
@@ -75,12 +77,10 @@ async def test_sigkill_mid_batch_loses_nothing(
             raw = await redis.get(ATTEMPTS_KEY_PREFIX + job_id)
             return raw is None or len(json.loads(raw)) >= 2
 
-        deadline = loop.time() + FAST_LEASE["lease_s"] + 5
-        pending = set(orphaned)
-        while pending:
-            pending = {j for j in pending if not await rerun_started(j)}
-            assert loop.time() < deadline or not pending, f"not rerun within lease + 5 s: {pending}"
-            await asyncio.sleep(0.05)
+        async def all_rerun() -> bool:
+            return all([await rerun_started(j) for j in orphaned])
+
+        await eventually(all_rerun, FAST_LEASE["lease_s"] + 5, "orphans rerun within lease + 5 s")
         rerun_within = time.monotonic() - killed_at
         orphan_reports = await _reports(client, orphaned, timeout_s=30)
         reports = await _reports(client, job_ids, timeout_s=60)
@@ -151,12 +151,9 @@ async def test_cancel_a_running_job(
     """A running job's child is killed at once and the job ends cancelled (not timeout)."""
     async with Client(settings=settings) as client:
         handle = await client.enqueue(LoadRequest(source=str(small_model)))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while not hanging_worker.supervisor.forkserver.spawned:  # its child is loading
-            assert loop.time() < deadline
-            await asyncio.sleep(0.01)
+        await eventually(lambda: hanging_worker.supervisor.forkserver.spawned, 30, "child loading")
         assert await handle.cancel() is JobState.RUNNING
+        loop = asyncio.get_running_loop()
         started = loop.time()
         report = await handle.report(timeout_s=10)
     assert report.outcome is Outcome.CANCELLED
@@ -227,11 +224,7 @@ async def test_in_progress_marker_lasts_one_lease(
 
     async with Client(settings=settings) as client:
         handle = await client.enqueue(LoadRequest(source=str(small_model)))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while not hanging_worker.supervisor.forkserver.spawned:
-            assert loop.time() < deadline
-            await asyncio.sleep(0.01)
+        await eventually(lambda: hanging_worker.supervisor.forkserver.spawned, 30, "child loading")
         redis = await client.redis()
         ttl_ms = await redis.pttl(in_progress_key_prefix + handle.job_id)
         await handle.cancel()

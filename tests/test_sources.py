@@ -26,6 +26,7 @@ from loadwarden.worker import sources
 from loadwarden.worker._files import ModelFile
 from loadwarden.worker.sources import open_source
 from loadwarden.worker.sources._cache import PARTIAL_PREFIX
+from tests.conftest import eventually
 
 BODY = bytes(range(256)) * 64  # 16 KiB, several reads' worth
 BODY_SHA = hashlib.sha256(BODY).hexdigest()
@@ -483,10 +484,7 @@ async def test_a_cancelled_download_removes_its_temp_file(server: ModelServer, c
         open_source(server.url("/stall/m.bin"), expected_sha256=None, policy=web(cache))
     )
     assert await asyncio.to_thread(server.stalled.wait, 5)
-    deadline = time.monotonic() + 5
-    while not partials(cache):  # bounded wait for the client to write the first bytes
-        assert time.monotonic() < deadline, "no partial file appeared"
-        await asyncio.sleep(0.01)
+    await eventually(lambda: partials(cache), 5, "a partial file appeared")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
