@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import in_progress_key_prefix, result_key_prefix
+from arq.constants import result_key_prefix
 from arq.jobs import Job, JobStatus
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -24,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from loadwarden.producer import wire
 from loadwarden.producer.contract import LoadReport, LoadRequest, WorkerStatus
+from loadwarden.producer.counts import live_worker_ids, queue_counts
 from loadwarden.producer.errors import (
     ContractError,
     JobNotFound,
@@ -61,6 +62,9 @@ class JobState(StrEnum):
     NOT_FOUND = "not_found"
 
 
+#: States in which a job will still produce a report without being enqueued again.
+_ACTIVE = frozenset({JobState.QUEUED, JobState.DEFERRED, JobState.RUNNING})
+
 _FROM_ARQ = {
     JobStatus.queued: JobState.QUEUED,
     JobStatus.deferred: JobState.DEFERRED,
@@ -68,10 +72,6 @@ _FROM_ARQ = {
     JobStatus.complete: JobState.COMPLETE,
     JobStatus.not_found: JobState.NOT_FOUND,
 }
-
-
-#: Hosts' clocks differ by this much at most (NTP keeps them far closer).
-CLOCK_SKEW_MS = 1000
 
 
 def _now_ms() -> int:
@@ -224,12 +224,8 @@ class Client:
         """
         redis = await self.redis()
         if job_id is None:
-            job_id = await self._dedupe(redis, request)
-            if await self.job_state(job_id) in (
-                JobState.QUEUED,
-                JobState.DEFERRED,
-                JobState.RUNNING,
-            ):
+            job_id, active = await self._dedupe(redis, request)
+            if active:
                 return JobHandle(self, job_id)
         # Only the fields the caller set travel: the worker can then tell a request's own
         # retry policy from the defaults (request > worker > default).
@@ -243,23 +239,19 @@ class Client:
         )
         return JobHandle(self, job_id)
 
-    async def _dedupe(self, redis: ArqRedis, request: LoadRequest) -> str:
-        """The job id for this request: the one queued or running, else a new one."""
+    async def _dedupe(self, redis: ArqRedis, request: LoadRequest) -> tuple[str, bool]:
+        """The job id for this request, and whether it is already queued or running."""
         key = DEDUPE_KEY_PREFIX + dedupe_key(request)
         fresh = uuid.uuid4().hex
         if await _guard(redis.set(key, fresh, nx=True, ex=self.settings.keep_result_s)):
-            return fresh
+            return fresh, False
         existing = await _guard(redis.get(key))
         if existing is not None:
             job_id = str(existing.decode())
-            if await self.job_state(job_id) in (
-                JobState.QUEUED,
-                JobState.DEFERRED,
-                JobState.RUNNING,
-            ):
-                return job_id
+            if await self.job_state(job_id) in _ACTIVE:
+                return job_id, True
         await _guard(redis.set(key, fresh, ex=self.settings.keep_result_s))
-        return fresh
+        return fresh, False
 
     async def cancel(self, job_id: str) -> JobState:
         """Cancel a job: a queued one never loads, a running one has its child killed at once.
@@ -387,27 +379,14 @@ class Client:
         )
 
     async def status(self) -> QueueStatus:
-        """Queue depth, jobs in progress, and the live workers' heartbeats."""
+        """Ready, deferred and running jobs, dead letters, and the live workers' heartbeats."""
         redis = await self.redis()
-        # Deferred: scored beyond now plus clock skew between this host and the enqueuer.
-        now = _now_ms() + CLOCK_SKEW_MS
-        # arq keeps running jobs in the queue's sorted set too, scored in the past.
-        due = await _guard(redis.zcount(self.queue_name, "-inf", now))
-        deferred = await _guard(redis.zcount(self.queue_name, f"({now}", "+inf"))
-        dead = await _guard(redis.xlen(DEAD_LETTER_STREAM))
-        running = 0
-        worker_keys = []
-        try:
-            async for _ in redis.scan_iter(match=in_progress_key_prefix + "*", count=1000):
-                running += 1
-            async for key in redis.scan_iter(match=WORKER_KEY_PREFIX + "*", count=1000):
-                worker_keys.append(key)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise RedisUnavailable(f"Redis did not answer: {exc}") from exc
+        counts = await _guard(queue_counts(redis, self.queue_name))
+        ids = await _guard(live_worker_ids(redis))
         workers = []
-        for raw in await _guard(redis.mget(worker_keys)) if worker_keys else []:
+        for raw in await _guard(redis.mget([WORKER_KEY_PREFIX + i for i in ids])) if ids else []:
             if raw is None:
-                continue  # expired between SCAN and MGET
+                continue  # lapsed between the two reads
             with contextlib.suppress(ValidationError):
                 status = WorkerStatus.model_validate_json(raw)
                 if status.queue == self.queue_name:
@@ -415,10 +394,10 @@ class Client:
         workers.sort(key=lambda w: w.id)
         return QueueStatus(
             queue=self.queue_name,
-            ready=max(0, due - running),
-            deferred=deferred,
-            running=running,
-            dead_letters=dead,
+            ready=int(counts["ready"]),
+            deferred=int(counts["deferred"]),
+            running=int(counts["running"]),
+            dead_letters=int(counts["dead"]),
             workers=workers,
         )
 

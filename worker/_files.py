@@ -39,6 +39,17 @@ class ModelFile:
     # A second close() must not close a descriptor number the process has since reused.
     _closed: bool = field(default=False, init=False, repr=False, compare=False)
 
+    @classmethod
+    def adopt(cls, path: str, fd: int, st: os.stat_result) -> ModelFile:
+        """Wrap an fd opened with O_NONBLOCK (so a FIFO could not block it) on a regular file.
+
+        Reads from a regular file never block; the flag is cleared so loaders see a plain fd.
+        """
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return cls(
+            path=path, fd=fd, size=st.st_size, dev=st.st_dev, ino=st.st_ino, mtime_ns=st.st_mtime_ns
+        )
+
     def close(self) -> None:
         """Close the descriptor; calling it again does nothing."""
         if self._closed:
@@ -77,20 +88,10 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
             raise SourceRefused(
                 f"{name!r} was replaced between its check and its open", code="file_changed"
             )
-        # Reads from a regular file never block; clear the flag so loaders see a plain fd.
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+        return ModelFile.adopt(name, fd, after)
     except BaseException:
         os.close(fd)
         raise
-    return ModelFile(
-        path=name,
-        fd=fd,
-        size=after.st_size,
-        dev=after.st_dev,
-        ino=after.st_ino,
-        mtime_ns=after.st_mtime_ns,
-    )
 
 
 def _lstat(name: str) -> os.stat_result:

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from loadwarden.producer import wire
 from loadwarden.producer.client import FUNCTION_NAME
 from loadwarden.producer.contract import Attempt, LoadReport, LoadRequest, ModelFormat, Outcome
+from loadwarden.producer.counts import queue_counts
 from loadwarden.producer.errors import (
     ChildCrashed,
     ContractError,
@@ -40,7 +41,7 @@ from loadwarden.worker.autoscale_inputs import desired_from_counts
 from loadwarden.worker.heartbeat import beat
 from loadwarden.worker.history import History
 from loadwarden.worker.jobs import JobBook
-from loadwarden.worker.metrics import Metrics, queue_counts
+from loadwarden.worker.metrics import Metrics
 from loadwarden.worker.probes import Probes
 from loadwarden.worker.retry import backoff_s, retry_on, should_retry
 from loadwarden.worker.supervisor import Supervisor

@@ -562,8 +562,8 @@ def autoscale(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     """
     import redis.asyncio as aioredis
 
+    from loadwarden.producer.counts import queue_counts
     from loadwarden.worker.autoscale_inputs import decide_from_counts
-    from loadwarden.worker.metrics import queue_counts
 
     settings = _settings(redis)
     if not settings.redis_url:

@@ -6,20 +6,11 @@ records what they did, so there are no multiprocess files to manage.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from redis.asyncio import Redis
 
 from loadwarden.producer.contract import LoadReport
-from loadwarden.producer.keys import (
-    DEAD_LETTER_STREAM,
-    RUNNING_ZSET,
-    SERVICE_KEY_PREFIX,
-    SERVICE_WINDOW_MINUTES,
-    WORKERS_ZSET,
-)
 
 MiB, GiB = 1 << 20, 1 << 30
 #: Load times from a tiny file on a warm cache to an hour-long pull of a huge model.
@@ -109,30 +100,3 @@ class Metrics:
             self.cpu.observe(res.cpu_user_seconds + res.cpu_system_seconds)
             self.peak_rss.observe(res.peak_rss_bytes)
             self.read.observe(res.read_bytes)
-
-
-async def queue_counts(redis: Redis, queue: str) -> dict[str, float]:
-    """ready / deferred / running / dead / workers, and the last hour's finished jobs and
-    their busy seconds, in one round trip: each O(log n) or O(1), cheap every few seconds.
-    """
-    now = int(time.time() * 1000)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zcount(queue, "-inf", now)
-        pipe.zcount(queue, f"({now}", "+inf")
-        pipe.zcount(RUNNING_ZSET, now, "+inf")
-        pipe.xlen(DEAD_LETTER_STREAM)
-        pipe.zcount(WORKERS_ZSET, now, "+inf")
-        minute = now // 60_000
-        for m in range(minute - SERVICE_WINDOW_MINUTES + 1, minute + 1):
-            pipe.hmget(SERVICE_KEY_PREFIX + str(m), ["jobs", "seconds"])
-        due, deferred, running, dead, workers, *buckets = await pipe.execute()
-    # arq keeps running jobs in the queue's sorted set too, scored in the past.
-    return {
-        "ready": max(0, due - running),
-        "deferred": deferred,
-        "running": running,
-        "dead": dead,
-        "workers": workers,
-        "served_jobs": sum(int(b[0] or 0) for b in buckets),
-        "served_seconds": sum(float(b[1] or 0) for b in buckets),
-    }

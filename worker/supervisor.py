@@ -192,6 +192,8 @@ class Supervisor:
         )
         with opened as model_file:
             state.summary = summary = await _in_thread(lambda: self._inspect(model_file, request))
+            # Once per load, off the event loop: it hashes the whole manifest.
+            manifest = await _in_thread(lambda: _manifest_of(summary))
             identity = model_identity(model_file, request.sha256)
             history = await self.history.stats(identity) if self.history else None
             state.limits = limits = derive_limits(
@@ -202,7 +204,7 @@ class Supervisor:
                     raise LoadCancelled("cancelled before the load began", code="cancelled")
                 state.run = run = await run_child(
                     self.forkserver,
-                    self._spec(model_file, summary, limits, request),
+                    self._spec(model_file, summary, manifest, limits, request),
                     model_file.fd,
                     limits,
                     cgroups=self.cgroups,
@@ -221,7 +223,7 @@ class Supervisor:
             limits,
             timed_out=run.timed_out,
             peak_rss_bytes=run.sampled_peak_rss,
-            expected_manifest=_manifest_of(summary),
+            expected_manifest=manifest,
         )
         if run.cgroup_oom and not run.timed_out and not isinstance(run.final, Loaded):
             error = MemoryExceeded(
@@ -280,7 +282,12 @@ class Supervisor:
         return max(0, int(room / (p.loader_memory_factor + p.memory_slack_fraction)))
 
     def _spec(
-        self, model_file: ModelFile, summary: ModelSummary, limits: Limits, request: LoadRequest
+        self,
+        model_file: ModelFile,
+        summary: ModelSummary,
+        manifest: str,
+        limits: Limits,
+        request: LoadRequest,
     ) -> dict[str, Any]:
         return {
             "loader": self.loaders[summary.format],
@@ -290,7 +297,7 @@ class Supervisor:
             "max_fds": self.settings.child_max_fds,
             "address_space_limit": self.settings.use_address_space_limit,
             "landlock": self.landlock_abi > 0,
-            "manifest_digest": _manifest_of(summary),
+            "manifest_digest": manifest,
             "expect": {"dev": model_file.dev, "ino": model_file.ino, "size": model_file.size},
         }
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import stat
 from collections.abc import Sequence
@@ -177,20 +176,10 @@ class _Walk:
         _refuse_special(self.source, st.st_mode)
         fd = self._open(name, _FILE_FLAGS)
         try:
-            after = _same_file(fd, st, self.source)
-            # Reads from a regular file never block; clear the flag so loaders see a plain fd.
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            return ModelFile.adopt(path, fd, _same_file(fd, st, self.source))
         except BaseException:
             os.close(fd)
             raise
-        return ModelFile(
-            path=path,
-            fd=fd,
-            size=after.st_size,
-            dev=after.st_dev,
-            ino=after.st_ino,
-            mtime_ns=after.st_mtime_ns,
-        )
 
     def _open(self, name: str, flags: int) -> int:
         try:
