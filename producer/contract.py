@@ -131,6 +131,16 @@ class TensorInfo(_Model):
     bytes: NonNegInt
 
 
+class ShardInfo(_Model):
+    """One file of a sharded checkpoint, as loaded."""
+
+    file: str = Field(description="file name in the checkpoint's folder (or snapshot)")
+    file_bytes: NonNegInt
+    bytes: NonNegInt = Field(description="bytes of tensor data")
+    tensors: NonNegInt
+    sha256: Sha256 | None = Field(default=None, description="set when the loader hashed it")
+
+
 class ModelSummary(_Model):
     """What a model file holds, as read from its header (and confirmed by the loader)."""
 
@@ -141,7 +151,16 @@ class ModelSummary(_Model):
     dtypes: dict[str, NonNegInt] = Field(description="parameter count per dtype")
     tensors: list[TensorInfo]
     metadata: dict[str, str] = {}
-    sha256: Sha256 | None = Field(default=None, description="set when the loader hashed the file")
+    sha256: Sha256 | None = Field(
+        default=None,
+        description="set when the loader hashed the file; for a checkpoint, the sha256 of "
+        "its shards' `sha256sum` lines (`<sha256>  <file>\\n`, sorted by file name)",
+    )
+    shards: list[ShardInfo] | None = Field(
+        default=None,
+        description="the files of a checkpoint (a folder, an index or an hf:// source); "
+        "the other fields sum them",
+    )
 
 
 class ErrorInfo(_Model):

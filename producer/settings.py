@@ -49,6 +49,12 @@ class InspectionCaps(BaseModel):
     # llama.cpp refuses arrays of arrays and gguf-py can write them: 2 allows one level.
     # At most 32, so the parser's recursion stays far from Python's limit.
     max_gguf_nesting: Annotated[int, Field(gt=0, le=32)] = 2
+    # A checkpoint index lists one line per tensor: DeepSeek-V3's (91k tensors, 163
+    # shards) is about 9 MiB, Llama-3.1-405B's 0.1 MiB. 16 MiB, like a header.
+    max_index_bytes: Annotated[int, Field(gt=0)] = 16 * MiB
+    # The largest public checkpoints ship 191 (Llama-3.1-405B) or 163 (DeepSeek-V3) shards;
+    # every shard is one descriptor held open by the supervisor and handed to the child.
+    max_shards: Annotated[int, Field(gt=0, le=4096)] = 1024
 
 
 class LimitPolicy(BaseModel):
@@ -130,11 +136,14 @@ class SourcePolicy(BaseModel):
     max_redirects: Annotated[int, Field(ge=0, le=20)] = 5
     # Per user, survives restarts, and is where cache cleaners look (XDG base directories).
     cache_dir: Path = Field(default_factory=_default_cache_dir)
+    # None: huggingface_hub's own rule (HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub),
+    # so hf:// finds the models a user already downloaded. Read by hf:// sources only.
+    hf_cache_dir: Path | None = None
 
-    @field_validator("allow_roots", "cache_dir")
+    @field_validator("allow_roots", "cache_dir", "hf_cache_dir")
     @classmethod
-    def _absolute(cls, value: Path | tuple[Path, ...]) -> Path | tuple[Path, ...]:
-        for path in value if isinstance(value, tuple) else (value,):
+    def _absolute(cls, value: Path | tuple[Path, ...] | None) -> Path | tuple[Path, ...] | None:
+        for path in value if isinstance(value, tuple) else (value,) if value else ():
             if not path.is_absolute():
                 raise ValueError(f"{str(path)!r} is not an absolute path")
         return value

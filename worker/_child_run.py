@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,7 +118,7 @@ def _place(
 async def run_child(
     forkserver: ForkServer,
     spec: dict[str, Any],
-    fd: int,
+    fds: int | Sequence[int],
     limits: Limits,
     *,
     cgroups: CgroupManager | None,
@@ -148,7 +148,7 @@ async def run_child(
     cgroup: Cgroup | None = None
     try:
         cgroup = _place(cgroups, child, limits, run)
-        await child.send_spec(spec, fd)
+        await child.send_spec(spec, fds)
         try:
             await _until_cancelled(
                 asyncio.wait_for(

@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Self
 
 from loadwarden.producer.errors import SourceRefused, SourceUnavailable
+from loadwarden.worker.formats.index import ShardIndex
 
 # O_NONBLOCK: if a FIFO is swapped in after the lstat, open() returns instead of waiting for a
 # writer; fstat then sees it is not our file.
@@ -125,3 +126,51 @@ def _os_error(name: str, exc: OSError) -> SourceUnavailable:
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return SourceUnavailable(f"{name!r} does not exist", code="not_found")
     return SourceUnavailable(f"{name!r} cannot be read: {exc.strerror}", code="unreadable")
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One file of a model, by its name in its folder, with the digest its name promises."""
+
+    name: str
+    file: ModelFile
+    #: A Hugging Face cache blob's sha256 (its file name), verified while loading.
+    expected_sha256: str | None = None
+
+
+@dataclass(slots=True)
+class OpenedModel:
+    """Every file of one model, open: a single file, or a checkpoint's shards and index.
+
+    ``checkpoint`` is set when the source named a checkpoint (a folder, an index or
+    an ``hf://`` repository): its report lists the shards, even a single one.
+    """
+
+    files: list[Shard]
+    checkpoint: bool = False
+    index: ShardIndex | None = None
+    index_name: str | None = None
+
+    @classmethod
+    def single(cls, model_file: ModelFile) -> OpenedModel:
+        return cls([Shard(os.path.basename(model_file.path), model_file)])
+
+    @property
+    def first(self) -> ModelFile:
+        return self.files[0].file
+
+    def close(self) -> None:
+        """Close every descriptor; calling it again does nothing."""
+        for shard in self.files:
+            shard.file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -38,11 +38,21 @@ class Ready(_Message):
     address_space: Count
 
 
+class LoadedFile(_Message):
+    """One file of a checkpoint, as the child loaded and hashed it."""
+
+    name: Annotated[str, Field(max_length=255)]
+    tensors: Count
+    bytes: Count
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class LoadedModel(_Message):
     tensors: Count
     bytes: Count
     manifest_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None
+    files: Annotated[list[LoadedFile], Field(max_length=4096)] | None = None
 
 
 class Loaded(_Message):

@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 
 from loadwarden.producer.keys import HISTORY_KEY_PREFIX
 from loadwarden.producer.settings import LimitPolicy
-from loadwarden.worker._files import ModelFile
+from loadwarden.worker._files import ModelFile, OpenedModel
 from loadwarden.worker.limits import HistoryStats, stats_of
 
 KEY_PREFIX = HISTORY_KEY_PREFIX
@@ -19,11 +19,12 @@ KEY_PREFIX = HISTORY_KEY_PREFIX
 log = structlog.get_logger("loadwarden.history")
 
 
-def model_identity(model_file: ModelFile, sha256: str | None) -> str:
-    """The model's identity: its digest when known, else its path, size and mtime."""
+def model_identity(model: ModelFile | OpenedModel, sha256: str | None) -> str:
+    """The model's identity: its digest when known, else each file's path, size and mtime."""
     if sha256:
         return f"sha256:{sha256}"
-    key = f"{model_file.path}\0{model_file.size}\0{model_file.mtime_ns}"
+    files = [s.file for s in model.files] if isinstance(model, OpenedModel) else [model]
+    key = "\0\0".join(f"{f.path}\0{f.size}\0{f.mtime_ns}" for f in files)
     return "file:" + hashlib.sha256(key.encode()).hexdigest()
 
 

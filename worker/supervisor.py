@@ -31,14 +31,21 @@ from loadwarden.producer.contract import (
     Resources,
     WorkerInfo,
 )
-from loadwarden.producer.errors import ChildCrashed, LoadCancelled, LoadError, MemoryExceeded
+from loadwarden.producer.errors import (
+    ChildCrashed,
+    InvalidModel,
+    LoadCancelled,
+    LoadError,
+    MemoryExceeded,
+)
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _version
 from loadwarden.worker._child_run import ChildRun, run_child
-from loadwarden.worker._files import ModelFile
+from loadwarden.worker._files import OpenedModel
+from loadwarden.worker._model import child_files, inspect_opened, with_digests
 from loadwarden.worker._outcome import Loaded, Raised, classify
 from loadwarden.worker.admission import Admission, detect_memory_bytes
-from loadwarden.worker.formats import LOADERS, inspect_model
+from loadwarden.worker.formats import LOADERS
 from loadwarden.worker.history import History, model_identity
 from loadwarden.worker.limits import HistoryStats, derive_limits
 from loadwarden.worker.metrics import Metrics
@@ -46,7 +53,7 @@ from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox._protocol import manifest_digest
 from loadwarden.worker.sandbox.cgroups import CgroupManager
 from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
-from loadwarden.worker.sources import open_source
+from loadwarden.worker.sources import open_model
 
 T = TypeVar("T")
 
@@ -187,14 +194,17 @@ class Supervisor:
         log: FilteringBoundLogger,
         cancel: asyncio.Event | None,
     ) -> LoadError | None:
-        opened = await open_source(
-            request.source, expected_sha256=request.sha256, policy=self.settings.sources
+        opened = await open_model(
+            request.source,
+            expected_sha256=request.sha256,
+            policy=self.settings.sources,
+            caps=self.settings.inspection,
         )
-        with opened as model_file:
-            state.summary = summary = await _in_thread(lambda: self._inspect(model_file, request))
+        with opened:
+            state.summary = summary = await _in_thread(lambda: self._inspect(opened, request))
             # Once per load, off the event loop: it hashes the whole manifest.
             manifest = await _in_thread(lambda: _manifest_of(summary))
-            identity = model_identity(model_file, request.sha256)
+            identity = model_identity(opened, request.sha256)
             history = await self.history.stats(identity) if self.history else None
             state.limits = limits = derive_limits(
                 summary.bytes, request.limits, self.settings.limits, history
@@ -204,8 +214,8 @@ class Supervisor:
                     raise LoadCancelled("cancelled before the load began", code="cancelled")
                 state.run = run = await run_child(
                     self.forkserver,
-                    self._spec(model_file, summary, manifest, limits, request),
-                    model_file.fd,
+                    self._spec(opened, summary, manifest, limits, request),
+                    [shard.file.fd for shard in opened.files],
                     limits,
                     cgroups=self.cgroups,
                     sample_interval_s=self.settings.sample_interval_s,
@@ -225,6 +235,17 @@ class Supervisor:
             peak_rss_bytes=run.sampled_peak_rss,
             expected_manifest=manifest,
         )
+        if isinstance(run.final, Loaded):
+            try:
+                state.summary = summary = with_digests(summary, run.final.result)
+            except InvalidModel as exc:
+                error = error or exc
+        if error is None and summary.shards and request.sha256 not in (None, summary.sha256):
+            error = InvalidModel(
+                f"the checkpoint's digest (sha256 of its shards' sha256sum lines) is "
+                f"{summary.sha256}, the request expects {request.sha256}",
+                code="sha256_mismatch",
+            )
         if run.cgroup_oom and not run.timed_out and not isinstance(run.final, Loaded):
             error = MemoryExceeded(
                 f"the kernel's OOM killer stopped the load at its cgroup's "
@@ -262,16 +283,15 @@ class Supervisor:
                 log.warning("load_anomaly", kind=kind, value=value, history_p95=p95, factor=factor)
                 self.metrics.anomalies.labels(kind=kind).inc()
 
-    def _inspect(self, model_file: ModelFile, request: LoadRequest) -> ModelSummary:
-        """Sniff the format by magic bytes and inspect it strictly (no loader, no child)."""
-        return inspect_model(
-            model_file.fd,
-            model_file.size,
-            path=model_file.path,
+    def _inspect(self, opened: OpenedModel, request: LoadRequest) -> ModelSummary:
+        """Sniff each file's format by magic bytes and inspect it strictly (no loader, no
+        child); a checkpoint's shards are checked against its index and summed."""
+        return inspect_opened(
+            opened,
             declared=request.format,
             caps=self.settings.inspection,
             budget_bytes=self.tensor_budget_bytes(),
-        ).summary
+        )
 
     def tensor_budget_bytes(self) -> int:
         """The most tensor bytes a load could hold here: derive_limits' memory formula, inverted,
@@ -283,13 +303,13 @@ class Supervisor:
 
     def _spec(
         self,
-        model_file: ModelFile,
+        opened: OpenedModel,
         summary: ModelSummary,
         manifest: str,
         limits: Limits,
         request: LoadRequest,
     ) -> dict[str, Any]:
-        return {
+        spec: dict[str, Any] = {
             "loader": self.loaders[summary.format],
             "sha256": request.sha256,
             "memory_bytes": limits.memory_bytes,
@@ -298,6 +318,14 @@ class Supervisor:
             "address_space_limit": self.settings.use_address_space_limit,
             "landlock": self.landlock_abi > 0,
             "manifest_digest": manifest,
+        }
+        if opened.checkpoint:
+            # Every shard hashed (and checked against a cache blob's name) in the child;
+            # the checkpoint's own digest is checked here, from theirs.
+            return {**spec, "sha256": None, "files": child_files(opened)}
+        model_file = opened.first
+        return {
+            **spec,
             "expect": {"dev": model_file.dev, "ino": model_file.ino, "size": model_file.size},
         }
 
@@ -330,8 +358,6 @@ class Supervisor:
         finished_at = _now()
         outcome = error.outcome if error else Outcome.OK
         summary, run = state.summary, state.run
-        if summary is not None and run is not None and isinstance(run.final, Loaded):
-            summary = summary.model_copy(update={"sha256": run.final.result.sha256})
         return LoadReport(
             job_id=job_id,
             source=source,

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +11,7 @@ from loadwarden.producer.contract import ModelFormat, ModelSummary, TensorInfo
 from loadwarden.producer.errors import InvalidModel, SourceUnavailable
 from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker.formats._common import element_count
+from loadwarden.worker.formats._json import json_type, parse_object, show
 
 #: Dtypes ``safetensors.numpy`` can load, with their item size in bytes.
 NUMPY_DTYPE_BYTES: dict[str, int] = {
@@ -33,13 +30,8 @@ _MIN_HEADER_BYTES = 2  # "{}"
 _MAX_NAME_CHARS = 1024
 _TENSOR_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 _METADATA_KEY = "__metadata__"
-_UTF8_BOM = b"\xef\xbb\xbf"
-# A \uD800-\uDFFF escape: only then can the parsed header hold an unpaired surrogate.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # The Rust loader reads shapes and offsets as u64; this also keeps every number in a message short.
 _COUNT_LIMIT = 2**64
-# Values quoted from a hostile header are cut so a message stays readable and small.
-_SHOW_CHARS = 80
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +72,6 @@ def _invalid(code: str, message: str) -> InvalidModel:
     return InvalidModel(f"safetensors: {message}", code=code)
 
 
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= _SHOW_CHARS else f"{text[: _SHOW_CHARS - 3]}..."
-
-
 def _read_length(fd: int, file_size: int, caps: InspectionCaps) -> int:
     if file_size < _PREFIX_BYTES:
         raise _invalid("file_too_small", f"file of {file_size} bytes has no 8-byte header length")
@@ -119,83 +106,12 @@ def _read_exact(fd: int, count: int, offset: int) -> bytes:
 
 
 def _parse(raw: bytes) -> dict[str, Any]:
-    if raw.startswith(_UTF8_BOM):
-        raise _invalid("header_not_utf8", "header starts with a UTF-8 byte order mark")
-    try:
-        text = raw.decode("utf-8")  # strict: json.loads on bytes would also accept UTF-16
-    except UnicodeDecodeError as exc:
-        raise _invalid(
-            "header_not_utf8", f"header is not UTF-8: {exc.reason} at byte {exc.start}"
-        ) from exc
-    if not text.startswith("{"):
-        raise _invalid("header_not_object", f"header must start with '{{', not {text[:1]!r}")
-    value = _load_json(text)
-    if _SURROGATE_ESCAPE.search(text):
-        _require_unicode(value)
-    return value
-
-
-def _load_json(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_unique_object,
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-        )
-    except RecursionError as exc:
-        raise _invalid("header_not_json", "header JSON is nested too deeply") from exc
-    except json.JSONDecodeError as exc:
-        raise _invalid("header_not_json", f"header is not valid JSON: {exc}") from exc
-    except ValueError as exc:  # int() refuses more digits than sys.get_int_max_str_digits()
-        raise _invalid("header_not_json", "header holds an integer with too many digits") from exc
-    if not isinstance(value, dict):
-        raise _invalid("header_not_object", f"header is {_json_type(value)}, not an object")
-    return value
-
-
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        key = next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
-        raise _invalid("duplicate_key", f"key {_show(key)} appears twice in one object")
-    return result
-
-
-def _require_unicode(value: dict[str, Any]) -> None:
-    # "\ud800" is valid JSON syntax but not Unicode text; the Rust loader rejects it.
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except RecursionError as exc:
-        raise _invalid("header_not_json", "header JSON is nested too deeply") from exc
-    except UnicodeEncodeError as exc:
-        near = exc.object[max(0, exc.start - 30) : exc.end + 30]
-        raise _invalid(
-            "header_not_utf8", f"header holds an unpaired surrogate escape in {near!r}"
-        ) from exc
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    kinds = ((bool, "a boolean"), (str, "a string"), (list, "an array"), (dict, "an object"))
-    return next((label for kind, label in kinds if isinstance(value, kind)), "a number")
-
-
-def _reject_constant(name: str) -> Any:
-    raise _invalid("non_finite_number", f"header holds the non-finite number {name}")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _invalid("non_finite_number", f"number {text[:40]} overflows to {value}")
-    return value
+    return parse_object(raw, _invalid, "header")
 
 
 def _check_metadata(value: object, caps: InspectionCaps) -> dict[str, str]:
     if not isinstance(value, dict):
-        raise _invalid("bad_metadata", f"__metadata__ is {_json_type(value)}, not an object")
+        raise _invalid("bad_metadata", f"__metadata__ is {json_type(value)}, not an object")
     if len(value) > caps.max_metadata_entries:
         raise _invalid(
             "bad_metadata",
@@ -204,7 +120,7 @@ def _check_metadata(value: object, caps: InspectionCaps) -> dict[str, str]:
     for key, item in value.items():
         if not isinstance(item, str):
             raise _invalid(
-                "bad_metadata", f"__metadata__[{_show(key)}] is {_json_type(item)}, not a string"
+                "bad_metadata", f"__metadata__[{show(key)}] is {json_type(item)}, not a string"
             )
     return dict(value)
 
@@ -218,7 +134,7 @@ def _check_tensors(header: dict[str, Any], caps: InspectionCaps) -> list[_Tensor
         if total > caps.max_total_bytes:
             raise _invalid(
                 "too_large",
-                f"tensors through {_show(name)} hold {total} bytes, "
+                f"tensors through {show(name)} hold {total} bytes, "
                 f"over the cap of {caps.max_total_bytes}",
             )
         tensors.append(tensor)
@@ -229,16 +145,16 @@ def _check_tensor(name: str, entry: object, caps: InspectionCaps) -> _Tensor:
     if not 0 < len(name) <= _MAX_NAME_CHARS:
         raise _invalid(
             "bad_tensor_entry",
-            f"tensor name {_show(name)} has {len(name)} characters (1-{_MAX_NAME_CHARS})",
+            f"tensor name {show(name)} has {len(name)} characters (1-{_MAX_NAME_CHARS})",
         )
     if not isinstance(entry, dict):
         raise _invalid(
-            "bad_tensor_entry", f"tensor {_show(name)} is {_json_type(entry)}, not an object"
+            "bad_tensor_entry", f"tensor {show(name)} is {json_type(entry)}, not an object"
         )
     if missing := sorted(_TENSOR_FIELDS - entry.keys()):
-        raise _invalid("bad_tensor_entry", f"tensor {_show(name)} has no {', '.join(missing)}")
+        raise _invalid("bad_tensor_entry", f"tensor {show(name)} has no {', '.join(missing)}")
     if unknown := sorted(entry.keys() - _TENSOR_FIELDS):
-        raise _invalid("bad_tensor_entry", f"tensor {_show(name)} has unknown fields {unknown}")
+        raise _invalid("bad_tensor_entry", f"tensor {show(name)} has unknown fields {unknown}")
     itemsize = _check_dtype(name, entry["dtype"])
     shape = _check_shape(name, entry["shape"], caps)
     parameters = _count(name, shape, itemsize, caps)
@@ -246,7 +162,7 @@ def _check_tensor(name: str, entry: object, caps: InspectionCaps) -> _Tensor:
     if end - begin != parameters * itemsize:
         raise _invalid(
             "size_mismatch",
-            f"tensor {_show(name)}: {entry['dtype']} {shape} needs {parameters * itemsize} bytes, "
+            f"tensor {show(name)}: {entry['dtype']} {shape} needs {parameters * itemsize} bytes, "
             f"data_offsets [{begin}, {end}] span {end - begin}",
         )
     return _Tensor(name, entry["dtype"], shape, begin, end, parameters)
@@ -259,7 +175,7 @@ def _check_dtype(name: str, dtype: object) -> int:
         reason = "is valid safetensors but not loadable by the numpy loader"
     else:
         reason = "is not a safetensors dtype"
-    raise _invalid("unknown_dtype", f"tensor {_show(name)}: dtype {_show(dtype)} {reason}")
+    raise _invalid("unknown_dtype", f"tensor {show(name)}: dtype {show(dtype)} {reason}")
 
 
 def _is_count(value: object) -> bool:
@@ -268,17 +184,17 @@ def _is_count(value: object) -> bool:
 
 def _check_shape(name: str, shape: object, caps: InspectionCaps) -> list[int]:
     if not isinstance(shape, list):
-        raise _invalid("bad_shape", f"tensor {_show(name)}: shape {_show(shape)} is not a list")
+        raise _invalid("bad_shape", f"tensor {show(name)}: shape {show(shape)} is not a list")
     if len(shape) > caps.max_rank:
         raise _invalid(
             "rank_too_large",
-            f"tensor {_show(name)} has rank {len(shape)}, over the cap of {caps.max_rank}",
+            f"tensor {show(name)} has rank {len(shape)}, over the cap of {caps.max_rank}",
         )
     for dim in shape:
         if not _is_count(dim):
             raise _invalid(
                 "bad_shape",
-                f"tensor {_show(name)}: dimension {_show(dim)} is not an integer in [0, 2**64)",
+                f"tensor {show(name)}: dimension {show(dim)} is not an integer in [0, 2**64)",
             )
     return shape
 
@@ -288,7 +204,7 @@ def _count(name: str, shape: list[int], itemsize: int, caps: InspectionCaps) -> 
     if count is None:
         raise _invalid(
             "too_large",
-            f"tensor {_show(name)}: shape {shape} is over the cap of {caps.max_total_bytes} bytes",
+            f"tensor {show(name)}: shape {shape} is over the cap of {caps.max_total_bytes} bytes",
         )
     return count
 
@@ -297,13 +213,12 @@ def _check_offsets(name: str, offsets: object) -> tuple[int, int]:
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
         raise _invalid(
             "bad_offsets",
-            f"tensor {_show(name)}: data_offsets {_show(offsets)} "
-            "is not two integers in [0, 2**64)",
+            f"tensor {show(name)}: data_offsets {show(offsets)} is not two integers in [0, 2**64)",
         )
     begin, end = offsets
     if begin > end:
         raise _invalid(
-            "bad_offsets", f"tensor {_show(name)}: data_offsets begin {begin} > end {end}"
+            "bad_offsets", f"tensor {show(name)}: data_offsets begin {begin} > end {end}"
         )
     return begin, end
 
@@ -316,7 +231,7 @@ def _check_layout(tensors: list[_Tensor], data_bytes: int) -> None:
         if tensor.begin < expected:
             raise _invalid(
                 "offsets_not_contiguous",
-                f"tensor {_show(tensor.name)} at data_offsets [{tensor.begin}, {tensor.end}] "
+                f"tensor {show(tensor.name)} at data_offsets [{tensor.begin}, {tensor.end}] "
                 f"overlaps {previous}, which ends at byte {expected}",
             )
         if tensor.begin > expected:
@@ -324,9 +239,9 @@ def _check_layout(tensors: list[_Tensor], data_bytes: int) -> None:
             raise _invalid(
                 "offsets_not_contiguous",
                 f"{tensor.begin - expected}-byte gap between {after} "
-                f"and tensor {_show(tensor.name)} (starts at byte {tensor.begin})",
+                f"and tensor {show(tensor.name)} (starts at byte {tensor.begin})",
             )
-        expected, previous = tensor.end, f"tensor {_show(tensor.name)}"
+        expected, previous = tensor.end, f"tensor {show(tensor.name)}"
     if expected != data_bytes:
         defect = "is truncated" if expected > data_bytes else "has trailing bytes"
         raise _invalid(

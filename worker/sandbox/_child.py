@@ -80,22 +80,26 @@ _NUMPY_TO_SAFETENSORS = {
 
 
 class _Hasher:
-    """sha256 of the file in a forked helper process, on the other core, while we load.
+    """sha256 of each file in a forked helper process, on the other core, while we load.
 
     A thread cannot do it: the safetensors loader holds the GIL for the whole
     load, so a hashing thread would only run after it (measured: 0.35 s load +
     0.43 s hash = 0.86 s for 512 MiB). The helper is in our process group, so
-    it dies with us; its CPU time is counted in our rusage once we reap it.
+    it dies with us; its CPU time is counted in our rusage once we reap it. It
+    hashes the files in the order they load, one digest line each.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fds: int | list[int]) -> None:
+        self.count = 1 if isinstance(fds, int) else len(fds)
+        files = [fds] if isinstance(fds, int) else fds
         read_end, write_end = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:
             status = 1
             try:
                 os.close(read_end)
-                os.write(write_end, _sha256_of(fd).encode())
+                for fd in files:
+                    os.write(write_end, _sha256_of(fd).encode() + b"\n")
                 status = 0
             finally:
                 os._exit(status)
@@ -103,16 +107,24 @@ class _Hasher:
         self._read_end = read_end
 
     def result(self) -> str:
+        """The one file's digest."""
+        return self.results()[0]
+
+    def results(self) -> list[str]:
+        """Every file's digest, in order."""
+        chunks: list[bytes] = []
         try:
-            digest = os.read(self._read_end, 128).decode()
+            while chunk := os.read(self._read_end, 65 * self.count + 1):
+                chunks.append(chunk)
         finally:
             os.close(self._read_end)
             _pid, status = os.waitpid(self.pid, 0)
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS:
-            raise FileChanged("the file was truncated while it was being hashed")
-        if status != 0 or len(digest) != 64:
-            raise OSError(f"hashing the file failed (wait status {status})")
-        return digest
+            raise FileChanged("a file was truncated while it was being hashed")
+        digests = b"".join(chunks).decode().split()
+        if status != 0 or len(digests) != self.count or any(len(d) != 64 for d in digests):
+            raise OSError(f"hashing the files failed (wait status {status})")
+        return digests
 
 
 #: Hash through 8 MiB read-only mappings: 10% faster than read() into a buffer
@@ -131,10 +143,24 @@ def _sha256_of(fd: int) -> str:
     return digest.hexdigest()
 
 
-@register_loader("safetensors")
-def load_safetensors(fd: int, spec: Spec) -> dict[str, Any]:
-    """Load every tensor into memory once (pread backend: no second copy), hash, check."""
-    hasher = _Hasher(fd) if spec.get("sha256") else None
+#: Readers by loader name: every tensor of one file in memory, with its manifest entries.
+#: A checkpoint's shards are read one after the other and all kept (``load_files``).
+Entry = tuple[str, str, list[int], int]
+Reader = Callable[[int, Spec], tuple[list[Entry], object]]
+READERS: dict[str, Reader] = {}
+
+
+def register_reader(name: str) -> Callable[[Reader], Reader]:
+    def decorate(fn: Reader) -> Reader:
+        READERS[name] = fn
+        return fn
+
+    return decorate
+
+
+@register_reader("safetensors")
+def read_safetensors(fd: int, spec: Spec) -> tuple[list[Entry], object]:
+    """Every tensor in memory once (pread backend: no second copy), and the manifest."""
     tensors = safetensors.numpy.load_file(f"/proc/self/fd/{fd}", backend="pread")
     entries = [
         (
@@ -145,8 +171,47 @@ def load_safetensors(fd: int, spec: Spec) -> dict[str, Any]:
         )
         for name, arr in tensors.items()
     ]
+    return entries, tensors
+
+
+@register_loader("safetensors")
+def load_safetensors(fd: int, spec: Spec) -> dict[str, Any]:
+    """Load every tensor into memory once, hash, check."""
+    hasher = _Hasher(fd) if spec.get("sha256") else None
+    entries, tensors = read_safetensors(fd, spec)
     del tensors
     return finish(entries, hasher, spec)
+
+
+def load_files(fds: list[int], spec: Spec) -> dict[str, Any]:
+    """Load every file of a checkpoint into memory, all held at once (the model must fit
+    whole), each hashed and checked against the digest its source promised."""
+    read = READERS[spec["loader"]]
+    hasher = _Hasher(fds)
+    held: list[object] = []
+    shards: list[list[Entry]] = []
+    for fd in fds:
+        entries, arrays = read(fd, spec)
+        held.append(arrays)
+        shards.append(entries)
+    digests = hasher.results()
+    files = []
+    for entry, entries, digest in zip(spec["files"], shards, digests, strict=True):
+        if entry.get("sha256") and digest != entry["sha256"]:
+            raise DigestMismatch(
+                f"sha256 of {entry['name']} is {digest}, its source names it {entry['sha256']}"
+            )
+        files.append(
+            {
+                "name": entry["name"],
+                "tensors": len(entries),
+                "bytes": sum(nbytes for _, _, _, nbytes in entries),
+                "sha256": digest,
+            }
+        )
+    result = finish([e for entries in shards for e in entries], None, spec)
+    del held
+    return {**result, "files": files}
 
 
 def finish(
@@ -210,7 +275,7 @@ def _check_identity(fd: int, expect: dict[str, int]) -> None:
         )
 
 
-def _apply_limits(spec: Spec, applied: list[str]) -> dict[str, Any]:
+def _apply_limits(spec: Spec, applied: list[str], files: int = 1) -> dict[str, Any]:
     """Address space sized for how the loader maps memory; CPU time; descriptors."""
     vsz, rss = _linux.memory_from_statm()
     # memory_bytes bounds the child's resident memory. Virtual size runs ahead
@@ -224,16 +289,17 @@ def _apply_limits(spec: Spec, applied: list[str]) -> dict[str, Any]:
     cpu = max(1, math.ceil(float(spec["cpu_seconds"])))
     # SIGXCPU at the soft limit, SIGKILL one second later if it is ignored.
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    nofile = int(spec["max_fds"])
+    # The model's descriptors are already open; max_fds is what the loader may open besides.
+    nofile = int(spec["max_fds"]) + files
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
     applied += ["rlimit_cpu", "rlimit_nofile"]
     return {"baseline_vsz": vsz, "baseline_rss": rss, "address_space": address_space}
 
 
-def _apply_landlock(fd: int, applied: list[str]) -> None:
+def _apply_landlock(fds: list[int], applied: list[str]) -> None:
     """Read the model and the interpreter only; no writes, no exec, no TCP (where supported)."""
     try:
-        abi = _landlock.restrict([fd], _landlock.interpreter_paths())
+        abi = _landlock.restrict(fds, _landlock.interpreter_paths())
     except OSError:
         return  # no Landlock in this kernel: the report's confinement list says so by omission
     applied.append(f"landlock_abi{abi}")
@@ -251,23 +317,41 @@ def _raised(exc: BaseException) -> dict[str, Any]:
     }
 
 
+def _receive(sock: socket.socket) -> tuple[Spec, list[int]] | None:
+    """The spec and every descriptor it comes with (more packets for a large checkpoint)."""
+    data, fds, _flags, _addr = socket.recv_fds(
+        sock, _protocol.MAX_SPEC_BYTES, _protocol.FDS_PER_MESSAGE
+    )
+    if not data or not fds:
+        return None
+    spec: Spec = json.loads(data)
+    want = len(spec["files"]) if "files" in spec else 1
+    while len(fds) < want:
+        _data, more, _flags, _addr = socket.recv_fds(sock, 16, _protocol.FDS_PER_MESSAGE)
+        if not more:
+            return None
+        fds += more
+    return (spec, fds) if len(fds) == want else None
+
+
 def main(sock: socket.socket) -> int:
     """Entry point of a forked child; returns the exit status."""
     applied = _confine_process()
     sock.settimeout(60)
-    data, fds, _flags, _addr = socket.recv_fds(sock, _protocol.MAX_SPEC_BYTES, 1)
-    if not data or len(fds) != 1:
+    received = _receive(sock)
+    if received is None:
         return 2
-    fd = fds[0]
+    spec, fds = received
     try:
-        spec: Spec = json.loads(data)
-        _check_identity(fd, spec["expect"])
+        expected = [f["expect"] for f in spec["files"]] if "files" in spec else [spec["expect"]]
+        for fd, expect in zip(fds, expected, strict=True):
+            _check_identity(fd, expect)
         loader = LOADERS[spec["loader"]]
-        figures = _apply_limits(spec, applied)
+        figures = _apply_limits(spec, applied, len(fds))
         if spec.get("landlock"):
-            _apply_landlock(fd, applied)
+            _apply_landlock(fds, applied)
         _send(sock, {"kind": "ready", "pid": os.getpid(), "confinement": applied, **figures})
-        result = loader(fd, spec)
+        result = load_files(fds, spec) if "files" in spec else loader(fds[0], spec)
     except BaseException as exc:  # PanicException is a BaseException: catch everything
         with contextlib.suppress(BaseException):
             _send(sock, _raised(exc))
@@ -276,7 +360,7 @@ def main(sock: socket.socket) -> int:
     return 0
 
 
-__all__ = ["LOADERS", "main", "register_loader"]
+__all__ = ["LOADERS", "READERS", "load_files", "main", "register_loader", "register_reader"]
 
 # Last, because it imports this module: the npy, npz and GGUF loaders register themselves.
 from loadwarden.worker.sandbox import loaders  # noqa: E402, F401

@@ -9,7 +9,8 @@ Control socket (supervisor <-> fork server), SOCK_SEQPACKET, one message per pac
                                                                 a child was reaped (wait4)
 
 Child socket (supervisor <-> one child), SOCK_SEQPACKET, JSON objects, one per packet:
-  supervisor -> child   the spec, with the model's fd attached
+  supervisor -> child   the spec, with the model's fd attached (a checkpoint's shards: the
+                        first FDS_PER_MESSAGE fds with the spec, the rest in ``b"fds"`` packets)
   child -> supervisor   ``{"kind": "ready", ...}`` once confined, then
                         ``{"kind": "ok", ...}`` or ``{"kind": "raised", ...}``
 Nothing on either socket is pickled: a compromised child can at most send bad JSON.
@@ -36,6 +37,8 @@ REAPED_MSG = struct.Struct("<qqqqq")
 MAX_CONTROL_BYTES = 64
 #: Largest spec the supervisor sends a child.
 MAX_SPEC_BYTES = 64 * 1024
+#: Descriptors attached to one packet: the kernel's SCM_MAX_FD is 253.
+FDS_PER_MESSAGE = 250
 #: Largest message a child may send; anything longer is a protocol violation.
 MAX_REPLY_BYTES = 256 * 1024
 #: How much of a child's traceback text is kept.

@@ -92,12 +92,16 @@ class Child:
         self.sock = sock
         self.exited = exited
 
-    async def send_spec(self, spec: dict[str, Any], fd: int) -> None:
-        """Hand the child its job and the model's open descriptor (never a path to reopen)."""
+    async def send_spec(self, spec: dict[str, Any], fds: int | Sequence[int]) -> None:
+        """Hand the child its job and the model's open descriptors (never a path to reopen)."""
         data = json.dumps(spec, separators=(",", ":")).encode()
         if len(data) > _protocol.MAX_SPEC_BYTES:
             raise SandboxError(f"spec of {len(data)} bytes is too large")
-        await _send_with_fds(self.sock, data, [fd])
+        handed = [fds] if isinstance(fds, int) else list(fds)
+        step = _protocol.FDS_PER_MESSAGE
+        await _send_with_fds(self.sock, data, handed[:step])
+        for start in range(step, len(handed), step):
+            await _send_with_fds(self.sock, b"fds", handed[start : start + step])
 
     async def receive(self) -> dict[str, Any] | None:
         """The child's next message, or None once it has closed its socket (exited)."""

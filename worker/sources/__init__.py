@@ -1,7 +1,10 @@
-"""Where a model comes from: a local path inside the allowed roots, or an http(s) URL.
+"""Where a model comes from: a local path inside the allowed roots, an http(s) URL, or
+``hf://ORG/NAME[@REVISION]`` in the local Hugging Face cache.
 
-``open_source`` turns a request's ``source`` into an open ``ModelFile`` or raises
-one of the load errors, each with a stable ``code``::
+``open_model`` turns a request's ``source`` into every open file of the model
+(``OpenedModel``: one file, or a checkpoint's shards: see ``_checkpoint`` and
+``_hf``); ``open_source`` opens one file. Both raise one of the load errors, each
+with a stable ``code``::
 
     SourceRefused        policy says no (outcome ``refused``)
         outside_root         the path, a ``..`` or a symlink leads out of every allowed root
@@ -17,6 +20,9 @@ one of the load errors, each with a stable ``code``::
         too_many_redirects   more than ``max_redirects`` hops
         too_large            Content-Length or the streamed body is over ``max_download_bytes``
         content_encoding     the server compressed the body although we asked for identity
+        symlink              a file of a checkpoint folder is a symlink (not followed)
+        bad_hf_name          an hf:// repository id or revision that is not one
+        outside_blobs        a cache snapshot's entry is not a symlink into its repository's blobs/
     SourceUnavailable    cannot be reached or read, worth retrying (outcome ``unavailable``)
         not_found            no such file (or no such directory on the way)
         unreadable           the file exists but cannot be read (permissions, I/O)
@@ -29,6 +35,12 @@ one of the load errors, each with a stable ``code``::
         cache_unwritable     the download cache cannot be created or written
     InvalidModel         (outcome ``invalid``)
         sha256_mismatch      the downloaded bytes do not have the expected digest
+        no_checkpoint        a folder with no index, no model.safetensors, no single .safetensors
+        ambiguous_checkpoint a folder with several *.safetensors.index.json
+        duplicate_shard      two shard names of an index open the same file (a hard link)
+        missing_snapshot     an hf:// revision whose commit has no snapshot in the cache
+        bad_ref              a cache refs/ file that does not hold a commit hash
+        (index codes)        see ``loadwarden.worker.formats.index``
 
 Downloads land in ``<cache_dir>/<sha256>/<name>`` (``name``: the URL's last path
 segment, reduced to ``[A-Za-z0-9._-]``); a request with a digest that is already
@@ -39,14 +51,19 @@ Local files are not hashed here: the sandbox hashes them while it loads.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
+from collections.abc import Callable
 
 from loadwarden.producer.errors import SourceRefused
-from loadwarden.producer.settings import SourcePolicy
-from loadwarden.worker._files import ModelFile
-from loadwarden.worker.sources._local import open_local
+from loadwarden.producer.settings import InspectionCaps, SourcePolicy
+from loadwarden.worker._files import ModelFile, OpenedModel
+from loadwarden.worker.sources._hf import SCHEME as HF_SCHEME
+from loadwarden.worker.sources._hf import open_hf
+from loadwarden.worker.sources._local import open_local, open_local_model
 
-__all__ = ["open_source"]
+__all__ = ["open_model", "open_source"]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -74,3 +91,40 @@ async def open_source(
     from loadwarden.worker.sources._http import fetch
 
     return await fetch(source, expected_sha256=expected_sha256, policy=policy)
+
+
+async def open_model(
+    source: str,
+    *,
+    expected_sha256: str | None,
+    policy: SourcePolicy,
+    caps: InspectionCaps | None = None,
+) -> OpenedModel:
+    """Open every file of the model ``source`` names; the caller closes them.
+
+    A local path may name a file, a ``*.safetensors.index.json`` or a folder holding a
+    checkpoint; ``hf://ORG/NAME[@REVISION]`` names a snapshot in the hub cache
+    (``policy.hf_cache_dir``, else huggingface_hub's rule); a URL names one file.
+    Index files are read and checked here (bounded by ``caps``); shards are not
+    inspected yet.
+    """
+    checks = caps or InspectionCaps()
+    if source.startswith(HF_SCHEME):
+        return await _off_loop(lambda: open_hf(source, policy, checks))
+    if _SCHEME.match(source) is None:
+        return await _off_loop(lambda: open_local_model(source, policy.allow_roots, checks))
+    return OpenedModel.single(
+        await open_source(source, expected_sha256=expected_sha256, policy=policy)
+    )
+
+
+async def _off_loop(open_files: Callable[[], OpenedModel]) -> OpenedModel:
+    """Run a blocking open (an index may be 16 MiB of JSON) in a thread; if we are
+    cancelled meanwhile, wait for it and close what it opened, so no descriptor leaks."""
+    future = asyncio.ensure_future(asyncio.to_thread(open_files))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            (await future).close()
+        raise

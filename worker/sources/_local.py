@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadwarden.producer.errors import SourceRefused, SourceUnavailable
-from loadwarden.worker._files import ModelFile, _os_error, _refuse_special
+from loadwarden.producer.settings import InspectionCaps
+from loadwarden.worker._files import ModelFile, OpenedModel, Shard, _os_error, _refuse_special
+from loadwarden.worker.formats.index import INDEX_SUFFIX
+from loadwarden.worker.sources._checkpoint import folder_opener, open_folder, open_indexed
 
 #: Linux's own limit on symlinks followed while resolving one path (MAXSYMLINKS).
 MAX_SYMLINK_HOPS = 40
@@ -51,18 +54,51 @@ def open_local(source: str, roots: Sequence[Path]) -> ModelFile:
     the first root, an absolute one must start with a root (as configured or as its
     real path). Raises ``SourceRefused`` or ``SourceUnavailable``.
     """
+    root, parts = _locate(source, roots)
+    return open_under(root, parts, source)
+
+
+def _locate(source: str, roots: Sequence[Path]) -> tuple[Root, tuple[str, ...]]:
+    """The allowed root ``source`` lies in, and its components below that root."""
     allowed = [Root.of(r) for r in roots] or [Root.of(Path.cwd())]
     if not source:
         raise SourceUnavailable("an empty path names no file", code="not_found")
     absolute = source if source.startswith("/") else os.path.join(allowed[0].real, source)
     _refuse_special_tree(os.path.normpath(absolute), source)
     if not source.startswith("/"):
-        return open_under(allowed[0], _parts(source), source)
+        return allowed[0], _parts(source)
     for root in allowed:
         rest = root.strip(_parts(source))
         if rest is not None:
-            return open_under(root, rest, source)
+            return root, tuple(rest)
     raise SourceRefused(f"{source!r} is outside the allowed roots", code="outside_root")
+
+
+def open_local_model(source: str, roots: Sequence[Path], caps: InspectionCaps) -> OpenedModel:
+    """Open the model ``source`` names inside ``roots``: a file, a checkpoint's index, or a
+    folder holding a checkpoint (``_checkpoint``). Roots and paths as in ``open_local``."""
+    root, parts = _locate(source, roots)
+    _refuse_special_tree(root.real, source)
+    walk = _Walk(root, _open_root(root.real, source), source)
+    try:
+        found = walk.walk(list(parts))
+        if found is not None and not found.path.endswith(INDEX_SUFFIX):
+            return OpenedModel.single(found)
+        try:
+            dir_fd, folder = walk.folder()
+        except BaseException:
+            if found is not None:
+                found.close()
+            raise
+    finally:
+        walk.close()
+    try:
+        opener = folder_opener(dir_fd, folder, source)
+        if found is None:
+            return open_folder(dir_fd, folder, source, caps, opener)
+        return open_indexed(Shard(os.path.basename(found.path), found), caps, opener)
+    finally:
+        os.close(dir_fd)
 
 
 def open_under(root: Root, parts: Sequence[str], source: str) -> ModelFile:
@@ -97,6 +133,15 @@ class _Walk:
         os.close(self.root_fd)
 
     def run(self, parts: list[str]) -> ModelFile:
+        found = self.walk(parts)
+        if found is None:  # the path ended on a directory (the root, "..", "."): not a file
+            _refuse_special(self.source, os.fstat(self._cwd).st_mode)
+            raise AssertionError("unreachable: a directory is never a regular file")
+        return found
+
+    def walk(self, parts: list[str]) -> ModelFile | None:
+        """Open the regular file ``parts`` names, or None when they name a directory
+        (then entered: ``folder()`` opens it)."""
         pending = list(reversed(parts))
         while pending:
             name = pending.pop()
@@ -108,15 +153,19 @@ class _Walk:
             st = self._lstat(name)
             if stat.S_ISLNK(st.st_mode):
                 pending.extend(reversed(self._follow(name)))
-            elif not pending:
-                return self._open_file(name, st)
             elif stat.S_ISDIR(st.st_mode):
                 self._enter(name, st)
+            elif not pending:
+                return self._open_file(name, st)
             else:
                 raise SourceUnavailable(f"{self.source!r} does not exist", code="not_found")
-        # The path ended on a directory (the root, or "..", or "."): not a model file.
-        _refuse_special(self.source, os.fstat(self._cwd).st_mode)
-        raise AssertionError("unreachable: a walk never ends on a regular file")
+        return None
+
+    def folder(self) -> tuple[int, str]:
+        """The directory the walk is in (the file's folder, or the folder it named), opened
+        readable so it can be listed, and its path."""
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._cwd)
+        return fd, os.path.join(self.root.real, *(n for n, _ in self.stack))
 
     @property
     def _cwd(self) -> int:

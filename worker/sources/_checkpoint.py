@@ -1,0 +1,172 @@
+"""Open a checkpoint held in a folder: its index, then every shard the index names.
+
+A folder is opened as a descriptor, and each file in it by name relative to that
+descriptor, with ``O_NOFOLLOW``: nothing is reached by a path that could be
+swapped, and no shard name can lead out (``formats.index.check_shard_name``
+already refused separators and ``..``; a symlink is refused here). The Hugging
+Face cache plugs in its own ``Opener``, which follows a snapshot's symlinks into
+its ``blobs/`` and nowhere else.
+
+A folder holds a checkpoint when it has exactly one ``*.safetensors.index.json``,
+else a ``model.safetensors``, else exactly one ``*.safetensors`` file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+
+from loadwarden.producer.errors import InvalidModel, SourceRefused
+from loadwarden.producer.settings import InspectionCaps
+from loadwarden.worker._files import ModelFile, OpenedModel, Shard, _os_error, _refuse_special
+from loadwarden.worker.formats._common import read_at
+from loadwarden.worker.formats.index import (
+    INDEX_SUFFIX,
+    SHARD_SUFFIX,
+    ShardIndex,
+    parse_index,
+    too_large,
+)
+
+#: Opens one file of the checkpoint by its plain name.
+Opener = Callable[[str], Shard]
+
+#: The single-file checkpoint save_pretrained writes.
+SINGLE_FILE = "model.safetensors"
+#: Entries read from a folder while looking for its checkpoint: a model folder holds
+#: tens of files; one with more is not a checkpoint we should scan to the end.
+MAX_FOLDER_ENTRIES = 100_000
+
+# O_NONBLOCK: a FIFO swapped in after the fstatat does not block the open; fstat sees it.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def folder_opener(dir_fd: int, folder: str, source: str) -> Opener:
+    """Open regular files directly in the folder on ``dir_fd``; a symlink is refused."""
+
+    def open_file(name: str) -> Shard:
+        return Shard(name, open_regular(dir_fd, name, os.path.join(folder, name), source))
+
+    return open_file
+
+
+def open_regular(dir_fd: int, name: str, path: str, source: str) -> ModelFile:
+    """Open ``name`` in ``dir_fd`` if it is a regular file, checked before and after the open."""
+    try:
+        before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as exc:
+        raise _os_error(path, exc) from exc
+    if stat.S_ISLNK(before.st_mode):
+        raise SourceRefused(
+            f"{path!r} (in {source!r}) is a symlink; files of a checkpoint folder are not"
+            " followed (name the files themselves, or use hf:// for a Hugging Face cache)",
+            code="symlink",
+        )
+    _refuse_special(path, before.st_mode)
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise SourceRefused(
+                f"{path!r} changed while it was opened", code="file_changed"
+            ) from exc
+        raise _os_error(path, exc) from exc
+    try:
+        after = os.fstat(fd)
+        if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) or not stat.S_ISREG(
+            after.st_mode
+        ):
+            raise SourceRefused(f"{path!r} changed while it was opened", code="file_changed")
+        return ModelFile.adopt(path, fd, after)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_folder(
+    dir_fd: int, folder: str, source: str, caps: InspectionCaps, opener: Opener
+) -> OpenedModel:
+    """The checkpoint in the folder on ``dir_fd`` (readable, not ``O_PATH``), opened."""
+    name = choose_entry(list_names(dir_fd, folder), folder)
+    if name.endswith(INDEX_SUFFIX):
+        return open_indexed(opener(name), caps, opener)
+    return OpenedModel([opener(name)], checkpoint=True)
+
+
+def list_names(dir_fd: int, folder: str) -> list[str]:
+    """Names in a folder, at most ``MAX_FOLDER_ENTRIES`` of them."""
+    names: list[str] = []
+    try:
+        with os.scandir(dir_fd) as entries:
+            for entry in entries:
+                names.append(entry.name)
+                if len(names) > MAX_FOLDER_ENTRIES:
+                    raise InvalidModel(
+                        f"{folder!r} holds more than {MAX_FOLDER_ENTRIES} entries; "
+                        "not a checkpoint folder",
+                        code="no_checkpoint",
+                    )
+    except OSError as exc:
+        raise _os_error(folder, exc) from exc
+    return names
+
+
+def choose_entry(names: list[str], folder: str) -> str:
+    """Which file of a folder names its checkpoint (see the module docstring)."""
+    indexes = sorted(n for n in names if n.endswith(INDEX_SUFFIX))
+    if len(indexes) > 1:
+        raise InvalidModel(
+            f"{folder!r} holds {len(indexes)} checkpoint indexes ({', '.join(indexes[:4])}); "
+            "name the one to load",
+            code="ambiguous_checkpoint",
+        )
+    if indexes:
+        return indexes[0]
+    if SINGLE_FILE in names:
+        return SINGLE_FILE
+    singles = sorted(n for n in names if n.endswith(SHARD_SUFFIX))
+    if len(singles) == 1:
+        return singles[0]
+    found = f"{len(singles)} .safetensors files but no index" if singles else "no safetensors file"
+    raise InvalidModel(
+        f"{folder!r} holds no checkpoint: {found} (expected one *{INDEX_SUFFIX} "
+        f"or a {SINGLE_FILE})",
+        code="no_checkpoint",
+    )
+
+
+def open_indexed(index: Shard, caps: InspectionCaps, opener: Opener) -> OpenedModel:
+    """Read and check the index open in ``index``, then open every shard it names."""
+    opened = OpenedModel([], checkpoint=True, index_name=index.name)
+    try:
+        with index.file:
+            opened.index = parsed = read_index(index.file, caps)
+        seen: dict[tuple[int, int], str] = {}
+        for name in parsed.shards:
+            shard = opener(name)
+            opened.files.append(shard)
+            identity = (shard.file.dev, shard.file.ino)
+            if identity in seen:
+                raise InvalidModel(
+                    f"checkpoint index: shards {seen[identity]!r} and {name!r} are one file",
+                    code="duplicate_shard",
+                )
+            seen[identity] = name
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def read_index(index: ModelFile, caps: InspectionCaps) -> ShardIndex:
+    """The index's bytes (size checked before any read), parsed and checked."""
+    if index.size > caps.max_index_bytes:
+        raise too_large(index.size, caps)
+    raw = read_at(index.fd, index.size, 0)
+    if len(raw) != index.size:
+        raise InvalidModel(
+            "checkpoint index: the file shrank while it was read", code="file_changed"
+        )
+    return parse_index(raw, caps)
