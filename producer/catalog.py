@@ -12,7 +12,8 @@ A catalog is TOML, one ``[[model]]`` table per model::
 
     [[model]]
     name = "bert-base"                    # required, unique, 1-128 of A-Z a-z 0-9 . _ -
-    source = "models/bert.safetensors"    # a path (relative: to this file's folder) or http(s) URL
+    source = "models/bert.safetensors"    # a file, a checkpoint folder or index (relative: to
+                                          # this file's folder), an http(s) URL, or hf://ORG/NAME
     sha256 = "9f2c..."                    # optional, 64 hex digits
     format = "safetensors"                # optional, overrides the default
     labels = { tier = "gold" }            # optional
@@ -41,6 +42,7 @@ from pydantic_core import ErrorDetails
 
 from loadwarden.producer.contract import LimitOverrides, LoadRequest, ModelFormat, RetryPolicy
 from loadwarden.producer.errors import CatalogError
+from loadwarden.producer.sources import is_hf, parse_hf
 
 #: A hand-written catalog of tens of thousands of models fits in well under 4 MiB.
 MAX_CATALOG_BYTES = 4 * 1024 * 1024
@@ -71,10 +73,12 @@ def _check_name(value: str) -> str:
 def _check_source(value: str) -> str:
     if not value or "\0" in value or len(value) > 4096:
         raise ValueError("must be a path or URL of 1-4096 characters, without NUL")
-    if _is_url(value):
+    if is_hf(value):
+        parse_hf(value)  # its ValueError names the defect
+    elif _is_url(value):
         url = urlsplit(value)
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError("must be a local path or an http(s) URL")
+            raise ValueError("must be a local path, an http(s) URL or hf://ORG/NAME[@REVISION]")
     return value
 
 

@@ -30,6 +30,10 @@ from tests.safetensors_files import valid_model
 
 T = TypeVar("T")
 
+# No test may call the Hugging Face hub: huggingface_hub (a test dependency) and every
+# process a test starts stay offline.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 #: The database the tests own on a shared Redis; flushed before every test.
 TEST_DB = 9
 #: Where a worker may read local model files (a JSON list).

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from loadwarden.producer.contract import LoadRequest, ModelFormat, ModelSummary, Outcome
 from loadwarden.producer.errors import SourceRefused
 from loadwarden.producer.settings import InspectionCaps, Settings, SourcePolicy
-from loadwarden.worker._files import ModelFile, open_model_file
+from loadwarden.worker._files import OpenedModel, open_model_file
 from loadwarden.worker.formats import LOADERS, Inspection, inspect_model
 from loadwarden.worker.sandbox.loaders import DTYPE_NAMES
 from loadwarden.worker.sources import open_source
@@ -44,9 +44,9 @@ class Tampering(Supervisor):
         super().__init__(settings, **kw)
         self.change = change
 
-    def _inspect(self, model_file: ModelFile, request: LoadRequest) -> Any:
-        result = super()._inspect(model_file, request)
-        self.change(model_file.path)
+    def _inspect(self, opened: OpenedModel, request: LoadRequest) -> Any:
+        result = super()._inspect(opened, request)
+        self.change(opened.first.path)
         return result
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from loadwarden.producer.client import DeadLetter, QueueStatus
 from loadwarden.producer.contract import LoadReport, ModelSummary, Outcome
@@ -34,6 +35,26 @@ def _model_rows(table: Table, model: ModelSummary) -> None:
     table.add_row("dtypes", ", ".join(f"{d}: {n:,}" for d, n in sorted(model.dtypes.items())))
     if model.sha256:
         table.add_row("sha256", model.sha256)
+    if model.shards is not None:
+        _shard_rows(table, model)
+
+
+#: Shards listed one per line; a larger checkpoint's list is cut (--json has them all).
+SHOWN_SHARDS = 32
+
+
+def _shard_rows(table: Table, model: ModelSummary) -> None:
+    shards = model.shards or []
+    table.add_row("shards", f"{len(shards)} files, {_size(model.file_bytes)}")
+    for shard in shards[:SHOWN_SHARDS]:
+        # Names come from an untrusted index: Text, so "[...]" is never read as markup.
+        line = Text(shard.file)
+        line.append(f"  {_size(shard.bytes)}, {shard.tensors} tensors")
+        if shard.sha256:
+            line.append(f", sha256 {shard.sha256[:16]}…")
+        table.add_row("", line)
+    if len(shards) > SHOWN_SHARDS:
+        table.add_row("", f"… and {len(shards) - SHOWN_SHARDS} more (--json lists them all)")
 
 
 def report(r: LoadReport) -> None:

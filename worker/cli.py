@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from redis.exceptions import RedisError
@@ -36,6 +36,9 @@ from loadwarden.producer.preload import PreloadEntry, PreloadResult
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _render
 from loadwarden.worker.logs import configure_logging
+
+if TYPE_CHECKING:
+    from loadwarden.worker._files import OpenedModel
 
 EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 T = TypeVar("T")
@@ -93,6 +96,12 @@ def _note_embedded(roots: tuple[Path, ...]) -> None:
 def _source(value: str) -> str:
     """Local paths are made absolute here: a worker resolves relative ones against its own cwd."""
     return value if "://" in value else os.path.abspath(value)
+
+
+def _named_root(source: str) -> tuple[Path, ...]:
+    """The allowed root of a source named on this command line: the folder holding it
+    (a checkpoint folder's parent), or none for a URL or hf:// (the hub cache is its own)."""
+    return () if "://" in source else (Path(source).parent,)
 
 
 def _emit_report(report: LoadReport, as_json: bool) -> None:
@@ -196,7 +205,7 @@ def enqueue(
                 return await handle.report(timeout_s=timeout_s) if wait else handle.job_id
         from loadwarden.worker.embedded import embedded
 
-        roots = () if "://" in request.source else (Path(request.source).parent,)
+        roots = _named_root(request.source)
         _note_embedded(roots)
         async with (
             embedded(_with_roots(settings, *roots)) as active,
@@ -235,7 +244,12 @@ def report(
 
 @app.command()
 def load(
-    file: Annotated[Path, typer.Argument(help="Model file to load.")],
+    file: Annotated[
+        str,
+        typer.Argument(
+            help="Model file, checkpoint folder, *.safetensors.index.json, or hf://ORG/NAME[@REV]."
+        ),
+    ],
     sha256: Sha256Opt = None,
     memory_bytes: Annotated[int | None, typer.Option(help="Memory limit override.", min=1)] = None,
     timeout_s: Annotated[float | None, typer.Option(help="Wall-clock deadline override.")] = None,
@@ -249,7 +263,7 @@ def load(
     configure_logging(log_level)
     try:
         request = LoadRequest(
-            source=_source(str(file)),
+            source=_source(file),
             sha256=sha256,
             limits=LimitOverrides(
                 memory_bytes=memory_bytes, cpu_seconds=cpu_s, timeout_seconds=timeout_s
@@ -258,8 +272,9 @@ def load(
     except Exception as exc:
         raise typer.BadParameter(str(exc)) from None
 
-    # The file was named on the command line: its own folder is the one allowed root.
-    settings = _with_roots(_settings(), file.resolve().parent)
+    # The file was named on the command line: its own folder is the one allowed root
+    # (an hf:// source reads only the Hugging Face cache).
+    settings = _with_roots(_settings(), *_named_root(request.source))
 
     async def go() -> LoadReport:
         async with Supervisor(settings) as supervisor:
@@ -270,7 +285,12 @@ def load(
 
 @app.command()
 def inspect(
-    file: Annotated[Path, typer.Argument(help="Model file whose header to check.")],
+    file: Annotated[
+        str,
+        typer.Argument(
+            help="Model file, checkpoint folder, *.safetensors.index.json, or hf://ORG/NAME[@REV]."
+        ),
+    ],
     format_: Annotated[
         ModelFormat | None,
         typer.Option("--format", help="Expected format; refused if the content says otherwise."),
@@ -283,19 +303,22 @@ def inspect(
     PyTorch and Keras/HDF5 files are refused: they can execute code when loaded.
     """
     from loadwarden.producer.contract import ErrorInfo
-    from loadwarden.worker._files import open_model_file
-    from loadwarden.worker.formats import inspect_model
+    from loadwarden.worker._model import inspect_opened
+    from loadwarden.worker.sources import open_model
 
-    settings = _settings()
+    source = _source(file)
+    settings = _with_roots(_settings(), *_named_root(source))
+
+    async def open_it() -> OpenedModel:
+        return await open_model(
+            source, expected_sha256=None, policy=settings.sources, caps=settings.inspection
+        )
+
     try:
-        with open_model_file(_source(str(file))) as model_file:
-            summary = inspect_model(
-                model_file.fd,
-                model_file.size,
-                path=model_file.path,
-                declared=format_,
-                caps=settings.inspection,
-            ).summary
+        with asyncio.run(open_it()) as opened:
+            summary = inspect_opened(
+                opened, declared=format_, caps=settings.inspection, budget_bytes=None
+            )
         document: dict[str, Any] = {
             "outcome": "ok",
             "error": None,

@@ -151,13 +151,14 @@ def check_coverage(index: ShardIndex, held: Mapping[str, Sequence[str]], tensor_
                     "tensor_in_two_shards",
                     f"tensor {show(name)} is in both {show(first)} and {show(shard)}",
                 )
-            listed = index.weight_map.get(name)
-            if listed != shard:
-                where = "does not name it" if listed is None else f"names {show(listed)}"
-                raise _invalid(
-                    "unlisted_tensor",
-                    f"shard {show(shard)} holds tensor {show(name)}, but the index {where}",
-                )
+    for name, shard in owner.items():
+        listed = index.weight_map.get(name)
+        if listed != shard:
+            where = "does not name it" if listed is None else f"names {show(listed)}"
+            raise _invalid(
+                "unlisted_tensor",
+                f"shard {show(shard)} holds tensor {show(name)}, but the index {where}",
+            )
     if len(owner) != len(index.weight_map):
         name = next(n for n in index.weight_map if n not in owner)
         raise _invalid(

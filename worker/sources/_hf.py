@@ -35,19 +35,13 @@ from pathlib import Path
 
 from loadwarden.producer.errors import InvalidModel, SourceRefused, SourceUnavailable
 from loadwarden.producer.settings import InspectionCaps, SourcePolicy
+from loadwarden.producer.sources import COMMIT, HF_SCHEME, parse_hf
 from loadwarden.worker._files import OpenedModel, Shard
 from loadwarden.worker.formats._common import read_at
 from loadwarden.worker.sources._checkpoint import open_folder, open_regular
 from loadwarden.worker.sources._local import SPECIAL_TREES
 
-SCHEME = "hf://"
-# huggingface_hub's validate_repo_id: [namespace/]name of [\w.-], at most 96 characters,
-# no "--" or "..", not starting or ending with "-" or ".", not ending ".git".
-_REPO_PART = r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?"
-_REPO_ID = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$", re.ASCII)
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-# A branch or tag name as a refs/ file name (one component), or a pull request's refs/pr/N.
-_REF = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9._-]{0,127}|refs/pr/[0-9]{1,10})$", re.ASCII)
+SCHEME = HF_SCHEME
 # What huggingface_hub writes as a snapshot entry at the top of the snapshot.
 _BLOB_LINK = re.compile(r"^\.\./\.\./blobs/([0-9a-f]{40}|[0-9a-f]{64})$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -73,27 +67,10 @@ def cache_dir(policy: SourcePolicy) -> Path:
 
 def parse(source: str) -> tuple[str, str]:
     """``(repo_id, revision)`` of an ``hf://`` source; ``SourceRefused`` (``bad_hf_name``)."""
-    rest = source[len(SCHEME) :]
-    repo_id, _, revision = rest.partition("@")
-    if (
-        not _REPO_ID.match(repo_id)
-        or "--" in repo_id
-        or ".." in repo_id
-        or repo_id.endswith(".git")
-    ):
-        raise SourceRefused(
-            f"{source!r}: {repo_id!r} is not a Hugging Face repository id "
-            "([ORG/]NAME of letters, digits, '.', '_', '-'; no '--' or '..')",
-            code="bad_hf_name",
-        )
-    if "@" in rest and not (
-        _COMMIT.match(revision) or (_REF.match(revision) and ".." not in revision)
-    ):
-        raise SourceRefused(
-            f"{source!r}: {revision!r} is not a revision (a 40-hex commit, a branch or a tag)",
-            code="bad_hf_name",
-        )
-    return repo_id, revision or "main"
+    try:
+        return parse_hf(source)
+    except ValueError as exc:
+        raise SourceRefused(f"{source!r}: {exc}", code="bad_hf_name") from None
 
 
 def open_hf(source: str, policy: SourcePolicy, caps: InspectionCaps) -> OpenedModel:
@@ -119,7 +96,7 @@ def open_hf(source: str, policy: SourcePolicy, caps: InspectionCaps) -> OpenedMo
 
     try:
         repo = enter(enter(None, cache, "cache folder"), repo_name, repo_name)
-        commit = revision if _COMMIT.match(revision) else _read_ref(repo, revision, source)
+        commit = revision if COMMIT.match(revision) else _read_ref(repo, revision, source)
         snapshots = enter(repo, "snapshots", "snapshots/")
         try:
             snapshot = os.open(commit, _DIR, dir_fd=snapshots)
@@ -179,7 +156,7 @@ def _read_ref(repo: int, revision: str, source: str) -> str:
         if fd is not None:
             os.close(fd)
     text = raw.decode("ascii", errors="replace").strip()
-    if not _COMMIT.match(text):
+    if not COMMIT.match(text):
         raise InvalidModel(
             f"{source!r}: refs/{revision} does not hold a commit hash", code="bad_ref"
         )
