@@ -6,13 +6,16 @@ The bytes are the same on every machine (integer arithmetic and exactly
 rounded float32 division only), so the catalog can pin their sha256.
 
 Valid: ``tiny`` (float32 + int64), ``encoder`` (float32, 8 MiB), ``mixed``
-(five dtypes, 12 MiB). Hostile: ``truncated`` (its data cut short),
+(five dtypes, 12 MiB), ``sharded`` (a folder as ``save_pretrained`` writes a
+sharded checkpoint: three float16 shards and ``model.safetensors.index.json``).
+Hostile: ``truncated`` (its data cut short),
 ``header-bomb`` (declares a 1 TiB header), ``disguised-pickle`` (a pickle with
 a model's file name; never loaded by anything).
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import struct
 import sys
@@ -22,6 +25,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 NAMES = ("tiny", "encoder", "mixed", "truncated", "header-bomb", "disguised-pickle")
+#: Shards of the sharded example, under models/sharded/.
+SHARDED = "sharded"
 
 
 def _ramp(shape: tuple[int, ...], dtype: type[np.generic], modulus: int = 251) -> np.ndarray:
@@ -59,7 +64,50 @@ def make(folder: Path) -> dict[str, Path]:
     paths["header-bomb"].write_bytes(struct.pack("<Q", 2**40) + b"{}")
     # What a malicious checkpoint looks like on disk: loadwarden must never unpickle it.
     paths["disguised-pickle"].write_bytes(pickle.dumps({"weight": [0.0] * 8}, protocol=4))
+    paths["sharded"] = make_sharded(folder / "sharded")
     return paths
+
+
+def make_sharded(folder: Path) -> Path:
+    """A small decoder split into three shards, with the index save_pretrained writes.
+
+    TODO(dtypes): BF16 (ml_dtypes.bfloat16) once the child loads it; float16 until then.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    width, layers = 256, 4
+    shards: list[dict[str, np.ndarray]] = [
+        {"model.embed_tokens.weight": _ramp((1024, width), np.float16)},
+        {},
+        {
+            "lm_head.weight": _ramp((1024, width), np.float16, 89),
+            "model.norm.weight": _ramp((width,), np.float16, 7),
+        },
+    ]
+    for i in range(layers):
+        layer = shards[0] if i < layers // 2 else shards[1]
+        layer[f"model.layers.{i}.self_attn.q_proj.weight"] = _ramp(
+            (width, width), np.float16, 101 + i
+        )
+        layer[f"model.layers.{i}.mlp.up_proj.weight"] = _ramp(
+            (2 * width, width), np.float16, 53 + i
+        )
+    weight_map: dict[str, str] = {}
+    for number, tensors in enumerate(shards, start=1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    every = [t for tensors in shards for t in tensors.values()]
+    index = {
+        "metadata": {
+            "total_parameters": sum(int(t.size) for t in every),
+            "total_size": sum(int(t.nbytes) for t in every),
+        },
+        "weight_map": weight_map,
+    }
+    # As transformers' save_pretrained writes it: sorted keys, indent 2, a final newline.
+    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    (folder / "model.safetensors.index.json").write_text(text, encoding="utf-8")
+    return folder
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ refused with a classified outcome, through a real Supervisor, the CLI and a real
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -16,10 +17,13 @@ import pytest
 from huggingface_hub import try_to_load_from_cache
 from safetensors.numpy import load_file, save_file
 
+from loadwarden.producer.catalog import load_catalog
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
+from loadwarden.producer.errors import CatalogError
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._model import checkpoint_digest
+from loadwarden.worker.calibrate import calibrate
 from loadwarden.worker.supervisor import Supervisor
 from tests.checkpoints import (
     INDEX,
@@ -400,3 +404,39 @@ async def test_worker_loads_checkpoints_and_survives_hostile_ones(
         "bad_hf_name",
     )
     assert_whole(reports[3], checkpoint)
+    # The CLI enqueues an hf:// source as it is (no path rewriting) and waits for its report.
+    cli = await asyncio.to_thread(
+        run, "enqueue", f"hf://{REPO}", "--wait", "--json", "--redis", redis_url
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert_whole(LoadReport.model_validate_json(cli.stdout), checkpoint)
+
+
+def test_catalog_takes_checkpoints(checkpoint: Path, tmp_path: Path) -> None:
+    """Catalog entries may name a checkpoint folder, an index or hf://; a bad hf:// is a defect."""
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[[model]]\nname = "folder"\nsource = "ckpt"\n'
+        '[[model]]\nname = "index"\nsource = "ckpt/model.safetensors.index.json"\n'
+        f'[[model]]\nname = "hub"\nsource = "hf://{REPO}@main"\n'
+    )
+    sources = [r.source for _, r in load_catalog(good).requests()]
+    assert sources == [str(checkpoint), str(checkpoint / INDEX), f"hf://{REPO}@main"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[model]]\nname = "x"\nsource = "hf://../x"\n')
+    with pytest.raises(CatalogError) as info:
+        load_catalog(bad)
+    assert any("repository id" in d for d in info.value.defects), info.value.defects
+
+
+async def test_calibrate_measures_checkpoints(checkpoint: Path, hub_cache: Path) -> None:
+    """calibrate loads a checkpoint folder and an hf:// model and recommends limits for each."""
+    results = await calibrate(
+        [
+            ("folder", LoadRequest(source=str(checkpoint))),
+            ("hub", LoadRequest(source=f"hf://{REPO}")),
+        ],
+        Settings(),
+    )
+    assert [r.report.outcome for r in results] == [Outcome.OK, Outcome.OK]
+    assert all(r.recommended is not None for r in results)

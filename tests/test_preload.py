@@ -28,6 +28,7 @@ EXPECTED = {
     "encoder": "ok",
     "encoder-alias": "ok",
     "mixed": "ok",
+    "sharded": "ok",
     "mixed-wrong-digest": "invalid",
     "truncated": "invalid",
     "header-bomb": "invalid",

@@ -9,7 +9,7 @@ from typing import Any
 from loadwarden.producer.contract import ModelFormat, ModelSummary, ShardInfo
 from loadwarden.producer.errors import InvalidModel, SourceRefused
 from loadwarden.producer.settings import InspectionCaps
-from loadwarden.worker._files import OpenedModel
+from loadwarden.worker._files import ModelFile, OpenedModel
 from loadwarden.worker._outcome import LoadedModel
 from loadwarden.worker.formats import inspect_model
 from loadwarden.worker.formats._common import over_budget
@@ -78,16 +78,21 @@ def inspect_opened(
     )
 
 
-def child_files(opened: OpenedModel) -> list[dict[str, Any]]:
-    """What the child must know of each file: its name, identity and promised digest."""
-    return [
-        {
-            "name": shard.name,
-            "expect": {"dev": shard.file.dev, "ino": shard.file.ino, "size": shard.file.size},
-            "sha256": shard.expected_sha256,
-        }
-        for shard in opened.files
+def child_files(opened: OpenedModel) -> dict[str, Any]:
+    """The spec's part about the files: one file's identity, or each shard's name,
+    identity and promised digest (every shard is hashed, and checked against a cache
+    blob's name, in the child; the checkpoint's own digest is checked by ``with_digests``)."""
+
+    def identity(f: ModelFile) -> dict[str, int]:
+        return {"dev": f.dev, "ino": f.ino, "size": f.size}
+
+    if not opened.checkpoint:
+        return {"expect": identity(opened.first)}
+    files = [
+        {"name": s.name, "expect": identity(s.file), "sha256": s.expected_sha256}
+        for s in opened.files
     ]
+    return {"sha256": None, "files": files}
 
 
 def checkpoint_digest(files: list[tuple[str, str]]) -> str:
@@ -98,13 +103,15 @@ def checkpoint_digest(files: list[tuple[str, str]]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def with_digests(summary: ModelSummary, loaded: LoadedModel) -> ModelSummary:
-    """The summary with the digests the child computed; a checkpoint's shard by shard."""
+def with_digests(
+    summary: ModelSummary, loaded: LoadedModel, expected_sha256: str | None
+) -> tuple[ModelSummary, InvalidModel | None]:
+    """The summary with the digests the child computed (a checkpoint's, shard by shard),
+    and the error if they contradict the request's ``sha256`` or the files handed over."""
     if summary.shards is None or loaded.files is None:
-        return summary.model_copy(update={"sha256": loaded.sha256})
-    names = [shard.file for shard in summary.shards]
-    if [f.name for f in loaded.files] != names:
-        raise InvalidModel(
+        return summary.model_copy(update={"sha256": loaded.sha256}), None
+    if [f.name for f in loaded.files] != [shard.file for shard in summary.shards]:
+        return summary, InvalidModel(
             "the loader answered for other files than it was given", code="manifest_mismatch"
         )
     shards = [
@@ -112,4 +119,11 @@ def with_digests(summary: ModelSummary, loaded: LoadedModel) -> ModelSummary:
         for shard, f in zip(summary.shards, loaded.files, strict=True)
     ]
     digest = checkpoint_digest([(f.name, f.sha256) for f in loaded.files])
-    return summary.model_copy(update={"shards": shards, "sha256": digest})
+    summary = summary.model_copy(update={"shards": shards, "sha256": digest})
+    if expected_sha256 not in (None, digest):
+        return summary, InvalidModel(
+            f"the checkpoint's digest (sha256 of its shards' sha256sum lines) is {digest}, "
+            f"the request expects {expected_sha256}",
+            code="sha256_mismatch",
+        )
+    return summary, None

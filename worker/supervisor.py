@@ -31,13 +31,7 @@ from loadwarden.producer.contract import (
     Resources,
     WorkerInfo,
 )
-from loadwarden.producer.errors import (
-    ChildCrashed,
-    InvalidModel,
-    LoadCancelled,
-    LoadError,
-    MemoryExceeded,
-)
+from loadwarden.producer.errors import ChildCrashed, LoadCancelled, LoadError, MemoryExceeded
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _version
 from loadwarden.worker._child_run import ChildRun, run_child
@@ -236,16 +230,8 @@ class Supervisor:
             expected_manifest=manifest,
         )
         if isinstance(run.final, Loaded):
-            try:
-                state.summary = summary = with_digests(summary, run.final.result)
-            except InvalidModel as exc:
-                error = error or exc
-        if error is None and summary.shards and request.sha256 not in (None, summary.sha256):
-            error = InvalidModel(
-                f"the checkpoint's digest (sha256 of its shards' sha256sum lines) is "
-                f"{summary.sha256}, the request expects {request.sha256}",
-                code="sha256_mismatch",
-            )
+            state.summary, mismatch = with_digests(summary, run.final.result, request.sha256)
+            error = error or mismatch
         if run.cgroup_oom and not run.timed_out and not isinstance(run.final, Loaded):
             error = MemoryExceeded(
                 f"the kernel's OOM killer stopped the load at its cgroup's "
@@ -319,15 +305,7 @@ class Supervisor:
             "landlock": self.landlock_abi > 0,
             "manifest_digest": manifest,
         }
-        if opened.checkpoint:
-            # Every shard hashed (and checked against a cache blob's name) in the child;
-            # the checkpoint's own digest is checked here, from theirs.
-            return {**spec, "sha256": None, "files": child_files(opened)}
-        model_file = opened.first
-        return {
-            **spec,
-            "expect": {"dev": model_file.dev, "ino": model_file.ino, "size": model_file.size},
-        }
+        return {**spec, **child_files(opened)}
 
     def rejected(
         self,
