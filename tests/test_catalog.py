@@ -237,7 +237,7 @@ def test_symlinked_catalog_resolves_against_its_real_folder(tmp_path: Path) -> N
         ),
         pytest.param(
             '[[model]]\nname = "m"\nsource = "s3://bucket/m"\n',
-            'model[0] "m" source: must be a local path or an http(s) URL',
+            'model[0] "m" source: must be a local path, an http(s) URL or hf://ORG/NAME[@REVISION]',
             id="unsupported-url",
         ),
         pytest.param(
@@ -340,5 +340,9 @@ def test_module_is_import_light() -> None:
     }
     modules |= {node.module or "" for node in tree.body if isinstance(node, ast.ImportFrom)}
     allowed = {"pydantic", "pydantic_core", "__future__"} | set(sys.stdlib_module_names)
-    ours = {"loadwarden.producer.contract", "loadwarden.producer.errors"}
+    ours = {
+        "loadwarden.producer.contract",
+        "loadwarden.producer.errors",
+        "loadwarden.producer.sources",
+    }
     assert {m for m in modules if m.split(".")[0] not in allowed} <= ours

@@ -144,7 +144,7 @@ def test_examples_catalog_embedded_end_to_end(example_catalog: Path, tmp_path: P
     assert "preload summary" in result.stdout
     document = json.loads(report_path.read_text())
     assert _outcomes(document) == EXPECTED
-    assert document["totals"]["jobs"] == 7
+    assert document["totals"]["jobs"] == 8
     again = _preload(str(example_catalog), "--state-dir", str(state), "--json")
     assert json.loads(again.stdout)["totals"]["cached"] == len(EXPECTED)
 

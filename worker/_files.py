@@ -27,8 +27,28 @@ _NOT_REGULAR: tuple[tuple[Callable[[int], bool], str], ...] = (
 )
 
 
+class Closing:
+    """``with`` closes it: the descriptors it holds are closed on the way out."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 @dataclass(frozen=True, slots=True)
-class ModelFile:
+class ModelFile(Closing):
     """An open, read-only descriptor of a regular file, with the identity it was checked against."""
 
     path: str
@@ -61,17 +81,6 @@ class ModelFile:
         except OSError as exc:
             if exc.errno != errno.EBADF:
                 raise
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
@@ -139,7 +148,7 @@ class Shard:
 
 
 @dataclass(slots=True)
-class OpenedModel:
+class OpenedModel(Closing):
     """Every file of one model, open: a single file, or a checkpoint's shards and index.
 
     ``checkpoint`` is set when the source named a checkpoint (a folder, an index or
@@ -163,14 +172,3 @@ class OpenedModel:
         """Close every descriptor; calling it again does nothing."""
         for shard in self.files:
             shard.file.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
