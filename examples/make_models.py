@@ -7,7 +7,7 @@ rounded float32 division only), so the catalog can pin their sha256.
 
 Valid: ``tiny`` (float32 + int64), ``encoder`` (float32, 8 MiB), ``mixed``
 (five dtypes, 12 MiB), ``sharded`` (a folder as ``save_pretrained`` writes a
-sharded checkpoint: three float16 shards and ``model.safetensors.index.json``).
+sharded checkpoint: three BF16 shards and ``model.safetensors.index.json``).
 Hostile: ``truncated`` (its data cut short),
 ``header-bomb`` (declares a 1 TiB header), ``disguised-pickle`` (a pickle with
 a model's file name; never loaded by anything).
@@ -21,6 +21,7 @@ import struct
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -51,7 +52,7 @@ def make(folder: Path) -> dict[str, Path]:
     save_file(
         {
             "embed.weight": _ramp((1024, 1024), np.float32),
-            "proj.weight": _ramp((1024, 1024), np.float16),
+            "proj.weight": _ramp((1024, 1024), ml_dtypes.bfloat16),
             "proj.bias": _ramp((1024,), np.float64),
             "vocab.ids": np.arange(32_000, dtype=np.int32),
             "mask": (np.arange(4096) % 3 == 0),
@@ -69,27 +70,24 @@ def make(folder: Path) -> dict[str, Path]:
 
 
 def make_sharded(folder: Path) -> Path:
-    """A small decoder split into three shards, with the index save_pretrained writes.
-
-    TODO(dtypes): BF16 (ml_dtypes.bfloat16) once the child loads it; float16 until then.
-    """
+    """A small BF16 decoder split into three shards, with the index save_pretrained writes."""
     folder.mkdir(parents=True, exist_ok=True)
     width, layers = 256, 4
     shards: list[dict[str, np.ndarray]] = [
-        {"model.embed_tokens.weight": _ramp((1024, width), np.float16)},
+        {"model.embed_tokens.weight": _ramp((1024, width), ml_dtypes.bfloat16)},
         {},
         {
-            "lm_head.weight": _ramp((1024, width), np.float16, 89),
-            "model.norm.weight": _ramp((width,), np.float16, 7),
+            "lm_head.weight": _ramp((1024, width), ml_dtypes.bfloat16, 89),
+            "model.norm.weight": _ramp((width,), ml_dtypes.bfloat16, 7),
         },
     ]
     for i in range(layers):
         layer = shards[0] if i < layers // 2 else shards[1]
         layer[f"model.layers.{i}.self_attn.q_proj.weight"] = _ramp(
-            (width, width), np.float16, 101 + i
+            (width, width), ml_dtypes.bfloat16, 101 + i
         )
         layer[f"model.layers.{i}.mlp.up_proj.weight"] = _ramp(
-            (2 * width, width), np.float16, 53 + i
+            (2 * width, width), ml_dtypes.bfloat16, 53 + i
         )
     weight_map: dict[str, str] = {}
     for number, tensors in enumerate(shards, start=1):

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 from huggingface_hub import split_state_dict_into_shards_factory
 from huggingface_hub.file_download import (
@@ -23,9 +24,10 @@ PATTERN = "model{suffix}.safetensors"
 
 
 def state_dict(
-    layers: int = 4, width: int = 64, dtype: type[np.generic] = np.float16
+    layers: int = 4, width: int = 64, dtype: type[np.generic] = ml_dtypes.bfloat16
 ) -> dict[str, np.ndarray]:
-    """A small transformer-shaped state dict (embedding, layers, head), deterministic."""
+    """A small transformer-shaped state dict (embedding, layers, head), deterministic, cast
+    with ml_dtypes (BF16 by default, as most checkpoints ship)."""
     rng = np.random.default_rng(7)
     tensors = {"model.embed_tokens.weight": rng.standard_normal((128, width)).astype(dtype)}
     for i in range(layers):

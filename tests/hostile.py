@@ -170,9 +170,13 @@ def _safetensors_cases() -> list[Case]:
           "offsets_not_contiguous"),
         c("st-past-eof", raw_file({"t": U8x4}, b"12"), "data_size_mismatch"),
         c("st-size-mismatch", raw_file({"t": entry("F32", [2], 0, 4)}, bytes(4)), "size_mismatch"),
+        c("st-f4-odd-count", raw_file({"t": entry("F4", [3], 0, 2)}, bytes(2)), "misaligned"),
+        c("st-f6-byte-each", raw_file({"t": entry("F6_E3M2", [4], 0, 4)}, bytes(4)),
+          "size_mismatch"),
         c("st-empty", b"", "file_too_small"),
         c("st-valid-mixed", _st_valid),
         c("st-valid-empty", raw_file("{}")),
+        c("st-valid-whitespace-padded", raw_file("\n\t {} \r")),
     ]  # fmt: skip
 
 

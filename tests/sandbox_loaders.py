@@ -7,7 +7,8 @@ import signal
 import threading
 from typing import Any
 
-from loadwarden.worker.sandbox._child import load_safetensors, register_loader
+from loadwarden.worker.sandbox._child import register_loader
+from loadwarden.worker.sandbox.loaders import load_safetensors
 
 
 @register_loader("spin")

@@ -12,6 +12,7 @@ import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from huggingface_hub import try_to_load_from_cache
@@ -42,7 +43,7 @@ SHARD_BYTES = 40_000
 
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
-    """A sharded F16 checkpoint as save_pretrained writes it."""
+    """A sharded BF16 checkpoint as save_pretrained writes it."""
     folder = tmp_path / "ckpt"
     shards = save_pretrained(folder, state_dict(), SHARD_BYTES)
     assert len(shards) >= 3
@@ -81,7 +82,7 @@ def assert_whole(report: LoadReport, folder: Path) -> None:
     shard_files = sorted(p.name for p in folder.glob("model-*.safetensors"))
     assert [s.file for s in model.shards] == shard_files
     assert model.parameters == sum(int(t.size) for t in tensors.values())
-    assert model.dtypes == {"F16": model.parameters}
+    assert model.dtypes == {"BF16": model.parameters}
     assert (
         model.bytes
         == sum(int(t.nbytes) for t in tensors.values())
@@ -174,14 +175,14 @@ def _tensor_in_two_shards(folder: Path, index: dict[str, object], _cache: Path) 
     weight_map = _weight_map(index)
     path = folder / sorted(set(weight_map.values()))[0]
     tensors = load_file(str(path))
-    tensors["lm_head.weight"] = np.zeros((2, 2), dtype=np.float16)  # also in another shard
+    tensors["lm_head.weight"] = np.zeros((2, 2), dtype=ml_dtypes.bfloat16)  # in another shard
     save_file(tensors, str(path))
 
 
 def _unlisted_tensor(folder: Path, index: dict[str, object], _cache: Path) -> None:
     shard = sorted(set(_weight_map(index).values()))[0]
     tensors = load_file(str(folder / shard))
-    tensors["stowaway"] = np.zeros(3, dtype=np.float16)
+    tensors["stowaway"] = np.zeros(3, dtype=ml_dtypes.bfloat16)
     save_file(tensors, str(folder / shard))
 
 
@@ -361,7 +362,7 @@ def test_cli_loads_and_inspects_checkpoints(checkpoint: Path, hub_cache: Path) -
         assert result.returncode == 0, result.stderr
         assert_whole(LoadReport.model_validate_json(result.stdout), checkpoint)
     human = run("load", str(checkpoint), env=env)
-    assert "model-00001-of-" in human.stdout and "F16" in human.stdout
+    assert "model-00001-of-" in human.stdout and "BF16" in human.stdout
     inspected = run("inspect", f"hf://{REPO}", "--json", env=env)
     assert inspected.returncode == 0, inspected.stderr
     model = json.loads(inspected.stdout)["model"]

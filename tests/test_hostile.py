@@ -19,7 +19,7 @@ from loadwarden.producer.errors import SourceRefused
 from loadwarden.producer.settings import InspectionCaps, Settings, SourcePolicy
 from loadwarden.worker._files import OpenedModel, open_model_file
 from loadwarden.worker.formats import LOADERS, Inspection, inspect_model
-from loadwarden.worker.sandbox.loaders import DTYPE_NAMES
+from loadwarden.worker.sandbox._dtypes import NPY_BY_ARRAY
 from loadwarden.worker.sources import open_source
 from loadwarden.worker.supervisor import Supervisor
 from tests.hostile import CORPUS, Case
@@ -145,7 +145,7 @@ def reference_manifest(fmt: ModelFormat, path: Path) -> dict[str, tuple[str, lis
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     return {
-        name: (DTYPE_NAMES[a.dtype.name], list(a.shape), a.nbytes) for name, a in arrays.items()
+        name: (NPY_BY_ARRAY[a.dtype.name], list(a.shape), a.nbytes) for name, a in arrays.items()
     }
 
 

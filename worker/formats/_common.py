@@ -35,21 +35,6 @@ def invalid(where: str, code: str, message: str) -> InvalidModel:
     return InvalidModel(f"{where}: {message}", code=code)
 
 
-def element_count(shape: list[int], itemsize: int, max_bytes: int) -> int | None:
-    """prod(shape), or None as soon as ``prod x itemsize`` passes ``max_bytes``.
-
-    Stops at the cap so a shape like (2**62, 2**62, ...) never builds a huge number.
-    """
-    if 0 in shape:
-        return 0
-    count = 1
-    for dim in shape:
-        count *= dim
-        if count * itemsize > max_bytes:
-            return None
-    return count
-
-
 def read_at(fd: int, count: int, offset: int) -> bytes:
     """Up to ``count`` bytes from ``offset``; fewer only at the end of the file."""
     buffer = bytearray(count)

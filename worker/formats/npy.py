@@ -21,13 +21,13 @@ from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker.formats._common import (
     CONVERT_HINT,
     Cursor,
-    element_count,
     invalid,
     pickle_protocol,
     refuse_pickle,
     show,
     summarize,
 )
+from loadwarden.worker.sandbox._dtypes import NPY, ElementType
 
 MAGIC = b"\x93NUMPY"
 #: The one tensor of an ``.npy`` file is named this (the name must not depend on the path,
@@ -36,30 +36,6 @@ TENSOR_NAME = "array"
 _KEYS = frozenset({"descr", "fortran_order", "shape"})
 _LENGTH_BYTES = {1: 2, 2: 4, 3: 4}  # size of the header-length field, by major version
 
-
-def _descr_table() -> dict[str, tuple[str, int]]:
-    table = {"|b1": ("BOOL", 1), "|i1": ("I8", 1), "|u1": ("U8", 1)}
-    multi = {
-        "f2": "F16",
-        "f4": "F32",
-        "f8": "F64",
-        "i2": "I16",
-        "i4": "I32",
-        "i8": "I64",
-        "u2": "U16",
-        "u4": "U32",
-        "u8": "U64",
-        "c8": "C64",
-        "c16": "C128",
-    }
-    for code, name in multi.items():
-        for order in "<>":
-            table[order + code] = (name, int(code[1:]))
-    return table
-
-
-#: ``descr`` strings we load (as numpy writes them), with our dtype name and item size.
-DESCRS: dict[str, tuple[str, int]] = _descr_table()
 
 Read = Callable[[int], bytes]
 
@@ -119,19 +95,19 @@ def parse_header(read: Read, caps: InspectionCaps, where: str) -> NpyHeader:
         )
     raw = _read_exact(read, length, where, "header_beyond_file", f"the {length}-byte header")
     fields = _literal_dict(_decode(raw, version[0], where), where)
-    dtype, itemsize = _check_descr(fields["descr"], where)
+    kind = _check_descr(fields["descr"], where)
     if not isinstance(fields["fortran_order"], bool):
         raise invalid(
             where, "bad_header", f"fortran_order {show(fields['fortran_order'])} is not a bool"
         )
     shape = _check_shape(fields["shape"], caps, where)
-    parameters = _count(shape, itemsize, caps, where)
+    parameters = _count(shape, kind, caps, where)
     return NpyHeader(
-        dtype=dtype,
+        dtype=kind.name,
         shape=shape,
         fortran_order=fields["fortran_order"],
         header_bytes=len(prefix) + width + length,
-        data_bytes=parameters * itemsize,
+        data_bytes=parameters * kind.block_bytes,
         parameters=parameters,
     )
 
@@ -201,9 +177,9 @@ def _holds_object(descr: object, depth: int = 0) -> bool:
     return False
 
 
-def _check_descr(descr: object, where: str) -> tuple[str, int]:
-    if isinstance(descr, str) and descr in DESCRS:
-        return DESCRS[descr]
+def _check_descr(descr: object, where: str) -> ElementType:
+    if isinstance(descr, str) and descr in NPY:
+        return NPY[descr]
     if _holds_object(descr):
         raise SourceRefused(
             f"{where}: holds a NumPy object array (descr {show(descr)}): loading it unpickles "
@@ -229,8 +205,8 @@ def _check_shape(shape: object, caps: InspectionCaps, where: str) -> list[int]:
     return list(shape)
 
 
-def _count(shape: list[int], itemsize: int, caps: InspectionCaps, where: str) -> int:
-    count = element_count(shape, itemsize, caps.max_total_bytes)
+def _count(shape: list[int], kind: ElementType, caps: InspectionCaps, where: str) -> int:
+    count = kind.count_within(shape, caps.max_total_bytes)
     if count is None:
         raise invalid(
             where,

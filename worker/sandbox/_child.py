@@ -1,8 +1,8 @@
 """Code that runs inside a load child: confine this process, load one model, answer, exit.
 
-Imported by the fork server before it forks anything, so that numpy and
-safetensors are already in memory when a child starts. Stdlib, numpy and
-safetensors only: this module must stay lean because every child's RSS starts
+Imported by the fork server before it forks anything, so that numpy, ml_dtypes
+and the loaders are already in memory when a child starts. Stdlib, numpy and
+ml_dtypes only: this module must stay lean because every child's RSS starts
 from the fork server's.
 """
 
@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 
 # Before numpy is imported: one BLAS thread (no idle threads with their own
-# stacks in the fork server), and no Rust backtraces (a child that hits
-# RLIMIT_DATA while printing one can hang forever).
+# stacks in the fork server), and no Rust backtraces (a test loader may still
+# use safetensors' Rust code; a child that hits RLIMIT_DATA while printing one
+# can hang forever).
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
@@ -30,8 +31,6 @@ import stat
 import traceback
 from collections.abc import Callable
 from typing import Any
-
-import safetensors.numpy
 
 from loadwarden.worker.sandbox import _landlock, _linux, _protocol
 
@@ -60,23 +59,6 @@ def register_loader(name: str) -> Callable[[Loader], Loader]:
         return fn
 
     return decorate
-
-
-_NUMPY_TO_SAFETENSORS = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "int64": "I64",
-    "uint64": "U64",
-    "int32": "I32",
-    "uint32": "U32",
-    "int16": "I16",
-    "uint16": "U16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-    "complex64": "C64",
-}
 
 
 class _Hasher:
@@ -143,7 +125,8 @@ def _sha256_of(fd: int) -> str:
     return digest.hexdigest()
 
 
-#: Readers by loader name: every tensor of one file in memory, with its manifest entries.
+#: Readers by loader name: every tensor of one file in memory, with its manifest entries
+#: (``loaders`` registers them).
 #: A checkpoint's shards are read one after the other and all kept (``load_files``).
 Entry = tuple[str, str, list[int], int]
 Reader = Callable[[int, Spec], tuple[list[Entry], object]]
@@ -156,31 +139,6 @@ def register_reader(name: str) -> Callable[[Reader], Reader]:
         return fn
 
     return decorate
-
-
-@register_reader("safetensors")
-def read_safetensors(fd: int, spec: Spec) -> tuple[list[Entry], object]:
-    """Every tensor in memory once (pread backend: no second copy), and the manifest."""
-    tensors = safetensors.numpy.load_file(f"/proc/self/fd/{fd}", backend="pread")
-    entries = [
-        (
-            name,
-            _NUMPY_TO_SAFETENSORS.get(arr.dtype.name, arr.dtype.name),
-            list(arr.shape),
-            arr.nbytes,
-        )
-        for name, arr in tensors.items()
-    ]
-    return entries, tensors
-
-
-@register_loader("safetensors")
-def load_safetensors(fd: int, spec: Spec) -> dict[str, Any]:
-    """Load every tensor into memory once, hash, check."""
-    hasher = _Hasher(fd) if spec.get("sha256") else None
-    entries, tensors = read_safetensors(fd, spec)
-    del tensors
-    return finish(entries, hasher, spec)
 
 
 def load_files(fds: list[int], spec: Spec) -> dict[str, Any]:
@@ -362,5 +320,6 @@ def main(sock: socket.socket) -> int:
 
 __all__ = ["LOADERS", "READERS", "load_files", "main", "register_loader", "register_reader"]
 
-# Last, because it imports this module: the npy, npz and GGUF loaders register themselves.
+# Last, because it imports this module: the safetensors, npy, npz and GGUF loaders register
+# themselves.
 from loadwarden.worker.sandbox import loaders  # noqa: E402, F401

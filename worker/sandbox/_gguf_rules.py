@@ -1,4 +1,4 @@
-"""GGUF's rules beyond its byte format: ggml tensor types and sizes, alignment, layout.
+"""GGUF's rules beyond its byte format: tensor sizes, alignment, layout (ggml types: ``_dtypes``).
 
 Stdlib only: the load child uses it too (through ``_gguf``).
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from loadwarden.worker.sandbox._dtypes import GGML
+
 #: ggml tensors have at most four dimensions (GGML_MAX_DIMS).
 MAX_DIMS = 4
 #: A metadata value longer than this is left out of reports.
@@ -15,42 +17,6 @@ MAX_METADATA_CHARS = 256
 ALIGNMENT_KEY = "general.alignment"
 _UINT32 = 4
 _SHOW_CHARS = 80
-
-#: ggml type id -> (name, elements per block, bytes per block), as in ggml.h / gguf-py.
-GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    0: ("F32", 1, 4),
-    1: ("F16", 1, 2),
-    2: ("Q4_0", 32, 18),
-    3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24),
-    8: ("Q8_0", 32, 34),
-    9: ("Q8_1", 32, 40),
-    10: ("Q2_K", 256, 84),
-    11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144),
-    13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210),
-    15: ("Q8_K", 256, 292),
-    16: ("IQ2_XXS", 256, 66),
-    17: ("IQ2_XS", 256, 74),
-    18: ("IQ3_XXS", 256, 98),
-    19: ("IQ1_S", 256, 50),
-    20: ("IQ4_NL", 32, 18),
-    21: ("IQ3_S", 256, 110),
-    22: ("IQ2_S", 256, 82),
-    23: ("IQ4_XS", 256, 136),
-    24: ("I8", 1, 1),
-    25: ("I16", 1, 2),
-    26: ("I32", 1, 4),
-    27: ("I64", 1, 8),
-    28: ("F64", 1, 8),
-    29: ("IQ1_M", 256, 56),
-    30: ("BF16", 1, 2),
-    34: ("TQ1_0", 256, 54),
-    35: ("TQ2_0", 256, 66),
-    39: ("MXFP4", 32, 17),
-}
 
 
 class GGUFError(Exception):
@@ -87,28 +53,27 @@ def align(offset: int, alignment: int) -> int:
 
 def tensor_size(name: str, dims: list[int], type_id: int, max_total: int) -> tuple[str, int, int]:
     """The ggml type name, element count and byte size of a tensor; its dims checked."""
-    if type_id not in GGML_TYPES:
+    if type_id not in GGML:
         raise GGUFError("unknown_dtype", f"tensor {show(name)} has unknown ggml type {type_id}")
-    dtype, block, block_bytes = GGML_TYPES[type_id]
+    kind = GGML[type_id]
     for dim in dims:
         if dim >= 2**63:  # ggml's ne is int64_t
             raise GGUFError("bad_shape", f"tensor {show(name)}: dimension {dim} is not below 2**63")
-    if dims and dims[0] % block:
+    if dims and dims[0] % kind.block_elements:
         raise GGUFError(
             "bad_shape",
-            f"tensor {show(name)}: {dtype} packs {block} values per block, "
+            f"tensor {show(name)}: {kind.name} packs {kind.block_elements} values per block, "
             f"but its first dimension is {dims[0]}",
         )
-    parameters = 1
-    for dim in dims:
-        parameters *= dim
-        # Stop at the cap so dims like [2**62, 2**62, ...] never build a huge number.
-        if parameters // block * block_bytes > max_total:
-            raise GGUFError(
-                "too_large",
-                f"tensor {show(name)}: {dtype} {dims[::-1]} is over the cap of {max_total} bytes",
-            )
-    return dtype, parameters, parameters // block * block_bytes
+    parameters = kind.count_within(dims, max_total)
+    if parameters is None:
+        raise GGUFError(
+            "too_large",
+            f"tensor {show(name)}: {kind.name} {dims[::-1]} is over the cap of {max_total} bytes",
+        )
+    nbytes = kind.nbytes(parameters)
+    assert nbytes is not None  # the first dimension is a whole number of blocks
+    return kind.name, parameters, nbytes
 
 
 def check_alignment(vtype: int, value: object) -> int:

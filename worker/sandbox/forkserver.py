@@ -6,7 +6,7 @@ about fork with threads) and would copy its whole heap into every child;
 ``spawn`` or a fresh interpreter costs ~240 ms per child; the stdlib
 ``forkserver`` re-imports the worker's ``__main__`` in every child (1.15 s per
 job inside a real arq worker) and pickles its requests. Ours is a fresh
-interpreter that imports numpy and safetensors once, forks a ready child in a
+interpreter that imports numpy and the loaders once, forks a ready child in a
 few milliseconds, speaks only fixed-size binary packets on its control socket,
 and reports each child's exit with the kernel's own accounting from ``wait4``.
 """
@@ -34,7 +34,7 @@ from loadwarden.worker.sandbox import _protocol
 log = structlog.get_logger("loadwarden.sandbox")
 
 #: Modules every fork server imports before it forks: the child's own code
-#: (which imports numpy and safetensors.numpy).
+#: (which imports its loaders, numpy and ml_dtypes).
 BASE_PRELOAD = ("loadwarden.worker.sandbox._child",)
 #: A fork server that has not finished importing in this long is broken.
 START_TIMEOUT_S = 60.0

@@ -1,12 +1,19 @@
-"""Loaders for ``.npy``, ``.npz`` and GGUF files, run in the load child.
+"""Loaders for safetensors, ``.npy``, ``.npz`` and GGUF files, run in the load child.
 
-Stdlib and numpy only, like ``_child`` (which imports this module last, so the
-fork server preloads it): every child's memory starts from the fork server's.
-Each loader reads every tensor into memory once, through the descriptor it was
-handed (never a path: Landlock may forbid opening one), never unpickles
-(``allow_pickle=False`` everywhere), and returns the manifest of what it really
-read, which must match the one the supervisor inspected. A file that no longer
-parses as it did at inspection raises ``FileChanged`` (outcome ``invalid``).
+Stdlib, numpy and ml_dtypes only, like ``_child`` (which imports this module
+last, so the fork server preloads it): every child's memory starts from the
+fork server's. Each loader reads every tensor into memory once, through the
+descriptor it was handed (never a path: Landlock may forbid opening one), never
+unpickles (``allow_pickle=False`` everywhere), and returns the manifest of what
+it really read, which must match the one the supervisor inspected. A file that
+no longer parses as it did at inspection raises ``FileChanged`` (outcome
+``invalid``).
+
+safetensors is read by our own code, not ``safetensors.numpy``, which has no
+array type for BF16 or FP8 (numpy has none; ml_dtypes provides them): the
+header is re-read with the inspector's own stdlib parser, bounded by the file,
+and each tensor's byte range is pread straight into a fresh array of its true
+dtype, one copy, no mapping of the file.
 """
 
 from __future__ import annotations
@@ -17,18 +24,20 @@ import zlib
 from collections.abc import Iterable
 from typing import IO, Any
 
+import ml_dtypes  # noqa: F401  (gives numpy bfloat16 and the FP8 types, by name)
 import numpy as np
 import numpy.lib.format as npy_format
 
-from loadwarden.worker.sandbox import _gguf
+from loadwarden.worker.sandbox import _gguf, _safetensors
 from loadwarden.worker.sandbox._child import (
-    _NUMPY_TO_SAFETENSORS,
     FileChanged,
     Spec,
     _Hasher,
     finish,
     register_loader,
+    register_reader,
 )
+from loadwarden.worker.sandbox._dtypes import GGML_BY_NAME, NPY_BY_ARRAY, ElementType
 from loadwarden.worker.sandbox._pread import open_reader, pread_into
 
 #: The one tensor of an ``.npy`` file (``loadwarden.worker.formats.npy.TENSOR_NAME``).
@@ -36,21 +45,26 @@ NPY_TENSOR_NAME = "array"
 #: The largest ``.npy`` header the supervisor can be configured to accept
 #: (``InspectionCaps.max_npy_header_bytes`` is at most 1 MiB); it checked the real cap.
 NPY_MAX_HEADER_BYTES = 1024 * 1024
-#: numpy dtype names as our manifests spell them (safetensors' names, plus C128).
-DTYPE_NAMES = {**_NUMPY_TO_SAFETENSORS, "complex128": "C128"}
-#: ggml types numpy has an array type for; the others stay raw bytes (uint8).
-GGML_NUMPY_TYPES: dict[str, type[np.generic]] = {
-    "F32": np.float32,
-    "F16": np.float16,
-    "F64": np.float64,
-    "I8": np.int8,
-    "I16": np.int16,
-    "I32": np.int32,
-    "I64": np.int64,
-}
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError)
 
 Entry = tuple[str, str, list[int], int]
+Array = np.ndarray[Any, Any]
+
+
+@register_loader("safetensors")
+def load_safetensors(fd: int, spec: Spec) -> dict[str, Any]:
+    """Read every tensor into memory once, in its true dtype, hash, check the manifest."""
+    hasher = _Hasher(fd) if spec.get("sha256") else None
+    entries, tensors = safetensors_shard(fd, spec)
+    del tensors
+    return finish(entries, hasher, spec)
+
+
+@register_reader("safetensors")
+def safetensors_shard(fd: int, spec: Spec) -> tuple[list[Entry], object]:
+    """One shard of a checkpoint: its tensors (kept by ``load_files``) and its manifest."""
+    tensors = read_safetensors(fd)
+    return [(t.name, t.dtype.name, t.shape, int(array.nbytes)) for t, array in tensors], tensors
 
 
 @register_loader("npy")
@@ -79,6 +93,37 @@ def load_gguf(fd: int, spec: Spec) -> dict[str, Any]:
     entries = [(t.name, t.dtype, t.shape, int(array.nbytes)) for t, array in tensors]
     del tensors
     return finish(entries, hasher, spec)
+
+
+def read_safetensors(fd: int) -> list[tuple[_safetensors.Tensor, Array]]:
+    """Every tensor of the safetensors file on ``fd``, in offset order, each in its true dtype.
+
+    The header is re-read and checked as at inspection (bounded by the file's
+    size, not the worker's caps, which the supervisor already applied). F4 and F6
+    tensors stay packed: a flat ``uint8`` array of their bytes.
+    """
+    size = os.fstat(fd).st_size
+    try:
+        layout = _safetensors.read_layout(fd, size, _safetensors.Caps.within(size))
+    except _safetensors.SafetensorsError as exc:
+        raise FileChanged(f"the safetensors file changed after inspection: {exc.message}") from exc
+    return [
+        (t, read_array(fd, layout.data_offset + t.begin, t.nbytes, t.dtype, t.shape, t.name))
+        for t in layout.tensors
+    ]
+
+
+def read_array(
+    fd: int, offset: int, nbytes: int, kind: ElementType, shape: list[int], name: str
+) -> Array:
+    """``nbytes`` from ``offset`` into a fresh array of ``kind``'s array type and ``shape``.
+
+    One copy (page cache -> the array); a type with no array type stays flat ``uint8``.
+    """
+    raw = np.empty(nbytes, dtype=np.uint8)
+    if pread_into(fd, raw.data, offset) != nbytes:
+        raise FileChanged(f"the file was truncated in tensor {name!r}")
+    return raw if kind.array is None else raw.view(np.dtype(kind.array)).reshape(shape)
 
 
 def read_npy(fd: int) -> np.ndarray[Any, Any]:
@@ -122,11 +167,19 @@ def read_gguf(fd: int) -> list[tuple[_gguf.TensorEntry, np.ndarray[Any, Any]]]:
         layout = _gguf.read_layout(fd, size, _gguf.Caps.within(size))
     except _gguf.GGUFError as exc:
         raise FileChanged(f"the GGUF file changed after inspection: {exc.message}") from exc
-    return [(t, _read_tensor(fd, layout.data_start, t)) for t in layout.tensors]
+    return [
+        (
+            t,
+            read_array(
+                fd, layout.data_start + t.offset, t.nbytes, GGML_BY_NAME[t.dtype], t.shape, t.name
+            ),
+        )
+        for t in layout.tensors
+    ]
 
 
 def _entry(name: str, array: np.ndarray[Any, Any]) -> Entry:
-    dtype = DTYPE_NAMES.get(array.dtype.name, array.dtype.name)
+    dtype = NPY_BY_ARRAY.get(array.dtype.name, array.dtype.name)
     return (name, dtype, [int(d) for d in array.shape], int(array.nbytes))
 
 
@@ -146,11 +199,3 @@ def _check_declared(infos: Iterable[zipfile.ZipInfo], memory_bytes: object) -> N
         raise FileChanged(
             f"the archive now declares {total} bytes, over the {memory_bytes}-byte memory limit"
         )
-
-
-def _read_tensor(fd: int, data_start: int, tensor: _gguf.TensorEntry) -> np.ndarray[Any, Any]:
-    raw = np.empty(tensor.nbytes, dtype=np.uint8)
-    if pread_into(fd, raw.data, data_start + tensor.offset) != tensor.nbytes:
-        raise FileChanged(f"the GGUF file was truncated in tensor {tensor.name!r}")
-    kind = GGML_NUMPY_TYPES.get(tensor.dtype)
-    return raw if kind is None else raw.view(kind).reshape(tensor.shape)
