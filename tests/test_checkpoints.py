@@ -354,6 +354,7 @@ async def test_hostile_cache_is_classified(
     assert lazy_supervisor.forkserver.spawned == (1 if case == "corrupted-blob" else 0)
 
 
+@pytest.mark.timeout(240)  # six command runs, each a fresh interpreter (10 s on a busy node)
 def test_cli_loads_and_inspects_checkpoints(checkpoint: Path, hub_cache: Path) -> None:
     """`load` of a folder, an index and hf:// prints one ok report with shards; so does inspect."""
     env = {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
@@ -375,6 +376,7 @@ def test_cli_loads_and_inspects_checkpoints(checkpoint: Path, hub_cache: Path) -
     assert json.loads(bad.stdout)["error"]["code"] == "bad_hf_name"
 
 
+@pytest.mark.timeout(180)  # a worker process, five loads and a command run
 async def test_worker_loads_checkpoints_and_survives_hostile_ones(
     redis_url: str,
     checkpoint: Path,

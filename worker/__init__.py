@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from loadwarden.worker.limits import derive_limits
     from loadwarden.worker.logs import configure_logging
     from loadwarden.worker.sandbox.forkserver import ChildExit, ForkServer, SandboxError, stop_child
-    from loadwarden.worker.sources import open_source
+    from loadwarden.worker.sources import open_model, open_source
     from loadwarden.worker.supervisor import Supervisor
 
 _WHERE = {
@@ -33,6 +33,7 @@ _WHERE = {
     "derive_limits": "loadwarden.worker.limits",
     "inspect_model": "loadwarden.worker.formats",
     "inspect_safetensors": "loadwarden.worker.formats.safetensors",
+    "open_model": "loadwarden.worker.sources",
     "open_source": "loadwarden.worker.sources",
     "run_worker": "loadwarden.worker.app",
     "stop_child": "loadwarden.worker.sandbox.forkserver",
@@ -50,6 +51,7 @@ __all__ = [
     "derive_limits",
     "inspect_model",
     "inspect_safetensors",
+    "open_model",
     "open_source",
     "run_worker",
     "stop_child",

@@ -13,30 +13,22 @@ surrogate escapes, non-finite numbers, and anything over the caps are refused.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from loadwarden.worker.sandbox._dtypes import SAFETENSORS, ElementType
+from loadwarden.worker.sandbox._json import json_type, parse_object, show
 
 PREFIX_BYTES = 8
 _MIN_HEADER_BYTES = 2  # "{}"
 _MAX_NAME_CHARS = 1024
 _TENSOR_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 _METADATA_KEY = "__metadata__"
-_UTF8_BOM = b"\xef\xbb\xbf"
 #: JSON's whitespace (RFC 8259), all serde_json (and ``json``) skip around a value.
 JSON_WHITESPACE = " \t\n\r"
-# A \uD800-\uDFFF escape: only then can the parsed header hold an unpaired surrogate.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # The Rust loader reads shapes and offsets as u64; this also keeps every number in a message short.
 _COUNT_LIMIT = 2**64
-# Values quoted from a hostile header are cut so a message stays readable and small.
-_SHOW_CHARS = 80
 
 
 class SafetensorsError(Exception):
@@ -109,12 +101,6 @@ def read_layout(fd: int, file_size: int, caps: Caps) -> Layout:
     return Layout(header_bytes, data_offset, tensors, metadata)
 
 
-def show(value: object) -> str:
-    """``repr(value)``, cut to a readable length."""
-    text = repr(value)
-    return text if len(text) <= _SHOW_CHARS else f"{text[: _SHOW_CHARS - 3]}..."
-
-
 def _read_length(fd: int, file_size: int, caps: Caps) -> int:
     if file_size < PREFIX_BYTES:
         raise SafetensorsError(
@@ -152,92 +138,13 @@ def _read_exact(fd: int, count: int, offset: int) -> bytes:
 
 
 def _parse(raw: bytes) -> dict[str, Any]:
-    if raw.startswith(_UTF8_BOM):
-        raise SafetensorsError("header_not_utf8", "header starts with a UTF-8 byte order mark")
-    try:
-        text = raw.decode("utf-8")  # strict: json.loads on bytes would also accept UTF-16
-    except UnicodeDecodeError as exc:
-        raise SafetensorsError(
-            "header_not_utf8", f"header is not UTF-8: {exc.reason} at byte {exc.start}"
-        ) from exc
-    # Only JSON whitespace may precede the object (writers pad to align the data);
-    # str.lstrip() would also skip form feeds and Unicode spaces, which serde_json refuses.
-    start = text.lstrip(JSON_WHITESPACE)[:1]
-    if start != "{":
-        raise SafetensorsError(
-            "header_not_object", f"header must start with '{{', not {start or text[:1]!r}"
-        )
-    value = _load_json(text)
-    if _SURROGATE_ESCAPE.search(text):
-        _require_unicode(value)
-    return value
-
-
-def _load_json(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_unique_object,
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-        )
-    except RecursionError as exc:
-        raise SafetensorsError("header_not_json", "header JSON is nested too deeply") from exc
-    except json.JSONDecodeError as exc:
-        raise SafetensorsError("header_not_json", f"header is not valid JSON: {exc}") from exc
-    except ValueError as exc:  # int() refuses more digits than sys.get_int_max_str_digits()
-        raise SafetensorsError(
-            "header_not_json", "header holds an integer with too many digits"
-        ) from exc
-    if not isinstance(value, dict):
-        raise SafetensorsError("header_not_object", f"header is {_json_type(value)}, not an object")
-    return value
-
-
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        key = next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
-        raise SafetensorsError("duplicate_key", f"key {show(key)} appears twice in one object")
-    return result
-
-
-def _require_unicode(value: dict[str, Any]) -> None:
-    # "\ud800" is valid JSON syntax but not Unicode text; the Rust loader rejects it.
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except RecursionError as exc:
-        raise SafetensorsError("header_not_json", "header JSON is nested too deeply") from exc
-    except UnicodeEncodeError as exc:
-        near = exc.object[max(0, exc.start - 30) : exc.end + 30]
-        raise SafetensorsError(
-            "header_not_utf8", f"header holds an unpaired surrogate escape in {near!r}"
-        ) from exc
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    kinds = ((bool, "a boolean"), (str, "a string"), (list, "an array"), (dict, "an object"))
-    return next((label for kind, label in kinds if isinstance(value, kind)), "a number")
-
-
-def _reject_constant(name: str) -> Any:
-    raise SafetensorsError("non_finite_number", f"header holds the non-finite number {name}")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise SafetensorsError("non_finite_number", f"number {text[:40]} overflows to {value}")
-    return value
+    # Only JSON whitespace may precede the object (writers pad to align the data).
+    return parse_object(raw, SafetensorsError, "header", padding=JSON_WHITESPACE)
 
 
 def _check_metadata(value: object, caps: Caps) -> dict[str, str]:
     if not isinstance(value, dict):
-        raise SafetensorsError(
-            "bad_metadata", f"__metadata__ is {_json_type(value)}, not an object"
-        )
+        raise SafetensorsError("bad_metadata", f"__metadata__ is {json_type(value)}, not an object")
     if len(value) > caps.max_metadata_entries:
         raise SafetensorsError(
             "bad_metadata",
@@ -246,7 +153,7 @@ def _check_metadata(value: object, caps: Caps) -> dict[str, str]:
     for key, item in value.items():
         if not isinstance(item, str):
             raise SafetensorsError(
-                "bad_metadata", f"__metadata__[{show(key)}] is {_json_type(item)}, not a string"
+                "bad_metadata", f"__metadata__[{show(key)}] is {json_type(item)}, not a string"
             )
     return dict(value)
 
@@ -275,7 +182,7 @@ def _check_tensor(name: str, entry: object, caps: Caps) -> Tensor:
         )
     if not isinstance(entry, dict):
         raise SafetensorsError(
-            "bad_tensor_entry", f"tensor {show(name)} is {_json_type(entry)}, not an object"
+            "bad_tensor_entry", f"tensor {show(name)} is {json_type(entry)}, not an object"
         )
     if missing := sorted(_TENSOR_FIELDS - entry.keys()):
         raise SafetensorsError(

@@ -1,4 +1,7 @@
-"""Strict JSON for headers and indexes: UTF-8 only, unique keys, finite numbers, real Unicode."""
+"""Strict JSON for headers and indexes: UTF-8 only, unique keys, finite numbers, real Unicode.
+
+Stdlib only: the load child parses safetensors headers with it too.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from loadwarden.producer.errors import InvalidModel
-
-Invalid = Callable[[str, str], InvalidModel]
+#: Builds the error to raise from a defect's ``(code, message)``.
+Invalid = Callable[[str, str], Exception]
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 # A \uD800-\uDFFF escape: only then can the parsed value hold an unpaired surrogate.
@@ -34,8 +36,9 @@ def json_type(value: object) -> str:
     return next((label for kind, label in kinds if isinstance(value, kind)), "a number")
 
 
-def parse_object(raw: bytes, invalid: Invalid, what: str) -> dict[str, Any]:
-    """``raw`` as one JSON object, or ``invalid(code, message)`` raised.
+def parse_object(raw: bytes, invalid: Invalid, what: str, *, padding: str = "") -> dict[str, Any]:
+    """``raw`` as one JSON object (``padding`` characters allowed before it), or
+    ``invalid(code, message)`` raised.
 
     ``json.loads`` on bytes would also take UTF-16, duplicate keys (last wins),
     NaN and Infinity, and lone surrogate escapes; each is a defect here. Codes are
@@ -50,8 +53,12 @@ def parse_object(raw: bytes, invalid: Invalid, what: str) -> dict[str, Any]:
         raise invalid(
             f"{what}_not_utf8", f"{what} is not UTF-8: {exc.reason} at byte {exc.start}"
         ) from exc
-    if not text.startswith("{"):
-        raise invalid(f"{what}_not_object", f"{what} must start with '{{', not {text[:1]!r}")
+    # str.lstrip() with no argument would also skip form feeds and Unicode spaces.
+    start = text.lstrip(padding)[:1]
+    if start != "{":
+        raise invalid(
+            f"{what}_not_object", f"{what} must start with '{{', not {start or text[:1]!r}"
+        )
     value = _load(text, invalid, what)
     if _SURROGATE_ESCAPE.search(text):
         _require_unicode(value, invalid, what)
