@@ -314,6 +314,13 @@ def _corrupt_blob(cache: Path) -> str:
     return f"hf://{REPO}"
 
 
+def _corrupt_index_blob(cache: Path) -> str:
+    entry = _snapshot_entry(cache, INDEX)
+    blob = _storage(cache) / "blobs" / os.readlink(entry).rsplit("/", 1)[1]
+    blob.write_bytes(blob.read_bytes().replace(b"total_size", b"total_sizf"))
+    return f"hf://{REPO}"
+
+
 def _ref_to_missing_snapshot(cache: Path) -> str:
     (_storage(cache) / "refs" / "main").write_text("f" * 40)
     return f"hf://{REPO}"
@@ -331,6 +338,7 @@ HOSTILE_CACHES: dict[str, tuple[Callable[[Path], str], Outcome, str]] = {
     "snapshot-link-leaves-blobs": (_link_out_of_blobs, Outcome.REFUSED, "outside_blobs"),
     "snapshot-link-absolute": (_absolute_link, Outcome.REFUSED, "outside_blobs"),
     "corrupted-blob": (_corrupt_blob, Outcome.INVALID, "sha256_mismatch"),
+    "corrupted-index-blob": (_corrupt_index_blob, Outcome.INVALID, "blob_mismatch"),
     "ref-names-missing-snapshot": (_ref_to_missing_snapshot, Outcome.INVALID, "missing_snapshot"),
     "not-cached": (_not_cached, Outcome.UNAVAILABLE, "not_found"),
     "unknown-branch": (_unknown_branch, Outcome.UNAVAILABLE, "not_found"),

@@ -145,6 +145,8 @@ class Shard:
     file: ModelFile
     #: A Hugging Face cache blob's sha256 (its file name), verified while loading.
     expected_sha256: str | None = None
+    #: A cache blob named by its git blob sha1 (a small, non-LFS file such as an index).
+    expected_git_sha1: str | None = None
 
 
 @dataclass(slots=True)

@@ -40,6 +40,7 @@ with a stable ``code``::
         duplicate_shard      two shard names of an index open the same file (a hard link)
         missing_snapshot     an hf:// revision whose commit has no snapshot in the cache
         bad_ref              a cache refs/ file that does not hold a commit hash
+        blob_mismatch        a cached index whose content is not the git blob its name says
         (index codes)        see ``loadwarden.worker.formats.index``
 
 Downloads land in ``<cache_dir>/<sha256>/<name>`` (``name``: the URL's last path

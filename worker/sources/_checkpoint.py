@@ -14,6 +14,7 @@ else a ``model.safetensors``, else exactly one ``*.safetensors`` file.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from collections.abc import Callable
@@ -142,7 +143,7 @@ def open_indexed(index: Shard, caps: InspectionCaps, opener: Opener) -> OpenedMo
     opened = OpenedModel([], checkpoint=True, index_name=index.name)
     try:
         with index.file:
-            opened.index = parsed = read_index(index.file, caps)
+            opened.index = parsed = read_index(index.file, caps, index.expected_git_sha1)
         seen: dict[tuple[int, int], str] = {}
         for name in parsed.shards:
             shard = opener(name)
@@ -160,8 +161,9 @@ def open_indexed(index: Shard, caps: InspectionCaps, opener: Opener) -> OpenedMo
     return opened
 
 
-def read_index(index: ModelFile, caps: InspectionCaps) -> ShardIndex:
-    """The index's bytes (size checked before any read), parsed and checked."""
+def read_index(index: ModelFile, caps: InspectionCaps, git_sha1: str | None = None) -> ShardIndex:
+    """The index's bytes (size checked before any read), checked against the git blob
+    sha1 that names it in a hub cache, parsed and checked."""
     if index.size > caps.max_index_bytes:
         raise too_large(index.size, caps)
     raw = read_at(index.fd, index.size, 0)
@@ -169,4 +171,12 @@ def read_index(index: ModelFile, caps: InspectionCaps) -> ShardIndex:
         raise InvalidModel(
             "checkpoint index: the file shrank while it was read", code="file_changed"
         )
+    if git_sha1 is not None:
+        # How git names a blob: sha1 of "blob <size>\0" and the content.
+        actual = hashlib.sha1(b"blob %d\0" % len(raw) + raw, usedforsecurity=False).hexdigest()
+        if actual != git_sha1:
+            raise InvalidModel(
+                f"checkpoint index: its cache blob is named {git_sha1}, its content is {actual}",
+                code="blob_mismatch",
+            )
     return parse_index(raw, caps)

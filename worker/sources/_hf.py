@@ -23,7 +23,9 @@ out caches). ``.no_exist/`` (files the hub said do not exist) is not needed:
 we never ask the hub, and a file missing from a snapshot is simply missing.
 
 A shard whose blob is named by a sha256 is verified against that name while it
-loads: a corrupted cached blob ends ``invalid`` (``sha256_mismatch``).
+loads: a corrupted cached blob ends ``invalid`` (``sha256_mismatch``). The index,
+a small file stored in git, has a blob named by its git sha1, checked when it is
+read (``blob_mismatch``).
 """
 
 from __future__ import annotations
@@ -186,4 +188,6 @@ def _open_snapshot_entry(snapshot: int, blobs: int, folder: str, name: str, sour
         )
     etag = blob[1]
     opened = open_regular(blobs, etag, os.path.join(folder, target), source)
-    return Shard(name, opened, etag if _SHA256.match(etag) else None)
+    if _SHA256.match(etag):
+        return Shard(name, opened, expected_sha256=etag)
+    return Shard(name, opened, expected_git_sha1=etag)
