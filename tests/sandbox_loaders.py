@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import threading
 from typing import Any
 
+from loadwarden.worker.sandbox import _safetensors
 from loadwarden.worker.sandbox._child import register_loader
-from loadwarden.worker.sandbox.loaders import load_safetensors
+from loadwarden.worker.sandbox.loaders import load_safetensors, read_safetensors
 
 
 @register_loader("spin")
@@ -92,3 +94,21 @@ def brief(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
     """Take a fifth of a second, then load for real."""
     threading.Event().wait(0.2)
     return load_safetensors(fd, spec)
+
+
+@register_loader("verify_arrays")
+def verify_arrays(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Load for real, then check every array against the file's metadata: for each tensor
+    ``"<numpy dtype name> <shape> <sha256 of the bytes>"``, as ``expected_arrays`` writes it."""
+    size = os.fstat(fd).st_size
+    expected = _safetensors.read_layout(fd, size, _safetensors.Caps.within(size)).metadata
+    got = {t.name: describe_array(array) for t, array in read_safetensors(fd)}
+    if got != expected:
+        raise AssertionError(f"the arrays are not what was written: {got} != {expected}")
+    return load_safetensors(fd, spec)
+
+
+def describe_array(array: Any) -> str:
+    """An array's dtype, shape and bytes, as one string."""
+    shape = ",".join(map(str, array.shape))
+    return f"{array.dtype.name} ({shape}) {hashlib.sha256(array.tobytes()).hexdigest()}"
