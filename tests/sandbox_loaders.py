@@ -8,7 +8,7 @@ import signal
 import threading
 from typing import Any
 
-from loadwarden.worker.sandbox import _safetensors
+from loadwarden.worker.sandbox import _regions, _safetensors
 from loadwarden.worker.sandbox._child import register_loader
 from loadwarden.worker.sandbox.loaders import load_safetensors, read_safetensors
 
@@ -112,3 +112,31 @@ def describe_array(array: Any) -> str:
     """An array's dtype, shape and bytes, as one string."""
     shape = ",".join(map(str, array.shape))
     return f"{array.dtype.name} ({shape}) {hashlib.sha256(array.tobytes()).hexdigest()}"
+
+
+@register_loader("safetensors_library")
+def safetensors_library(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """The loader before ours: safetensors.numpy's pread backend (no BF16, FP8, F4, F6).
+
+    For bench/load.py to compare against in the same run; imported here, at load
+    time, so the fork server's other children do not carry the library.
+    """
+    import safetensors.numpy
+
+    from loadwarden.worker.sandbox._child import _Hasher, finish
+    from loadwarden.worker.sandbox._dtypes import NPY_BY_ARRAY
+
+    hasher = _Hasher(fd) if spec.get("sha256") else None
+    tensors = safetensors.numpy.load_file(f"/proc/self/fd/{fd}", backend="pread")
+    entries = [
+        (name, NPY_BY_ARRAY[a.dtype.name], list(a.shape), a.nbytes) for name, a in tensors.items()
+    ]
+    del tensors
+    return finish(entries, hasher, spec)
+
+
+@register_loader("safetensors_one_thread")
+def safetensors_one_thread(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Our loader with every pread in one thread (bench/load.py compares)."""
+    _regions.READ_THREADS = 1  # this child loads once and exits
+    return load_safetensors(fd, spec)

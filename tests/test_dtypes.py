@@ -25,9 +25,10 @@ from loadwarden.worker._files import open_model_file
 from loadwarden.worker.formats import inspect_model
 from loadwarden.worker.sandbox import _dtypes, _regions
 from loadwarden.worker.sandbox._child import FileChanged
-from loadwarden.worker.sandbox.loaders import read_safetensors
+from loadwarden.worker.sandbox.loaders import read_gguf, read_safetensors
 from loadwarden.worker.supervisor import Supervisor
 from tests.conftest import TEST_LOADERS
+from tests.format_files import gguf_mixed, gguf_written
 from tests.safetensors_files import ALL_DTYPES, entry, raw_file, sample, tensors_file, write
 from tests.sandbox_loaders import describe_array
 
@@ -320,3 +321,16 @@ def test_short_read_is_file_changed(model_fd: Any) -> None:
 
 def header_length(fd: int) -> int:
     return int.from_bytes(os.pread(fd, 8, 0), "little")
+
+
+def test_gguf_bf16_loads_as_bfloat16_and_quantized_types_stay_bytes(model_fd: Any) -> None:
+    """A GGUF written by gguf-py gives BF16 back as bfloat16, Q8_0 and Q4_K as raw bytes."""
+    fd = model_fd(gguf_written(gguf_mixed))
+    arrays = {t.name: array for t, array in read_gguf(fd)}
+    assert arrays["bf16"].dtype == np.dtype(ml_dtypes.bfloat16)
+    assert arrays["bf16"].tobytes() == np.arange(6, dtype=np.uint16).tobytes()
+    assert arrays["bf16"].shape == (2, 3)
+    assert arrays["tok.weight"].dtype == np.float32
+    assert arrays["tok.weight"].tobytes() == np.arange(12, dtype=np.float32).tobytes()
+    assert arrays["q8"].dtype == np.uint8 and arrays["q8"].tobytes() == bytes(range(68))
+    assert arrays["q4k"].dtype == np.uint8 and arrays["q4k"].nbytes == 144

@@ -47,9 +47,13 @@ class Region:
     shape: list[int]
 
 
-def read_regions(fd: int, regions: Sequence[Region], threads: int = READ_THREADS) -> list[Array]:
+def read_regions(fd: int, regions: Sequence[Region], threads: int | None = None) -> list[Array]:
     """Each region as a fresh array of its kind's array type and shape (flat ``uint8`` bytes
-    for a kind with none: packed or block-quantized), in the order given."""
+    for a kind with none: packed or block-quantized), in the order given.
+
+    ``threads`` defaults to ``READ_THREADS``.
+    """
+    threads = READ_THREADS if threads is None else threads
     raws = [np.empty(r.nbytes, dtype=np.uint8) for r in regions]
     pieces = [
         (region, raw, start)
