@@ -1,8 +1,9 @@
 """Sandboxed load vs. a bare in-process ``safetensors.numpy.load_file``: time and peak RSS.
 
-For each size (``--sizes-mb``, MiB) this writes a safetensors model of float32
-and float16 tensors into a temporary directory (removed at the end, also on
-Ctrl-C), computes its sha256, then ``--repeat`` times, alternating:
+For each size (``--sizes-mb``, MiB) this writes two safetensors models into a
+temporary directory (removed at the end, also on Ctrl-C): ``F32`` (float32 and
+float16 tensors) and ``BF16`` (the same tensor bytes, all bfloat16, cast with
+ml_dtypes), computes their sha256, then ``--repeat`` times, alternating:
 
 * baseline: a fresh interpreter (``python -c``) runs ``safetensors.numpy.load_file``
   with the default mmap backend (and, for reference, with ``backend="pread"``,
@@ -14,14 +15,19 @@ Ctrl-C), computes its sha256, then ``--repeat`` times, alternating:
   the launching process's peak (this bench's own RSS), so it is in the JSON only;
 * loadwarden: ``Supervisor.load`` with the sha256 (verified in the child),
   timed end to end around the call, next to the report's ``wall_seconds`` and
-  ``peak_rss_bytes``. The fork server is started once, before any timing.
+  ``peak_rss_bytes``, for each variant: our loader on the F32 model and on the
+  BF16 model (which ``safetensors.numpy`` cannot load at all: its ratio is
+  against the F32 baseline of the same size), and, with ``--compare``, the
+  F32 model through the previous loader (safetensors.numpy's pread backend in
+  the child) and through ours with one pread thread. The fork servers are
+  started once, before any timing.
 
 Before each side's run the file is read once, so both start from a warm page
 cache. Times are medians over the repeats; peak RSS is the maximum. The target
-(from the issue): end-to-end / baseline(mmap) <= 1.5 and peak RSS <= 1.2 x
-tensor bytes + 64 MiB, printed PASS/FAIL per size.
+(from the issues): end-to-end / baseline(mmap) <= 1.5 and peak RSS <= 1.1 x
+tensor bytes + 64 MiB, printed PASS/FAIL per size and variant.
 
-Run: ``python bench/load.py [--sizes-mb 512,2048] [--repeat 3] [--json] [--strict]``
+Run: ``python bench/load.py [--sizes-mb 512,2048] [--repeat 3] [--compare] [--json] [--strict]``
 (exits 0 unless ``--strict`` and a size fails).
 """
 
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,22 +50,35 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import safetensors.numpy
 import structlog
 from numpy.typing import NDArray
 
-from loadwarden.producer.contract import LoadRequest, Outcome
+from loadwarden.producer.contract import LoadRequest, ModelFormat, Outcome
 from loadwarden.producer.settings import Settings, SourcePolicy
 from loadwarden.worker.supervisor import Supervisor
 
+ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 #: Size of each weight tensor: big enough that per-tensor overhead does not dominate.
 CHUNK_BYTES = 64 * MiB
-#: The issue's targets.
+#: The issues' targets.
 MAX_RATIO = 1.5
-RSS_FACTOR = 1.2
+RSS_FACTOR = 1.1
 RSS_SLACK_BYTES = 64 * MiB
+#: Variants: label -> (model kind, child loader; None: the worker's own).
+VARIANTS: dict[str, tuple[str, str | None]] = {
+    "F32": ("F32", None),
+    "BF16": ("BF16", None),
+}
+#: With --compare: the loader before ours, and ours with one pread thread (test loaders).
+COMPARE_VARIANTS: dict[str, tuple[str, str | None]] = {
+    "F32 previous loader": ("F32", "safetensors_library"),
+    "F32 one thread": ("F32", "safetensors_one_thread"),
+}
+TEST_LOADERS = "tests.sandbox_loaders"
 
 # Runs in a fresh interpreter: argv = path, backend. Prints one JSON object.
 BASELINE_CODE = """
@@ -99,6 +119,7 @@ print(json.dumps({
 class Model:
     """A generated model file."""
 
+    kind: str
     size_mib: int
     path: str
     file_bytes: int
@@ -129,36 +150,29 @@ class Sandboxed:
 
 
 @dataclass(slots=True)
-class SizeResult:
-    """Medians (times) and maxima (RSS) over the repeats of one size."""
+class VariantResult:
+    """Medians (times) and maxima (RSS) over the repeats of one variant of one size."""
 
-    size_mib: int
-    tensors: int
-    file_bytes: int
+    label: str
     tensor_bytes: int
     baseline_mmap_s: float
-    baseline_pread_s: float
-    baseline_mmap_peak_rss_bytes: int
-    baseline_pread_peak_rss_bytes: int
-    baseline_ru_maxrss_bytes: int
-    baseline_materialized: bool
-    sandbox_e2e_s: float
-    sandbox_wall_s: float
-    sandbox_peak_rss_bytes: int
+    e2e_s: float
+    wall_s: float
+    peak_rss_bytes: int
     outcomes: list[str]
     errors: list[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
-        return self.sandbox_e2e_s / self.baseline_mmap_s
+        return self.e2e_s / self.baseline_mmap_s
 
     @property
     def wall_ratio(self) -> float:
-        return self.sandbox_wall_s / self.baseline_mmap_s
+        return self.wall_s / self.baseline_mmap_s
 
     @property
     def rss_per_tensor_byte(self) -> float:
-        return self.sandbox_peak_rss_bytes / self.tensor_bytes
+        return self.peak_rss_bytes / self.tensor_bytes
 
     @property
     def rss_limit_bytes(self) -> int:
@@ -169,7 +183,7 @@ class SizeResult:
         return (
             all(o == Outcome.OK for o in self.outcomes)
             and self.ratio <= MAX_RATIO
-            and self.sandbox_peak_rss_bytes <= self.rss_limit_bytes
+            and self.peak_rss_bytes <= self.rss_limit_bytes
         )
 
     def summary(self) -> dict[str, Any]:
@@ -183,14 +197,43 @@ class SizeResult:
         }
 
 
-def make_model(directory: str, size_mib: int, rng: np.random.Generator) -> Model:
-    """Write ~``size_mib`` MiB of alternating float32/float16 weights (+ small biases)."""
+@dataclass(slots=True)
+class SizeResult:
+    """The baselines of one size (on its F32 model) and every variant's sandboxed loads."""
+
+    size_mib: int
+    tensors: int
+    file_bytes: int
+    tensor_bytes: int
+    baseline_mmap_s: float
+    baseline_pread_s: float
+    baseline_mmap_peak_rss_bytes: int
+    baseline_pread_peak_rss_bytes: int
+    baseline_ru_maxrss_bytes: int
+    baseline_materialized: bool
+    variants: list[VariantResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(v.passed for v in self.variants)
+
+    def summary(self) -> dict[str, Any]:
+        fields = {k: v for k, v in asdict(self).items() if k != "variants"}
+        return {**fields, "variants": [v.summary() for v in self.variants], "pass": self.passed}
+
+
+def make_model(directory: str, kind: str, size_mib: int, rng: np.random.Generator) -> Model:
+    """Write ~``size_mib`` MiB of weights (+ small biases): alternating float32/float16
+    (``F32``), or all bfloat16 cast with ml_dtypes (``BF16``)."""
     tensors: dict[str, NDArray[Any]] = {}
     remaining = size_mib * MiB
     cols = 1024
     i = 0
     while remaining > 0:
-        dtype = np.float32 if i % 2 == 0 else np.float16
+        if kind == "BF16":
+            dtype: Any = ml_dtypes.bfloat16
+        else:
+            dtype = np.float32 if i % 2 == 0 else np.float16
         itemsize = np.dtype(dtype).itemsize
         rows = max(1, min(CHUNK_BYTES, remaining) // (cols * itemsize))
         weight = rng.standard_normal((rows, cols), dtype=np.float32).astype(dtype, copy=False)
@@ -199,14 +242,16 @@ def make_model(directory: str, size_mib: int, rng: np.random.Generator) -> Model
         tensors[f"layers.{i}.bias"] = bias
         remaining -= weight.nbytes + bias.nbytes
         i += 1
-    path = os.path.join(directory, f"model-{size_mib}mib.safetensors")
+    path = os.path.join(directory, f"model-{kind.lower()}-{size_mib}mib.safetensors")
+    # The safetensors writer takes ml_dtypes arrays (it names them by numpy's dtype name);
+    # only its reader cannot give them back.
     safetensors.numpy.save_file(tensors, path, metadata={"bench": "loadwarden"})
     tensor_bytes = sum(t.nbytes for t in tensors.values())
     count = len(tensors)
     del tensors
     with open(path, "rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()
-    return Model(size_mib, path, os.path.getsize(path), tensor_bytes, count, digest)
+    return Model(kind, size_mib, path, os.path.getsize(path), tensor_bytes, count, digest)
 
 
 def warm_page_cache(path: str) -> None:
@@ -258,39 +303,69 @@ async def run_sandboxed(sup: Supervisor, model: Model) -> Sandboxed:
     )
 
 
-async def bench_size(sup: Supervisor, model: Model, repeat: int) -> SizeResult:
+async def bench_size(
+    sups: dict[str, Supervisor], models: dict[str, Model], repeat: int
+) -> SizeResult:
+    f32 = models["F32"]
     mmap_runs: list[Baseline] = []
     pread_runs: list[Baseline] = []
-    sandboxed: list[Sandboxed] = []
-    for _ in range(repeat):  # alternate, so drift (thermal, page cache) hits both sides
-        mmap_runs.append(await run_baseline(model.path, "mmap"))
-        pread_runs.append(await run_baseline(model.path, "pread"))
-        sandboxed.append(await run_sandboxed(sup, model))
+    runs: dict[str, list[Sandboxed]] = {label: [] for label in sups}
+    for _ in range(repeat):  # alternate, so drift (thermal, page cache) hits every side
+        mmap_runs.append(await run_baseline(f32.path, "mmap"))
+        pread_runs.append(await run_baseline(f32.path, "pread"))
+        for label, sup in sups.items():
+            kind = (VARIANTS | COMPARE_VARIANTS)[label][0]
+            runs[label].append(await run_sandboxed(sup, models[kind]))
+    baseline_mmap_s = statistics.median(r.seconds for r in mmap_runs)
+    variants = [
+        VariantResult(
+            label=label,
+            tensor_bytes=models[(VARIANTS | COMPARE_VARIANTS)[label][0]].tensor_bytes,
+            baseline_mmap_s=baseline_mmap_s,
+            e2e_s=statistics.median(s.e2e_seconds for s in done),
+            wall_s=statistics.median(s.wall_seconds for s in done),
+            peak_rss_bytes=max(s.peak_rss_bytes for s in done),
+            outcomes=[s.outcome for s in done],
+            errors=[s.error for s in done if s.error],
+        )
+        for label, done in runs.items()
+    ]
     return SizeResult(
-        size_mib=model.size_mib,
-        tensors=model.tensors,
-        file_bytes=model.file_bytes,
-        tensor_bytes=model.tensor_bytes,
-        baseline_mmap_s=statistics.median(r.seconds for r in mmap_runs),
+        size_mib=f32.size_mib,
+        tensors=f32.tensors,
+        file_bytes=f32.file_bytes,
+        tensor_bytes=f32.tensor_bytes,
+        baseline_mmap_s=baseline_mmap_s,
         baseline_pread_s=statistics.median(r.seconds for r in pread_runs),
         baseline_mmap_peak_rss_bytes=max(r.peak_rss_bytes for r in mmap_runs),
         baseline_pread_peak_rss_bytes=max(r.peak_rss_bytes for r in pread_runs),
         baseline_ru_maxrss_bytes=max(r.ru_maxrss_bytes for r in mmap_runs + pread_runs),
         baseline_materialized=all(r.materialized for r in mmap_runs + pread_runs),
-        sandbox_e2e_s=statistics.median(s.e2e_seconds for s in sandboxed),
-        sandbox_wall_s=statistics.median(s.wall_seconds for s in sandboxed),
-        sandbox_peak_rss_bytes=max(s.peak_rss_bytes for s in sandboxed),
-        outcomes=[s.outcome for s in sandboxed],
-        errors=[s.error for s in sandboxed if s.error],
+        variants=variants,
     )
 
 
-async def bench(models: list[Model], repeat: int) -> list[SizeResult]:
-    # Entering starts the fork server before any timing: a worker pays that once, not per load.
-    folders = tuple({Path(m.path).parent for m in models})
+async def bench(models: list[dict[str, Model]], repeat: int, compare: bool) -> list[SizeResult]:
+    # Entering starts the fork servers before any timing: a worker pays that once, not per load.
+    # Variants with a test loader get a fork server of their own, so the worker's keeps the
+    # modules it has in production and nothing more.
+    folders = tuple({Path(m.path).parent for pair in models for m in pair.values()})
     settings = Settings(sources=SourcePolicy(allow_roots=folders))
-    async with Supervisor(settings) as sup:
-        return [await bench_size(sup, m, repeat) for m in models]
+    variants = VARIANTS | (COMPARE_VARIANTS if compare else {})
+    async with contextlib.AsyncExitStack() as stack:
+        sups: dict[str, Supervisor] = {}
+        for label, (_kind, loader) in variants.items():
+            if loader is None:
+                sups[label] = await stack.enter_async_context(Supervisor(settings))
+            else:
+                sups[label] = await stack.enter_async_context(
+                    Supervisor(
+                        settings,
+                        preload=[TEST_LOADERS],
+                        loaders={ModelFormat.SAFETENSORS: loader},
+                    )
+                )
+        return [await bench_size(sups, pair, repeat) for pair in models]
 
 
 def _mib(n: float) -> str:
@@ -306,13 +381,14 @@ def print_table(results: list[SizeResult], repeat: int) -> None:
         "page cache warmed equally: each file is read once right before every timed run, both sides"
     )
     print(
-        "baseline: fresh interpreter per run, safetensors.numpy.load_file only; "
+        "baseline: fresh interpreter per run, safetensors.numpy.load_file of the F32 model only; "
         "RSS = its VmHWM, interpreter + numpy included, nothing subtracted "
         "(not ru_maxrss: it inherits this bench's peak across fork+exec)"
     )
     print(
         "sandboxed: Supervisor.load with sha256 verification; e2e = around sup.load, "
-        "wall = report.resources.wall_seconds (fork server started beforehand)"
+        "wall = report.resources.wall_seconds (fork servers started beforehand); "
+        "BF16 = the same tensor bytes in bfloat16, against the same F32 baseline"
     )
     print()
     header = (
@@ -321,6 +397,7 @@ def print_table(results: list[SizeResult], repeat: int) -> None:
         "base mmap s",
         "base pread s",
         "base RSS MiB",
+        "variant",
         "sbx e2e s",
         "sbx wall s",
         "ratio",
@@ -331,41 +408,47 @@ def print_table(results: list[SizeResult], repeat: int) -> None:
     )
     rows = []
     for r in results:
-        rows.append(
-            (
-                _mib(r.tensor_bytes),
-                str(r.tensors),
-                f"{r.baseline_mmap_s:.3f}",
-                f"{r.baseline_pread_s:.3f}",
-                _mib(r.baseline_mmap_peak_rss_bytes),
-                f"{r.sandbox_e2e_s:.3f}",
-                f"{r.sandbox_wall_s:.3f}",
-                f"{r.ratio:.2f}",
-                f"{r.wall_ratio:.2f}",
-                _mib(r.sandbox_peak_rss_bytes),
-                f"{r.rss_per_tensor_byte:.3f}",
-                "PASS" if r.passed else "FAIL",
+        for v in r.variants:
+            rows.append(
+                (
+                    _mib(r.tensor_bytes),
+                    str(r.tensors),
+                    f"{r.baseline_mmap_s:.3f}",
+                    f"{r.baseline_pread_s:.3f}",
+                    _mib(r.baseline_mmap_peak_rss_bytes),
+                    v.label,
+                    f"{v.e2e_s:.3f}",
+                    f"{v.wall_s:.3f}",
+                    f"{v.ratio:.2f}",
+                    f"{v.wall_ratio:.2f}",
+                    _mib(v.peak_rss_bytes),
+                    f"{v.rss_per_tensor_byte:.3f}",
+                    "PASS" if v.passed else "FAIL",
+                )
             )
-        )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
     for row in rows:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
     print()
     for r in results:
-        checks = (
-            f"ratio {r.ratio:.2f} {'<=' if r.ratio <= MAX_RATIO else '>'} {MAX_RATIO}",
-            f"peak RSS {_mib(r.sandbox_peak_rss_bytes)} MiB "
-            f"{'<=' if r.sandbox_peak_rss_bytes <= r.rss_limit_bytes else '>'} "
-            f"{_mib(r.rss_limit_bytes)} MiB (1.2 x tensors + 64 MiB)",
-            f"outcomes {','.join(r.outcomes)}",
-            f"baseline pread RSS {_mib(r.baseline_pread_peak_rss_bytes)} MiB",
-            "baseline arrays "
-            + ("materialized by load_file" if r.baseline_materialized else "touched per page"),
+        for v in r.variants:
+            checks = (
+                f"ratio {v.ratio:.2f} {'<=' if v.ratio <= MAX_RATIO else '>'} {MAX_RATIO}",
+                f"peak RSS {_mib(v.peak_rss_bytes)} MiB "
+                f"{'<=' if v.peak_rss_bytes <= v.rss_limit_bytes else '>'} "
+                f"{_mib(v.rss_limit_bytes)} MiB ({RSS_FACTOR} x tensors + 64 MiB)",
+                f"outcomes {','.join(v.outcomes)}",
+            )
+            verdict = "PASS" if v.passed else "FAIL"
+            print(f"{_mib(r.tensor_bytes)} MiB {v.label}: {verdict}: " + "; ".join(checks))
+            for error in v.errors:
+                print(f"  error: {error}")
+        print(
+            f"{_mib(r.tensor_bytes)} MiB baseline pread RSS "
+            f"{_mib(r.baseline_pread_peak_rss_bytes)} MiB; arrays "
+            + ("materialized by load_file" if r.baseline_materialized else "touched per page")
         )
-        print(f"{_mib(r.tensor_bytes)} MiB: {'PASS' if r.passed else 'FAIL'}: " + "; ".join(checks))
-        for error in r.errors:
-            print(f"  error: {error}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
         help="model sizes in MiB, comma-separated (default: 512,2048)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs per side per size (median)")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also load the F32 model with the previous loader and with one pread thread",
+    )
     parser.add_argument("--json", action="store_true", help="print only the JSON summary")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any size fails the target")
     parser.add_argument(
@@ -385,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes_mb.split(",") if s.strip()]
     if not sizes or min(sizes) <= 0 or args.repeat < 1:
         parser.error("sizes and --repeat must be positive")
+    if args.compare and str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # the fork server imports tests.sandbox_loaders from here
 
     # The supervisor's log lines go to stderr, warnings and above only: stdout is the report.
     structlog.configure(
@@ -395,8 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     directory = tempfile.mkdtemp(prefix="loadwarden-bench-", dir=args.tmpdir)
     try:
         rng = np.random.default_rng(0)
-        models = [make_model(directory, size, rng) for size in sizes]
-        results = asyncio.run(bench(models, args.repeat))
+        models = [
+            {kind: make_model(directory, kind, size, rng) for kind in ("F32", "BF16")}
+            for size in sizes
+        ]
+        results = asyncio.run(bench(models, args.repeat, args.compare))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -406,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "repeat": args.repeat,
         "page_cache": "warm (file read once before every timed run, both sides)",
-        "ratio": "sandbox_e2e_s / baseline_mmap_s",
+        "ratio": "sandbox e2e_s / baseline_mmap_s (the F32 model's, also for BF16)",
         "sizes": [r.summary() for r in results],
         "pass": all(r.passed for r in results),
     }

@@ -1,4 +1,4 @@
-"""What a ready child with numpy + safetensors.numpy imported costs, four ways.
+"""What a ready child with numpy + ml_dtypes (the load child's imports) costs, four ways.
 
 Measured in one run, ``--n`` times each (default 50) after ``--warmup``
 untimed rounds (default 1: the first spawn also starts multiprocessing's
@@ -9,12 +9,13 @@ resource tracker), one full cycle per sample:
 * (b) loadwarden: ``ForkServer.spawn()`` then ``stop_child()`` (SIGKILL + reap by
   the fork server); (b') is the ``spawn()`` part alone, until the pid is known;
 * (c) ``multiprocessing.get_context("spawn")``: a ``Process`` whose target
-  imports numpy and safetensors.numpy, ``start()`` + ``join()``. A spawn child
+  imports numpy and ml_dtypes, ``start()`` + ``join()``. A spawn child
   re-runs this module's top level, so it imports only os, sys, time and
   multiprocessing there; everything else is imported where it is used;
-* (d) ``subprocess.run([sys.executable, "-c", "import numpy, safetensors.numpy"])``.
+* (d) ``subprocess.run([sys.executable, "-c", "import numpy, ml_dtypes"])``.
 
-Also the fork server's own start time (``await fs.start()``), ``--starts`` times.
+Also the fork server's own start time (``await fs.start()``) and resident size
+once it has preloaded (every child starts from it), ``--starts`` times.
 p99 is nearest-rank (the maximum when N < 100). BLAS is held to one thread
 (``OPENBLAS_NUM_THREADS=1`` etc., as in loadwarden's fork server) for every method.
 
@@ -34,13 +35,13 @@ if TYPE_CHECKING:
 
 #: Same as loadwarden's fork server sets before numpy is imported: no idle BLAS threads.
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-IMPORTS = "import numpy, safetensors.numpy"
+IMPORTS = "import numpy, ml_dtypes"
 
 
 def import_loaders() -> None:
     """The spawn child's target: import what a load child needs."""
+    import ml_dtypes  # noqa: F401
     import numpy  # noqa: F401
-    import safetensors.numpy  # noqa: F401
 
 
 def _timed(cycle: Callable[[], None], n: int, warmup: int) -> list[float]:
@@ -79,16 +80,22 @@ def interpreter_cycle() -> None:
 
 async def forkserver_samples(
     n: int, warmup: int, starts: int
-) -> tuple[list[float], list[float], list[float]]:
-    """Fork server start times, spawn+stop cycles and spawn alone, in seconds."""
+) -> tuple[list[float], list[int], list[float], list[float]]:
+    """Fork server start times (s) and resident sizes (bytes), spawn+stop cycles and
+    spawn alone (s)."""
+    import psutil
+
     from loadwarden.worker.sandbox.forkserver import ForkServer, stop_child
 
     start_s: list[float] = []
+    rss: list[int] = []
     for i in range(starts):
         fs = ForkServer()
         started = time.perf_counter()
         await fs.start()
         start_s.append(time.perf_counter() - started)
+        assert fs.pid is not None
+        rss.append(psutil.Process(fs.pid).memory_info().rss)
         if i < starts - 1:
             await fs.close()
     cycles: list[float] = []
@@ -104,7 +111,7 @@ async def forkserver_samples(
                 spawns.append(spawned - started)
     finally:
         await fs.close()
-    return start_s, cycles, spawns
+    return start_s, rss, cycles, spawns
 
 
 def p50(samples: list[float]) -> float:
@@ -146,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     methods: dict[str, list[float]] = {}
     methods["(a) os.fork + waitpid"] = _timed(fork_cycle, args.n, args.warmup)
-    start_s, cycles, spawns = asyncio.run(forkserver_samples(args.n, args.warmup, args.starts))
+    start_s, rss, cycles, spawns = asyncio.run(forkserver_samples(args.n, args.warmup, args.starts))
     methods["(b) ForkServer.spawn + stop_child"] = cycles
     methods["(b') ForkServer.spawn alone"] = spawns
     methods['(c) multiprocessing "spawn" Process'] = _timed(mp_spawn_cycle, args.n, args.warmup)
@@ -171,18 +178,20 @@ def main(argv: list[str] | None = None) -> int:
         "n": args.n,
         "warmup": args.warmup,
         "forkserver_start_ms": [round(s * 1e3, 1) for s in start_s],
+        "forkserver_rss_bytes": rss,
         "methods": rows,
     }
     if not args.json:
         print(
             f"loadwarden spawn bench: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
             f"N={args.n} per method after {args.warmup} warm-up; "
-            "a ready child with numpy + safetensors.numpy imported, one full cycle per sample"
+            "a ready child with numpy + ml_dtypes imported, one full cycle per sample"
         )
         starts = ", ".join(f"{s * 1e3:.1f}" for s in start_s)
         print(
             f"fork server start (await fs.start()): {starts} ms; median {p50(start_s) * 1e3:.1f} ms"
         )
+        print(f"fork server resident once preloaded: {max(rss) / 2**20:.1f} MiB (max)")
         print()
         header = ("method", "p50 ms", "p99 ms", "p50 / (b)", "p99 / (b)")
         table = [

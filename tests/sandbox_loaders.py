@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import threading
 from typing import Any
 
+from loadwarden.worker.sandbox import _regions, _safetensors
 from loadwarden.worker.sandbox._child import register_loader
-from loadwarden.worker.sandbox.loaders import load_safetensors
+from loadwarden.worker.sandbox.loaders import load_safetensors, read_safetensors
 
 
 @register_loader("spin")
@@ -91,4 +93,50 @@ def tcp_connect(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 def brief(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
     """Take a fifth of a second, then load for real."""
     threading.Event().wait(0.2)
+    return load_safetensors(fd, spec)
+
+
+@register_loader("verify_arrays")
+def verify_arrays(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Load for real, then check every array against the file's metadata: for each tensor
+    ``"<numpy dtype name> <shape> <sha256 of the bytes>"``, as ``expected_arrays`` writes it."""
+    size = os.fstat(fd).st_size
+    expected = _safetensors.read_layout(fd, size, _safetensors.Caps.within(size)).metadata
+    got = {t.name: describe_array(array) for t, array in read_safetensors(fd)}
+    if got != expected:
+        raise AssertionError(f"the arrays are not what was written: {got} != {expected}")
+    return load_safetensors(fd, spec)
+
+
+def describe_array(array: Any) -> str:
+    """An array's dtype, shape and bytes, as one string."""
+    shape = ",".join(map(str, array.shape))
+    return f"{array.dtype.name} ({shape}) {hashlib.sha256(array.tobytes()).hexdigest()}"
+
+
+@register_loader("safetensors_library")
+def safetensors_library(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """The loader before ours: safetensors.numpy's pread backend (no BF16, FP8, F4, F6).
+
+    For bench/load.py to compare against in the same run; imported here, at load
+    time, so the fork server's other children do not carry the library.
+    """
+    import safetensors.numpy
+
+    from loadwarden.worker.sandbox._child import _Hasher, finish
+    from loadwarden.worker.sandbox._dtypes import NPY_BY_ARRAY
+
+    hasher = _Hasher(fd) if spec.get("sha256") else None
+    tensors = safetensors.numpy.load_file(f"/proc/self/fd/{fd}", backend="pread")
+    entries = [
+        (name, NPY_BY_ARRAY[a.dtype.name], list(a.shape), a.nbytes) for name, a in tensors.items()
+    ]
+    del tensors
+    return finish(entries, hasher, spec)
+
+
+@register_loader("safetensors_one_thread")
+def safetensors_one_thread(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Our loader with every pread in one thread (bench/load.py compares)."""
+    _regions.READ_THREADS = 1  # this child loads once and exits
     return load_safetensors(fd, spec)

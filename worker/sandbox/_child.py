@@ -18,6 +18,10 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 os.environ["RUST_BACKTRACE"] = "0"
+# And no transparent huge pages for numpy's large arrays: filling fresh arrays by
+# pread was 2-3x slower with them here (the kernel compacts memory to find 2 MiB
+# pages at fault time; measured with bench/load.py).
+os.environ["NUMPY_MADVISE_HUGEPAGE"] = "0"
 
 import contextlib
 import hashlib

@@ -13,7 +13,7 @@ safetensors is read by our own code, not ``safetensors.numpy``, which has no
 array type for BF16 or FP8 (numpy has none; ml_dtypes provides them): the
 header is re-read with the inspector's own stdlib parser, bounded by the file,
 and each tensor's byte range is pread straight into a fresh array of its true
-dtype, one copy, no mapping of the file.
+dtype (``_regions``), one copy, no mapping of the file.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import zlib
 from collections.abc import Iterable
 from typing import IO, Any
 
-import ml_dtypes  # noqa: F401  (gives numpy bfloat16 and the FP8 types, by name)
 import numpy as np
 import numpy.lib.format as npy_format
 
@@ -37,8 +36,9 @@ from loadwarden.worker.sandbox._child import (
     register_loader,
     register_reader,
 )
-from loadwarden.worker.sandbox._dtypes import GGML_BY_NAME, NPY_BY_ARRAY, ElementType
-from loadwarden.worker.sandbox._pread import open_reader, pread_into
+from loadwarden.worker.sandbox._dtypes import GGML_BY_NAME, NPY_BY_ARRAY
+from loadwarden.worker.sandbox._pread import open_reader
+from loadwarden.worker.sandbox._regions import Region, read_regions
 
 #: The one tensor of an ``.npy`` file (``loadwarden.worker.formats.npy.TENSOR_NAME``).
 NPY_TENSOR_NAME = "array"
@@ -107,23 +107,11 @@ def read_safetensors(fd: int) -> list[tuple[_safetensors.Tensor, Array]]:
         layout = _safetensors.read_layout(fd, size, _safetensors.Caps.within(size))
     except _safetensors.SafetensorsError as exc:
         raise FileChanged(f"the safetensors file changed after inspection: {exc.message}") from exc
-    return [
-        (t, read_array(fd, layout.data_offset + t.begin, t.nbytes, t.dtype, t.shape, t.name))
+    regions = [
+        Region(t.name, layout.data_offset + t.begin, t.nbytes, t.dtype, t.shape)
         for t in layout.tensors
     ]
-
-
-def read_array(
-    fd: int, offset: int, nbytes: int, kind: ElementType, shape: list[int], name: str
-) -> Array:
-    """``nbytes`` from ``offset`` into a fresh array of ``kind``'s array type and ``shape``.
-
-    One copy (page cache -> the array); a type with no array type stays flat ``uint8``.
-    """
-    raw = np.empty(nbytes, dtype=np.uint8)
-    if pread_into(fd, raw.data, offset) != nbytes:
-        raise FileChanged(f"the file was truncated in tensor {name!r}")
-    return raw if kind.array is None else raw.view(np.dtype(kind.array)).reshape(shape)
+    return list(zip(layout.tensors, read_regions(fd, regions), strict=True))
 
 
 def read_npy(fd: int) -> np.ndarray[Any, Any]:
@@ -167,15 +155,11 @@ def read_gguf(fd: int) -> list[tuple[_gguf.TensorEntry, np.ndarray[Any, Any]]]:
         layout = _gguf.read_layout(fd, size, _gguf.Caps.within(size))
     except _gguf.GGUFError as exc:
         raise FileChanged(f"the GGUF file changed after inspection: {exc.message}") from exc
-    return [
-        (
-            t,
-            read_array(
-                fd, layout.data_start + t.offset, t.nbytes, GGML_BY_NAME[t.dtype], t.shape, t.name
-            ),
-        )
+    regions = [
+        Region(t.name, layout.data_start + t.offset, t.nbytes, GGML_BY_NAME[t.dtype], t.shape)
         for t in layout.tensors
     ]
+    return list(zip(layout.tensors, read_regions(fd, regions), strict=True))
 
 
 def _entry(name: str, array: np.ndarray[Any, Any]) -> Entry:
