@@ -135,6 +135,20 @@ async def test_pinned_checkpoint_digest(checkpoint: Path, lazy_supervisor: Super
     )
 
 
+@pytest.mark.timeout(180)  # 1024 files written, inspected, hashed and loaded
+async def test_checkpoint_at_the_shard_cap_loads(tmp_path: Path) -> None:
+    """A checkpoint of max_shards shards loads in one child: its descriptors go over in
+    several packets (250 each) and its spec outgrows a default socket buffer."""
+    cap = Settings().inspection.max_shards
+    tensors = {f"t{i:05d}": np.full(4, i, dtype=np.float32) for i in range(cap)}
+    assert len(save_pretrained(tmp_path / "many", tensors, 16)) == cap
+    async with Supervisor(Settings()) as supervisor:
+        report = await supervisor.load(LoadRequest(source=str(tmp_path / "many")))
+    assert report.outcome is Outcome.OK, report.error
+    assert report.model is not None and report.model.shards is not None
+    assert len(report.model.shards) == cap and all(s.sha256 for s in report.model.shards)
+
+
 async def test_single_file_folder(tmp_path: Path, lazy_supervisor: Supervisor) -> None:
     """A folder holding one model.safetensors loads it, reported as a one-shard checkpoint."""
     folder = tmp_path / "single"

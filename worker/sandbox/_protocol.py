@@ -35,8 +35,9 @@ REAPED_MSG = struct.Struct("<qqqqq")
 
 #: Largest control packet.
 MAX_CONTROL_BYTES = 64
-#: Largest spec the supervisor sends a child.
-MAX_SPEC_BYTES = 64 * 1024
+#: Largest spec the supervisor sends a child: a checkpoint of 1024 shards, each named
+#: with its identity and a cache blob's digest, takes about 175 KB.
+MAX_SPEC_BYTES = 256 * 1024
 #: Descriptors attached to one packet: the kernel's SCM_MAX_FD is 253.
 FDS_PER_MESSAGE = 250
 #: Largest message a child may send; anything longer is a protocol violation.

@@ -36,6 +36,9 @@ log = structlog.get_logger("loadwarden.sandbox")
 #: Modules every fork server imports before it forks: the child's own code
 #: (which imports its loaders, numpy and ml_dtypes).
 BASE_PRELOAD = ("loadwarden.worker.sandbox._child",)
+#: Packets up to this size fit any Linux socket's default send buffer (wmem_default is
+#: 208 KiB on most kernels); a larger spec raises the buffer for its own socket.
+DEFAULT_SEND_BYTES = 64 * 1024
 #: A fork server that has not finished importing in this long is broken.
 START_TIMEOUT_S = 60.0
 #: How long to wait for the fork server to report a killed child's exit.
@@ -97,6 +100,9 @@ class Child:
         data = json.dumps(spec, separators=(",", ":")).encode()
         if len(data) > _protocol.MAX_SPEC_BYTES:
             raise SandboxError(f"spec of {len(data)} bytes is too large")
+        if len(data) > DEFAULT_SEND_BYTES:
+            # One packet must fit the socket's send buffer (the kernel doubles what we ask).
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(data) + 4096)
         handed = [fds] if isinstance(fds, int) else list(fds)
         step = _protocol.FDS_PER_MESSAGE
         await _send_with_fds(self.sock, data, handed[:step])
