@@ -210,7 +210,7 @@ def test_byte_sizes_follow_the_reference_reader(
     if not valid:
         with pytest.raises(InvalidModel) as info:
             inspect_path(path)
-        assert info.value.code in {"misaligned", "size_mismatch"}
+        assert info.value.code in {"not_whole_bytes", "size_mismatch"}
         assert dtype in info.value.message
 
 

@@ -144,11 +144,13 @@ DEFECTS = [
     case("empty-name", raw_file({"": U8_4}, b"1234"), "bad_tensor_entry", "'' has 0 characters"),
     case("long-name", raw_file({"n" * 1025: U8_4}, b"1234"), "bad_tensor_entry", "1025"),
     case("torch-name", one_tensor(dtype="F8_E4M3FN"), "unknown_dtype", "not a safetensors dtype"),
-    case("f4-odd", raw_file({"t": entry("F4", [3], 0, 2)}, b"12"), "misaligned", "3 F4 elements"),
+    case(
+        "f4-odd", raw_file({"t": entry("F4", [3], 0, 2)}, b"12"), "not_whole_bytes", "3 F4 elements"
+    ),
     case(
         "f6-six",
         raw_file({"t": entry("F6_E3M2", [6], 0, 5)}, bytes(5)),
-        "misaligned",
+        "not_whole_bytes",
         "4 elements per 3 bytes",
     ),
     case(
@@ -248,7 +250,7 @@ CODES = {
     "rank_too_large",
     "bad_offsets",
     "size_mismatch",
-    "misaligned",
+    "not_whole_bytes",
     "offsets_not_contiguous",
     "data_size_mismatch",
     "too_many_tensors",

@@ -19,7 +19,7 @@ refused. Errors, by ``code``::
                              too_many_tensors, too_large, data_size_mismatch
         safetensors          header_not_utf8, header_not_json, header_not_object,
                              non_finite_number, bad_metadata, bad_tensor_entry,
-                             bad_offsets, size_mismatch, misaligned (a packed F4 or F6
+                             bad_offsets, size_mismatch, not_whole_bytes (a packed F4 or F6
                              tensor that does not fill whole bytes), offsets_not_contiguous
         npy (and members)    bad_magic, unsupported_version, bad_header
         npz                  bad_zip, bad_member_name, unsupported_compression,

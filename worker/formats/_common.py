@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickletools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Protocol, cast
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary, TensorInfo
 from loadwarden.producer.errors import InvalidModel, SourceRefused, SourceUnavailable
@@ -33,6 +35,24 @@ def show(value: object) -> str:
 def invalid(where: str, code: str, message: str) -> InvalidModel:
     """An ``InvalidModel`` whose message starts with the format (and member) it is about."""
     return InvalidModel(f"{where}: {message}", code=code)
+
+
+class _Defect(Protocol):
+    code: str
+    message: str
+
+
+@contextlib.contextmanager
+def defects_as_invalid(where: str, defect: type[Exception]) -> Iterator[None]:
+    """Turn a stdlib parser's ``defect`` (with ``code`` and ``message``) into ``InvalidModel``
+    and a failed read into ``SourceUnavailable``."""
+    try:
+        yield
+    except defect as exc:
+        found = cast(_Defect, exc)
+        raise invalid(where, found.code, found.message) from None
+    except OSError as exc:
+        raise SourceUnavailable(f"read failed: {exc.strerror}", code="unreadable") from exc
 
 
 def read_at(fd: int, count: int, offset: int) -> bytes:

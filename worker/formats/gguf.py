@@ -10,9 +10,8 @@ them innermost first); dtypes are ggml's names (``F32``, ``Q4_K``, ...).
 from __future__ import annotations
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary
-from loadwarden.producer.errors import SourceUnavailable
 from loadwarden.producer.settings import InspectionCaps
-from loadwarden.worker.formats._common import invalid, summarize
+from loadwarden.worker.formats._common import defects_as_invalid, summarize
 from loadwarden.worker.sandbox._gguf import Caps, GGUFError, Layout, read_layout
 
 
@@ -33,12 +32,8 @@ def caps_for(caps: InspectionCaps) -> Caps:
 
 def read_gguf_layout(fd: int, file_size: int, caps: InspectionCaps) -> Layout:
     """The checked layout of the GGUF file on ``fd``; raise ``InvalidModel`` if bad."""
-    try:
+    with defects_as_invalid("gguf", GGUFError):
         return read_layout(fd, file_size, caps_for(caps))
-    except GGUFError as exc:
-        raise invalid("gguf", exc.code, exc.message) from None
-    except OSError as exc:
-        raise SourceUnavailable(f"read failed: {exc.strerror}", code="unreadable") from exc
 
 
 def inspect_gguf(fd: int, file_size: int, caps: InspectionCaps) -> ModelSummary:

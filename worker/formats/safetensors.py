@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary
-from loadwarden.producer.errors import SourceUnavailable
 from loadwarden.producer.settings import InspectionCaps
-from loadwarden.worker.formats._common import invalid, summarize
+from loadwarden.worker.formats._common import defects_as_invalid, summarize
 from loadwarden.worker.sandbox._safetensors import Caps, Layout, SafetensorsError, read_layout
 
 
@@ -39,12 +38,8 @@ def caps_for(caps: InspectionCaps) -> Caps:
 
 def read_safetensors_layout(fd: int, file_size: int, caps: InspectionCaps) -> Layout:
     """The checked layout of the safetensors file on ``fd``; raise ``InvalidModel`` if bad."""
-    try:
+    with defects_as_invalid("safetensors", SafetensorsError):
         return read_layout(fd, file_size, caps_for(caps))
-    except SafetensorsError as exc:
-        raise invalid("safetensors", exc.code, exc.message) from None
-    except OSError as exc:
-        raise SourceUnavailable(f"read failed: {exc.strerror}", code="unreadable") from exc
 
 
 def inspect_safetensors(fd: int, file_size: int, caps: InspectionCaps) -> SafetensorsHeader:

@@ -99,6 +99,11 @@ def read_layout(fd: int, file_size: int, caps: Caps) -> Layout:
     return Layout(version, alignment, header_bytes, data_start, tensors, metadata)
 
 
+def read_within(fd: int, file_size: int) -> Layout:
+    """``read_layout`` bounded only by the file (the child re-reads an inspected file)."""
+    return read_layout(fd, file_size, Caps.within(file_size))
+
+
 class _Reader:
     """Reads the header through a buffer that grows on demand, never past the caps or the file.
 

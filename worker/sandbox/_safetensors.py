@@ -101,6 +101,11 @@ def read_layout(fd: int, file_size: int, caps: Caps) -> Layout:
     return Layout(header_bytes, data_offset, tensors, metadata)
 
 
+def read_within(fd: int, file_size: int) -> Layout:
+    """``read_layout`` bounded only by the file (the child re-reads an inspected file)."""
+    return read_layout(fd, file_size, Caps.within(file_size))
+
+
 def _read_length(fd: int, file_size: int, caps: Caps) -> int:
     if file_size < PREFIX_BYTES:
         raise SafetensorsError(
@@ -203,7 +208,7 @@ def _check_tensor(name: str, entry: object, caps: Caps) -> Tensor:
     nbytes = dtype.nbytes(parameters)
     if nbytes is None:  # the reference's MisalignedSlice
         raise SafetensorsError(
-            "misaligned",
+            "not_whole_bytes",
             f"tensor {show(name)}: {parameters} {dtype.name} elements (shape {shape}) do not "
             f"fill whole bytes; {dtype.name} packs {dtype.describe_block()}",
         )

@@ -21,8 +21,8 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
-from collections.abc import Iterable
-from typing import IO, Any
+from collections.abc import Callable, Iterable
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import numpy.lib.format as npy_format
@@ -48,6 +48,7 @@ NPY_MAX_HEADER_BYTES = 1024 * 1024
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError)
 
 Entry = tuple[str, str, list[int], int]
+T = TypeVar("T")
 Array = np.ndarray[Any, Any]
 
 
@@ -102,11 +103,7 @@ def read_safetensors(fd: int) -> list[tuple[_safetensors.Tensor, Array]]:
     size, not the worker's caps, which the supervisor already applied). F4 and F6
     tensors stay packed: a flat ``uint8`` array of their bytes.
     """
-    size = os.fstat(fd).st_size
-    try:
-        layout = _safetensors.read_layout(fd, size, _safetensors.Caps.within(size))
-    except _safetensors.SafetensorsError as exc:
-        raise FileChanged(f"the safetensors file changed after inspection: {exc.message}") from exc
+    layout = _reread(fd, "safetensors", _safetensors.SafetensorsError, _safetensors.read_within)
     regions = [
         Region(t.name, layout.data_offset + t.begin, t.nbytes, t.dtype, t.shape)
         for t in layout.tensors
@@ -150,16 +147,20 @@ def read_npz(fd: int, memory_bytes: object = None) -> dict[str, np.ndarray[Any, 
 
 def read_gguf(fd: int) -> list[tuple[_gguf.TensorEntry, np.ndarray[Any, Any]]]:
     """Every tensor of the GGUF file on ``fd``, its layout re-read (bounded by the file)."""
-    size = os.fstat(fd).st_size
-    try:
-        layout = _gguf.read_layout(fd, size, _gguf.Caps.within(size))
-    except _gguf.GGUFError as exc:
-        raise FileChanged(f"the GGUF file changed after inspection: {exc.message}") from exc
+    layout = _reread(fd, "GGUF", _gguf.GGUFError, _gguf.read_within)
     regions = [
         Region(t.name, layout.data_start + t.offset, t.nbytes, GGML_BY_NAME[t.dtype], t.shape)
         for t in layout.tensors
     ]
     return list(zip(layout.tensors, read_regions(fd, regions), strict=True))
+
+
+def _reread(fd: int, what: str, defect: type[Exception], read: Callable[[int, int], T]) -> T:
+    """A layout re-read as at inspection; a file that no longer checks out raises FileChanged."""
+    try:
+        return read(fd, os.fstat(fd).st_size)
+    except defect as exc:
+        raise FileChanged(f"the {what} file changed after inspection: {exc}") from exc
 
 
 def _entry(name: str, array: np.ndarray[Any, Any]) -> Entry:
