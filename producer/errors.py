@@ -169,3 +169,19 @@ _BY_OUTCOME: dict[str, type[LoadError]] = {
 def error_class_for(outcome: Outcome | str) -> type[LoadError]:
     """The ``LoadError`` subclass for a failed outcome (``KeyError`` for ``ok``)."""
     return _BY_OUTCOME[str(outcome)]
+
+
+#: Longest exception text a report carries for an error we did not expect.
+DESCRIBE_CHARS = 500
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of any exception, never raising (``str()`` itself can raise: a huge
+    integer past ``sys.int_info``'s digit limit in its arguments), cut to a readable length."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "(the message could not be rendered)"
+    name = type(exc).__name__
+    full = f"{name}: {text}" if text else name
+    return full if len(full) <= DESCRIBE_CHARS else full[: DESCRIBE_CHARS - 3] + "..."
