@@ -220,7 +220,7 @@ class Client:
         """
         redis = await self.redis()
         if job_id is None:
-            job_id, _ = await _guard(
+            found, _ = await _guard(
                 enqueue_once(
                     redis,
                     request,
@@ -230,7 +230,7 @@ class Client:
                     dedupe_ttl_s=self.settings.keep_result_s,
                 )
             )
-            return JobHandle(self, job_id)
+            return JobHandle(self, found)
         # Only the fields the caller set travel: the worker can then tell a request's own
         # retry policy from the defaults (request > worker > default).
         await _guard(
