@@ -7,6 +7,7 @@ and children) by replacing one of our own functions for the length of a job.
 from __future__ import annotations
 
 import errno
+import json
 import pkgutil
 import struct
 import subprocess
@@ -218,3 +219,47 @@ async def test_source_with_a_nul_byte(settings: Settings) -> None:
         report = await client.report("nul", timeout_s=30)
     assert report.outcome is Outcome.INVALID
     assert report.error is not None and report.error.code == "bad_request"
+
+
+def _symlink_loop(tmp_path: Path) -> Path:
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop.name)
+    return loop
+
+
+def _directory_loop(tmp_path: Path) -> Path:
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    return tmp_path / "a" / "model.safetensors"
+
+
+def _name_too_long(tmp_path: Path) -> Path:
+    return tmp_path / ("x" * 300 + ".safetensors")
+
+
+@pytest.mark.parametrize(
+    ("make", "codes"),
+    [
+        (_symlink_loop, {"symlink_loop", "symlink"}),  # inspect refuses every symlink
+        (_directory_loop, {"symlink_loop"}),
+        (_name_too_long, {"bad_path"}),
+    ],
+    ids=["symlink_loop", "directory_loop", "name_too_long"],
+)
+@pytest.mark.parametrize("command", ["inspect", "load"])
+def test_unresolvable_paths_are_refused_with_a_report(
+    command: str, make: Callable[[Path], Path], codes: set[str], tmp_path: Path
+) -> None:
+    """`inspect` and `load` of a path that cannot be resolved print a `refused` report."""
+    path = make(tmp_path)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "loadwarden"), command, str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    document = json.loads(out.stdout)
+    assert document["outcome"] == "refused" and document["error"]["code"] in codes

@@ -35,6 +35,7 @@ from loadwarden.producer.errors import (
 from loadwarden.producer.preload import PreloadEntry, PreloadResult
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _render
+from loadwarden.worker._files import resolved
 from loadwarden.worker.logs import configure_logging
 
 EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
@@ -154,7 +155,7 @@ def worker(
 
     settings = _settings(redis, concurrency=concurrency, metrics_port=metrics_port)
     if allow_root:
-        settings = _with_roots(settings, *(root.resolve() for root in allow_root))
+        settings = _with_roots(settings, *(resolved(root) for root in allow_root))
     if not settings.redis_url:
         raise typer.BadParameter(
             "a worker needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
@@ -259,7 +260,7 @@ def load(
         raise typer.BadParameter(str(exc)) from None
 
     # The file was named on the command line: its own folder is the one allowed root.
-    settings = _with_roots(_settings(), file.resolve().parent)
+    settings = _with_roots(_settings(), resolved(file).parent)
 
     async def go() -> LoadReport:
         async with Supervisor(settings) as supervisor:
@@ -374,7 +375,7 @@ def preload(
             _preload(
                 settings,
                 requests,
-                catalog.resolve().parent,
+                resolved(catalog).parent,
                 state_dir,
                 concurrency=concurrency,
                 timeout_s=timeout_s,
@@ -453,7 +454,7 @@ def calibrate(
         for defect in exc.defects:
             typer.echo(f"  - {defect}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-    settings = _with_roots(_settings(), catalog.resolve().parent)
+    settings = _with_roots(_settings(), resolved(catalog).parent)
     results = asyncio.run(calib.calibrate(requests, settings))
     if output is not None:
         output.write_text(calib.to_toml(results))

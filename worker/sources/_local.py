@@ -208,6 +208,8 @@ def _open_root(real: str, source: str) -> int:
     try:
         return os.open(real, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):  # never gets better by retrying
+            raise _os_error(source, exc) from exc
         raise SourceUnavailable(
             f"the allowed root {real!r} of {source!r} cannot be opened: {exc.strerror}",
             code="root_unavailable",
