@@ -8,7 +8,8 @@
     ├── ClientError              the producer side could not do what was asked
     │   ├── RedisUnavailable     Redis did not answer
     │   ├── JobNotFound          no job with that id is queued, running or finished
-    │   └── ReportTimeout        the report did not arrive in time (also a TimeoutError)
+    │   ├── ReportTimeout        the report did not arrive in time (also a TimeoutError)
+    │   └── EmbeddedWorkerDied   the in-process worker of an embedded command stopped
     └── LoadError                a load ended in an outcome other than ``ok``
         ├── InvalidModel         outcome ``invalid``: bad file, header defect or digest mismatch
         ├── SourceRefused        outcome ``refused``: policy forbids this source or format
@@ -72,6 +73,10 @@ class JobNotFound(ClientError):
 
 class ReportTimeout(ClientError, TimeoutError):
     """The job's report did not arrive within the wait."""
+
+
+class EmbeddedWorkerDied(ClientError):
+    """The in-process worker of an embedded command stopped: nothing would answer the wait."""
 
 
 class LoadError(LoadwardenError):
