@@ -4,8 +4,9 @@
 a Redis connection for loadwarden's own bookkeeping (history, heartbeat,
 attempts, cancels, dead letters), the arq worker (recreated with backoff when
 Redis drops), and shutdown: the first SIGTERM/SIGINT stops pulling jobs and
-lets running loads finish for ``shutdown_grace_s``, then kills them and leaves
-their jobs queued for another worker; a second signal stops at once.
+lets running loads finish for ``drain_grace_s`` (by default the deadline
+ceiling), then kills them and leaves their jobs queued for another worker; a
+second signal stops at once.
 """
 
 from __future__ import annotations
@@ -361,7 +362,7 @@ class WorkerRunner:
             self._stop_now()
             return
         self._stop_requested = True
-        log.info("worker_stopping", grace_s=self.settings.shutdown_grace_s)
+        log.info("worker_stopping", grace_s=self.settings.drain_grace_s)
         if self.worker is not None:
             self.worker.allow_pick_jobs = False
         self._draining = asyncio.get_running_loop().create_task(self._drain())
@@ -369,7 +370,7 @@ class WorkerRunner:
     async def _drain(self) -> None:
         worker = self.worker
         if worker is not None and worker.tasks:
-            await asyncio.wait(list(worker.tasks.values()), timeout=self.settings.shutdown_grace_s)
+            await asyncio.wait(list(worker.tasks.values()), timeout=self.settings.drain_grace_s)
         self._stop_now()
 
     def _stop_now(self) -> None:

@@ -97,7 +97,8 @@ class Supervisor:
         self.history = history
         #: Job id -> source of every load running now (the heartbeat publishes them).
         self.in_flight: dict[str, str] = {}
-        budget = s.memory_budget_bytes or max(0, detect_memory_bytes() - s.memory_reserve_bytes)
+        container = s.container_memory_bytes or detect_memory_bytes()
+        budget = s.memory_budget_bytes or max(0, container - s.memory_reserve_bytes)
         self.admission = Admission(budget)
         self.cgroups: CgroupManager | None = None
         self.cgroups_note = "disabled by settings (use_cgroups = false)"
