@@ -56,7 +56,7 @@ def _v1_cgroup(path: str) -> str:
 
 @pytest.mark.parametrize("mountinfo", [True, False], ids=["mountinfo", "no-mountinfo"])
 def test_v1_container_without_cgroup_namespace(tmp_path: Path, mountinfo: bool) -> None:
-    """cgroup v1, no cgroupns: /proc/self/cgroup names the host path, the mount is the container's."""
+    """v1, no cgroupns: /proc/self/cgroup names the host path, the mount is the container's."""
     root = _layout(
         tmp_path,
         _v1_cgroup(POD),
@@ -144,6 +144,6 @@ def test_no_limit_anywhere_falls_back_to_the_machine(tmp_path: Path) -> None:
 
 
 def test_the_stated_container_memory_sets_the_budget() -> None:
-    """LOADWARDEN_CONTAINER_MEMORY_BYTES (the downward API's figure) minus the reserve is the budget."""
+    """LOADWARDEN_CONTAINER_MEMORY_BYTES (downward API) minus the reserve is the budget."""
     settings = Settings(container_memory_bytes=4 * GiB, memory_reserve_bytes=GiB // 2)
     assert Supervisor(settings).admission.budget_bytes == 4 * GiB - GiB // 2

@@ -12,6 +12,7 @@ from pathlib import Path
 from loadwarden.producer.errors import SourceRefused
 from loadwarden.worker.memory_limit import detect_memory_limit
 
+
 def detect_memory_bytes(root: Path = Path("/")) -> int:
     """The memory this worker may use: its container's (cgroup) limit, else the machine's."""
     machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

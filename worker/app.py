@@ -28,7 +28,6 @@ from redis.exceptions import RedisError
 from loadwarden.producer import wire
 from loadwarden.producer.client import FUNCTION_NAME
 from loadwarden.producer.contract import Attempt, LoadReport, LoadRequest, ModelFormat, Outcome
-from loadwarden.producer.counts import queue_counts
 from loadwarden.producer.errors import (
     ChildCrashed,
     ContractError,
@@ -38,12 +37,11 @@ from loadwarden.producer.errors import (
 )
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import cancel_and_wait, finish_despite_cancel
-from loadwarden.worker.autoscale_inputs import desired_from_counts
 from loadwarden.worker.heartbeat import beat
 from loadwarden.worker.history import History
 from loadwarden.worker.jobs import JobBook
-from loadwarden.worker.metrics import Metrics
 from loadwarden.worker.probes import Probes
+from loadwarden.worker.queue_gauges import update_queue_gauges
 from loadwarden.worker.retry import backoff_s, retry_on, should_retry
 from loadwarden.worker.supervisor import Supervisor
 
@@ -286,7 +284,7 @@ class WorkerRunner:
             side = [
                 asyncio.create_task(beat(redis, sup, self.settings)),
                 asyncio.create_task(book.watch_cancels()),
-                asyncio.create_task(update_queue_gauges(redis, sup.metrics, self.settings)),
+                asyncio.create_task(update_queue_gauges(redis, sup.metrics.queue, self.settings)),
             ]
             if self.settings.metrics_port is not None:
                 self.probes = Probes(
@@ -376,27 +374,6 @@ class WorkerRunner:
     def _stop_now(self) -> None:
         if self.worker is not None and self.worker.main_task is not None:
             self.worker.handle_sig(signal.SIGTERM)  # cancels running jobs, then arq's main task
-
-
-async def update_queue_gauges(
-    redis: aioredis.Redis,
-    metrics: Metrics,
-    settings: Settings,
-    interval_s: float = 5.0,
-) -> None:
-    """Refresh the queue gauges every ``interval_s`` until cancelled (cheap sorted-set counts)."""
-    while True:
-        try:
-            counts = await queue_counts(redis, settings.queue_name)
-        except (RedisError, OSError) as exc:
-            log.debug("queue_gauges_failed", error=str(exc))
-        else:
-            for state in ("ready", "deferred", "running"):
-                metrics.queue.labels(state=state).set(counts[state])
-            metrics.dead_letter_jobs.set(counts["dead"])
-            metrics.workers_alive.set(counts["workers"])
-            metrics.desired_workers.set(desired_from_counts(counts, settings))
-        await asyncio.sleep(interval_s)
 
 
 async def run_worker(

@@ -160,7 +160,13 @@ def worker(
             "a worker needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
         )
     configure_logging(log_level)
-    asyncio.run(run_worker(settings, burst=burst))
+    from loadwarden.worker.sandbox.forkserver import SandboxError
+
+    try:
+        asyncio.run(run_worker(settings, burst=burst))
+    except SandboxError as exc:  # a fail-closed setting (require_cgroups, require_landlock)
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -78,8 +78,8 @@ def memory_mounts(root: Path = Path("/")) -> dict[int, CgroupMount]:
         version = {"cgroup2": 2, "cgroup": 1}.get(rest[0])
         if version is None or (version == 1 and "memory" not in rest[2].split(",")):
             continue
-        mount = CgroupMount(PurePosixPath(_unescape(fields[4])), PurePosixPath(_unescape(fields[3])))
-        found.setdefault(version, mount)
+        mount_point, mount_root = PurePosixPath(_unescape(fields[4])), _unescape(fields[3])
+        found.setdefault(version, CgroupMount(mount_point, PurePosixPath(mount_root)))
     return found
 
 
@@ -99,15 +99,14 @@ def own_cgroups(root: Path = Path("/")) -> dict[str, PurePosixPath]:
     return paths
 
 
-def cgroup_folder(root: Path, mount: CgroupMount, path: PurePosixPath) -> Path:
-    """The folder of hierarchy path ``path`` as seen through ``mount``.
+def cgroup_folder(base: Path, mount_root: PurePosixPath, path: PurePosixPath) -> Path:
+    """The folder of hierarchy path ``path`` in a cgroup mount at ``base`` showing ``mount_root``.
 
     The path is taken relative to the mount's root; if it does not lie under it, or the
     folder does not exist, the mount point itself: in a container, its own cgroup.
     """
-    base = root / mount.mount_point.relative_to(_SLASH)
     try:
-        relative = path.relative_to(mount.root)
+        relative = path.relative_to(mount_root)
     except ValueError:
         return base
     folder = base / relative
@@ -155,12 +154,13 @@ def detect_memory_limit(root: Path = Path("/")) -> MemoryLimit:
     """This process's memory limit as its container sees it (v2 first, then v1's memory)."""
     mounts, own = memory_mounts(root) or dict(_USUAL_MOUNTS), own_cgroups(root)
     notes = []
-    for version, controller, name in ((2, "", "memory.max"), (1, "memory", "memory.limit_in_bytes")):
+    layouts = ((2, "", "memory.max"), (1, "memory", "memory.limit_in_bytes"))
+    for version, controller, name in layouts:
         mount = mounts.get(version)
         if mount is None or controller not in own:
             continue
         base = root / mount.mount_point.relative_to(_SLASH)
-        folder = cgroup_folder(root, mount, own[controller])
+        folder = cgroup_folder(base, mount.root, own[controller])
         found = _tightest(base, folder, name)
         if version == 1:
             hierarchical = _v1_hierarchical(folder)
