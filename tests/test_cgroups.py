@@ -72,9 +72,9 @@ def _run_in_cgroup2_namespace(tmp_path: Path) -> dict[str, object]:
     mnt = tmp_path / "cgroup2"
     mnt.mkdir()
     shell = 'mount -t cgroup2 none "$1" || exit 77; shift; exec "$@"'
+    unshare = ["unshare", "--mount", "--propagation", "private", "sh", "-c", shell, "sh"]
     done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", shell, "sh", str(mnt)]
-        + [sys.executable, "-c", V2_SCRIPT, str(mnt)],
+        [*unshare, str(mnt), sys.executable, "-c", V2_SCRIPT, str(mnt)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -88,7 +88,7 @@ def _run_in_cgroup2_namespace(tmp_path: Path) -> dict[str, object]:
 
 
 def test_v2_delegation_moves_the_supervisor_into_a_leaf(tmp_path: Path) -> None:
-    """On real cgroup2: enabling controllers fails EBUSY from inside; after the leaf move it works."""
+    """Real cgroup2: enabling controllers fails EBUSY from inside; after the leaf move it works."""
     out = _run_in_cgroup2_namespace(tmp_path)
     wanted = out["wanted"]
     if not wanted:
