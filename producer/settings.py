@@ -130,6 +130,10 @@ class SourcePolicy(BaseModel):
     max_redirects: Annotated[int, Field(ge=0, le=20)] = 5
     # Per user, survives restarts, and is where cache cleaners look (XDG base directories).
     cache_dir: Path = Field(default_factory=_default_cache_dir)
+    # The cache's size cap: before each download, least recently used entries are evicted
+    # until max_download_bytes more fit under it. None: no cap (a workstation's cache is the
+    # user's disk); a deployment on a size-limited volume sets it below the volume's limit.
+    cache_max_bytes: Annotated[int, Field(gt=0)] | None = None
 
     @field_validator("allow_roots", "cache_dir")
     @classmethod
@@ -138,6 +142,15 @@ class SourcePolicy(BaseModel):
             if not path.is_absolute():
                 raise ValueError(f"{str(path)!r} is not an absolute path")
         return value
+
+    @model_validator(mode="after")
+    def _one_download_fits_the_cache(self) -> SourcePolicy:
+        if self.cache_max_bytes is not None and self.cache_max_bytes < self.max_download_bytes:
+            raise ValueError(
+                "cache_max_bytes must be at least max_download_bytes: the largest allowed "
+                "download could never fit in the cache"
+            )
+        return self
 
     @field_validator("allow_hosts")
     @classmethod
