@@ -262,8 +262,6 @@ def test_worker_deployment_is_hardened_and_outlives_its_grace() -> None:
     deployment = yaml.safe_load((K8S / "worker-deployment.yaml").read_text())
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert pod["terminationGracePeriodSeconds"] > int(env["LOADWARDEN_SHUTDOWN_GRACE_S"])
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     security = container["securityContext"]
@@ -277,9 +275,94 @@ def test_worker_deployment_is_hardened_and_outlives_its_grace() -> None:
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert {"/tmp", "/var/cache/loadwarden", "/models"} <= set(mounts)
     assert mounts["/models"]["readOnly"] is True
+
+
+#: Seconds after the drain grace for the kill, reap and requeue of what is left (arq's close
+#: waits up to 10 s for cancelled jobs' bookkeeping), before the platform's SIGKILL.
+STOP_MARGIN_S = 15
+
+
+def _drain(env: dict[str, str]) -> tuple[float, float]:
+    """(drain grace, deadline ceiling) the worker computes from these environment variables."""
+    from loadwarden.producer.settings import Settings
+
+    names = ("LOADWARDEN_SHUTDOWN_GRACE_S", "LOADWARDEN_LIMITS__TIMEOUT_CEILING_S")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    try:
+        os.environ.update({name: env[name] for name in names if name in env})
+        settings = Settings()
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+    return settings.drain_grace_s, settings.limits.timeout_ceiling_s
+
+
+def _worker_pod() -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    yaml = _yaml()
+    deployment = yaml.safe_load((K8S / "worker-deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    return pod, container, env
+
+
+def test_drain_outlasts_every_deadline_the_deployment_allows() -> None:
+    """Pod and compose: grace >= the deadline ceiling; the SIGKILL comes after grace + margin."""
+    yaml = _yaml()
+    pod, _, env = _worker_pod()
+    grace_s, ceiling_s = _drain(env)
+    assert grace_s >= ceiling_s, "a drain would kill loads still within their deadline"
+    assert pod["terminationGracePeriodSeconds"] >= grace_s + STOP_MARGIN_S
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["worker"]
-    grace_s = int(compose["environment"]["LOADWARDEN_SHUTDOWN_GRACE_S"])
-    assert int(compose["stop_grace_period"].removesuffix("s")) > grace_s
+    grace_s, ceiling_s = _drain(compose["environment"])
+    assert grace_s >= ceiling_s
+    assert int(compose["stop_grace_period"].removesuffix("s")) >= grace_s + STOP_MARGIN_S
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "g": 1 << 30, "m": 1 << 20}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity.removesuffix(suffix)) * factor
+    return int(quantity)
+
+
+def test_budget_and_cache_fit_what_the_pod_is_given() -> None:
+    """The budget comes from the memory limit; the cache cap stays under the emptyDir limit."""
+    yaml = _yaml()
+    pod, container, env = _worker_pod()
+    (stated,) = [e for e in container["env"] if e["name"] == "LOADWARDEN_CONTAINER_MEMORY_BYTES"]
+    assert stated["valueFrom"]["resourceFieldRef"] == {
+        "containerName": container["name"],
+        "resource": "limits.memory",
+        "divisor": "1",
+    }
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    cache_volume = volumes[mounts[env["LOADWARDEN_SOURCES__CACHE_DIR"]]]
+    size_limit = _bytes(cache_volume["emptyDir"]["sizeLimit"])
+    cap = int(env["LOADWARDEN_SOURCES__CACHE_MAX_BYTES"])
+    assert int(env["LOADWARDEN_SOURCES__MAX_DOWNLOAD_BYTES"]) <= cap < size_limit
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["worker"]
+    stated_bytes = int(compose["environment"]["LOADWARDEN_CONTAINER_MEMORY_BYTES"])
+    assert stated_bytes == _bytes(compose["mem_limit"])
+    assert all("size=" in mount for mount in compose["tmpfs"])
+
+
+def test_images_are_pinned_by_digest() -> None:
+    """Every image is referenced by sha256 digest: the Dockerfile base, compose, kustomize."""
+    yaml = _yaml()
+    digest = re.compile(r"@sha256:[0-9a-f]{64}$")
+    (base,) = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.M)
+    assert digest.search(base), base
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    for name, service in services.items():
+        if "build" not in service:  # ours is built locally from this tree
+            assert digest.search(service["image"]), f"compose {name}: {service['image']}"
+    (image,) = yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", image["digest"]), image
 
 
 def test_kustomizations_list_every_manifest() -> None:
