@@ -362,6 +362,31 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
+def print_removal(
+    compared: dict[str, RunResult], horizon_s: float, victims: str
+) -> dict[str, dict[str, float]]:
+    """The table of how each way of removing workers did; returns its rows."""
+    print(f"\nremoving workers (victims: a ReplicaSet's pick, busy or not; {victims} above):")
+    print(
+        f"{'':34}{'busy removed':>13}{'loads killed':>13}{'lost load-s':>12}"
+        f"{'drain max':>10}{'worker-s':>10}"
+    )
+    rows: dict[str, dict[str, float]] = {}
+    for name, run in compared.items():
+        r = rows[name] = {
+            "busy_removed": run.busy_removed,
+            "killed_loads": run.killed_loads,
+            "killed_load_s": round(run.killed_load_s),
+            "drain_max_s": round(max(run.drains_s, default=0.0), 1),
+            "worker_seconds": round(run.worker_seconds(horizon_s)),
+        }
+        print(
+            f"{name:34}{r['busy_removed']:>13}{r['killed_loads']:>13}{r['killed_load_s']:>12}"
+            f"{r['drain_max_s']:>10}{r['worker_seconds']:>10}"
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--loads", type=int, default=10_000)
@@ -469,26 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:28}{rows['policy'][key]:>12}{rows['fixed'][key]:>14}")
     ratio = rows["policy"]["worker_seconds"] / rows["fixed"]["worker_seconds"]
     print(f"{'ratio policy/fixed':28}{ratio:>12.3f}")
-    print(f"\nremoving workers (victims: a ReplicaSet's pick, busy or not; {args.victims} above):")
-    print(
-        f"{'':34}{'busy removed':>13}{'loads killed':>13}{'lost load-s':>12}"
-        f"{'drain max':>10}{'worker-s':>10}"
-    )
-    choice_rows = {}
-    for name, run in compared.items():
-        choice_rows[name] = {
-            "busy_removed": run.busy_removed,
-            "killed_loads": run.killed_loads,
-            "killed_load_s": round(run.killed_load_s),
-            "drain_max_s": round(max(run.drains_s, default=0.0), 1),
-            "worker_seconds": round(run.worker_seconds(horizon_s)),
-        }
-        r = choice_rows[name]
-        print(
-            f"{name:34}{r['busy_removed']:>13}{r['killed_loads']:>13}{r['killed_load_s']:>12}"
-            f"{r['drain_max_s']:>10}{r['worker_seconds']:>10}"
-        )
-
+    choice_rows = print_removal(compared, horizon_s, args.victims)
     drains_ok = rows["policy"]["drain_max_s"] <= args.target_drain_s
     cheaper = ratio < 1
     none_killed = scaled.killed_loads == 0
