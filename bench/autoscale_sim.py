@@ -22,11 +22,20 @@ Two pools run the same trace:
     stabilisation window: KEDA/HPA add one in a cluster, which costs more worker-seconds.
 (b) **fixed**: as many workers as the policy ever wanted, up from the start.
 
+Scale-down is modelled as a ReplicaSet does it (``--victims replicaset``): workers still
+starting go first, then the newest, busy or not. A removed busy worker takes no more jobs
+and its loads get ``--drain-grace-s``; those that need longer are killed and queued again.
+The policy also keeps KEDA's running-jobs trigger as a floor (``--running-per-worker``).
+A second table runs the same trace three ways: the deployment before issue #15 (running
+trigger at the concurrency, 30 s grace), this one (1 per worker, grace = deadline ceiling),
+and an oracle that removes only idle workers (what a pod-deletion cost could at best buy).
+
 For each it prints the backlog drain time after each burst (from the burst's last arrival
 to the end of its last load; max and p95), the wait of a job before it starts, and the
 worker-seconds over the same horizon; then the ratio policy/fixed, PASS or FAIL on the
 issue's goal (the policy drains every burst within ``--target-drain-s`` with fewer
-worker-seconds than the fixed pool), and a one-line JSON summary. Exit status 0 on PASS.
+worker-seconds than the fixed pool, and no scale-down kills a load), and a one-line JSON
+summary. Exit status 0 on PASS.
 
 The formula sizes the pool to drain a backlog in ``target_drain_s`` from when it is
 measured, but workers arrive up to ``--interval-s`` + ``--startup-s`` later, a burst's
