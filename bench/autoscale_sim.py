@@ -22,11 +22,20 @@ Two pools run the same trace:
     stabilisation window: KEDA/HPA add one in a cluster, which costs more worker-seconds.
 (b) **fixed**: as many workers as the policy ever wanted, up from the start.
 
+Scale-down is modelled as a ReplicaSet does it (``--victims replicaset``): workers still
+starting go first, then the newest, busy or not. A removed busy worker takes no more jobs
+and its loads get ``--drain-grace-s``; those that need longer are killed and queued again.
+The policy also keeps KEDA's running-jobs trigger as a floor (``--running-per-worker``).
+A second table runs the same trace three ways: the deployment before issue #15 (running
+trigger at the concurrency, 30 s grace), this one (1 per worker, grace = deadline ceiling),
+and an oracle that removes only idle workers (what a pod-deletion cost could at best buy).
+
 For each it prints the backlog drain time after each burst (from the burst's last arrival
 to the end of its last load; max and p95), the wait of a job before it starts, and the
 worker-seconds over the same horizon; then the ratio policy/fixed, PASS or FAIL on the
 issue's goal (the policy drains every burst within ``--target-drain-s`` with fewer
-worker-seconds than the fixed pool), and a one-line JSON summary. Exit status 0 on PASS.
+worker-seconds than the fixed pool, and no scale-down kills a load), and a one-line JSON
+summary. Exit status 0 on PASS.
 
 The formula sizes the pool to drain a backlog in ``target_drain_s`` from when it is
 measured, but workers arrive up to ``--interval-s`` + ``--startup-s`` later, a burst's
@@ -44,7 +53,7 @@ import math
 import random
 import sys
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from loadwarden.worker.autoscale import AutoscaleInput, decide, estimate_service_rate
 
@@ -118,7 +127,7 @@ def make_trace(shape: TraceShape, rng: random.Random) -> Trace:
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    """The formula's parameters and the cluster's reaction times."""
+    """The formula's parameters, the cluster's reaction times and how it removes workers."""
 
     target_drain_s: float
     min_workers: int
@@ -127,6 +136,13 @@ class PolicyConfig:
     interval_s: float
     startup_s: float
     rate_window_s: float
+    #: The running-jobs trigger: never fewer workers than ceil(running / this).
+    running_per_worker: int = 1
+    #: "replicaset": the newest pods go first, busy or not (a ReplicaSet cannot see what a
+    #: pod runs); "idle-first": only idle workers go (what a pod-deletion cost would buy).
+    victims: str = "replicaset"
+    #: SIGTERM's drain grace: a removed worker's loads that need longer are killed and rerun.
+    drain_grace_s: float = 540.0
 
 
 @dataclass(slots=True)
@@ -135,6 +151,7 @@ class _Worker:
     up: bool = False
     running: int = 0
     gone_s: float | None = None
+    jobs: set[int] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -148,6 +165,10 @@ class RunResult:
     max_desired: int = 0
     decisions: int = 0
     default_rate_used: int = 0
+    #: Busy workers removed, loads killed by a drain that ran out, and their lost load-seconds.
+    busy_removed: int = 0
+    killed_loads: int = 0
+    killed_load_s: float = 0.0
 
     def worker_seconds(self, horizon_s: float) -> float:
         """Worker-seconds from each request to its removal, or to ``horizon_s``."""
@@ -156,7 +177,7 @@ class RunResult:
 
 # Event kinds, in the order they are handled at equal times: a load that ends frees its
 # slot before a new one is dispatched, and the scaler sees the state after both.
-_DONE, _UP, _ARRIVE, _EVALUATE = range(4)
+_DONE, _UP, _ARRIVE, _EVALUATE, _KILL = range(5)
 # A _DONE event's payload packs the job's index and its worker's: job * _SPLIT + worker.
 _SPLIT = 1 << 20
 
@@ -182,6 +203,9 @@ class _Simulation:
     completed: int = 0
     busy_slot_s: float = 0.0
     samples: deque[tuple[float, int, float]] = field(default_factory=deque)
+    #: When each running job started and will end (a DONE for another end is stale).
+    started: dict[int, float] = field(default_factory=dict)
+    ends: dict[int, float] = field(default_factory=dict)
 
     def push(self, at: float, kind: int, payload: int) -> None:
         self.seq += 1
@@ -205,7 +229,11 @@ class _Simulation:
             self.busy_slot_s += self.running * (at - self.now)
             self.now = at
             if kind == _DONE:
-                self.finish(*divmod(payload, _SPLIT))
+                job_index, worker_index = divmod(payload, _SPLIT)
+                if self.ends.get(job_index) == at:
+                    self.finish(job_index, worker_index)
+            elif kind == _KILL:
+                self.kill(*divmod(payload, _SPLIT))
             elif kind == _UP:
                 worker = self.workers[payload]
                 worker.up = worker.gone_s is None
@@ -221,6 +249,8 @@ class _Simulation:
     def finish(self, job_index: int, worker_index: int) -> None:
         """A load ends: free its slot; the last load of a burst ends that burst's drain."""
         self.workers[worker_index].running -= 1
+        self.workers[worker_index].jobs.discard(job_index)
+        self.ends.pop(job_index, None)
         self.running -= 1
         self.completed += 1
         self.left -= 1
@@ -242,8 +272,37 @@ class _Simulation:
                 job = self.trace.jobs[job_index]
                 self.result.waits_s.append(self.now - job.arrival_s)
                 worker.running += 1
+                worker.jobs.add(job_index)
                 self.running += 1
+                self.started[job_index] = self.now
+                self.ends[job_index] = self.now + job.service_s
                 self.push(self.now + job.service_s, _DONE, job_index * _SPLIT + index)
+
+    def kill(self, job_index: int, worker_index: int) -> None:
+        """The drain grace ran out: the load is killed and its job queued again, first."""
+        if job_index not in self.workers[worker_index].jobs:
+            return
+        worker = self.workers[worker_index]
+        worker.jobs.discard(job_index)
+        worker.running -= 1
+        self.running -= 1
+        self.ends.pop(job_index, None)
+        self.result.killed_loads += 1
+        self.result.killed_load_s += self.now - self.started[job_index]
+        self.ready.appendleft(job_index)
+
+    def remove(self, index: int, grace_s: float) -> None:
+        """SIGTERM: the worker takes no more jobs; its loads get ``grace_s`` to finish."""
+        worker = self.workers[index]
+        if not worker.jobs:
+            worker.gone_s = self.now
+            return
+        self.result.busy_removed += 1
+        deadline = self.now + grace_s
+        for job_index in worker.jobs:
+            if self.ends[job_index] > deadline:
+                self.push(deadline, _KILL, job_index * _SPLIT + index)
+        worker.gone_s = min(deadline, max(self.ends[j] for j in worker.jobs))
 
     def observed_rate(self, policy: PolicyConfig) -> float:
         """Completions per busy worker (running / concurrency) over the last rate window."""
@@ -274,21 +333,31 @@ class _Simulation:
                 default_service_rate_per_worker=policy.default_rate,
             )
         )
+        # KEDA runs the larger of its triggers: the running-jobs one is a floor.
+        floor = math.ceil(self.running / policy.running_per_worker)
+        desired = min(policy.max_workers, max(decision.desired, floor))
         self.result.decisions += 1
         self.result.default_rate_used += decision.service_rate_per_worker == policy.default_rate
-        self.result.max_desired = max(self.result.max_desired, decision.desired)
+        self.result.max_desired = max(self.result.max_desired, desired)
         live = [i for i, w in enumerate(self.workers) if w.gone_s is None]
-        excess = len(live) - decision.desired
+        excess = len(live) - desired
         for _ in range(-excess):
             self.workers.append(_Worker(self.now))
             self.push(self.now + policy.startup_s, _UP, len(self.workers) - 1)
-        # Surplus: cancel workers still starting, then idle ones, newest first.
-        for wanted_up in (False, True):
-            for index in reversed(live):
-                worker = self.workers[index]
-                if excess > 0 and worker.up == wanted_up and worker.running == 0:
-                    worker.gone_s = self.now
-                    excess -= 1
+        # Surplus: workers still starting go first (a ReplicaSet deletes unready pods first),
+        # then the newest: idle ones only with "idle-first", any with "replicaset".
+        for index in reversed(live):
+            worker = self.workers[index]
+            if excess > 0 and not worker.up:
+                worker.gone_s = self.now
+                excess -= 1
+        for index in reversed(live):
+            worker = self.workers[index]
+            if excess <= 0 or not worker.up or worker.gone_s is not None:
+                continue
+            if policy.victims == "replicaset" or worker.running == 0:
+                self.remove(index, policy.drain_grace_s)
+                excess -= 1
         still_up = sum(1 for w in self.workers if w.gone_s is None)
         if self.left > 0 or still_up > policy.min_workers:
             self.push(self.now + policy.interval_s, _EVALUATE, 0)
@@ -300,6 +369,31 @@ def percentile(values: list[float], q: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def print_removal(
+    compared: dict[str, RunResult], horizon_s: float, victims: str
+) -> dict[str, dict[str, float]]:
+    """The table of how each way of removing workers did; returns its rows."""
+    print(f"\nremoving workers (victims: a ReplicaSet's pick, busy or not; {victims} above):")
+    print(
+        f"{'':34}{'busy removed':>13}{'loads killed':>13}{'lost load-s':>12}"
+        f"{'drain max':>10}{'worker-s':>10}"
+    )
+    rows: dict[str, dict[str, float]] = {}
+    for name, run in compared.items():
+        r = rows[name] = {
+            "busy_removed": run.busy_removed,
+            "killed_loads": run.killed_loads,
+            "killed_load_s": round(run.killed_load_s),
+            "drain_max_s": round(max(run.drains_s, default=0.0), 1),
+            "worker_seconds": round(run.worker_seconds(horizon_s)),
+        }
+        print(
+            f"{name:34}{r['busy_removed']:>13}{r['killed_loads']:>13}{r['killed_load_s']:>12}"
+            f"{r['drain_max_s']:>10}{r['worker_seconds']:>10}"
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,6 +416,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-window-s", type=float, default=3600.0)
     parser.add_argument("--bandwidth-mb-s", type=float, default=400.0)
     parser.add_argument("--overhead-s", type=float, default=1.0)
+    parser.add_argument(
+        "--running-per-worker",
+        type=int,
+        default=1,
+        help="threshold of the running-jobs trigger (deploy/k8s: 1)",
+    )
+    parser.add_argument("--victims", choices=("replicaset", "idle-first"), default="replicaset")
+    parser.add_argument(
+        "--drain-grace-s", type=float, default=540.0, help="SIGTERM's grace (the deadline ceiling)"
+    )
+    parser.add_argument("--old-grace-s", type=float, default=30.0, help="the grace before #15")
     args = parser.parse_args(argv)
 
     shape = TraceShape(
@@ -339,8 +444,24 @@ def main(argv: list[str] | None = None) -> int:
         interval_s=args.interval_s,
         startup_s=args.startup_s,
         rate_window_s=args.rate_window_s,
+        running_per_worker=args.running_per_worker,
+        victims=args.victims,
+        drain_grace_s=args.drain_grace_s,
     )
     scaled = _Simulation(trace, args.concurrency, policy).run()
+    # How workers are removed, side by side: the deployment before issue #15 (running trigger
+    # at the concurrency, 30 s grace), this one, and an oracle that removes only idle workers.
+    choices = {
+        f"before: running/{args.concurrency}, grace {args.old_grace_s:g}s": replace(
+            policy,
+            running_per_worker=args.concurrency,
+            victims="replicaset",
+            drain_grace_s=args.old_grace_s,
+        ),
+        f"now: running/{args.running_per_worker}, grace {args.drain_grace_s:g}s": policy,
+        "idle workers only (oracle)": replace(policy, victims="idle-first"),
+    }
+    compared = {name: _Simulation(trace, args.concurrency, c).run() for name, c in choices.items()}
     fixed_n = max(1, scaled.max_desired)
     fixed = _Simulation(trace, args.concurrency, None, fixed_workers=fixed_n).run()
     horizon_s = max(scaled.end_s, fixed.end_s)
@@ -382,15 +503,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:28}{rows['policy'][key]:>12}{rows['fixed'][key]:>14}")
     ratio = rows["policy"]["worker_seconds"] / rows["fixed"]["worker_seconds"]
     print(f"{'ratio policy/fixed':28}{ratio:>12.3f}")
-
+    choice_rows = print_removal(compared, horizon_s, args.victims)
     drains_ok = rows["policy"]["drain_max_s"] <= args.target_drain_s
     cheaper = ratio < 1
-    verdict = "PASS" if drains_ok and cheaper else "FAIL"
+    none_killed = scaled.killed_loads == 0
+    verdict = "PASS" if drains_ok and cheaper and none_killed else "FAIL"
     print(
         f"{verdict}: policy drains every burst within {args.target_drain_s:g} s: "
         f"{'yes' if drains_ok else 'no'} (max {rows['policy']['drain_max_s']} s); "
         f"fewer worker-seconds than the fixed pool: {'yes' if cheaper else 'no'} "
-        f"({ratio:.1%})"
+        f"({ratio:.1%}); no load killed by a scale-down: {'yes' if none_killed else 'no'} "
+        f"({scaled.killed_loads})"
     )
     summary = {
         "verdict": verdict,
@@ -403,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         "policy": rows["policy"],
         "fixed": rows["fixed"],
         "worker_seconds_ratio": round(ratio, 4),
+        "removal": choice_rows,
     }
     print(json.dumps(summary, separators=(",", ":")))
     return 0 if verdict == "PASS" else 1

@@ -51,3 +51,20 @@ async def live_worker_ids(redis: Redis) -> list[str]:
     """Workers whose heartbeat has not lapsed."""
     now = int(time.time() * 1000)
     return [m.decode() for m in await redis.zrangebyscore(WORKERS_ZSET, now, "+inf")]
+
+
+async def oldest_ready_age_s(redis: Redis, queue: str) -> float:
+    """How long the oldest job that is due and held by no worker has been due (0 if none).
+
+    Running jobs stay in the queue's sorted set, scored in the past: of the first
+    ``running + 1`` due entries at least one is not running, if any such job exists.
+    """
+    now = int(time.time() * 1000)
+    running = set(await redis.zrangebyscore(RUNNING_ZSET, now, "+inf"))
+    due = await redis.zrangebyscore(
+        queue, "-inf", now + CLOCK_SKEW_MS, start=0, num=len(running) + 1, withscores=True
+    )
+    for member, score in due:
+        if member not in running:
+            return max(0.0, (now - float(score)) / 1000)
+    return 0.0

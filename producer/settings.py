@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loadwarden.producer.contract import Outcome
@@ -139,6 +139,10 @@ class SourcePolicy(BaseModel):
     # None: huggingface_hub's own rule (HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub),
     # so hf:// finds the models a user already downloaded. Read by hf:// sources only.
     hf_cache_dir: Path | None = None
+    # The cache's size cap: before each download, least recently used entries are evicted
+    # until max_download_bytes more fit under it. None: no cap (a workstation's cache is the
+    # user's disk); a deployment on a size-limited volume sets it below the volume's limit.
+    cache_max_bytes: Annotated[int, Field(gt=0)] | None = None
 
     @field_validator("allow_roots", "cache_dir", "hf_cache_dir")
     @classmethod
@@ -147,6 +151,15 @@ class SourcePolicy(BaseModel):
             if not path.is_absolute():
                 raise ValueError(f"{str(path)!r} is not an absolute path")
         return value
+
+    @model_validator(mode="after")
+    def _one_download_fits_the_cache(self) -> SourcePolicy:
+        if self.cache_max_bytes is not None and self.cache_max_bytes < self.max_download_bytes:
+            raise ValueError(
+                "cache_max_bytes must be at least max_download_bytes: the largest allowed "
+                "download could never fit in the cache"
+            )
+        return self
 
     @field_validator("allow_hosts")
     @classmethod
@@ -213,16 +226,23 @@ class Settings(BaseSettings):
     # 76 jobs/s, 4.6%. arq's own 0.5 s adds ~250 ms of median latency.
     poll_delay_s: Annotated[float, Field(gt=0)] = 0.02
     # How long SIGTERM lets running loads finish before they are killed and requeued.
-    shutdown_grace_s: Annotated[int, Field(ge=0)] = 30
+    # None: the longest deadline a load may get here (limits.timeout_ceiling_s), so a drain
+    # (scale-down, rollout, node drain) never kills a load that could still finish in time;
+    # see ``drain_grace_s``. Set it lower only where a slow drain costs more than a rerun.
+    shutdown_grace_s: Annotated[int, Field(ge=0)] | None = None
     # 10 Hz psutil sampling costs ~0.5% of a core per load (measured).
     sample_interval_s: Annotated[float, Field(gt=0)] = 0.1
     # Reports stay a day: long enough for a producer to come back for them.
     keep_result_s: Annotated[int, Field(gt=0)] = 86_400
     # A loader needs the model, a few libraries and its pipe; 64 leaves room.
     child_max_fds: Annotated[int, Field(ge=16)] = 64
-    # The memory all running loads may hold together; None: the container's (cgroup)
-    # or machine's memory minus ``memory_reserve_bytes``.
+    # The memory all running loads may hold together; None: the container's memory minus
+    # ``memory_reserve_bytes``.
     memory_budget_bytes: Annotated[int, Field(gt=0)] | None = None
+    # The container's memory limit as the platform states it (Kubernetes' downward API,
+    # ``resourceFieldRef: limits.memory``); None: read from the cgroup filesystem, else the
+    # machine's RAM. Stated beats detected: no layout of /sys/fs/cgroup can mislead it.
+    container_memory_bytes: Annotated[int, Field(gt=0)] | None = None
     # Left for the supervisor, Redis clients and the page cache: 512 MiB covers a
     # worker's own ~100 MiB several times over.
     memory_reserve_bytes: Annotated[int, Field(ge=0)] = 512 * MiB
@@ -251,9 +271,18 @@ class Settings(BaseSettings):
     # Put each load in a cgroup of its own when this worker may create them; False
     # relies on rlimits alone.
     use_cgroups: bool = True
+    # Fail closed: refuse to start when per-load cgroups cannot be created. Off by default
+    # because an unprivileged container usually cannot create them (deploy/README.md).
+    require_cgroups: bool = False
+    # Where the cgroup filesystem is mounted: the standard place on every distribution and
+    # container runtime.
+    cgroup_root: Path = Path("/sys/fs/cgroup")
     # Restrict each child with Landlock (read the model and the interpreter only; no
     # writes, no exec, no TCP) where the kernel supports it.
     use_landlock: bool = True
+    # Fail closed: refuse to start when the kernel (or a seccomp profile) denies Landlock.
+    # Off by default: kernels before 5.13 have none, and rlimits still bound every load.
+    require_landlock: bool = False
     # RLIMIT_AS bounds the child's address space. Some native libraries reserve far more
     # address space than they touch; where cgroups confine memory, this may be turned off.
     use_address_space_limit: bool = True
@@ -262,3 +291,17 @@ class Settings(BaseSettings):
     limits: LimitPolicy = LimitPolicy()
     # A factory, not a shared instance: the cache dir follows $XDG_CACHE_HOME at construction.
     sources: SourcePolicy = Field(default_factory=SourcePolicy)
+
+    @property
+    def drain_grace_s(self) -> float:
+        """How long SIGTERM waits for running loads: the setting, else the deadline ceiling."""
+        if self.shutdown_grace_s is not None:
+            return float(self.shutdown_grace_s)
+        return self.limits.timeout_ceiling_s
+
+    @model_validator(mode="after")
+    def _requirements_need_the_mechanism(self) -> Settings:
+        for name in ("cgroups", "landlock"):
+            if getattr(self, f"require_{name}") and not getattr(self, f"use_{name}"):
+                raise ValueError(f"require_{name} needs use_{name}: it would refuse every start")
+        return self

@@ -58,6 +58,13 @@ def slow(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
     return load_safetensors(fd, spec)
 
 
+@register_loader("slow_3s")
+def slow_3s(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Take about three seconds (longer than a short shutdown grace), then load for real."""
+    threading.Event().wait(3.0)
+    return load_safetensors(fd, spec)
+
+
 @register_loader("read_other")
 def read_other(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
     """Try to read a file that is not the model."""

@@ -23,7 +23,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 PROMETHEUS = DEPLOY / "prometheus"
-KEDA_SCHEMA = DEPLOY / "schemas" / "keda-scaledobject-v1alpha1.schema.json"
+SCHEMAS = DEPLOY / "schemas"
+KEDA_SCHEMA = SCHEMAS / "keda-scaledobject-v1alpha1.schema.json"
+OPERATOR = K8S / "prometheus-operator"
+#: Each Prometheus Operator kind and the schema it is checked against.
+OPERATOR_SCHEMAS = {
+    "PodMonitor": SCHEMAS / "podmonitor-v1.schema.json",
+    "PrometheusRule": SCHEMAS / "prometheusrule-v1.schema.json",
+}
+#: Folders of objects whose kinds kubernetes-validate has no schema for (checked separately).
+CUSTOM_RESOURCE_DIRS = {"keda", "prometheus-operator"}
 
 #: kubernetes-validate 1.37.0 bundles schemas for 1.25 to 1.37: check the oldest release we
 #: support (PDB unhealthyPodEvictionPolicy is GA from 1.31) and the newest it knows.
@@ -50,10 +59,21 @@ METRICS = {
     "loadwarden_workers_alive": "gauge",
     "loadwarden_desired_workers": "gauge",
     "loadwarden_worker_info": "info",
+    "loadwarden_confinement_info": "info",
+    "loadwarden_redis_up": "gauge",
+    "loadwarden_queue_oldest_job_age_seconds": "gauge",
+    "loadwarden_queue_wait_seconds": "histogram",
+    "loadwarden_over_budget_refusals_total": "counter",
 }
 METRIC_NAME = re.compile(r"\bloadwarden_[a-z_]+\b")
 #: Files that are not Kubernetes API objects (kustomize's own config).
 NOT_API_OBJECTS = {"kustomization.yaml"}
+PROMETHEUS_RULE_HEADER = """\
+# GENERATED from deploy/prometheus/rules/loadwarden.rules.yaml, where the rules and their
+# promtool tests live; tests/test_deploy.py fails when the two differ. Regenerate with
+#   python -m tests.test_deploy
+# Validated against deploy/schemas/prometheusrule-v1.schema.json.
+"""
 
 
 def _missing(what: str, install: str) -> NoReturn:
@@ -111,7 +131,8 @@ def _manifests() -> list[Path]:
     return sorted(
         path
         for path in K8S.rglob("*.yaml")
-        if path.name not in NOT_API_OBJECTS and "keda" not in path.relative_to(K8S).parts
+        if path.name not in NOT_API_OBJECTS
+        and not CUSTOM_RESOURCE_DIRS & set(path.relative_to(K8S).parts)
     )
 
 
@@ -207,7 +228,9 @@ def test_grafana_dashboard_queries_contract_metrics(tmp_path: Path) -> None:
     rules = [
         {
             "record": f"dashboard:query_{i}",
-            "expr": expr.replace("$__rate_interval", "1m").replace("$instance", ".*"),
+            "expr": expr.replace("$__rate_interval", "1m")
+            .replace("$instance", ".*")
+            .replace("$namespace", ".*"),
         }
         for i, expr in enumerate(exprs)
     ]
@@ -239,8 +262,6 @@ def test_worker_deployment_is_hardened_and_outlives_its_grace() -> None:
     deployment = yaml.safe_load((K8S / "worker-deployment.yaml").read_text())
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert pod["terminationGracePeriodSeconds"] > int(env["LOADWARDEN_SHUTDOWN_GRACE_S"])
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     security = container["securityContext"]
@@ -254,9 +275,94 @@ def test_worker_deployment_is_hardened_and_outlives_its_grace() -> None:
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert {"/tmp", "/var/cache/loadwarden", "/models"} <= set(mounts)
     assert mounts["/models"]["readOnly"] is True
+
+
+#: Seconds after the drain grace for the kill, reap and requeue of what is left (arq's close
+#: waits up to 10 s for cancelled jobs' bookkeeping), before the platform's SIGKILL.
+STOP_MARGIN_S = 15
+
+
+def _drain(env: dict[str, str]) -> tuple[float, float]:
+    """(drain grace, deadline ceiling) the worker computes from these environment variables."""
+    from loadwarden.producer.settings import Settings
+
+    names = ("LOADWARDEN_SHUTDOWN_GRACE_S", "LOADWARDEN_LIMITS__TIMEOUT_CEILING_S")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    try:
+        os.environ.update({name: env[name] for name in names if name in env})
+        settings = Settings()
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+    return settings.drain_grace_s, settings.limits.timeout_ceiling_s
+
+
+def _worker_pod() -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    yaml = _yaml()
+    deployment = yaml.safe_load((K8S / "worker-deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    return pod, container, env
+
+
+def test_drain_outlasts_every_deadline_the_deployment_allows() -> None:
+    """Pod and compose: grace >= the deadline ceiling; the SIGKILL comes after grace + margin."""
+    yaml = _yaml()
+    pod, _, env = _worker_pod()
+    grace_s, ceiling_s = _drain(env)
+    assert grace_s >= ceiling_s, "a drain would kill loads still within their deadline"
+    assert pod["terminationGracePeriodSeconds"] >= grace_s + STOP_MARGIN_S
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["worker"]
-    grace_s = int(compose["environment"]["LOADWARDEN_SHUTDOWN_GRACE_S"])
-    assert int(compose["stop_grace_period"].removesuffix("s")) > grace_s
+    grace_s, ceiling_s = _drain(compose["environment"])
+    assert grace_s >= ceiling_s
+    assert int(compose["stop_grace_period"].removesuffix("s")) >= grace_s + STOP_MARGIN_S
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "g": 1 << 30, "m": 1 << 20}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity.removesuffix(suffix)) * factor
+    return int(quantity)
+
+
+def test_budget_and_cache_fit_what_the_pod_is_given() -> None:
+    """The budget comes from the memory limit; the cache cap stays under the emptyDir limit."""
+    yaml = _yaml()
+    pod, container, env = _worker_pod()
+    (stated,) = [e for e in container["env"] if e["name"] == "LOADWARDEN_CONTAINER_MEMORY_BYTES"]
+    assert stated["valueFrom"]["resourceFieldRef"] == {
+        "containerName": container["name"],
+        "resource": "limits.memory",
+        "divisor": "1",
+    }
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    cache_volume = volumes[mounts[env["LOADWARDEN_SOURCES__CACHE_DIR"]]]
+    size_limit = _bytes(cache_volume["emptyDir"]["sizeLimit"])
+    cap = int(env["LOADWARDEN_SOURCES__CACHE_MAX_BYTES"])
+    assert int(env["LOADWARDEN_SOURCES__MAX_DOWNLOAD_BYTES"]) <= cap < size_limit
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["worker"]
+    stated_bytes = int(compose["environment"]["LOADWARDEN_CONTAINER_MEMORY_BYTES"])
+    assert stated_bytes == _bytes(compose["mem_limit"])
+    assert all("size=" in mount for mount in compose["tmpfs"])
+
+
+def test_images_are_pinned_by_digest() -> None:
+    """Every image is referenced by sha256 digest: the Dockerfile base, compose, kustomize."""
+    yaml = _yaml()
+    digest = re.compile(r"@sha256:[0-9a-f]{64}$")
+    (base,) = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.M)
+    assert digest.search(base), base
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    for name, service in services.items():
+        if "build" not in service:  # ours is built locally from this tree
+            assert digest.search(service["image"]), f"compose {name}: {service['image']}"
+    (image,) = yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", image["digest"]), image
 
 
 def test_kustomizations_list_every_manifest() -> None:
@@ -268,3 +374,87 @@ def test_kustomizations_list_every_manifest() -> None:
             p.name for p in kustomization.parent.glob("*.yaml") if p.name not in NOT_API_OBJECTS
         }
         assert listed == present, f"{kustomization.relative_to(ROOT)}: {listed ^ present}"
+
+
+def _prometheus_rule_text() -> str:
+    """The PrometheusRule object carrying exactly the groups of the plain rules file."""
+    yaml = _yaml()
+    rules = yaml.safe_load((PROMETHEUS / "rules" / "loadwarden.rules.yaml").read_text())
+    rule = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "loadwarden",
+            "namespace": "loadwarden",
+            "labels": {
+                "app.kubernetes.io/name": "loadwarden",
+                "app.kubernetes.io/part-of": "loadwarden",
+            },
+        },
+        "spec": {"groups": rules["groups"]},
+    }
+
+    class Dumper(yaml.SafeDumper):  # type: ignore[misc,name-defined]
+        """Multi-line strings (the PromQL) as literal blocks, as in the rules file."""
+
+    def text(dumper: Any, value: str) -> Any:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    body: str = yaml.dump(rule, Dumper=Dumper, sort_keys=False, width=100)
+    return PROMETHEUS_RULE_HEADER + body
+
+
+def test_prometheus_operator_objects_match_their_schemas_and_the_rules() -> None:
+    """PodMonitor and PrometheusRule validate on the CRD schemas; the rules equal the plain file."""
+    tool = _tool("check-jsonschema", 'pip install -e ".[deploy]"')
+    yaml = _yaml()
+    generated = (OPERATOR / "prometheusrule.yaml").read_text()
+    assert generated == _prometheus_rule_text(), "stale: run python -m tests.test_deploy"
+    kinds = set()
+    for path in sorted(OPERATOR.glob("*.yaml")):
+        if path.name in NOT_API_OBJECTS:
+            continue
+        kind = yaml.safe_load(path.read_text())["kind"]
+        kinds.add(kind)
+        _run(tool, "--schemafile", str(OPERATOR_SCHEMAS[kind]), str(path))
+    assert kinds == set(OPERATOR_SCHEMAS)
+    monitor = yaml.safe_load((OPERATOR / "podmonitor.yaml").read_text())
+    deployments = [
+        yaml.safe_load((K8S / name).read_text())
+        for name in ("worker-deployment.yaml", "exporter-deployment.yaml")
+    ]
+    for deployment in deployments:  # the PodMonitor selects both pods, on a named port
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        ports = {
+            p["name"]
+            for c in deployment["spec"]["template"]["spec"]["containers"]
+            for p in c["ports"]
+        }
+        assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
+
+
+def test_schemas_reject_what_the_api_server_would() -> None:
+    """The vendored schemas are strict: an unknown field or a bad duration fails validation."""
+    tool = _tool("check-jsonschema", 'pip install -e ".[deploy]"')
+    yaml = _yaml()
+    monitor = yaml.safe_load((OPERATOR / "podmonitor.yaml").read_text())
+    monitor["spec"]["podMetricsEndpoints"][0]["intervall"] = "15s"
+    rule = yaml.safe_load((OPERATOR / "prometheusrule.yaml").read_text())
+    rule["spec"]["groups"][0]["rules"][0]["for"] = "five minutes"
+    for kind, broken in (("PodMonitor", monitor), ("PrometheusRule", rule)):
+        done = subprocess.run(
+            [tool, "--schemafile", str(OPERATOR_SCHEMAS[kind]), "-"],
+            input=json.dumps(broken),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            check=False,
+        )
+        assert done.returncode != 0, f"{kind}: a broken object passed"
+
+
+if __name__ == "__main__":
+    (OPERATOR / "prometheusrule.yaml").write_text(_prometheus_rule_text())

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 import structlog
+from prometheus_client import CollectorRegistry
 
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadRequest, Outcome
@@ -22,6 +23,7 @@ from loadwarden.worker._files import open_model_file
 from loadwarden.worker.app import WorkerRunner
 from loadwarden.worker.exporter import run_exporter
 from loadwarden.worker.history import History, model_identity
+from loadwarden.worker.queue_gauges import QueueGauges
 from loadwarden.worker.supervisor import Supervisor
 from tests.conftest import eventually, running_worker
 
@@ -66,6 +68,12 @@ async def test_worker_serves_metrics_and_probes(
     assert _metric(metrics, "loadwarden_memory_budget_bytes") > 0
     assert _metric(metrics, "loadwarden_loads_in_flight") == 0
     assert "loadwarden_worker_info{" in metrics
+    assert "loadwarden_confinement_info{" in metrics
+    assert _metric(metrics, "loadwarden_queue_wait_seconds_count") == 1
+    # Pre-initialised: a first timeout will be an increase from 0, not a new series.
+    assert _metric(metrics, 'loadwarden_loads_total{outcome="timeout"}') == 0
+    assert _metric(metrics, 'loadwarden_threshold_crossings_total{limit="deadline"}') == 0
+    assert _metric(metrics, "loadwarden_over_budget_refusals_total") == 0
     assert (live.status_code, ready.status_code, draining.status_code) == (200, 200, 503)
     assert missing.status_code == 404
 
@@ -105,7 +113,38 @@ async def test_exporter_reports_a_prepared_backlog(redis_url: str, small_model: 
         await asyncio.wait_for(task, 10)
     assert _metric(text, "loadwarden_workers_alive") == 0
     assert _metric(text, "loadwarden_desired_workers") >= 1
+    assert _metric(text, "loadwarden_redis_up") == 1
+    assert _metric(text, "loadwarden_queue_oldest_job_age_seconds") >= 0
     assert ready.status_code == 200
+    # Queue series only: nothing that would read as a worker with no loads.
+    assert "loadwarden_loads_total" not in text and "loadwarden_memory_budget" not in text
+
+
+async def test_exporter_without_redis_withdraws_the_queue_gauges() -> None:
+    """Redis unreachable: loadwarden_redis_up is 0 and no queue gauge is exported (none frozen)."""
+    closed = _free_port()  # nothing listens there: every connection is refused
+    settings = Settings(redis_url=f"redis://127.0.0.1:{closed}/0")
+    port, stop = _free_port(), asyncio.Event()
+    task = asyncio.create_task(
+        run_exporter(settings, port, host="127.0.0.1", stop=stop, interval_s=0.05)
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+
+            async def scrape() -> str | None:
+                try:
+                    text = (await http.get("/metrics")).text
+                except httpx.TransportError:
+                    return None
+                return text if "loadwarden_redis_up 0.0" in text else None
+
+            text = await eventually(scrape, 10, "the exporter reports Redis down")
+            ready = await http.get("/readyz")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert "loadwarden_queue_jobs" not in text and "loadwarden_workers_alive" not in text
+    assert ready.status_code == 503
 
 
 async def test_threshold_crossing_is_logged_once_per_limit(
@@ -148,7 +187,7 @@ async def test_anomaly_beyond_history(
     assert report.outcome is Outcome.OK and quiet.outcome is Outcome.OK
     assert kinds >= {"wall", "peak_rss"}
     assert counted == 1
-    assert noise is None  # milliseconds beyond a tiny history are within the absolute margin
+    assert noise == 0  # milliseconds beyond a tiny history are within the absolute margin
 
 
 def test_resource_chart_draws_memory_and_cpu(capsys: pytest.CaptureFixture[str]) -> None:
@@ -238,3 +277,18 @@ def test_autoscale_for_a_prepared_backlog(redis_url: str) -> None:
     assert decision["desired"] == 4  # ceil(120 / (0.5 x 60))
     assert decision["counts"]["ready"] == 120
     assert decision["service_rate_per_worker"] == pytest.approx(0.5)
+
+
+def test_queue_gauges_are_withdrawn_when_redis_is_lost() -> None:
+    """Gauges read while Redis answered disappear once it does not: nothing stays frozen."""
+    registry = CollectorRegistry()
+    gauges = QueueGauges(registry)
+    counts = {"ready": 4, "deferred": 0, "running": 2, "dead": 1, "workers": 1}
+    gauges.update(counts, desired=2, oldest_age_s=12.5)
+    assert registry.get_sample_value("loadwarden_queue_jobs", {"state": "ready"}) == 4
+    assert registry.get_sample_value("loadwarden_queue_oldest_job_age_seconds") == 12.5
+    assert registry.get_sample_value("loadwarden_redis_up") == 1
+    gauges.lost()
+    assert registry.get_sample_value("loadwarden_queue_jobs", {"state": "ready"}) is None
+    assert registry.get_sample_value("loadwarden_desired_workers") is None
+    assert registry.get_sample_value("loadwarden_redis_up") == 0

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from loadwarden.producer.client import BlockingClient, JobState
 from loadwarden.producer.contract import LoadRequest, Outcome
+from loadwarden.producer.settings import LimitPolicy, Settings
 from tests.conftest import StartWorker, call_until, sandbox_processes
 
 
@@ -101,3 +105,41 @@ def test_allow_root_from_the_environment(redis_url: str, small_model: Path, tmp_
         proc.wait(30)
     assert ok.outcome is Outcome.OK
     assert outside.outcome is Outcome.REFUSED
+
+
+def test_drain_grace_defaults_to_the_deadline_ceiling() -> None:
+    """Without SHUTDOWN_GRACE_S the drain waits as long as the longest deadline a load may get."""
+    assert Settings().drain_grace_s == Settings().limits.timeout_ceiling_s
+    ceiling = Settings(limits=LimitPolicy(timeout_ceiling_s=540, timeout_floor_s=10))
+    assert ceiling.drain_grace_s == 540
+    assert Settings(shutdown_grace_s=30).drain_grace_s == 30
+
+
+@pytest.mark.parametrize(("grace", "finishes"), [(None, True), (1, False)], ids=["ceiling", "1s"])
+def test_drain_outlasts_a_load_longer_than_a_short_grace(
+    start_worker: StartWorker,
+    redis_url: str,
+    small_model: Path,
+    grace: int | None,
+    finishes: bool,
+) -> None:
+    """A 3 s load under a 6 s deadline ceiling finishes after SIGTERM; a 1 s grace would kill it."""
+    limits = {"timeout_ceiling_s": 6, "timeout_floor_s": 1}
+    overrides: dict[str, object] = {"limits": limits}
+    if grace is not None:
+        overrides["shutdown_grace_s"] = grace
+    worker = start_worker(redis_url, "slow_3s", **overrides)
+    with BlockingClient(redis_url) as client:
+        job_id = _signal_while_running(worker, client, small_model)
+        assert worker.wait(30) == 0
+        stopping = next(
+            json.loads(line)
+            for line in worker.log_path.read_bytes().splitlines()  # type: ignore[attr-defined]
+            if b"worker_stopping" in line
+        )
+        assert stopping["grace_s"] == (6 if grace is None else grace)
+        if finishes:
+            assert client.report(job_id, timeout_s=1).outcome is Outcome.OK
+        else:
+            call_until(lambda: not sandbox_processes(worker.pid), 10)
+            assert client.job_state(job_id) is JobState.QUEUED

@@ -418,6 +418,42 @@ async def test_a_cached_digest_is_served_without_the_network(
     assert len(server.seen) == 1
 
 
+def _cache_entry(cache: Path, content: bytes, name: str, age_s: float) -> Path:
+    """A finished cache entry last used ``age_s`` ago."""
+    path = cache / hashlib.sha256(content).hexdigest() / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    used = time.time() - age_s
+    os.utime(path, (used, used))
+    return path
+
+
+async def test_the_cache_evicts_least_recently_used_entries_to_fit_a_download(
+    server: ModelServer, cache: Path
+) -> None:
+    """With cache_max_bytes, the oldest-used entries go before a download; a hit counts as use."""
+    old_a = _cache_entry(cache, b"a" * 8192, "m.bin", age_s=300)
+    old_b = _cache_entry(cache, b"b" * 8192, "b.bin", age_s=200)
+    old_c = _cache_entry(cache, b"c" * 8192, "c.bin", age_s=100)
+    # Room for the largest download (16 KiB) plus one 8 KiB entry.
+    policy = web(cache, max_download_bytes=len(BODY), cache_max_bytes=len(BODY) + 8192)
+    digest_a = hashlib.sha256(b"a" * 8192).hexdigest()
+    with await open_source(server.url("/files/m.bin"), expected_sha256=digest_a, policy=policy):
+        pass  # a hit: the oldest entry becomes the most recently used one
+    assert server.seen == []
+    with await open_source(server.url("/files/new.bin"), expected_sha256=None, policy=policy):
+        pass
+    assert old_a.exists() and not old_b.exists() and not old_c.exists()
+    assert (cache / BODY_SHA / "new.bin").exists()
+    assert not old_b.parent.exists()  # empty digest folders go too
+
+
+def test_a_cache_cap_below_one_download_is_a_settings_error(cache: Path) -> None:
+    """cache_max_bytes below max_download_bytes could never hold a download: rejected."""
+    with pytest.raises(ValidationError, match="cache_max_bytes"):
+        web(cache, max_download_bytes=2048, cache_max_bytes=1024)
+
+
 async def test_the_connection_is_pinned_but_keeps_the_host_name(
     server: ModelServer, cache: Path
 ) -> None:

@@ -7,46 +7,16 @@ import collections
 import contextlib
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from loadwarden.producer.errors import SourceRefused
-
-#: A cgroup v1 "no limit" reads as a huge page-aligned number; anything above this is unlimited.
-_UNLIMITED = 1 << 60
+from loadwarden.worker.memory_limit import detect_memory_limit
 
 
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as fh:
-            text = fh.read().strip()
-    except OSError:
-        return None
-    return None if text in ("", "max") else int(text)
-
-
-def _own_cgroup_limit() -> int | None:
-    """The memory limit of the cgroup this process runs in (v2 memory.max, v1 limit_in_bytes)."""
-    try:
-        with open("/proc/self/cgroup") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            limit = _read_int(f"/sys/fs/cgroup{path}/memory.max")
-        elif "memory" in controllers.split(","):
-            limit = _read_int(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
-        else:
-            continue
-        if limit is not None and limit < _UNLIMITED:
-            return limit
-    return None
-
-
-def detect_memory_bytes() -> int:
+def detect_memory_bytes(root: Path = Path("/")) -> int:
     """The memory this worker may use: its container's (cgroup) limit, else the machine's."""
     machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = _own_cgroup_limit()
+    limit = detect_memory_limit(root).limit_bytes
     return min(machine, limit) if limit else machine
 
 

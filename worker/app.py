@@ -4,8 +4,9 @@
 a Redis connection for loadwarden's own bookkeeping (history, heartbeat,
 attempts, cancels, dead letters), the arq worker (recreated with backoff when
 Redis drops), and shutdown: the first SIGTERM/SIGINT stops pulling jobs and
-lets running loads finish for ``shutdown_grace_s``, then kills them and leaves
-their jobs queued for another worker; a second signal stops at once.
+lets running loads finish for ``drain_grace_s`` (by default the deadline
+ceiling), then kills them and leaves their jobs queued for another worker; a
+second signal stops at once.
 """
 
 from __future__ import annotations
@@ -24,18 +25,16 @@ from redis.exceptions import RedisError
 from loadwarden.producer import wire
 from loadwarden.producer.client import FUNCTION_NAME
 from loadwarden.producer.contract import ModelFormat
-from loadwarden.producer.counts import queue_counts
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._arq import LoadWorker
 from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.autoscale_inputs import desired_from_counts
 from loadwarden.worker.envelope import job_deserializer
 from loadwarden.worker.heartbeat import beat
 from loadwarden.worker.history import History
 from loadwarden.worker.job import load_job
 from loadwarden.worker.jobs import JobBook
-from loadwarden.worker.metrics import Metrics
 from loadwarden.worker.probes import Probes
+from loadwarden.worker.queue_gauges import update_queue_gauges
 from loadwarden.worker.supervisor import Supervisor
 
 #: arq's own timeout around a job must never fire before our deadline does.
@@ -134,7 +133,7 @@ class WorkerRunner:
             side = [
                 asyncio.create_task(beat(redis, sup, self.settings)),
                 asyncio.create_task(book.watch_cancels()),
-                asyncio.create_task(update_queue_gauges(redis, sup.metrics, self.settings)),
+                asyncio.create_task(update_queue_gauges(redis, sup.metrics.queue, self.settings)),
             ]
             if self.settings.metrics_port is not None:
                 self.probes = Probes(
@@ -210,7 +209,7 @@ class WorkerRunner:
             self._stop_now()
             return
         self._stop_requested = True
-        log.info("worker_stopping", grace_s=self.settings.shutdown_grace_s)
+        log.info("worker_stopping", grace_s=self.settings.drain_grace_s)
         if self.worker is not None:
             self.worker.allow_pick_jobs = False
         self._draining = asyncio.get_running_loop().create_task(self._drain())
@@ -218,33 +217,12 @@ class WorkerRunner:
     async def _drain(self) -> None:
         worker = self.worker
         if worker is not None and worker.tasks:
-            await asyncio.wait(list(worker.tasks.values()), timeout=self.settings.shutdown_grace_s)
+            await asyncio.wait(list(worker.tasks.values()), timeout=self.settings.drain_grace_s)
         self._stop_now()
 
     def _stop_now(self) -> None:
         if self.worker is not None and self.worker.main_task is not None:
             self.worker.handle_sig(signal.SIGTERM)  # cancels running jobs, then arq's main task
-
-
-async def update_queue_gauges(
-    redis: aioredis.Redis,
-    metrics: Metrics,
-    settings: Settings,
-    interval_s: float = 5.0,
-) -> None:
-    """Refresh the queue gauges every ``interval_s`` until cancelled (cheap sorted-set counts)."""
-    while True:
-        try:
-            counts = await queue_counts(redis, settings.queue_name)
-        except (RedisError, OSError) as exc:
-            log.debug("queue_gauges_failed", error=str(exc))
-        else:
-            for state in ("ready", "deferred", "running"):
-                metrics.queue.labels(state=state).set(counts[state])
-            metrics.dead_letter_jobs.set(counts["dead"])
-            metrics.workers_alive.set(counts["workers"])
-            metrics.desired_workers.set(desired_from_counts(counts, settings))
-        await asyncio.sleep(interval_s)
 
 
 async def run_worker(

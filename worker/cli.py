@@ -195,7 +195,13 @@ def worker(
             "a worker needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
         )
     configure_logging(log_level)
-    asyncio.run(run_worker(settings, burst=burst))
+    from loadwarden.worker.sandbox.forkserver import SandboxError
+
+    try:
+        asyncio.run(run_worker(settings, burst=burst))
+    except SandboxError as exc:  # a fail-closed setting (require_cgroups, require_landlock)
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -649,10 +655,20 @@ def autoscale(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     )
 
 
+#: The exporter's port when neither --port nor LOADWARDEN_METRICS_PORT says (the worker: 9400).
+EXPORTER_PORT = 9401
+
+
 @app.command()
 def exporter(
     redis: RedisOpt = None,
-    port: Annotated[int, typer.Option(help="Serve /metrics, /livez and /readyz here.")] = 9401,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve /metrics, /livez and /readyz here "
+            "(default: LOADWARDEN_METRICS_PORT, else 9401)."
+        ),
+    ] = None,
     log_level: LogOpt = "info",
 ) -> None:
     """Export the queue's gauges for Prometheus and autoscalers (runs with zero workers too)."""
@@ -664,7 +680,8 @@ def exporter(
             "the exporter needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
         )
     configure_logging(log_level)
-    asyncio.run(run_exporter(settings, port))
+    # The image's HEALTHCHECK probes LOADWARDEN_METRICS_PORT: the exporter listens there too.
+    asyncio.run(run_exporter(settings, port or settings.metrics_port or EXPORTER_PORT))
 
 
 def main() -> None:

@@ -2,7 +2,9 @@
 
 Workers export their own load metrics; autoscalers need the backlog when the
 pool is scaled to zero, so this small process exports the queue gauges
-(ready / deferred / running jobs, dead letters, live workers, desired workers).
+(ready / deferred / running jobs, oldest ready job, dead letters, live and
+desired workers, Redis up) and nothing else: no worker-only series that would
+read as a worker with no loads.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import signal
 
 import redis.asyncio as aioredis
 import structlog
+from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.app import update_queue_gauges
-from loadwarden.worker.metrics import Metrics
 from loadwarden.worker.probes import Probes
+from loadwarden.worker.queue_gauges import QueueGauges, update_queue_gauges
 
 log = structlog.get_logger("loadwarden.exporter")
 
@@ -34,7 +36,8 @@ async def run_exporter(
     """Serve the queue gauges on ``host:port`` until SIGTERM/SIGINT (or ``stop`` is set)."""
     assert settings.redis_url
     redis = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
-    metrics = Metrics()
+    registry = CollectorRegistry()
+    gauges = QueueGauges(registry)
     stopping = stop or asyncio.Event()
 
     async def ready() -> tuple[bool, str]:
@@ -44,13 +47,13 @@ async def run_exporter(
             return False, f"Redis does not answer: {exc}"
         return True, "ready"
 
-    probes = Probes(metrics.registry, ready, host=host, port=port)
+    probes = Probes(registry, ready, host=host, port=port)
     loop = asyncio.get_running_loop()
     if stop is None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
     bound = await probes.start()
-    updater = asyncio.create_task(update_queue_gauges(redis, metrics, settings, interval_s))
+    updater = asyncio.create_task(update_queue_gauges(redis, gauges, settings, interval_s))
     log.info("exporter_started", port=bound, queue=settings.queue_name)
     try:
         await stopping.wait()

@@ -1,7 +1,10 @@
 """Prometheus metrics of one worker (or exporter) process: its own registry, served by probes.py.
 
 Children never write metrics: they report over their socket and the supervisor
-records what they did, so there are no multiprocess files to manage.
+records what they did, so there are no multiprocess files to manage. Labelled
+counters start at 0 for every label value they can take, so a pod's first
+timeout is an increase from 0, not a series that appears (which ``increase()``
+cannot see). The queue's gauges are in queue_gauges.py.
 """
 
 from __future__ import annotations
@@ -10,13 +13,17 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from loadwarden.producer.contract import LoadReport
+from loadwarden.producer.contract import LoadReport, Outcome
+from loadwarden.worker.queue_gauges import QueueGauges
 
 MiB, GiB = 1 << 20, 1 << 30
 #: Load times from a tiny file on a warm cache to an hour-long pull of a huge model.
 SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 #: Model-sized memory: 16 MiB to 256 GiB in steps of 4x.
 BYTES_BUCKETS = tuple(float(16 * MiB * 4**i) for i in range(8))
+#: The limits a load is sampled against (monitor.py) and the anomaly kinds (supervisor.py).
+LIMITS = ("memory", "cpu", "deadline")
+ANOMALY_KINDS = ("wall", "peak_rss")
 
 
 class Metrics:
@@ -66,19 +73,28 @@ class Metrics:
             "Memory limits of the loads running now.",
             registry=r,
         )
-        self.queue = Gauge("loadwarden_queue_jobs", "Jobs by state.", ["state"], registry=r)
-        self.dead_letter_jobs = Gauge(
-            "loadwarden_dead_letter_jobs", "Jobs in the dead-letter stream.", registry=r
-        )
-        self.workers_alive = Gauge(
-            "loadwarden_workers_alive", "Workers with a live heartbeat.", registry=r
-        )
-        self.desired_workers = Gauge(
-            "loadwarden_desired_workers",
-            "Workers the backlog calls for (see `loadwarden autoscale`).",
+        self.queue = QueueGauges(r)
+        self.queue_wait = Histogram(
+            "loadwarden_queue_wait_seconds",
+            "From enqueue to the start of a load (retries: to the start of the attempt).",
+            buckets=SECONDS_BUCKETS,
             registry=r,
         )
+        self.over_budget = Counter(
+            "loadwarden_over_budget_refusals",
+            "Loads refused because their memory limit exceeds this worker's whole budget.",
+            registry=r,
+        )
+        self.confinement = Info(
+            "loadwarden_confinement", "What confines this worker's loads.", registry=r
+        )
         self.info = Info("loadwarden_worker", "This process.", registry=r)
+        for outcome in Outcome:
+            self.loads.labels(outcome=str(outcome))
+        for limit in LIMITS:
+            self.thresholds.labels(limit=limit)
+        for kind in ANOMALY_KINDS:
+            self.anomalies.labels(kind=kind)
 
     def bind(
         self,
@@ -92,8 +108,13 @@ class Metrics:
         self.budget_in_use.set_function(in_use)
 
     def observe(self, report: LoadReport) -> None:
-        """Count a finished load and its resources."""
+        """Count a finished load, its wait in the queue and its resources."""
         self.loads.labels(outcome=str(report.outcome)).inc()
+        if report.error is not None and report.error.code == "over_budget":
+            self.over_budget.inc()
+        if report.enqueued_at is not None:
+            wait_s = (report.started_at - report.enqueued_at).total_seconds()
+            self.queue_wait.observe(max(0.0, wait_s))
         res = report.resources
         if res is not None:
             self.duration.observe(res.wall_seconds)

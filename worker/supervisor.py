@@ -123,7 +123,8 @@ class Supervisor:
         self.history = history
         #: Job id -> source of every load running now (the heartbeat publishes them).
         self.in_flight: dict[str, str] = {}
-        budget = s.memory_budget_bytes or max(0, detect_memory_bytes() - s.memory_reserve_bytes)
+        container = s.container_memory_bytes or detect_memory_bytes()
+        budget = s.memory_budget_bytes or max(0, container - s.memory_reserve_bytes)
         self.admission = Admission(budget)
         self.cgroups: CgroupManager | None = None
         self.cgroups_note = "disabled by settings (use_cgroups = false)"
@@ -144,15 +145,39 @@ class Supervisor:
         self.metrics.info.info({"worker": self.info.id, "version": self.info.version})
 
     async def start(self) -> None:
-        if self.settings.use_cgroups and self.cgroups is None:
-            self.cgroups, self.cgroups_note = CgroupManager.detect()
+        """Find the confinement this host allows (refusing to start without a required one)."""
+        s = self.settings
+        if s.use_cgroups and self.cgroups is None:
+            self.cgroups, self.cgroups_note = CgroupManager.detect(s.cgroup_root)
+        self.metrics.confinement.info(self.confinement_labels())
         self._log.info(
             "sandbox_ready" if self.cgroups else "cgroups_unavailable",
             cgroups=self.cgroups_note,
             landlock_abi=self.landlock_abi,
             memory_budget_bytes=self.admission.budget_bytes,
         )
+        refusals = []
+        if s.require_cgroups and self.cgroups is None:
+            refusals.append(f"require_cgroups is set, but {self.cgroups_note}")
+        if s.require_landlock and not self.landlock_abi:
+            refusals.append("require_landlock is set, but this kernel denies Landlock")
+        if refusals:
+            if self.cgroups is not None:
+                self.cgroups.close()
+                self.cgroups = None
+            raise SandboxError("refusing to start: " + "; ".join(refusals))
         await self.forkserver.start()
+
+    def confinement_labels(self) -> dict[str, str]:
+        """What confines this worker's loads, as metric labels (loadwarden_confinement_info)."""
+        return {
+            "cgroups": f"v{self.cgroups.version}" if self.cgroups else "none",
+            "landlock": f"abi{self.landlock_abi}" if self.landlock_abi else "none",
+            # The child's own seccomp filter, when the sandbox has one; the container
+            # runtime's profile (RuntimeDefault) is not ours to report.
+            "seccomp": "none",
+            "address_space_limit": "on" if self.settings.use_address_space_limit else "off",
+        }
 
     async def close(self) -> None:
         await self.forkserver.close()

@@ -1,10 +1,17 @@
 """A cgroup per load where the worker may create them: memory (and pids) limits, OOM kills read.
 
-cgroup v2: the worker's own cgroup must be a delegated, writable subtree with the
-memory controller enabled for children. cgroup v1: the memory controller's
-folder of the worker's own cgroup must be writable (as on our CI machines);
-the pids controller is used too when its folder is writable. Where neither
-works, ``detect()`` says why once and the sandbox relies on rlimits.
+cgroup v2: the worker's own cgroup U must be delegated to it (writable, with
+``memory`` in ``U/cgroup.controllers``). The no-internal-process rule forbids
+enabling controllers for U's children while U holds processes, so the
+supervisor first moves itself into a leaf ``U/loadwarden-<pid>-supervisor``,
+then writes ``+memory +pids`` into ``U/cgroup.subtree_control`` and into that
+of the per-worker cgroup ``U/loadwarden-<pid>``; only then does a per-load
+``U/loadwarden-<pid>/child-<pid>/memory.max`` exist. Any other process left in U
+makes the kernel answer EBUSY, which ``detect()`` reports.
+cgroup v1: the memory controller's folder of the worker's own cgroup must be
+writable (as on our CI machines); the pids controller is used too when its
+folder is writable. Where neither works, ``detect()`` says why once and the
+sandbox relies on rlimits (and the container's own limit).
 """
 
 from __future__ import annotations
@@ -12,21 +19,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+from loadwarden.worker.memory_limit import cgroup_folder, own_cgroups
 
 ROOT = Path("/sys/fs/cgroup")
-
-
-def _own_paths() -> dict[str, str]:
-    """This process's cgroup path per controller ("" is the v2 unified hierarchy)."""
-    paths: dict[str, str] = {}
-    with open("/proc/self/cgroup") as fh:
-        for line in fh.read().splitlines():
-            _, controllers, path = line.split(":", 2)
-            for controller in controllers.split(",") if controllers else [""]:
-                paths[controller] = path
-    return paths
+_SLASH = PurePosixPath("/")
+#: What each load's cgroup limits, in the order they are enabled.
+V2_CONTROLLERS = ("memory", "pids")
 
 
 def _writable_dir(path: Path) -> bool:
@@ -75,42 +77,133 @@ class Cgroup:
                     folder.rmdir()
 
 
+def _controllers(path: Path) -> list[str]:
+    try:
+        return path.read_text().split()
+    except OSError:
+        return []
+
+
+def enable_controllers(folder: Path, controllers: Sequence[str]) -> list[str]:
+    """Enable ``controllers`` for ``folder``'s children; returns those this call turned on."""
+    missing = [c for c in controllers if c not in _controllers(folder / "cgroup.subtree_control")]
+    if missing:
+        (folder / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in missing))
+    return missing
+
+
+@dataclass(slots=True)
+class Delegation:
+    """What ``delegate_v2`` changed, so that ``undo`` can put it back."""
+
+    unified: Path
+    leaf: Path
+    worker: Path
+    enabled: list[str]
+
+    def undo(self) -> None:
+        """Best effort: the supervisor back into its cgroup, controllers off, folders gone."""
+        with contextlib.suppress(OSError):
+            self.worker.rmdir()
+        if self.enabled:
+            with contextlib.suppress(OSError):
+                text = " ".join(f"-{c}" for c in reversed(self.enabled))
+                (self.unified / "cgroup.subtree_control").write_text(text)
+        with contextlib.suppress(OSError):
+            (self.unified / "cgroup.procs").write_text(str(os.getpid()))
+        with contextlib.suppress(OSError):
+            self.leaf.rmdir()
+
+
+def delegate_v2(unified: Path, tag: str, controllers: Sequence[str]) -> Delegation:
+    """Make ``unified/tag`` a cgroup whose children get ``controllers``.
+
+    Moves this process into the leaf ``unified/<tag>-supervisor`` first (the
+    no-internal-process rule), then enables the controllers in ``unified`` and in
+    ``unified/tag``. On failure everything done so far is undone and OSError raised.
+    """
+    leaf, worker = unified / f"{tag}-supervisor", unified / tag
+    done = Delegation(unified, leaf, worker, [])
+    try:
+        leaf.mkdir(exist_ok=True)
+        (leaf / "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            done.enabled = enable_controllers(unified, controllers)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                others = (unified / "cgroup.procs").read_text().split()
+                raise OSError(
+                    exc.errno,
+                    f"{unified} still holds other processes ({', '.join(others[:5])}); "
+                    "run the worker as the only process of its cgroup",
+                ) from exc
+            raise
+        worker.mkdir(exist_ok=True)
+        enable_controllers(worker, controllers)
+    except OSError:
+        done.undo()
+        raise
+    return done
+
+
 class CgroupManager:
     """Creates a cgroup per load under ``<own cgroup>/loadwarden-<pid>``."""
 
-    def __init__(self, version: int, memory_base: Path, pids_base: Path | None) -> None:
+    def __init__(
+        self,
+        version: int,
+        memory_base: Path,
+        pids_base: Path | None,
+        delegation: Delegation | None = None,
+    ) -> None:
         self.version = version
         self.memory_base = memory_base
         self.pids_base = pids_base
+        self.delegation = delegation
 
     @property
     def mechanism(self) -> str:
         return f"cgroup_v{self.version}_memory" + ("+pids" if self.pids_base else "")
 
     @classmethod
-    def detect(cls) -> tuple[CgroupManager | None, str]:
-        """A manager if this worker may create cgroups, with a sentence saying what it found."""
-        try:
-            own = _own_paths()
-        except OSError as exc:
-            return None, f"cannot read /proc/self/cgroup: {exc}"
+    def detect(cls, root: Path = ROOT) -> tuple[CgroupManager | None, str]:
+        """A manager if this worker may create cgroups, with a sentence saying what it found.
+
+        ``root`` is where the cgroup filesystem is mounted (``Settings.cgroup_root``).
+        """
+        own = own_cgroups()
+        if not own:
+            return None, "cannot read /proc/self/cgroup"
         tag = f"loadwarden-{os.getpid()}"
         if "memory" in own:
-            memory = ROOT / "memory" / own["memory"].lstrip("/")
+            memory = cgroup_folder(root / "memory", _SLASH, own["memory"])
             if _writable_dir(memory):
-                pids = ROOT / "pids" / own.get("pids", "/").lstrip("/")
+                pids = cgroup_folder(root / "pids", _SLASH, own.get("pids", _SLASH))
                 return cls._make(1, memory / tag, pids / tag if _writable_dir(pids) else None)
             return None, f"cgroup v1 memory folder {memory} is not writable"
         if "" in own:
-            unified = ROOT / own[""].lstrip("/")
-            try:
-                controllers = (unified / "cgroup.subtree_control").read_text().split()
-            except OSError:
-                controllers = []
-            if _writable_dir(unified) and "memory" in controllers:
-                return cls._make(2, unified / tag, unified / tag if "pids" in controllers else None)
-            return None, f"cgroup v2 folder {unified} is not a delegated subtree with memory"
+            return cls._delegate(cgroup_folder(root, _SLASH, own[""]), tag)
         return None, "no memory cgroup controller is mounted"
+
+    @classmethod
+    def _delegate(cls, unified: Path, tag: str) -> tuple[CgroupManager | None, str]:
+        available = _controllers(unified / "cgroup.controllers")
+        if "memory" not in available:
+            return None, (
+                f"cgroup v2 {unified}: the memory controller is not delegated to it "
+                f"(cgroup.controllers: {' '.join(available) or 'none'})"
+            )
+        if not _writable_dir(unified):
+            return None, f"cgroup v2 folder {unified} is read-only (not delegated)"
+        wanted = [c for c in V2_CONTROLLERS if c in available]
+        try:
+            delegation = delegate_v2(unified, tag, wanted)
+        except OSError as exc:
+            return None, f"cgroup v2 {unified}: cannot enable {' '.join(wanted)}: {exc.strerror}"
+        worker = delegation.worker
+        pids = worker if "pids" in wanted else None
+        note = f"cgroup v2: supervisor in {delegation.leaf}, one cgroup per load under {worker}"
+        return cls(2, worker, pids, delegation), note
 
     @classmethod
     def _make(
@@ -156,3 +249,5 @@ class CgroupManager:
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.EBUSY):
                     raise
+        if self.delegation is not None:
+            self.delegation.undo()

@@ -1,4 +1,10 @@
-"""The download cache: ``<cache_dir>/<sha256>/<name>``, written through a temp file and a rename."""
+"""The download cache: ``<cache_dir>/<sha256>/<name>``, written through a temp file and a rename.
+
+With ``sources.cache_max_bytes`` set, room for the largest allowed download is
+made before each download by evicting the least recently used entries (a hit
+refreshes an entry's mtime), so the cache never outgrows a volume's size limit
+(a Kubernetes emptyDir's ``sizeLimit`` evicts the whole pod when crossed).
+"""
 
 from __future__ import annotations
 
@@ -44,13 +50,58 @@ def cache_root(cache_dir: Path) -> Root:
 
 
 def cached(cache: Root, sha256: str, name: str, source: str) -> ModelFile | None:
-    """The cached file for this digest and name, opened, or None when it is not there."""
+    """The cached file for this digest and name, opened (and marked used), or None."""
     try:
-        return open_under(cache, (sha256, name), source)
+        found = open_under(cache, (sha256, name), source)
     except SourceUnavailable as exc:
         if exc.code == "not_found":
             return None
         raise
+    with contextlib.suppress(OSError):  # recency is a hint for eviction, never a failure
+        os.utime(os.path.join(cache.real, sha256, name), follow_symlinks=False)
+    return found
+
+
+def _entries(cache: Root) -> tuple[int, list[tuple[float, int, str]]]:
+    """Bytes in the cache (partial downloads included) and its entries (mtime, size, path)."""
+    used, entries = 0, []
+    with os.scandir(cache.real) as top:
+        for item in top:
+            if item.is_file(follow_symlinks=False):  # a download in progress
+                used += item.stat(follow_symlinks=False).st_size
+            elif item.is_dir(follow_symlinks=False):
+                with os.scandir(item.path) as folder:
+                    for entry in folder:
+                        if entry.is_file(follow_symlinks=False):
+                            st = entry.stat(follow_symlinks=False)
+                            used += st.st_size
+                            entries.append((st.st_mtime, st.st_size, entry.path))
+    return used, entries
+
+
+def make_room(cache: Root, need_bytes: int, cap_bytes: int | None) -> list[str]:
+    """Evict least recently used entries until ``need_bytes`` more fit under ``cap_bytes``.
+
+    Returns the evicted paths. A load that has an evicted file open keeps reading it (the
+    inode lives until closed); the next request for it downloads it again.
+    """
+    if cap_bytes is None:
+        return []
+    try:
+        used, entries = _entries(cache)
+    except OSError as exc:
+        raise _unwritable(cache, str(cache.real), exc) from exc
+    evicted = []
+    for _, size, path in sorted(entries):
+        if used + need_bytes <= cap_bytes:
+            break
+        with contextlib.suppress(FileNotFoundError):  # another worker evicted it first
+            os.unlink(path)
+            evicted.append(path)
+        used -= size
+        with contextlib.suppress(OSError):  # the digest folder, once empty
+            os.rmdir(os.path.dirname(path))
+    return evicted
 
 
 class Partial:

@@ -11,7 +11,7 @@ import httpx
 from loadwarden.producer.errors import LoadError, SourceRefused, SourceUnavailable
 from loadwarden.producer.settings import SourcePolicy
 from loadwarden.worker._files import ModelFile
-from loadwarden.worker.sources._cache import Partial, cache_name, cache_root, cached
+from loadwarden.worker.sources._cache import Partial, cache_name, cache_root, cached, make_room
 from loadwarden.worker.sources._local import Root, open_under
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -27,6 +27,7 @@ async def fetch(url: str, *, expected_sha256: str | None, policy: SourcePolicy) 
         hit = cached(cache, expected_sha256, name, url)
         if hit is not None:
             return hit
+    await asyncio.to_thread(make_room, cache, policy.max_download_bytes, policy.cache_max_bytes)
     try:
         digest = await _download(url, target, name, cache, expected_sha256, policy)
     except httpx.TimeoutException as exc:
