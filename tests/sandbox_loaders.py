@@ -91,3 +91,18 @@ def brief(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
     """Take a fifth of a second, then load for real."""
     threading.Event().wait(0.2)
     return load_safetensors(fd, spec)
+
+
+@register_loader("ramp")
+def ramp(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Load for real, then grow memory and burn CPU in steps for about a second (for charts)."""
+    import time
+
+    result = load_safetensors(fd, spec)
+    held = []
+    for _ in range(8):
+        held.append(bytearray(b"\x01") * (3 << 20))  # written, so resident
+        until = time.monotonic() + 0.12
+        while time.monotonic() < until:
+            sum(range(2000))
+    return result

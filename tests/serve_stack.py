@@ -1,0 +1,164 @@
+"""A real ``loadwarden serve`` process and a real worker on loopback, shared by a test module."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import TEST_DB, TEST_LOADERS, WORKER_SCRIPT, call_until
+from tests.safetensors_files import valid_model
+
+#: The API token of the test server (any 16+ printable characters).
+TOKEN = "test-token-0123456789abcdef"
+ROOT = Path(__file__).parent.parent
+#: Names a hostile producer could put in a file or a request.
+HOSTILE = [
+    "<script>window.__pwned = 1</script>",
+    '"><img src=x onerror="window.__pwned=2">',
+    "'; alert(3); '",
+    "ctl\x07\x1b[31mred\u202eevil\x00",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def db_url(redis_base_url: str) -> str:
+    """The tests' database on the session's Redis (the ``redis_url`` fixture flushes it)."""
+    sep = "&" if "?" in redis_base_url else "?"
+    return f"{redis_base_url.rstrip('/')}{sep}db={TEST_DB}"
+
+
+@dataclass
+class Stack:
+    """Where the server listens, with what token, over which Redis."""
+
+    url: str
+    token: str
+    redis_url: str
+    log: Path
+
+    def api(self, token: str | None = None) -> httpx.Client:
+        """An HTTP client for /v1 carrying the bearer token (or the one given)."""
+        return httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token or self.token}"},
+            timeout=30,
+        )
+
+    def console(self) -> httpx.Client:
+        """A signed-in console session (cookie), as a browser would hold it."""
+        client = httpx.Client(base_url=self.url, timeout=30)
+        reply = client.post("/login", data={"token": self.token})
+        assert reply.status_code == 303, reply.text
+        return client
+
+
+def start_serve(
+    redis_url: str, log: Path, *, token: str | None, host: str = "127.0.0.1", port: int = 0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``loadwarden serve`` in a subprocess; returns once /livez answers."""
+    port = port or free_port()
+    env = {k: v for k, v in __import__("os").environ.items() if k != "LOADWARDEN_API_TOKEN"}
+    if token:
+        env["LOADWARDEN_API_TOKEN"] = token
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "loadwarden.worker.cli",
+                "serve",
+                "--redis",
+                redis_url,
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=ROOT,
+        )
+    url = f"http://{host}:{port}"
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            return True
+        try:
+            return httpx.get(url + "/livez", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    call_until(answers, timeout_s=30, interval_s=0.05)
+    assert proc.poll() is None, log.read_text()
+    return proc, url
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    request: pytest.FixtureRequest, redis_base_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """serve (with a token) and one worker, both over the tests' db; the worker's safetensors
+    loader is the module's ``WORKER_LOADER`` (tests/sandbox_loaders.py), else the real one."""
+    loader = getattr(request.module, "WORKER_LOADER", "safetensors")
+    logs = tmp_path_factory.mktemp("serve-logs")
+    redis_url = db_url(redis_base_url)
+    server, url = start_serve(redis_url, logs / "serve.log", token=TOKEN)
+    with (logs / "worker.log").open("wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-c", WORKER_SCRIPT, redis_url, loader, "{}", TEST_LOADERS],
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+    try:
+        call_until(
+            lambda: (
+                b"worker_started" in (logs / "worker.log").read_bytes() or worker.poll() is not None
+            ),
+            30,
+        )
+        assert worker.poll() is None, (logs / "worker.log").read_text()
+        yield Stack(url=url, token=TOKEN, redis_url=redis_url, log=logs / "serve.log")
+    finally:
+        stop(worker)
+        stop(server)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder (inside the workers' allowed roots) of small model files."""
+    folder = tmp_path_factory.mktemp("serve-models")
+    rng = np.random.default_rng(1)
+    valid_model(
+        folder / "small.safetensors", {"w": rng.standard_normal((64, 64)).astype(np.float32)}
+    )
+    valid_model(
+        folder / "hostile.safetensors",
+        {name: np.arange(4, dtype=np.float32) for name in HOSTILE},
+    )
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    return folder
