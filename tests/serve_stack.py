@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -57,12 +59,13 @@ class Stack:
             timeout=30,
         )
 
-    def console(self) -> httpx.Client:
+    @contextlib.contextmanager
+    def console(self) -> Iterator[httpx.Client]:
         """A signed-in console session (cookie), as a browser would hold it."""
-        client = httpx.Client(base_url=self.url, timeout=30)
-        reply = client.post("/login", data={"token": self.token})
-        assert reply.status_code == 303, reply.text
-        return client
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            reply = client.post("/login", data={"token": self.token})
+            assert reply.status_code == 303, reply.text
+            yield client
 
 
 def start_serve(
@@ -70,7 +73,7 @@ def start_serve(
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``loadwarden serve`` in a subprocess; returns once /livez answers."""
     port = port or free_port()
-    env = {k: v for k, v in __import__("os").environ.items() if k != "LOADWARDEN_API_TOKEN"}
+    env = {k: v for k, v in os.environ.items() if k != "LOADWARDEN_API_TOKEN"}
     if token:
         env["LOADWARDEN_API_TOKEN"] = token
     with log.open("ab") as out:
@@ -125,7 +128,6 @@ def stack(
     loader = getattr(request.module, "WORKER_LOADER", "safetensors")
     logs = tmp_path_factory.mktemp("serve-logs")
     redis_url = db_url(redis_base_url)
-    server, url = start_serve(redis_url, logs / "serve.log", token=TOKEN)
     with (logs / "worker.log").open("wb") as out:
         worker = subprocess.Popen(
             [sys.executable, "-c", WORKER_SCRIPT, redis_url, loader, "{}", TEST_LOADERS],
@@ -134,7 +136,9 @@ def stack(
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
         )
+    server = None
     try:
+        server, url = start_serve(redis_url, logs / "serve.log", token=TOKEN)  # meanwhile
         call_until(
             lambda: (
                 b"worker_started" in (logs / "worker.log").read_bytes() or worker.poll() is not None
@@ -145,7 +149,8 @@ def stack(
         yield Stack(url=url, token=TOKEN, redis_url=redis_url, log=logs / "serve.log")
     finally:
         stop(worker)
-        stop(server)
+        if server is not None:
+            stop(server)
 
 
 @pytest.fixture(scope="module")

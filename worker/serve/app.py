@@ -50,6 +50,8 @@ def build_app(settings: Settings, config: ServeConfig) -> FastAPI:
     app.state.config = config
     app.state.auth = Auth(config.token, config.session_s)
     app.state.metrics = ServeMetrics()
+    # Errors outside /v1 are for people: the console renders them as pages.
+    app.state.render_problem = console.render_problem
     problems.install(app)
     app.include_router(api.router)
     app.include_router(console.router)

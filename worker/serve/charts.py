@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 
 from markupsafe import Markup, escape
 
-WIDTH, HEIGHT = 640, 220
+#: Two charts side by side within the console's 1180 px column.
+WIDTH, HEIGHT = 550, 220
 LEFT, RIGHT, TOP, BOTTOM = 70, 16, 28, 32
 
 
