@@ -41,5 +41,7 @@ RECENT_STREAM = "loadwarden:recent"
 RECENT_MAXLEN = 1000
 #: Each service bucket also counts finished jobs per outcome under ``<prefix><outcome>``.
 SERVICE_OUTCOME_FIELD_PREFIX = "outcome:"
+#: A catalog preload run by ``serve`` (its progress as JSON), ``<prefix><preload id>``.
+PRELOAD_KEY_PREFIX = "loadwarden:preload:"
 #: Minutes of service counters the estimate reads (an hour: shorter windows were noisy).
 SERVICE_WINDOW_MINUTES = 60

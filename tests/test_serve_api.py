@@ -281,3 +281,42 @@ def test_probes_need_no_token(stack: Stack, redis_url: str) -> None:
     """/livez and /readyz answer without a token (they say nothing but ok)."""
     assert httpx.get(stack.url + "/livez").json() == {"status": "ok"}
     assert httpx.get(stack.url + "/readyz").json() == {"status": "ok"}
+
+
+def _preload(api: httpx.Client, catalog: str) -> httpx.Response:
+    return api.post("/v1/preloads", content=catalog, headers={"content-type": "application/toml"})
+
+
+def test_preload_a_catalog_and_follow_its_progress(api: httpx.Client, models: Path) -> None:
+    """POST /v1/preloads runs a TOML catalog; GET shows each entry's progress, then totals."""
+    catalog = (
+        f'[[model]]\nname = "small"\nsource = "{models / "small.safetensors"}"\n'
+        f'[[model]]\nname = "broken"\nsource = "{models / "broken.safetensors"}"\n'
+    )
+    reply = _preload(api, catalog)
+    assert reply.status_code == 202, reply.text
+    started = reply.json()
+    assert started["state"] == "running"
+    assert [e["name"] for e in started["entries"]] == ["small", "broken"]
+
+    def finished() -> dict[str, object] | None:
+        progress = api.get(f"/v1/preloads/{started['id']}").json()
+        return progress if progress["state"] == "finished" else None
+
+    done = call_until(finished, timeout_s=30, interval_s=0.1)
+    assert isinstance(done, dict)
+    outcomes = {e["name"]: e["outcome"] for e in done["entries"]}
+    assert outcomes == {"small": "ok", "broken": "invalid"}
+    assert done["done"] == 2 and done["totals"]["ok"] == 1 and done["totals"]["failed"] == 1
+
+
+def test_bad_catalogs_are_problem_documents(api: httpx.Client) -> None:
+    """A catalog with defects, relative sources or bad TOML is a 422 listing why; no such
+    preload is a 404."""
+    defects = _is_problem(_preload(api, '[[model]]\nname = "x"\nsource = "rel/x.npy"\n'), 422)
+    assert defects["errors"] == ["model 'x': relative source"]
+    _is_problem(_preload(api, "[[model]\nname = "), 422)
+    listed = _is_problem(_preload(api, '[[model]]\nname = "x"\nsha256 = "no"\n'), 422)
+    assert listed["errors"]
+    _is_problem(_preload(api, ""), 422)
+    _is_problem(api.get("/v1/preloads/" + "0" * 32), 404)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -11,12 +12,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 from starlette.responses import JSONResponse, Response
 
 from loadwarden.producer.client import Client
 from loadwarden.producer.errors import RedisUnavailable
 from loadwarden.producer.settings import Settings
-from loadwarden.worker.serve import api, console, problems
+from loadwarden.worker.serve import api, console, preloads, problems
 from loadwarden.worker.serve.auth import Auth
 from loadwarden.worker.serve.config import ServeConfig
 from loadwarden.worker.serve.middleware import ServeMetrics, body_limit, observe
@@ -31,9 +33,14 @@ def build_app(settings: Settings, config: ServeConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = Client(settings=settings)
         app.state.client = client
+        app.state.preloads = set()
         try:
             yield
         finally:
+            for task in list(app.state.preloads):  # their jobs stay queued and still run
+                task.cancel()
+            if app.state.preloads:
+                await asyncio.wait(app.state.preloads)
             await client.close()
 
     app = FastAPI(
@@ -54,6 +61,7 @@ def build_app(settings: Settings, config: ServeConfig) -> FastAPI:
     app.state.render_problem = console.render_problem
     problems.install(app)
     app.include_router(api.router)
+    app.include_router(preloads.router)
     app.include_router(console.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -66,7 +74,7 @@ def build_app(settings: Settings, config: ServeConfig) -> FastAPI:
         client: Client = request.app.state.client
         try:
             await (await client.redis()).ping()
-        except (RedisUnavailable, OSError, ConnectionError) as exc:
+        except (RedisUnavailable, RedisError, OSError) as exc:
             return JSONResponse({"status": "redis unavailable", "detail": str(exc)}, 503)
         return JSONResponse({"status": "ok"})
 
