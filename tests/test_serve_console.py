@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from loadwarden.worker.serve.middleware import CONTENT_SECURITY_POLICY
-from tests.safetensors_files import valid_model
+from tests.safetensors_files import entry, raw_file, valid_model
 from tests.serve_stack import HOSTILE, TOKEN, Stack, models, stack
 
 __all__ = ["models", "stack"]  # fixtures, imported for this module
@@ -80,7 +80,8 @@ def test_hostile_strings_are_escaped_everywhere(
     )
     folder = tmp_path_factory.mktemp("hostile-source")
     bad = folder / '<img src=x onerror="alert(9)">.safetensors'
-    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00<script>alert(8)")
+    # The error message names the tensor: a hostile name travels into the report's error.
+    bad.write_bytes(raw_file({"<script>alert(8)</script>": entry("X99", [1], 0, 1)}, b"\0"))
     failed = _finish(stack, bad, {"who": "<b>bold</b>"})
     bodies = [
         console.get(p).text
@@ -101,6 +102,8 @@ def test_hostile_strings_are_escaped_everywhere(
     assert "&#34;&gt;&lt;img src=x onerror=&#34;window.__pwned=2&#34;&gt;" in page
     assert "ctl\\u0007\\u001b[31mred\\u202eevil\\u0000" in page
     assert "&lt;img src=x onerror=&#34;alert(9)&#34;&gt;.safetensors" in bodies[1]
+    assert "&lt;script&gt;alert(8)&lt;/script&gt;" in bodies[1]  # in the error message
+    assert "<script>alert(8)" not in "".join(bodies)
 
 
 def test_actions_need_the_csrf_token(console: httpx.Client, stack: Stack, models: Path) -> None:
