@@ -59,6 +59,16 @@ class Stack:
             timeout=30,
         )
 
+    def finish(self, source: Path, labels: dict[str, str] | None = None) -> str:
+        """Enqueue a load through the API, wait until it has finished, return its job id."""
+        with self.api() as api:
+            reply = api.post("/v1/loads", json={"source": str(source), "labels": labels or {}})
+            assert reply.status_code == 202, reply.text
+            job_id = str(reply.json()["job_id"])
+            done = api.get(f"/v1/loads/{job_id}", params={"wait": 30}).json()
+            assert done["state"] == "complete", done
+        return job_id
+
     @contextlib.contextmanager
     def console(self) -> Iterator[httpx.Client]:
         """A signed-in console session (cookie), as a browser would hold it."""

@@ -100,13 +100,6 @@ def signed_in(browser: webdriver.Chrome, stack: Stack, redis_url: str) -> webdri
     return browser
 
 
-def _finish(stack: Stack, source: Path) -> str:
-    with stack.api() as api:
-        job_id = str(api.post("/v1/loads", json={"source": str(source)}).json()["job_id"])
-        assert api.get(f"/v1/loads/{job_id}", params={"wait": 30}).json()["state"] == "complete"
-    return job_id
-
-
 def _errors(browser: webdriver.Chrome) -> list[dict[str, object]]:
     return [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
 
@@ -125,8 +118,8 @@ def test_pages_load_without_console_errors(
     signed_in: webdriver.Chrome, stack: Stack, models: Path
 ) -> None:
     """Every console page loads with no error in the browser's console (CSP included)."""
-    job_id = _finish(stack, models / "small.safetensors")
-    _finish(stack, models / "broken.safetensors")
+    job_id = stack.finish(models / "small.safetensors")
+    stack.finish(models / "broken.safetensors")
     for name, path in [
         ("overview", "/"),
         ("loads", "/loads"),
@@ -151,7 +144,7 @@ def test_overview_updates_live_when_a_load_finishes(
     cell = signed_in.find_element(By.CSS_SELECTOR, "[data-live='outcome-ok']")
     before = int(cell.text)
     signed_in.execute_script("window.__sameDocument = true")
-    _finish(stack, models / "small.safetensors")
+    stack.finish(models / "small.safetensors")
     WebDriverWait(signed_in, 15).until(lambda d: int(cell.text) == before + 1)
     assert signed_in.execute_script("return window.__sameDocument === true")
     assert _errors(signed_in) == []
@@ -161,7 +154,7 @@ def test_load_page_draws_memory_and_cpu_charts(
     signed_in: webdriver.Chrome, stack: Stack, models: Path
 ) -> None:
     """A load's page draws its memory and CPU series with the limits across them."""
-    job_id = _finish(stack, models / "small.safetensors")
+    job_id = stack.finish(models / "small.safetensors")
     signed_in.get(stack.url + f"/loads/{job_id}")
     for chart in ("chart-memory", "chart-cpu"):
         svg = signed_in.find_element(By.CSS_SELECTOR, f"svg.{chart}")
@@ -180,7 +173,7 @@ def test_retry_from_the_console_reruns_a_dead_letter(
     signed_in: webdriver.Chrome, stack: Stack, models: Path
 ) -> None:
     """Retry on the dead-letters page enqueues the job again; its new run shows on its page."""
-    failed = _finish(stack, models / "broken.safetensors")
+    failed = stack.finish(models / "broken.safetensors")
     signed_in.get(stack.url + "/dead-letters")
     signed_in.find_element(By.CSS_SELECTOR, "button.retry").click()
     WebDriverWait(signed_in, 10).until(lambda d: f"/loads/{failed}-r" in d.current_url)
@@ -198,7 +191,7 @@ def test_injected_tensor_names_never_execute(
     signed_in: webdriver.Chrome, stack: Stack, models: Path
 ) -> None:
     """Tensor names holding script, attributes and control characters show as text, inert."""
-    job_id = _finish(stack, models / "hostile.safetensors")
+    job_id = stack.finish(models / "hostile.safetensors")
     signed_in.get(stack.url + f"/loads/{job_id}")
     names = {e.text for e in signed_in.find_elements(By.CSS_SELECTOR, "td.tensor-name")}
     assert HOSTILE[0] in names and HOSTILE[1] in names

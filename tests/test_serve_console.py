@@ -31,15 +31,6 @@ def _csrf(page: httpx.Response) -> str:
     return found.group(1)
 
 
-def _finish(stack: Stack, source: Path, labels: dict[str, str] | None = None) -> str:
-    with stack.api() as api:
-        reply = api.post("/v1/loads", json={"source": str(source), "labels": labels or {}})
-        assert reply.status_code == 202, reply.text
-        job_id = str(reply.json()["job_id"])
-        assert api.get(f"/v1/loads/{job_id}", params={"wait": 30}).json()["state"] == "complete"
-    return job_id
-
-
 @pytest.mark.parametrize("path", [*PAGES, "/loads/some-job", "/overview.json"])
 def test_console_needs_a_session(stack: Stack, redis_url: str, path: str) -> None:
     """Without a session cookie every console page sends the visitor to the sign-in page."""
@@ -75,14 +66,12 @@ def test_hostile_strings_are_escaped_everywhere(
     console: httpx.Client, stack: Stack, models: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Tensor names, labels, sources and errors from files and producers print as text."""
-    job_id = _finish(
-        stack, models / "hostile.safetensors", {HOSTILE[0]: HOSTILE[1], "k": HOSTILE[3]}
-    )
+    job_id = stack.finish(models / "hostile.safetensors", {HOSTILE[0]: HOSTILE[1], "k": HOSTILE[3]})
     folder = tmp_path_factory.mktemp("hostile-source")
     bad = folder / '<img src=x onerror="alert(9)">.safetensors'
     # The error message names the tensor: a hostile name travels into the report's error.
     bad.write_bytes(raw_file({"<script>alert(8)</script>": entry("X99", [1], 0, 1)}, b"\0"))
-    failed = _finish(stack, bad, {"who": "<b>bold</b>"})
+    failed = stack.finish(bad, {"who": "<b>bold</b>"})
     bodies = [
         console.get(p).text
         for p in [
@@ -108,7 +97,7 @@ def test_hostile_strings_are_escaped_everywhere(
 
 def test_actions_need_the_csrf_token(console: httpx.Client, stack: Stack, models: Path) -> None:
     """Purge, retry and cancel without the form's token (or from another origin) are 403."""
-    _finish(stack, models / "broken.safetensors")
+    stack.finish(models / "broken.safetensors")
     for data in [{}, {"csrf": "0" * 64}]:
         assert console.post("/dead-letters/purge", data=data).status_code == 403
     csrf = _csrf(console.get("/dead-letters"))
@@ -146,7 +135,7 @@ def test_load_page_draws_limits_on_charts(
     """A finished load's page shows its limits with their derivation and two SVG charts."""
     folder = tmp_path_factory.mktemp("chart-model")
     valid_model(folder / "m.safetensors", {"w": np.ones((512, 512), dtype=np.float32)})
-    job_id = _finish(stack, folder / "m.safetensors")
+    job_id = stack.finish(folder / "m.safetensors")
     page = console.get(f"/loads/{job_id}").text
     assert page.count('<svg class="chart') == 2
     assert page.count('class="limit"') == 2

@@ -11,18 +11,13 @@ from collections.abc import Callable, Sequence
 
 from markupsafe import Markup, escape
 
+from loadwarden.worker._render import _size as human_bytes  # the CLI's units, one formatter
+
+__all__ = ["human_bytes", "human_seconds", "line_chart"]
+
 #: Two charts side by side within the console's 1180 px column.
 WIDTH, HEIGHT = 550, 220
 LEFT, RIGHT, TOP, BOTTOM = 70, 16, 28, 32
-
-
-def human_bytes(value: float) -> str:
-    """1536 -> '1.5 KiB' (binary units, as the limits are set)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def human_seconds(value: float) -> str:

@@ -86,6 +86,19 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
+#: The client's errors as problems: status, type, detail (None: the error's own message), headers.
+_CLIENT_ERRORS: dict[type[Exception], tuple[int, str, str | None, dict[str, str]]] = {
+    JobNotFound: (404, "not-found", None, {}),
+    RedisUnavailable: (
+        503,
+        "redis-unavailable",
+        "the queue's Redis does not answer",
+        {"Retry-After": "5"},
+    ),
+    ContractError: (502, "bad-stored-data", None, {}),
+}
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every error into a problem document."""
 
@@ -110,25 +123,14 @@ def install(app: FastAPI) -> None:
             ),
         )
 
-    @app.exception_handler(JobNotFound)
-    async def _not_found(request: Request, exc: JobNotFound) -> Response:
-        return _respond(request, Problem(404, str(exc), kind="not-found"))
-
-    @app.exception_handler(RedisUnavailable)
-    async def _redis_down(request: Request, exc: RedisUnavailable) -> Response:
-        return _respond(
-            request,
-            Problem(
-                503,
-                "the queue's Redis does not answer",
-                kind="redis-unavailable",
-                headers={"Retry-After": "5"},
-            ),
+    async def _client_error(request: Request, exc: Exception) -> Response:
+        status, kind, detail, headers = next(
+            v for t, v in _CLIENT_ERRORS.items() if isinstance(exc, t)
         )
+        return _respond(request, Problem(status, detail or str(exc), kind=kind, headers=headers))
 
-    @app.exception_handler(ContractError)
-    async def _contract(request: Request, exc: ContractError) -> Response:
-        return _respond(request, Problem(502, str(exc), kind="bad-stored-data"))
+    for error in _CLIENT_ERRORS:
+        app.add_exception_handler(error, _client_error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
