@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 from tests.conftest import TEST_DB, TEST_LOADERS, WORKER_SCRIPT, call_until
@@ -50,6 +52,8 @@ class Stack:
     token: str
     redis_url: str
     log: Path
+    #: The server's and the worker's process ids.
+    pids: tuple[int, ...]
 
     def api(self, token: str | None = None) -> httpx.Client:
         """An HTTP client for /v1 carrying the bearer token (or the one given)."""
@@ -68,6 +72,24 @@ class Stack:
             done = api.get(f"/v1/loads/{job_id}", params={"wait": 30}).json()
             assert done["state"] == "complete", done
         return job_id
+
+    def defer(self, job_id: str, source: Path) -> None:
+        """A job enqueued 10 minutes ahead: it stays deferred while a test watches it."""
+        from loadwarden.producer.client import Client
+        from loadwarden.producer.settings import Settings
+
+        async def put() -> None:
+            async with Client(settings=Settings(redis_url=self.redis_url)) as client:
+                pool = await client.redis()
+                await pool.enqueue_job(
+                    "load",
+                    request={"source": str(source)},
+                    _job_id=job_id,
+                    _defer_by=600,
+                    _queue_name=client.queue_name,
+                )
+
+        asyncio.run(put())
 
     @contextlib.contextmanager
     def console(self) -> Iterator[httpx.Client]:
@@ -156,11 +178,51 @@ def stack(
             30,
         )
         assert worker.poll() is None, (logs / "worker.log").read_text()
-        yield Stack(url=url, token=TOKEN, redis_url=redis_url, log=logs / "serve.log")
+        yield Stack(
+            url=url,
+            token=TOKEN,
+            redis_url=redis_url,
+            log=logs / "serve.log",
+            pids=(server.pid, worker.pid),
+        )
     finally:
         stop(worker)
         if server is not None:
             stop(server)
+
+
+def _trees(pids: list[int]) -> set[int]:
+    """These processes and all their descendants, as they are now."""
+    found = set(pids)
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            found |= {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes(stack: Stack, request: pytest.FixtureRequest) -> Iterator[None]:
+    """As conftest's check, but the module's server and worker, and what they start (the
+    worker's load children and spares come and go by its own rules, tested elsewhere), are
+    not the test's; nor is the browser's process tree in the browser tests."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    owners = list(stack.pids)
+    if "browser" in request.fixturenames:
+        owners.append(request.getfixturevalue("browser").service.process.pid)
+
+    def leftovers() -> list[psutil.Process]:
+        mine = before | _trees(owners)
+        return [
+            p
+            for p in me.children(recursive=True)
+            if p.pid not in mine and p.status() != psutil.STATUS_ZOMBIE
+        ]
+
+    with contextlib.suppress(AssertionError):
+        call_until(lambda: not leftovers(), timeout_s=5)
+    assert not leftovers()
 
 
 @pytest.fixture(scope="module")

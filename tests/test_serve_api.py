@@ -15,9 +15,9 @@ from loadwarden.worker.serve.config import is_loopback
 from loadwarden.worker.serve.openapi import PATH as OPENAPI_PATH
 from loadwarden.worker.serve.openapi import render as render_openapi
 from tests.conftest import call_until
-from tests.serve_stack import TOKEN, Stack, models, stack
+from tests.serve_stack import TOKEN, Stack, models, no_leaked_processes, stack
 
-__all__ = ["models", "stack"]  # fixtures, imported for this module
+__all__ = ["models", "no_leaked_processes", "stack"]  # fixtures, imported for this module
 
 PROBLEM = "application/problem+json"
 
@@ -135,6 +135,7 @@ def test_bad_requests_are_problem_documents(api: httpx.Client, stack: Stack) -> 
     _is_problem(api.delete("/v1/loads/no-such-job"), 404)
     _is_problem(api.post("/v1/dead-letters/retry", json={}), 400)
     _is_problem(api.post("/v1/dead-letters/retry", json={"ids": ["0-1"]}), 404)
+    _is_problem(api.post("/v1/dead-letters/retry", json={"ids": ["not-an-id"]}), 422)
     big = {"source": "x", "labels": {"pad": "y" * 200}, "junk": "z" * (2 << 20)}
     _is_problem(api.post("/v1/loads", json=big), 413)
 
@@ -155,30 +156,9 @@ def test_cancel_of_finished_and_unknown_jobs(api: httpx.Client, models: Path) ->
     _is_problem(api.delete(f"/v1/loads/{job_id}"), 409)
 
 
-def _defer(stack: Stack, job_id: str, source: Path) -> None:
-    """A job enqueued 10 minutes ahead: it stays deferred while the test watches it."""
-    import asyncio
-
-    from loadwarden.producer.client import Client
-    from loadwarden.producer.settings import Settings
-
-    async def put() -> None:
-        async with Client(settings=Settings(redis_url=stack.redis_url)) as client:
-            pool = await client.redis()
-            await pool.enqueue_job(
-                "load",
-                request={"source": str(source)},
-                _job_id=job_id,
-                _defer_by=600,
-                _queue_name=client.queue_name,
-            )
-
-    asyncio.run(put())
-
-
 def test_cancel_a_deferred_load(api: httpx.Client, stack: Stack, models: Path) -> None:
     """DELETE on a waiting load answers 202 and the load ends ``cancelled``."""
-    _defer(stack, "waiting-1", models / "small.safetensors")
+    stack.defer("waiting-1", models / "small.safetensors")
     reply = api.delete("/v1/loads/waiting-1")
     assert reply.status_code == 202 and reply.json()["state"] == "deferred"
     assert _finished(api, "waiting-1")["report"]["outcome"] == "cancelled"  # type: ignore[index]
@@ -215,7 +195,7 @@ def test_an_event_stream_ends_when_its_client_leaves(
     api: httpx.Client, stack: Stack, models: Path
 ) -> None:
     """A client that leaves a stream mid-way leaves no stream (and no polling) behind."""
-    _defer(stack, "waiting-2", models / "small.safetensors")
+    stack.defer("waiting-2", models / "small.safetensors")
     assert _open_streams(stack) == 0
     with api.stream("GET", "/v1/loads/waiting-2/events") as reply:
         events = _events(reply)  # held: dropping the generator would close the response

@@ -3,19 +3,16 @@ serve, a real worker and real Redis: console errors, live updates, charts, retry
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
-from tests.conftest import call_until
-from tests.serve_stack import HOSTILE, ROOT, Stack, models, stack
+from tests.serve_stack import HOSTILE, ROOT, Stack, models, no_leaked_processes, stack
 
-__all__ = ["models", "stack"]  # fixtures, imported for this module
+__all__ = ["models", "no_leaked_processes", "stack"]  # fixtures, imported for this module
 
 #: Loads here grow memory and burn CPU for about a second, so the charts have a shape.
 WORKER_LOADER = "ramp"
@@ -64,29 +61,6 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
         yield driver
     finally:
         driver.quit()
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_processes(browser: webdriver.Chrome) -> Iterator[None]:
-    """As conftest's check, but the module's browser may start renderers as it navigates."""
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    yield
-    driver_pid = browser.service.process.pid
-
-    def leftovers() -> list[psutil.Process]:
-        browser_tree = {driver_pid} | {
-            p.pid for p in psutil.Process(driver_pid).children(recursive=True)
-        }
-        return [
-            p
-            for p in me.children(recursive=True)
-            if p.pid not in before | browser_tree and p.status() != psutil.STATUS_ZOMBIE
-        ]
-
-    with contextlib.suppress(AssertionError):
-        call_until(lambda: not leftovers(), timeout_s=5)
-    assert not leftovers()
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import pytest
 
 from loadwarden.worker.serve.middleware import CONTENT_SECURITY_POLICY
 from tests.safetensors_files import entry, raw_file, valid_model
-from tests.serve_stack import HOSTILE, TOKEN, Stack, models, stack
+from tests.serve_stack import HOSTILE, TOKEN, Stack, models, no_leaked_processes, stack
 
-__all__ = ["models", "stack"]  # fixtures, imported for this module
+__all__ = ["models", "no_leaked_processes", "stack"]  # fixtures, imported for this module
 
 PAGES = ["/", "/loads", "/dead-letters", "/enqueue"]
 
@@ -110,7 +110,7 @@ def test_actions_need_the_csrf_token(console: httpx.Client, stack: Stack, models
     assert "no dead letter" in console.get("/dead-letters").text
 
 
-def test_enqueue_form_runs_a_load(console: httpx.Client, models: Path) -> None:
+def test_enqueue_form_runs_a_load(console: httpx.Client, stack: Stack, models: Path) -> None:
     """The enqueue form queues a load and leads to its page; a bad form shows why."""
     csrf = _csrf(console.get("/enqueue"))
     reply = console.post(
@@ -125,6 +125,12 @@ def test_enqueue_form_runs_a_load(console: httpx.Client, models: Path) -> None:
     assert reply.status_code == 303
     page = reply.headers["location"]
     assert page.startswith("/loads/")
+    with stack.api() as api:
+        done = api.get("/v1" + page, params={"wait": 30}).json()
+    assert done["report"]["outcome"] == "ok" and done["report"]["labels"] == {
+        "team": "ops",
+        "run": "1",
+    }
     bad = console.post("/enqueue", data={"csrf": csrf, "source": "x", "sha256": "nothex"})
     assert bad.status_code == 422 and "sha256" in bad.text
 
@@ -140,3 +146,17 @@ def test_load_page_draws_limits_on_charts(
     assert page.count('<svg class="chart') == 2
     assert page.count('class="limit"') == 2
     assert "declared_size" in page or "default" in page or "history" in page
+
+
+def test_cancel_from_a_load_page(console: httpx.Client, stack: Stack, models: Path) -> None:
+    """A waiting load's page offers Cancel; the posted form cancels it and it ends cancelled."""
+    stack.defer("waiting-console", models / "small.safetensors")
+    page = console.get("/loads/waiting-console")
+    assert "deferred" in page.text and 'action="/loads/waiting-console/cancel"' in page.text
+    assert console.post("/loads/waiting-console/cancel", data={}).status_code == 403
+    reply = console.post("/loads/waiting-console/cancel", data={"csrf": _csrf(page)})
+    assert reply.status_code == 303 and reply.headers["location"] == "/loads/waiting-console"
+    with stack.api() as api:
+        done = api.get("/v1/loads/waiting-console", params={"wait": 30}).json()
+    assert done["report"]["outcome"] == "cancelled"
+    assert 'id="outcome">cancelled<' in console.get("/loads/waiting-console").text

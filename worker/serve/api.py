@@ -22,6 +22,10 @@ IDEMPOTENCY_KEY_PREFIX = "loadwarden:idempotency:"
 #: Job ids as the client and arq make them (uuid hex, retries' ``-r`` suffix, callers' own).
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
 
+#: A dead letter's id: its Redis stream entry id (anything else is not one, and Redis would
+#: answer an error rather than nothing).
+DEAD_LETTER_ID_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
+
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the job id from POST /v1/loads")]
 
 
@@ -67,7 +71,9 @@ class RetryRequest(_Out):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ids: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=1000)] = []
+    ids: Annotated[
+        list[Annotated[str, Field(pattern=DEAD_LETTER_ID_PATTERN)]], Field(max_length=1000)
+    ] = []
     all: bool = False
 
 

@@ -23,7 +23,12 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from loadwarden.producer.client import Client, JobState
 from loadwarden.producer.contract import LoadRequest, Outcome
 from loadwarden.producer.recent import outcomes_last_hour, recent_loads
-from loadwarden.worker.serve.api import JOB_ID_PATTERN, load_status, matching
+from loadwarden.worker.serve.api import (
+    DEAD_LETTER_ID_PATTERN,
+    JOB_ID_PATTERN,
+    load_status,
+    matching,
+)
 from loadwarden.worker.serve.auth import SESSION_COOKIE, Auth
 from loadwarden.worker.serve.charts import human_bytes, human_seconds, line_chart
 from loadwarden.worker.serve.problems import Problem
@@ -155,7 +160,7 @@ async def loads(request: Request, outcome: str = "", label: str = "") -> Respons
 @router.get("/loads/{job_id}", response_class=HTMLResponse)
 async def load_page(request: Request, job_id: str) -> Response:
     _session(request)
-    if not re.fullmatch(JOB_ID_PATTERN.strip("^$"), job_id):
+    if not re.fullmatch(JOB_ID_PATTERN, job_id):
         raise Problem(404, "no such job", kind="not-found")
     status = await load_status(_client(request), job_id)
     charts = []
@@ -209,6 +214,8 @@ async def dead_letters(request: Request) -> Response:
 async def retry(request: Request) -> Response:
     form = await _form(request, _session(request))
     ids = None if form.get("all") else [form.get("id", "")]
+    if ids and not re.fullmatch(DEAD_LETTER_ID_PATTERN, ids[0]):
+        raise Problem(404, "no such dead letter", kind="not-found")
     handles = await _client(request).retry_dead(ids)
     if len(handles) == 1:
         return RedirectResponse(f"/loads/{quote(handles[0].job_id)}", 303)
