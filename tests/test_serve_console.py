@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from loadwarden.worker.serve.console import visible
 from loadwarden.worker.serve.middleware import CONTENT_SECURITY_POLICY
 from tests.safetensors_files import entry, raw_file, valid_model
 from tests.serve_stack import HOSTILE, TOKEN, Stack, models, no_leaked_processes, stack
@@ -160,3 +161,10 @@ def test_cancel_from_a_load_page(console: httpx.Client, stack: Stack, models: Pa
         done = api.get("/v1/loads/waiting-console", params={"wait": 30}).json()
     assert done["report"]["outcome"] == "cancelled"
     assert 'id="outcome">cancelled<' in console.get("/loads/waiting-console").text
+
+
+def test_visible_escapes_controls_but_keeps_lines() -> None:
+    """Control, format and bidi characters print as escapes; newlines and tabs stay."""
+    assert visible("a\nb\tc") == "a\nb\tc"
+    assert visible("x\x1b[2J\u202ey\x00\r") == "x\\u001b[2J\\u202ey\\u0000\\u000d"
+    assert visible(None) == "" and visible(3) == 3

@@ -36,6 +36,10 @@ from loadwarden.worker.serve.problems import Problem
 router = APIRouter(include_in_schema=False)
 
 
+#: Whitespace that only lays text out (tracebacks and messages keep their lines).
+_PLAIN = frozenset(" \n\t")
+
+
 def visible(value: object) -> object:
     """Strings with control and format characters (C0, C1, bidi overrides) as \\u escapes."""
     if not isinstance(value, str):
@@ -44,7 +48,7 @@ def visible(value: object) -> object:
         return value
     return "".join(
         c
-        if c == " " or unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp")
+        if c in _PLAIN or unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp")
         else f"\\u{ord(c):04x}"
         for c in value
     )
