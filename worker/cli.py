@@ -658,6 +658,7 @@ def serve(
     log_level: LogOpt = "info",
 ) -> None:
     """Serve the HTTP API (/v1) and the web console (/) for this queue."""
+    from loadwarden.worker.serve.config import load_token, refuse_open_bind
     from loadwarden.worker.serve.run import run_server
 
     settings = _settings(redis)
@@ -665,12 +666,14 @@ def serve(
         raise typer.BadParameter(
             "serve needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
         )
-    configure_logging(log_level)
-    try:
-        run_server(settings, host=host, port=port, token_file=token_file, log_level=log_level)
+    try:  # before logging is set up: a refusal binds nothing and configures nothing
+        token = load_token(token_file)
+        refuse_open_bind(host, token)
     except ValueError as exc:
         typer.echo(f"loadwarden serve: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
+    configure_logging(log_level)
+    run_server(settings, host=host, port=port, token=token, log_level=log_level)
 
 
 def main() -> None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import structlog
 import uvicorn
 
 from loadwarden.producer.settings import Settings
 from loadwarden.worker.serve.app import create_app
-from loadwarden.worker.serve.config import ServeConfig, load_token, refuse_open_bind
+from loadwarden.worker.serve.config import ServeConfig, refuse_open_bind
 
 log = structlog.get_logger("loadwarden.serve")
 
@@ -19,11 +17,10 @@ def run_server(
     *,
     host: str,
     port: int,
-    token_file: Path | None = None,
+    token: str | None,
     log_level: str = "info",
 ) -> None:
-    """Serve the API and the console; ``ServeConfigError`` (a ValueError) before binding."""
-    token = load_token(token_file)
+    """Serve the API and the console (``ServeConfigError``, a ValueError, before binding)."""
     refuse_open_bind(host, token)
     app = create_app(settings, ServeConfig(token=token))
     config = uvicorn.Config(
