@@ -33,5 +33,15 @@ WORKERS_ZSET = "loadwarden:workers"
 #: Per-minute service counters (a hash of jobs finished and busy load-seconds), for the
 #: autoscaler's service-rate estimate: ``<prefix><unix minute>``.
 SERVICE_KEY_PREFIX = "loadwarden:service:"
+#: The most recent finished loads (job id, outcome, source, labels), newest last, for the
+#: console's list of loads; capped (approximately) at RECENT_MAXLEN entries.
+RECENT_STREAM = "loadwarden:recent"
+#: 1000 entries of a few hundred bytes each: a screenful of history many times over for
+#: about 0.5 MB of Redis; older loads stay reachable by id while their reports are kept.
+RECENT_MAXLEN = 1000
+#: Each service bucket also counts finished jobs per outcome under ``<prefix><outcome>``.
+SERVICE_OUTCOME_FIELD_PREFIX = "outcome:"
+#: A catalog preload run by ``serve`` (its progress as JSON), ``<prefix><preload id>``.
+PRELOAD_KEY_PREFIX = "loadwarden:preload:"
 #: Minutes of service counters the estimate reads (an hour: shorter windows were noisy).
 SERVICE_WINDOW_MINUTES = 60

@@ -147,3 +147,18 @@ def safetensors_one_thread(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
     """Our loader with every pread in one thread (bench/load.py compares)."""
     _regions.READ_THREADS = 1  # this child loads once and exits
     return load_safetensors(fd, spec)
+
+
+@register_loader("ramp")
+def ramp(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Load for real, then grow memory and burn CPU in steps for about a second (for charts)."""
+    import time
+
+    result = load_safetensors(fd, spec)
+    held = []
+    for _ in range(8):
+        held.append(bytearray(b"\x01") * (3 << 20))  # written, so resident
+        until = time.monotonic() + 0.12
+        while time.monotonic() < until:
+            sum(range(2000))
+    return result

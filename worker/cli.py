@@ -684,6 +684,38 @@ def exporter(
     asyncio.run(run_exporter(settings, port or settings.metrics_port or EXPORTER_PORT))
 
 
+@app.command()
+def serve(
+    redis: RedisOpt = None,
+    host: Annotated[str, typer.Option(help="Listen here (loopback unless a token is set).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Listen on this port (0: any free one).")] = 8080,
+    token_file: Annotated[
+        Path | None,
+        typer.Option("--token-file", help="Read the API token here (else LOADWARDEN_API_TOKEN)."),
+    ] = None,
+    log_level: LogOpt = "info",
+) -> None:
+    """Serve the HTTP API (/v1) and the web console (/) for this queue."""
+    from loadwarden.worker.serve.config import load_token, refuse_open_bind
+    from loadwarden.worker.serve.run import run_server
+
+    settings = _settings(redis)
+    if not settings.redis_url:
+        raise typer.BadParameter(
+            "serve needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
+        )
+    try:  # before logging is set up: a refusal binds nothing and configures nothing
+        token = load_token(token_file)
+        refuse_open_bind(host, token)
+    except ValueError as exc:
+        typer.echo(f"loadwarden serve: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    configure_logging(log_level)
+    run_server(settings, host=host, port=port, token=token, log_level=log_level)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -30,8 +30,11 @@ from loadwarden.producer.keys import (
     CANCEL_KEY_PREFIX,
     DEAD_LETTER_STREAM,
     DEDUPE_KEY_PREFIX,
+    RECENT_MAXLEN,
+    RECENT_STREAM,
     RUNNING_ZSET,
     SERVICE_KEY_PREFIX,
+    SERVICE_OUTCOME_FIELD_PREFIX,
     SERVICE_WINDOW_MINUTES,
     dedupe_key,
 )
@@ -50,6 +53,16 @@ def _now_ms() -> int:
 
 #: How long a job's attempts and cancel flag outlive it (a producer may come back late).
 BOOK_TTL_S = 7 * 86_400
+
+
+def _recent_entry(job_id: str, report: LoadReport) -> dict[str, str]:
+    """The console's line for one finished load (the source cut short: the report has it all)."""
+    return {
+        "job_id": job_id,
+        "outcome": str(report.outcome),
+        "source": report.source[:512],
+        "labels": json.dumps(report.labels),
+    }
 
 
 class JobBook:
@@ -146,7 +159,14 @@ class JobBook:
             pipe.hincrby(bucket, "jobs", 1)
             if report.resources is not None:
                 pipe.hincrbyfloat(bucket, "seconds", report.resources.wall_seconds)
+            pipe.hincrby(bucket, SERVICE_OUTCOME_FIELD_PREFIX + str(report.outcome), 1)
             pipe.expire(bucket, (SERVICE_WINDOW_MINUTES + 5) * 60)
+            pipe.xadd(
+                RECENT_STREAM,
+                _recent_entry(job_id, report),  # type: ignore[arg-type]
+                maxlen=RECENT_MAXLEN,
+                approximate=True,
+            )
             if request is not None:
                 pipe.delete(DEDUPE_KEY_PREFIX + dedupe_key(request))
             if report.outcome not in (Outcome.OK, Outcome.CANCELLED):
