@@ -19,13 +19,14 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 from arq import Retry, func
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis
 from arq.worker import Worker
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from loadwarden.producer import wire
 from loadwarden.producer.client import FUNCTION_NAME
+from loadwarden.producer.connection import NotReplicated, confirm_replicated, redis_client
 from loadwarden.producer.contract import Attempt, LoadReport, LoadRequest, ModelFormat, Outcome
 from loadwarden.producer.counts import queue_counts
 from loadwarden.producer.errors import (
@@ -35,7 +36,7 @@ from loadwarden.producer.errors import (
     LoadCancelled,
     LoadError,
 )
-from loadwarden.producer.settings import Settings
+from loadwarden.producer.settings import RedisOptions, Settings
 from loadwarden.worker._tasks import cancel_and_wait, finish_despite_cancel
 from loadwarden.worker.autoscale_inputs import desired_from_counts
 from loadwarden.worker.heartbeat import beat
@@ -107,12 +108,15 @@ async def load_job(ctx: dict[str, Any], request: Any = None, **extra: Any) -> di
             parsed, job_id=job_id, source=str(source or ""), attempt=number, enqueued_at=enqueued_at
         )
         await book.dead_letter_raw(job_id, repr(request), report)
+        await confirm_write(book.redis, settings.redis, job_id, "dead_letter")
         return report.model_dump(mode="json")
     final = await _refuse_early(sup, book, parsed, job_id, number, enqueued_at)
     if final is None:
         final = await _attempt(sup, book, settings, parsed, job_id, previous, enqueued_at)
     final = final.model_copy(update={"attempts": previous + final.attempts})
     await book.finish(job_id, parsed, final)
+    if final.outcome not in (Outcome.OK, Outcome.CANCELLED):
+        await confirm_write(book.redis, settings.redis, job_id, "dead_letter")
     return final.model_dump(mode="json")
 
 
@@ -195,11 +199,32 @@ async def _attempt(
     raise Retry(defer=delay)
 
 
-def redis_settings(url: str, *, conn_timeout_s: int = 5, conn_retries: int = 5) -> RedisSettings:
-    settings = RedisSettings.from_dsn(url)
-    settings.conn_timeout = conn_timeout_s
-    settings.conn_retries = conn_retries
-    return settings
+class _Worker(Worker):
+    """arq's Worker, confirming each stored result with WAIT when ``redis.wait_replicas`` asks."""
+
+    def __init__(self, *args: Any, options: Settings, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._options = options.redis
+
+    async def finish_job(self, job_id: str, finish: bool, *args: Any) -> None:
+        await super().finish_job(job_id, finish, *args)
+        if finish:
+            await confirm_write(self.pool, self._options, job_id, "result")
+
+
+async def confirm_write(
+    redis: aioredis.Redis, options: RedisOptions, job_id: str, what: str
+) -> None:
+    """WAIT for replicas when configured; a shortfall is logged, never fatal.
+
+    The write is already on the primary and the job is over: failing here would
+    only stop the worker from going on. A write the replicas missed can be lost in
+    a failover, and then the job, still queued on the new primary, runs again.
+    """
+    try:
+        await confirm_replicated(redis, options)
+    except NotReplicated as exc:
+        log.warning("write_unreplicated", job_id=job_id, write=what, error=str(exc))
 
 
 def create_worker(
@@ -208,7 +233,11 @@ def create_worker(
     """An arq Worker that runs loads through ``supervisor`` (signals are WorkerRunner's)."""
     if not settings.redis_url:
         raise ValueError("a worker needs a Redis URL (--redis or LOADWARDEN_REDIS_URL)")
-    worker = Worker(
+    pool = redis_client(settings.redis_url, settings.redis, redis_class=ArqRedis)
+    pool.job_serializer, pool.job_deserializer = wire.dumps, job_deserializer
+    pool.default_queue_name = settings.queue_name
+    worker = _Worker(
+        options=settings,
         functions=[
             func(
                 load_job,
@@ -218,7 +247,7 @@ def create_worker(
             )
         ],
         queue_name=settings.queue_name,
-        redis_settings=redis_settings(settings.redis_url),
+        redis_pool=pool,
         burst=burst,
         max_jobs=settings.concurrency,
         poll_delay=settings.poll_delay_s,
@@ -276,7 +305,7 @@ class WorkerRunner:
     async def run(self) -> None:
         """Run until stopped (or, in burst mode, until the queue is empty)."""
         assert self.settings.redis_url
-        redis = aioredis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5)
+        redis = redis_client(self.settings.redis_url, self.settings.redis)
         self.redis = redis
         book = JobBook(redis, self.settings, self.supervisor.metrics)
         self.supervisor.history = History(redis, self.settings.limits)
