@@ -376,6 +376,14 @@ class WorkerRunner:
         running = [t for t in worker.tasks.values() if not t.done()]
         if running:
             await asyncio.wait(running, timeout=10)
+        # arq's close() gathers its job tasks and would raise the CancelledError of one
+        # stopped while it was still starting (in its first Redis round trip), skipping
+        # the rest of the tidy-up: finished ones are collected here instead.
+        for job_id, task in list(worker.tasks.items()):
+            if task.done():
+                del worker.tasks[job_id]
+                if not task.cancelled() and task.exception() is not None:
+                    log.warning("job_task_failed", job_id=job_id, error=str(task.exception()))
         try:
             await worker.close()
         except (RedisError, OSError) as exc:  # Redis is gone: nothing left to tidy there
