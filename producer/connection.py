@@ -44,6 +44,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
     Sentinel,
+    SentinelConnectionPool,
     SentinelManagedConnection,
     SentinelManagedSSLConnection,
 )
@@ -265,6 +266,32 @@ def _cancel_safe(cls: type[AbstractConnection]) -> type[AbstractConnection]:
     return _SAFE[cls]
 
 
+class _Sentinels(Sentinel):
+    """redis-py's Sentinel client, telling the ride-through when a Sentinel has answered.
+
+    A Sentinel that knows the service proves the URL right: a primary that is down
+    or being replaced is then an outage to ride through, not a wrong address.
+    """
+
+    def __init__(self, *args: Any, ride: RideThrough, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._ride = ride
+
+    def check_master_state(self, state: dict[str, Any], service_name: str) -> bool:
+        self._ride.reached = True
+        return bool(super().check_master_state(state, service_name))
+
+
+class _SentinelPool(SentinelConnectionPool):
+    """A Sentinel-managed pool whose final close also closes the Sentinels' connections."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # a full close (not the drop of a demoted primary's connections)
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.aclose()
+
+
 def _connection_options(options: RedisOptions, *, tcp: bool = True) -> dict[str, Any]:
     extra = {"socket_keepalive": True} if tcp else {}  # the kernel watches idle TCP peers too
     return {
@@ -298,8 +325,9 @@ def redis_client(
         "socket_keepalive": True,
         **target.sentinel_options,
     }
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = _Sentinels(
         list(target.sentinels),
+        ride=common["retry"],
         sentinel_kwargs=sentinel_options,
         **common,
         **target.options,
@@ -307,7 +335,10 @@ def redis_client(
     )
     managed = SentinelManagedSSLConnection if target.ssl else SentinelManagedConnection
     client: Redis = sentinel.master_for(
-        target.service, redis_class=redis_class, connection_class=_cancel_safe(managed)
+        target.service,
+        redis_class=redis_class,
+        connection_pool_class=_SentinelPool,
+        connection_class=_cancel_safe(managed),
     )
     return client
 

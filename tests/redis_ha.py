@@ -16,10 +16,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import redis
 
 from loadwarden.worker.sandbox import _linux
+
+T = TypeVar("T")
 
 #: The service name the Sentinels monitor.
 SERVICE = "mymaster"
@@ -63,18 +66,20 @@ class Node:
 
     def start(self) -> Node:
         common = ["--port", str(self.port), "--bind", "127.0.0.1", "--daemonize", "no"]
+        log = ["--logfile", str(self.folder / "server.log")]
         self.process = subprocess.Popen(
-            ["redis-server", *self.args, *common, "--dir", str(self.folder)],
+            ["redis-server", *self.args, *common, *log, "--dir", str(self.folder)],
             stdin=subprocess.DEVNULL,
-            stdout=(self.folder / "server.log").open("wb"),
-            stderr=subprocess.STDOUT,
+            stdout=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 (prctl only)
         )
-        _wait(lambda: self.client().ping(), f"redis-server on {self.port}")
+        _wait(lambda: self.ask(lambda c: c.ping()), f"redis-server on {self.port}")
         return self
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2)
+    def ask(self, question: Callable[[redis.Redis], T]) -> T:
+        """Ask this server one thing over a connection of its own (closed after)."""
+        with redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2) as client:
+            return question(client)
 
     def kill(self) -> None:
         """SIGKILL: the way a node dies when its machine does."""
@@ -114,7 +119,8 @@ class SentinelTopology:
             replica.start()
         _wait(
             lambda: all(
-                r.client().info("replication")["master_link_status"] == "up" for r in self.replicas
+                r.ask(lambda c: c.info("replication"))["master_link_status"] == "up"
+                for r in self.replicas
             ),
             "replicas in sync",
         )
@@ -133,8 +139,8 @@ class SentinelTopology:
         others = self._sentinel_count - 1
         _wait(
             lambda: all(
-                len(s.client().sentinel_sentinels(SERVICE)) == others
-                and len(s.client().sentinel_slaves(SERVICE)) == len(self.replicas)
+                len(s.ask(lambda c: c.sentinel_sentinels(SERVICE))) == others
+                and len(s.ask(lambda c: c.sentinel_slaves(SERVICE))) == len(self.replicas)
                 for s in self.sentinels
             ),
             "Sentinels know each other and the replicas",
@@ -143,7 +149,7 @@ class SentinelTopology:
 
     def primary_port(self) -> int:
         """The primary's port as the Sentinels see it now."""
-        _, port = self.sentinels[0].client().sentinel_get_master_addr_by_name(SERVICE)
+        _, port = self.sentinels[0].ask(lambda c: c.sentinel_get_master_addr_by_name(SERVICE))
         return int(port)
 
     def wait_for_failover(self, old_port: int, timeout_s: float = 30.0) -> int:
