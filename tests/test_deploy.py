@@ -268,3 +268,9 @@ def test_kustomizations_list_every_manifest() -> None:
             p.name for p in kustomization.parent.glob("*.yaml") if p.name not in NOT_API_OBJECTS
         }
         assert listed == present, f"{kustomization.relative_to(ROOT)}: {listed ^ present}"
+
+
+def test_compose_ha_overlay_is_valid() -> None:
+    """compose.yaml with the HA overlay (replica + three Sentinels, profile ha) passes config -q."""
+    files = ("--file", str(DEPLOY / "compose.yaml"), "--file", str(DEPLOY / "compose.ha.yaml"))
+    _run(_compose_binary(), *files, "--profile", "ha", "config", "--quiet")
