@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -12,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from loadwarden.producer import Client, LoadRequest
 from loadwarden.producer.connection import (
     NotReplicated,
+    blocking_redis_client,
     confirm_replicated,
     parse_redis_url,
     redis_client,
@@ -21,9 +26,10 @@ from loadwarden.producer.contract import Outcome
 from loadwarden.producer.errors import RedisUnavailable
 from loadwarden.producer.settings import RedisOptions, Settings
 from loadwarden.worker._redis_server import RedisServer
-from tests.conftest import StartWorker
+from tests.conftest import StartWorker, call_until
 from tests.tcp_proxy import FreezingProxy
 
+LOADWARDEN = str(Path(sys.executable).parent / "loadwarden")
 #: Tight bounds so a half-open connection is given up on in about two seconds.
 TIGHT = RedisOptions(
     connect_timeout_s=0.5,
@@ -183,3 +189,38 @@ async def test_outcome_is_ok_through_plain_factory(
             timeout_s=30
         )
     assert report.outcome is Outcome.OK
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_preload_command_rides_through_a_restart(
+    start_worker: StartWorker, small_model: Path, tmp_path: Path
+) -> None:
+    """`loadwarden preload` with Redis (AOF) restarted mid-batch exits 0, every entry ok."""
+    server = RedisServer(appendonly=True, data_dir=tmp_path / "redis").start()
+    try:
+        start_worker(server.url, "brief", lease_s=2, lease_renew_s=0.5)
+        catalog = tmp_path / "catalog.toml"
+        entries = []
+        for i in range(12):  # distinct files: duplicates would run once
+            copy = tmp_path / f"m{i}.safetensors"
+            shutil.copyfile(small_model, copy)
+            entries.append(f'[[model]]\nname = "m{i}"\nsource = "{copy}"\n')
+        catalog.write_text("\n".join(entries))
+        command = [LOADWARDEN, "preload", str(catalog), "--redis", server.url, "--json"]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            probe = blocking_redis_client(server.url)
+            call_until(lambda: probe.keys("arq:result:*") or proc.poll() is not None, 60)
+            probe.close()
+            server.stop()
+            server.start()
+            out, err = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+        assert json.loads(out)["totals"]["ok"] == 12
+    finally:
+        server.close()
