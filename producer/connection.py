@@ -70,7 +70,10 @@ BACKOFF_MAX_S = 2.0
 WAIT_TICK_KEY = "loadwarden:replication:tick"
 #: Errors a ride-through retries: the connection dropped or timed out, the server is loading
 #: its data (BusyLoadingError is a ConnectionError), or it was demoted under us (READONLY).
-RETRIED = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
+#: OSError: redis-py retries a connect *before* turning its OSError (refused, no socket
+#: file, timed out) into a ConnectionError, so a new connection to a restarting server
+#: raises that.
+RETRIED = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 
 #: Set while a command's ride-through runs, so the connect() nested inside it (redis-py
 #: wraps both in the same Retry) makes one attempt and leaves the loop to the outer call.
@@ -178,7 +181,7 @@ class RideThrough(Retry):
     __slots__ = ("budget_s", "reached")
 
     def __init__(self, budget_s: float) -> None:
-        super().__init__(NoBackoff(), 0, RETRIED)
+        super().__init__(NoBackoff(), 0, RETRIED)  # type: ignore[arg-type]
         self.budget_s = budget_s
         self.reached = False
 
@@ -203,7 +206,7 @@ class RideThrough(Retry):
             try:
                 result = await do()
             except RETRIED as error:
-                await fail(error)  # drops the connection; re-raises what it may not retry
+                await fail(error)  # type: ignore[arg-type]  # drops the connection
                 if not self.reached:
                     raise  # never reached: a wrong address, not an outage
                 failures += 1
@@ -290,6 +293,14 @@ class _SentinelPool(SentinelConnectionPool):
         if inuse_connections:  # a full close (not the drop of a demoted primary's connections)
             for sentinel in self.sentinel_manager.sentinels:
                 await sentinel.aclose()
+
+
+def stop_riding_through(client: Redis) -> None:
+    """From now on this client's commands fail at the first error (a process shutting down
+    should not wait out a Redis outage)."""
+    retry = client.connection_pool.connection_kwargs.get("retry")
+    if isinstance(retry, RideThrough):
+        retry.budget_s = 0.0
 
 
 def _connection_options(options: RedisOptions, *, tcp: bool = True) -> dict[str, Any]:

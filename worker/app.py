@@ -26,7 +26,12 @@ from redis.exceptions import RedisError
 
 from loadwarden.producer import wire
 from loadwarden.producer.client import FUNCTION_NAME
-from loadwarden.producer.connection import NotReplicated, confirm_replicated, redis_client
+from loadwarden.producer.connection import (
+    NotReplicated,
+    confirm_replicated,
+    redis_client,
+    stop_riding_through,
+)
 from loadwarden.producer.contract import Attempt, LoadReport, LoadRequest, ModelFormat, Outcome
 from loadwarden.producer.counts import queue_counts
 from loadwarden.producer.errors import (
@@ -399,6 +404,10 @@ class WorkerRunner:
             return
         self._stop_requested = True
         log.info("worker_stopping", grace_s=self.settings.shutdown_grace_s)
+        # Shutting down: a Redis outage now ends the wait instead of being ridden through.
+        for client in (self.redis, self.worker.pool if self.worker else None):
+            if client is not None:
+                stop_riding_through(client)
         if self.worker is not None:
             self.worker.allow_pick_jobs = False
         self._draining = asyncio.get_running_loop().create_task(self._drain())
