@@ -39,7 +39,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 import redis
 import redis.sentinel
 from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.client import PubSub
+from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
@@ -303,6 +303,38 @@ def stop_riding_through(client: Redis) -> None:
         retry.budget_s = 0.0
 
 
+class _ShieldedResetPipeline(Pipeline):
+    """A pipeline whose reset (UNWATCH, release of its connection) a cancel cannot cut short.
+
+    Cut short, the connection stays checked out and the pipeline is collected holding it
+    ("Unclosed client session"): likely when a worker stops jobs mid-WATCH (arq's start).
+    """
+
+    async def reset(self) -> None:
+        task = asyncio.ensure_future(super().reset())  # type: ignore[no-untyped-call]
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait({task})
+            raise
+
+
+class _SafePipelines(Redis):
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        return _ShieldedResetPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+
+
+_SAFE_CLIENTS: dict[type[Redis], type[Redis]] = {}
+
+
+def _safe_client_class(cls: type[Redis]) -> type[Redis]:
+    if cls not in _SAFE_CLIENTS:
+        _SAFE_CLIENTS[cls] = type(cls.__name__, (_SafePipelines, cls), {})
+    return _SAFE_CLIENTS[cls]
+
+
 def _connection_options(options: RedisOptions, *, tcp: bool = True) -> dict[str, Any]:
     extra = {"socket_keepalive": True} if tcp else {}  # the kernel watches idle TCP peers too
     return {
@@ -325,6 +357,7 @@ def redis_client(
     """A client for ``url`` (not yet connected; it connects on its first command)."""
     options = options or RedisOptions()
     target = parse_redis_url(url)
+    redis_class = _safe_client_class(redis_class)
     common = _connection_options(options, tcp=not url.startswith("unix:"))
     if target.service is None:
         pool = ConnectionPool.from_url(url, **common)
