@@ -91,3 +91,13 @@ def brief(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
     """Take a fifth of a second, then load for real."""
     threading.Event().wait(0.2)
     return load_safetensors(fd, spec)
+
+
+@register_loader("hold_memory")
+def hold_memory(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Allocate and touch 48 MiB, then hold it until killed (a test cancels the load)."""
+    held = bytearray(48 * 1024 * 1024)
+    for i in range(0, len(held), 4096):
+        held[i] = 1
+    threading.Event().wait()
+    raise AssertionError("unreachable")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -97,6 +98,9 @@ async def load_job(ctx: dict[str, Any], request: Any = None, **extra: Any) -> di
     book: JobBook = ctx["book"]
     settings: Settings = ctx["settings"]
     job_id: str = ctx["job_id"]
+    # The autoscaler's service time: all of this run (bookkeeping, inspection, waiting for
+    # memory, the load), not only the child's wall time.
+    started = time.monotonic()
     enqueued_at: datetime | None = ctx.get("enqueue_time")
     previous = await book.attempts(job_id)
     number = len(previous) + 1
@@ -110,9 +114,13 @@ async def load_job(ctx: dict[str, Any], request: Any = None, **extra: Any) -> di
         return report.model_dump(mode="json")
     final = await _refuse_early(sup, book, parsed, job_id, number, enqueued_at)
     if final is None:
-        final = await _attempt(sup, book, settings, parsed, job_id, previous, enqueued_at)
+        try:
+            final = await _attempt(sup, book, settings, parsed, job_id, previous, enqueued_at)
+        except Retry:
+            await book.add_busy(time.monotonic() - started)
+            raise
     final = final.model_copy(update={"attempts": previous + final.attempts})
-    await book.finish(job_id, parsed, final)
+    await book.finish(job_id, parsed, final, busy_s=time.monotonic() - started)
     return final.model_dump(mode="json")
 
 
@@ -256,6 +264,8 @@ class WorkerRunner:
         self.started = asyncio.Event()
         self.worker: Worker | None = None
         self._stop_requested = False
+        #: Jobs a shutdown stopped before they ended: left queued for another worker.
+        self.requeued: list[str] = []
         self._draining: asyncio.Task[None] | None = None
         self.probes: Probes | None = None
         self.redis: aioredis.Redis | None = None
@@ -299,12 +309,7 @@ class WorkerRunner:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self.stop)
             try:
-                log.info(
-                    "worker_started",
-                    worker=sup.info.id,
-                    queue=self.settings.queue_name,
-                    concurrency=self.settings.concurrency,
-                )
+                log.info("worker_started", **self._started_fields(sup))
                 self.started.set()
                 await self._run_arq(sup, book)
             finally:
@@ -318,7 +323,29 @@ class WorkerRunner:
                 if self.probes is not None:
                     await self.probes.close()
                 await redis.aclose()
-                log.info("worker_stopped", worker=sup.info.id)
+                log.info("worker_stopped", worker=sup.info.id, requeued=self.requeued)
+
+    def _started_fields(self, sup: Supervisor) -> dict[str, Any]:
+        """What an operator needs to know this worker runs with, in its first line."""
+        s = self.settings
+        roots = s.sources.allow_roots
+        return {
+            "worker": sup.info.id,
+            "queue": s.queue_name,
+            "concurrency": s.concurrency,
+            "allow_roots": [str(r) for r in roots] if roots else "working directory",
+            "allow_hosts": list(s.sources.allow_hosts),
+            "metrics_port": s.metrics_port,
+            "memory_budget_bytes": sup.admission.budget_bytes,
+            "cgroups": sup.cgroups.mechanism if sup.cgroups else sup.cgroups_note,
+            "landlock_abi": sup.landlock_abi,
+            "address_space_limit": s.use_address_space_limit,
+        }
+
+    def _running_ids(self) -> list[str]:
+        """Jobs this worker holds now: picked by arq, whether or not a load has begun."""
+        tasks = self.worker.tasks if self.worker is not None else {}
+        return sorted(job_id for job_id, task in tasks.items() if not task.done())
 
     async def _run_arq(self, sup: Supervisor, book: JobBook) -> None:
         delay = 0.5
@@ -361,7 +388,9 @@ class WorkerRunner:
             self._stop_now()
             return
         self._stop_requested = True
-        log.info("worker_stopping", grace_s=self.settings.shutdown_grace_s)
+        log.info(
+            "worker_stopping", grace_s=self.settings.shutdown_grace_s, running=self._running_ids()
+        )
         if self.worker is not None:
             self.worker.allow_pick_jobs = False
         self._draining = asyncio.get_running_loop().create_task(self._drain())
@@ -373,6 +402,11 @@ class WorkerRunner:
         self._stop_now()
 
     def _stop_now(self) -> None:
+        running = self._running_ids()
+        if running:
+            # Their children are killed and the jobs left queued (not counted as attempts).
+            self.requeued = sorted({*self.requeued, *running})
+            log.warning("jobs_requeued", job_ids=running, reason="shutdown")
         if self.worker is not None and self.worker.main_task is not None:
             self.worker.handle_sig(signal.SIGTERM)  # cancels running jobs, then arq's main task
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-from collections.abc import Awaitable, Callable
+import sys
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from redis.exceptions import RedisError
 
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import (
@@ -23,105 +21,36 @@ from loadwarden.producer.contract import (
     LoadReport,
     LoadRequest,
     ModelFormat,
-    Outcome,
 )
-from loadwarden.producer.errors import (
-    CatalogError,
-    ClientError,
-    ContractError,
-    LoadError,
-    RedisUnavailable,
-)
+from loadwarden.producer.errors import CatalogError, ClientError, ContractError, LoadError
 from loadwarden.producer.preload import PreloadEntry, PreloadResult
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _render
+from loadwarden.worker._cli_common import (
+    EXIT_OK,
+    EXIT_OUTCOME,
+    CpuOpt,
+    JsonOpt,
+    LogOpt,
+    MemoryOpt,
+    RedisOpt,
+    Sha256Opt,
+    app,
+    catalog_defects,
+    emit_report,
+    no_answer,
+    note_embedded,
+    settings_from,
+    source_arg,
+    with_roots,
+)
 from loadwarden.worker.logs import configure_logging
 
-EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
-T = TypeVar("T")
+# The queue-side commands (report, show, status, cancel, dead, autoscale) register on `app`.
+from loadwarden.worker import _cli_queue  # noqa: F401  isort: skip
 
-app = typer.Typer(
-    name="loadwarden",
-    help="Load ML model files in sandboxed, resource-limited child processes, from a Redis queue "
-    "or right here.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-RedisOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--redis", envvar="LOADWARDEN_REDIS_URL", help="Redis URL, e.g. redis://127.0.0.1:6379/0."
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
-LogOpt = Annotated[
-    str, typer.Option("--log-level", help="debug, info, warning or error (logs go to stderr).")
-]
-Sha256Opt = Annotated[
-    str | None,
-    typer.Option("--sha256", help="Expected sha256 of the file; a mismatch is 'invalid'."),
-]
-
-
-def _settings(redis: str | None = None, **overrides: Any) -> Settings:
-    values = {k: v for k, v in overrides.items() if v is not None}
-    if redis:
-        values["redis_url"] = redis
-    try:
-        return Settings(**values)
-    except Exception as exc:  # pydantic's ValidationError or a bad environment variable
-        raise typer.BadParameter(str(exc)) from None
-
-
-def _with_roots(settings: Settings, *roots: Path) -> Settings:
-    """Settings whose local sources may come only from ``roots``."""
-    policy = settings.sources.model_copy(update={"allow_roots": tuple(roots)})
-    return settings.model_copy(update={"sources": policy})
-
-
-def _note_embedded(roots: tuple[Path, ...]) -> None:
-    where = ", ".join(str(r) for r in roots) or "no local folder"
-    typer.echo(
-        f"loadwarden: no Redis configured (--redis / LOADWARDEN_REDIS_URL); running embedded: "
-        f"private server + in-process worker reading {where}",
-        err=True,
-    )
-
-
-def _source(value: str) -> str:
-    """Local paths are made absolute here: a worker resolves relative ones against its own cwd."""
-    return value if "://" in value else os.path.abspath(value)
-
-
-def _emit_report(report: LoadReport, as_json: bool) -> None:
-    if as_json:
-        typer.echo(report.model_dump_json())
-    else:
-        _render.report(report)
-    raise typer.Exit(EXIT_OK if report.outcome is Outcome.OK else EXIT_OUTCOME)
-
-
-def _ask(redis: str | None, as_json: bool, query: Callable[[Client], Awaitable[T]]) -> T:
-    """Run one query with a client; a failure to get an answer exits 3 with a clear message."""
-
-    async def go() -> T:
-        async with Client(settings=_settings(redis)) as client:
-            return await query(client)
-
-    try:
-        return asyncio.run(go())
-    except (ClientError, ContractError) as exc:
-        raise _no_answer(exc, as_json) from None
-
-
-def _no_answer(exc: Exception, as_json: bool) -> typer.Exit:
-    if as_json:
-        typer.echo(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}))
-    else:
-        typer.echo(f"loadwarden: {exc}", err=True)
-    return typer.Exit(EXIT_NO_ANSWER)
+if TYPE_CHECKING:
+    from rich.live import Live
 
 
 @app.command()
@@ -130,7 +59,7 @@ def worker(
     concurrency: Annotated[
         int | None, typer.Option(help="Loads run at once (default 2).", min=1)
     ] = None,
-    burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
+    burst: Annotated[bool, typer.Option("--burst", help="Exit once the queue is empty.")] = False,
     metrics_port: Annotated[
         int | None,
         typer.Option(
@@ -141,10 +70,10 @@ def worker(
         list[Path] | None,
         typer.Option(
             "--allow-root",
-            envvar="LOADWARDEN_ALLOW_ROOTS",
-            help="A folder local sources may come from (repeatable; or LOADWARDEN_ALLOW_ROOTS, "
-            "folders separated by ':'; default: LOADWARDEN_SOURCES__ALLOW_ROOTS, else the "
-            "working directory).",
+            metavar="DIR",
+            help="A folder local sources may come from (repeatable). Default: "
+            "LOADWARDEN_ALLOW_ROOTS (folders separated by ':'), else "
+            "LOADWARDEN_SOURCES__ALLOW_ROOTS (a JSON list), else the working directory.",
         ),
     ] = None,
     log_level: LogOpt = "info",
@@ -152,9 +81,9 @@ def worker(
     """Run a worker: pull load jobs from Redis and run each in a confined child."""
     from loadwarden.worker.app import run_worker
 
-    settings = _settings(redis, concurrency=concurrency, metrics_port=metrics_port)
+    settings = settings_from(redis, concurrency=concurrency, metrics_port=metrics_port)
     if allow_root:
-        settings = _with_roots(settings, *(root.resolve() for root in allow_root))
+        settings = with_roots(settings, *(root.resolve() for root in allow_root))
     if not settings.redis_url:
         raise typer.BadParameter(
             "a worker needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
@@ -163,13 +92,45 @@ def worker(
     asyncio.run(run_worker(settings, burst=burst))
 
 
+def _labels(values: list[str] | None) -> dict[str, str]:
+    labels = {}
+    for value in values or []:
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{value!r} is not KEY=VALUE", param_hint="--label")
+        labels[key] = text
+    return labels
+
+
+def _request(source: str, sha256: str | None, labels: dict[str, str], **limits: Any) -> LoadRequest:
+    try:
+        return LoadRequest(
+            source=source_arg(source), sha256=sha256, limits=LimitOverrides(**limits), labels=labels
+        )
+    except Exception as exc:  # pydantic's ValidationError: say which field and why
+        raise typer.BadParameter(str(exc)) from None
+
+
 @app.command()
 def enqueue(
     source: Annotated[str, typer.Argument(help="Model file path (made absolute) or URL.")],
     sha256: Sha256Opt = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", help="KEY=VALUE carried to the report (repeatable)."),
+    ] = None,
+    memory_bytes: MemoryOpt = None,
+    cpu_s: CpuOpt = None,
+    deadline_s: Annotated[
+        float | None, typer.Option("--deadline-s", help="Wall-clock deadline override of the load.")
+    ] = None,
+    job_id: Annotated[
+        str | None,
+        typer.Option("--job-id", help="Name the job (one already queued under it is returned)."),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the report and print it.")] = False,
     timeout_s: Annotated[
-        float | None, typer.Option(help="With --wait: give up after this long.")
+        float | None, typer.Option(help="With --wait: give up waiting after this long.")
     ] = None,
     redis: RedisOpt = None,
     as_json: JsonOpt = False,
@@ -177,69 +138,58 @@ def enqueue(
 ) -> None:
     """Enqueue one load; print its job id, or with --wait its report.
 
-    With --wait and no Redis configured, it runs embedded (a private server and an
-    in-process worker allowed to read the file's folder), like `preload`.
+    Limit overrides apply within the worker's ceilings (a report says override_clamped
+    when one was above). With --wait and no Redis configured, it runs embedded (a private
+    server and an in-process worker allowed to read the file's folder), like `preload`.
     """
     configure_logging(log_level)
-    try:
-        request = LoadRequest(source=_source(source), sha256=sha256)
-    except Exception as exc:
-        raise typer.BadParameter(str(exc)) from None
-    settings = _settings(redis)
+    request = _request(
+        source,
+        sha256,
+        _labels(label),
+        memory_bytes=memory_bytes,
+        cpu_seconds=cpu_s,
+        timeout_seconds=deadline_s,
+    )
+    settings = settings_from(redis)
     if not settings.redis_url and not wait:
         raise typer.BadParameter("without --wait, enqueue needs --redis or LOADWARDEN_REDIS_URL")
 
     async def go() -> LoadReport | str:
         if settings.redis_url:
             async with Client(settings=settings) as client:
-                handle = await client.enqueue(request)
+                handle = await client.enqueue(request, job_id=job_id)
                 return await handle.report(timeout_s=timeout_s) if wait else handle.job_id
         from loadwarden.worker.embedded import embedded
 
         roots = () if "://" in request.source else (Path(request.source).parent,)
-        _note_embedded(roots)
+        note_embedded(roots)
         async with (
-            embedded(_with_roots(settings, *roots)) as active,
+            embedded(with_roots(settings, *roots)) as active,
             Client(settings=active) as client,
         ):
-            return await (await client.enqueue(request)).report(timeout_s=timeout_s)
+            handle = await client.enqueue(request, job_id=job_id)
+            return await handle.report(timeout_s=timeout_s)
 
     try:
         result = asyncio.run(go())
     except (ClientError, ContractError) as exc:
-        raise _no_answer(exc, as_json) from None
+        raise no_answer(exc, as_json) from None
     if isinstance(result, LoadReport):
-        _emit_report(result, as_json)
+        emit_report(result, as_json)
     typer.echo(json.dumps({"job_id": result}) if as_json else result)
-
-
-@app.command()
-def report(
-    job_id: Annotated[str, typer.Argument(help="The id printed by 'enqueue'.")],
-    wait: Annotated[bool, typer.Option("--wait", help="Wait until the report exists.")] = False,
-    timeout_s: Annotated[
-        float | None, typer.Option(help="With --wait: give up after this long.")
-    ] = None,
-    redis: RedisOpt = None,
-    as_json: JsonOpt = False,
-    log_level: LogOpt = "warning",
-) -> None:
-    """Print a job's report (exit 3 if it has none yet, unless --wait)."""
-    configure_logging(log_level)
-
-    found = _ask(
-        redis, as_json, lambda client: client.report(job_id, timeout_s=timeout_s if wait else 0)
-    )
-    _emit_report(found, as_json)
 
 
 @app.command()
 def load(
     file: Annotated[Path, typer.Argument(help="Model file to load.")],
     sha256: Sha256Opt = None,
-    memory_bytes: Annotated[int | None, typer.Option(help="Memory limit override.", min=1)] = None,
-    timeout_s: Annotated[float | None, typer.Option(help="Wall-clock deadline override.")] = None,
-    cpu_s: Annotated[float | None, typer.Option(help="CPU-time limit override.")] = None,
+    memory_bytes: MemoryOpt = None,
+    deadline_s: Annotated[
+        float | None,
+        typer.Option("--deadline-s", "--timeout-s", help="Wall-clock deadline override."),
+    ] = None,
+    cpu_s: CpuOpt = None,
     as_json: JsonOpt = False,
     log_level: LogOpt = "warning",
 ) -> None:
@@ -247,25 +197,22 @@ def load(
     from loadwarden.worker.supervisor import Supervisor
 
     configure_logging(log_level)
-    try:
-        request = LoadRequest(
-            source=_source(str(file)),
-            sha256=sha256,
-            limits=LimitOverrides(
-                memory_bytes=memory_bytes, cpu_seconds=cpu_s, timeout_seconds=timeout_s
-            ),
-        )
-    except Exception as exc:
-        raise typer.BadParameter(str(exc)) from None
-
+    request = _request(
+        str(file),
+        sha256,
+        {},
+        memory_bytes=memory_bytes,
+        cpu_seconds=cpu_s,
+        timeout_seconds=deadline_s,
+    )
     # The file was named on the command line: its own folder is the one allowed root.
-    settings = _with_roots(_settings(), file.resolve().parent)
+    settings = with_roots(settings_from(), file.resolve().parent)
 
     async def go() -> LoadReport:
         async with Supervisor(settings) as supervisor:
             return await supervisor.load(request)
 
-    _emit_report(asyncio.run(go()), as_json)
+    emit_report(asyncio.run(go()), as_json)
 
 
 @app.command()
@@ -286,16 +233,16 @@ def inspect(
     from loadwarden.worker._files import open_model_file
     from loadwarden.worker.formats import inspect_model
 
-    settings = _settings()
+    settings = settings_from()
     try:
-        with open_model_file(_source(str(file))) as model_file:
+        with open_model_file(source_arg(str(file))) as model_file:
             summary = inspect_model(
                 model_file.fd,
                 model_file.size,
                 path=model_file.path,
                 declared=format_,
                 caps=settings.inspection,
-            ).summary
+            ).summary.capped(settings.report_max_tensors)
         document: dict[str, Any] = {
             "outcome": "ok",
             "error": None,
@@ -351,24 +298,8 @@ def preload(
     try:
         requests = load_catalog(catalog).requests()
     except CatalogError as exc:
-        if as_json:
-            typer.echo(
-                json.dumps(
-                    {
-                        "error": {
-                            "type": "CatalogError",
-                            "message": exc.message,
-                            "defects": exc.defects,
-                        }
-                    }
-                )
-            )
-        else:
-            typer.echo(f"loadwarden: {exc.message}", err=True)
-            for defect in exc.defects:
-                typer.echo(f"  - {defect}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
-    settings = _settings(redis, concurrency=concurrency)
+        raise catalog_defects(exc.message, exc.defects, as_json) from None
+    settings = settings_from(redis, concurrency=concurrency)
     try:
         result = asyncio.run(
             _preload(
@@ -380,11 +311,11 @@ def preload(
                 timeout_s=timeout_s,
                 fail_fast=fail_fast,
                 force=force,
-                live=not as_json,
+                as_json=as_json,
             )
         )
     except (ClientError, ContractError) as exc:
-        raise _no_answer(exc, as_json) from None
+        raise no_answer(exc, as_json) from None
     document = result.model_dump_json(indent=2)
     if json_report is not None:
         json_report.write_text(document + "\n")
@@ -401,39 +332,90 @@ async def _preload(
     folder: Path,
     state_dir: Path | None,
     *,
-    live: bool,
+    as_json: bool,
     **options: Any,
 ) -> PreloadResult:
-    from rich.live import Live
-
     from loadwarden.worker.embedded import embedded
 
     async def run(active: Settings) -> PreloadResult:
         async with Client(settings=active) as client:
-            if not live:
-                return await client.preload(requests, **options)
-            view: dict[int, PreloadEntry] = {}  # every entry, in catalog order, by identity
-            with Live(console=_render.console, transient=True, auto_refresh=False) as display:
-
-                def progress(entry: PreloadEntry) -> None:
-                    view.setdefault(id(entry), entry)
-                    display.update(_render.preload_progress(list(view.values())), refresh=True)
-
-                return await client.preload(requests, on_progress=progress, **options)
+            with _Progress(len(requests), as_json) as shown:
+                return await client.preload(requests, on_progress=shown.update, **options)
 
     if settings.redis_url:
         return await run(settings)
-    local = _with_roots(settings, folder)
-    _note_embedded((folder,))
+    local = with_roots(settings, folder)
+    note_embedded((folder,))
     async with embedded(local, state_dir=state_dir) as active:
         return await run(active)
+
+
+class _Progress:
+    """Preload progress on stderr: a live table on a terminal, else one line per finished entry.
+
+    The total is the catalog's size from the first line on. Without a terminal (a log
+    file, CI) each entry is printed as it finishes: plain text, or with --json one JSON
+    object per line, so stdout stays the one result document.
+    """
+
+    def __init__(self, total: int, as_json: bool) -> None:
+        self.total = total
+        self.as_json = as_json
+        self.view: dict[int, PreloadEntry] = {}  # every entry, in catalog order, by identity
+        self.done: set[int] = set()
+        self.live: Live | None = None
+        if _render.err_console.is_terminal and not as_json:
+            from rich.live import Live
+
+            self.live = Live(console=_render.err_console, transient=True, auto_refresh=False)
+
+    def __enter__(self) -> _Progress:
+        if self.live is not None:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+    def update(self, entry: PreloadEntry) -> None:
+        self.view.setdefault(id(entry), entry)
+        if self.live is not None:
+            self.live.update(
+                _render.preload_progress(list(self.view.values()), self.total), refresh=True
+            )
+            return
+        finished = entry.report is not None or entry.state in ("skipped", "unfinished")
+        if not finished or id(entry) in self.done:
+            return
+        self.done.add(id(entry))
+        if self.as_json:
+            event = {
+                "event": "preload_progress",
+                "done": len(self.done),
+                "total": self.total,
+                "name": entry.name,
+                "job_id": entry.job_id,
+                "state": str(entry.state),
+                "outcome": str(entry.report.outcome) if entry.report else None,
+                "cached": entry.cached,
+            }
+            print(json.dumps(event), file=sys.stderr, flush=True)
+        else:
+            line = _render.preload_line(entry, len(self.done), self.total)
+            print(line, file=sys.stderr, flush=True)
 
 
 @app.command()
 def calibrate(
     catalog: Annotated[Path, typer.Argument(help="Catalog file whose entries to measure.")],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write the recommended limits as TOML.")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the catalog again with the recommended limits (it can replace it).",
+        ),
     ] = None,
     as_json: JsonOpt = False,
     log_level: LogOpt = "warning",
@@ -447,149 +429,19 @@ def calibrate(
 
     configure_logging(log_level)
     try:
-        requests = load_catalog(catalog).requests()
+        parsed = load_catalog(catalog)
     except CatalogError as exc:
-        typer.echo(f"loadwarden: {exc.message}", err=True)
-        for defect in exc.defects:
-            typer.echo(f"  - {defect}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
-    settings = _with_roots(_settings(), catalog.resolve().parent)
-    results = asyncio.run(calib.calibrate(requests, settings))
+        raise catalog_defects(exc.message, exc.defects, as_json) from None
+    settings = with_roots(settings_from(), catalog.resolve().parent)
+    results = asyncio.run(calib.calibrate(parsed.requests(), settings))
     if output is not None:
-        output.write_text(calib.to_toml(results))
+        output.write_text(calib.to_toml(parsed, results))
     if as_json:
         typer.echo(json.dumps([r.model_dump(mode="json") for r in results]))
     else:
         _render.calibration(results)
     ok = all(r.recommended is not None for r in results)
     raise typer.Exit(EXIT_OK if ok else EXIT_OUTCOME)
-
-
-@app.command()
-def show(
-    job_id: Annotated[str, typer.Argument(help="The job whose report to show.")],
-    redis: RedisOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Print a job's report and a chart of its memory and CPU over time."""
-    found = _ask(redis, as_json, lambda client: client.report(job_id, timeout_s=0))
-    if as_json:
-        typer.echo(found.model_dump_json())
-    else:
-        _render.report(found)
-        _render.resource_chart(found)
-    raise typer.Exit(EXIT_OK if found.outcome is Outcome.OK else EXIT_OUTCOME)
-
-
-@app.command()
-def status(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
-    """Show ready, deferred and running jobs, dead letters, and each live worker."""
-    queue = _ask(redis, as_json, lambda client: client.status())
-    if as_json:
-        typer.echo(queue.model_dump_json())
-    else:
-        _render.queue_status(queue)
-
-
-@app.command()
-def cancel(
-    job_id: Annotated[str, typer.Argument(help="The job to cancel.")],
-    redis: RedisOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Cancel a job: a queued one never loads; a running one has its child killed at once."""
-
-    state = str(_ask(redis, as_json, lambda client: client.cancel(job_id)))
-    note = "already finished" if state == "complete" else f"cancel sent (it was {state})"
-    typer.echo(json.dumps({"job_id": job_id, "state": state}) if as_json else f"{job_id}: {note}")
-
-
-dead_app = typer.Typer(
-    help="Jobs that failed for good: list, retry or purge them.", no_args_is_help=True
-)
-app.add_typer(dead_app, name="dead")
-
-
-@dead_app.command("list")
-def dead_list(
-    count: Annotated[int, typer.Option(help="How many, newest first.", min=1)] = 100,
-    redis: RedisOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """List dead letters: the final reports of jobs that failed for good."""
-
-    letters = _ask(redis, as_json, lambda client: client.dead_letters(count))
-    if as_json:
-        typer.echo(json.dumps([letter.model_dump(mode="json") for letter in letters]))
-    else:
-        _render.dead_letters(letters)
-
-
-@dead_app.command("retry")
-def dead_retry(
-    ids: Annotated[
-        list[str] | None, typer.Argument(help="Dead-letter ids (from 'dead list').")
-    ] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Retry every dead letter.")] = False,
-    redis: RedisOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Enqueue dead-lettered jobs again (as new jobs) and remove them from the dead letters."""
-    if not ids and not all_:
-        raise typer.BadParameter("name dead-letter ids, or --all")
-
-    handles = _ask(redis, as_json, lambda client: client.retry_dead(None if all_ else ids))
-    job_ids = [h.job_id for h in handles]
-    typer.echo(
-        json.dumps({"job_ids": job_ids}) if as_json else "\n".join(job_ids) or "nothing to retry"
-    )
-
-
-@dead_app.command("purge")
-def dead_purge(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
-    """Remove every dead letter."""
-
-    removed = _ask(redis, as_json, lambda client: client.purge_dead())
-    typer.echo(json.dumps({"removed": removed}) if as_json else f"removed {removed} dead letter(s)")
-
-
-@app.command()
-def autoscale(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
-    """The number of workers the current backlog calls for, and why.
-
-    desired = clamp(ceil((ready + running) / (service rate per worker x target drain s)),
-    min, max); the service rate is measured from the last hour's loads (see README).
-    """
-    import redis.asyncio as aioredis
-
-    from loadwarden.producer.counts import queue_counts
-    from loadwarden.worker.autoscale_inputs import decide_from_counts
-
-    settings = _settings(redis)
-    if not settings.redis_url:
-        raise typer.BadParameter(
-            "autoscale needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
-        )
-
-    async def go() -> dict[str, Any]:
-        client = aioredis.Redis.from_url(settings.redis_url or "", socket_connect_timeout=5)
-        try:
-            counts = await queue_counts(client, settings.queue_name)
-        finally:
-            await client.aclose()
-        return {**decide_from_counts(counts, settings).as_dict(), "counts": counts}
-
-    try:
-        document = asyncio.run(go())
-    except (RedisError, OSError) as exc:
-        raise _no_answer(
-            RedisUnavailable(f"cannot reach Redis at {settings.redis_url}: {exc}"), as_json
-        ) from None
-    typer.echo(
-        json.dumps(document)
-        if as_json
-        else f"desired workers: {document['desired']}\n{document['reason']}"
-    )
 
 
 @app.command()
@@ -601,7 +453,7 @@ def exporter(
     """Export the queue's gauges for Prometheus and autoscalers (runs with zero workers too)."""
     from loadwarden.worker.exporter import run_exporter
 
-    settings = _settings(redis)
+    settings = settings_from(redis)
     if not settings.redis_url:
         raise typer.BadParameter(
             "the exporter needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from loadwarden.producer.errors import SourceRefused, SourceUnavailable
 from loadwarden.worker._files import ModelFile, _os_error, _refuse_special
+from loadwarden.worker.sources._fstype import pseudo_filesystem
 
 #: Linux's own limit on symlinks followed while resolving one path (MAXSYMLINKS).
 MAX_SYMLINK_HOPS = 40
@@ -44,13 +45,28 @@ class Root:
         return None
 
 
-def open_local(source: str, roots: Sequence[Path]) -> ModelFile:
+def open_local(source: str, roots: Sequence[Path], *, refuse_hard_links: bool = False) -> ModelFile:
     """Open ``source`` if it names a regular file inside one of ``roots``.
 
     Empty ``roots`` means the current directory; a relative ``source`` is relative to
     the first root, an absolute one must start with a root (as configured or as its
-    real path). Raises ``SourceRefused`` or ``SourceUnavailable``.
+    real path). With ``refuse_hard_links`` a file with more than one link is refused:
+    a hard link into a root cannot be told from a file that belongs there by its path.
+    Raises ``SourceRefused`` or ``SourceUnavailable``.
     """
+    opened = _open_local(source, roots)
+    links = os.fstat(opened.fd).st_nlink if refuse_hard_links else 1
+    if links > 1:
+        opened.close()
+        raise SourceRefused(
+            f"{source!r} has {links} hard links: one may lead in from outside the allowed"
+            " roots (sources.refuse_hard_links)",
+            code="hard_link",
+        )
+    return opened
+
+
+def _open_local(source: str, roots: Sequence[Path]) -> ModelFile:
     allowed = [Root.of(r) for r in roots] or [Root.of(Path.cwd())]
     if not source:
         raise SourceUnavailable("an empty path names no file", code="not_found")
@@ -77,6 +93,7 @@ def open_under(root: Root, parts: Sequence[str], source: str) -> ModelFile:
     root_fd = _open_root(root.real, source)
     walk = _Walk(root, root_fd, source)
     try:
+        _refuse_pseudo_fs(root_fd, source)
         return walk.run(list(parts))
     finally:
         walk.close()
@@ -169,6 +186,7 @@ class _Walk:
         fd = self._open(name, _DIR_FLAGS)
         self.stack.append((name, fd))
         _same_file(fd, st, self.source)
+        _refuse_pseudo_fs(fd, self.source)
 
     def _open_file(self, name: str, st: os.stat_result) -> ModelFile:
         path = self._path(name)
@@ -176,6 +194,7 @@ class _Walk:
         _refuse_special(self.source, st.st_mode)
         fd = self._open(name, _FILE_FLAGS)
         try:
+            _refuse_pseudo_fs(fd, self.source)
             return ModelFile.adopt(path, fd, _same_file(fd, st, self.source))
         except BaseException:
             os.close(fd)
@@ -218,6 +237,17 @@ def _refuse_special_tree(path: str, source: str) -> None:
             raise SourceRefused(
                 f"{source!r} is under {tree}, which never holds model files", code="special_path"
             )
+
+
+def _refuse_pseudo_fs(fd: int, source: str) -> None:
+    # The real guard (the path check above is only an early, cheap one): a bind mount of
+    # /proc, or a root that is itself on sysfs, has an innocent path but a telling f_type.
+    kind = pseudo_filesystem(fd)
+    if kind is not None:
+        raise SourceRefused(
+            f"{source!r} is on a {kind} filesystem, which never holds model files",
+            code="special_path",
+        )
 
 
 def _parts(path: str) -> tuple[str, ...]:
