@@ -34,7 +34,7 @@ def test_small_models_get_the_floors() -> None:
 
 
 def test_overrides_win_but_not_past_the_ceiling() -> None:
-    """A request's override wins over the derived value; one past the ceiling says it was clamped."""
+    """An override wins over the derived value; one past the ceiling is reported clamped."""
     limits = derive_limits(MiB, LimitOverrides(memory_bytes=10**15, timeout_seconds=3), POLICY)
     assert limits.memory_bytes == POLICY.memory_ceiling_bytes
     assert limits.timeout_seconds == 3
