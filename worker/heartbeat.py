@@ -64,12 +64,9 @@ async def beat(redis: Redis, supervisor: Supervisor, settings: Settings) -> None
         while True:
             status = worker_status(supervisor, settings, started_at)
             try:
-                async with redis.pipeline(transaction=False) as pipe:
-                    pipe.set(key, status.model_dump_json(), ex=TTL_S)
-                    pipe.zadd(
-                        WORKERS_ZSET, {supervisor.info.id: int(time.time() * 1000) + TTL_S * 1000}
-                    )
-                    await pipe.execute()
+                # Finished even when cancelled mid-write (a change and a shutdown often come
+                # together): a pipeline cut off there would be left holding its connection.
+                await finish_despite_cancel(_write(redis, supervisor.info.id, status))
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat_failed", error=str(exc))
             await asyncio.sleep(MIN_GAP_S)
@@ -80,3 +77,10 @@ async def beat(redis: Redis, supervisor: Supervisor, settings: Settings) -> None
         with contextlib.suppress(RedisError, OSError):  # else it expires on its own
             await finish_despite_cancel(redis.delete(key))
             await finish_despite_cancel(redis.zrem(WORKERS_ZSET, supervisor.info.id))
+
+
+async def _write(redis: Redis, worker_id: str, status: WorkerStatus) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(KEY_PREFIX + worker_id, status.model_dump_json(), ex=TTL_S)
+        pipe.zadd(WORKERS_ZSET, {worker_id: int(time.time() * 1000) + TTL_S * 1000})
+        await pipe.execute()
