@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadRequest
 from loadwarden.producer.settings import Settings
 from loadwarden.worker.app import WorkerRunner
-from tests.test_cli import EXIT_NO_ANSWER, EXIT_OK, run
+from tests.conftest import eventually, running_worker
+from tests.test_cli import EXIT_NO_ANSWER, EXIT_OK, LOADWARDEN, run
 
 NARROW = {"COLUMNS": "80"}
 #: Rich markup, an OSC 8 hyperlink, an ANSI colour, a newline and a bidi override.
@@ -168,3 +170,68 @@ def test_calibrate_writes_a_catalog_that_can_replace_the_old_one(
     assert entry.limits.timeout_seconds is not None and entry.limits.cpu_seconds is not None
     assert entry.limits.timeout_seconds >= policy.timeout_floor_s
     assert entry.limits.cpu_seconds >= policy.cpu_floor_s
+
+
+async def test_status_shows_running_jobs_whole_at_80_columns(
+    redis_url: str, small_model: Path
+) -> None:
+    """`status` at 80 columns shows the job loading now and the confinement column uncut."""
+    settings = Settings(redis_url=redis_url)
+    env = {"LOADWARDEN_REDIS_URL": redis_url, **NARROW}
+    async with (
+        running_worker(settings, loaders={"safetensors": "hang"}) as runner,
+        Client(settings=settings) as client,
+    ):
+        handle = await client.enqueue(LoadRequest(source=str(small_model)))
+        await eventually(lambda: runner.supervisor.forkserver.spawned, 30, "child loading")
+        shown = await asyncio.to_thread(run, "status", env=env)
+        await handle.cancel()
+        await handle.report(30)
+    out = shown.stdout
+    assert shown.returncode == EXIT_OK, shown.stderr
+    assert handle.job_id in out and "loading" in out
+    assert "…" not in out
+    assert f"landlock ABI {runner.supervisor.landlock_abi or 'none'}" in out.replace("\n", " ")
+
+
+def test_preload_on_a_terminal_shows_the_whole_total_from_the_start(
+    small_model: Path, tmp_path: Path
+) -> None:
+    """On a terminal (a pty), every progress frame counts out of the catalog's whole size."""
+    import os
+    import pty
+    import subprocess
+
+    catalog = tmp_path / "c.toml"
+    catalog.write_text(
+        "\n".join(
+            f'[[model]]\nname = "m{i}"\nsource = "{small_model}"\nlabels = {{ i = "{i}" }}\n'
+            for i in range(4)
+        )
+    )
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [LOADWARDEN, "preload", str(catalog), "--state-dir", str(tmp_path / "state")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        env={**os.environ, **NARROW, "TERM": "xterm"},
+    )
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the command exited and closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert proc.wait(60) == EXIT_OK
+    assert proc.stdout is not None
+    with proc.stdout:
+        assert b"preload summary" in proc.stdout.read()
+    frames = re.findall(rb"preloading: (\d+)/(\d+) done", seen)
+    assert frames, seen[-500:]
+    assert {total for _, total in frames} == {b"4"}

@@ -16,6 +16,7 @@ from loadwarden.producer.contract import LoadReport, Outcome
 from loadwarden.producer.errors import ClientError, ContractError
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _render
+from loadwarden.worker._text import clean
 
 EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 T = TypeVar("T")
@@ -72,7 +73,7 @@ def note_embedded(roots: tuple[Path, ...]) -> None:
     where = ", ".join(str(r) for r in roots) or "no local folder"
     typer.echo(
         f"loadwarden: no Redis configured (--redis / LOADWARDEN_REDIS_URL); running embedded: "
-        f"private server + in-process worker reading {_render.clean(where)}",
+        f"private server + in-process worker reading {clean(where)}",
         err=True,
     )
 
@@ -107,7 +108,7 @@ def no_answer(exc: Exception, as_json: bool) -> typer.Exit:
     if as_json:
         typer.echo(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}))
     else:
-        typer.echo(f"loadwarden: {_render.clean(exc)}", err=True)
+        typer.echo(f"loadwarden: {clean(exc)}", err=True)
     return typer.Exit(EXIT_NO_ANSWER)
 
 
@@ -117,7 +118,7 @@ def catalog_defects(message: str, defects: list[str], as_json: bool) -> typer.Ex
         error = {"type": "CatalogError", "message": message, "defects": defects}
         typer.echo(json.dumps({"error": error}))
     else:
-        typer.echo(f"loadwarden: {_render.clean(message)}", err=True)
+        typer.echo(f"loadwarden: {clean(message)}", err=True)
         for defect in defects:
-            typer.echo(f"  - {_render.clean(defect)}", err=True)
+            typer.echo(f"  - {clean(defect)}", err=True)
     return typer.Exit(EXIT_USAGE)

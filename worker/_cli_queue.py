@@ -26,6 +26,7 @@ from loadwarden.worker._cli_common import (
     no_answer,
     settings_from,
 )
+from loadwarden.worker._text import clean
 from loadwarden.worker.logs import configure_logging
 
 
@@ -90,9 +91,9 @@ def cancel(
     if as_json:
         typer.echo(json.dumps({"job_id": job_id, "state": state, "cancel_sent": sent}))
     elif sent:
-        typer.echo(f"{_render.clean(job_id)}: cancel sent while it was {state}; it ends cancelled")
+        typer.echo(f"{clean(job_id)}: cancel sent while it was {state}; it ends cancelled")
     else:
-        typer.echo(f"{_render.clean(job_id)}: already finished, nothing to cancel")
+        typer.echo(f"{clean(job_id)}: already finished, nothing to cancel")
 
 
 dead_app = typer.Typer(

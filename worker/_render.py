@@ -10,42 +10,25 @@ cutting, so an id or a path can always be copied as printed.
 from __future__ import annotations
 
 import itertools
-import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
 from loadwarden.producer.client import DeadLetter, QueueStatus
 from loadwarden.producer.contract import LoadReport, ModelSummary, Outcome
 from loadwarden.producer.preload import PreloadEntry, PreloadResult
+from loadwarden.worker._text import clean
 
 if TYPE_CHECKING:
     from loadwarden.worker.calibrate import Calibration
 
+
 console = Console(highlight=False)
 #: Progress goes to stderr, so stdout stays the result alone.
 err_console = Console(stderr=True, highlight=False)
-
-
-def _visible(ch: str) -> str:
-    # Control, format (bidi overrides, zero-width), line/paragraph separators, private use
-    # and unassigned characters: shown as an escape, never sent to the terminal as they are.
-    category = unicodedata.category(ch)
-    if category[0] == "C" or category in ("Zl", "Zp"):
-        code = ord(ch)
-        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-    return ch
-
-
-def clean(value: object) -> str:
-    """Untrusted text as plain characters: every control or format character escaped."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(_visible(ch) for ch in text)
 
 
 def safe(value: object, style: str = "") -> Text:
@@ -154,32 +137,24 @@ def queue_status(q: QueueStatus) -> None:
     if not q.workers:
         console.print(Text("no worker has sent a heartbeat lately", style="red"))
         return
-    table = _table(
-        "worker", "running", "waiting", "memory in use / budget", "confinement", box=None
-    )
+    # One block per worker, one line per job: ids and paths printed whole (soft-wrapped by
+    # the terminal, never folded or cut), so they can be copied into `show` or `cancel`.
     for w in q.workers:
-        table.add_row(
-            safe(w.id),
-            f"{w.running}/{w.concurrency}",
-            str(w.waiting),
-            f"{_size(w.memory_in_use_bytes)} / {_size(w.memory_budget_bytes)}",
-            safe(f"{w.cgroups}, landlock ABI {w.landlock_abi or 'none'}"),
+        head = Text("worker ")
+        head.append(clean(w.id), style="bold")
+        head.append(
+            f"  running {w.running}/{w.concurrency}, waiting {w.waiting}, memory "
+            f"{_size(w.memory_in_use_bytes)} / {_size(w.memory_budget_bytes)}"
         )
-    console.print(table)
-    jobs = [(w, j) for w in q.workers for j in w.jobs]
-    if not jobs:
-        return
-    running = _table("job", "phase", "for", "source", "worker", box=None, title="jobs in flight")
-    running.title_justify = "left"
-    for w, j in jobs:
-        running.add_row(
-            safe(j.job_id),
-            str(j.phase),
-            f"{(w.seen_at - j.since).total_seconds():.1f} s",
-            safe(j.source),
-            safe(w.id),
-        )
-    console.print(running)
+        console.print(head, soft_wrap=True)
+        confinement = f"{w.cgroups}, landlock ABI {w.landlock_abi or 'none'}"
+        console.print(Text(f"  confinement: {clean(confinement)}"), soft_wrap=True)
+        for j in w.jobs:
+            line = Text("  job ")
+            line.append(clean(j.job_id), style="bold")
+            line.append(f"  {j.phase} for {(w.seen_at - j.since).total_seconds():.1f} s  ")
+            line.append(clean(j.source))
+            console.print(line, soft_wrap=True)
 
 
 _STATE_STYLE = {
@@ -200,14 +175,13 @@ def _entry_outcome(entry: PreloadEntry) -> Text:
     return text
 
 
-def preload_progress(entries: Sequence[PreloadEntry], total: int) -> Table:
-    """The live view: one row per entry with its state, out of the catalog's whole size."""
+def preload_progress(entries: Sequence[PreloadEntry], total: int) -> Group:
+    """The live view: a title out of the catalog's whole size, then one row per entry."""
     done = sum(e.report is not None for e in entries)
-    table = _table("model", "state", box=None, title=f"preloading: {done}/{total} done")
-    table.title_justify = "left"
+    table = _table("model", "state", box=None)
     for entry in entries:
         table.add_row(safe(entry.name), _entry_outcome(entry))
-    return table
+    return Group(Text(f"preloading: {done}/{total} done", style="italic"), table)
 
 
 def preload_line(entry: PreloadEntry, done: int, total: int) -> str:

@@ -381,6 +381,8 @@ class _Progress:
     def update(self, entry: PreloadEntry) -> None:
         self.view.setdefault(id(entry), entry)
         if self.live is not None:
+            if len(self.view) < self.total:
+                return  # the batch announces every entry first: draw once all are known
             self.live.update(
                 _render.preload_progress(list(self.view.values()), self.total), refresh=True
             )
