@@ -137,3 +137,20 @@ async def test_cancel_returns_the_state_when_it_was_sent(
             report = await handle.report(30)
         assert str(report.outcome) == "cancelled"
         assert str(await handle.cancel()) == "complete"  # nothing left to cancel
+
+
+async def test_an_override_above_the_ceiling_is_said_to_be_clamped(
+    small_model: Path, captured_events: list[dict[str, object]]
+) -> None:
+    """An override past the ceiling runs at the ceiling, says so in the report and warns."""
+    from loadwarden.producer.contract import Derivation, LimitOverrides
+    from loadwarden.worker.supervisor import Supervisor
+
+    request = LoadRequest(source=str(small_model), limits=LimitOverrides(cpu_seconds=10**9))
+    async with Supervisor(Settings()) as sup:
+        report = await sup.load(request)
+    assert report.ok and report.limits is not None
+    assert report.limits.cpu_seconds == Settings().limits.cpu_ceiling_s
+    assert report.limits.derivation.cpu_seconds is Derivation.OVERRIDE_CLAMPED
+    (warning,) = [e for e in captured_events if e["event"] == "limit_override_clamped"]
+    assert warning["limit"] == "cpu_seconds" and warning["requested"] == 10**9

@@ -1,4 +1,5 @@
-"""The commands that look at the queue: report, show, status, cancel, dead letters, autoscale."""
+"""The commands that look at the queue: report, show, status, cancel, dead letters, autoscale,
+exporter."""
 
 from __future__ import annotations
 
@@ -209,3 +210,21 @@ def autoscale(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
         if as_json
         else f"desired workers: {document['desired']}\n{document['reason']}"
     )
+
+
+@app.command()
+def exporter(
+    redis: RedisOpt = None,
+    port: Annotated[int, typer.Option(help="Serve /metrics, /livez and /readyz here.")] = 9401,
+    log_level: LogOpt = "info",
+) -> None:
+    """Export the queue's gauges for Prometheus and autoscalers (runs with zero workers too)."""
+    from loadwarden.worker.exporter import run_exporter
+
+    settings = settings_from(redis)
+    if not settings.redis_url:
+        raise typer.BadParameter(
+            "the exporter needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
+        )
+    configure_logging(log_level)
+    asyncio.run(run_exporter(settings, port))

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
@@ -23,7 +22,7 @@ from loadwarden.producer.contract import (
     ModelFormat,
 )
 from loadwarden.producer.errors import CatalogError, ClientError, ContractError, LoadError
-from loadwarden.producer.preload import PreloadEntry, PreloadResult
+from loadwarden.producer.preload import PreloadResult
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _render
 from loadwarden.worker._cli_common import (
@@ -44,13 +43,8 @@ from loadwarden.worker._cli_common import (
     source_arg,
     with_roots,
 )
+from loadwarden.worker._progress import Progress
 from loadwarden.worker.logs import configure_logging
-
-# The queue-side commands (report, show, status, cancel, dead, autoscale) register on `app`.
-from loadwarden.worker import _cli_queue  # noqa: F401  isort: skip
-
-if TYPE_CHECKING:
-    from rich.live import Live
 
 
 @app.command()
@@ -339,7 +333,7 @@ async def _preload(
 
     async def run(active: Settings) -> PreloadResult:
         async with Client(settings=active) as client:
-            with _Progress(len(requests), as_json) as shown:
+            with Progress(len(requests), as_json) as shown:
                 return await client.preload(requests, on_progress=shown.update, **options)
 
     if settings.redis_url:
@@ -348,64 +342,6 @@ async def _preload(
     note_embedded((folder,))
     async with embedded(local, state_dir=state_dir) as active:
         return await run(active)
-
-
-class _Progress:
-    """Preload progress on stderr: a live table on a terminal, else one line per finished entry.
-
-    The total is the catalog's size from the first line on. Without a terminal (a log
-    file, CI) each entry is printed as it finishes: plain text, or with --json one JSON
-    object per line, so stdout stays the one result document.
-    """
-
-    def __init__(self, total: int, as_json: bool) -> None:
-        self.total = total
-        self.as_json = as_json
-        self.view: dict[int, PreloadEntry] = {}  # every entry, in catalog order, by identity
-        self.done: set[int] = set()
-        self.live: Live | None = None
-        if _render.err_console.is_terminal and not as_json:
-            from rich.live import Live
-
-            self.live = Live(console=_render.err_console, transient=True, auto_refresh=False)
-
-    def __enter__(self) -> _Progress:
-        if self.live is not None:
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.live is not None:
-            self.live.__exit__(None, None, None)
-
-    def update(self, entry: PreloadEntry) -> None:
-        self.view.setdefault(id(entry), entry)
-        if self.live is not None:
-            if len(self.view) < self.total:
-                return  # the batch announces every entry first: draw once all are known
-            self.live.update(
-                _render.preload_progress(list(self.view.values()), self.total), refresh=True
-            )
-            return
-        finished = entry.report is not None or entry.state in ("skipped", "unfinished")
-        if not finished or id(entry) in self.done:
-            return
-        self.done.add(id(entry))
-        if self.as_json:
-            event = {
-                "event": "preload_progress",
-                "done": len(self.done),
-                "total": self.total,
-                "name": entry.name,
-                "job_id": entry.job_id,
-                "state": str(entry.state),
-                "outcome": str(entry.report.outcome) if entry.report else None,
-                "cached": entry.cached,
-            }
-            print(json.dumps(event), file=sys.stderr, flush=True)
-        else:
-            line = _render.preload_line(entry, len(self.done), self.total)
-            print(line, file=sys.stderr, flush=True)
 
 
 @app.command()
@@ -446,22 +382,9 @@ def calibrate(
     raise typer.Exit(EXIT_OK if ok else EXIT_OUTCOME)
 
 
-@app.command()
-def exporter(
-    redis: RedisOpt = None,
-    port: Annotated[int, typer.Option(help="Serve /metrics, /livez and /readyz here.")] = 9401,
-    log_level: LogOpt = "info",
-) -> None:
-    """Export the queue's gauges for Prometheus and autoscalers (runs with zero workers too)."""
-    from loadwarden.worker.exporter import run_exporter
-
-    settings = settings_from(redis)
-    if not settings.redis_url:
-        raise typer.BadParameter(
-            "the exporter needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
-        )
-    configure_logging(log_level)
-    asyncio.run(run_exporter(settings, port))
+# The queue-side commands (report, show, status, cancel, dead, autoscale, exporter)
+# register on `app` after these, so --help lists the local ones first.
+from loadwarden.worker import _cli_queue  # noqa: E402, F401  isort: skip
 
 
 def main() -> None:
