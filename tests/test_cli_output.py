@@ -69,6 +69,7 @@ def test_dead_list_prints_ids_whole_at_80_columns(redis_url: str, tmp_path: Path
     assert "…" not in out
 
 
+@pytest.mark.timeout(240)  # eight commands, each a fresh interpreter
 def test_dead_retry_and_purge_explain_themselves(redis_url: str, tmp_path: Path) -> None:
     """A bogus dead-letter id is a clear exit 3; a job id works; purge asks, filters, counts."""
     bad = tmp_path / "bad.safetensors"

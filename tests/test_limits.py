@@ -196,7 +196,7 @@ async def test_calibrated_limits_fit_each_model_and_stop_a_10x_one(tmp_path: Pat
     async with Supervisor(settings) as sup:
         results = await calibrate(catalog.requests(), settings, sup)
         assert [r.report.outcome for r in results] == [Outcome.OK, Outcome.OK]
-        toml = to_toml(results)
+        toml = to_toml(catalog, results)
         recommended = parse_catalog(toml, base_dir=tmp_path)  # the output is a valid catalog
         for (_, request), result in zip(recommended.requests(), results, strict=True):
             assert request.limits == result.recommended

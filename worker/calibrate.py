@@ -164,5 +164,15 @@ def to_toml(catalog: Catalog, calibrations: Sequence[Calibration]) -> str:
         if found is not None and found.recommended is not None:
             table["limits"] = found.recommended.model_dump(exclude_none=True)
         comments = [f"# {reason}" for reason in (found.reasons if found else [])]
-        parts.append("\n".join([*comments, tomli_w.dumps({"model": [table]}).rstrip()]))
+        parts.append("\n".join([*comments, _model_table(table)]))
     return "\n\n".join(parts) + "\n"
+
+
+def _model_table(table: dict[str, Any]) -> str:
+    """One ``[[model]]`` written as a table, never inline (tomli-w inlines short arrays)."""
+    scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in table.items() if isinstance(v, dict)}
+    text = "[[model]]\n" + tomli_w.dumps(scalars)
+    if tables:
+        text += "\n" + tomli_w.dumps({"model": tables})
+    return text.rstrip()
