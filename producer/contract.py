@@ -108,6 +108,13 @@ class LoadRequest(_Model):
 
     @field_validator("source")
     @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\0" in value:
+            raise ValueError("a source may not hold a NUL byte")
+        return value
+
+    @field_validator("source")
+    @classmethod
     def _absolute_or_url(cls, value: str) -> str:
         # The worker resolves a path on its own machine, against its own working
         # directory: a relative path would name another file there, or none.

@@ -19,6 +19,10 @@ from loadwarden.worker import _render
 from loadwarden.worker._text import clean
 
 EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
+#: How long `enqueue --wait` and `report --wait` wait unless told (--timeout-s; 0: no limit):
+#: ten minutes is the derived deadline of a 30 GB model at the slowest acceptable bandwidth,
+#: and a wait that nothing will ever answer (no worker) ends with a message, not silence.
+DEFAULT_WAIT_S = 600.0
 T = TypeVar("T")
 
 app = typer.Typer(
@@ -41,6 +45,23 @@ RedisOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
 LogOpt = Annotated[
     str, typer.Option("--log-level", help="debug, info, warning or error (logs go to stderr).")
+]
+WaitOpt = Annotated[
+    float,
+    typer.Option(
+        "--timeout-s",
+        min=0,
+        help=f"With --wait: give up after this many seconds (0: wait as long as it takes; "
+        f"default {DEFAULT_WAIT_S:g}).",
+    ),
+]
+LeftoversOpt = Annotated[
+    bool,
+    typer.Option(
+        "--drop-leftovers",
+        help="Embedded mode: drop, unrun, the jobs an earlier run left queued in the state "
+        "folder (by default they are named and run first).",
+    ),
 ]
 Sha256Opt = Annotated[
     str | None,
@@ -76,6 +97,10 @@ def note_embedded(roots: tuple[Path, ...]) -> None:
         f"private server + in-process worker reading {clean(where)}",
         err=True,
     )
+
+
+def notice(text: str) -> None:
+    typer.echo(f"loadwarden: {clean(text)}", err=True)
 
 
 def source_arg(value: str) -> str:

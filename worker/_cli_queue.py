@@ -15,12 +15,14 @@ from loadwarden.producer.contract import Outcome
 from loadwarden.producer.errors import RedisUnavailable
 from loadwarden.worker import _render
 from loadwarden.worker._cli_common import (
+    DEFAULT_WAIT_S,
     EXIT_OK,
     EXIT_OUTCOME,
     EXIT_USAGE,
     JsonOpt,
     LogOpt,
     RedisOpt,
+    WaitOpt,
     app,
     ask,
     emit_report,
@@ -35,9 +37,7 @@ from loadwarden.worker.logs import configure_logging
 def report(
     job_id: Annotated[str, typer.Argument(help="The id printed by 'enqueue'.")],
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the report exists.")] = False,
-    timeout_s: Annotated[
-        float | None, typer.Option(help="With --wait: give up after this long.")
-    ] = None,
+    timeout_s: WaitOpt = DEFAULT_WAIT_S,
     redis: RedisOpt = None,
     as_json: JsonOpt = False,
     log_level: LogOpt = "warning",
@@ -45,7 +45,9 @@ def report(
     """Print a job's report with its labels and attempts (exit 3 if none yet, unless --wait)."""
     configure_logging(log_level)
     found = ask(
-        redis, as_json, lambda client: client.report(job_id, timeout_s=timeout_s if wait else 0)
+        redis,
+        as_json,
+        lambda client: client.report(job_id, timeout_s=(timeout_s or None) if wait else 0),
     )
     emit_report(found, as_json)
 

@@ -26,23 +26,28 @@ from loadwarden.producer.preload import PreloadResult
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _render
 from loadwarden.worker._cli_common import (
+    DEFAULT_WAIT_S,
     EXIT_OK,
     EXIT_OUTCOME,
     CpuOpt,
     JsonOpt,
+    LeftoversOpt,
     LogOpt,
     MemoryOpt,
     RedisOpt,
     Sha256Opt,
+    WaitOpt,
     app,
     catalog_defects,
     emit_report,
     no_answer,
     note_embedded,
+    notice,
     settings_from,
     source_arg,
     with_roots,
 )
+from loadwarden.worker._files import resolved
 from loadwarden.worker._progress import Progress
 from loadwarden.worker.logs import configure_logging
 
@@ -77,7 +82,7 @@ def worker(
 
     settings = settings_from(redis, concurrency=concurrency, metrics_port=metrics_port)
     if allow_root:
-        settings = with_roots(settings, *(root.resolve() for root in allow_root))
+        settings = with_roots(settings, *(resolved(root) for root in allow_root))
     if not settings.redis_url:
         raise typer.BadParameter(
             "a worker needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
@@ -123,10 +128,9 @@ def enqueue(
         typer.Option("--job-id", help="Name the job (one already queued under it is returned)."),
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the report and print it.")] = False,
-    timeout_s: Annotated[
-        float | None, typer.Option(help="With --wait: give up waiting after this long.")
-    ] = None,
+    timeout_s: WaitOpt = DEFAULT_WAIT_S,
     redis: RedisOpt = None,
+    drop_leftovers: LeftoversOpt = False,
     as_json: JsonOpt = False,
     log_level: LogOpt = "warning",
 ) -> None:
@@ -149,21 +153,25 @@ def enqueue(
     if not settings.redis_url and not wait:
         raise typer.BadParameter("without --wait, enqueue needs --redis or LOADWARDEN_REDIS_URL")
 
+    limit = timeout_s or None
+
     async def go() -> LoadReport | str:
         if settings.redis_url:
             async with Client(settings=settings) as client:
                 handle = await client.enqueue(request, job_id=job_id)
-                return await handle.report(timeout_s=timeout_s) if wait else handle.job_id
+                return await handle.report(timeout_s=limit) if wait else handle.job_id
         from loadwarden.worker.embedded import embedded
 
         roots = () if "://" in request.source else (Path(request.source).parent,)
         note_embedded(roots)
         async with (
-            embedded(with_roots(settings, *roots)) as active,
+            embedded(
+                with_roots(settings, *roots), drop_leftovers=drop_leftovers, notice=notice
+            ) as active,
             Client(settings=active) as client,
         ):
             handle = await client.enqueue(request, job_id=job_id)
-            return await handle.report(timeout_s=timeout_s)
+            return await handle.report(timeout_s=limit)
 
     try:
         result = asyncio.run(go())
@@ -200,7 +208,7 @@ def load(
         timeout_seconds=deadline_s,
     )
     # The file was named on the command line: its own folder is the one allowed root.
-    settings = with_roots(settings_from(), file.resolve().parent)
+    settings = with_roots(settings_from(), resolved(file).parent)
 
     async def go() -> LoadReport:
         async with Supervisor(settings) as supervisor:
@@ -278,6 +286,7 @@ def preload(
     state_dir: Annotated[
         Path | None, typer.Option(help="Embedded mode: where the private server keeps its data.")
     ] = None,
+    drop_leftovers: LeftoversOpt = False,
     as_json: JsonOpt = False,
     log_level: LogOpt = "warning",
 ) -> None:
@@ -299,8 +308,9 @@ def preload(
             _preload(
                 settings,
                 requests,
-                catalog.resolve().parent,
+                resolved(catalog).parent,
                 state_dir,
+                drop_leftovers=drop_leftovers,
                 concurrency=concurrency,
                 timeout_s=timeout_s,
                 fail_fast=fail_fast,
@@ -327,6 +337,7 @@ async def _preload(
     state_dir: Path | None,
     *,
     as_json: bool,
+    drop_leftovers: bool = False,
     **options: Any,
 ) -> PreloadResult:
     from loadwarden.worker.embedded import embedded
@@ -340,7 +351,9 @@ async def _preload(
         return await run(settings)
     local = with_roots(settings, folder)
     note_embedded((folder,))
-    async with embedded(local, state_dir=state_dir) as active:
+    async with embedded(
+        local, state_dir=state_dir, drop_leftovers=drop_leftovers, notice=notice
+    ) as active:
         return await run(active)
 
 
@@ -370,7 +383,7 @@ def calibrate(
         parsed = load_catalog(catalog)
     except CatalogError as exc:
         raise catalog_defects(exc.message, exc.defects, as_json) from None
-    settings = with_roots(settings_from(), catalog.resolve().parent)
+    settings = with_roots(settings_from(), resolved(catalog).parent)
     results = asyncio.run(calib.calibrate(parsed.requests(), settings))
     if output is not None:
         output.write_text(calib.to_toml(parsed, results))
