@@ -10,7 +10,14 @@ from loadwarden.producer.catalog import (
     load_catalog,
     parse_catalog,
 )
-from loadwarden.producer.client import BlockingClient, Client, JobHandle, JobState, QueueStatus
+from loadwarden.producer.client import (
+    BlockingClient,
+    BlockingJobHandle,
+    Client,
+    JobHandle,
+    JobState,
+    QueueStatus,
+)
 from loadwarden.producer.contract import (
     WIRE_VERSION,
     Attempt,
@@ -57,6 +64,7 @@ __all__ = [
     "WIRE_VERSION",
     "Attempt",
     "BlockingClient",
+    "BlockingJobHandle",
     "Catalog",
     "CatalogDefaults",
     "CatalogEntry",

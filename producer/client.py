@@ -164,6 +164,28 @@ class JobHandle:
         return await self.client.cancel(self.job_id)
 
 
+class BlockingJobHandle:
+    """``JobHandle``'s synchronous twin: the same attribute and methods, without ``await``."""
+
+    def __init__(self, client: BlockingClient, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+
+    def __repr__(self) -> str:
+        return f"<BlockingJobHandle {self.job_id}>"
+
+    def status(self) -> JobState:
+        return self.client.job_state(self.job_id)
+
+    def report(self, timeout_s: float | None = None) -> LoadReport:
+        """Wait for the report: ReportTimeout after ``timeout_s``, JobNotFound if no such job."""
+        return self.client.report(self.job_id, timeout_s=timeout_s)
+
+    def cancel(self) -> JobState:
+        """Cancel this job (see ``Client.cancel``)."""
+        return self.client.cancel(self.job_id)
+
+
 class Client:
     """Async client for producers."""
 
@@ -267,9 +289,11 @@ class Client:
     async def cancel(self, job_id: str) -> JobState:
         """Cancel a job: a queued one never loads, a running one has its child killed at once.
 
-        Returns the job's state when the cancel was sent; the job then ends with a
-        ``cancelled`` report (``JobNotFound`` if there is no such job, nothing to do
-        if it has already finished).
+        Returns the state the job was in *when the cancel was sent* (``QUEUED``,
+        ``DEFERRED`` or ``RUNNING``), not its state afterwards: the job then ends
+        with a ``cancelled`` report soon after. ``COMPLETE`` means it had already
+        finished and nothing was sent; ``JobNotFound`` is raised if there is no
+        such job.
         """
         redis = await self.redis()
         state = await self.job_state(job_id)
@@ -291,20 +315,40 @@ class Client:
         entries = await _guard(redis.xrevrange(DEAD_LETTER_STREAM, count=count))
         return [DeadLetter.from_entry(entry_id, fields) for entry_id, fields in entries]
 
+    async def _dead_entries(
+        self, redis: ArqRedis, refs: Sequence[str] | None
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Dead-letter entries named by their ids or by their jobs' ids (None: all of them).
+
+        A job id is the natural thing to paste from ``report`` or ``show``; a dead-letter
+        id looks like ``1732958512345-0``. Anything that names neither is JobNotFound.
+        """
+        everything = await _guard(redis.xrange(DEAD_LETTER_STREAM))
+        if refs is None:
+            return list(everything)
+        found: list[tuple[bytes, dict[bytes, bytes]]] = []
+        for ref in refs:
+            hits = [
+                (entry_id, fields)
+                for entry_id, fields in everything
+                if ref in (entry_id.decode(), fields.get(b"job_id", b"").decode())
+            ]
+            if not hits:
+                raise JobNotFound(
+                    f"no dead letter {ref!r}: give an id from 'dead list' (like "
+                    "1732958512345-0) or the job id of a dead-lettered job"
+                )
+            found += [hit for hit in hits if hit not in found]
+        return found
+
     async def retry_dead(self, ids: Sequence[str] | None = None) -> list[JobHandle]:
-        """Enqueue dead-lettered jobs again (all of them when ``ids`` is None) and drop them."""
+        """Enqueue dead-lettered jobs again (all of them when ``ids`` is None) and drop them.
+
+        ``ids`` may name dead-letter ids or the job ids of dead-lettered jobs.
+        """
         redis = await self.redis()
-        if ids is None:
-            entries = await _guard(redis.xrange(DEAD_LETTER_STREAM))
-        else:
-            entries = []
-            for entry_id in ids:
-                found = await _guard(redis.xrange(DEAD_LETTER_STREAM, entry_id, entry_id))
-                if not found:
-                    raise JobNotFound(f"no dead letter {entry_id!r}")
-                entries += found
         handles = []
-        for entry_id, fields in entries:
+        for entry_id, fields in await self._dead_entries(redis, ids):
             letter = DeadLetter.from_entry(entry_id, fields)
             if letter.request is None:
                 continue  # not a request at all (a planted payload): nothing to rerun
@@ -316,12 +360,26 @@ class Client:
             await _guard(redis.xdel(DEAD_LETTER_STREAM, letter.id))
         return handles
 
-    async def purge_dead(self) -> int:
-        """Drop every dead letter; return how many there were."""
+    async def purge_dead(
+        self, ids: Sequence[str] | None = None, *, outcome: str | None = None
+    ) -> int:
+        """Drop dead letters: those named (by id or job id), or with ``outcome``, or all of them.
+
+        Returns how many were dropped.
+        """
         redis = await self.redis()
-        count = await _guard(redis.xlen(DEAD_LETTER_STREAM))
-        await _guard(redis.delete(DEAD_LETTER_STREAM))
-        return int(count)
+        if ids is None and outcome is None:
+            count = await _guard(redis.xlen(DEAD_LETTER_STREAM))
+            await _guard(redis.delete(DEAD_LETTER_STREAM))
+            return int(count)
+        chosen = [
+            entry_id
+            for entry_id, fields in await self._dead_entries(redis, ids)
+            if outcome is None or fields.get(b"outcome", b"").decode() == outcome
+        ]
+        if chosen:
+            await _guard(redis.xdel(DEAD_LETTER_STREAM, *chosen))
+        return len(chosen)
 
     def job(self, job_id: str) -> JobHandle:
         return JobHandle(self, job_id)
@@ -428,8 +486,10 @@ class BlockingClient:
     def _run(self, factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return self._loop.run_until_complete(factory())
 
-    def enqueue(self, request: LoadRequest, *, job_id: str | None = None) -> str:
-        return self._run(lambda: self._client.enqueue(request, job_id=job_id)).job_id
+    def enqueue(self, request: LoadRequest, *, job_id: str | None = None) -> BlockingJobHandle:
+        """Put a load on the queue and return its handle (see ``Client.enqueue``)."""
+        handle = self._run(lambda: self._client.enqueue(request, job_id=job_id))
+        return BlockingJobHandle(self, handle.job_id)
 
     def report(self, job_id: str, *, timeout_s: float | None = None) -> LoadReport:
         return self._run(lambda: self._client.report(job_id, timeout_s=timeout_s))

@@ -58,6 +58,8 @@ class Derivation(StrEnum):
     DECLARED_SIZE = "declared_size"
     HISTORY = "history"
     OVERRIDE = "override"
+    #: The request asked for more than the worker's ceiling: the ceiling was used instead.
+    OVERRIDE_CLAMPED = "override_clamped"
     DEFAULT = "default"
 
 
@@ -111,6 +113,18 @@ class LoadRequest(_Model):
             raise ValueError("a source may not hold a NUL byte")
         return value
 
+    @field_validator("source")
+    @classmethod
+    def _absolute_or_url(cls, value: str) -> str:
+        # The worker resolves a path on its own machine, against its own working
+        # directory: a relative path would name another file there, or none.
+        if "://" not in value and not value.startswith("/"):
+            raise ValueError(
+                f"{value!r} is a relative path: the worker resolves paths on its own side, "
+                "so give an absolute path (or a URL)"
+            )
+        return value
+
 
 class LimitDerivation(_Model):
     """For each limit, where its value came from."""
@@ -156,7 +170,16 @@ class ModelSummary(_Model):
     bytes: NonNegInt = Field(description="bytes of tensor data")
     parameters: NonNegInt
     dtypes: dict[str, NonNegInt] = Field(description="parameter count per dtype")
-    tensors: list[TensorInfo]
+    tensors: list[TensorInfo] = Field(
+        description="the tensors, in file order; a report lists at most its worker's "
+        "report_max_tensors of them (see tensor_count and tensors_truncated)"
+    )
+    tensor_count: NonNegInt | None = Field(
+        default=None, description="how many tensors the model has (None: len(tensors))"
+    )
+    tensors_truncated: bool = Field(
+        default=False, description="true when ``tensors`` lists only the first of them"
+    )
     metadata: dict[str, str] = {}
     sha256: Sha256 | None = Field(
         default=None,
@@ -168,6 +191,23 @@ class ModelSummary(_Model):
         description="the files of a checkpoint (a folder, an index or an hf:// source); "
         "the other fields sum them",
     )
+
+    def capped(self, max_tensors: int) -> ModelSummary:
+        """This summary with at most ``max_tensors`` tensors listed (totals always kept).
+
+        ``shards`` stays whole: it is already bounded by ``inspection.max_shards``, and a
+        checkpoint's digest is defined over every shard's line.
+        """
+        count = self.tensor_count if self.tensor_count is not None else len(self.tensors)
+        if len(self.tensors) <= max_tensors:
+            return self.model_copy(update={"tensor_count": count})
+        return self.model_copy(
+            update={
+                "tensors": self.tensors[:max_tensors],
+                "tensor_count": count,
+                "tensors_truncated": True,
+            }
+        )
 
 
 class ErrorInfo(_Model):
@@ -265,6 +305,23 @@ class LoadReport(_Model):
         )
 
 
+class JobPhase(StrEnum):
+    """What a worker is doing with a job right now."""
+
+    INSPECTING = "inspecting"  # opening the source, reading the header, deriving limits
+    WAITING = "waiting"  # for room in the worker's memory budget
+    LOADING = "loading"  # a confined child is loading it
+
+
+class RunningJob(_Model):
+    """One job a worker holds now, and since when it has been in its current phase."""
+
+    job_id: str
+    source: str
+    phase: JobPhase
+    since: datetime
+
+
 class WorkerStatus(_Model):
     """A live worker's heartbeat: who it is, what it runs, how much of its memory budget is held."""
 
@@ -279,6 +336,7 @@ class WorkerStatus(_Model):
     running: NonNegInt
     waiting: NonNegInt = Field(description="loads waiting for memory budget")
     in_flight: list[str] = Field(default=[], description="job ids this worker is running")
+    jobs: list[RunningJob] = Field(default=[], description="each job held now, with its phase")
     cgroups: str
     landlock_abi: NonNegInt
     started_at: datetime

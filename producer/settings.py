@@ -116,6 +116,11 @@ class SourcePolicy(BaseModel):
     # Empty: the worker's cwd at resolve time, so `loadwarden load FILE` works where it is run.
     # A deployed worker should name its model folders. Roots must be absolute.
     allow_roots: tuple[Path, ...] = ()
+    # A hard link into a root looks, by its path, like a file that belongs there, and
+    # Linux lets any user link a file they can read (unless fs.protected_hardlinks is on).
+    # False: models in ordinary folders often carry links (deduplicating stores, hub caches
+    # hardlinked into place); set it where the roots are writable by someone less trusted.
+    refuse_hard_links: bool = False
     # Empty: no URL is fetched at all until an operator names the hosts it trusts (exact
     # names, compared case-insensitively; no wildcards, so a typo cannot open a whole domain).
     allow_hosts: tuple[str, ...] = ()
@@ -289,8 +294,9 @@ class Settings(BaseSettings):
     # Serve /metrics, /livez and /readyz here (None: no HTTP server).
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     metrics_host: str = "0.0.0.0"
-    # Log (and count) a load that crosses this fraction of a limit: early warning
-    # before the limit itself stops it.
+    # Log (and count) a load near a limit: early warning before the limit stops it. For
+    # memory, "near" is this fraction of the headroom above what a healthy load of the
+    # model holds (worker/limits.py: near_thresholds); for CPU and deadline, of the limit.
     threshold_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
     # A load this many times beyond its history's p95 (wall or peak) is an anomaly...
     anomaly_factor: Annotated[float, Field(gt=1)] = 3.0
@@ -326,6 +332,13 @@ class Settings(BaseSettings):
     # RLIMIT_AS bounds the child's address space. Some native libraries reserve far more
     # address space than they touch; where cgroups confine memory, this may be turned off.
     use_address_space_limit: bool = True
+    # A report lists at most this many tensors (totals always): a 150,000-tensor manifest
+    # is ~9 MB of JSON per report, and nobody reads past the first screens of it.
+    report_max_tensors: Annotated[int, Field(ge=0)] = 1000
+    # LOADWARDEN_ALLOW_ROOTS=/a:/b, folders separated by ':' as in PATH; when set it wins
+    # over sources.allow_roots (LOADWARDEN_SOURCES__ALLOW_ROOTS, a JSON list), for the
+    # worker, the in-process Supervisor and every command alike.
+    allow_roots: str | None = None
     autoscale: AutoscalePolicy = AutoscalePolicy()
     inspection: InspectionCaps = InspectionCaps()
     limits: LimitPolicy = LimitPolicy()
@@ -344,4 +357,14 @@ class Settings(BaseSettings):
         for name in ("cgroups", "landlock"):
             if getattr(self, f"require_{name}") and not getattr(self, f"use_{name}"):
                 raise ValueError(f"require_{name} needs use_{name}: it would refuse every start")
+        return self
+
+    @model_validator(mode="after")
+    def _roots_from_path_list(self) -> Settings:
+        if self.allow_roots:
+            roots = tuple(Path(p) for p in self.allow_roots.split(os.pathsep) if p)
+            policy = SourcePolicy.model_validate(
+                {**self.sources.model_dump(), "allow_roots": roots}
+            )
+            object.__setattr__(self, "sources", policy)  # frozen: set once, while validating
         return self

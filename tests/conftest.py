@@ -215,6 +215,35 @@ def small_model(tmp_path: Path) -> Path:
     return path
 
 
+def require_facility(present: bool, reason: str) -> None:
+    """Skip a test whose kernel facility is absent, with the precise reason.
+
+    Where the facility must be present (CI on our machines: LOADWARDEN_TEST_REQUIRE_CONFINEMENT=1,
+    set by .ci/run), its absence fails the test instead, so a regression cannot hide as a skip.
+    """
+    if present:
+        return
+    if os.environ.get("LOADWARDEN_TEST_REQUIRE_CONFINEMENT") == "1":
+        pytest.fail(f"{reason} (LOADWARDEN_TEST_REQUIRE_CONFINEMENT=1)")
+    pytest.skip(reason)
+
+
+def require_cgroups(sup: Supervisor) -> None:
+    require_facility(
+        sup.cgroups is not None,
+        f"needs cgroups this worker may create (v2 delegated subtree with the memory "
+        f"controller, or a writable v1 memory cgroup): {sup.cgroups_note}",
+    )
+
+
+def require_landlock(sup: Supervisor, abi: int = 4) -> None:
+    require_facility(
+        sup.landlock_abi >= abi,
+        f"needs Landlock ABI >= {abi} (TCP rules); this kernel offers "
+        f"{sup.landlock_abi or 'no Landlock'}",
+    )
+
+
 @pytest.fixture
 async def supervisor() -> AsyncIterator[Supervisor]:
     async with Supervisor(Settings(), preload=[TEST_LOADERS]) as sup:

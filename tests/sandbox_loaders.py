@@ -162,3 +162,13 @@ def ramp(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
         while time.monotonic() < until:
             sum(range(2000))
     return result
+
+
+@register_loader("hold_memory")
+def hold_memory(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Allocate and touch 48 MiB, then hold it until killed (a test cancels the load)."""
+    held = bytearray(48 * 1024 * 1024)
+    for i in range(0, len(held), 4096):
+        held[i] = 1
+    threading.Event().wait()
+    raise AssertionError("unreachable")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loadwarden.producer.client import BlockingClient
+from loadwarden.producer.client import BlockingClient, JobState
 from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
 from tests.conftest import call_until
 
@@ -121,10 +121,12 @@ def test_enqueue_then_report_by_id(
 def test_blocking_client_against_a_worker_process(
     worker_process: subprocess.Popen[bytes], redis_url: str, small_model: Path
 ) -> None:
-    """The synchronous facade enqueues and waits like the async client."""
+    """The synchronous facade enqueues and waits like the async client, with the same handle."""
     with BlockingClient(redis_url) as client:
-        job_id = client.enqueue(LoadRequest(source=str(small_model)))
-        assert client.report(job_id, timeout_s=30).outcome is Outcome.OK
+        handle = client.enqueue(LoadRequest(source=str(small_model)))
+        assert handle.report(timeout_s=30).outcome is Outcome.OK
+        assert client.report(handle.job_id, timeout_s=0).outcome is Outcome.OK
+        assert handle.status() is JobState.COMPLETE
 
 
 def test_no_answer_exits_3(tmp_path: Path) -> None:
@@ -161,7 +163,11 @@ def test_cancel_and_dead_letters_from_the_cli(redis_url: str, bad_model: Path) -
     env = {"LOADWARDEN_REDIS_URL": redis_url}
     queued = json.loads(run("enqueue", str(bad_model), "--json", env=env).stdout)["job_id"]
     cancelled = run("cancel", queued, "--json", env=env)
-    assert json.loads(cancelled.stdout) == {"job_id": queued, "state": "queued"}
+    assert json.loads(cancelled.stdout) == {
+        "job_id": queued,
+        "state": "queued",
+        "cancel_sent": True,
+    }
     assert run("cancel", "no-such-job", env=env).returncode == EXIT_NO_ANSWER
 
     async def drain() -> None:
@@ -177,4 +183,4 @@ def test_cancel_and_dead_letters_from_the_cli(redis_url: str, bad_model: Path) -
     retried = json.loads(run("dead", "retry", dead[0]["id"], "--json", env=env).stdout)
     assert len(retried["job_ids"]) == 1
     assert json.loads(run("dead", "list", "--json", env=env).stdout) == []
-    assert json.loads(run("dead", "purge", "--json", env=env).stdout) == {"removed": 0}
+    assert json.loads(run("dead", "purge", "--yes", "--json", env=env).stdout) == {"removed": 0}

@@ -63,11 +63,11 @@ def test_errors_survive_a_process_boundary() -> None:
 
 def test_request_is_strict() -> None:
     """A request rejects unknown fields, bad digests and infinite limits; lower-cases a digest."""
-    assert LoadRequest(source="m", sha256="AB" * 32).sha256 == "ab" * 32
+    assert LoadRequest(source="/m", sha256="AB" * 32).sha256 == "ab" * 32
     with pytest.raises(ValidationError):
         LoadRequest.model_validate({"source": "m", "surprise": 1})
     with pytest.raises(ValidationError):
-        LoadRequest(source="m", sha256="xyz")
+        LoadRequest(source="/m", sha256="xyz")
     with pytest.raises(ValidationError):
         LoadRequest.model_validate({"source": "m", "wire_version": 2})
     with pytest.raises(ValidationError):

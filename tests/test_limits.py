@@ -17,7 +17,7 @@ from loadwarden.producer.settings import LimitPolicy, Settings
 from loadwarden.worker._files import open_model_file
 from loadwarden.worker.history import History, model_identity
 from loadwarden.worker.supervisor import Supervisor
-from tests.conftest import TEST_LOADERS
+from tests.conftest import TEST_LOADERS, require_cgroups, require_landlock
 from tests.safetensors_files import valid_model
 
 MiB = 1024 * 1024
@@ -51,7 +51,7 @@ async def test_memory_limit_is_enforced_by_each_mechanism(
     """A model over its memory limit ends memory_exceeded, by RLIMIT_AS and by a cgroup alone."""
     async with Supervisor(Settings(**options)) as sup:
         if mechanism == "cgroup":
-            assert sup.cgroups is not None, f"this machine must allow cgroups: {sup.cgroups_note}"
+            require_cgroups(sup)
         report = await sup.load(
             LoadRequest(source=str(model_64m), limits=LimitOverrides(memory_bytes=48 * MiB))
         )
@@ -65,6 +65,7 @@ async def test_memory_limit_is_enforced_by_each_mechanism(
 async def test_cgroup_reports_peak_memory(model_64m: Path) -> None:
     """With a cgroup, the report carries the cgroup's own peak, at least the tensor bytes."""
     async with Supervisor(Settings()) as sup:
+        require_cgroups(sup)
         report = await sup.load(LoadRequest(source=str(model_64m)))
     assert report.outcome is Outcome.OK
     assert report.resources is not None and report.resources.cgroup_peak_bytes is not None
@@ -77,7 +78,7 @@ async def test_landlock_denies_what_a_loader_must_not_do(
 ) -> None:
     """Under Landlock, reading another file, writing, exec and TCP are denied and reported."""
     async with make_supervisor(loader) as sup:
-        assert sup.landlock_abi >= 4, "this machine's kernel must offer Landlock ABI >= 4"
+        require_landlock(sup)
         report = await sup.load(LoadRequest(source=str(small_model)))
     assert report.outcome is Outcome.REFUSED, report.error
     assert report.error is not None and report.error.code == "sandbox_denied"
@@ -196,7 +197,7 @@ async def test_calibrated_limits_fit_each_model_and_stop_a_10x_one(tmp_path: Pat
     async with Supervisor(settings) as sup:
         results = await calibrate(catalog.requests(), settings, sup)
         assert [r.report.outcome for r in results] == [Outcome.OK, Outcome.OK]
-        toml = to_toml(results)
+        toml = to_toml(catalog, results)
         recommended = parse_catalog(toml, base_dir=tmp_path)  # the output is a valid catalog
         for (_, request), result in zip(recommended.requests(), results, strict=True):
             assert request.limits == result.recommended

@@ -34,11 +34,12 @@ def test_small_models_get_the_floors() -> None:
 
 
 def test_overrides_win_but_not_past_the_ceiling() -> None:
-    """A request's override wins over the derived value, clamped to the worker's ceiling."""
+    """An override wins over the derived value; one past the ceiling is reported clamped."""
     limits = derive_limits(MiB, LimitOverrides(memory_bytes=10**15, timeout_seconds=3), POLICY)
     assert limits.memory_bytes == POLICY.memory_ceiling_bytes
     assert limits.timeout_seconds == 3
-    assert limits.derivation.memory_bytes is Derivation.OVERRIDE
+    assert limits.derivation.memory_bytes is Derivation.OVERRIDE_CLAMPED
+    assert limits.derivation.timeout_seconds is Derivation.OVERRIDE
 
 
 def test_deadline_grows_with_size() -> None:

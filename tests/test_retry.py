@@ -34,8 +34,8 @@ def test_backoff_ceiling(rand: float, attempt: int, expected: float) -> None:
 
 def test_precedence_request_then_worker_then_default() -> None:
     """A request's retry_on wins over the worker's setting, which wins over the default."""
-    own = LoadRequest(source="m", retry=RetryPolicy(retry_on=(Outcome.INVALID,)))
-    plain = LoadRequest(source="m")
+    own = LoadRequest(source="/m", retry=RetryPolicy(retry_on=(Outcome.INVALID,)))
+    plain = LoadRequest(source="/m")
     worker = (Outcome.MEMORY_EXCEEDED,)
     assert retry_on(own.retry, "retry_on" in own.retry.model_fields_set, worker) == {
         Outcome.INVALID
@@ -46,7 +46,7 @@ def test_precedence_request_then_worker_then_default() -> None:
 
 def test_request_choice_survives_the_wire() -> None:
     """Only set fields travel, so the worker can still tell a request's own choice from defaults."""
-    sent = LoadRequest(source="m", retry=RetryPolicy(max_attempts=5)).model_dump(
+    sent = LoadRequest(source="/m", retry=RetryPolicy(max_attempts=5)).model_dump(
         mode="json", exclude_unset=True
     )
     received = LoadRequest.model_validate(sent)

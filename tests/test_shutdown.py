@@ -23,7 +23,7 @@ def _signal_while_running(
     Each further signal waits until the worker has acted on the one before: two identical
     signals sent at once reach a process as one.
     """
-    job_id = client.enqueue(LoadRequest(source=str(source)))
+    job_id = client.enqueue(LoadRequest(source=str(source))).job_id
     call_until(lambda: client.job_state(job_id) is JobState.RUNNING, 30)
     log = worker.log_path  # type: ignore[attr-defined]
     for n in range(signals):
@@ -96,10 +96,8 @@ def test_allow_root_from_the_environment(redis_url: str, small_model: Path, tmp_
     try:
         call_until(lambda: b"worker_started" in log.read_bytes(), 30)
         with BlockingClient(redis_url) as client:
-            ok = client.report(client.enqueue(LoadRequest(source=str(small_model))), timeout_s=30)
-            outside = client.report(
-                client.enqueue(LoadRequest(source="/etc/hostname")), timeout_s=30
-            )
+            ok = client.enqueue(LoadRequest(source=str(small_model))).report(timeout_s=30)
+            outside = client.enqueue(LoadRequest(source="/etc/hostname")).report(timeout_s=30)
     finally:
         proc.terminate()
         proc.wait(30)

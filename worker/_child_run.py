@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,7 +132,7 @@ async def run_child(
     sample_interval_s: float,
     log: FilteringBoundLogger,
     cancel: asyncio.Event | None = None,
-    threshold_fraction: float = 0.8,
+    thresholds: Mapping[str, float] | None = None,
     on_threshold: Callable[[str], object] | None = None,
 ) -> ChildRun:
     """Run one load in a fresh child and always stop it; never leaves a process behind."""
@@ -148,7 +148,7 @@ async def run_child(
         sample_interval_s,
         log,
         limits=limits,
-        threshold_fraction=threshold_fraction,
+        thresholds=thresholds,
         on_threshold=on_threshold,
     )
     sampling: list[asyncio.Task[None]] = []

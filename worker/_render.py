@@ -1,4 +1,11 @@
-"""Human-readable output of the CLI (rich); ``--json`` output never passes through here."""
+"""Human-readable output of the CLI (rich); ``--json`` output never passes through here.
+
+Everything a file or a producer wrote (sources, tensor names, labels, error
+messages, ids) is untrusted: it reaches the terminal only through ``safe``,
+which never interprets rich markup and shows control characters (ANSI and OSC
+escapes, newlines, bidi overrides) as visible escapes. Columns fold instead of
+cutting, so an id or a path can always be copied as printed.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +13,42 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
 from loadwarden.producer.client import DeadLetter, QueueStatus
 from loadwarden.producer.contract import LoadReport, ModelSummary, Outcome
 from loadwarden.producer.preload import PreloadEntry, PreloadResult
+from loadwarden.worker._text import clean
 
 if TYPE_CHECKING:
     from loadwarden.worker.calibrate import Calibration
 
-console = Console()
+
+console = Console(highlight=False)
+#: Progress goes to stderr, so stdout stays the result alone.
+err_console = Console(stderr=True, highlight=False)
+
+
+def safe(value: object, style: str = "") -> Text:
+    """Untrusted text for rich: no markup interpreted, control characters escaped."""
+    return Text(clean(value), style=style)
+
+
+def _table(*columns: str, **options: Any) -> Table:
+    """A table whose columns fold long values onto more lines instead of cutting them."""
+    table = Table(**options)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def _pairs() -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    return table
 
 
 def _size(n: float) -> str:
@@ -28,11 +59,17 @@ def _size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _outcome(outcome: Outcome) -> Text:
+    return Text(str(outcome), style="green" if outcome is Outcome.OK else "red")
+
+
 def _model_rows(table: Table, model: ModelSummary) -> None:
     table.add_row("format", str(model.format))
-    table.add_row("tensors", f"{len(model.tensors)} ({model.parameters:,} parameters)")
+    count = model.tensor_count if model.tensor_count is not None else len(model.tensors)
+    listed = f"; {len(model.tensors):,} listed" if len(model.tensors) < count else ""
+    table.add_row("tensors", f"{count:,} ({model.parameters:,} parameters{listed})")
     table.add_row("tensor bytes", _size(model.bytes))
-    table.add_row("dtypes", ", ".join(f"{d}: {n:,}" for d, n in sorted(model.dtypes.items())))
+    table.add_row("dtypes", safe(", ".join(f"{d}: {n:,}" for d, n in sorted(model.dtypes.items()))))
     if model.sha256:
         table.add_row("sha256", model.sha256)
     if model.shards is not None:
@@ -58,15 +95,14 @@ def _shard_rows(table: Table, model: ModelSummary) -> None:
 
 
 def report(r: LoadReport) -> None:
-    style = "green" if r.outcome is Outcome.OK else "red"
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("job", r.job_id)
-    table.add_row("source", r.source)
-    table.add_row("outcome", f"[{style}]{r.outcome}[/{style}]")
+    table = _pairs()
+    table.add_row("job", safe(r.job_id))
+    table.add_row("source", safe(r.source))
+    table.add_row("outcome", _outcome(r.outcome))
+    if r.labels:
+        table.add_row("labels", safe(", ".join(f"{k}={v}" for k, v in sorted(r.labels.items()))))
     if r.error:
-        table.add_row("error", f"{r.error.type} ({r.error.code}): {r.error.message}")
+        table.add_row("error", safe(f"{r.error.type} ({r.error.code}): {r.error.message}"))
     if r.model:
         _model_rows(table, r.model)
     if r.limits:
@@ -83,48 +119,62 @@ def report(r: LoadReport) -> None:
             "resources",
             f"wall {res.wall_seconds:.3f} s, cpu "
             f"{res.cpu_user_seconds + res.cpu_system_seconds:.3f} s, peak RSS "
-            f"{_size(res.peak_rss_bytes)}, read {_size(res.read_bytes)}",
+            f"{_size(res.peak_rss_bytes)} (the kernel's high-water mark), "
+            f"read {_size(res.read_bytes)}",
         )
     if r.confinement:
-        table.add_row("confinement", ", ".join(r.confinement))
+        table.add_row("confinement", safe(", ".join(r.confinement)))
+    for a in r.attempts:
+        delay = f", retried after {a.delay_s:g} s" if a.delay_s is not None else ""
+        code = f" ({a.error_code})" if a.error_code else ""
+        took = (a.finished_at - a.started_at).total_seconds()
+        table.add_row(
+            f"attempt {a.number}",
+            safe(f"{a.outcome}{code} on {a.worker}, {took:.3f} s{delay}"),
+        )
     console.print(table)
 
 
 def inspection(document: dict[str, Any]) -> None:
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    ok = document["outcome"] == "ok"
-    table.add_row("outcome", "[green]ok[/green]" if ok else f"[red]{document['outcome']}[/red]")
+    table = _pairs()
+    table.add_row("outcome", _outcome(Outcome(document["outcome"])))
     if document["error"]:
         err = document["error"]
-        table.add_row("error", f"{err['type']} ({err['code']}): {err['message']}")
+        table.add_row("error", safe(f"{err['type']} ({err['code']}): {err['message']}"))
     if document["model"]:
         _model_rows(table, ModelSummary.model_validate(document["model"]))
     console.print(table)
 
 
 def queue_status(q: QueueStatus) -> None:
-    console.print(
-        f"queue [bold]{q.queue}[/bold]: {q.ready} ready, {q.deferred} deferred, "
-        f"{q.running} running, {q.dead_letters} dead letters, "
-        f"{len(q.workers)} live worker(s)"
+    line = Text("queue ")
+    line.append(clean(q.queue), style="bold")
+    line.append(
+        f": {q.ready} ready, {q.deferred} deferred, {q.running} running, "
+        f"{q.dead_letters} dead letters, {len(q.workers)} live worker(s)"
     )
+    console.print(line)
     if not q.workers:
-        console.print("[red]no worker has sent a heartbeat lately[/red]")
+        console.print(Text("no worker has sent a heartbeat lately", style="red"))
         return
-    table = Table(box=None)
-    for column in ("worker", "running", "waiting", "memory in use / budget", "confinement"):
-        table.add_column(column)
+    # One block per worker, one line per job: ids and paths printed whole (soft-wrapped by
+    # the terminal, never folded or cut), so they can be copied into `show` or `cancel`.
     for w in q.workers:
-        table.add_row(
-            w.id,
-            f"{w.running}/{w.concurrency}",
-            str(w.waiting),
-            f"{_size(w.memory_in_use_bytes)} / {_size(w.memory_budget_bytes)}",
-            f"{w.cgroups}, landlock ABI {w.landlock_abi or 'none'}",
+        head = Text("worker ")
+        head.append(clean(w.id), style="bold")
+        head.append(
+            f"  running {w.running}/{w.concurrency}, waiting {w.waiting}, memory "
+            f"{_size(w.memory_in_use_bytes)} / {_size(w.memory_budget_bytes)}"
         )
-    console.print(table)
+        console.print(head, soft_wrap=True)
+        confinement = f"{w.cgroups}, landlock ABI {w.landlock_abi or 'none'}"
+        console.print(Text(f"  confinement: {clean(confinement)}"), soft_wrap=True)
+        for j in w.jobs:
+            line = Text("  job ")
+            line.append(clean(j.job_id), style="bold")
+            line.append(f"  {j.phase} for {(w.seen_at - j.since).total_seconds():.1f} s  ")
+            line.append(clean(j.source))
+            console.print(line, soft_wrap=True)
 
 
 _STATE_STYLE = {
@@ -136,47 +186,59 @@ _STATE_STYLE = {
 }
 
 
-def _entry_outcome(entry: PreloadEntry) -> str:
+def _entry_outcome(entry: PreloadEntry) -> Text:
     if entry.report is None:
-        return f"[{_STATE_STYLE.get(entry.state, '')}]{entry.state}[/]"
-    style = "green" if entry.report.outcome is Outcome.OK else "red"
-    cached = " (stored)" if entry.cached else ""
-    return f"[{style}]{entry.report.outcome}[/{style}]{cached}"
+        return Text(str(entry.state), style=_STATE_STYLE.get(entry.state, ""))
+    text = _outcome(entry.report.outcome)
+    if entry.cached:
+        text.append(" (stored)")
+    return text
 
 
-def preload_progress(entries: list[PreloadEntry]) -> Table:
-    """The live view: one row per entry with its state."""
+def preload_progress(entries: Sequence[PreloadEntry], total: int) -> Group:
+    """The live view: a title out of the catalog's whole size, then one row per entry."""
     done = sum(e.report is not None for e in entries)
-    table = Table(title=f"preloading: {done}/{len(entries)} done", title_justify="left", box=None)
-    table.add_column("model")
-    table.add_column("state")
+    table = _table("model", "state", box=None)
     for entry in entries:
-        table.add_row(entry.name, _entry_outcome(entry))
-    return table
+        table.add_row(safe(entry.name), _entry_outcome(entry))
+    return Group(Text(f"preloading: {done}/{total} done", style="italic"), table)
+
+
+def preload_line(entry: PreloadEntry, done: int, total: int) -> str:
+    """One plain progress line for a log or CI (no terminal): an entry that just finished."""
+    r = entry.report
+    if r is None:
+        return f"[{done}/{total}] {clean(entry.name)}: {entry.state}"
+    cached = " (stored)" if entry.cached else ""
+    wall = f" in {r.resources.wall_seconds:.2f} s" if r.resources else ""
+    code = f" ({clean(r.error.code)})" if r.error else ""
+    return f"[{done}/{total}] {clean(entry.name)}: {r.outcome}{code}{cached}{wall}"
 
 
 def preload_summary(result: PreloadResult) -> None:
     """The summary table: model, outcome, size, wall time, peak RSS, error."""
     table = Table(title="preload summary", title_justify="left")
     for column in ("model", "outcome", "size", "wall s", "peak RSS", "error"):
-        table.add_column(
-            column, justify="right" if column in ("size", "wall s", "peak RSS") else "left"
-        )
+        right = column in ("size", "wall s", "peak RSS")
+        table.add_column(column, justify="right" if right else "left", overflow="fold")
     for e in result.entries:
         r = e.report
         res = r.resources if r else None
         table.add_row(
-            e.name,
+            safe(e.name),
             _entry_outcome(e),
             _size(r.model.bytes) if r and r.model else "",
             f"{res.wall_seconds:.2f}" if res else "",
             _size(res.peak_rss_bytes) if res else "",
-            r.error.code if r and r.error else "",
+            safe(r.error.code) if r and r.error else "",
         )
     console.print(table)
     for e in result.entries:
         if e.report and e.report.error and e.duplicate_of is None:
-            console.print(f"  [bold]{e.name}[/bold]: {e.report.error.message}", highlight=False)
+            line = Text("  ")
+            line.append(clean(e.name), style="bold")
+            line.append(f": {clean(e.report.error.message)}")
+            console.print(line)
     t = result.totals
     outcomes = ", ".join(f"{k} {v}" for k, v in t.by_outcome.items())
     console.print(
@@ -186,7 +248,7 @@ def preload_summary(result: PreloadResult) -> None:
 
 
 def calibration(results: Sequence[Calibration]) -> None:
-    """Measured cost and recommended limits per entry."""
+    """Measured cost and recommended limits per entry, and why each limit is what it is."""
     table = Table(title="calibration (recommended = measured x margins)", title_justify="left")
     for column in (
         "model",
@@ -198,12 +260,13 @@ def calibration(results: Sequence[Calibration]) -> None:
         "→ cpu s",
         "→ deadline s",
     ):
-        table.add_column(column, justify="left" if column in ("model", "outcome") else "right")
+        left = column in ("model", "outcome")
+        table.add_column(column, justify="left" if left else "right", overflow="fold")
     for c in results:
         res, lim = c.report.resources, c.recommended
         table.add_row(
-            c.name,
-            _entry_outcome_of(c.report),
+            safe(c.name),
+            _outcome(c.report.outcome),
             f"{res.wall_seconds:.3f}" if res else "",
             f"{res.cpu_user_seconds + res.cpu_system_seconds:.3f}" if res else "",
             _size(res.peak_rss_bytes) if res else "",
@@ -212,31 +275,31 @@ def calibration(results: Sequence[Calibration]) -> None:
             f"{lim.timeout_seconds:g}" if lim else "",
         )
     console.print(table)
-
-
-def _entry_outcome_of(report: LoadReport) -> str:
-    style = "green" if report.outcome is Outcome.OK else "red"
-    return f"[{style}]{report.outcome}[/{style}]"
+    for c in results:
+        for reason in c.reasons:
+            line = Text("  ")
+            line.append(clean(c.name), style="bold")
+            line.append(f": {clean(reason)}")
+            console.print(line)
 
 
 def dead_letters(letters: Sequence[DeadLetter]) -> None:
+    """One block per dead letter, ids and sources in full (no column ever cuts them)."""
     if not letters:
         console.print("no dead letters")
         return
-    table = Table(title="dead letters (newest first)", title_justify="left")
-    for column in ("id", "job", "outcome", "attempts", "source", "error"):
-        table.add_column(column)
+    console.print(Text("dead letters (newest first)", style="bold"))
     for d in letters:
         r = d.report
-        table.add_row(
-            d.id,
-            d.job_id,
-            str(r.outcome),
-            str(len(r.attempts)),
-            r.source,
-            r.error.code if r.error else "",
-        )
-    console.print(table)
+        code = f" ({r.error.code})" if r.error else ""
+        head = Text(clean(d.id), style="bold")
+        head.append(f"  job {clean(d.job_id)}  ")
+        head.append(clean(f"{r.outcome}{code}"), style="red")
+        head.append(f"  {len(r.attempts)} attempt(s)  at {clean(d.at)}")
+        console.print(head, soft_wrap=True)
+        console.print(Text(f"  source: {clean(r.source)}"), soft_wrap=True)
+        if r.error:
+            console.print(Text(f"  error: {clean(r.error.message)}"), soft_wrap=True)
 
 
 _BLOCKS = " ▁▂▃▄▅▆▇█"
@@ -255,7 +318,10 @@ def resource_chart(r: LoadReport) -> None:
     series = r.resources.series if r.resources else []
     if len(series) < 2:
         console.print(
-            "[dim]no samples to chart (the load was shorter than one sampling interval)[/dim]"
+            Text(
+                "no samples to chart (the load was shorter than one sampling interval)",
+                style="dim",
+            )
         )
         return
     rss = [s.rss_bytes for s in series]
@@ -264,8 +330,11 @@ def resource_chart(r: LoadReport) -> None:
         for a, b in itertools.pairwise(series)
     ]
     span = series[-1].t_s
-    console.print(f"memory  {sparkline(rss)}  peak {_size(max(rss))}")
-    console.print(f"cpu     {sparkline(busy)}  peak {max(busy) * 100:.0f}% of a core")
+    # The samples see RSS every interval; the kernel's high-water mark (the report's
+    # peak RSS) also sees what happened between two samples, so it can only be higher.
+    console.print(f"memory  {sparkline(rss)}  highest sample {_size(max(rss))}")
+    console.print(f"cpu     {sparkline(busy)}  highest {max(busy) * 100:.0f}% of a core")
     console.print(
-        f"        0 s{' ' * max(1, len(series) - 8)}{span:.1f} s  ({len(series)} samples)"
+        f"        0 s{' ' * max(1, len(series) - 8)}{span:.1f} s  ({len(series)} samples; "
+        "peak RSS above is the kernel's high-water mark, which sees between samples)"
     )

@@ -138,6 +138,8 @@ class WorkerRunner:
         self.started = asyncio.Event()
         self.worker: Worker | None = None
         self._stop_requested = False
+        #: Jobs a shutdown stopped before they ended: left queued for another worker.
+        self.requeued: list[str] = []
         self._draining: asyncio.Task[None] | None = None
         self.probes: Probes | None = None
         self.redis: aioredis.Redis | None = None
@@ -181,12 +183,7 @@ class WorkerRunner:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self.stop)
             try:
-                log.info(
-                    "worker_started",
-                    worker=sup.info.id,
-                    queue=self.settings.queue_name,
-                    concurrency=self.settings.concurrency,
-                )
+                log.info("worker_started", **self._started_fields(sup))
                 self.started.set()
                 await self._run_arq(sup, book)
             finally:
@@ -200,7 +197,29 @@ class WorkerRunner:
                 if self.probes is not None:
                     await self.probes.close()
                 await redis.aclose()
-                log.info("worker_stopped", worker=sup.info.id)
+                log.info("worker_stopped", worker=sup.info.id, requeued=self.requeued)
+
+    def _started_fields(self, sup: Supervisor) -> dict[str, Any]:
+        """What an operator needs to know this worker runs with, in its first line."""
+        s = self.settings
+        roots = s.sources.allow_roots
+        return {
+            "worker": sup.info.id,
+            "queue": s.queue_name,
+            "concurrency": s.concurrency,
+            "allow_roots": [str(r) for r in roots] if roots else "working directory",
+            "allow_hosts": list(s.sources.allow_hosts),
+            "metrics_port": s.metrics_port,
+            "memory_budget_bytes": sup.admission.budget_bytes,
+            "cgroups": sup.cgroups.mechanism if sup.cgroups else sup.cgroups_note,
+            "landlock_abi": sup.landlock_abi,
+            "address_space_limit": s.use_address_space_limit,
+        }
+
+    def _running_ids(self) -> list[str]:
+        """Jobs this worker holds now: picked by arq, whether or not a load has begun."""
+        tasks = self.worker.tasks if self.worker is not None else {}
+        return sorted(job_id for job_id, task in tasks.items() if not task.done())
 
     async def _run_arq(self, sup: Supervisor, book: JobBook) -> None:
         delay = 0.5
@@ -251,7 +270,9 @@ class WorkerRunner:
             self._stop_now()
             return
         self._stop_requested = True
-        log.info("worker_stopping", grace_s=self.settings.drain_grace_s)
+        log.info(
+            "worker_stopping", grace_s=self.settings.drain_grace_s, running=self._running_ids()
+        )
         # Shutting down: a Redis outage now ends the wait instead of being ridden through.
         for client in (self.redis, self.worker.pool if self.worker else None):
             if client is not None:
@@ -267,6 +288,11 @@ class WorkerRunner:
         self._stop_now()
 
     def _stop_now(self) -> None:
+        running = self._running_ids()
+        if running:
+            # Their children are killed and the jobs left queued (not counted as attempts).
+            self.requeued = sorted({*self.requeued, *running})
+            log.warning("jobs_requeued", job_ids=running, reason="shutdown")
         if self.worker is not None and self.worker.main_task is not None:
             self.worker.handle_sig(signal.SIGTERM)  # cancels running jobs, then arq's main task
 

@@ -7,10 +7,12 @@ from loadwarden.worker.autoscale import AutoscaleDecision, AutoscaleInput, decid
 
 
 def service_rate(served_jobs: float, served_seconds: float, concurrency: int) -> float | None:
-    """Jobs per second one worker completes, from the last hour's loads: its slots / mean load time.
+    """Jobs per second one worker completes, from the last hour's jobs: its slots / mean job time.
 
-    Measured from busy time (each finished load's wall seconds), so idle workers do not
-    dilute it; None when nothing has been measured yet (the default rate applies).
+    Measured from busy time: every second a worker held a job (queue bookkeeping, header
+    inspection, waiting for memory, the load, and runs that ended in a retry), so idle
+    workers do not dilute it and slow inspection is not missed; None when nothing has
+    been measured yet (the default rate applies).
     """
     if served_jobs <= 0 or served_seconds <= 0:
         return None

@@ -1,4 +1,9 @@
-"""Each worker's heartbeat in Redis: identity, concurrency, memory budget, jobs in flight."""
+"""Each worker's heartbeat in Redis: identity, concurrency, memory budget, jobs in flight.
+
+Written every INTERVAL_S, and at once whenever a job starts, changes phase
+(inspecting, waiting for memory, loading) or ends, so ``loadwarden status``
+shows what runs now, short loads included.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ from loadwarden.worker.supervisor import Supervisor
 KEY_PREFIX = WORKER_KEY_PREFIX
 #: Renewed this often; a worker missing for TTL_S is not alive.
 INTERVAL_S = 5.0
+#: After a change is published, further changes wait this long: a burst of tiny jobs
+#: costs one write per 50 ms at most, and status is still current to a human eye.
+MIN_GAP_S = 0.05
 TTL_S = 15
 
 log = structlog.get_logger("loadwarden.heartbeat")
@@ -40,6 +48,7 @@ def worker_status(supervisor: Supervisor, settings: Settings, started_at: dateti
         running=admission.running,
         waiting=admission.waiting,
         in_flight=sorted(supervisor.in_flight),
+        jobs=sorted(supervisor.in_flight.values(), key=lambda j: j.since),
         cgroups=supervisor.cgroups.mechanism if supervisor.cgroups else "none",
         landlock_abi=supervisor.landlock_abi,
         started_at=started_at,
@@ -55,16 +64,23 @@ async def beat(redis: Redis, supervisor: Supervisor, settings: Settings) -> None
         while True:
             status = worker_status(supervisor, settings, started_at)
             try:
-                async with redis.pipeline(transaction=False) as pipe:
-                    pipe.set(key, status.model_dump_json(), ex=TTL_S)
-                    pipe.zadd(
-                        WORKERS_ZSET, {supervisor.info.id: int(time.time() * 1000) + TTL_S * 1000}
-                    )
-                    await pipe.execute()
+                # Finished even when cancelled mid-write (a change and a shutdown often come
+                # together): a pipeline cut off there would be left holding its connection.
+                await finish_despite_cancel(_write(redis, supervisor.info.id, status))
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat_failed", error=str(exc))
-            await asyncio.sleep(INTERVAL_S)
+            await asyncio.sleep(MIN_GAP_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(supervisor.changed.wait(), INTERVAL_S - MIN_GAP_S)
+            supervisor.changed.clear()
     finally:
         with contextlib.suppress(RedisError, OSError):  # else it expires on its own
             await finish_despite_cancel(redis.delete(key))
             await finish_despite_cancel(redis.zrem(WORKERS_ZSET, supervisor.info.id))
+
+
+async def _write(redis: Redis, worker_id: str, status: WorkerStatus) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(KEY_PREFIX + worker_id, status.model_dump_json(), ex=TTL_S)
+        pipe.zadd(WORKERS_ZSET, {worker_id: int(time.time() * 1000) + TTL_S * 1000})
+        await pipe.execute()

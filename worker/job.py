@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -148,6 +149,9 @@ async def _job(ctx: dict[str, Any], request: Any, extra: dict[str, Any]) -> Load
     book: JobBook = ctx["book"]
     settings: Settings = ctx["settings"]
     job_id: str = ctx["job_id"]
+    # The autoscaler's service time: all of this run (bookkeeping, inspection, waiting for
+    # memory, the load), not only the child's wall time.
+    started = time.monotonic()
     enqueued_at: datetime | None = ctx.get("enqueue_time")
     parsed = _parse(request, extra)
     if isinstance(parsed, LoadError):
@@ -156,10 +160,14 @@ async def _job(ctx: dict[str, Any], request: Any, extra: dict[str, Any]) -> Load
     number = len(previous) + 1
     final = await _refuse_early(sup, book, parsed, job_id, number, enqueued_at)
     if final is None:
-        final = await _attempt(sup, book, settings, parsed, job_id, previous, enqueued_at)
+        try:
+            final = await _attempt(sup, book, settings, parsed, job_id, previous, enqueued_at)
+        except Retry:
+            await book.add_busy(time.monotonic() - started)
+            raise
     final = final.model_copy(update={"attempts": previous + final.attempts})
     try:
-        await book.finish(job_id, parsed, final)
+        await book.finish(job_id, parsed, final, busy_s=time.monotonic() - started)
     except TRANSIENT_REDIS_ERRORS:
         raise
     except Exception as exc:  # the report is what matters: it still goes back through arq

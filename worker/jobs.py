@@ -155,15 +155,36 @@ class JobBook:
             with contextlib.suppress(RedisError, OSError):  # else it lapses by itself
                 await finish_despite_cancel(self.redis.zrem(RUNNING_ZSET, job_id))
 
-    async def finish(self, job_id: str, request: LoadRequest | None, report: LoadReport) -> None:
-        """The job ended for good: drop its bookkeeping; dead-letter it unless ok or cancelled."""
+    async def add_busy(self, seconds: float) -> None:
+        """Count a run that ended in a retry toward the service time (its job is not done)."""
+        bucket = SERVICE_KEY_PREFIX + str(_now_ms() // 60_000)
+        with contextlib.suppress(RedisError, OSError):  # a lost figure only skews the rate
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hincrbyfloat(bucket, "seconds", seconds)
+                pipe.expire(bucket, (SERVICE_WINDOW_MINUTES + 5) * 60)
+                await pipe.execute()
+
+    async def finish(
+        self,
+        job_id: str,
+        request: LoadRequest | None,
+        report: LoadReport,
+        *,
+        busy_s: float | None = None,
+    ) -> None:
+        """The job ended for good: drop its bookkeeping; dead-letter it unless ok or cancelled.
+
+        ``busy_s`` is how long the worker held this last run (None: the report's own
+        attempt spans); it counts toward the autoscaler's service time.
+        """
         now = _now_ms()
+        if busy_s is None:
+            busy_s = sum((a.finished_at - a.started_at).total_seconds() for a in report.attempts)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(ATTEMPTS_KEY_PREFIX + job_id, CANCEL_KEY_PREFIX + job_id)
             bucket = SERVICE_KEY_PREFIX + str(now // 60_000)
             pipe.hincrby(bucket, "jobs", 1)
-            if report.resources is not None:
-                pipe.hincrbyfloat(bucket, "seconds", report.resources.wall_seconds)
+            pipe.hincrbyfloat(bucket, "seconds", busy_s)
             pipe.hincrby(bucket, SERVICE_OUTCOME_FIELD_PREFIX + str(report.outcome), 1)
             pipe.expire(bucket, (SERVICE_WINDOW_MINUTES + 5) * 60)
             pipe.xadd(

@@ -49,7 +49,9 @@ def _pick(
     derived: float, source: Derivation, override: float | None, floor: float, ceiling: float
 ) -> tuple[float, Derivation]:
     if override is not None:
-        return min(override, ceiling), Derivation.OVERRIDE
+        if override > ceiling:
+            return ceiling, Derivation.OVERRIDE_CLAMPED
+        return override, Derivation.OVERRIDE
     value = _clamp(derived, floor, ceiling)
     # A value held at a configured floor or ceiling comes from configuration, not the model.
     return value, source if value == derived else Derivation.DEFAULT
@@ -109,3 +111,36 @@ def derive_limits(
             memory_bytes=memory_from, cpu_seconds=cpu_from, timeout_seconds=timeout_from
         ),
     )
+
+
+def expected_memory_bytes(
+    tensor_bytes: int, policy: LimitPolicy, history: HistoryStats | None = None
+) -> int:
+    """What a healthy load of this model holds at its peak: the memory limit without its slack.
+
+    The baseline plus the loader's copy of the tensors, or the model's own p95 peak
+    once it has enough history; the limit adds headroom on top of this.
+    """
+    expected = policy.baseline_memory_bytes + tensor_bytes * policy.loader_memory_factor
+    if history is not None and history.samples >= policy.history_min_samples:
+        expected = max(expected, history.peak_rss_p95_bytes)
+    return int(expected)
+
+
+def near_thresholds(limits: Limits, expected_memory: int, fraction: float) -> dict[str, float]:
+    """Where each limit counts as *near*: the values at which a load_threshold_crossed warns.
+
+    Memory: a healthy load is expected to sit at ``expected_memory``, its limit being that
+    plus headroom, so "near" means having used ``fraction`` of the headroom, not of the
+    limit (at 0.8 of the limit, every healthy multi-GiB load would warn: it holds 0.9).
+    CPU and deadline carry no such expectation: ``fraction`` of the limit.
+    """
+    headroom = limits.memory_bytes - expected_memory
+    memory = (
+        expected_memory + fraction * headroom if headroom > 0 else fraction * limits.memory_bytes
+    )
+    return {
+        "memory": memory,
+        "cpu": fraction * limits.cpu_seconds,
+        "deadline": fraction * limits.timeout_seconds,
+    }

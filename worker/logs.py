@@ -8,7 +8,16 @@ from typing import TextIO
 
 import structlog
 
+from loadwarden.worker._text import clean
+
 _configured = False
+
+
+def _escape_strings(
+    _logger: object, _name: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """Show control characters in string values as escapes (the console renderer prints raw)."""
+    return {k: clean(v) if isinstance(v, str) and k != "exception" else v for k, v in event.items()}
 
 
 def configure_logging(
@@ -21,8 +30,12 @@ def configure_logging(
     global _configured
     out = stream or sys.stderr
     use_json = (not out.isatty()) if json is None else json
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    # JSON escapes control characters itself; on a terminal, a source or an error message
+    # holding ANSI/OSC escapes would otherwise reach the operator's terminal raw.
+    tail: list[structlog.typing.Processor] = (
+        [structlog.processors.JSONRenderer()]
+        if use_json
+        else [_escape_strings, structlog.dev.ConsoleRenderer()]
     )
     structlog.configure(
         processors=[
@@ -30,7 +43,7 @@ def configure_logging(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            renderer,
+            *tail,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]

@@ -1,14 +1,14 @@
 """Sample a running load child with psutil: cheap figures only, at a fixed interval.
 
 Each sample is checked against the load's limits: the first time a figure
-crosses ``threshold_fraction`` of its limit, one ``load_threshold_crossed``
-event is logged (and counted) for that limit.
+crosses its *near* threshold (``limits.near_thresholds``), one
+``load_threshold_crossed`` event is logged (and counted) for that limit.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import psutil
@@ -53,14 +53,14 @@ class Monitor:
         log: structlog.typing.FilteringBoundLogger,
         *,
         limits: Limits | None = None,
-        threshold_fraction: float = 0.8,
+        thresholds: Mapping[str, float] | None = None,
         on_threshold: Callable[[str], object] | None = None,
     ) -> None:
         self.pid = pid
         self.interval_s = interval_s
         self.usage = Usage()
         self.limits = limits
-        self.threshold_fraction = threshold_fraction
+        self.thresholds = dict(thresholds or {})
         self.on_threshold = on_threshold
         self._log = log
         self._process: psutil.Process | None = None
@@ -103,14 +103,15 @@ class Monitor:
     def _check(self, elapsed_s: float) -> None:
         if self.limits is None:
             return
-        u, lim, f = self.usage, self.limits, self.threshold_fraction
+        u, lim = self.usage, self.limits
         figures = {
             "memory": (u.rss_bytes, lim.memory_bytes),
             "cpu": (u.cpu_user_s + u.cpu_system_s, lim.cpu_seconds),
             "deadline": (elapsed_s, lim.timeout_seconds),
         }
         for name, (value, limit) in figures.items():
-            if name not in u.crossed and value >= f * limit:
+            near = self.thresholds.get(name)
+            if near is not None and name not in u.crossed and value >= near:
                 u.crossed.add(name)
                 self._log.warning(
                     "load_threshold_crossed",
@@ -118,7 +119,7 @@ class Monitor:
                     limit=name,
                     value=value,
                     limit_value=limit,
-                    fraction=f,
+                    threshold=round(near, 3),
                 )
                 if self.on_threshold is not None:
                     self.on_threshold(name)

@@ -22,7 +22,9 @@ from structlog.typing import FilteringBoundLogger
 
 from loadwarden.producer.contract import (
     Attempt,
+    Derivation,
     ErrorInfo,
+    JobPhase,
     Limits,
     LoadReport,
     LoadRequest,
@@ -30,6 +32,7 @@ from loadwarden.producer.contract import (
     ModelSummary,
     Outcome,
     Resources,
+    RunningJob,
     WorkerInfo,
 )
 from loadwarden.producer.errors import (
@@ -50,7 +53,13 @@ from loadwarden.worker._outcome import Loaded, Raised, classify
 from loadwarden.worker.admission import Admission, detect_memory_bytes
 from loadwarden.worker.formats import LOADERS
 from loadwarden.worker.history import History, model_identity
-from loadwarden.worker.limits import HistoryStats, derive_limits
+from loadwarden.worker.limits import (
+    HistoryStats,
+    derive_limits,
+    expected_memory_bytes,
+    near_thresholds,
+)
+from loadwarden.worker.logs import configure_logging
 from loadwarden.worker.metrics import Metrics
 from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox._protocol import manifest_digest
@@ -118,11 +127,17 @@ class Supervisor:
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = s = settings or Settings()
+        if not structlog.is_configured():
+            # Used as a library with no logging set up: structlog's default prints every
+            # level to stdout; ours is info and above, to stderr (as the CLI does).
+            configure_logging("info")
         self.forkserver = forkserver or ForkServer(preload=preload)
         self.loaders = {**DEFAULT_LOADERS, **(loaders or {})}
         self.history = history
-        #: Job id -> source of every load running now (the heartbeat publishes them).
-        self.in_flight: dict[str, str] = {}
+        #: Every job held now, with its phase (the heartbeat publishes them).
+        self.in_flight: dict[str, RunningJob] = {}
+        #: Set whenever ``in_flight`` changes, so the heartbeat can publish it at once.
+        self.changed = asyncio.Event()
         container = s.container_memory_bytes or detect_memory_bytes()
         budget = s.memory_budget_bytes or max(0, container - s.memory_reserve_bytes)
         self.admission = Admission(budget)
@@ -209,9 +224,10 @@ class Supervisor:
         started_at = _now()
         state = _Loaded()
         error: LoadError | None = None
-        self.in_flight[job_id] = request.source
+        phase = self._phase_setter(job_id, request.source)
+        phase(JobPhase.INSPECTING)
         try:
-            error = await self._load(request, state, log, cancel)
+            error = await self._load(request, state, log, cancel, phase)
         except LoadError as exc:
             error = exc
         except SandboxError as exc:  # the machinery failed, not the file: worth a retry
@@ -222,6 +238,7 @@ class Supervisor:
             log.error("load_stage_failed", stage=state.stage, error=describe(exc))
         finally:
             self.in_flight.pop(job_id, None)
+            self.changed.set()
         report = self._report(
             request.source,
             dict(request.labels),
@@ -235,12 +252,22 @@ class Supervisor:
         self._log_finished(log, report)
         return report
 
+    def _phase_setter(self, job_id: str, source: str) -> Callable[[JobPhase], None]:
+        def enter(phase: JobPhase) -> None:
+            self.in_flight[job_id] = RunningJob(
+                job_id=job_id, source=source, phase=phase, since=_now()
+            )
+            self.changed.set()
+
+        return enter
+
     async def _load(
         self,
         request: LoadRequest,
         state: _Loaded,
         log: FilteringBoundLogger,
         cancel: asyncio.Event | None,
+        phase: Callable[[JobPhase], None],
     ) -> LoadError | None:
         opened = await open_model(
             request.source,
@@ -259,8 +286,11 @@ class Supervisor:
             state.limits = limits = derive_limits(
                 summary.bytes, request.limits, self.settings.limits, history
             )
+            _warn_clamped(log, request, limits)
             state.stage = "admit"
+            phase(JobPhase.WAITING)
             async with self.admission.reserve(limits.memory_bytes):
+                phase(JobPhase.LOADING)
                 if cancel is not None and cancel.is_set():
                     raise LoadCancelled("cancelled before the load began", code="cancelled")
                 state.stage = "child"
@@ -273,7 +303,11 @@ class Supervisor:
                     sample_interval_s=self.settings.sample_interval_s,
                     log=log,
                     cancel=cancel,
-                    threshold_fraction=self.settings.threshold_fraction,
+                    thresholds=near_thresholds(
+                        limits,
+                        expected_memory_bytes(summary.bytes, self.settings.limits, history),
+                        self.settings.threshold_fraction,
+                    ),
                     on_threshold=lambda limit: self.metrics.thresholds.labels(limit=limit).inc(),
                 )
         state.stage = "classify"
@@ -423,7 +457,7 @@ class Supervisor:
                     finished_at=finished_at,
                 )
             ],
-            model=summary,
+            model=summary.capped(self.settings.report_max_tensors) if summary else None,
             limits=state.limits,
             resources=_resources(run),
             confinement=run.confinement if run else [],
@@ -448,6 +482,18 @@ class Supervisor:
             read_bytes=res.read_bytes if res else 0,
             model_bytes=report.model.bytes if report.model else None,
         )
+
+
+def _warn_clamped(log: FilteringBoundLogger, request: LoadRequest, limits: Limits) -> None:
+    """A request that asked for more than the worker allows is told so, not silently trimmed."""
+    asked = request.limits
+    for name, wanted, got in (
+        ("memory_bytes", asked.memory_bytes, limits.memory_bytes),
+        ("cpu_seconds", asked.cpu_seconds, limits.cpu_seconds),
+        ("timeout_seconds", asked.timeout_seconds, limits.timeout_seconds),
+    ):
+        if getattr(limits.derivation, name) is Derivation.OVERRIDE_CLAMPED:
+            log.warning("limit_override_clamped", limit=name, requested=wanted, ceiling=got)
 
 
 def _traceback(run: ChildRun | None) -> str | None:

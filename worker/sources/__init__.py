@@ -8,7 +8,10 @@ with a stable ``code``::
 
     SourceRefused        policy says no (outcome ``refused``)
         outside_root         the path, a ``..`` or a symlink leads out of every allowed root
-        special_path         under /proc, /sys or /dev, whatever the roots say
+        special_path         under /proc, /sys or /dev, or on a kernel pseudo-filesystem
+                             (proc, sysfs, cgroup, debugfs, ...: fstatfs f_type), whatever
+                             the roots say
+        hard_link            a file with more than one link, when ``refuse_hard_links``
         not_regular_file     a directory, FIFO, socket or device (checked before any open)
         symlink_loop         more than 40 symlinks on the way
         bad_path             a path with a NUL byte
@@ -86,7 +89,7 @@ async def open_source(
         raise ValueError(f"expected_sha256 {expected_sha256!r} is not 64 lower-case hex digits")
     scheme = _SCHEME.match(source)
     if scheme is None:
-        return open_local(source, policy.allow_roots)
+        return open_local(source, policy.allow_roots, refuse_hard_links=policy.refuse_hard_links)
     if scheme[1].lower() not in ("http", "https"):
         raise SourceRefused(f"{scheme[1]}:// is not a supported source", code="unsupported_scheme")
     # httpx is imported on the first URL: workers that only load local files stay lean.
@@ -114,7 +117,11 @@ async def open_model(
     if source.startswith(HF_SCHEME):
         return await _off_loop(lambda: open_hf(source, policy, checks))
     if _SCHEME.match(source) is None:
-        return await _off_loop(lambda: open_local_model(source, policy.allow_roots, checks))
+        return await _off_loop(
+            lambda: open_local_model(
+                source, policy.allow_roots, checks, refuse_hard_links=policy.refuse_hard_links
+            )
+        )
     return OpenedModel.single(
         await open_source(source, expected_sha256=expected_sha256, policy=policy)
     )

@@ -144,14 +144,25 @@ async def _resolve(host: str, port: int, policy: SourcePolicy) -> list[str]:
     return addresses
 
 
-def _check_address(host: str, address: str, networks: list[_Network]) -> None:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    # `in` does not compare versions: an IPv4 address would "match" some IPv6 networks.
-    if any(ip.version == net.version and ip in net for net in networks):
-        return
-    public = ip.is_global and not (
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries and may be routed to (mapped, 6to4, Teredo, NAT64)."""
+    found = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+    if ip in _NAT64:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return [v4 for v4 in found if v4 is not None]
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    # fec0::/10 (site-local, deprecated but routable inside a site) is not global;
+    # 2002::/16 embedding 127.0.0.1 is loopback in disguise.
+    if isinstance(ip, ipaddress.IPv6Address) and (
+        ip.is_site_local or not all(_is_public(v4) for v4 in _embedded_ipv4(ip))
+    ):
+        return False
+    return ip.is_global and not (
         ip.is_private
         or ip.is_loopback
         or ip.is_link_local
@@ -159,7 +170,16 @@ def _check_address(host: str, address: str, networks: list[_Network]) -> None:
         or ip.is_reserved
         or ip.is_unspecified
     )
-    if not public:
+
+
+def _check_address(host: str, address: str, networks: list[_Network]) -> None:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    # `in` does not compare versions: an IPv4 address would "match" some IPv6 networks.
+    if any(ip.version == net.version and ip in net for net in networks):
+        return
+    if not _is_public(ip):
         raise SourceRefused(
             f"{host!r} resolves to {address}, which is not a public address"
             " (allow it with sources.allow_networks)",

@@ -14,6 +14,7 @@ from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker._files import ModelFile, OpenedModel, Shard, _os_error, _refuse_special
 from loadwarden.worker.formats.index import INDEX_SUFFIX
 from loadwarden.worker.sources._checkpoint import folder_opener, open_folder, open_indexed
+from loadwarden.worker.sources._fstype import pseudo_filesystem
 
 #: Linux's own limit on symlinks followed while resolving one path (MAXSYMLINKS).
 MAX_SYMLINK_HOPS = 40
@@ -47,15 +48,33 @@ class Root:
         return None
 
 
-def open_local(source: str, roots: Sequence[Path]) -> ModelFile:
+def open_local(source: str, roots: Sequence[Path], *, refuse_hard_links: bool = False) -> ModelFile:
     """Open ``source`` if it names a regular file inside one of ``roots``.
 
     Empty ``roots`` means the current directory; a relative ``source`` is relative to
     the first root, an absolute one must start with a root (as configured or as its
-    real path). Raises ``SourceRefused`` or ``SourceUnavailable``.
+    real path). With ``refuse_hard_links`` a file with more than one link is refused:
+    a hard link into a root cannot be told from a file that belongs there by its path.
+    Raises ``SourceRefused`` or ``SourceUnavailable``.
     """
     root, parts = _locate(source, roots)
-    return open_under(root, parts, source)
+    opened = open_under(root, parts, source)
+    if refuse_hard_links:
+        _refuse_hard_links(OpenedModel.single(opened), source)
+    return opened
+
+
+def _refuse_hard_links(model: OpenedModel, source: str) -> None:
+    """Close ``model`` and refuse it if any of its files has more than one link."""
+    for shard in model.files:
+        links = os.fstat(shard.file.fd).st_nlink
+        if links > 1:
+            model.close()
+            raise SourceRefused(
+                f"{shard.file.path!r} (of {source!r}) has {links} hard links: one may lead in"
+                " from outside the allowed roots (sources.refuse_hard_links)",
+                code="hard_link",
+            )
 
 
 def _locate(source: str, roots: Sequence[Path]) -> tuple[Root, tuple[str, ...]]:
@@ -76,9 +95,19 @@ def _locate(source: str, roots: Sequence[Path]) -> tuple[Root, tuple[str, ...]]:
     raise SourceRefused(f"{source!r} is outside the allowed roots", code="outside_root")
 
 
-def open_local_model(source: str, roots: Sequence[Path], caps: InspectionCaps) -> OpenedModel:
+def open_local_model(
+    source: str, roots: Sequence[Path], caps: InspectionCaps, *, refuse_hard_links: bool = False
+) -> OpenedModel:
     """Open the model ``source`` names inside ``roots``: a file, a checkpoint's index, or a
-    folder holding a checkpoint (``_checkpoint``). Roots and paths as in ``open_local``."""
+    folder holding a checkpoint (``_checkpoint``). Roots, paths and ``refuse_hard_links``
+    (checked on every shard) as in ``open_local``."""
+    model = _open_local_model(source, roots, caps)
+    if refuse_hard_links:
+        _refuse_hard_links(model, source)
+    return model
+
+
+def _open_local_model(source: str, roots: Sequence[Path], caps: InspectionCaps) -> OpenedModel:
     root, parts = _locate(source, roots)
     _refuse_special_tree(root.real, source)
     walk = _Walk(root, _open_root(root.real, source), source)
@@ -115,6 +144,7 @@ def open_under(root: Root, parts: Sequence[str], source: str) -> ModelFile:
     root_fd = _open_root(root.real, source)
     walk = _Walk(root, root_fd, source)
     try:
+        _refuse_pseudo_fs(root_fd, source)
         return walk.run(list(parts))
     finally:
         walk.close()
@@ -220,6 +250,7 @@ class _Walk:
         fd = self._open(name, _DIR_FLAGS)
         self.stack.append((name, fd))
         _same_file(fd, st, self.source)
+        _refuse_pseudo_fs(fd, self.source)
 
     def _open_file(self, name: str, st: os.stat_result) -> ModelFile:
         path = self._path(name)
@@ -227,6 +258,7 @@ class _Walk:
         _refuse_special(self.source, st.st_mode)
         fd = self._open(name, _FILE_FLAGS)
         try:
+            _refuse_pseudo_fs(fd, self.source)
             return ModelFile.adopt(path, fd, _same_file(fd, st, self.source))
         except BaseException:
             os.close(fd)
@@ -271,6 +303,17 @@ def _refuse_special_tree(path: str, source: str) -> None:
             raise SourceRefused(
                 f"{source!r} is under {tree}, which never holds model files", code="special_path"
             )
+
+
+def _refuse_pseudo_fs(fd: int, source: str) -> None:
+    # The real guard (the path check above is only an early, cheap one): a bind mount of
+    # /proc, or a root that is itself on sysfs, has an innocent path but a telling f_type.
+    kind = pseudo_filesystem(fd)
+    if kind is not None:
+        raise SourceRefused(
+            f"{source!r} is on a {kind} filesystem, which never holds model files",
+            code="special_path",
+        )
 
 
 def _parts(path: str) -> tuple[str, ...]:

@@ -1,0 +1,179 @@
+"""What every ``loadwarden`` command shares: the app, its options, settings and exits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from loadwarden.producer.client import Client
+from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest, Outcome
+from loadwarden.producer.errors import ClientError, ContractError
+from loadwarden.producer.settings import Settings
+from loadwarden.worker import _render
+from loadwarden.worker._files import resolved
+from loadwarden.worker._text import clean
+
+EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
+#: How long `enqueue --wait` and `report --wait` wait unless told (--timeout-s; 0: no limit):
+#: ten minutes is the derived deadline of a 30 GB model at the slowest acceptable bandwidth,
+#: and a wait that nothing will ever answer (no worker) ends with a message, not silence.
+DEFAULT_WAIT_S = 600.0
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="loadwarden",
+    help="Load ML model files in sandboxed, resource-limited child processes, from a Redis queue "
+    "or right here.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    # Help texts name TOML tables like [[model]]: rich markup would swallow them.
+    rich_markup_mode=None,
+)
+
+RedisOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--redis", envvar="LOADWARDEN_REDIS_URL", help="Redis URL, e.g. redis://127.0.0.1:6379/0."
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
+LogOpt = Annotated[
+    str, typer.Option("--log-level", help="debug, info, warning or error (logs go to stderr).")
+]
+WaitOpt = Annotated[
+    float,
+    typer.Option(
+        "--timeout-s",
+        min=0,
+        help=f"With --wait: give up after this many seconds (0: wait as long as it takes; "
+        f"default {DEFAULT_WAIT_S:g}).",
+    ),
+]
+LeftoversOpt = Annotated[
+    bool,
+    typer.Option(
+        "--drop-leftovers",
+        help="Embedded mode: drop, unrun, the jobs an earlier run left queued in the state "
+        "folder (by default they are named and run first).",
+    ),
+]
+Sha256Opt = Annotated[
+    str | None,
+    typer.Option("--sha256", help="Expected sha256 of the file; a mismatch is 'invalid'."),
+]
+MemoryOpt = Annotated[
+    int | None, typer.Option("--memory-bytes", help="Memory limit override.", min=1)
+]
+CpuOpt = Annotated[float | None, typer.Option("--cpu-s", help="CPU-time limit override.")]
+
+
+def settings_from(redis: str | None = None, **overrides: Any) -> Settings:
+    """The settings (environment first), with what the command line gave on top."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if redis:
+        values["redis_url"] = redis
+    try:
+        return Settings(**values)
+    except Exception as exc:  # pydantic's ValidationError or a bad environment variable
+        raise typer.BadParameter(str(exc)) from None
+
+
+def with_roots(settings: Settings, *roots: Path) -> Settings:
+    """Settings whose local sources may come only from ``roots``."""
+    policy = settings.sources.model_copy(update={"allow_roots": tuple(roots)})
+    return settings.model_copy(update={"sources": policy})
+
+
+def note_embedded(roots: tuple[Path, ...]) -> None:
+    where = ", ".join(str(r) for r in roots) or "no local folder"
+    typer.echo(
+        f"loadwarden: no Redis configured (--redis / LOADWARDEN_REDIS_URL); running embedded: "
+        f"private server + in-process worker reading {clean(where)}",
+        err=True,
+    )
+
+
+def notice(text: str) -> None:
+    typer.echo(f"loadwarden: {clean(text)}", err=True)
+
+
+def source_arg(value: str) -> str:
+    """Local paths are made absolute here: a worker resolves relative ones against its own cwd."""
+    return value if "://" in value else os.path.abspath(value)
+
+
+def named_root(source: str) -> tuple[Path, ...]:
+    """The allowed root of a source named on this command line: the folder holding it
+    (a checkpoint folder's parent), or none for a URL or hf:// (the hub cache is its own)."""
+    return () if "://" in source else (resolved(source).parent,)
+
+
+def emit_report(report: LoadReport, as_json: bool) -> None:
+    if as_json:
+        typer.echo(report.model_dump_json())
+    else:
+        _render.report(report)
+    raise typer.Exit(EXIT_OK if report.outcome is Outcome.OK else EXIT_OUTCOME)
+
+
+def ask(redis: str | None, as_json: bool, query: Callable[[Client], Awaitable[T]]) -> T:
+    """Run one query with a client; a failure to get an answer exits 3 with a clear message."""
+
+    async def go() -> T:
+        async with Client(settings=settings_from(redis)) as client:
+            return await query(client)
+
+    try:
+        return asyncio.run(go())
+    except (ClientError, ContractError) as exc:
+        raise no_answer(exc, as_json) from None
+
+
+def no_answer(exc: Exception, as_json: bool) -> typer.Exit:
+    if as_json:
+        typer.echo(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}))
+    else:
+        typer.echo(f"loadwarden: {clean(exc)}", err=True)
+    return typer.Exit(EXIT_NO_ANSWER)
+
+
+def catalog_defects(message: str, defects: list[str], as_json: bool) -> typer.Exit:
+    """An invalid catalog: every defect listed (JSON on stdout, or lines on stderr); exit 2."""
+    if as_json:
+        error = {"type": "CatalogError", "message": message, "defects": defects}
+        typer.echo(json.dumps({"error": error}))
+    else:
+        typer.echo(f"loadwarden: {clean(message)}", err=True)
+        for defect in defects:
+            typer.echo(f"  - {clean(defect)}", err=True)
+    return typer.Exit(EXIT_USAGE)
+
+
+def labels_from(values: list[str] | None) -> dict[str, str]:
+    """``--label KEY=VALUE`` options as a dict."""
+    labels = {}
+    for value in values or []:
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{value!r} is not KEY=VALUE", param_hint="--label")
+        labels[key] = text
+    return labels
+
+
+def load_request(
+    source: str, sha256: str | None, labels: dict[str, str], **limits: Any
+) -> LoadRequest:
+    """The request a command line names; a bad field is a usage error."""
+    try:
+        return LoadRequest(
+            source=source_arg(source), sha256=sha256, limits=LimitOverrides(**limits), labels=labels
+        )
+    except Exception as exc:  # pydantic's ValidationError: say which field and why
+        raise typer.BadParameter(str(exc)) from None
