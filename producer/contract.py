@@ -99,7 +99,11 @@ class LoadRequest(_Model):
     format: ModelFormat | None = None
     limits: LimitOverrides = LimitOverrides()
     retry: RetryPolicy = RetryPolicy()
-    labels: Annotated[dict[str, Annotated[str, Field(max_length=256)]], Field(max_length=64)] = {}
+    # Bounded so that a request, and so a job document, stays small (see envelope.MAX_JOB_BYTES).
+    labels: Annotated[
+        dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=256)]],
+        Field(max_length=64),
+    ] = {}
 
     @field_validator("sha256", mode="before")
     @classmethod

@@ -80,10 +80,28 @@ BAD_ENVELOPES: dict[str, Callable[[dict[str, object]], Plant]] = {
     "top_level_number": lambda q: b"1" * 5000,  # past sys.int_info's digit limit
     "nested_deeply": lambda q: b'{"t":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     "not_utf8": lambda q: b"\xff\xfe{}",
+    "oversized": lambda q: _good({**q, "labels": {"x": "y" * (2 << 20)}}),
     "job_key_is_a_hash": lambda q: _hash_job,
     "retry_key_not_a_number": lambda q: _retry_key("x"),
     "retry_key_is_a_list": lambda q: _retry_key(None, kind="list"),
 }
+
+
+def test_an_oversized_job_is_refused_before_it_is_parsed() -> None:
+    """A 60 MiB job document becomes a marker without being decoded: bounded time and memory."""
+    import tracemalloc
+
+    from loadwarden.worker.envelope import MAX_JOB_BYTES, job_deserializer
+
+    payload = _good({"source": "/m.safetensors", "labels": {"x": "[" * (60 << 20)}})
+    tracemalloc.start()
+    try:
+        document = job_deserializer(payload)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "exceeds" in document["k"]["request"]["__undecodable__"]
+    assert peak < MAX_JOB_BYTES, f"the refusal itself allocated {peak} bytes"
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ENVELOPES))

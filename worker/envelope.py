@@ -36,6 +36,11 @@ MAX_JOB_TRY = 1000
 MAX_ENQUEUE_MS = 253_402_300_799_999
 #: How much of a refused payload a dead letter keeps (enough to recognise it).
 PREVIEW_BYTES = 64
+#: Largest job document decoded. A LoadRequest is bounded by its own fields (a 4 KiB
+#: source, 64 labels of 128 + 256 characters, a few numbers): about 30 KiB at the very
+#: most. 1 MiB leaves room for growth while a planted 60 MiB payload, which cost the
+#: worker 1.9 GB and 6 s to parse, is refused before any parsing.
+MAX_JOB_BYTES = 1024 * 1024
 
 Millis = Annotated[int, Field(strict=True, ge=0, le=MAX_ENQUEUE_MS)]
 JobTry = Annotated[int, Field(strict=True, ge=0, le=MAX_JOB_TRY)]
@@ -85,6 +90,9 @@ def job_deserializer(data: bytes) -> dict[str, Any]:
     deep, an envelope with a field of the wrong type or range), arq gets a valid
     envelope whose job ends ``invalid`` with a report.
     """
+    if len(data) > MAX_JOB_BYTES:
+        reason = f"job document of {len(data)} bytes exceeds {MAX_JOB_BYTES}"
+        return _marker(f"{reason}; first bytes: {bytes(data[:PREVIEW_BYTES])!r}")
     try:
         document = wire.loads(data)
         Envelope.model_validate(document)
