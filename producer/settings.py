@@ -40,6 +40,12 @@ class InspectionCaps(BaseModel):
     # almost all one repeated byte, which is what a zip bomb is. Members under 1 MiB are
     # exempt, so small zero-initialised tensors (biases, LoRA B matrices) still load.
     max_compression_ratio: Annotated[float, Field(gt=1)] = 100.0
+    # The same ratio cap for a whole archive (all members inflated against the file's
+    # size), so that many exempt members cannot add up to a bomb (2000 x 1 MiB of zeros:
+    # a 2.4 MB file, 2.1 GB resident). Archives inflating to at most this much are
+    # exempt: 64 MiB costs no more than a 64 MiB safetensors file would, and covers
+    # every zero-initialised small model we know of.
+    archive_ratio_exempt_bytes: Annotated[int, Field(ge=0)] = 64 * MiB
     # llama.cpp's GGUF files carry 20-60 keys; 4096 leaves room for custom metadata.
     max_gguf_keys: Annotated[int, Field(gt=0)] = 4096
     # The longest GGUF strings are chat templates and licences: tens of KiB.

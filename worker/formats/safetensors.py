@@ -38,6 +38,9 @@ _UTF8_BOM = b"\xef\xbb\xbf"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # The Rust loader reads shapes and offsets as u64; this also keeps every number in a message short.
 _COUNT_LIMIT = 2**64
+# numpy's dimensions are intp: a zero-size tensor with a dimension of 2**63 passes the Rust
+# check (its element count is 0) and then fails in numpy.
+_DIM_LIMIT = 2**63
 # Values quoted from a hostile header are cut so a message stays readable and small.
 _SHOW_CHARS = 80
 
@@ -142,6 +145,7 @@ def _load_json(text: str) -> dict[str, Any]:
             object_pairs_hook=_unique_object,
             parse_constant=_reject_constant,
             parse_float=_finite_float,
+            parse_int=_serde_int,
         )
     except RecursionError as exc:
         raise _invalid("header_not_json", "header JSON is nested too deeply") from exc
@@ -184,6 +188,11 @@ def _json_type(value: object) -> str:
 
 def _reject_constant(name: str) -> Any:
     raise _invalid("non_finite_number", f"header holds the non-finite number {name}")
+
+
+def _serde_int(text: str) -> int | float:
+    # serde_json reads "-0" as the float -0.0, which no shape or offset (u64) accepts.
+    return -0.0 if text == "-0" else int(text)
 
 
 def _finite_float(text: str) -> float:
@@ -275,10 +284,10 @@ def _check_shape(name: str, shape: object, caps: InspectionCaps) -> list[int]:
             f"tensor {_show(name)} has rank {len(shape)}, over the cap of {caps.max_rank}",
         )
     for dim in shape:
-        if not _is_count(dim):
+        if not (_is_count(dim) and dim < _DIM_LIMIT):
             raise _invalid(
                 "bad_shape",
-                f"tensor {_show(name)}: dimension {_show(dim)} is not an integer in [0, 2**64)",
+                f"tensor {_show(name)}: dimension {_show(dim)} is not an integer in [0, 2**63)",
             )
     return shape
 

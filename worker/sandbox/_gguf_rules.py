@@ -93,6 +93,12 @@ def tensor_size(name: str, dims: list[int], type_id: int, max_total: int) -> tup
     for dim in dims:
         if dim >= 2**63:  # ggml's ne is int64_t
             raise GGUFError("bad_shape", f"tensor {show(name)}: dimension {dim} is not below 2**63")
+    if not dims and block > 1:  # ggml reads a rank-0 tensor as one element: no whole block
+        raise GGUFError(
+            "bad_shape",
+            f"tensor {show(name)}: {dtype} packs {block} values per block; a rank-0 tensor "
+            "holds one value",
+        )
     if dims and dims[0] % block:
         raise GGUFError(
             "bad_shape",
