@@ -26,7 +26,7 @@ from loadwarden.worker.sandbox.forkserver import (
 
 #: After its final message a child exits at once; wait this long before killing it.
 EXIT_GRACE_S = 1.0
-#: Processes a load may have at once (itself, the hashing helper, a little room).
+#: Processes a load may have at once (itself and a little room for what a loader forks).
 CHILD_PIDS_MAX = 16
 
 

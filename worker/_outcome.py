@@ -83,7 +83,6 @@ def parse_message(raw: dict[str, object]) -> ChildMessage:
 
 # Exceptions a loader raises, by class name, that say the file itself is at fault.
 _INVALID_BY_TYPE = {
-    "DigestMismatch": "sha256_mismatch",
     "ManifestMismatch": "manifest_mismatch",
     "FileChanged": "file_changed",
     "SafetensorError": "loader_rejected",

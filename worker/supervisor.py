@@ -11,7 +11,7 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -31,12 +31,20 @@ from loadwarden.producer.contract import (
     Resources,
     WorkerInfo,
 )
-from loadwarden.producer.errors import ChildCrashed, LoadCancelled, LoadError, MemoryExceeded
+from loadwarden.producer.errors import (
+    ChildCrashed,
+    LoadCancelled,
+    LoadError,
+    LoadTimeout,
+    MemoryExceeded,
+)
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _version
 from loadwarden.worker._child_run import ChildRun, run_child
+from loadwarden.worker._digest import check_digest, digest_file
 from loadwarden.worker._files import ModelFile
 from loadwarden.worker._outcome import Loaded, Raised, classify
+from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.admission import Admission, detect_memory_bytes
 from loadwarden.worker.formats import LOADERS, inspect_model
 from loadwarden.worker.history import History, model_identity
@@ -76,6 +84,8 @@ class _Loaded:
     summary: ModelSummary | None = None
     limits: Limits | None = None
     run: ChildRun | None = None
+    #: The file's sha256, computed here (never by the loader), when the request pins one.
+    sha256: str | None = None
 
 
 class Supervisor:
@@ -187,33 +197,63 @@ class Supervisor:
         log: FilteringBoundLogger,
         cancel: asyncio.Event | None,
     ) -> LoadError | None:
-        opened = await open_source(
-            request.source, expected_sha256=request.sha256, policy=self.settings.sources
+        loop = asyncio.get_running_loop()
+        budget_s = self.job_budget_s(request)
+        deadline = loop.time() + budget_s
+        opened = await _before_deadline(
+            open_source(
+                request.source, expected_sha256=request.sha256, policy=self.settings.sources
+            ),
+            "opening the source",
+            deadline,
+            budget_s,
+            cancel,
         )
         with opened as model_file:
-            state.summary = summary = await _in_thread(lambda: self._inspect(model_file, request))
+            state.summary = summary = await _before_deadline(
+                self._inspect_bounded(model_file, request, deadline),
+                "inspecting the model",
+                deadline,
+                budget_s,
+                cancel,
+            )
             # Once per load, off the event loop: it hashes the whole manifest.
             manifest = await _in_thread(lambda: _manifest_of(summary))
             identity = model_identity(model_file, request.sha256)
             history = await self.history.stats(identity) if self.history else None
-            state.limits = limits = derive_limits(
-                summary.bytes, request.limits, self.settings.limits, history
+            state.limits = limits = _within(
+                derive_limits(summary.bytes, request.limits, self.settings.limits, history),
+                deadline - loop.time(),
             )
             async with self.admission.reserve(limits.memory_bytes):
                 if cancel is not None and cancel.is_set():
                     raise LoadCancelled("cancelled before the load began", code="cancelled")
-                state.run = run = await run_child(
-                    self.forkserver,
-                    self._spec(model_file, summary, manifest, limits, request),
-                    model_file.fd,
-                    limits,
-                    cgroups=self.cgroups,
-                    sample_interval_s=self.settings.sample_interval_s,
-                    log=log,
-                    cancel=cancel,
-                    threshold_fraction=self.settings.threshold_fraction,
-                    on_threshold=lambda limit: self.metrics.thresholds.labels(limit=limit).inc(),
+                # Hashed here while the child loads: the loader never sees the expected digest.
+                hashing = (
+                    asyncio.create_task(digest_file(model_file.fd, model_file.size))
+                    if request.sha256
+                    else None
                 )
+                try:
+                    state.run = run = await run_child(
+                        self.forkserver,
+                        self._spec(model_file, summary, manifest, limits),
+                        model_file.fd,
+                        limits,
+                        cgroups=self.cgroups,
+                        sample_interval_s=self.settings.sample_interval_s,
+                        log=log,
+                        cancel=cancel,
+                        threshold_fraction=self.settings.threshold_fraction,
+                        on_threshold=lambda limit: self.metrics.thresholds.labels(
+                            limit=limit
+                        ).inc(),
+                    )
+                    if hashing is not None and isinstance(run.final, Loaded):
+                        state.sha256 = await hashing
+                finally:
+                    if hashing is not None:
+                        await cancel_and_wait(hashing)
         assert run.ended is not None  # run_child always ends with stop_child
         if run.cancelled:
             return LoadCancelled("cancelled while loading; the child was killed", code="cancelled")
@@ -231,6 +271,8 @@ class Supervisor:
                 f"{limits.memory_bytes}-byte limit",
                 code="cgroup_oom",
             )
+        if error is None and state.sha256 is not None and request.sha256 is not None:
+            error = check_digest(state.sha256, request.sha256)
         if error is None and history is not None:
             self._check_anomaly(run, history, log)
         if error is None and self.history is not None:
@@ -262,6 +304,18 @@ class Supervisor:
                 log.warning("load_anomaly", kind=kind, value=value, history_p95=p95, factor=factor)
                 self.metrics.anomalies.labels(kind=kind).inc()
 
+    def job_budget_s(self, request: LoadRequest) -> float:
+        """The whole job's deadline (source, inspection, load): the request's, capped."""
+        ceiling = self.settings.limits.timeout_ceiling_s
+        asked = request.limits.timeout_seconds
+        return ceiling if asked is None else min(asked, ceiling)
+
+    async def _inspect_bounded(
+        self, model_file: ModelFile, request: LoadRequest, deadline: float
+    ) -> ModelSummary:
+        """Inspect in-process (a thread) when the header is small, else in a confined child."""
+        return await _in_thread(lambda: self._inspect(model_file, request))
+
     def _inspect(self, model_file: ModelFile, request: LoadRequest) -> ModelSummary:
         """Sniff the format by magic bytes and inspect it strictly (no loader, no child)."""
         return inspect_model(
@@ -287,11 +341,9 @@ class Supervisor:
         summary: ModelSummary,
         manifest: str,
         limits: Limits,
-        request: LoadRequest,
     ) -> dict[str, Any]:
         return {
             "loader": self.loaders[summary.format],
-            "sha256": request.sha256,
             "memory_bytes": limits.memory_bytes,
             "cpu_seconds": limits.cpu_seconds,
             "max_fds": self.settings.child_max_fds,
@@ -330,8 +382,8 @@ class Supervisor:
         finished_at = _now()
         outcome = error.outcome if error else Outcome.OK
         summary, run = state.summary, state.run
-        if summary is not None and run is not None and isinstance(run.final, Loaded):
-            summary = summary.model_copy(update={"sha256": run.final.result.sha256})
+        if summary is not None and state.sha256 is not None:
+            summary = summary.model_copy(update={"sha256": state.sha256})
         return LoadReport(
             job_id=job_id,
             source=source,
@@ -372,6 +424,55 @@ class Supervisor:
             read_bytes=res.read_bytes if res else 0,
             model_bytes=report.model.bytes if report.model else None,
         )
+
+
+async def _before_deadline(
+    work: Coroutine[Any, Any, T],
+    stage: str,
+    deadline: float,
+    budget_s: float,
+    cancel: asyncio.Event | None,
+) -> T:
+    """Await ``work`` unless the job's deadline passes or it is cancelled first.
+
+    Either way the work is cancelled and awaited (a download closes its
+    connection, an inspection child is killed) before the error is raised.
+    """
+    task = asyncio.ensure_future(work)
+    waiters: set[asyncio.Future[Any]] = {task}
+    cancelled = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
+    if cancelled is not None:
+        waiters.add(cancelled)
+    timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+    stopped = False
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if cancelled is not None:
+            await cancel_and_wait(cancelled)
+        if not task.done():
+            stopped = True
+            await cancel_and_wait(task)
+    if not stopped:
+        return task.result()
+    if not task.cancelled() and task.exception() is None:
+        _discard(task.result())  # it finished as it was being stopped: close what it opened
+    if cancel is not None and cancel.is_set():
+        raise LoadCancelled(f"cancelled while {stage}", code="cancelled")
+    raise LoadTimeout(f"the job's {budget_s:g} s deadline passed while {stage}", code="deadline")
+
+
+def _discard(result: object) -> None:
+    close = getattr(result, "close", None)
+    if callable(close):
+        close()
+
+
+def _within(limits: Limits, remaining_s: float) -> Limits:
+    """``limits`` with the child's deadline cut to what is left of the job's."""
+    if remaining_s >= limits.timeout_seconds:
+        return limits
+    return limits.model_copy(update={"timeout_seconds": max(0.001, round(remaining_s, 3))})
 
 
 def _traceback(run: ChildRun | None) -> str | None:

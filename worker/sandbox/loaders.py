@@ -25,7 +25,6 @@ from loadwarden.worker.sandbox._child import (
     _NUMPY_TO_SAFETENSORS,
     FileChanged,
     Spec,
-    _Hasher,
     finish,
     register_loader,
 )
@@ -55,30 +54,27 @@ Entry = tuple[str, str, list[int], int]
 
 @register_loader("npy")
 def load_npy(fd: int, spec: Spec) -> dict[str, Any]:
-    """Read the array into memory once, hash, check the manifest."""
-    hasher = _Hasher(fd) if spec.get("sha256") else None
+    """Read the array into memory once, check the manifest."""
     entries = [_entry(NPY_TENSOR_NAME, read_npy(fd))]
-    return finish(entries, hasher, spec)
+    return finish(entries, spec)
 
 
 @register_loader("npz")
 def load_npz(fd: int, spec: Spec) -> dict[str, Any]:
-    """Read every member into memory once, hash, check the manifest."""
-    hasher = _Hasher(fd) if spec.get("sha256") else None
+    """Read every member into memory once, check the manifest."""
     arrays = read_npz(fd, spec.get("memory_bytes"))
     entries = [_entry(name, array) for name, array in arrays.items()]
     del arrays
-    return finish(entries, hasher, spec)
+    return finish(entries, spec)
 
 
 @register_loader("gguf")
 def load_gguf(fd: int, spec: Spec) -> dict[str, Any]:
-    """Read every tensor into memory once, hash, check the manifest."""
-    hasher = _Hasher(fd) if spec.get("sha256") else None
+    """Read every tensor into memory once, check the manifest."""
     tensors = read_gguf(fd)
     entries = [(t.name, t.dtype, t.shape, int(array.nbytes)) for t, array in tensors]
     del tensors
-    return finish(entries, hasher, spec)
+    return finish(entries, spec)
 
 
 def read_npy(fd: int) -> np.ndarray[Any, Any]:
