@@ -46,6 +46,18 @@ class InspectionCaps(BaseModel):
     # exempt: 64 MiB costs no more than a 64 MiB safetensors file would, and covers
     # every zero-initialised small model we know of.
     archive_ratio_exempt_bytes: Annotated[int, Field(ge=0)] = 64 * MiB
+    # Headers that may be larger than this are inspected in a confined child, not the
+    # supervisor: parsing costs up to ~30x the header in memory (478 MB for 16 MiB of
+    # nested empty arrays), so 1 MiB bounds the in-process cost near 30 MiB, and every
+    # real .npy and small safetensors header (a few KiB) stays in-process and fast.
+    isolate_above_bytes: Annotated[int, Field(ge=0)] = 1 * MiB
+    # The inspection child's memory: the worst 16 MiB header costs 478 MB to parse.
+    child_memory_bytes: Annotated[int, Field(gt=0)] = 1 * GiB
+    # Its CPU time: strict inspection of a real 16 MiB header takes about a second.
+    child_cpu_seconds: Annotated[int, Field(gt=0)] = 30
+    # The largest summary the supervisor accepts from it: 200,000 tensors with
+    # 100-character names and rank-4 shapes is about 30 MB of JSON.
+    max_summary_bytes: Annotated[int, Field(gt=0)] = 48 * MiB
     # llama.cpp's GGUF files carry 20-60 keys; 4096 leaves room for custom metadata.
     max_gguf_keys: Annotated[int, Field(gt=0)] = 4096
     # The longest GGUF strings are chat templates and licences: tens of KiB.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import uuid
@@ -54,6 +55,7 @@ from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox._protocol import manifest_digest
 from loadwarden.worker.sandbox.cgroups import CgroupManager
 from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
+from loadwarden.worker.sandbox.inspector import inspect_in_child, needs_isolation
 from loadwarden.worker.sources import open_source
 
 T = TypeVar("T")
@@ -314,7 +316,19 @@ class Supervisor:
         self, model_file: ModelFile, request: LoadRequest, deadline: float
     ) -> ModelSummary:
         """Inspect in-process (a thread) when the header is small, else in a confined child."""
-        return await _in_thread(lambda: self._inspect(model_file, request))
+        caps = self.settings.inspection
+        if not needs_isolation(model_file, caps.isolate_above_bytes):
+            return await _in_thread(lambda: self._inspect(model_file, request))
+        remaining_s = deadline - asyncio.get_running_loop().time()
+        return await inspect_in_child(
+            model_file,
+            declared=request.format,
+            caps=caps,
+            budget_bytes=self.tensor_budget_bytes(),
+            memory_bytes=caps.child_memory_bytes,
+            cpu_seconds=max(1, min(caps.child_cpu_seconds, math.ceil(remaining_s))),
+            max_answer_bytes=caps.max_summary_bytes,
+        )
 
     def _inspect(self, model_file: ModelFile, request: LoadRequest) -> ModelSummary:
         """Sniff the format by magic bytes and inspect it strictly (no loader, no child)."""
