@@ -12,7 +12,7 @@ Ctrl-C), computes its sha256, then ``--repeat`` times, alternating:
   RSS is that process's own high-water mark (``VmHWM``), interpreter and numpy
   included, nothing subtracted. Not ``ru_maxrss``: after (v)fork + exec it keeps
   the launching process's peak (this bench's own RSS), so it is in the JSON only;
-* loadwarden: ``Supervisor.load`` with the sha256 (verified in the child),
+* loadwarden: ``Supervisor.load`` with the sha256 (verified by the supervisor),
   timed end to end around the call, next to the report's ``wall_seconds`` and
   ``peak_rss_bytes``. The fork server is started once, before any timing.
 

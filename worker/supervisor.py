@@ -7,15 +7,14 @@ command's; nothing else runs a load.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import socket
 import uuid
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from structlog.typing import FilteringBoundLogger
@@ -29,22 +28,21 @@ from loadwarden.producer.contract import (
     ModelFormat,
     ModelSummary,
     Outcome,
-    Resources,
     WorkerInfo,
 )
 from loadwarden.producer.errors import (
     ChildCrashed,
     LoadCancelled,
     LoadError,
-    LoadTimeout,
     MemoryExceeded,
 )
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _version
-from loadwarden.worker._child_run import ChildRun, run_child
+from loadwarden.worker._child_run import ChildRun, resources_of, run_child, traceback_of
+from loadwarden.worker._deadline import before_deadline, in_thread, within
 from loadwarden.worker._digest import check_digest, digest_file
 from loadwarden.worker._files import ModelFile
-from loadwarden.worker._outcome import Loaded, Raised, classify
+from loadwarden.worker._outcome import Loaded, classify
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.admission import Admission, detect_memory_bytes
 from loadwarden.worker.formats import LOADERS, inspect_model
@@ -58,25 +56,12 @@ from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
 from loadwarden.worker.sandbox.inspector import inspect_in_child, needs_isolation
 from loadwarden.worker.sources import open_source
 
-T = TypeVar("T")
-
 #: The loader each format runs in the child.
 DEFAULT_LOADERS: Mapping[ModelFormat, str] = LOADERS
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-async def _in_thread(fn: Callable[[], T]) -> T:
-    """Run blocking work in a thread; if cancelled, let it finish first (it may use our fds)."""
-    future = asyncio.ensure_future(asyncio.to_thread(fn))
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            await future
-        raise
 
 
 @dataclass(slots=True)
@@ -202,7 +187,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         budget_s = self.job_budget_s(request)
         deadline = loop.time() + budget_s
-        opened = await _before_deadline(
+        opened = await before_deadline(
             open_source(
                 request.source, expected_sha256=request.sha256, policy=self.settings.sources
             ),
@@ -212,7 +197,7 @@ class Supervisor:
             cancel,
         )
         with opened as model_file:
-            state.summary = summary = await _before_deadline(
+            state.summary = summary = await before_deadline(
                 self._inspect_bounded(model_file, request, deadline),
                 "inspecting the model",
                 deadline,
@@ -220,11 +205,17 @@ class Supervisor:
                 cancel,
             )
             # Once per load, off the event loop: it hashes the whole manifest.
-            manifest = await _in_thread(lambda: _manifest_of(summary))
+            manifest = await in_thread(lambda: _manifest_of(summary))
             identity = model_identity(model_file, request.sha256)
             history = await self.history.stats(identity) if self.history else None
-            state.limits = limits = _within(
-                derive_limits(summary.bytes, request.limits, self.settings.limits, history),
+            state.limits = limits = within(
+                derive_limits(
+                    summary.bytes,
+                    request.limits,
+                    self.settings.limits,
+                    history,
+                    tensor_count=len(summary.tensors),
+                ),
                 deadline - loop.time(),
             )
             async with self.admission.reserve(limits.memory_bytes):
@@ -252,7 +243,9 @@ class Supervisor:
                         ).inc(),
                     )
                     if hashing is not None and isinstance(run.final, Loaded):
-                        state.sha256 = await hashing
+                        state.sha256 = await before_deadline(
+                            hashing, "hashing the file", deadline, budget_s, cancel
+                        )
                 finally:
                     if hashing is not None:
                         await cancel_and_wait(hashing)
@@ -318,7 +311,7 @@ class Supervisor:
         """Inspect in-process (a thread) when the header is small, else in a confined child."""
         caps = self.settings.inspection
         if not needs_isolation(model_file, caps.isolate_above_bytes):
-            return await _in_thread(lambda: self._inspect(model_file, request))
+            return await in_thread(lambda: self._inspect(model_file, request))
         remaining_s = deadline - asyncio.get_running_loop().time()
         return await inspect_in_child(
             model_file,
@@ -402,7 +395,7 @@ class Supervisor:
             job_id=job_id,
             source=source,
             outcome=outcome,
-            error=ErrorInfo.from_error(error, _traceback(run)) if error else None,
+            error=ErrorInfo.from_error(error, traceback_of(run)) if error else None,
             attempts=[
                 Attempt(
                     number=attempt,
@@ -415,7 +408,7 @@ class Supervisor:
             ],
             model=summary,
             limits=state.limits,
-            resources=_resources(run),
+            resources=resources_of(run),
             confinement=run.confinement if run else [],
             worker=self.info,
             labels=labels,
@@ -438,75 +431,6 @@ class Supervisor:
             read_bytes=res.read_bytes if res else 0,
             model_bytes=report.model.bytes if report.model else None,
         )
-
-
-async def _before_deadline(
-    work: Coroutine[Any, Any, T],
-    stage: str,
-    deadline: float,
-    budget_s: float,
-    cancel: asyncio.Event | None,
-) -> T:
-    """Await ``work`` unless the job's deadline passes or it is cancelled first.
-
-    Either way the work is cancelled and awaited (a download closes its
-    connection, an inspection child is killed) before the error is raised.
-    """
-    task = asyncio.ensure_future(work)
-    waiters: set[asyncio.Future[Any]] = {task}
-    cancelled = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
-    if cancelled is not None:
-        waiters.add(cancelled)
-    timeout = max(0.0, deadline - asyncio.get_running_loop().time())
-    stopped = False
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if cancelled is not None:
-            await cancel_and_wait(cancelled)
-        if not task.done():
-            stopped = True
-            await cancel_and_wait(task)
-    if not stopped:
-        return task.result()
-    if not task.cancelled() and task.exception() is None:
-        _discard(task.result())  # it finished as it was being stopped: close what it opened
-    if cancel is not None and cancel.is_set():
-        raise LoadCancelled(f"cancelled while {stage}", code="cancelled")
-    raise LoadTimeout(f"the job's {budget_s:g} s deadline passed while {stage}", code="deadline")
-
-
-def _discard(result: object) -> None:
-    close = getattr(result, "close", None)
-    if callable(close):
-        close()
-
-
-def _within(limits: Limits, remaining_s: float) -> Limits:
-    """``limits`` with the child's deadline cut to what is left of the job's."""
-    if remaining_s >= limits.timeout_seconds:
-        return limits
-    return limits.model_copy(update={"timeout_seconds": max(0.001, round(remaining_s, 3))})
-
-
-def _traceback(run: ChildRun | None) -> str | None:
-    return run.final.traceback if run is not None and isinstance(run.final, Raised) else None
-
-
-def _resources(run: ChildRun | None) -> Resources | None:
-    if run is None or run.ended is None:
-        return None
-    rchar = run.final.rchar if run.final is not None else 0
-    return Resources(
-        wall_seconds=round(run.wall_seconds, 6),
-        cpu_user_seconds=run.ended.cpu_user_s,
-        cpu_system_seconds=run.ended.cpu_system_s,
-        peak_rss_bytes=max(run.ended.maxrss_bytes, run.sampled_peak_rss),
-        read_bytes=max(rchar, run.sampled_read),
-        samples=run.samples,
-        cgroup_peak_bytes=run.cgroup_peak_bytes,
-        series=run.series,
-    )
 
 
 def _manifest_of(summary: ModelSummary) -> str:

@@ -20,6 +20,8 @@ import contextlib
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 
 from pydantic import ValidationError
@@ -88,35 +90,67 @@ async def inspect_in_child(
         "memory_bytes": memory_bytes,
         "cpu_seconds": cpu_seconds,
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "loadwarden.worker.sandbox._inspect_child",
-        json.dumps(args),
-        pass_fds=[model_file.fd],
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        env=child_environment(),
-        start_new_session=True,
-    )
+    cmd = [sys.executable, "-m", "loadwarden.worker.sandbox._inspect_child", json.dumps(args)]
+    # A socket for its stdout: read with sock_recv, no transport to leave open on a cancel.
+    ours, theirs = socket.socketpair()
     try:
-        assert process.stdout is not None
-        data = await process.stdout.read(max_answer_bytes + 1)
-        if len(data) > max_answer_bytes:
-            raise InvalidModel(
-                f"the model's summary is over {max_answer_bytes} bytes "
-                "(inspection.max_summary_bytes)",
-                code="too_many_tensors",
-            )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(process.wait(), _EXIT_GRACE_S)
+        process = subprocess.Popen(  # noqa: ASYNC220 - a plain fork+exec, a few ms
+            cmd,
+            pass_fds=[model_file.fd],
+            stdin=subprocess.DEVNULL,
+            stdout=theirs.fileno(),
+            stderr=subprocess.DEVNULL,
+            env=child_environment(),
+            start_new_session=True,
+        )
+    except BaseException:
+        ours.close()
+        raise
     finally:
-        if process.returncode is None:
+        theirs.close()
+    try:
+        ours.setblocking(False)
+        data = await _read_to_end(ours, max_answer_bytes)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_exited(process.pid), _EXIT_GRACE_S)
+    finally:
+        ours.close()
+        if process.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
+        process.wait()  # at once: it has exited or was just sent SIGKILL
     return _answer(data, process.returncode, cpu_seconds)
+
+
+async def _read_to_end(sock: socket.socket, cap: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while chunk := await loop.sock_recv(sock, 1024 * 1024):
+        data += chunk
+        if len(data) > cap:
+            raise InvalidModel(
+                f"the model's summary is over {cap} bytes (inspection.max_summary_bytes)",
+                code="too_many_tensors",
+            )
+    return bytes(data)
+
+
+async def _exited(pid: int) -> None:
+    """Wait until process ``pid`` (our child) has exited, without reaping it."""
+    loop = asyncio.get_running_loop()
+    pidfd = os.pidfd_open(pid)
+    exited: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(pidfd, _resolve, exited)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _answer(data: bytes, returncode: int | None, cpu_seconds: int) -> ModelSummary:
