@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loadwarden.producer.contract import LoadRequest, Outcome
+from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
 from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.supervisor import Supervisor
 from tests.sandbox_loaders import BAIT_NAME, CLAIMED_DIGEST, FORGED_LINE
@@ -23,12 +23,25 @@ needs_seccomp_filter = pytest.mark.skipif(
 )
 
 
+async def load_with(
+    make_supervisor: Callable[..., Supervisor], loader: str, model: Path
+) -> LoadReport:
+    """One load of ``model`` by a supervisor whose safetensors loader is ``loader``."""
+    async with make_supervisor(loader) as sup:
+        return await sup.load(LoadRequest(source=str(model)))
+
+
+def assert_denied(report: LoadReport) -> None:
+    """The sandbox refused what the loader tried."""
+    assert report.outcome is Outcome.REFUSED, report.error
+    assert report.error is not None and report.error.code == "sandbox_denied"
+
+
 async def test_child_output_never_reaches_the_supervisors(
     make_supervisor: Callable[..., Supervisor], small_model: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """A loader writing a forged report line to fds 1 and 2 writes into /dev/null."""
-    async with make_supervisor("forge_stdout") as sup:
-        report = await sup.load(LoadRequest(source=str(small_model)))
+    report = await load_with(make_supervisor, "forge_stdout", small_model)
     assert report.outcome is Outcome.OK, report.error
     out, err = capfd.readouterr()
     assert FORGED_LINE.decode().strip() not in out + err
@@ -56,8 +69,7 @@ async def test_child_holds_only_its_socket_and_model(
     make_supervisor: Callable[..., Supervisor], small_model: Path
 ) -> None:
     """The child's descriptors: /dev/null as 0-2, its socket, the model; nothing of the server's."""
-    async with make_supervisor("probe_fds") as sup:
-        report = await sup.load(LoadRequest(source=str(small_model)))
+    report = await load_with(make_supervisor, "probe_fds", small_model)
     assert report.error is not None and report.error.code == "loader_error", report.error
     kinds = json.loads(report.error.message.split(": ", 1)[1])
     assert sorted(kinds.values()) == ["char", "char", "char", "model", "socket"], kinds
@@ -81,10 +93,8 @@ async def test_new_sockets_are_denied(
     make_supervisor: Callable[..., Supervisor], small_model: Path, loader: str
 ) -> None:
     """seccomp: no new socket of any family (UDP, unix, IPv6), nor a socket pair."""
-    async with make_supervisor(loader) as sup:
-        report = await sup.load(LoadRequest(source=str(small_model)))
-    assert report.outcome is Outcome.REFUSED, report.error
-    assert report.error is not None and report.error.code == "sandbox_denied"
+    report = await load_with(make_supervisor, loader, small_model)
+    assert_denied(report)
     assert "seccomp_no_sockets" in report.confinement
 
 
@@ -96,12 +106,10 @@ async def test_child_cannot_find_and_join_a_local_unix_socket(
         bait.bind(str(tmp_path / f"{BAIT_NAME}.sock"))
         bait.listen()
         bait.setblocking(False)
-        async with make_supervisor("unix_socket_hunt") as sup:
-            report = await sup.load(LoadRequest(source=str(small_model)))
+        report = await load_with(make_supervisor, "unix_socket_hunt", small_model)
         with pytest.raises(BlockingIOError):
             bait.accept()
-    assert report.outcome is Outcome.REFUSED, report.error
-    assert report.error is not None and report.error.code == "sandbox_denied"
+    assert_denied(report)
 
 
 @needs_landlock
@@ -109,7 +117,4 @@ async def test_child_cannot_list_the_working_directory(
     make_supervisor: Callable[..., Supervisor], small_model: Path
 ) -> None:
     """Landlock's read set is the interpreter's module folders, not sys.path's working directory."""
-    async with make_supervisor("list_cwd") as sup:
-        report = await sup.load(LoadRequest(source=str(small_model)))
-    assert report.outcome is Outcome.REFUSED, report.error
-    assert report.error is not None and report.error.code == "sandbox_denied"
+    assert_denied(await load_with(make_supervisor, "list_cwd", small_model))
