@@ -496,13 +496,11 @@ async def test_a_stalled_body_times_out_within_the_read_timeout(
     assert server.stalled.is_set()
 
 
-async def test_a_body_in_one_byte_chunks_downloads_intact(server: ModelServer, cache: Path) -> None:
-    """A flood of 1-byte chunks is gathered into whole writes: the cached file is the body."""
-    model = await open_source(
-        server.url("/flood/m.bin"), expected_sha256=BODY_SHA, policy=web(cache)
-    )
-    with model:
-        assert read_all(model) == BODY
+async def test_a_flood_of_one_byte_chunks_is_refused(server: ModelServer, cache: Path) -> None:
+    """A body sent in 1-byte chunks is refused after a few thousand, leaving no partial file."""
+    error = await fail(server.url("/flood/m.bin"), web(cache))
+    assert isinstance(error, SourceRefused)
+    assert error.code == "tiny_chunks"
 
 
 async def test_a_cancelled_download_removes_its_temp_file(server: ModelServer, cache: Path) -> None:

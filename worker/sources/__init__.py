@@ -17,6 +17,7 @@ one of the load errors, each with a stable ``code``::
         too_many_redirects   more than ``max_redirects`` hops
         too_large            Content-Length or the streamed body is over ``max_download_bytes``
         content_encoding     the server compressed the body although we asked for identity
+        tiny_chunks          the body comes in pieces of under 64 bytes on average (a flood)
     SourceUnavailable    cannot be reached or read, worth retrying (outcome ``unavailable``)
         not_found            no such file (or no such directory on the way)
         unreadable           the file exists but cannot be read (permissions, I/O)

@@ -25,6 +25,12 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _WRITE_BYTES = 1024 * 1024
 #: The longest a download holds the event loop before letting other jobs run.
 _HOLD_LOOP_S = 0.005
+#: A body that arrives in pieces this small on average, once this many have come, is
+#: refused: each piece costs the parser tens of microseconds (a 256 KiB body sent in
+#: 1-byte chunks took 30 s of a core, bench/download_flood.py), and no real server
+#: sends them (a slow TCP link still delivers whole segments, over 500 bytes).
+_MIN_MEAN_CHUNK_BYTES = 64
+_CHUNKS_BEFORE_CHECK = 4096
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -201,10 +207,19 @@ async def _save(
     with Partial(cache, url) as partial:
         pending = bytearray()
         resume_at = loop.time() + _HOLD_LOOP_S
+        chunks = 0
         async for chunk in response.aiter_raw():
             if partial.size + len(pending) + len(chunk) > cap:
                 raise _too_large(f"{url!r} sent more than the {cap} byte limit")
             pending += chunk
+            chunks += 1
+            received = partial.size + len(pending)
+            if chunks == _CHUNKS_BEFORE_CHECK and received < chunks * _MIN_MEAN_CHUNK_BYTES:
+                raise SourceRefused(
+                    f"{url!r} sends its body in pieces of {received / chunks:.0f} bytes "
+                    f"on average (a flood of tiny chunks)",
+                    code="tiny_chunks",
+                )
             if len(pending) >= _WRITE_BYTES:
                 partial.write(pending)
                 pending.clear()
