@@ -208,19 +208,18 @@ class Supervisor:
             manifest = await in_thread(lambda: _manifest_of(summary))
             identity = model_identity(model_file, request.sha256)
             history = await self.history.stats(identity) if self.history else None
-            state.limits = limits = within(
-                derive_limits(
-                    summary.bytes,
-                    request.limits,
-                    self.settings.limits,
-                    history,
-                    tensor_count=len(summary.tensors),
-                ),
-                deadline - loop.time(),
+            state.limits = limits = derive_limits(
+                summary.bytes,
+                request.limits,
+                self.settings.limits,
+                history,
+                tensor_count=len(summary.tensors),
             )
             async with self.admission.reserve(limits.memory_bytes):
                 if cancel is not None and cancel.is_set():
                     raise LoadCancelled("cancelled before the load began", code="cancelled")
+                # What is left of the job's deadline, after the source, inspection and admission.
+                state.limits = limits = within(limits, deadline - loop.time())
                 # Hashed here while the child loads: the loader never sees the expected digest.
                 hashing = (
                     asyncio.create_task(digest_file(model_file.fd, model_file.size))
