@@ -190,7 +190,11 @@ def load_catalog(path: str | Path) -> Catalog:
     """
     path = Path(path)
     text = _read_text(path)
-    return _parse(text, name=str(path), base_dir=path.resolve().parent, path=path)
+    try:
+        real = path.resolve()
+    except (RuntimeError, OSError, ValueError):  # swapped for a symlink loop since it was read
+        raise CatalogError(f"{str(path)!r} cannot be resolved to a real path") from None
+    return _parse(text, name=str(path), base_dir=real.parent, path=path)
 
 
 def _read_text(path: Path) -> str:

@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from loadwarden.producer import wire
 from loadwarden.producer.contract import LoadReport, LoadRequest, WorkerStatus
 from loadwarden.producer.counts import live_worker_ids, queue_counts
+from loadwarden.producer.dedupe import enqueue_once
 from loadwarden.producer.errors import (
     ContractError,
     JobNotFound,
@@ -35,9 +36,7 @@ from loadwarden.producer.keys import (
     CANCEL_CHANNEL,
     CANCEL_KEY_PREFIX,
     DEAD_LETTER_STREAM,
-    DEDUPE_KEY_PREFIX,
     WORKER_KEY_PREFIX,
-    dedupe_key,
 )
 from loadwarden.producer.preload import PreloadResult, ProgressCallback, preload
 from loadwarden.producer.settings import Settings
@@ -61,9 +60,6 @@ class JobState(StrEnum):
     COMPLETE = "complete"
     NOT_FOUND = "not_found"
 
-
-#: States in which a job will still produce a report without being enqueued again.
-_ACTIVE = frozenset({JobState.QUEUED, JobState.DEFERRED, JobState.RUNNING})
 
 _FROM_ARQ = {
     JobStatus.queued: JobState.QUEUED,
@@ -224,9 +220,17 @@ class Client:
         """
         redis = await self.redis()
         if job_id is None:
-            job_id, active = await self._dedupe(redis, request)
-            if active:
-                return JobHandle(self, job_id)
+            found, _ = await _guard(
+                enqueue_once(
+                    redis,
+                    request,
+                    function=FUNCTION_NAME,
+                    queue_name=self.queue_name,
+                    now_ms=_now_ms(),
+                    dedupe_ttl_s=self.settings.keep_result_s,
+                )
+            )
+            return JobHandle(self, found)
         # Only the fields the caller set travel: the worker can then tell a request's own
         # retry policy from the defaults (request > worker > default).
         await _guard(
@@ -238,20 +242,6 @@ class Client:
             )
         )
         return JobHandle(self, job_id)
-
-    async def _dedupe(self, redis: ArqRedis, request: LoadRequest) -> tuple[str, bool]:
-        """The job id for this request, and whether it is already queued or running."""
-        key = DEDUPE_KEY_PREFIX + dedupe_key(request)
-        fresh = uuid.uuid4().hex
-        if await _guard(redis.set(key, fresh, nx=True, ex=self.settings.keep_result_s)):
-            return fresh, False
-        existing = await _guard(redis.get(key))
-        if existing is not None:
-            job_id = str(existing.decode())
-            if await self.job_state(job_id) in _ACTIVE:
-                return job_id, True
-        await _guard(redis.set(key, fresh, ex=self.settings.keep_result_s))
-        return fresh, False
 
     async def cancel(self, job_id: str) -> JobState:
         """Cancel a job: a queued one never loads, a running one has its child killed at once.

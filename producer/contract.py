@@ -104,6 +104,13 @@ class LoadRequest(_Model):
     def _lower_digest(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("source")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\0" in value:
+            raise ValueError("a source may not hold a NUL byte")
+        return value
+
 
 class LimitDerivation(_Model):
     """For each limit, where its value came from."""

@@ -8,7 +8,8 @@
     ├── ClientError              the producer side could not do what was asked
     │   ├── RedisUnavailable     Redis did not answer
     │   ├── JobNotFound          no job with that id is queued, running or finished
-    │   └── ReportTimeout        the report did not arrive in time (also a TimeoutError)
+    │   ├── ReportTimeout        the report did not arrive in time (also a TimeoutError)
+    │   └── EmbeddedWorkerDied   the in-process worker of an embedded command stopped
     └── LoadError                a load ended in an outcome other than ``ok``
         ├── InvalidModel         outcome ``invalid``: bad file, header defect or digest mismatch
         ├── SourceRefused        outcome ``refused``: policy forbids this source or format
@@ -72,6 +73,10 @@ class JobNotFound(ClientError):
 
 class ReportTimeout(ClientError, TimeoutError):
     """The job's report did not arrive within the wait."""
+
+
+class EmbeddedWorkerDied(ClientError):
+    """The in-process worker of an embedded command stopped: nothing would answer the wait."""
 
 
 class LoadError(LoadwardenError):
@@ -169,3 +174,19 @@ _BY_OUTCOME: dict[str, type[LoadError]] = {
 def error_class_for(outcome: Outcome | str) -> type[LoadError]:
     """The ``LoadError`` subclass for a failed outcome (``KeyError`` for ``ok``)."""
     return _BY_OUTCOME[str(outcome)]
+
+
+#: Longest exception text a report carries for an error we did not expect.
+DESCRIBE_CHARS = 500
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of any exception, never raising (``str()`` itself can raise: a huge
+    integer past ``sys.int_info``'s digit limit in its arguments), cut to a readable length."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "(the message could not be rendered)"
+    name = type(exc).__name__
+    full = f"{name}: {text}" if text else name
+    return full if len(full) <= DESCRIBE_CHARS else full[: DESCRIBE_CHARS - 3] + "..."

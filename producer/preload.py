@@ -1,9 +1,10 @@
 """Batch loading for producers: enqueue many requests, follow them, collect their reports.
 
-Each request gets a job id derived from its content (and, for a local file the
-producer can see, the file's size and mtime), so duplicates in a batch become
-one job and a second run of an unchanged batch is answered from the reports
-already stored in Redis, without running anything.
+Each request gets a job id derived from its content, source included (and, for a
+local file the producer can see, the file's size, mtime and inode), so duplicates
+in a batch become one job, and a second run of an unchanged batch is answered
+from the reports already stored in Redis where they cannot have changed
+(``reusable``: ``ok``, or a verdict on pinned content); anything else runs again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from arq.constants import in_progress_key_prefix, result_key_prefix
 from pydantic import BaseModel, ConfigDict
 
 from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
+from loadwarden.producer.errors import ContractError
 
 if TYPE_CHECKING:
     from loadwarden.producer.client import Client
@@ -90,24 +92,61 @@ class PreloadResult(BaseModel):
 ProgressCallback = Callable[[PreloadEntry], object]
 
 
+#: Refusals that are verdicts on what a file *is* (its content, with its name as asked):
+#: they hold as long as the content does. Every other refusal is about the path or the
+#: worker's policy (outside_root, symlink, over_budget, ...) and may change.
+CONTENT_REFUSALS = frozenset({"code_bearing_format", "object_array", "format_mismatch"})
+
+
+def _file_state(request: LoadRequest) -> list[int] | None:
+    """Size, mtime and inode of a local source the producer can see, else None."""
+    if "://" in request.source:
+        return None
+    try:
+        st = os.stat(request.source)
+    except (OSError, ValueError):
+        return None  # the producer may not see the worker's files; the request alone decides
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
 def job_id_for(request: LoadRequest, *, salt: str = "") -> str:
     """A job id that is the same for the same request on the same file.
 
-    With a pinned sha256 the digest names the content, wherever it lies: two
-    entries with one digest are one job. Without one, the path does, with the
-    file's size, mtime and inode when the producer can see the file.
+    The request (source included: whether a path exists, and what policy says of
+    it, depend on the path even when the digest is pinned) and, when the producer
+    can see the file, its size, mtime and inode: an edited file is a new job.
     """
     document: dict[str, Any] = request.model_dump(mode="json", exclude={"labels"})
-    if request.sha256:
-        del document["source"]
-    elif "://" not in request.source:
-        try:
-            st = os.stat(request.source)
-            document["file"] = [st.st_size, st.st_mtime_ns, st.st_ino]
-        except OSError:
-            pass  # the producer may not see the worker's files; the request alone decides
+    state = _file_state(request)
+    if state is not None:
+        document["file"] = state
     digest = hashlib.sha256(json.dumps([document, salt], sort_keys=True).encode()).hexdigest()
     return f"preload-{digest[:32]}"
+
+
+def reusable(report: LoadReport, request: LoadRequest) -> bool:
+    """Whether a stored report may answer this request again without running it.
+
+    Only verdicts that cannot change with time: ``ok``; ``invalid`` and content
+    refusals when the content they judged is pinned (the producer saw the file, so
+    an edit makes a new job id, or the report's digest is the requested one).
+    Never ``unavailable``, ``timeout``, ``crashed``, ``memory_exceeded``,
+    ``cpu_exceeded``, ``cancelled`` or a refusal for the path or policy: those say
+    what happened then, and a rerun may end otherwise.
+    """
+    if report.outcome is Outcome.OK:
+        return True
+    content_pinned = _file_state(request) is not None or (
+        request.sha256 is not None
+        and report.model is not None
+        and report.model.sha256 == request.sha256
+    )
+    if report.outcome is Outcome.INVALID:
+        return content_pinned
+    if report.outcome is Outcome.REFUSED:
+        code = report.error.code if report.error else ""
+        return content_pinned and code in CONTENT_REFUSALS
+    return False
 
 
 @dataclass
@@ -158,11 +197,18 @@ class _Batch:
 
     async def _start(self, job_id: str) -> bool:
         """Enqueue one job, or take its stored report; True if it is now in flight."""
-        stored = await self.client.stored_report(job_id)
-        if stored is not None:
+        request = self.requests[job_id]
+        try:
+            stored = await self.client.stored_report(job_id)
+        except ContractError:  # not a report we can read: run it again
+            stored = None
+        if stored is not None and reusable(stored, request):
             self._set(job_id, EntryState.DONE, stored, cached=True)
             return False
-        await self.client.enqueue(self.requests[job_id], job_id=job_id)
+        # A stored result that may not be reused is dropped: arq enqueues no id that has one.
+        redis = await self.client.redis()
+        await redis.delete(result_key_prefix + job_id)
+        await self.client.enqueue(request, job_id=job_id)
         self._set(job_id, EntryState.QUEUED)
         return True
 

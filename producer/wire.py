@@ -66,6 +66,10 @@ def loads(data: bytes | bytearray | memoryview | str) -> dict[str, Any]:
         value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise ContractError(f"wire document is not JSON: {exc.msg} at {exc.pos}") from None
+    except RecursionError:
+        raise ContractError("wire document is nested too deeply") from None
+    except ValueError:  # an integer past sys.int_info's digit limit
+        raise ContractError("wire document holds a number too long to convert") from None
     if not isinstance(value, dict):
         raise ContractError("wire document must be a JSON object")
     return value

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from loadwarden.producer.client import Client
-from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
+from loadwarden.producer.contract import (
+    LimitOverrides,
+    LoadReport,
+    LoadRequest,
+    Outcome,
+    RetryPolicy,
+)
 from loadwarden.producer.preload import EntryState, PreloadEntry
 from loadwarden.producer.settings import Settings
 from loadwarden.worker.app import WorkerRunner
@@ -52,7 +58,8 @@ def _outcomes(document: dict[str, object]) -> dict[str, str | None]:
 async def test_duplicates_become_one_job_and_a_rerun_uses_stored_reports(
     worker_runner: WorkerRunner, settings: Settings, small_model: Path
 ) -> None:
-    """Repeated entries (same path, or same digest) run once; a second run runs nothing."""
+    """Repeated entries (same request on the same file) run once; a second run runs nothing;
+    the same digest at another path is its own job (the path decides whether it loads)."""
     import hashlib
 
     digest = hashlib.sha256(small_model.read_bytes()).hexdigest()  # noqa: ASYNC240
@@ -74,11 +81,92 @@ async def test_duplicates_become_one_job_and_a_rerun_uses_stored_reports(
         spawned = worker_runner.supervisor.forkserver.spawned
         second = await client.preload(batch)
     assert first.ok and second.ok
-    assert (first.totals.entries, first.totals.jobs, spawned) == (4, 2, 2)
-    assert [e.duplicate_of for e in first.entries] == [None, "a", None, "pinned"]
+    assert (first.totals.entries, first.totals.jobs, spawned) == (4, 3, 3)
+    assert [e.duplicate_of for e in first.entries] == [None, "a", None, None]
     assert ("a", EntryState.DONE) in seen and ("a", EntryState.PENDING) in seen
     assert second.totals.cached == 4
     assert worker_runner.supervisor.forkserver.spawned == spawned
+
+
+async def test_stored_failures_are_not_served_forever(
+    worker_runner: WorkerRunner, settings: Settings, small_model: Path, tmp_path: Path
+) -> None:
+    """A file missing on the first run loads on the next once it exists (pinned or not); an
+    invalid verdict on a file the producer sees is reused until the file changes."""
+    import hashlib
+
+    digest = hashlib.sha256(small_model.read_bytes()).hexdigest()  # noqa: ASYNC240
+    late = tmp_path / "late.safetensors"
+    late_pinned = tmp_path / "late-pinned.safetensors"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 16)
+    once = RetryPolicy(max_attempts=1)
+    batch = [
+        ("late", LoadRequest(source=str(late), retry=once)),
+        ("late-pinned", LoadRequest(source=str(late_pinned), sha256=digest, retry=once)),
+        ("bad", LoadRequest(source=str(bad), retry=once)),
+    ]
+    async with Client(settings=settings) as client:
+        first = await client.preload(batch)
+        shutil.copy(small_model, late)
+        shutil.copy(small_model, late_pinned)
+        second = await client.preload(batch)
+        bad.write_bytes(small_model.read_bytes())  # noqa: ASYNC240
+        third = await client.preload(batch)
+    assert [str(e.outcome) for e in first.entries] == ["unavailable", "unavailable", "invalid"]
+    assert [str(e.outcome) for e in second.entries] == ["ok", "ok", "invalid"]
+    assert [e.cached for e in second.entries] == [False, False, True]
+    assert [str(e.outcome) for e in third.entries] == ["ok", "ok", "ok"]
+    assert [e.cached for e in third.entries] == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "code", "pinned", "reused"),
+    [
+        ("ok", None, False, True),
+        ("invalid", "bad_header", True, True),
+        ("invalid", "bad_header", False, False),
+        ("refused", "code_bearing_format", True, True),
+        ("refused", "outside_root", True, False),
+        ("refused", "over_budget", True, False),
+        ("unavailable", "not_found", True, False),
+        ("timeout", "deadline", True, False),
+        ("crashed", "signal", True, False),
+        ("memory_exceeded", "rlimit", True, False),
+        ("cancelled", "cancelled", True, False),
+    ],
+)
+def test_reuse_table(outcome: str, code: str | None, pinned: bool, reused: bool) -> None:
+    """Which stored reports preload reuses: ok, and verdicts on pinned content only."""
+    from datetime import UTC, datetime
+
+    from loadwarden.producer.contract import ErrorInfo, ModelSummary, WorkerInfo
+    from loadwarden.producer.preload import reusable
+
+    digest = "ab" * 32
+    now = datetime.now(UTC)
+    model = ModelSummary(
+        format="safetensors",
+        file_bytes=1,
+        bytes=0,
+        parameters=0,
+        dtypes={},
+        tensors=[],
+        sha256=digest if pinned else None,
+    )
+    report = LoadReport(
+        job_id="j",
+        source="/nowhere/m.safetensors",
+        outcome=Outcome(outcome),
+        error=ErrorInfo(type="X", code=code, message="m") if code else None,
+        attempts=[],
+        model=model,
+        worker=WorkerInfo(id="w", hostname="h", pid=1, version="0"),
+        started_at=now,
+        finished_at=now,
+    )
+    request = LoadRequest(source="/nowhere/m.safetensors", sha256=digest)
+    assert reusable(report, request) is reused
 
 
 async def test_force_runs_again(

@@ -105,12 +105,19 @@ def _place(
     """Put the child in a cgroup of its own before it learns its job."""
     if cgroups is None:
         return None
-    cgroup = cgroups.create(f"child-{child.pid}", limits.memory_bytes, CHILD_PIDS_MAX)
+    try:
+        cgroup = cgroups.create(f"child-{child.pid}", limits.memory_bytes, CHILD_PIDS_MAX)
+    except OSError as exc:  # the machinery failed, not the file: a classified, retried crash
+        raise ChildCrashed(
+            f"could not create the load's cgroup: {exc}", code="cgroup_failed"
+        ) from exc
     try:
         cgroup.add(child.pid)
-    except OSError:
+    except OSError as exc:
         cgroup.remove()
-        raise
+        raise ChildCrashed(
+            f"could not place the child in its cgroup: {exc}", code="cgroup_failed"
+        ) from exc
     run.confinement.append(cgroups.mechanism)
     return cgroup
 

@@ -8,6 +8,7 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -121,7 +122,22 @@ def _refuse_special(name: str, mode: int) -> None:
     raise SourceRefused(f"{name!r} is {kind}, not a regular file", code="not_regular_file")
 
 
-def _os_error(name: str, exc: OSError) -> SourceUnavailable:
+def _os_error(name: str, exc: OSError) -> SourceUnavailable | SourceRefused:
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return SourceUnavailable(f"{name!r} does not exist", code="not_found")
+    # Neither gets better by retrying: a loop of symlinks, a name longer than the system takes.
+    if exc.errno == errno.ELOOP:
+        return SourceRefused(f"{name!r} leads into a loop of symlinks", code="symlink_loop")
+    if exc.errno == errno.ENAMETOOLONG:
+        return SourceRefused(f"{name!r} is longer than a path may be", code="bad_path")
     return SourceUnavailable(f"{name!r} cannot be read: {exc.strerror}", code="unreadable")
+
+
+def resolved(path: str | os.PathLike[str]) -> Path:
+    """``Path(path).resolve()`` for a path from a user: where it cannot be resolved (a loop of
+    symlinks raises RuntimeError, a NUL byte ValueError) it stays absolute as spelt, and the
+    opener then refuses it with a code instead of a traceback."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError, ValueError):
+        return Path(os.path.abspath(path))

@@ -13,186 +13,35 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
-from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from arq import Retry, func
+from arq import func
 from arq.connections import RedisSettings
 from arq.worker import Worker
-from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from loadwarden.producer import wire
 from loadwarden.producer.client import FUNCTION_NAME
-from loadwarden.producer.contract import Attempt, LoadReport, LoadRequest, ModelFormat, Outcome
+from loadwarden.producer.contract import ModelFormat
 from loadwarden.producer.counts import queue_counts
-from loadwarden.producer.errors import (
-    ChildCrashed,
-    ContractError,
-    InvalidModel,
-    LoadCancelled,
-    LoadError,
-)
 from loadwarden.producer.settings import Settings
-from loadwarden.worker._tasks import cancel_and_wait, finish_despite_cancel
+from loadwarden.worker._arq import LoadWorker
+from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.autoscale_inputs import desired_from_counts
+from loadwarden.worker.envelope import job_deserializer
 from loadwarden.worker.heartbeat import beat
 from loadwarden.worker.history import History
+from loadwarden.worker.job import load_job
 from loadwarden.worker.jobs import JobBook
 from loadwarden.worker.metrics import Metrics
 from loadwarden.worker.probes import Probes
-from loadwarden.worker.retry import backoff_s, retry_on, should_retry
 from loadwarden.worker.supervisor import Supervisor
 
 #: arq's own timeout around a job must never fire before our deadline does.
 ARQ_TIMEOUT_MARGIN_S = 60
-#: Reruns after lost workers allowed beyond a request's max_attempts before giving up.
-LOST_WORKER_ALLOWANCE = 2
-#: The marker a job payload that is not our JSON is rewritten to (it is never executed).
-UNDECODABLE = "__undecodable__"
 
 log = structlog.get_logger("loadwarden.worker")
-
-
-def job_deserializer(data: bytes) -> dict[str, Any]:
-    """arq's job deserializer: our strict JSON; anything else becomes a job that is refused.
-
-    A payload that is not our wire format (a planted pickle, say) is never
-    decoded by anything but ``wire.loads``: the job function receives a marker
-    instead of a request, reports ``invalid`` and dead-letters it.
-    """
-    try:
-        document = wire.loads(data)
-        if not {"f", "a", "k", "t", "et"} <= document.keys():
-            raise ContractError("not an arq job envelope")
-        return document
-    except ContractError as exc:
-        preview = bytes(data[:64])
-        marker = {UNDECODABLE: f"{exc.message}; first bytes: {preview!r}"}
-        return {"f": FUNCTION_NAME, "a": [], "k": {"request": marker}, "t": 1, "et": 0}
-
-
-def _parse(request: Any, extra: dict[str, Any]) -> LoadRequest | LoadError:
-    if isinstance(request, dict) and UNDECODABLE in request:
-        return InvalidModel(
-            f"the job payload is not loadwarden JSON: {request[UNDECODABLE]}", code="bad_payload"
-        )
-    try:
-        if extra:
-            raise ValueError(f"unexpected job arguments: {sorted(extra)}")
-        return LoadRequest.model_validate(request)
-    except (ValidationError, ValueError) as exc:
-        return InvalidModel(f"the job is not a valid LoadRequest: {exc}", code="bad_request")
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-async def load_job(ctx: dict[str, Any], request: Any = None, **extra: Any) -> dict[str, Any]:
-    """arq job function: one attempt of a load, with retries, lease, cancel and dead letters."""
-    sup: Supervisor = ctx["supervisor"]
-    book: JobBook = ctx["book"]
-    settings: Settings = ctx["settings"]
-    job_id: str = ctx["job_id"]
-    enqueued_at: datetime | None = ctx.get("enqueue_time")
-    previous = await book.attempts(job_id)
-    number = len(previous) + 1
-    parsed = _parse(request, extra)
-    if isinstance(parsed, LoadError):
-        source = request.get("source") if isinstance(request, dict) else None
-        report = sup.rejected(
-            parsed, job_id=job_id, source=str(source or ""), attempt=number, enqueued_at=enqueued_at
-        )
-        await book.dead_letter_raw(job_id, repr(request), report)
-        return report.model_dump(mode="json")
-    final = await _refuse_early(sup, book, parsed, job_id, number, enqueued_at)
-    if final is None:
-        final = await _attempt(sup, book, settings, parsed, job_id, previous, enqueued_at)
-    final = final.model_copy(update={"attempts": previous + final.attempts})
-    await book.finish(job_id, parsed, final)
-    return final.model_dump(mode="json")
-
-
-async def _refuse_early(
-    sup: Supervisor,
-    book: JobBook,
-    request: LoadRequest,
-    job_id: str,
-    number: int,
-    enqueued_at: datetime | None,
-) -> LoadReport | None:
-    """A final report without loading: cancelled while queued, or out of attempts."""
-    error: LoadError | None = None
-    if await book.is_cancelled(job_id):
-        error = LoadCancelled("cancelled before it started", code="cancelled")
-    elif number > request.retry.max_attempts + LOST_WORKER_ALLOWANCE:
-        error = ChildCrashed(
-            f"{number - 1} attempts used, workers lost on the way", code="attempts_exhausted"
-        )
-    if error is None:
-        return None
-    return sup.rejected(
-        error, job_id=job_id, source=request.source, attempt=number, enqueued_at=enqueued_at
-    )
-
-
-async def _attempt(
-    sup: Supervisor,
-    book: JobBook,
-    settings: Settings,
-    request: LoadRequest,
-    job_id: str,
-    previous: list[Attempt],
-    enqueued_at: datetime | None,
-) -> LoadReport:
-    """Run one attempt; raise arq's Retry when the policy wants another."""
-    number = len(previous) + 1
-    now = _now()
-    # Stays recorded only if this worker dies mid-load: then the next run counts it lost.
-    lost = Attempt(
-        number=number,
-        outcome=Outcome.CRASHED,
-        error_code="worker_lost",
-        worker=sup.info.id,
-        started_at=now,
-        finished_at=now,
-    )
-    await book.save_attempts(job_id, [*previous, lost])
-    try:
-        async with book.lease(job_id):
-            report = await sup.load(
-                request,
-                job_id=job_id,
-                attempt=number,
-                enqueued_at=enqueued_at,
-                cancel=book.cancel_event(job_id),
-            )
-    except asyncio.CancelledError:  # shutdown: this was not an attempt; the job is released
-        await finish_despite_cancel(book.save_attempts(job_id, previous))
-        raise
-    finally:
-        book.forget(job_id)
-    retryable = retry_on(
-        request.retry, "retry_on" in request.retry.model_fields_set, settings.retry_on
-    )
-    if not should_retry(report.outcome, number, request.retry, retryable):
-        return report
-    delay = round(backoff_s(number, request.retry), 3)
-    attempt = report.attempts[-1].model_copy(update={"delay_s": delay})
-    await book.save_attempts(job_id, [*previous, attempt])
-    sup.metrics.retries.inc()
-    log.info(
-        "job_retry_scheduled",
-        job_id=job_id,
-        attempt=number,
-        outcome=str(report.outcome),
-        error_code=attempt.error_code,
-        delay_s=delay,
-    )
-    raise Retry(defer=delay)
 
 
 def redis_settings(url: str, *, conn_timeout_s: int = 5, conn_retries: int = 5) -> RedisSettings:
@@ -208,7 +57,7 @@ def create_worker(
     """An arq Worker that runs loads through ``supervisor`` (signals are WorkerRunner's)."""
     if not settings.redis_url:
         raise ValueError("a worker needs a Redis URL (--redis or LOADWARDEN_REDIS_URL)")
-    worker = Worker(
+    worker = LoadWorker(
         functions=[
             func(
                 load_job,
@@ -223,7 +72,7 @@ def create_worker(
         max_jobs=settings.concurrency,
         poll_delay=settings.poll_delay_s,
         keep_result=settings.keep_result_s,
-        job_serializer=wire.dumps,
+        job_serializer=wire.dumps,  # results: LoadWorker wraps it to catch arq's failures
         job_deserializer=job_deserializer,
         ctx={"supervisor": supervisor, "book": book, "settings": settings},
         handle_signals=False,

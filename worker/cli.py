@@ -35,9 +35,14 @@ from loadwarden.producer.errors import (
 from loadwarden.producer.preload import PreloadEntry, PreloadResult
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _render
+from loadwarden.worker._files import resolved
 from loadwarden.worker.logs import configure_logging
 
 EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
+#: How long `enqueue --wait` and `report --wait` wait unless told (--timeout-s; 0: no limit):
+#: ten minutes is the derived deadline of a 30 GB model at the slowest acceptable bandwidth,
+#: and a wait that nothing will ever answer (no worker) ends with a message, not silence.
+DEFAULT_WAIT_S = 600.0
 T = TypeVar("T")
 
 app = typer.Typer(
@@ -58,6 +63,23 @@ RedisOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
 LogOpt = Annotated[
     str, typer.Option("--log-level", help="debug, info, warning or error (logs go to stderr).")
+]
+WaitOpt = Annotated[
+    float,
+    typer.Option(
+        "--timeout-s",
+        min=0,
+        help=f"With --wait: give up after this many seconds (0: wait as long as it takes; "
+        f"default {DEFAULT_WAIT_S:g}).",
+    ),
+]
+LeftoversOpt = Annotated[
+    bool,
+    typer.Option(
+        "--drop-leftovers",
+        help="Embedded mode: drop, unrun, the jobs an earlier run left queued in the state "
+        "folder (by default they are named and run first).",
+    ),
 ]
 Sha256Opt = Annotated[
     str | None,
@@ -88,6 +110,10 @@ def _note_embedded(roots: tuple[Path, ...]) -> None:
         f"private server + in-process worker reading {where}",
         err=True,
     )
+
+
+def _notice(text: str) -> None:
+    typer.echo(f"loadwarden: {text}", err=True)
 
 
 def _source(value: str) -> str:
@@ -154,7 +180,7 @@ def worker(
 
     settings = _settings(redis, concurrency=concurrency, metrics_port=metrics_port)
     if allow_root:
-        settings = _with_roots(settings, *(root.resolve() for root in allow_root))
+        settings = _with_roots(settings, *(resolved(root) for root in allow_root))
     if not settings.redis_url:
         raise typer.BadParameter(
             "a worker needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
@@ -168,10 +194,9 @@ def enqueue(
     source: Annotated[str, typer.Argument(help="Model file path (made absolute) or URL.")],
     sha256: Sha256Opt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the report and print it.")] = False,
-    timeout_s: Annotated[
-        float | None, typer.Option(help="With --wait: give up after this long.")
-    ] = None,
+    timeout_s: WaitOpt = DEFAULT_WAIT_S,
     redis: RedisOpt = None,
+    drop_leftovers: LeftoversOpt = False,
     as_json: JsonOpt = False,
     log_level: LogOpt = "warning",
 ) -> None:
@@ -189,20 +214,24 @@ def enqueue(
     if not settings.redis_url and not wait:
         raise typer.BadParameter("without --wait, enqueue needs --redis or LOADWARDEN_REDIS_URL")
 
+    limit = timeout_s or None
+
     async def go() -> LoadReport | str:
         if settings.redis_url:
             async with Client(settings=settings) as client:
                 handle = await client.enqueue(request)
-                return await handle.report(timeout_s=timeout_s) if wait else handle.job_id
+                return await handle.report(timeout_s=limit) if wait else handle.job_id
         from loadwarden.worker.embedded import embedded
 
         roots = () if "://" in request.source else (Path(request.source).parent,)
         _note_embedded(roots)
         async with (
-            embedded(_with_roots(settings, *roots)) as active,
+            embedded(
+                _with_roots(settings, *roots), drop_leftovers=drop_leftovers, notice=_notice
+            ) as active,
             Client(settings=active) as client,
         ):
-            return await (await client.enqueue(request)).report(timeout_s=timeout_s)
+            return await (await client.enqueue(request)).report(timeout_s=limit)
 
     try:
         result = asyncio.run(go())
@@ -217,9 +246,7 @@ def enqueue(
 def report(
     job_id: Annotated[str, typer.Argument(help="The id printed by 'enqueue'.")],
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the report exists.")] = False,
-    timeout_s: Annotated[
-        float | None, typer.Option(help="With --wait: give up after this long.")
-    ] = None,
+    timeout_s: WaitOpt = DEFAULT_WAIT_S,
     redis: RedisOpt = None,
     as_json: JsonOpt = False,
     log_level: LogOpt = "warning",
@@ -228,7 +255,9 @@ def report(
     configure_logging(log_level)
 
     found = _ask(
-        redis, as_json, lambda client: client.report(job_id, timeout_s=timeout_s if wait else 0)
+        redis,
+        as_json,
+        lambda client: client.report(job_id, timeout_s=(timeout_s or None) if wait else 0),
     )
     _emit_report(found, as_json)
 
@@ -259,7 +288,7 @@ def load(
         raise typer.BadParameter(str(exc)) from None
 
     # The file was named on the command line: its own folder is the one allowed root.
-    settings = _with_roots(_settings(), file.resolve().parent)
+    settings = _with_roots(_settings(), resolved(file).parent)
 
     async def go() -> LoadReport:
         async with Supervisor(settings) as supervisor:
@@ -337,6 +366,7 @@ def preload(
     state_dir: Annotated[
         Path | None, typer.Option(help="Embedded mode: where the private server keeps its data.")
     ] = None,
+    drop_leftovers: LeftoversOpt = False,
     as_json: JsonOpt = False,
     log_level: LogOpt = "warning",
 ) -> None:
@@ -374,8 +404,9 @@ def preload(
             _preload(
                 settings,
                 requests,
-                catalog.resolve().parent,
+                resolved(catalog).parent,
                 state_dir,
+                drop_leftovers=drop_leftovers,
                 concurrency=concurrency,
                 timeout_s=timeout_s,
                 fail_fast=fail_fast,
@@ -402,6 +433,7 @@ async def _preload(
     state_dir: Path | None,
     *,
     live: bool,
+    drop_leftovers: bool = False,
     **options: Any,
 ) -> PreloadResult:
     from rich.live import Live
@@ -425,7 +457,9 @@ async def _preload(
         return await run(settings)
     local = _with_roots(settings, folder)
     _note_embedded((folder,))
-    async with embedded(local, state_dir=state_dir) as active:
+    async with embedded(
+        local, state_dir=state_dir, drop_leftovers=drop_leftovers, notice=_notice
+    ) as active:
         return await run(active)
 
 
@@ -453,7 +487,7 @@ def calibrate(
         for defect in exc.defects:
             typer.echo(f"  - {defect}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-    settings = _with_roots(_settings(), catalog.resolve().parent)
+    settings = _with_roots(_settings(), resolved(catalog).parent)
     results = asyncio.run(calib.calibrate(requests, settings))
     if output is not None:
         output.write_text(calib.to_toml(results))

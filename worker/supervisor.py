@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from redis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
 
 from loadwarden.producer.contract import (
@@ -32,9 +33,12 @@ from loadwarden.producer.contract import (
 )
 from loadwarden.producer.errors import (
     ChildCrashed,
+    InvalidModel,
     LoadCancelled,
     LoadError,
     MemoryExceeded,
+    SourceUnavailable,
+    describe,
 )
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _version
@@ -64,15 +68,31 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+#: What an exception we did not expect becomes, by the stage of the load it escaped from
+#: (every path of a load ends in a report; see README "When things break").
+STAGE_ERRORS: dict[str, tuple[type[LoadError], str]] = {
+    # The source could not be opened for a reason the opener did not name: worth a retry.
+    "source": (SourceUnavailable, "source_error"),
+    # The file made the inspector fail: a verdict on the content, not retried.
+    "inspect": (InvalidModel, "inspection_error"),
+    "limits": (ChildCrashed, "internal_error"),
+    "admit": (ChildCrashed, "internal_error"),
+    # The sandbox machinery failed, not the file: worth a retry.
+    "child": (ChildCrashed, "sandbox"),
+    "classify": (ChildCrashed, "internal_error"),
+}
+
+
 @dataclass(slots=True)
 class _Loaded:
-    """What the load path learned before and during the child run."""
+    """What the load path learned before and during the child run, and where it is."""
 
     summary: ModelSummary | None = None
     limits: Limits | None = None
     run: ChildRun | None = None
     #: The file's sha256, computed here (never by the loader), when the request pins one.
     sha256: str | None = None
+    stage: str = "source"
 
 
 class Supervisor:
@@ -162,6 +182,10 @@ class Supervisor:
             error = exc
         except SandboxError as exc:  # the machinery failed, not the file: worth a retry
             error = ChildCrashed(f"the sandbox failed: {exc.message}", code="sandbox")
+        except Exception as exc:  # whatever escaped a stage still ends in a classified report
+            cls, code = STAGE_ERRORS[state.stage]
+            error = cls(f"the {state.stage} stage failed: {describe(exc)}", code=code)
+            log.error("load_stage_failed", stage=state.stage, error=describe(exc))
         finally:
             self.in_flight.pop(job_id, None)
         report = self._report(
@@ -197,6 +221,7 @@ class Supervisor:
             cancel,
         )
         with opened as model_file:
+            state.stage = "inspect"
             state.summary = summary = await before_deadline(
                 self._inspect_bounded(model_file, request, deadline),
                 "inspecting the model",
@@ -206,8 +231,9 @@ class Supervisor:
             )
             # Once per load, off the event loop: it hashes the whole manifest.
             manifest = await in_thread(lambda: _manifest_of(summary))
+            state.stage = "limits"
             identity = model_identity(model_file, request.sha256)
-            history = await self.history.stats(identity) if self.history else None
+            history = await self._history_stats(identity, log)
             state.limits = limits = derive_limits(
                 summary.bytes,
                 request.limits,
@@ -215,6 +241,7 @@ class Supervisor:
                 history,
                 tensor_count=len(summary.tensors),
             )
+            state.stage = "admit"
             async with self.admission.reserve(limits.memory_bytes):
                 if cancel is not None and cancel.is_set():
                     raise LoadCancelled("cancelled before the load began", code="cancelled")
@@ -226,6 +253,7 @@ class Supervisor:
                     if request.sha256
                     else None
                 )
+                state.stage = "child"
                 try:
                     state.run = run = await run_child(
                         self.forkserver,
@@ -248,6 +276,7 @@ class Supervisor:
                 finally:
                     if hashing is not None:
                         await cancel_and_wait(hashing)
+        state.stage = "classify"
         assert run.ended is not None  # run_child always ends with stop_child
         if run.cancelled:
             return LoadCancelled("cancelled while loading; the child was killed", code="cancelled")
@@ -270,13 +299,26 @@ class Supervisor:
         if error is None and history is not None:
             self._check_anomaly(run, history, log)
         if error is None and self.history is not None:
-            await self.history.record(
-                identity,
-                run.wall_seconds,
-                run.ended.cpu_user_s + run.ended.cpu_system_s,
-                run.ended.maxrss_bytes,
-            )
+            try:
+                await self.history.record(
+                    identity,
+                    run.wall_seconds,
+                    run.ended.cpu_user_s + run.ended.cpu_system_s,
+                    run.ended.maxrss_bytes,
+                )
+            except (RedisError, OSError) as exc:  # history is advice: the load stands
+                log.warning("history_unavailable", error=describe(exc))
         return error
+
+    async def _history_stats(self, identity: str, log: FilteringBoundLogger) -> HistoryStats | None:
+        """The model's load history, or None when there is none or Redis cannot say."""
+        if self.history is None:
+            return None
+        try:
+            return await self.history.stats(identity)
+        except (RedisError, OSError) as exc:  # limits from the declared size still apply
+            log.warning("history_unavailable", error=describe(exc))
+            return None
 
     def _check_anomaly(
         self, run: ChildRun, history: HistoryStats, log: FilteringBoundLogger

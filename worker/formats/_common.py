@@ -26,7 +26,15 @@ CONVERT_HINT = (
 
 def show(value: object) -> str:
     """``repr(value)``, cut to a readable length."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past sys.int_info's digit limit: say how big, not what
+        if isinstance(value, int):
+            text = f"<an integer of {value.bit_length()} bits>"
+        elif isinstance(value, (tuple, list)):
+            text = "(" + ", ".join(show(item) for item in value[:8]) + ")"
+        else:
+            text = f"<a {type(value).__name__}>"
     return text if len(text) <= _SHOW_CHARS else f"{text[: _SHOW_CHARS - 3]}..."
 
 

@@ -8,6 +8,7 @@ one of the load errors, each with a stable ``code``::
         special_path         under /proc, /sys or /dev, whatever the roots say
         not_regular_file     a directory, FIFO, socket or device (checked before any open)
         symlink_loop         more than 40 symlinks on the way
+        bad_path             a path with a NUL byte
         file_changed         a component was swapped between its check and its open
         unsupported_scheme   a URL scheme other than http and https
         bad_url              a URL that does not parse or names no host

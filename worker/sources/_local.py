@@ -54,6 +54,8 @@ def open_local(source: str, roots: Sequence[Path]) -> ModelFile:
     allowed = [Root.of(r) for r in roots] or [Root.of(Path.cwd())]
     if not source:
         raise SourceUnavailable("an empty path names no file", code="not_found")
+    if "\0" in source:  # no file has one; os calls would raise ValueError on it
+        raise SourceRefused("a path with a NUL byte names no file", code="bad_path")
     absolute = source if source.startswith("/") else os.path.join(allowed[0].real, source)
     _refuse_special_tree(os.path.normpath(absolute), source)
     if not source.startswith("/"):
@@ -206,6 +208,8 @@ def _open_root(real: str, source: str) -> int:
     try:
         return os.open(real, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):  # never gets better by retrying
+            raise _os_error(source, exc) from exc
         raise SourceUnavailable(
             f"the allowed root {real!r} of {source!r} cannot be opened: {exc.strerror}",
             code="root_unavailable",

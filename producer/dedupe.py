@@ -1,0 +1,82 @@
+"""Idempotent enqueue: one atomic Redis step finds a request's active job or enqueues a new one.
+
+The dedupe key ``loadwarden:dedupe:<hash of the request>`` names the job of a
+request that is queued or running. Looking it up, checking that job is still
+alive, and enqueueing a new job when it is not must be one step: as separate
+commands (SET NX, GET, a state read, SET) two producers enqueueing the same
+request at the same moment both saw no live job and made two. A Lua script runs
+all of it atomically on the server (``EVALSHA``, redis-py's ``register_script``).
+
+A job is alive while arq's job key or in-progress marker exists (arq deletes
+both when it stores the result). The script writes the job exactly as arq's
+``enqueue_job`` does (``PSETEX arq:job:<id>``, ``ZADD <queue>``). It touches keys
+it computes from the stored job id, so it needs all keys on one node: fine for a
+single Redis or Sentinel, not for Redis Cluster (which loadwarden does not use).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from arq.connections import ArqRedis
+from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix
+from arq.jobs import serialize_job
+
+from loadwarden.producer import wire
+from loadwarden.producer.contract import LoadRequest
+from loadwarden.producer.keys import DEDUPE_KEY_PREFIX, dedupe_key
+
+#: KEYS: dedupe key, queue. ARGV: fresh id, job payload, score (ms), job expiry (ms),
+#: dedupe key expiry (s), job key prefix, in-progress key prefix.
+#: Returns {job id, 1 if it was enqueued now else 0}.
+_SCRIPT = """
+local existing = redis.call('GET', KEYS[1])
+if existing then
+  if redis.call('EXISTS', ARGV[6] .. existing, ARGV[7] .. existing) > 0 then
+    return {existing, 0}
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[5])
+redis.call('SET', ARGV[6] .. ARGV[1], ARGV[2], 'PX', ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return {ARGV[1], 1}
+"""
+
+
+async def enqueue_once(
+    redis: ArqRedis,
+    request: LoadRequest,
+    *,
+    function: str,
+    queue_name: str,
+    now_ms: int,
+    dedupe_ttl_s: int,
+) -> tuple[str, bool]:
+    """The job id of ``request``'s live job, or of a new one enqueued now (and whether it is new).
+
+    Only the fields the caller set travel in the job, so the worker can tell a
+    request's own retry policy from the defaults.
+    """
+    fresh = uuid.uuid4().hex
+    payload = serialize_job(
+        function,
+        (),
+        {"request": request.model_dump(mode="json", exclude_unset=True)},
+        None,
+        now_ms,
+        serializer=wire.dumps,
+    )
+    script = redis.register_script(_SCRIPT)
+    job_id, created = await script(
+        keys=[DEDUPE_KEY_PREFIX + dedupe_key(request), queue_name],
+        args=[
+            fresh,
+            payload,
+            now_ms,
+            expires_extra_ms,
+            max(1, int(dedupe_ttl_s)),
+            job_key_prefix,
+            in_progress_key_prefix,
+        ],
+    )
+    return (job_id.decode() if isinstance(job_id, bytes) else str(job_id)), bool(created)
