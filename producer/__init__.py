@@ -51,7 +51,7 @@ from loadwarden.producer.errors import (
     SourceUnavailable,
     error_class_for,
 )
-from loadwarden.producer.settings import InspectionCaps, LimitPolicy, Settings
+from loadwarden.producer.settings import InspectionCaps, LimitPolicy, RedisOptions, Settings
 
 __all__ = [
     "WIRE_VERSION",
@@ -89,6 +89,7 @@ __all__ = [
     "ModelSummary",
     "Outcome",
     "QueueStatus",
+    "RedisOptions",
     "RedisUnavailable",
     "ReportTimeout",
     "Resources",

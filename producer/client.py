@@ -15,14 +15,16 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 from arq.constants import result_key_prefix
 from arq.jobs import Job, JobStatus
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from loadwarden.producer import wire
+from loadwarden.producer.connection import NotReplicated, confirm_replicated, redis_client
 from loadwarden.producer.contract import LoadReport, LoadRequest, WorkerStatus
 from loadwarden.producer.counts import live_worker_ids, queue_counts
 from loadwarden.producer.dedupe import enqueue_once
@@ -47,8 +49,6 @@ T = TypeVar("T")
 FUNCTION_NAME = "load"
 #: How often a waiting client looks for the report (one GET + one ZSCORE).
 REPORT_POLL_S = 0.05
-#: A client gives up connecting after this long instead of hanging.
-CONNECT_TIMEOUT_S = 5
 
 
 class JobState(StrEnum):
@@ -136,7 +136,9 @@ async def _guard(awaitable: Awaitable[T]) -> T:
     """Await a Redis operation, turning connection failures into RedisUnavailable."""
     try:
         return await awaitable
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+    except NotReplicated as exc:
+        raise RedisUnavailable(f"Redis did not replicate in time: {exc}") from exc
+    except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError) as exc:
         raise RedisUnavailable(f"Redis did not answer: {exc}") from exc
 
 
@@ -179,17 +181,18 @@ class Client:
 
     async def connect(self) -> Self:
         if self._pool is None:
-            rs = RedisSettings.from_dsn(self.redis_url)
-            rs.conn_timeout, rs.conn_retries = CONNECT_TIMEOUT_S, 0
             try:
-                self._pool = await create_pool(
-                    rs,
-                    job_serializer=wire.dumps,
-                    job_deserializer=wire.loads,
-                    default_queue_name=self.queue_name,
-                )
+                pool = redis_client(self.redis_url, self.settings.redis, redis_class=ArqRedis)
+            except ValueError as exc:
+                raise RedisUnavailable(f"bad Redis URL {self.redis_url!r}: {exc}") from None
+            pool.job_serializer, pool.job_deserializer = wire.dumps, wire.loads
+            pool.default_queue_name = self.queue_name
+            try:
+                await pool.ping()
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                await pool.aclose()
                 raise RedisUnavailable(f"cannot reach Redis at {self.redis_url}: {exc}") from exc
+            self._pool = pool
         return self
 
     async def close(self) -> None:
@@ -230,18 +233,36 @@ class Client:
                     dedupe_ttl_s=self.settings.keep_result_s,
                 )
             )
+            await _guard(confirm_replicated(redis, self.settings.redis))
             return JobHandle(self, found)
         # Only the fields the caller set travel: the worker can then tell a request's own
         # retry policy from the defaults (request > worker > default).
         await _guard(
-            redis.enqueue_job(
-                FUNCTION_NAME,
-                request=request.model_dump(mode="json", exclude_unset=True),
-                _job_id=job_id,
-                _queue_name=self.queue_name,
-            )
+            self._enqueue_job(redis, job_id, request.model_dump(mode="json", exclude_unset=True))
         )
+        await _guard(confirm_replicated(redis, self.settings.redis))
         return JobHandle(self, job_id)
+
+    async def _enqueue_job(self, redis: ArqRedis, job_id: str, request: dict[str, Any]) -> None:
+        """arq's enqueue, ridden through a dropped connection.
+
+        arq enqueues under WATCH, which redis-py does not retry: a connection lost while
+        watching surfaces as a WatchError, which arq may also read as "already enqueued"
+        and return None. So until the job is seen in Redis it is enqueued again (a second
+        enqueue of the same id is a no-op), for at most the ride-through.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.redis.ride_through_s
+        while True:
+            with contextlib.suppress(WatchError):
+                job = await redis.enqueue_job(
+                    FUNCTION_NAME, request=request, _job_id=job_id, _queue_name=self.queue_name
+                )
+                if job is not None or await self.job_state(job_id) is not JobState.NOT_FOUND:
+                    return
+            if loop.time() >= deadline:
+                raise RedisConnectionError(f"job {job_id} could not be enqueued in time")
+            await asyncio.sleep(0.1)
 
     async def cancel(self, job_id: str) -> JobState:
         """Cancel a job: a queued one never loads, a running one has its child killed at once.
@@ -333,6 +354,9 @@ class Client:
         while True:
             stored = await self.stored_report(job_id)
             if stored is not None:
+                # With wait_replicas, a report is handed out only once replicas hold it: one
+                # a failover could still take back might come again with another outcome.
+                await _guard(confirm_replicated(await self.redis(), self.settings.redis))
                 return stored
             if await self.job_state(job_id) is JobState.NOT_FOUND:
                 # The report may have landed between our two reads.
@@ -358,14 +382,16 @@ class Client:
         force: bool = False,
     ) -> PreloadResult:
         """Run a batch (named requests or bare ones); see ``loadwarden.producer.preload``."""
-        return await preload(
-            self,
-            requests,
-            on_progress=on_progress,
-            concurrency=concurrency,
-            timeout_s=timeout_s,
-            fail_fast=fail_fast,
-            force=force,
+        return await _guard(
+            preload(
+                self,
+                requests,
+                on_progress=on_progress,
+                concurrency=concurrency,
+                timeout_s=timeout_s,
+                fail_fast=fail_fast,
+                force=force,
+            )
         )
 
     async def status(self) -> QueueStatus:

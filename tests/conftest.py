@@ -20,8 +20,9 @@ import pytest
 import redis
 import structlog
 
+from loadwarden.producer.connection import blocking_redis_client
 from loadwarden.producer.contract import ModelFormat
-from loadwarden.producer.settings import Settings
+from loadwarden.producer.settings import RedisOptions, Settings
 from loadwarden.worker._redis_server import RedisServer
 from loadwarden.worker.app import WorkerRunner
 from loadwarden.worker.logs import configure_logging
@@ -104,7 +105,8 @@ def group_members(pgid: int) -> list[int]:
 
 def _answers(url: str) -> bool:
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        quick = RedisOptions(connect_timeout_s=1, socket_timeout_s=1, wait_timeout_s=0.5)
+        client = blocking_redis_client(url, quick)
         try:
             return bool(client.ping())
         finally:
@@ -136,7 +138,7 @@ def redis_url(redis_base_url: str) -> Iterator[str]:
     """A URL of a freshly flushed database that this test owns."""
     sep = "&" if "?" in redis_base_url else "?"
     url = f"{redis_base_url.rstrip('/')}{sep}db={TEST_DB}"
-    client = redis.Redis.from_url(url)
+    client = blocking_redis_client(url)
     client.flushdb()
     client.close()
     return url
@@ -267,7 +269,8 @@ def captured_events() -> Iterator[list[structlog.typing.EventDict]]:
 WORKER_SCRIPT = """
 import asyncio, json, sys
 from loadwarden.producer.contract import ModelFormat
-from loadwarden.producer.settings import Settings
+from loadwarden.producer.connection import blocking_redis_client
+from loadwarden.producer.settings import RedisOptions, Settings
 from loadwarden.worker.app import run_worker
 from loadwarden.worker.logs import configure_logging
 configure_logging("info", json=True)

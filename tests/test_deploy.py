@@ -456,5 +456,11 @@ def test_schemas_reject_what_the_api_server_would() -> None:
         assert done.returncode != 0, f"{kind}: a broken object passed"
 
 
+def test_compose_ha_overlay_is_valid() -> None:
+    """compose.yaml with the HA overlay (replica + three Sentinels, profile ha) passes config -q."""
+    files = ("--file", str(DEPLOY / "compose.yaml"), "--file", str(DEPLOY / "compose.ha.yaml"))
+    _run(_compose_binary(), *files, "--profile", "ha", "config", "--quiet")
+
+
 if __name__ == "__main__":
     (OPERATOR / "prometheusrule.yaml").write_text(_prometheus_rule_text())

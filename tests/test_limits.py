@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 import structlog
 
+from loadwarden.producer import connection
 from loadwarden.producer.contract import Derivation, LimitOverrides, LoadRequest, Outcome
 from loadwarden.producer.settings import LimitPolicy, Settings
 from loadwarden.worker._files import open_model_file
@@ -32,7 +33,7 @@ def model_64m(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:  # type: ignore[type-arg]
-    client = aioredis.from_url(redis_url)
+    client = connection.redis_client(redis_url)
     yield client
     await client.aclose()
 

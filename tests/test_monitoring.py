@@ -11,11 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry
 
 from loadwarden.producer.client import Client
+from loadwarden.producer.connection import blocking_redis_client, redis_client
 from loadwarden.producer.contract import LoadRequest, Outcome
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _render
@@ -165,7 +165,7 @@ async def test_anomaly_beyond_history(
     redis_url: str, small_model: Path, captured_events: Events
 ) -> None:
     """A load far beyond its history logs load_anomaly (and still succeeds); noise does not."""
-    redis = aioredis.from_url(redis_url)
+    redis = redis_client(redis_url)
     history = History(redis, Settings().limits)
     with open_model_file(small_model) as model_file:
         identity = model_identity(model_file, None)
@@ -252,11 +252,9 @@ def test_autoscale_for_a_prepared_backlog(redis_url: str) -> None:
     import json
     import time
 
-    import redis as sync_redis
-
     from loadwarden.producer.keys import SERVICE_KEY_PREFIX
 
-    client = sync_redis.Redis.from_url(redis_url)
+    client = blocking_redis_client(redis_url)
     now_ms = int(time.time() * 1000) - 5000
     client.zadd("loadwarden:queue", {f"job-{i}": now_ms for i in range(120)})
     # The last hour: 100 loads that kept a slot busy 400 s in all -> 4 s each; two slots per

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 from arq.constants import job_key_prefix
 
 from loadwarden.producer import wire
 from loadwarden.producer.client import Client, JobState
+from loadwarden.producer.connection import redis_client
 from loadwarden.producer.contract import LoadRequest, Outcome
 from loadwarden.producer.errors import JobNotFound, RedisUnavailable, ReportTimeout
 from loadwarden.producer.settings import Settings
@@ -77,7 +77,7 @@ async def test_pickle_payload_is_never_executed(
         def __reduce__(self) -> tuple[object, ...]:
             return (Path.touch, (marker,))
 
-    raw = aioredis.from_url(redis_url)
+    raw = redis_client(redis_url)
     payload = pickle.dumps({"t": 1, "f": "load", "a": [Evil()], "k": {}, "et": 0})
     await raw.set(job_key_prefix + "planted-2", payload)
     await raw.zadd(settings.queue_name, {"planted-2": time.time() * 1000})

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import redis
 
+from loadwarden.producer.connection import blocking_redis_client
+from loadwarden.producer.settings import RedisOptions
 from loadwarden.worker.sandbox import _linux
 
 #: A server that does not answer PING in this long has failed to start.
@@ -106,7 +108,8 @@ class RedisServer:
             preexec_fn=_die_with_parent,  # noqa: PLW1509 (prctl only)
         )
         deadline = time.monotonic() + START_TIMEOUT_S
-        client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=1)
+        quick = RedisOptions(connect_timeout_s=1, socket_timeout_s=1, wait_timeout_s=0.5)
+        client = blocking_redis_client(self.url, quick)
         try:
             while True:
                 if self._process.poll() is not None:

@@ -14,18 +14,25 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 from arq import func
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from loadwarden.producer import wire
 from loadwarden.producer.client import FUNCTION_NAME
+from loadwarden.producer.connection import (
+    NotReplicated,
+    confirm_replicated,
+    redis_client,
+    stop_riding_through,
+)
 from loadwarden.producer.contract import ModelFormat
-from loadwarden.producer.settings import Settings
+from loadwarden.producer.settings import RedisOptions, Settings
 from loadwarden.worker._arq import LoadWorker
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.envelope import job_deserializer
@@ -43,11 +50,34 @@ ARQ_TIMEOUT_MARGIN_S = 60
 log = structlog.get_logger("loadwarden.worker")
 
 
-def redis_settings(url: str, *, conn_timeout_s: int = 5, conn_retries: int = 5) -> RedisSettings:
-    settings = RedisSettings.from_dsn(url)
-    settings.conn_timeout = conn_timeout_s
-    settings.conn_retries = conn_retries
-    return settings
+class _Worker(LoadWorker):
+    """LoadWorker, confirming each stored result with WAIT when ``redis.wait_replicas`` asks.
+
+    One WAIT after the result covers the job's earlier writes too (its dead letter,
+    its bookkeeping): replicas apply writes in the primary's order.
+    """
+
+    def __init__(self, *args: Any, options: Settings, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._options = options.redis
+
+    async def finish_job(self, job_id: str, finish: bool, *args: Any) -> None:
+        await super().finish_job(job_id, finish, *args)
+        if finish:
+            await confirm_write(self.pool, self._options, job_id)
+
+
+async def confirm_write(redis: aioredis.Redis, options: RedisOptions, job_id: str) -> None:
+    """WAIT for replicas when configured; a shortfall is logged, never fatal.
+
+    The result is already on the primary and the job is over: failing here would
+    only stop the worker from going on. A write the replicas missed can be lost in
+    a failover, and then the job, still queued on the new primary, runs again.
+    """
+    try:
+        await confirm_replicated(redis, options)
+    except NotReplicated as exc:
+        log.warning("write_unreplicated", job_id=job_id, error=str(exc))
 
 
 def create_worker(
@@ -56,7 +86,11 @@ def create_worker(
     """An arq Worker that runs loads through ``supervisor`` (signals are WorkerRunner's)."""
     if not settings.redis_url:
         raise ValueError("a worker needs a Redis URL (--redis or LOADWARDEN_REDIS_URL)")
-    worker = LoadWorker(
+    pool = redis_client(settings.redis_url, settings.redis, redis_class=ArqRedis)
+    pool.job_serializer, pool.job_deserializer = wire.dumps, job_deserializer
+    pool.default_queue_name = settings.queue_name
+    worker = _Worker(
+        options=settings,
         functions=[
             func(
                 load_job,
@@ -66,7 +100,7 @@ def create_worker(
             )
         ],
         queue_name=settings.queue_name,
-        redis_settings=redis_settings(settings.redis_url),
+        redis_pool=pool,
         burst=burst,
         max_jobs=settings.concurrency,
         poll_delay=settings.poll_delay_s,
@@ -124,7 +158,7 @@ class WorkerRunner:
     async def run(self) -> None:
         """Run until stopped (or, in burst mode, until the queue is empty)."""
         assert self.settings.redis_url
-        redis = aioredis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5)
+        redis = redis_client(self.settings.redis_url, self.settings.redis)
         self.redis = redis
         book = JobBook(redis, self.settings, self.supervisor.metrics)
         self.supervisor.history = History(redis, self.settings.limits)
@@ -195,6 +229,14 @@ class WorkerRunner:
         running = [t for t in worker.tasks.values() if not t.done()]
         if running:
             await asyncio.wait(running, timeout=10)
+        # arq's close() gathers its job tasks and would raise the CancelledError of one
+        # stopped while it was still starting (in its first Redis round trip), skipping
+        # the rest of the tidy-up: finished ones are collected here instead.
+        for job_id, task in list(worker.tasks.items()):
+            if task.done():
+                del worker.tasks[job_id]
+                if not task.cancelled() and task.exception() is not None:
+                    log.warning("job_task_failed", job_id=job_id, error=str(task.exception()))
         try:
             await worker.close()
         except (RedisError, OSError) as exc:  # Redis is gone: nothing left to tidy there
@@ -210,6 +252,10 @@ class WorkerRunner:
             return
         self._stop_requested = True
         log.info("worker_stopping", grace_s=self.settings.drain_grace_s)
+        # Shutting down: a Redis outage now ends the wait instead of being ridden through.
+        for client in (self.redis, self.worker.pool if self.worker else None):
+            if client is not None:
+                stop_riding_through(client)
         if self.worker is not None:
             self.worker.allow_pick_jobs = False
         self._draining = asyncio.get_running_loop().create_task(self._drain())

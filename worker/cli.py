@@ -623,8 +623,7 @@ def autoscale(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     desired = clamp(ceil((ready + running) / (service rate per worker x target drain s)),
     min, max); the service rate is measured from the last hour's loads (see README).
     """
-    import redis.asyncio as aioredis
-
+    from loadwarden.producer.connection import redis_client
     from loadwarden.producer.counts import queue_counts
     from loadwarden.worker.autoscale_inputs import decide_from_counts
 
@@ -635,7 +634,7 @@ def autoscale(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
         )
 
     async def go() -> dict[str, Any]:
-        client = aioredis.Redis.from_url(settings.redis_url or "", socket_connect_timeout=5)
+        client = redis_client(settings.redis_url or "", settings.redis)
         try:
             counts = await queue_counts(client, settings.queue_name)
         finally:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import signal
 
-import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
+from loadwarden.producer.connection import redis_client
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.probes import Probes
@@ -35,7 +35,7 @@ async def run_exporter(
 ) -> None:
     """Serve the queue gauges on ``host:port`` until SIGTERM/SIGINT (or ``stop`` is set)."""
     assert settings.redis_url
-    redis = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    redis = redis_client(settings.redis_url, settings.redis)
     registry = CollectorRegistry()
     gauges = QueueGauges(registry)
     stopping = stop or asyncio.Event()

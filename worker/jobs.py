@@ -23,6 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from loadwarden.producer.connection import subscribe
 from loadwarden.producer.contract import Attempt, LoadReport, LoadRequest, Outcome
 from loadwarden.producer.keys import (
     ATTEMPTS_KEY_PREFIX,
@@ -108,20 +109,24 @@ class JobBook:
         delay = 0.5
         while True:
             try:
-                async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(CANCEL_CHANNEL)
+                async for data in subscribe(
+                    self.redis, CANCEL_CHANNEL, self.settings.redis, self._catch_up_cancels
+                ):
                     delay = 0.5
-                    async for message in pubsub.listen():
-                        if message.get("type") != "message":
-                            continue
-                        job_id = message["data"].decode(errors="replace")
-                        if job_id in self._cancel_events:
-                            self._cancel_events[job_id].set()
-                        # A cancel may arrive before the load starts: the flag key covers that.
+                    job_id = data.decode(errors="replace")
+                    if job_id in self._cancel_events:
+                        self._cancel_events[job_id].set()
+                    # A cancel may arrive before the load starts: the flag key covers that.
             except (RedisError, OSError) as exc:
                 log.warning("cancel_watch_lost", error=str(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+    async def _catch_up_cancels(self) -> None:
+        """Cancels published while the channel was down: their flags are still in Redis."""
+        for job_id, event in list(self._cancel_events.items()):
+            if not event.is_set() and await self.is_cancelled(job_id):
+                event.set()
 
     @contextlib.asynccontextmanager
     async def lease(self, job_id: str) -> AsyncIterator[None]:

@@ -1,0 +1,226 @@
+"""How loadwarden reaches Redis: URLs, ride-through of a restart, half-open connections, WAIT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from loadwarden.producer import Client, LoadRequest
+from loadwarden.producer.connection import (
+    NotReplicated,
+    blocking_redis_client,
+    confirm_replicated,
+    parse_redis_url,
+    redis_client,
+    subscribe,
+)
+from loadwarden.producer.contract import Outcome
+from loadwarden.producer.errors import RedisUnavailable
+from loadwarden.producer.settings import RedisOptions, Settings
+from loadwarden.worker._redis_server import RedisServer
+from tests.conftest import StartWorker, call_until
+from tests.tcp_proxy import FreezingProxy
+
+LOADWARDEN = str(Path(sys.executable).parent / "loadwarden")
+#: Tight bounds so a half-open connection is given up on in about two seconds.
+TIGHT = RedisOptions(
+    connect_timeout_s=0.5,
+    socket_timeout_s=0.5,
+    health_check_interval_s=0.2,
+    ride_through_s=1.5,
+    wait_timeout_s=0.2,
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "sentinels", "service", "db", "ssl"),
+    [
+        ("redis+sentinel://h1:26379,h2:1/svc", [("h1", 26379), ("h2", 1)], "svc", 0, False),
+        ("redis+sentinel://:pw@h1/svc/3", [("h1", 26379)], "svc", 3, False),
+        ("rediss+sentinel://u:p@[::1]:5000,h:1/s?db=2", [("::1", 5000), ("h", 1)], "s", 2, True),
+    ],
+)  # fmt: skip
+def test_sentinel_urls_parse(
+    url: str, sentinels: list[tuple[str, int]], service: str, db: int, ssl: bool
+) -> None:
+    """A Sentinel URL names its Sentinels, the service and the database; TLS by scheme."""
+    target = parse_redis_url(url)
+    assert list(target.sentinels) == sentinels
+    assert (target.service, target.options["db"], target.ssl) == (service, db, ssl)
+
+
+def test_sentinel_url_credentials_are_the_data_nodes() -> None:
+    """user:pass@ is the primary's password (URL-decoded); the Sentinels' own comes by query."""
+    target = parse_redis_url(
+        "rediss+sentinel://u:p%40ss@h:1/svc?sentinel_password=s&ssl_cert_reqs=none"
+    )
+    assert (target.options["username"], target.options["password"]) == ("u", "p@ss")
+    assert target.sentinel_options["password"] == "s" and target.sentinel_options["ssl"]
+    assert "p@ss" not in target.display and "p%40ss" not in target.display
+
+
+@pytest.mark.parametrize(
+    "url", ["redis+sentinel:///svc", "redis+sentinel://h:1/", "redis+sentinel://h:x/s", "http://h"]
+)
+def test_bad_urls_are_refused_with_a_reason(url: str) -> None:
+    """A URL that names no Sentinel, no service, a bad port or an unknown scheme is refused."""
+    with pytest.raises(ValueError, match=r"Sentinel|port|scheme"):
+        parse_redis_url(url)
+
+
+async def test_client_refuses_a_bad_url_clearly() -> None:
+    """The client reports a malformed URL as RedisUnavailable naming the URL."""
+    with pytest.raises(RedisUnavailable, match="bad Redis URL"):
+        await Client("redis+sentinel://nohost:abc/svc").connect()
+
+
+async def test_report_rides_through_a_restart(
+    start_worker: StartWorker, small_model: Path, tmp_path: Path
+) -> None:
+    """A preload under way while Redis (AOF) restarts finishes: every entry ok, no error raised."""
+    server = RedisServer(appendonly=True, data_dir=tmp_path / "redis").start()
+    try:
+        start_worker(server.url, "brief", concurrency=4, lease_s=2, lease_renew_s=0.5)
+        requests = [
+            (f"m{i}", LoadRequest(source=str(small_model), labels={"n": str(i)})) for i in range(24)
+        ]
+        async with Client(server.url) as client:
+            done = asyncio.Event()
+
+            def progress(entry: object, *_: object) -> None:
+                done.set()
+
+            batch = asyncio.create_task(client.preload(requests, on_progress=progress))
+            await asyncio.wait_for(done.wait(), 30)  # the batch is under way
+            server.stop()
+            server.start()
+            result = await asyncio.wait_for(batch, 55)
+        assert result.totals.ok == len(requests), result.totals
+    finally:
+        server.close()
+
+
+async def test_redis_gone_for_good_is_a_clear_error_in_bounded_time(tmp_path: Path) -> None:
+    """Once the ride-through is spent, the client raises RedisUnavailable saying so."""
+    server = RedisServer(data_dir=tmp_path / "redis").start()
+    settings = Settings(redis_url=server.url, redis=TIGHT)
+    try:
+        async with Client(settings=settings) as client:
+            handle = await client.enqueue(LoadRequest(source=str(tmp_path / "m.safetensors")))
+            server.stop(kill=True)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(RedisUnavailable, match="RIDE_THROUGH_S"):
+                await handle.report(timeout_s=60)
+            assert loop.time() - started < TIGHT.ride_through_s + 2 * TIGHT.socket_timeout_s + 1
+    finally:
+        server.close()
+
+
+async def test_half_open_connection_does_not_hang_report(redis_url: str) -> None:
+    """A connection whose peer stops answering fails report() within its bound, not never."""
+    port = urlsplit(redis_url).port or 6379
+    async with FreezingProxy(port) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/9"
+        async with Client(settings=Settings(redis_url=url, redis=TIGHT)) as client:
+            handle = await client.enqueue(LoadRequest(source="/nowhere/m.safetensors"))
+            proxy.freeze()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(RedisUnavailable):
+                await handle.report(timeout_s=60)
+            bound = TIGHT.ride_through_s + TIGHT.socket_timeout_s + TIGHT.connect_timeout_s + 1
+            assert loop.time() - started < bound
+
+
+async def test_half_open_subscription_is_noticed(redis_url: str) -> None:
+    """A cancel subscription whose connection goes silent raises instead of listening for ever."""
+    port = urlsplit(redis_url).port or 6379
+    async with FreezingProxy(port) as proxy:
+        client = redis_client(f"redis://127.0.0.1:{proxy.port}/9", TIGHT)
+        subscribed = asyncio.Event()
+
+        async def on_subscribed() -> None:
+            subscribed.set()
+
+        async def listen() -> None:
+            async for _ in subscribe(client, "lw-test", TIGHT, on_subscribed):
+                pass
+
+        task = asyncio.create_task(listen())
+        try:
+            await asyncio.wait_for(subscribed.wait(), 10)
+            proxy.freeze()
+            with pytest.raises(RedisConnectionError, match="no answer"):
+                await asyncio.wait_for(task, 10)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.aclose()
+
+
+async def test_wait_without_replicas_says_so(redis_url: str) -> None:
+    """WAIT 1 against a primary with no replica raises NotReplicated; WAIT 0 is not sent at all."""
+    client = redis_client(redis_url)
+    try:
+        assert await confirm_replicated(client, RedisOptions()) is None
+        with pytest.raises(NotReplicated, match="0 of 1 replicas"):
+            await confirm_replicated(client, RedisOptions(wait_replicas=1, wait_timeout_s=0.1))
+    finally:
+        await client.aclose()
+
+
+async def test_outcome_is_ok_through_plain_factory(
+    start_worker: StartWorker, settings: Settings, small_model: Path
+) -> None:
+    """A worker and a client built by the one factory run a load end to end."""
+    assert settings.redis_url
+    start_worker(settings.redis_url)
+    async with Client(settings=settings) as client:
+        report = await (await client.enqueue(LoadRequest(source=str(small_model)))).report(
+            timeout_s=30
+        )
+    assert report.outcome is Outcome.OK
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_preload_command_rides_through_a_restart(
+    start_worker: StartWorker, small_model: Path, tmp_path: Path
+) -> None:
+    """`loadwarden preload` with Redis (AOF) restarted mid-batch exits 0, every entry ok."""
+    server = RedisServer(appendonly=True, data_dir=tmp_path / "redis").start()
+    try:
+        start_worker(server.url, "brief", lease_s=2, lease_renew_s=0.5)
+        catalog = tmp_path / "catalog.toml"
+        entries = []
+        for i in range(12):  # distinct files: duplicates would run once
+            copy = tmp_path / f"m{i}.safetensors"
+            shutil.copyfile(small_model, copy)
+            entries.append(f'[[model]]\nname = "m{i}"\nsource = "{copy}"\n')
+        catalog.write_text("\n".join(entries))
+        command = [LOADWARDEN, "preload", str(catalog), "--redis", server.url, "--json"]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            probe = blocking_redis_client(server.url)
+            call_until(lambda: probe.keys("arq:result:*") or proc.poll() is not None, 60)
+            probe.close()
+            server.stop()
+            server.start()
+            out, err = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+        assert json.loads(out)["totals"]["ok"] == 12
+    finally:
+        server.close()
