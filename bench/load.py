@@ -13,7 +13,7 @@ ml_dtypes), computes their sha256, then ``--repeat`` times, alternating:
   RSS is that process's own high-water mark (``VmHWM``), interpreter and numpy
   included, nothing subtracted. Not ``ru_maxrss``: after (v)fork + exec it keeps
   the launching process's peak (this bench's own RSS), so it is in the JSON only;
-* loadwarden: ``Supervisor.load`` with the sha256 (verified in the child),
+* loadwarden: ``Supervisor.load`` with the sha256 (verified by the supervisor),
   timed end to end around the call, next to the report's ``wall_seconds`` and
   ``peak_rss_bytes``, for each variant: our loader on the F32 model and on the
   BF16 model (which ``safetensors.numpy`` cannot load at all: its ratio is

@@ -40,6 +40,24 @@ class InspectionCaps(BaseModel):
     # almost all one repeated byte, which is what a zip bomb is. Members under 1 MiB are
     # exempt, so small zero-initialised tensors (biases, LoRA B matrices) still load.
     max_compression_ratio: Annotated[float, Field(gt=1)] = 100.0
+    # The same ratio cap for a whole archive (all members inflated against the file's
+    # size), so that many exempt members cannot add up to a bomb (2000 x 1 MiB of zeros:
+    # a 2.4 MB file, 2.1 GB resident). Archives inflating to at most this much are
+    # exempt: 64 MiB costs no more than a 64 MiB safetensors file would, and covers
+    # every zero-initialised small model we know of.
+    archive_ratio_exempt_bytes: Annotated[int, Field(ge=0)] = 64 * MiB
+    # Headers that may be larger than this are inspected in a confined child, not the
+    # supervisor: parsing costs up to ~30x the header in memory (478 MB for 16 MiB of
+    # nested empty arrays), so 1 MiB bounds the in-process cost near 30 MiB, and every
+    # real .npy and small safetensors header (a few KiB) stays in-process and fast.
+    isolate_above_bytes: Annotated[int, Field(ge=0)] = 1 * MiB
+    # The inspection child's memory: the worst 16 MiB header costs 478 MB to parse.
+    child_memory_bytes: Annotated[int, Field(gt=0)] = 1 * GiB
+    # Its CPU time: strict inspection of a real 16 MiB header takes about a second.
+    child_cpu_seconds: Annotated[int, Field(gt=0)] = 30
+    # The largest summary the supervisor accepts from it: 200,000 tensors with
+    # 100-character names and rank-4 shapes is about 30 MB of JSON.
+    max_summary_bytes: Annotated[int, Field(gt=0)] = 48 * MiB
     # llama.cpp's GGUF files carry 20-60 keys; 4096 leaves room for custom metadata.
     max_gguf_keys: Annotated[int, Field(gt=0)] = 4096
     # The longest GGUF strings are chat templates and licences: tens of KiB.
@@ -66,11 +84,19 @@ class LimitPolicy(BaseModel):
     baseline_memory_bytes: Annotated[int, Field(ge=0)] = 64 * MiB
     # Measured: the pread backend holds the tensors once (peak RSS 1.0x tensor bytes).
     loader_memory_factor: Annotated[float, Field(ge=1.0)] = 1.0
-    # Headroom for the parsed header, the hashing helper and allocator slack: a fixed
+    # Headroom for the parsed header and allocator slack (set when the child also ran a
+    # hashing helper; the hash is the supervisor's now, so this errs high): a fixed
     # part for small models and a fraction for large ones (a 100 MB model: 1.42x).
     memory_slack_bytes: Annotated[int, Field(ge=0)] = 32 * MiB
     memory_slack_fraction: Annotated[float, Field(ge=0)] = 0.1
     memory_floor_bytes: Annotated[int, Field(gt=0)] = 128 * MiB
+    # Per tensor, whatever its size: safetensors' dict of 200,000 zero-size arrays grew
+    # the loader by 0.87 KiB each (measured), and the child's manifest of them (a list,
+    # then its JSON) about as much again; without it such a file died of SIGABRT.
+    per_tensor_memory_bytes: Annotated[int, Field(ge=0)] = 2 * 1024
+    # Per tensor: 52 us each to load 50,000 zero-size tensors on a busy 2-core node
+    # (measured), doubled for the manifest.
+    per_tensor_s: Annotated[float, Field(ge=0)] = 100e-6
     memory_ceiling_bytes: Annotated[int, Field(gt=0)] = 64 * GiB
     # Interpreter start, confinement and the first page faults.
     startup_s: Annotated[float, Field(gt=0)] = 5.0

@@ -34,6 +34,8 @@ SPARSE_BYTES = 100 * 10**9
 SPARSE_BUDGET = 64 * 1024**3
 #: How far the zip bomb inflates (its file is about 260 KB).
 BOMB_BYTES = 256 * 1024 * 1024
+#: Each member of the aggregate bomb: at the per-member exemption (1 MiB).
+AGGREGATE_MEMBER_BYTES = 1024 * 1024
 SMALL_CAPS = InspectionCaps(max_tensors=3, max_header_bytes=1024)
 #: Codes whose error is SourceRefused (outcome ``refused``); every other is InvalidModel.
 REFUSED_CODES = frozenset({"code_bearing_format", "object_array", "format_mismatch", "over_budget"})
@@ -101,6 +103,13 @@ def _bomb() -> bytes:
     return ff.zeros_bomb("zeros.npy", BOMB_BYTES)
 
 
+def _aggregate_bomb() -> bytes:
+    """100 members of 1 MiB of zeros each: every one exempt from the per-member ratio cap."""
+    member = ff.npy_of(np.zeros(AGGREGATE_MEMBER_BYTES - 128, dtype=np.uint8))
+    assert len(member) == AGGREGATE_MEMBER_BYTES
+    return ff.zip_bytes([(f"m{n}.npy", member) for n in range(100)], zipfile.ZIP_DEFLATED)
+
+
 def _gguf_offsets(offsets: tuple[int, int], data_bytes: int = 48) -> bytes:
     infos = [ff.gguf_tensor(f"t{i}", [4], ff.GGML_F32, off) for i, off in enumerate(offsets)]
     return ff.gguf_bytes([], infos, bytes(data_bytes))
@@ -138,6 +147,8 @@ ARRAYS = {
 }
 U8x4 = entry("U8", [4], 0, 4)
 OBJECTS = ff.npy_of(np.array([1, "x"], dtype=object), allow_pickle=True)
+#: serde_json reads -0 as the float -0.0: the Rust loader refuses it as a shape or offset.
+MINUS_ZERO = '{{"t":{{"dtype":"U8","shape":{},"data_offsets":{}}}}}'
 DEEP_JSON = '{"t":' + "[" * 10**5 + "]" * 10**5 + "}"
 DUP_NPY = "{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (4,)}"
 CODE_NPY = ff.npy_header().replace("'<f4'", "__import__('os').getpid()")
@@ -162,6 +173,9 @@ def _safetensors_cases() -> list[Case]:
         c("st-deep-nesting", raw_file(DEEP_JSON), "header_not_json"),
         c("st-unknown-dtype", one_tensor(dtype="Q9"), "unknown_dtype"),
         c("st-negative-shape", one_tensor(shape=[-4]), "bad_shape"),
+        c("st-minus-zero-shape", raw_file(MINUS_ZERO.format("[-0]", "[0,0]")), "bad_shape"),
+        c("st-minus-zero-offset", raw_file(MINUS_ZERO.format("[0]", "[-0,0]")), "bad_offsets"),
+        c("st-zero-size-huge-dim", raw_file({"t": entry("U8", [2**63, 0], 0, 0)}), "bad_shape"),
         c("st-overflowing-shape", one_tensor(shape=[2**62, 2**62]), "too_large"),
         c("st-offsets-reversed", one_tensor(data_offsets=[4, 0]), "bad_offsets"),
         c("st-offsets-overlap", raw_file({"a": U8x4, "b": entry("U8", [4], 2, 6)}, bytes(6)),
@@ -206,6 +220,7 @@ def _npy_cases() -> list[Case]:
         c("npy-structured-object", ff.npy_bytes(ff.npy_header([("a", "<f4"), ("b", "|O")])),
           "object_array"),
         c("npy-negative-shape", ff.npy_bytes(shape((-1,)), F4x4), "bad_shape"),
+        c("npy-zero-size-huge-dim", ff.npy_bytes(shape((2**63, 0))), "bad_shape"),
         c("npy-overflowing-shape", ff.npy_bytes(shape((2**62, 2**62))), "too_large"),
         c("npy-rank-17", ff.npy_bytes(shape((1,) * 17), F4x4[:4]), "rank_too_large"),
         c("npy-fortran-not-bool", ff.npy_bytes(ff.npy_header(fortran=1), F4x4), "bad_header"),
@@ -238,6 +253,7 @@ def _npz_cases() -> list[Case]:
           "too_many_tensors", caps=SMALL_CAPS),
         c("npz-zip64-claims-2^40-members", ff.zip64_end_claiming(2**40), "too_many_tensors"),
         c("npz-zip-bomb", _bomb, "compression_ratio", fragment="zip bomb"),
+        c("npz-aggregate-zip-bomb", _aggregate_bomb, "compression_ratio", fragment="100 members"),
         c("npz-overlapping-members", ff.overlapping_npz(np.zeros(4), 3), "overlapping_members"),
         c("npz-object-member", one(ff.npy_of(np.array([None]), allow_pickle=True)),
           "object_array"),
@@ -289,6 +305,7 @@ def _gguf_cases() -> list[Case]:
         c("gguf-rank-5", _gguf_one([1] * 5, data=4), "rank_too_large"),
         c("gguf-negative-dim", _gguf_one([2**64 - 1]), "bad_shape"),
         c("gguf-overflowing-dims", _gguf_one([2**31] * 3), "too_large"),
+        c("gguf-rank-0-quantised", _gguf_one([], ff.GGML_Q4_K), "bad_shape", fragment="rank-0"),
         c("gguf-block-misfit", _gguf_one([100], ff.GGML_Q4_K, 144), "bad_shape"),
         c("gguf-misaligned-offset", _gguf_offsets((0, 20)), "bad_offsets"),
         c("gguf-offsets-out-of-order", _gguf_offsets((32, 0)), "offsets_not_contiguous"),

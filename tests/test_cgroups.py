@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from loadwarden.producer.settings import Settings
+from loadwarden.worker.sandbox import _seccomp
 from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox.cgroups import CgroupManager
 from loadwarden.worker.sandbox.forkserver import SandboxError
@@ -166,7 +167,7 @@ async def test_confinement_is_exported_as_labels(tmp_path: Path) -> None:
             {
                 "cgroups": "none",
                 "landlock": f"abi{abi_version()}" if abi_version() else "none",
-                "seccomp": "none",
+                "seccomp": "no_sockets" if _seccomp.available() else "none",
                 "address_space_limit": "on",
             },
         )

@@ -21,6 +21,7 @@ from loadwarden.producer.errors import (
     LoadTimeout,
     MemoryExceeded,
 )
+from loadwarden.producer.settings import LimitPolicy, Settings
 from loadwarden.worker.supervisor import Supervisor
 from tests.conftest import assert_pid_gone, eventually, group_members
 from tests.safetensors_files import entry, raw_file, valid_model, write
@@ -239,3 +240,23 @@ async def test_symlink_and_missing_file_are_classified(
     assert (refused.outcome, missing.outcome) == (Outcome.REFUSED, Outcome.UNAVAILABLE)
     assert refused.error is not None and refused.error.code == "outside_root"
     assert supervisor.forkserver.spawned == 0
+
+
+MiB = 1024 * 1024
+#: Zero-size tensors whose per-tensor cost alone passes the tight policy's memory.
+MANY_TENSORS = 30_000
+#: The child's baseline and slack cut to the bone (it starts near 23 MiB), so that a
+#: few seconds' worth of tensors is enough to show what per-tensor overhead does.
+TIGHT = LimitPolicy(
+    baseline_memory_bytes=24 * MiB, memory_slack_bytes=8 * MiB, memory_floor_bytes=32 * MiB
+)
+
+
+async def test_many_zero_size_tensors_load_ok(tmp_path: Path) -> None:
+    """A valid file of many zero-size tensors loads ok: its memory limit counts every tensor."""
+    path = tmp_path / "many.safetensors"
+    write(path, raw_file({f"t{n}": entry("F32", [0], 0, 0) for n in range(MANY_TENSORS)}))
+    async with Supervisor(Settings(limits=TIGHT)) as sup:
+        report = await sup.load(LoadRequest(source=str(path)))
+    assert report.outcome is Outcome.OK, report.error
+    assert report.model is not None and len(report.model.tensors) == MANY_TENSORS

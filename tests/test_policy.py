@@ -80,7 +80,6 @@ OK = Loaded(
             "memory_exceeded",
             "memory_limit",
         ),
-        (_raised("DigestMismatch"), _exit(code=1), False, "invalid", "sha256_mismatch"),
         (_raised("SafetensorError"), _exit(code=1), False, "invalid", "loader_rejected"),
         (_raised("ZeroDivisionError"), _exit(code=1), False, "crashed", "loader_error"),
         (None, _exit(sig=signal.SIGXCPU), False, "cpu_exceeded", "cpu_limit"),
@@ -100,7 +99,6 @@ OK = Loaded(
         "timeout",
         "memory-error",
         "rust-alloc-panic",
-        "digest",
         "loader-rejected",
         "other-exception",
         "sigxcpu",
@@ -178,3 +176,14 @@ def test_history_sets_deadline_and_keeps_memory_at_least_declared() -> None:
     assert limits.derivation.memory_bytes is Derivation.DECLARED_SIZE
     few = HistoryStats(samples=1, wall_p95_s=40.0, cpu_p95_s=30.0, peak_rss_p95_bytes=10 * MiB)
     assert derive_limits(100 * MiB, LimitOverrides(), POLICY, few) == declared
+
+
+def test_every_tensor_costs_memory_and_time_whatever_its_size() -> None:
+    """200,000 zero-size tensors raise the memory and time limits by their per-tensor cost."""
+    empty = derive_limits(0, LimitOverrides(), POLICY)
+    many = derive_limits(0, LimitOverrides(), POLICY, tensor_count=200_000)
+    extra = 200_000 * POLICY.per_tensor_memory_bytes
+    assert many.memory_bytes == POLICY.baseline_memory_bytes + POLICY.memory_slack_bytes + extra
+    assert many.memory_bytes > empty.memory_bytes
+    assert many.cpu_seconds == pytest.approx(POLICY.startup_s + 200_000 * POLICY.per_tensor_s)
+    assert many.timeout_seconds > empty.timeout_seconds

@@ -30,6 +30,8 @@ from tests.conftest import eventually
 
 BODY = bytes(range(256)) * 64  # 16 KiB, several reads' worth
 BODY_SHA = hashlib.sha256(BODY).hexdigest()
+#: The trickling route sends one byte this often (well inside every read timeout).
+TRICKLE_GAP_S = 0.2
 #: How long any open of a local path may take: it never waits on anything.
 QUICK_S = 5.0
 
@@ -318,6 +320,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.release.wait(timeout=30)
         self.wfile.write(BODY[100:])
 
+    def _route_trickle(self, rest: str) -> None:
+        # One byte per TRICKLE_GAP_S: never a gap as long as any read timeout.
+        self._head(200, Content_Length=len(BODY))
+        for start in range(len(BODY)):
+            self.wfile.write(BODY[start : start + 1])
+            self.wfile.flush()
+            self.server.stalled.set()
+            if self.server.release.wait(timeout=TRICKLE_GAP_S):
+                return
+
+    def _route_flood(self, rest: str) -> None:
+        # The whole body in 1-byte chunks, as fast as the socket takes them.
+        self._head(200, Transfer_Encoding="chunked")
+        self.wfile.write(b"".join(b"1\r\n%s\r\n" % BODY[i : i + 1] for i in range(len(BODY))))
+        self.wfile.write(b"0\r\n\r\n")
+
     def _route_gzip(self, rest: str) -> None:
         self._head(200, Content_Length=len(BODY), Content_Encoding="gzip")
         self.wfile.write(BODY)
@@ -512,6 +530,13 @@ async def test_a_stalled_body_times_out_within_the_read_timeout(
     assert error.code == "timeout"
     assert time.monotonic() - started < policy.read_timeout_s + 1
     assert server.stalled.is_set()
+
+
+async def test_a_flood_of_one_byte_chunks_is_refused(server: ModelServer, cache: Path) -> None:
+    """A body sent in 1-byte chunks is refused after a few thousand, leaving no partial file."""
+    error = await fail(server.url("/flood/m.bin"), web(cache))
+    assert isinstance(error, SourceRefused)
+    assert error.code == "tiny_chunks"
 
 
 async def test_a_cancelled_download_removes_its_temp_file(server: ModelServer, cache: Path) -> None:

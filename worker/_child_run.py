@@ -10,7 +10,7 @@ from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
-from loadwarden.producer.contract import Limits, Sample
+from loadwarden.producer.contract import Limits, Resources, Sample
 from loadwarden.producer.errors import ChildCrashed, LoadError
 from loadwarden.worker._outcome import Loaded, Raised, Ready, parse_message
 from loadwarden.worker._tasks import cancel_and_wait
@@ -26,7 +26,7 @@ from loadwarden.worker.sandbox.forkserver import (
 
 #: After its final message a child exits at once; wait this long before killing it.
 EXIT_GRACE_S = 1.0
-#: Processes a load may have at once (itself, the hashing helper, a little room).
+#: Processes a load may have at once (itself and a little room for what a loader forks).
 CHILD_PIDS_MAX = 16
 
 
@@ -199,3 +199,23 @@ async def run_child(
             timeout_seconds=limits.timeout_seconds,
         )
     return run
+
+
+def traceback_of(run: ChildRun | None) -> str | None:
+    return run.final.traceback if run is not None and isinstance(run.final, Raised) else None
+
+
+def resources_of(run: ChildRun | None) -> Resources | None:
+    if run is None or run.ended is None:
+        return None
+    rchar = run.final.rchar if run.final is not None else 0
+    return Resources(
+        wall_seconds=round(run.wall_seconds, 6),
+        cpu_user_seconds=run.ended.cpu_user_s,
+        cpu_system_seconds=run.ended.cpu_system_s,
+        peak_rss_bytes=max(run.ended.maxrss_bytes, run.sampled_peak_rss),
+        read_bytes=max(rchar, run.sampled_read),
+        samples=run.samples,
+        cgroup_peak_bytes=run.cgroup_peak_bytes,
+        series=run.series,
+    )

@@ -159,7 +159,7 @@ class Shard:
 
     name: str
     file: ModelFile
-    #: A Hugging Face cache blob's sha256 (its file name), verified while loading.
+    #: A Hugging Face cache blob's sha256 (its file name), checked by the supervisor's hash.
     expected_sha256: str | None = None
     #: A cache blob named by its git blob sha1 (a small, non-LFS file such as an index).
     expected_git_sha1: str | None = None

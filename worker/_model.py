@@ -1,19 +1,26 @@
 """One model, many files: inspect every shard, sum them into one summary, check the index,
-and fill in the digests the child computed."""
+and fill in the digests the supervisor computed."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary, ShardInfo
-from loadwarden.producer.errors import InvalidModel, SourceRefused
+from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused
 from loadwarden.producer.settings import InspectionCaps
+from loadwarden.worker._digest import check_digest
 from loadwarden.worker._files import ModelFile, OpenedModel
 from loadwarden.worker._outcome import LoadedModel
 from loadwarden.worker.formats import inspect_model
 from loadwarden.worker.formats._common import over_budget
 from loadwarden.worker.formats.index import check_coverage
+
+
+def shard_format(opened: OpenedModel, declared: ModelFormat | None) -> ModelFormat | None:
+    """The format each file must have: an index names safetensors shards."""
+    return ModelFormat.SAFETENSORS if opened.index is not None else declared
 
 
 def inspect_opened(
@@ -22,23 +29,29 @@ def inspect_opened(
     declared: ModelFormat | None,
     caps: InspectionCaps,
     budget_bytes: int | None,
+    inspected: Sequence[ModelSummary | None] | None = None,
 ) -> ModelSummary:
     """Inspect every file (no loader, no child); a checkpoint's summary sums its shards.
 
+    ``inspected`` holds the summaries already found elsewhere (a confined child's, for
+    a header that may be large), by file; the files without one are inspected here.
     Raises what ``inspect_model`` raises, the index's coverage errors, ``format_mismatch``
     for a checkpoint whose shards are not all of one format, and ``over_budget`` on the
     total.
     """
+    found = list(inspected) if inspected is not None else [None] * len(opened.files)
     summaries = [
-        inspect_model(
+        summary
+        if summary is not None
+        else inspect_model(
             shard.file.fd,
             shard.file.size,
             path=shard.file.path,
-            declared=ModelFormat.SAFETENSORS if opened.index is not None else declared,
+            declared=shard_format(opened, declared),
             caps=caps,
             budget_bytes=budget_bytes,
         ).summary
-        for shard in opened.files
+        for shard, summary in zip(opened.files, found, strict=True)
     ]
     if not opened.checkpoint:
         return summaries[0]
@@ -79,20 +92,26 @@ def inspect_opened(
 
 
 def child_files(opened: OpenedModel) -> dict[str, Any]:
-    """The spec's part about the files: one file's identity, or each shard's name,
-    identity and promised digest (every shard is hashed, and checked against a cache
-    blob's name, in the child; the checkpoint's own digest is checked by ``with_digests``)."""
+    """The spec's part about the files: one file's identity, or each shard's name and
+    identity. No digest: the loader never learns what the file should hash to (the
+    supervisor hashes every file and checks them, ``with_digests``)."""
 
     def identity(f: ModelFile) -> dict[str, int]:
         return {"dev": f.dev, "ino": f.ino, "size": f.size}
 
     if not opened.checkpoint:
         return {"expect": identity(opened.first)}
-    files = [
-        {"name": s.name, "expect": identity(s.file), "sha256": s.expected_sha256}
-        for s in opened.files
-    ]
-    return {"sha256": None, "files": files}
+    return {"files": [{"name": s.name, "expect": identity(s.file)} for s in opened.files]}
+
+
+def needs_digests(opened: OpenedModel, expected_sha256: str | None) -> bool:
+    """Whether the supervisor hashes this model's files: a pinned digest, a cache blob
+    named by its digest, or a checkpoint (whose report lists each shard's sha256)."""
+    return (
+        expected_sha256 is not None
+        or opened.checkpoint
+        or any(s.expected_sha256 for s in opened.files)
+    )
 
 
 def checkpoint_digest(files: list[tuple[str, str]]) -> str:
@@ -104,21 +123,39 @@ def checkpoint_digest(files: list[tuple[str, str]]) -> str:
 
 
 def with_digests(
-    summary: ModelSummary, loaded: LoadedModel, expected_sha256: str | None
-) -> tuple[ModelSummary, InvalidModel | None]:
-    """The summary with the digests the child computed (a checkpoint's, shard by shard),
-    and the error if they contradict the request's ``sha256`` or the files handed over."""
-    if summary.shards is None or loaded.files is None:
-        return summary.model_copy(update={"sha256": loaded.sha256}), None
-    if [f.name for f in loaded.files] != [shard.file for shard in summary.shards]:
+    summary: ModelSummary,
+    opened: OpenedModel,
+    loaded: LoadedModel,
+    digests: Sequence[str] | None,
+    expected_sha256: str | None,
+) -> tuple[ModelSummary, LoadError | None]:
+    """The summary with the digests the supervisor computed (``digests``, one per file; a
+    checkpoint's own derived from its shards'), and the error if the child answered for
+    other files, or a digest contradicts a cache blob's name or the request's ``sha256``."""
+    if summary.shards is not None and (
+        loaded.files is None
+        or [f.name for f in loaded.files] != [shard.file for shard in summary.shards]
+    ):
         return summary, InvalidModel(
             "the loader answered for other files than it was given", code="manifest_mismatch"
         )
+    if digests is None:
+        return summary, None
+    for shard, digest in zip(opened.files, digests, strict=True):
+        if shard.expected_sha256 not in (None, digest):
+            return summary, InvalidModel(
+                f"sha256 of {shard.name} is {digest}, its source names it {shard.expected_sha256}",
+                code="sha256_mismatch",
+            )
+    if summary.shards is None:
+        summary = summary.model_copy(update={"sha256": digests[0]})
+        mismatch = check_digest(digests[0], expected_sha256) if expected_sha256 else None
+        return summary, mismatch
     shards = [
-        shard.model_copy(update={"sha256": f.sha256})
-        for shard, f in zip(summary.shards, loaded.files, strict=True)
+        shard.model_copy(update={"sha256": digest})
+        for shard, digest in zip(summary.shards, digests, strict=True)
     ]
-    digest = checkpoint_digest([(f.name, f.sha256) for f in loaded.files])
+    digest = checkpoint_digest([(s.name, d) for s, d in zip(opened.files, digests, strict=True)])
     summary = summary.model_copy(update={"shards": shards, "sha256": digest})
     if expected_sha256 not in (None, digest):
         return summary, InvalidModel(

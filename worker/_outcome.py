@@ -39,12 +39,11 @@ class Ready(_Message):
 
 
 class LoadedFile(_Message):
-    """One file of a checkpoint, as the child loaded and hashed it."""
+    """One file of a checkpoint, as the child loaded it (its digest is the supervisor's)."""
 
     name: Annotated[str, Field(max_length=255)]
     tensors: Count
     bytes: Count
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 class LoadedModel(_Message):
@@ -93,7 +92,6 @@ def parse_message(raw: dict[str, object]) -> ChildMessage:
 
 # Exceptions a loader raises, by class name, that say the file itself is at fault.
 _INVALID_BY_TYPE = {
-    "DigestMismatch": "sha256_mismatch",
     "ManifestMismatch": "manifest_mismatch",
     "FileChanged": "file_changed",
     "SafetensorError": "loader_rejected",

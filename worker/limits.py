@@ -62,13 +62,15 @@ def derive_limits(
     overrides: LimitOverrides,
     policy: LimitPolicy,
     history: HistoryStats | None = None,
+    tensor_count: int = 0,
 ) -> Limits:
-    """Limits for a model of ``tensor_bytes`` declared bytes.
+    """Limits for a model of ``tensor_bytes`` declared bytes in ``tensor_count`` tensors.
 
     From the declared size:
         memory  = baseline + tensor_bytes x (loader factor + slack fraction) + slack
-        cpu     = startup + tensor_bytes / minimum bandwidth
-        timeout = startup + tensor_bytes / minimum bandwidth
+                  + tensor_count x per-tensor memory
+        cpu     = startup + tensor_bytes / minimum bandwidth + tensor_count x per-tensor time
+        timeout = the same as cpu
     With at least ``history_min_samples`` recent loads of the same model:
         cpu, timeout = p95 of its history x time margin (so a model that always
                        takes 40 s is not killed at 30 s, and a 10x regression is)
@@ -78,8 +80,13 @@ def derive_limits(
     """
     memory: float = policy.baseline_memory_bytes + tensor_bytes * policy.loader_memory_factor
     memory += policy.memory_slack_bytes + tensor_bytes * policy.memory_slack_fraction
+    memory += tensor_count * policy.per_tensor_memory_bytes
     memory_from = cpu_from = timeout_from = Derivation.DECLARED_SIZE
-    cpu = wall = policy.startup_s + tensor_bytes / policy.min_bandwidth_bytes_per_s
+    cpu = wall = (
+        policy.startup_s
+        + tensor_bytes / policy.min_bandwidth_bytes_per_s
+        + tensor_count * policy.per_tensor_s
+    )
     if history is not None and history.samples >= policy.history_min_samples:
         cpu, cpu_from = history.cpu_p95_s * policy.history_time_margin, Derivation.HISTORY
         wall, timeout_from = history.wall_p95_s * policy.history_time_margin, Derivation.HISTORY

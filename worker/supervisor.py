@@ -7,14 +7,14 @@ command's; nothing else runs a load.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import math
 import os
 import socket
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from redis.exceptions import RedisError
@@ -31,7 +31,6 @@ from loadwarden.producer.contract import (
     ModelFormat,
     ModelSummary,
     Outcome,
-    Resources,
     RunningJob,
     WorkerInfo,
 )
@@ -46,10 +45,19 @@ from loadwarden.producer.errors import (
 )
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _version
-from loadwarden.worker._child_run import ChildRun, run_child
+from loadwarden.worker._child_run import ChildRun, resources_of, run_child, traceback_of
+from loadwarden.worker._deadline import before_deadline, in_thread, within
+from loadwarden.worker._digest import digest_files
 from loadwarden.worker._files import OpenedModel
-from loadwarden.worker._model import child_files, inspect_opened, with_digests
-from loadwarden.worker._outcome import Loaded, Raised, classify
+from loadwarden.worker._model import (
+    child_files,
+    inspect_opened,
+    needs_digests,
+    shard_format,
+    with_digests,
+)
+from loadwarden.worker._outcome import Loaded, classify
+from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.admission import Admission, detect_memory_bytes
 from loadwarden.worker.formats import LOADERS
 from loadwarden.worker.history import History, model_identity
@@ -61,13 +69,13 @@ from loadwarden.worker.limits import (
 )
 from loadwarden.worker.logs import configure_logging
 from loadwarden.worker.metrics import Metrics
+from loadwarden.worker.sandbox import _seccomp
 from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox._protocol import manifest_digest
 from loadwarden.worker.sandbox.cgroups import CgroupManager
 from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
+from loadwarden.worker.sandbox.inspector import inspect_in_child, needs_isolation
 from loadwarden.worker.sources import open_model
-
-T = TypeVar("T")
 
 #: The loader each format runs in the child.
 DEFAULT_LOADERS: Mapping[ModelFormat, str] = LOADERS
@@ -75,17 +83,6 @@ DEFAULT_LOADERS: Mapping[ModelFormat, str] = LOADERS
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-async def _in_thread(fn: Callable[[], T]) -> T:
-    """Run blocking work in a thread; if cancelled, let it finish first (it may use our fds)."""
-    future = asyncio.ensure_future(asyncio.to_thread(fn))
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            await future
-        raise
 
 
 #: What an exception we did not expect becomes, by the stage of the load it escaped from
@@ -190,7 +187,7 @@ class Supervisor:
             "landlock": f"abi{self.landlock_abi}" if self.landlock_abi else "none",
             # The child's own seccomp filter, when the sandbox has one; the container
             # runtime's profile (RuntimeDefault) is not ours to report.
-            "seccomp": "none",
+            "seccomp": "no_sockets" if _seccomp.available() else "none",
             "address_space_limit": "on" if self.settings.use_address_space_limit else "off",
         }
 
@@ -269,22 +266,41 @@ class Supervisor:
         cancel: asyncio.Event | None,
         phase: Callable[[JobPhase], None],
     ) -> LoadError | None:
-        opened = await open_model(
-            request.source,
-            expected_sha256=request.sha256,
-            policy=self.settings.sources,
-            caps=self.settings.inspection,
+        loop = asyncio.get_running_loop()
+        budget_s = self.job_budget_s(request)
+        deadline = loop.time() + budget_s
+        opened = await before_deadline(
+            open_model(
+                request.source,
+                expected_sha256=request.sha256,
+                policy=self.settings.sources,
+                caps=self.settings.inspection,
+            ),
+            "opening the source",
+            deadline,
+            budget_s,
+            cancel,
         )
         with opened:
             state.stage = "inspect"
-            state.summary = summary = await _in_thread(lambda: self._inspect(opened, request))
+            state.summary = summary = await before_deadline(
+                self._inspect_bounded(opened, request, deadline),
+                "inspecting the model",
+                deadline,
+                budget_s,
+                cancel,
+            )
             # Once per load, off the event loop: it hashes the whole manifest.
-            manifest = await _in_thread(lambda: _manifest_of(summary))
+            manifest = await in_thread(lambda: _manifest_of(summary))
             state.stage = "limits"
             identity = model_identity(opened, request.sha256)
             history = await self._history_stats(identity, log)
             state.limits = limits = derive_limits(
-                summary.bytes, request.limits, self.settings.limits, history
+                summary.bytes,
+                request.limits,
+                self.settings.limits,
+                history,
+                tensor_count=len(summary.tensors),
             )
             _warn_clamped(log, request, limits)
             state.stage = "admit"
@@ -293,23 +309,44 @@ class Supervisor:
                 phase(JobPhase.LOADING)
                 if cancel is not None and cancel.is_set():
                     raise LoadCancelled("cancelled before the load began", code="cancelled")
-                state.stage = "child"
-                state.run = run = await run_child(
-                    self.forkserver,
-                    self._spec(opened, summary, manifest, limits, request),
-                    [shard.file.fd for shard in opened.files],
-                    limits,
-                    cgroups=self.cgroups,
-                    sample_interval_s=self.settings.sample_interval_s,
-                    log=log,
-                    cancel=cancel,
-                    thresholds=near_thresholds(
-                        limits,
-                        expected_memory_bytes(summary.bytes, self.settings.limits, history),
-                        self.settings.threshold_fraction,
-                    ),
-                    on_threshold=lambda limit: self.metrics.thresholds.labels(limit=limit).inc(),
+                # What is left of the job's deadline, after the source, inspection and admission.
+                state.limits = limits = within(limits, deadline - loop.time())
+                # Every file hashed here while the child loads: the loader never sees a digest.
+                hashing = (
+                    asyncio.create_task(
+                        digest_files([(shard.file.fd, shard.file.size) for shard in opened.files])
+                    )
+                    if needs_digests(opened, request.sha256)
+                    else None
                 )
+                digests: list[str] | None = None
+                state.stage = "child"
+                try:
+                    state.run = run = await run_child(
+                        self.forkserver,
+                        self._spec(opened, summary, manifest, limits),
+                        [shard.file.fd for shard in opened.files],
+                        limits,
+                        cgroups=self.cgroups,
+                        sample_interval_s=self.settings.sample_interval_s,
+                        log=log,
+                        cancel=cancel,
+                        thresholds=near_thresholds(
+                            limits,
+                            expected_memory_bytes(summary.bytes, self.settings.limits, history),
+                            self.settings.threshold_fraction,
+                        ),
+                        on_threshold=lambda limit: self.metrics.thresholds.labels(
+                            limit=limit
+                        ).inc(),
+                    )
+                    if hashing is not None and isinstance(run.final, Loaded):
+                        digests = await before_deadline(
+                            hashing, "hashing the files", deadline, budget_s, cancel
+                        )
+                finally:
+                    if hashing is not None:
+                        await cancel_and_wait(hashing)
         state.stage = "classify"
         assert run.ended is not None  # run_child always ends with stop_child
         if run.cancelled:
@@ -323,7 +360,9 @@ class Supervisor:
             expected_manifest=manifest,
         )
         if isinstance(run.final, Loaded):
-            state.summary, mismatch = with_digests(summary, run.final.result, request.sha256)
+            state.summary, mismatch = with_digests(
+                summary, opened, run.final.result, digests, request.sha256
+            )
             error = error or mismatch
         if run.cgroup_oom and not run.timed_out and not isinstance(run.final, Loaded):
             error = MemoryExceeded(
@@ -375,6 +414,51 @@ class Supervisor:
                 log.warning("load_anomaly", kind=kind, value=value, history_p95=p95, factor=factor)
                 self.metrics.anomalies.labels(kind=kind).inc()
 
+    def job_budget_s(self, request: LoadRequest) -> float:
+        """The whole job's deadline (source, inspection, load): the request's, capped."""
+        ceiling = self.settings.limits.timeout_ceiling_s
+        asked = request.limits.timeout_seconds
+        return ceiling if asked is None else min(asked, ceiling)
+
+    async def _inspect_bounded(
+        self, opened: OpenedModel, request: LoadRequest, deadline: float
+    ) -> ModelSummary:
+        """Inspect in-process (a thread) when every header is small, else each file whose
+        header may be large in its own confined child, one after the other, and the rest here."""
+        caps = self.settings.inspection
+        large = await in_thread(
+            lambda: [needs_isolation(s.file, caps.isolate_above_bytes) for s in opened.files]
+        )
+        if not any(large):
+            return await in_thread(lambda: self._inspect(opened, request))
+        budget_bytes = self.tensor_budget_bytes()
+        found: list[ModelSummary | None] = []
+        for shard, isolate in zip(opened.files, large, strict=True):
+            if not isolate:
+                found.append(None)
+                continue
+            remaining_s = deadline - asyncio.get_running_loop().time()
+            found.append(
+                await inspect_in_child(
+                    shard.file,
+                    declared=shard_format(opened, request.format),
+                    caps=caps,
+                    budget_bytes=budget_bytes,
+                    memory_bytes=caps.child_memory_bytes,
+                    cpu_seconds=max(1, min(caps.child_cpu_seconds, math.ceil(remaining_s))),
+                    max_answer_bytes=caps.max_summary_bytes,
+                )
+            )
+        return await in_thread(
+            lambda: inspect_opened(
+                opened,
+                declared=request.format,
+                caps=caps,
+                budget_bytes=budget_bytes,
+                inspected=found,
+            )
+        )
+
     def _inspect(self, opened: OpenedModel, request: LoadRequest) -> ModelSummary:
         """Sniff each file's format by magic bytes and inspect it strictly (no loader, no
         child); a checkpoint's shards are checked against its index and summed."""
@@ -399,11 +483,9 @@ class Supervisor:
         summary: ModelSummary,
         manifest: str,
         limits: Limits,
-        request: LoadRequest,
     ) -> dict[str, Any]:
         spec: dict[str, Any] = {
             "loader": self.loaders[summary.format],
-            "sha256": request.sha256,
             "memory_bytes": limits.memory_bytes,
             "cpu_seconds": limits.cpu_seconds,
             "max_fds": self.settings.child_max_fds,
@@ -446,7 +528,7 @@ class Supervisor:
             job_id=job_id,
             source=source,
             outcome=outcome,
-            error=ErrorInfo.from_error(error, _traceback(run)) if error else None,
+            error=ErrorInfo.from_error(error, traceback_of(run)) if error else None,
             attempts=[
                 Attempt(
                     number=attempt,
@@ -459,7 +541,7 @@ class Supervisor:
             ],
             model=summary.capped(self.settings.report_max_tensors) if summary else None,
             limits=state.limits,
-            resources=_resources(run),
+            resources=resources_of(run),
             confinement=run.confinement if run else [],
             worker=self.info,
             labels=labels,
@@ -494,26 +576,6 @@ def _warn_clamped(log: FilteringBoundLogger, request: LoadRequest, limits: Limit
     ):
         if getattr(limits.derivation, name) is Derivation.OVERRIDE_CLAMPED:
             log.warning("limit_override_clamped", limit=name, requested=wanted, ceiling=got)
-
-
-def _traceback(run: ChildRun | None) -> str | None:
-    return run.final.traceback if run is not None and isinstance(run.final, Raised) else None
-
-
-def _resources(run: ChildRun | None) -> Resources | None:
-    if run is None or run.ended is None:
-        return None
-    rchar = run.final.rchar if run.final is not None else 0
-    return Resources(
-        wall_seconds=round(run.wall_seconds, 6),
-        cpu_user_seconds=run.ended.cpu_user_s,
-        cpu_system_seconds=run.ended.cpu_system_s,
-        peak_rss_bytes=max(run.ended.maxrss_bytes, run.sampled_peak_rss),
-        read_bytes=max(rchar, run.sampled_read),
-        samples=run.samples,
-        cgroup_peak_bytes=run.cgroup_peak_bytes,
-        series=run.series,
-    )
 
 
 def _manifest_of(summary: ModelSummary) -> str:

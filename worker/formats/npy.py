@@ -198,9 +198,10 @@ def _check_shape(shape: object, caps: InspectionCaps, where: str) -> list[int]:
             where, "rank_too_large", f"rank {len(shape)} is over the cap of {caps.max_rank}"
         )
     for dim in shape:
-        if not (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0):
+        # numpy's dimensions are intp: (2**63, 0) declares no data yet cannot be built.
+        if not (isinstance(dim, int) and not isinstance(dim, bool) and 0 <= dim < 2**63):
             raise invalid(
-                where, "bad_shape", f"dimension {show(dim)} is not a non-negative integer"
+                where, "bad_shape", f"dimension {show(dim)} is not an integer in [0, 2**63)"
             )
     return list(shape)
 

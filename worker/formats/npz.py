@@ -4,8 +4,9 @@ Before a single member byte is inflated: the member count and directory size are
 capped (``_zip``), every name must be a plain ``NAME.npy`` (no paths, no
 duplicates), only stored and deflated members are accepted, no two members may
 share bytes (the overlapping-entry zip bomb), each member's compression ratio is
-capped and the declared uncompressed total is checked against the budget (a
-1 MB file can inflate to 1 GiB). Then each member's ``.npy`` header is read from
+capped, so is the whole archive's (members under the per-member exemption add
+up), and the declared uncompressed total is checked against the budget (a 1 MB
+file can inflate to 1 GiB). Then each member's ``.npy`` header is read from
 its stream (at most the header cap is ever inflated) and must declare exactly
 the member's size.
 """
@@ -41,6 +42,7 @@ def inspect_npz(
         _check_unique(infos)
         _check_disjoint(infos, archive.start_dir)
         _check_total(infos, caps, budget_bytes)
+        _check_archive_ratio(infos, file_size, caps)
         for info in infos:
             _check_ratio(info, caps)
         entries = [_inspect_member(archive, info, caps) for info in infos]
@@ -95,6 +97,20 @@ def _check_ratio(info: zipfile.ZipInfo, caps: InspectionCaps) -> None:
             _WHERE,
             "compression_ratio",
             f"{_member(info)} inflates {info.compress_size} bytes to {info.file_size}, "
+            f"over the ratio cap of {caps.max_compression_ratio:g} (a zip bomb?)",
+        )
+
+
+def _check_archive_ratio(
+    infos: list[zipfile.ZipInfo], file_size: int, caps: InspectionCaps
+) -> None:
+    """The whole archive's ratio: members under the per-member exemption still add up."""
+    total = sum(info.file_size for info in infos)
+    if total > caps.archive_ratio_exempt_bytes and total > file_size * caps.max_compression_ratio:
+        raise invalid(
+            _WHERE,
+            "compression_ratio",
+            f"{len(infos)} members inflate a {file_size}-byte archive to {total} bytes, "
             f"over the ratio cap of {caps.max_compression_ratio:g} (a zip bomb?)",
         )
 

@@ -17,7 +17,10 @@ import signal
 import socket
 import sys
 
-from loadwarden.worker.sandbox import _linux, _protocol
+from loadwarden.worker.sandbox import _landlock, _linux, _protocol
+
+#: Past any descriptor the fork server could hold (closerange uses close_range(2): cheap).
+_MAX_FD = os.sysconf("SC_OPEN_MAX")
 
 
 def _reap(control: socket.socket) -> None:
@@ -39,9 +42,24 @@ def _reap(control: socket.socket) -> None:
             control.send(message)
 
 
-def _fork_child(
-    control: socket.socket, wakeup_r: int, token: int, child_end: socket.socket
-) -> None:
+def _keep_only(fd: int) -> None:
+    """Leave a new child only ``fd`` (its socket) and /dev/null as stdin, stdout and stderr.
+
+    Everything else the fork server holds would be the loader's to abuse: the
+    supervisor's stdout (a forged ``load --json`` line), the selector's epoll
+    descriptor (shared with the fork server: registering an always-ready fd on it
+    makes the server spin), the signal wake-up pipe.
+    """
+    null = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(null, target)
+    if null > 2:
+        os.close(null)
+    os.closerange(3, fd)
+    os.closerange(fd + 1, _MAX_FD)
+
+
+def _fork_child(control: socket.socket, token: int, child_end: socket.socket) -> None:
     try:
         pid = os.fork()
     except OSError as exc:
@@ -54,7 +72,7 @@ def _fork_child(
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             control.close()
-            os.close(wakeup_r)
+            _keep_only(child_end.fileno())
             from loadwarden.worker.sandbox import _child
 
             status = _child.main(child_end)
@@ -91,7 +109,7 @@ def _serve(control: socket.socket) -> None:
                 continue
             (token,) = _protocol.TOKEN.unpack(data[1:])
             child_end = socket.socket(fileno=fds[0])
-            _fork_child(control, wakeup_r, token, child_end)
+            _fork_child(control, token, child_end)
         _reap(control)
 
 
@@ -106,6 +124,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in argv[2:]:
         importlib.import_module(name)
+    _landlock.prepare()  # once here, not in every child: the folders Landlock lets children read
     control = socket.socket(fileno=control_fd)
     control.send(_protocol.READY)
     _serve(control)

@@ -59,6 +59,12 @@ def tensor_size(name: str, dims: list[int], type_id: int, max_total: int) -> tup
     for dim in dims:
         if dim >= 2**63:  # ggml's ne is int64_t
             raise GGUFError("bad_shape", f"tensor {show(name)}: dimension {dim} is not below 2**63")
+    if not dims and kind.block_elements > 1:  # ggml reads a rank-0 tensor as one element
+        raise GGUFError(
+            "bad_shape",
+            f"tensor {show(name)}: {kind.name} packs {kind.block_elements} values per block; "
+            "a rank-0 tensor holds one value",
+        )
     if dims and dims[0] % kind.block_elements:
         raise GGUFError(
             "bad_shape",

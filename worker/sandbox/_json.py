@@ -41,7 +41,8 @@ def parse_object(raw: bytes, invalid: Invalid, what: str, *, padding: str = "") 
     ``invalid(code, message)`` raised.
 
     ``json.loads`` on bytes would also take UTF-16, duplicate keys (last wins),
-    NaN and Infinity, and lone surrogate escapes; each is a defect here. Codes are
+    NaN and Infinity, and lone surrogate escapes; each is a defect here (and ``-0`` is
+    the float ``-0.0``, as serde_json reads it, so no count accepts it). Codes are
     ``{what}_not_utf8``, ``{what}_not_json``, ``{what}_not_object``,
     ``duplicate_key`` and ``non_finite_number``.
     """
@@ -82,9 +83,17 @@ def _load(text: str, invalid: Invalid, what: str) -> dict[str, Any]:
             raise invalid("non_finite_number", f"number {number[:40]} overflows to {value}")
         return value
 
+    def serde_int(number: str) -> int | float:
+        # serde_json reads "-0" as the float -0.0, which no shape or offset (u64) accepts.
+        return -0.0 if number == "-0" else int(number)
+
     try:
         value = json.loads(
-            text, object_pairs_hook=unique, parse_constant=no_constant, parse_float=finite
+            text,
+            object_pairs_hook=unique,
+            parse_constant=no_constant,
+            parse_float=finite,
+            parse_int=serde_int,
         )
     except RecursionError as exc:
         raise invalid(f"{what}_not_json", f"{what} JSON is nested too deeply") from exc

@@ -1,8 +1,9 @@
 """Landlock, through its three system calls (stdlib ctypes only: this runs in the load child).
 
 A child restricts itself, after no_new_privs and before it touches the model: it
-may read the model file and what the interpreter needs (its prefixes, shared
-libraries, its own /proc entry), and nothing more; it may not write or create
+may read the model file and what the interpreter needs (the folders its modules
+came from, shared libraries, its own /proc/PID/io), and nothing more: not the
+working directory, not /proc/PID/net; it may not write or create
 anything, nor execute anything; on ABI >= 4 it may not bind or connect TCP;
 on ABI >= 6 it may not signal processes or reach abstract unix sockets outside
 its own domain. No PyPI binding is used: the released one is a dev version.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import sysconfig
 from collections.abc import Iterable
 
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446  # same on every arch
@@ -61,11 +63,50 @@ def _fs_rights(abi: int) -> int:
     return _FS_BY_ABI[max(k for k in _FS_BY_ABI if k <= abi)]
 
 
+#: Folders the interpreter's modules came from, found once in the fork server (``prepare``).
+_MODULE_FOLDERS: list[str] | None = None
+#: The system's shared libraries (a lazily loaded extension's dependencies).
+_SYSTEM_LIBRARIES = (
+    "/usr/lib",
+    "/usr/lib64",
+    "/lib",
+    "/lib64",
+    "/usr/local/lib",
+    "/etc/ld.so.cache",
+)
+
+
+def _outermost(paths: Iterable[str]) -> list[str]:
+    """The paths, without those inside another one of them (a rule covers its subtree)."""
+    kept: list[str] = []
+    for path in sorted(set(paths)):
+        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(path)
+    return kept
+
+
+def prepare() -> list[str]:
+    """Find (once; the fork server calls it after preloading) the folders a child may read.
+
+    The stdlib and site-packages folders, and the folder of every module already
+    imported (an editable install's packages, the tests' loaders): never
+    ``sys.path`` as given, whose first entry is the working directory under ``-m``.
+    """
+    global _MODULE_FOLDERS
+    if _MODULE_FOLDERS is None:
+        paths = sysconfig.get_paths()
+        folders = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+        for module in list(sys.modules.values()):
+            file = getattr(module, "__file__", None)
+            if isinstance(file, str) and os.path.isabs(file):
+                folders.add(os.path.dirname(file))
+        _MODULE_FOLDERS = _outermost(folders)
+    return _MODULE_FOLDERS
+
+
 def interpreter_paths() -> list[str]:
-    """Folders a Python child reads from: its prefixes, sys.path, the system's shared libraries."""
-    candidates = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path}
-    candidates |= {"/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/etc/ld.so.cache"}
-    candidates.add(f"/proc/{os.getpid()}")
+    """What a Python child reads: its modules' folders, shared libraries, its own /proc/PID/io."""
+    candidates = {*prepare(), *_SYSTEM_LIBRARIES, f"/proc/{os.getpid()}/io"}
     return sorted(p for p in candidates if p and os.path.exists(p))
 
 

@@ -22,7 +22,12 @@ _libc.prctl.restype = ctypes.c_int
 
 def prctl(option: int, arg2: int = 0) -> None:
     """Call prctl(2); raise OSError on failure."""
-    if _libc.prctl(option, arg2, 0, 0, 0) != 0:
+    prctl3(option, arg2, 0)
+
+
+def prctl3(option: int, arg2: int, arg3: int) -> None:
+    """Call prctl(2) with a third argument (a pointer, for PR_SET_SECCOMP); raise on failure."""
+    if _libc.prctl(option, arg2, arg3, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

@@ -36,7 +36,7 @@ REAPED_MSG = struct.Struct("<qqqqq")
 #: Largest control packet.
 MAX_CONTROL_BYTES = 64
 #: Largest spec the supervisor sends a child: a checkpoint of 1024 shards, each named
-#: with its identity and a cache blob's digest, takes about 175 KB.
+#: with its identity, took about 175 KB with a digest each too (there is none now).
 MAX_SPEC_BYTES = 256 * 1024
 #: Descriptors attached to one packet: the kernel's SCM_MAX_FD is 253.
 FDS_PER_MESSAGE = 250

@@ -29,6 +29,9 @@ _METADATA_KEY = "__metadata__"
 JSON_WHITESPACE = " \t\n\r"
 # The Rust loader reads shapes and offsets as u64; this also keeps every number in a message short.
 _COUNT_LIMIT = 2**64
+# numpy's dimensions are intp: a zero-size tensor with a dimension of 2**63 passes the Rust
+# check (its element count is 0) and then fails in numpy.
+_DIM_LIMIT = 2**63
 
 
 class SafetensorsError(Exception):
@@ -245,10 +248,10 @@ def _check_shape(name: str, shape: object, caps: Caps) -> list[int]:
             f"tensor {show(name)} has rank {len(shape)}, over the cap of {caps.max_rank}",
         )
     for dim in shape:
-        if not _is_count(dim):
+        if not (_is_count(dim) and dim < _DIM_LIMIT):
             raise SafetensorsError(
                 "bad_shape",
-                f"tensor {show(name)}: dimension {show(dim)} is not an integer in [0, 2**64)",
+                f"tensor {show(name)}: dimension {show(dim)} is not an integer in [0, 2**63)",
             )
     return shape
 

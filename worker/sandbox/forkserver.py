@@ -50,7 +50,7 @@ REAP_TIMEOUT_S = 10.0
 INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "HOME")
 
 
-def _child_environment() -> dict[str, str]:
+def child_environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV}
     # The fork server imports what the supervisor imports (tests, editable installs).
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -217,7 +217,7 @@ class ForkServer:
     async def _start_process(self) -> None:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = _child_environment()
+        env = child_environment()
         cmd = [
             sys.executable,
             "-m",

@@ -31,7 +31,6 @@ from loadwarden.worker.sandbox import _gguf, _safetensors
 from loadwarden.worker.sandbox._child import (
     FileChanged,
     Spec,
-    _Hasher,
     finish,
     register_loader,
     register_reader,
@@ -54,11 +53,10 @@ Array = np.ndarray[Any, Any]
 
 @register_loader("safetensors")
 def load_safetensors(fd: int, spec: Spec) -> dict[str, Any]:
-    """Read every tensor into memory once, in its true dtype, hash, check the manifest."""
-    hasher = _Hasher(fd) if spec.get("sha256") else None
+    """Read every tensor into memory once, in its true dtype, check the manifest."""
     entries, tensors = safetensors_shard(fd, spec)
     del tensors
-    return finish(entries, hasher, spec)
+    return finish(entries, spec)
 
 
 @register_reader("safetensors")
@@ -70,30 +68,27 @@ def safetensors_shard(fd: int, spec: Spec) -> tuple[list[Entry], object]:
 
 @register_loader("npy")
 def load_npy(fd: int, spec: Spec) -> dict[str, Any]:
-    """Read the array into memory once, hash, check the manifest."""
-    hasher = _Hasher(fd) if spec.get("sha256") else None
+    """Read the array into memory once, check the manifest."""
     entries = [_entry(NPY_TENSOR_NAME, read_npy(fd))]
-    return finish(entries, hasher, spec)
+    return finish(entries, spec)
 
 
 @register_loader("npz")
 def load_npz(fd: int, spec: Spec) -> dict[str, Any]:
-    """Read every member into memory once, hash, check the manifest."""
-    hasher = _Hasher(fd) if spec.get("sha256") else None
+    """Read every member into memory once, check the manifest."""
     arrays = read_npz(fd, spec.get("memory_bytes"))
     entries = [_entry(name, array) for name, array in arrays.items()]
     del arrays
-    return finish(entries, hasher, spec)
+    return finish(entries, spec)
 
 
 @register_loader("gguf")
 def load_gguf(fd: int, spec: Spec) -> dict[str, Any]:
-    """Read every tensor into memory once, hash, check the manifest."""
-    hasher = _Hasher(fd) if spec.get("sha256") else None
+    """Read every tensor into memory once, check the manifest."""
     tensors = read_gguf(fd)
     entries = [(t.name, t.dtype, t.shape, int(array.nbytes)) for t, array in tensors]
     del tensors
-    return finish(entries, hasher, spec)
+    return finish(entries, spec)
 
 
 def read_safetensors(fd: int) -> list[tuple[_safetensors.Tensor, Array]]:

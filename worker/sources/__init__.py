@@ -24,6 +24,7 @@ with a stable ``code``::
         too_many_redirects   more than ``max_redirects`` hops
         too_large            Content-Length or the streamed body is over ``max_download_bytes``
         content_encoding     the server compressed the body although we asked for identity
+        tiny_chunks          the body comes in pieces of under 64 bytes on average (a flood)
         symlink              a file of a checkpoint folder is a symlink (not followed)
         bad_hf_name          an hf:// repository id or revision that is not one
         outside_blobs        a cache snapshot's entry is not a symlink into its repository's blobs/
@@ -51,7 +52,8 @@ Downloads land in ``<cache_dir>/<sha256>/<name>`` (``name``: the URL's last path
 segment, reduced to ``[A-Za-z0-9._-]``); a request with a digest that is already
 cached is served without any network I/O. Redirects are followed by hand, at most
 ``max_redirects`` of them, each hop checked against the same host and address rules.
-Local files are not hashed here: the sandbox hashes them while it loads.
+Local files (and hf:// blobs) are not hashed here: the supervisor hashes every file while
+the child loads (``loadwarden.worker._digest``), outside the loader's reach.
 """
 
 from __future__ import annotations

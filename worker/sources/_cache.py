@@ -138,7 +138,7 @@ class Partial:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | bytearray) -> None:
         """Hash and append one chunk."""
         self._hash.update(chunk)
         view = memoryview(chunk)

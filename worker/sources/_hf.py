@@ -22,10 +22,10 @@ keeps huggingface_hub out of the worker's dependencies (the tests use it to lay
 out caches). ``.no_exist/`` (files the hub said do not exist) is not needed:
 we never ask the hub, and a file missing from a snapshot is simply missing.
 
-A shard whose blob is named by a sha256 is verified against that name while it
-loads: a corrupted cached blob ends ``invalid`` (``sha256_mismatch``). The index,
-a small file stored in git, has a blob named by its git sha1, checked when it is
-read (``blob_mismatch``).
+A shard whose blob is named by a sha256 is checked against that name by the
+supervisor's hash, taken while the child loads: a corrupted cached blob ends
+``invalid`` (``sha256_mismatch``). The index, a small file stored in git, has a
+blob named by its git sha1, checked when it is read (``blob_mismatch``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Fetch a model over http(s): allowed hosts, public addresses pinned per hop, capped, cached."""
+"""Fetch a model over http(s): allowed hosts, public addresses pinned per hop, capped, cached.
+
+The whole download runs under the job's deadline (the supervisor's), not only
+httpx's per-read timeouts: a server that sends one byte just inside every read
+timeout cannot hold a job past it.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,17 @@ from loadwarden.worker.sources._cache import Partial, cache_name, cache_root, ca
 from loadwarden.worker.sources._local import Root, open_under
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+#: Chunks are gathered into writes of this size: one write and one hash update per
+#: MiB, however small the server's chunks (a 1-byte-chunk flood once cost a syscall each).
+_WRITE_BYTES = 1024 * 1024
+#: The longest a download holds the event loop before letting other jobs run.
+_HOLD_LOOP_S = 0.005
+#: A body that arrives in pieces this small on average, once this many have come, is
+#: refused: each piece costs the parser tens of microseconds (a 256 KiB body sent in
+#: 1-byte chunks took 30 s of a core, bench/download_flood.py), and no real server
+#: sends them (a slow TCP link still delivers whole segments, over 500 bytes).
+_MIN_MEAN_CHUNK_BYTES = 64
+_CHUNKS_BEFORE_CHECK = 4096
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -208,11 +224,32 @@ async def _save(
     declared = _content_length(response)
     if declared is not None and declared > cap:
         raise _too_large(f"{url!r} declares {declared} bytes, more than the {cap} byte limit")
+    loop = asyncio.get_running_loop()
     with Partial(cache, url) as partial:
+        pending = bytearray()
+        resume_at = loop.time() + _HOLD_LOOP_S
+        chunks = 0
         async for chunk in response.aiter_raw():
-            if partial.size + len(chunk) > cap:
+            if partial.size + len(pending) + len(chunk) > cap:
                 raise _too_large(f"{url!r} sent more than the {cap} byte limit")
-            partial.write(chunk)
+            pending += chunk
+            chunks += 1
+            received = partial.size + len(pending)
+            if chunks == _CHUNKS_BEFORE_CHECK and received < chunks * _MIN_MEAN_CHUNK_BYTES:
+                raise SourceRefused(
+                    f"{url!r} sends its body in pieces of {received / chunks:.0f} bytes "
+                    f"on average (a flood of tiny chunks)",
+                    code="tiny_chunks",
+                )
+            if len(pending) >= _WRITE_BYTES:
+                partial.write(pending)
+                pending.clear()
+            # A flood of tiny chunks arrives already buffered: the iteration never waits,
+            # so without this it would hold the event loop for as long as the flood lasts.
+            if loop.time() >= resume_at:
+                await asyncio.sleep(0)
+                resume_at = loop.time() + _HOLD_LOOP_S
+        partial.write(pending)
         return await partial.commit(name, expected_sha256)
 
 

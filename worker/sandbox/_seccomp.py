@@ -1,0 +1,103 @@
+"""A seccomp filter that takes sockets away from a load child (stdlib ctypes only: runs there).
+
+A loader child talks to the supervisor over the one socket it was forked with and
+needs no other. Landlock covers TCP only (ABI >= 4) and abstract unix sockets
+(ABI >= 6); a pathname unix socket (an embedded Valkey's, found in
+/proc/net/unix), UDP, netlink or raw sockets stay open to it. This filter makes
+``socket``, ``socketpair``, ``connect``, ``bind`` and ``io_uring_setup`` (whose
+ring can open sockets without those system calls) fail with EPERM, whatever the
+family. Sending on the inherited socket is untouched.
+
+Hand-written (16 BPF instructions) rather than through libseccomp: its Python
+binding is a Debian package (``python3-seccomp``), not a wheel a venv can
+install, and the filter is too small to be worth a C dependency. Only x86_64
+and aarch64 are described; elsewhere ``install`` raises and the child runs
+without it (the report's confinement list says so by omission). A system call
+from another ABI (i386 or x32 on x86_64) kills the process: a genuine loader
+never makes one, and filtering by number would be wrong there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import platform
+
+from loadwarden.worker.sandbox import _linux
+
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_RET_ALLOW = 0x7FFF0000
+_RET_ERRNO = 0x00050000
+_RET_KILL_PROCESS = 0x80000000
+_LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
+_JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+_JGE_K = 0x35  # BPF_JMP | BPF_JGE | BPF_K
+_RET_K = 0x06  # BPF_RET | BPF_K
+_NR_OFFSET, _ARCH_OFFSET = 0, 4  # struct seccomp_data
+_X32_BIT = 0x40000000
+
+#: machine -> (AUDIT_ARCH_*, {socket, socketpair, connect, bind, io_uring_setup}, has x32)
+_ARCHES: dict[str, tuple[int, tuple[int, ...], bool]] = {
+    "x86_64": (0xC000003E, (41, 53, 42, 49, 425), True),
+    "aarch64": (0xC00000B7, (198, 199, 203, 200, 425), False),
+}
+
+
+class _Instruction(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_Instruction))]
+
+
+def program(machine: str) -> list[tuple[int, int, int, int]]:
+    """The filter for ``machine`` as (code, jt, jf, k) instructions; KeyError if unknown."""
+    arch, denied, has_x32 = _ARCHES[machine]
+    checks: list[tuple[int, int]] = []  # (jump code, k) that each jump to "deny" when true
+    if has_x32:
+        checks.append((_JGE_K, _X32_BIT))
+    checks += [(_JEQ_K, nr) for nr in denied]
+    # Layout: load arch, check arch, load nr, checks..., allow, deny, kill.
+    n = len(checks)
+    code = [
+        (_LD_W_ABS, 0, 0, _ARCH_OFFSET),
+        (_JEQ_K, 0, n + 3, arch),  # other ABI -> kill (n checks + load + allow + deny ahead)
+        (_LD_W_ABS, 0, 0, _NR_OFFSET),
+    ]
+    for i, (jump, k) in enumerate(checks):
+        code.append((jump, n - i, 0, k))  # to "deny": past the remaining checks and "allow"
+    code += [
+        (_RET_K, 0, 0, _RET_ALLOW),
+        (_RET_K, 0, 0, _RET_ERRNO | errno.EPERM),
+        (_RET_K, 0, 0, _RET_KILL_PROCESS),
+    ]
+    return code
+
+
+def available() -> bool:
+    """Whether this machine's architecture has a filter (``install`` may still be refused)."""
+    return platform.machine() in _ARCHES
+
+
+def install() -> None:
+    """Deny this process (and what it forks) new sockets; needs no_new_privs first.
+
+    Raises OSError where the architecture is not described or the kernel refuses.
+    """
+    machine = platform.machine()
+    if machine not in _ARCHES:
+        raise OSError(errno.ENOSYS, f"no seccomp filter written for {machine}")
+    code = program(machine)
+    instructions = (_Instruction * len(code))(*(_Instruction(*ins) for ins in code))
+    prog = _Program(len(code), instructions)
+    _linux.prctl3(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(prog))
+
+
+__all__ = ["available", "install", "program"]
