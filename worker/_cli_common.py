@@ -85,6 +85,16 @@ def settings_from(redis: str | None = None, **overrides: Any) -> Settings:
         raise typer.BadParameter(str(exc)) from None
 
 
+def queue_settings(redis: str | None, who: str) -> Settings:
+    """The settings of a command that only makes sense against a queue: a Redis URL is required."""
+    settings = settings_from(redis)
+    if not settings.redis_url:
+        raise typer.BadParameter(
+            f"{who} needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
+        )
+    return settings
+
+
 def with_roots(settings: Settings, *roots: Path) -> Settings:
     """Settings whose local sources may come only from ``roots``."""
     policy = settings.sources.model_copy(update={"allow_roots": tuple(roots)})

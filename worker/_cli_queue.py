@@ -28,7 +28,7 @@ from loadwarden.worker._cli_common import (
     ask,
     emit_report,
     no_answer,
-    settings_from,
+    queue_settings,
 )
 from loadwarden.worker._text import clean
 from loadwarden.worker.logs import configure_logging
@@ -187,11 +187,7 @@ def autoscale(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     from loadwarden.producer.counts import queue_counts
     from loadwarden.worker.autoscale_inputs import decide_from_counts
 
-    settings = settings_from(redis)
-    if not settings.redis_url:
-        raise typer.BadParameter(
-            "autoscale needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
-        )
+    settings = queue_settings(redis, "autoscale")
 
     async def go() -> dict[str, Any]:
         client = redis_client(settings.redis_url or "", settings.redis)
@@ -233,11 +229,7 @@ def exporter(
     """Export the queue's gauges for Prometheus and autoscalers (runs with zero workers too)."""
     from loadwarden.worker.exporter import run_exporter
 
-    settings = settings_from(redis)
-    if not settings.redis_url:
-        raise typer.BadParameter(
-            "the exporter needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
-        )
+    settings = queue_settings(redis, "the exporter")
     configure_logging(log_level)
     # The image's HEALTHCHECK probes LOADWARDEN_METRICS_PORT: the exporter listens there too.
     asyncio.run(run_exporter(settings, port or settings.metrics_port or EXPORTER_PORT))
@@ -260,11 +252,7 @@ def serve(
     from loadwarden.worker.serve.config import load_token, refuse_open_bind
     from loadwarden.worker.serve.run import run_server
 
-    settings = settings_from(redis)
-    if not settings.redis_url:
-        raise typer.BadParameter(
-            "serve needs --redis or LOADWARDEN_REDIS_URL", param_hint="--redis"
-        )
+    settings = queue_settings(redis, "serve")
     try:  # before logging is set up: a refusal binds nothing and configures nothing
         token = load_token(token_file)
         refuse_open_bind(host, token)
