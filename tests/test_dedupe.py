@@ -23,7 +23,10 @@ async def main():
     async with Client(sys.argv[1]) as client:
         await client.redis()
         print("ready", flush=True)
-        while not os.path.exists(sys.argv[4]):  # the starting gun, shared by every producer
+        gun = time.monotonic() + 30  # the starting gun, shared by every producer; bounded
+        while not os.path.exists(sys.argv[4]):
+            if time.monotonic() > gun:
+                sys.exit("no starting gun within 30 s")
             time.sleep(0.001)
         handles = await asyncio.gather(*(client.enqueue(request) for _ in range(int(sys.argv[3]))))
     print(json.dumps([h.job_id for h in handles]))

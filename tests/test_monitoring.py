@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
@@ -85,33 +86,38 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_exporter_reports_a_prepared_backlog(redis_url: str, small_model: Path) -> None:
-    """The exporter serves the queue gauges (with no worker running) for a prepared backlog."""
-    settings = Settings(redis_url=redis_url)
-    async with Client(settings=settings) as client:
-        for i in range(3):
-            await client.enqueue(LoadRequest(source=str(small_model), labels={"n": str(i)}))
+@contextlib.asynccontextmanager
+async def _exporter(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A running exporter on a free loopback port, and an HTTP client for it; stopped after."""
     port, stop = _free_port(), asyncio.Event()
     task = asyncio.create_task(
         run_exporter(settings, port, host="127.0.0.1", stop=stop, interval_s=0.05)
     )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
-
-            async def scrape() -> str | None:
-                try:
-                    text = (await http.get("/metrics")).text
-                    return (
-                        text if _metric(text, 'loadwarden_queue_jobs{state="ready"}') == 3 else None
-                    )
-                except (httpx.TransportError, AssertionError):
-                    return None
-
-            text = await eventually(scrape, 10, "the exporter shows the backlog")
-            ready = await http.get("/readyz")
+            yield http
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_exporter_reports_a_prepared_backlog(redis_url: str, small_model: Path) -> None:
+    """The exporter serves the queue gauges (with no worker running) for a prepared backlog."""
+    settings = Settings(redis_url=redis_url)
+    async with Client(settings=settings) as client:
+        for i in range(3):
+            await client.enqueue(LoadRequest(source=str(small_model), labels={"n": str(i)}))
+    async with _exporter(settings) as http:
+
+        async def scrape() -> str | None:
+            try:
+                text = (await http.get("/metrics")).text
+                return text if _metric(text, 'loadwarden_queue_jobs{state="ready"}') == 3 else None
+            except (httpx.TransportError, AssertionError):
+                return None
+
+        text = await eventually(scrape, 10, "the exporter shows the backlog")
+        ready = await http.get("/readyz")
     assert _metric(text, "loadwarden_workers_alive") == 0
     assert _metric(text, "loadwarden_desired_workers") >= 1
     assert _metric(text, "loadwarden_redis_up") == 1
@@ -125,25 +131,17 @@ async def test_exporter_without_redis_withdraws_the_queue_gauges() -> None:
     """Redis unreachable: loadwarden_redis_up is 0 and no queue gauge is exported (none frozen)."""
     closed = _free_port()  # nothing listens there: every connection is refused
     settings = Settings(redis_url=f"redis://127.0.0.1:{closed}/0")
-    port, stop = _free_port(), asyncio.Event()
-    task = asyncio.create_task(
-        run_exporter(settings, port, host="127.0.0.1", stop=stop, interval_s=0.05)
-    )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+    async with _exporter(settings) as http:
 
-            async def scrape() -> str | None:
-                try:
-                    text = (await http.get("/metrics")).text
-                except httpx.TransportError:
-                    return None
-                return text if "loadwarden_redis_up 0.0" in text else None
+        async def scrape() -> str | None:
+            try:
+                text = (await http.get("/metrics")).text
+            except httpx.TransportError:
+                return None
+            return text if "loadwarden_redis_up 0.0" in text else None
 
-            text = await eventually(scrape, 10, "the exporter reports Redis down")
-            ready = await http.get("/readyz")
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+        text = await eventually(scrape, 10, "the exporter reports Redis down")
+        ready = await http.get("/readyz")
     assert "loadwarden_queue_jobs" not in text and "loadwarden_workers_alive" not in text
     assert ready.status_code == 503
 
