@@ -269,7 +269,8 @@ async def preload(
         by_job.setdefault(job_id, request)
     batch = _Batch(client, entries, by_job, max(1, concurrency), fail_fast, on_progress)
     try:
-        await asyncio.wait_for(batch.run(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await batch.run()
     except TimeoutError:
         for entry in entries:
             if entry.state in (EntryState.QUEUED, EntryState.RUNNING, EntryState.PENDING):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import shutil
@@ -14,7 +15,8 @@ from loadwarden.producer.client import BlockingClient, Client, JobState
 from loadwarden.producer.contract import JobPhase, LoadRequest
 from loadwarden.producer.counts import queue_counts
 from loadwarden.producer.settings import Settings
-from loadwarden.worker.heartbeat import INTERVAL_S
+from loadwarden.worker.heartbeat import INTERVAL_S, KEY_PREFIX, beat
+from loadwarden.worker.supervisor import Supervisor
 from tests.conftest import StartWorker, call_until, eventually, running_worker
 
 MiB = 1024 * 1024
@@ -154,3 +156,26 @@ async def test_an_override_above_the_ceiling_is_said_to_be_clamped(
     assert report.limits.derivation.cpu_seconds is Derivation.OVERRIDE_CLAMPED
     (warning,) = [e for e in captured_events if e["event"] == "limit_override_clamped"]
     assert warning["limit"] == "cpu_seconds" and warning["requested"] == 10**9
+
+
+async def test_heartbeat_stops_when_stopped_as_a_job_ends(
+    settings: Settings, redis_url: str
+) -> None:
+    """A heartbeat cancelled in the moment a change is signalled (a job ending as the worker
+    stops) still ends: Python 3.11's wait_for would drop that cancel and beat on forever,
+    and a burst worker would never exit."""
+    supervisor = Supervisor(settings)
+    redis = aioredis.from_url(redis_url)
+    task = asyncio.create_task(beat(redis, supervisor, settings))
+    try:
+        # Waiting on the change event: asyncio.Event keeps its waiters in _waiters.
+        await eventually(lambda: len(supervisor.changed._waiters) == 1, 10, "heartbeat waiting")
+        supervisor.changed.set()  # the same step of the loop: the race, every time
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=10)
+        assert done == {task}, "the heartbeat ignored its cancel"
+        assert task.cancelled()
+        assert not await redis.exists(KEY_PREFIX + supervisor.info.id)  # it cleaned up
+    finally:
+        task.cancel()
+        await redis.aclose()

@@ -79,6 +79,13 @@ async def _converse(
             raise ChildCrashed("the child sent messages out of order", code="protocol_violation")
 
 
+async def _within(work: Coroutine[Any, Any, None], seconds: float) -> None:
+    """``work`` under a deadline (TimeoutError past it). asyncio.timeout, not wait_for:
+    Python 3.11's wait_for can drop a cancel that arrives as the work ends."""
+    async with asyncio.timeout(seconds):
+        await work
+
+
 async def _until_cancelled(
     work: Coroutine[Any, Any, None], cancel: asyncio.Event | None, run: ChildRun
 ) -> None:
@@ -158,9 +165,9 @@ async def run_child(
         await child.send_spec(spec, fds)
         try:
             await _until_cancelled(
-                asyncio.wait_for(
+                _within(
                     _converse(child, run, monitor, limits, log, sampling),
-                    timeout=limits.timeout_seconds,
+                    limits.timeout_seconds,
                 ),
                 cancel,
                 run,
@@ -175,7 +182,8 @@ async def run_child(
             )
         if run.final is not None and not child.exited.done():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(child.exited), EXIT_GRACE_S)
+                async with asyncio.timeout(EXIT_GRACE_S):
+                    await asyncio.shield(child.exited)
     finally:
         monitor.sample()  # a last look, if it is still there
         try:

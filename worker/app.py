@@ -152,7 +152,8 @@ class WorkerRunner:
             return False, "fork server not running"
         try:
             assert self.redis is not None
-            await asyncio.wait_for(self.redis.ping(), 1.0)
+            async with asyncio.timeout(1.0):
+                await self.redis.ping()
         except (RedisError, OSError, TimeoutError, AssertionError) as exc:
             return False, f"Redis does not answer: {exc}"
         return True, "ready"

@@ -42,7 +42,8 @@ async def run_exporter(
 
     async def ready() -> tuple[bool, str]:
         try:
-            await asyncio.wait_for(redis.ping(), 1.0)
+            async with asyncio.timeout(1.0):
+                await redis.ping()
         except (RedisError, OSError, TimeoutError) as exc:
             return False, f"Redis does not answer: {exc}"
         return True, "ready"

@@ -70,8 +70,12 @@ async def beat(redis: Redis, supervisor: Supervisor, settings: Settings) -> None
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat_failed", error=str(exc))
             await asyncio.sleep(MIN_GAP_S)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the event's
+            # result and drops a cancel that comes as the event is set (a job ending as
+            # the worker stops), and this loop would then beat on forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(supervisor.changed.wait(), INTERVAL_S - MIN_GAP_S)
+                async with asyncio.timeout(INTERVAL_S - MIN_GAP_S):
+                    await supervisor.changed.wait()
             supervisor.changed.clear()
     finally:
         with contextlib.suppress(RedisError, OSError):  # else it expires on its own

@@ -51,7 +51,8 @@ class Probes:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
             if len(head) > MAX_REQUEST_BYTES:
                 raise ValueError("request too large")
             method, path = head.split(b" ", 2)[:2]

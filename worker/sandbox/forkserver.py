@@ -149,7 +149,8 @@ async def stop_child(child: Child) -> ChildExit:
         if not child.exited.done():
             killed = _kill_group(child.pid)
         try:
-            ended = await asyncio.wait_for(asyncio.shield(child.exited), REAP_TIMEOUT_S)
+            async with asyncio.timeout(REAP_TIMEOUT_S):
+                ended = await asyncio.shield(child.exited)
         except TimeoutError:
             raise SandboxError(
                 f"child {child.pid} was not reaped within {REAP_TIMEOUT_S} s"
@@ -237,9 +238,8 @@ class ForkServer:
         self._control = ours
         started = loop.time()
         try:
-            first = await asyncio.wait_for(
-                loop.sock_recv(ours, _protocol.MAX_CONTROL_BYTES), START_TIMEOUT_S
-            )
+            async with asyncio.timeout(START_TIMEOUT_S):
+                first = await loop.sock_recv(ours, _protocol.MAX_CONTROL_BYTES)
         except BaseException:
             await self._stop_process()
             raise
@@ -333,7 +333,8 @@ class ForkServer:
         process, self._process = self._process, None
         if process is not None:
             try:
-                await asyncio.wait_for(asyncio.to_thread(process.wait), 5)
+                async with asyncio.timeout(5):
+                    await asyncio.to_thread(process.wait)
             except TimeoutError:
                 process.kill()
                 await asyncio.to_thread(process.wait)

@@ -112,7 +112,8 @@ async def inspect_in_child(
         ours.setblocking(False)
         data = await _read_to_end(ours, max_answer_bytes)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(_exited(process.pid), _EXIT_GRACE_S)
+            async with asyncio.timeout(_EXIT_GRACE_S):
+                await _exited(process.pid)
     finally:
         ours.close()
         if process.poll() is None:
