@@ -56,6 +56,8 @@ from loadwarden.worker._redis_server import RedisServer
 HERE = Path(__file__).resolve().parent
 WARMUP_JOBS = 20
 BASELINE_QUEUE = "bench:arq"
+#: The baseline worker, imported by name (see bench/_arq_baseline.py for why).
+BASELINE_MAIN = "import sys, _arq_baseline; _arq_baseline.main(*sys.argv[1:])"
 
 Sample = dict[str, float]
 
@@ -139,7 +141,7 @@ class Baseline(Side):
 
     def start(self) -> psutil.Process:
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "_arq_baseline.py"), self.url, BASELINE_QUEUE],
+            [sys.executable, "-c", BASELINE_MAIN, self.url, BASELINE_QUEUE],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             cwd=HERE,

@@ -34,6 +34,7 @@ from loadwarden.producer.errors import (
     RedisUnavailable,
     ReportTimeout,
 )
+from loadwarden.producer.finished import FinishWatch
 from loadwarden.producer.keys import (
     CANCEL_CHANNEL,
     CANCEL_KEY_PREFIX,
@@ -47,8 +48,6 @@ T = TypeVar("T")
 
 #: The one job function a producer may name; the worker registers it under this name.
 FUNCTION_NAME = "load"
-#: How often a waiting client looks for the report (one GET + one ZSCORE).
-REPORT_POLL_S = 0.05
 
 
 class JobState(StrEnum):
@@ -196,6 +195,7 @@ class Client:
             raise RedisUnavailable("no Redis configured: pass a URL or set LOADWARDEN_REDIS_URL")
         self.redis_url = url
         self._pool: ArqRedis | None = None
+        self._finish_watch: FinishWatch | None = None
 
     @property
     def queue_name(self) -> str:
@@ -218,6 +218,9 @@ class Client:
         return self
 
     async def close(self) -> None:
+        if self._finish_watch is not None:
+            await self._finish_watch.close()
+            self._finish_watch = None
         if self._pool is not None:
             await self._pool.aclose()
             self._pool = None
@@ -406,28 +409,58 @@ class Client:
             raise ContractError(f"job {job_id} has a report that is not valid: {exc}") from None
 
     async def report(self, job_id: str, *, timeout_s: float | None = None) -> LoadReport:
-        """The job's report, waiting for it up to ``timeout_s`` (None: wait as long as it takes)."""
+        """The job's report, waiting for it up to ``timeout_s`` (None: wait as long as it takes).
+
+        Woken by the worker's push when the report is stored (``FinishWatch``); reads it
+        again every ``poll_s`` whatever happens.
+        """
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
-        while True:
-            stored = await self.stored_report(job_id)
-            if stored is not None:
-                # With wait_replicas, a report is handed out only once replicas hold it: one
-                # a failover could still take back might come again with another outcome.
-                await _guard(confirm_replicated(await self.redis(), self.settings.redis))
-                return stored
-            if await self.job_state(job_id) is JobState.NOT_FOUND:
-                # The report may have landed between our two reads.
+        watch = await self.finish_watch()
+        pushed = watch.watch([job_id])
+        try:
+            if timeout_s != 0:
+                # Watched before the first read: a push after it wakes us, and so does the
+                # subscription standing (to read again whatever came before it).
+                watch.start()
+            looked = False
+            while True:
+                pushed.clear()
                 stored = await self.stored_report(job_id)
                 if stored is not None:
+                    # With wait_replicas, a report is handed out only once replicas hold it:
+                    # one a failover could still take back might come again with another
+                    # outcome.
+                    await _guard(confirm_replicated(await self.redis(), self.settings.redis))
                     return stored
-                raise JobNotFound(f"no job {job_id!r} is queued, running or finished")
-            if deadline is not None and loop.time() >= deadline:
-                state = await self.job_state(job_id)
-                raise ReportTimeout(
-                    f"job {job_id} has no report yet (it is {state}; waited {timeout_s:g} s)"
-                )
-            await asyncio.sleep(REPORT_POLL_S)
+                if not looked or not watch.live:  # not on every push: it costs 3 round trips
+                    looked = True
+                    if await self.job_state(job_id) is JobState.NOT_FOUND:
+                        # The report may have landed between our two reads.
+                        stored = await self.stored_report(job_id)
+                        if stored is not None:
+                            return stored
+                        raise JobNotFound(f"no job {job_id!r} is queued, running or finished")
+                pause = watch.poll_s
+                if deadline is not None:
+                    if loop.time() >= deadline:
+                        state = await self.job_state(job_id)
+                        raise ReportTimeout(
+                            f"job {job_id} has no report yet (it is {state}; "
+                            f"waited {timeout_s:g} s)"
+                        )
+                    pause = min(pause, deadline - loop.time())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await pushed.wait()
+        finally:
+            watch.unwatch([job_id], pushed)
+
+    async def finish_watch(self) -> FinishWatch:
+        """This client's subscription to finished jobs (made on first use, closed with it)."""
+        if self._finish_watch is None:
+            self._finish_watch = FinishWatch(await self.redis(), self.settings.redis)
+        return self._finish_watch
 
     async def preload(
         self,

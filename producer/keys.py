@@ -11,6 +11,8 @@ ATTEMPTS_KEY_PREFIX = "loadwarden:attempts:"
 #: Set when a producer cancels a job; the job id is also published on CANCEL_CHANNEL.
 CANCEL_KEY_PREFIX = "loadwarden:cancel:"
 CANCEL_CHANNEL = "loadwarden:cancel"
+#: A worker publishes a job's id here once its result is stored (waiting clients subscribe).
+FINISHED_CHANNEL = "loadwarden:finished"
 #: The job id of a request that is queued or running (so enqueueing it again returns it).
 DEDUPE_KEY_PREFIX = "loadwarden:dedupe:"
 #: A capped stream of the final reports of jobs that failed for good.

@@ -28,7 +28,7 @@ from arq.constants import (
     retry_key_prefix,
 )
 from arq.worker import Worker
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from loadwarden.producer import wire
 from loadwarden.producer.errors import (
@@ -38,6 +38,7 @@ from loadwarden.producer.errors import (
     LoadTimeout,
     describe,
 )
+from loadwarden.producer.keys import FINISHED_CHANNEL
 from loadwarden.worker.job import TRANSIENT_REDIS_ERRORS, end_with_report
 
 log = structlog.get_logger("loadwarden.worker")
@@ -127,12 +128,27 @@ class LoadWorker(Worker):
         if finish and noted is not None:
             result_data = await self._report(job_id, *noted)
         await super().finish_job(job_id, finish, result_data, *args)
+        if finish:
+            await self._announce(job_id)
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         noted = self._failures.pop(job_id, None)
         if noted is not None:
             result_data = await self._report(job_id, *noted)
         await super().finish_failed_job(job_id, result_data)
+        await self._announce(job_id)
+
+    async def _announce(self, job_id: str) -> None:
+        """Tell waiting clients the job's result is stored (loadwarden.producer.finished).
+
+        After the store, never before: a client woken by this reads the result at once.
+        Best effort: a push that does not go out costs a waiter latency (it polls), and
+        failing here would leave arq's bookkeeping of a finished job half done.
+        """
+        try:
+            await self.pool.publish(FINISHED_CHANNEL, job_id)
+        except (RedisError, OSError) as exc:
+            log.warning("finish_announce_failed", job_id=job_id, error=describe(exc))
 
     async def _report(
         self, job_id: str, exc: BaseException, document: dict[str, Any] | None
@@ -170,4 +186,5 @@ class LoadWorker(Worker):
             )
             tr.set(result_key_prefix + job_id, result, px=int(self.keep_result_s * 1000))
             tr.zrem(self.queue_name, job_id)
+            tr.publish(FINISHED_CHANNEL, job_id)
             await tr.execute()
