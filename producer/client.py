@@ -40,6 +40,7 @@ from loadwarden.producer.keys import (
     CANCEL_KEY_PREFIX,
     DEAD_LETTER_STREAM,
     WORKER_KEY_PREFIX,
+    wake_workers,
 )
 from loadwarden.producer.preload import PreloadResult, ProgressCallback, preload
 from loadwarden.producer.settings import Settings
@@ -283,7 +284,12 @@ class Client:
                 job = await redis.enqueue_job(
                     FUNCTION_NAME, request=request, _job_id=job_id, _queue_name=self.queue_name
                 )
-                if job is not None or await self.job_state(job_id) is not JobState.NOT_FOUND:
+                if job is not None:
+                    async with redis.pipeline(transaction=False) as pipe:
+                        wake_workers(pipe, self.queue_name)
+                        await pipe.execute()
+                    return
+                if await self.job_state(job_id) is not JobState.NOT_FOUND:
                     return
             if loop.time() >= deadline:
                 raise RedisConnectionError(f"job {job_id} could not be enqueued in time")
@@ -309,6 +315,7 @@ class Client:
             pipe.publish(CANCEL_CHANNEL, job_id)
             if state is JobState.DEFERRED:  # waiting out a backoff: let it end now
                 pipe.zadd(self.queue_name, {job_id: _now_ms()}, xx=True)
+                wake_workers(pipe, self.queue_name)
             await _guard(pipe.execute())
         return state
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from loadwarden.producer.contract import LoadRequest
 
@@ -21,6 +22,29 @@ DEAD_LETTER_STREAM = "loadwarden:dead"
 WORKER_KEY_PREFIX = "loadwarden:worker:"
 #: Per-model load history (see loadwarden.worker.history).
 HISTORY_KEY_PREFIX = "loadwarden:history:"
+
+
+#: Pushed (LPUSH) with each enqueue; idle workers block on it (BLPOP) instead of polling.
+WAKE_KEY_SUFFIX = ":wake"
+#: Tokens kept at most: enough to wake every idle worker of a large fleet, and a cap on what
+#: piles up while all are busy (a stale token costs one empty look at the queue).
+WAKE_TOKENS_MAX = 64
+#: Tokens older than this are dropped with their key (no idle worker was there to take them).
+WAKE_TTL_MS = 60_000
+
+
+def wake_key(queue_name: str) -> str:
+    """The list idle workers of ``queue_name`` block on, one token per enqueue."""
+    return queue_name + WAKE_KEY_SUFFIX
+
+
+def wake_workers(pipe: Any, queue_name: str) -> None:
+    """Queue on ``pipe`` (a redis-py pipeline) the push that wakes an idle worker; the atomic
+    enqueue (``loadwarden.producer.dedupe``) does the same in its script."""
+    key = wake_key(queue_name)
+    pipe.lpush(key, "1")
+    pipe.ltrim(key, 0, WAKE_TOKENS_MAX - 1)
+    pipe.pexpire(key, WAKE_TTL_MS)
 
 
 def dedupe_key(request: LoadRequest) -> str:

@@ -292,10 +292,13 @@ class Settings(BaseSettings):
     queue_name: str = "loadwarden:queue"
     # Loads run at once per worker: 2 matches the 2-core nodes we measure on.
     concurrency: Annotated[int, Field(ge=1, le=256)] = 2
-    # How often an idle worker polls. Measured (bench/soak.py, 2 cores, tiny loads):
-    # 0.05 s -> 39 jobs/s and 1.5% of a core idle; 0.02 s -> 63 jobs/s, 3.2%; 0.01 s ->
-    # 76 jobs/s, 4.6%. arq's own 0.5 s adds ~250 ms of median latency.
-    poll_delay_s: Annotated[float, Field(gt=0)] = 0.02
+    # The longest an idle worker waits before it looks at the queue anyway. An enqueue wakes
+    # an idle worker at once (a token on the queue's wake list, BLPOP), a job ending wakes
+    # a full one, and a deferred job's due time bounds the wait: this only picks up jobs
+    # enqueued without a token (arq's own enqueue_job, a producer in another language that
+    # does not push one). 0.25 s keeps their pick-up under arq's 0.5 s default while an idle
+    # worker costs ~4 looks a second (it was 50 at the old 0.02 s poll).
+    poll_delay_s: Annotated[float, Field(gt=0)] = 0.25
     # How long SIGTERM lets running loads finish before they are killed and requeued.
     # None: the longest deadline a load may get here (limits.timeout_ceiling_s), so a drain
     # (scale-down, rollout, node drain) never kills a load that could still finish in time;
@@ -377,6 +380,14 @@ class Settings(BaseSettings):
         if self.shutdown_grace_s is not None:
             return float(self.shutdown_grace_s)
         return self.limits.timeout_ceiling_s
+
+    @model_validator(mode="after")
+    def _poll_within_socket_timeout(self) -> Settings:
+        # An idle worker blocks in BLPOP for up to poll_delay_s: longer would read as a dead
+        # connection.
+        if self.poll_delay_s >= self.redis.socket_timeout_s:
+            raise ValueError("poll_delay_s must be below redis.socket_timeout_s")
+        return self
 
     @model_validator(mode="after")
     def _requirements_need_the_mechanism(self) -> Settings:

@@ -9,14 +9,22 @@ here with a report of a classified outcome, stored where the report goes and
 dead-lettered. A Redis *connection* error still escapes: the runner reconnects and
 the job waits for its lease.
 
+It also waits for work instead of polling (``_wait_for_work``): arq's loop sleeps
+``poll_delay`` between two looks at the queue; ours looks again as soon as an
+enqueue pushes a token on the queue's wake list (BLPOP), or a running job ends
+while all slots are full, and ``poll_delay`` becomes the longest wait (a fallback
+for jobs enqueued without a token).
+
 Why a subclass and not a patch of arq: the hooks used (``run_job``,
-``finish_job``, ``finish_failed_job``, the job serializer) are arq's own
-extension points and the overrides call arq's code unchanged.
+``finish_job``, ``finish_failed_job``, the job serializer, ``_poll_iteration``,
+the slot release) are arq's methods, and the overrides call arq's code unchanged
+(the last two are private: arq 0.28 is pinned).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -38,10 +46,13 @@ from loadwarden.producer.errors import (
     LoadTimeout,
     describe,
 )
-from loadwarden.producer.keys import FINISHED_CHANNEL
+from loadwarden.producer.keys import FINISHED_CHANNEL, wake_key
 from loadwarden.worker.job import TRANSIENT_REDIS_ERRORS, end_with_report
 
 log = structlog.get_logger("loadwarden.worker")
+
+#: The shortest wait worth a BLPOP (Redis counts its timeout in milliseconds).
+BLPOP_MIN_S = 0.001
 
 
 def _error_for(exc: BaseException) -> LoadError:
@@ -70,6 +81,15 @@ class LoadWorker(Worker):
         self._failures: dict[str, tuple[BaseException, dict[str, Any]]] = {}
         self.job_serializer = self._serialize
         self._next_marker_check = 0.0
+        # arq sleeps poll_delay_s between two looks at the queue; we wait in _poll_iteration
+        # instead, woken by an enqueue or a freed slot, and look at most this long apart.
+        self.fallback_poll_s = self.poll_delay_s
+        self.poll_delay_s = 0.0
+        self._wake_key = wake_key(self.queue_name)
+        self._slot_freed = asyncio.Event()
+        #: Whether the last look filled a page of ids and started one of them: then more
+        #: may wait behind it, and the next look comes at once.
+        self._more = False
 
     def _serialize(self, document: dict[str, Any]) -> bytes:
         # arq serializes a result just before it stores it: a failure is noted here so that
@@ -78,12 +98,55 @@ class LoadWorker(Worker):
             self._failures[str(document.get("id"))] = (document["r"], document)
         return wire.dumps(document)
 
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self._slot_freed.set()
+
+    async def _poll_iteration(self) -> None:
+        self._slot_freed.clear()  # before the look: a job ending during it ends the wait too
+        self._more = False
+        await super()._poll_iteration()
+        await self._wait_for_work()
+
+    async def _wait_for_work(self) -> None:
+        """Wait until the queue may hold a job for us, at most ``fallback_poll_s``.
+
+        Full: until a running job ends. A full page of ids fetched, one of them started
+        here: not at all (more may be ready). Else on the queue's wake list (BLPOP: an
+        enqueue pushes one token, which wakes one idle worker), no longer than until the
+        next deferred job (a retry's backoff) is due. The fallback picks up jobs enqueued
+        without a token (arq's own ``enqueue_job``, a producer in another language).
+        """
+        fallback = self.fallback_poll_s
+        if self.burst or not self.allow_pick_jobs:
+            await asyncio.sleep(fallback)
+            return
+        if self.job_counter >= self.max_jobs:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(fallback):
+                    await self._slot_freed.wait()
+            return
+        if self._more:
+            return
+        now_ms = time.time() * 1000
+        due = await self.pool.zrangebyscore(
+            self.queue_name, min=f"({now_ms:.0f}", max="+inf", start=0, num=1, withscores=True
+        )
+        wait_s = min(fallback, (due[0][1] - now_ms) / 1000) if due else fallback
+        if wait_s >= BLPOP_MIN_S:  # BLPOP's 0 would block for ever
+            # Fractional seconds (Redis >= 6), which redis-py's typed blpop() does not take.
+            await self.pool.execute_command(  # type: ignore[no-untyped-call]
+                "BLPOP", self._wake_key, f"{wait_s:.3f}"
+            )
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         loop = asyncio.get_running_loop()
         if job_ids and loop.time() >= self._next_marker_check:
             self._next_marker_check = loop.time() + self.in_progress_timeout_s / 3
             await self._lease_stray_markers(job_ids)
+        running = set(self.tasks)
         await super().start_jobs(job_ids)
+        self._more = len(job_ids) >= self.queue_read_limit and bool(set(self.tasks) - running)
 
     async def _lease_stray_markers(self, job_ids: list[bytes]) -> None:
         """Give an in-progress marker without expiry one lease to live.
