@@ -311,6 +311,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lw-tiny-")))
         url = args.redis or stack.enter_context(RedisServer()).url
         sides: list[Side] = [Baseline(url, folder), Loadwarden(url, folder, args.worker_arg)]
+        if args.loadwarden_only:
+            sides = sides[1:]
         runs: dict[str, list[Sample]] = {s.name: [] for s in sides}
         for _ in range(args.rounds):
             for side in sides:
@@ -319,6 +321,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 runs[side.name].append(sample)
                 if not args.json:
                     print(side.name, {k: round(v, 2) for k, v in sample.items()}, flush=True)
+        if args.loadwarden_only:
+            return {"loadwarden": _median(runs["loadwarden"]), "runs": runs}
         base, ours = (_median(runs[s.name]) for s in sides)
     return {
         "bench": "tiny",
@@ -391,6 +395,9 @@ def _cli() -> argparse.Namespace:
     parser.add_argument("--idle-s", type=float, default=3.0)
     parser.add_argument("--redis", help="a Redis URL whose database is flushed (default: private)")
     parser.add_argument("--worker-arg", action="append", default=[], help="for loadwarden worker")
+    parser.add_argument(
+        "--loadwarden-only", action="store_true", help="no baseline, no ratios (a sweep)"
+    )
     parser.add_argument("--json", action="store_true")
     return parser.parse_args()
 
@@ -398,7 +405,7 @@ def _cli() -> argparse.Namespace:
 def _entry(coro: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]]) -> None:
     args = _cli()
     result = asyncio.run(coro(args))
-    if args.json:
+    if args.json or args.loadwarden_only:
         print(json.dumps(result))
     else:
         _print(result)
