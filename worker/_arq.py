@@ -51,6 +51,17 @@ from loadwarden.worker.job import TRANSIENT_REDIS_ERRORS, end_with_report
 
 log = structlog.get_logger("loadwarden.worker")
 
+#: arq's claim of a job (``Worker.start_jobs``), atomic: not in progress, still queued and
+#: due, then marked in progress. KEYS: in-progress key, queue. ARGV: job id, now (ms),
+#: marker expiry (ms). Returns the job's score, or false (nil) when it is not ours to run.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
+redis.call('PSETEX', KEYS[1], ARGV[3], '1')
+return score
+"""
+
 #: The shortest wait worth a BLPOP (Redis counts its timeout in milliseconds).
 BLPOP_MIN_S = 0.001
 
@@ -145,8 +156,36 @@ class LoadWorker(Worker):
             self._next_marker_check = loop.time() + self.in_progress_timeout_s / 3
             await self._lease_stray_markers(job_ids)
         running = set(self.tasks)
-        await super().start_jobs(job_ids)
+        await self._claim_and_start(job_ids)
         self._more = len(job_ids) >= self.queue_read_limit and bool(set(self.tasks) - running)
+
+    async def _claim_and_start(self, job_ids: list[bytes]) -> None:
+        """arq's ``start_jobs`` with its claim in one round trip instead of four.
+
+        arq claims a job under WATCH (WATCH, EXISTS, ZSCORE, then MULTI/PSETEX/EXEC):
+        ``_CLAIM`` makes the same checks and the same write atomically, in one EVALSHA.
+        The slot accounting (semaphore, counter, task, release on completion) is arq's,
+        line for line.
+        """
+        claim = self.pool.register_script(_CLAIM)
+        for job_id_b in job_ids:
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
+                self.sem.release()
+                return
+            self.job_counter += 1
+            job_id = job_id_b.decode()
+            score = await claim(
+                keys=[in_progress_key_prefix + job_id, self.queue_name],
+                args=[job_id, int(time.time() * 1000), int(self.in_progress_timeout_s * 1000)],
+            )
+            if score is None:  # running elsewhere, finished, or deferred again meanwhile
+                self.job_counter -= 1
+                self.sem.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
 
     async def _lease_stray_markers(self, job_ids: list[bytes]) -> None:
         """Give an in-progress marker without expiry one lease to live.

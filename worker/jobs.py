@@ -48,6 +48,13 @@ log = structlog.get_logger("loadwarden.jobs")
 _attempts = TypeAdapter(list[Attempt])
 
 
+def _parse_attempts(raw: bytes | None) -> list[Attempt]:
+    try:
+        return _attempts.validate_json(raw) if raw else []
+    except ValidationError:
+        return []
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -82,12 +89,16 @@ class JobBook:
 
     async def attempts(self, job_id: str) -> list[Attempt]:
         """Attempts recorded so far (a placeholder still marked ``worker_lost`` was lost)."""
-        raw = await self.redis.get(ATTEMPTS_KEY_PREFIX + job_id)
-        try:
-            recorded = _attempts.validate_json(raw) if raw else []
-        except ValidationError:
-            recorded = []
-        return recorded
+        return _parse_attempts(await self.redis.get(ATTEMPTS_KEY_PREFIX + job_id))
+
+    async def begin(self, job_id: str) -> tuple[list[Attempt], bool]:
+        """A run's first look, in one round trip: the attempts so far, and whether a
+        producer cancelled the job."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(ATTEMPTS_KEY_PREFIX + job_id)
+            pipe.exists(CANCEL_KEY_PREFIX + job_id)
+            raw, cancelled = await pipe.execute()
+        return _parse_attempts(raw), bool(cancelled)
 
     async def save_attempts(self, job_id: str, attempts: list[Attempt]) -> None:
         await self.redis.set(
@@ -129,22 +140,35 @@ class JobBook:
                 event.set()
 
     @contextlib.asynccontextmanager
-    async def lease(self, job_id: str) -> AsyncIterator[None]:
+    async def lease(self, job_id: str, attempts: list[Attempt]) -> AsyncIterator[None]:
         """Keep arq's in-progress marker alive only while we live: if this worker dies, the
-        marker lapses after ``lease_s`` and another worker runs the job."""
+        marker lapses after ``lease_s`` and another worker runs the job.
+
+        ``attempts`` are saved with the first renewal, in its round trip (a failure to
+        save them raises, as ``save_attempts`` would); later renewals only log failures.
+        """
         key = in_progress_key_prefix + job_id
         lease_ms = int(self.settings.lease_s * 1000)
 
+        async def renew_once(first: list[Attempt] | None = None) -> None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if first is not None:
+                    pipe.set(
+                        ATTEMPTS_KEY_PREFIX + job_id, _attempts.dump_json(first), ex=BOOK_TTL_S
+                    )
+                pipe.pexpire(key, lease_ms)
+                pipe.zadd(RUNNING_ZSET, {job_id: _now_ms() + lease_ms})
+                await pipe.execute()
+
         async def renew() -> None:
             while True:
+                await asyncio.sleep(self.settings.lease_renew_s)
                 try:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        pipe.pexpire(key, lease_ms)
-                        pipe.zadd(RUNNING_ZSET, {job_id: _now_ms() + lease_ms})
-                        await pipe.execute()
+                    await renew_once()
                 except (RedisError, OSError) as exc:
                     log.warning("lease_renewal_failed", job_id=job_id, error=str(exc))
-                await asyncio.sleep(self.settings.lease_renew_s)
+
+        await renew_once(attempts)
 
         task = asyncio.create_task(renew(), name=f"loadwarden-lease-{job_id}")
         try:
