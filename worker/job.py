@@ -163,7 +163,7 @@ async def _job(ctx: dict[str, Any], request: Any, extra: dict[str, Any]) -> Load
         try:
             final = await _attempt(sup, book, settings, parsed, job_id, previous, enqueued_at)
         except Retry:
-            await book.add_busy(time.monotonic() - started)
+            await book.add_busy(job_id, time.monotonic() - started)
             raise
     final = final.model_copy(update={"attempts": previous + final.attempts})
     try:

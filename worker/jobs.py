@@ -173,17 +173,23 @@ class JobBook:
         task = asyncio.create_task(renew(), name=f"loadwarden-lease-{job_id}")
         try:
             yield
-        finally:
+        except BaseException:
             task.cancel()
             await asyncio.wait({task})
             with contextlib.suppress(RedisError, OSError):  # else it lapses by itself
                 await finish_despite_cancel(self.redis.zrem(RUNNING_ZSET, job_id))
+            raise
+        # An attempt that ended goes on to ``finish`` or ``add_busy``, whose round trip
+        # drops the running entry too.
+        task.cancel()
+        await asyncio.wait({task})
 
-    async def add_busy(self, seconds: float) -> None:
+    async def add_busy(self, job_id: str, seconds: float) -> None:
         """Count a run that ended in a retry toward the service time (its job is not done)."""
         bucket = SERVICE_KEY_PREFIX + str(_now_ms() // 60_000)
         with contextlib.suppress(RedisError, OSError):  # a lost figure only skews the rate
             async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(RUNNING_ZSET, job_id)  # the run is over (the lease left it)
                 pipe.hincrbyfloat(bucket, "seconds", seconds)
                 pipe.expire(bucket, (SERVICE_WINDOW_MINUTES + 5) * 60)
                 await pipe.execute()
@@ -206,6 +212,7 @@ class JobBook:
             busy_s = sum((a.finished_at - a.started_at).total_seconds() for a in report.attempts)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(ATTEMPTS_KEY_PREFIX + job_id, CANCEL_KEY_PREFIX + job_id)
+            pipe.zrem(RUNNING_ZSET, job_id)  # the lease leaves it to this round trip
             bucket = SERVICE_KEY_PREFIX + str(now // 60_000)
             pipe.hincrby(bucket, "jobs", 1)
             pipe.hincrbyfloat(bucket, "seconds", busy_s)
