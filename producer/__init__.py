@@ -23,6 +23,7 @@ from loadwarden.producer.contract import (
     Attempt,
     Derivation,
     ErrorInfo,
+    FailingModel,
     LimitDerivation,
     LimitOverrides,
     Limits,
@@ -31,6 +32,7 @@ from loadwarden.producer.contract import (
     ModelFormat,
     ModelSummary,
     Outcome,
+    RememberedFailure,
     Resources,
     RetryPolicy,
     ShardInfo,
@@ -58,7 +60,13 @@ from loadwarden.producer.errors import (
     SourceUnavailable,
     error_class_for,
 )
-from loadwarden.producer.settings import InspectionCaps, LimitPolicy, RedisOptions, Settings
+from loadwarden.producer.settings import (
+    FailureMemoryPolicy,
+    InspectionCaps,
+    LimitPolicy,
+    RedisOptions,
+    Settings,
+)
 
 __all__ = [
     "WIRE_VERSION",
@@ -77,6 +85,8 @@ __all__ = [
     "Derivation",
     "EmbeddedWorkerDied",
     "ErrorInfo",
+    "FailingModel",
+    "FailureMemoryPolicy",
     "InspectionCaps",
     "InvalidModel",
     "JobHandle",
@@ -99,6 +109,7 @@ __all__ = [
     "QueueStatus",
     "RedisOptions",
     "RedisUnavailable",
+    "RememberedFailure",
     "ReportTimeout",
     "Resources",
     "RetryPolicy",

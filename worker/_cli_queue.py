@@ -1,5 +1,5 @@
-"""The commands that look at the queue: report, show, status, cancel, dead letters, autoscale,
-exporter, serve."""
+"""The commands that look at the queue: report, show, status, cancel, dead letters, failing
+models, autoscale, exporter, serve."""
 
 from __future__ import annotations
 
@@ -173,6 +173,43 @@ def dead_purge(
         lambda client: client.purge_dead(ids or None, outcome=str(outcome) if outcome else None),
     )
     typer.echo(json.dumps({"removed": removed}) if as_json else f"removed {removed} dead letter(s)")
+
+
+failures_app = typer.Typer(
+    help="Models the failure memory refuses as repeatedly failing: list or clear them.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(failures_app, name="failures")
+
+
+@failures_app.command("list")
+def failures_list(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
+    """List the models with remembered failures (refused ones first), identities in full."""
+    models = ask(redis, as_json, lambda client: client.failing_models())
+    if as_json:
+        typer.echo(json.dumps([model.model_dump(mode="json") for model in models]))
+    else:
+        _render.failing_models(models)
+
+
+@failures_app.command("clear")
+def failures_clear(
+    identities: Annotated[
+        list[str] | None,
+        typer.Argument(help="Model identities, as 'failures list' prints them."),
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Forget every failing model.")] = False,
+    redis: RedisOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Forget models' failures, so that their next load runs (a fixed disk, a larger node)."""
+    if bool(identities) == all_:
+        raise typer.BadParameter("name model identities (from 'failures list'), or --all")
+    cleared = ask(redis, as_json, lambda client: client.clear_failing(None if all_ else identities))
+    typer.echo(
+        json.dumps({"cleared": cleared}) if as_json else f"cleared {cleared} failing model(s)"
+    )
 
 
 @app.command()

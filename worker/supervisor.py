@@ -24,6 +24,7 @@ from loadwarden.producer.contract import (
     Attempt,
     Derivation,
     ErrorInfo,
+    FailingModel,
     JobPhase,
     Limits,
     LoadReport,
@@ -59,6 +60,7 @@ from loadwarden.worker._model import (
 from loadwarden.worker._outcome import Loaded, classify
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.admission import Admission, detect_memory_bytes
+from loadwarden.worker.failures import FailureMemory, RepeatedlyFailing
 from loadwarden.worker.formats import LOADERS
 from loadwarden.worker.history import History, model_identity
 from loadwarden.worker.limits import (
@@ -108,6 +110,9 @@ class _Loaded:
     limits: Limits | None = None
     run: ChildRun | None = None
     stage: str = "source"
+    #: The model's identity once its source is open, and what the failure memory held for it.
+    identity: str | None = None
+    remembered: FailingModel | None = None
 
 
 class Supervisor:
@@ -121,6 +126,7 @@ class Supervisor:
         loaders: Mapping[ModelFormat, str] | None = None,
         preload: Sequence[str] = (),
         history: History | None = None,
+        failures: FailureMemory | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = s = settings or Settings()
@@ -131,6 +137,7 @@ class Supervisor:
         self.forkserver = forkserver or ForkServer(preload=preload)
         self.loaders = {**DEFAULT_LOADERS, **(loaders or {})}
         self.history = history
+        self.failures = failures
         #: Every job held now, with its phase (the heartbeat publishes them).
         self.in_flight: dict[str, RunningJob] = {}
         #: Set whenever ``in_flight`` changes, so the heartbeat can publish it at once.
@@ -236,6 +243,10 @@ class Supervisor:
         finally:
             self.in_flight.pop(job_id, None)
             self.changed.set()
+        if self.failures is not None and state.identity is not None:
+            await self.failures.settle(
+                state.identity, job_id, request.source, error, state.run, state.remembered, log
+            )
         report = self._report(
             request.source,
             dict(request.labels),
@@ -282,6 +293,9 @@ class Supervisor:
             cancel,
         )
         with opened:
+            state.identity = identity = model_identity(opened, request.sha256)
+            if self.failures is not None:  # a model that keeps failing is refused here
+                state.remembered = await self.failures.admit(identity, log)
             state.stage = "inspect"
             state.summary = summary = await before_deadline(
                 self._inspect_bounded(opened, request, deadline),
@@ -293,7 +307,6 @@ class Supervisor:
             # Once per load, off the event loop: it hashes the whole manifest.
             manifest = await in_thread(lambda: _manifest_of(summary))
             state.stage = "limits"
-            identity = model_identity(opened, request.sha256)
             history = await self._history_stats(identity, log)
             state.limits = limits = derive_limits(
                 summary.bytes,
@@ -528,7 +541,13 @@ class Supervisor:
             job_id=job_id,
             source=source,
             outcome=outcome,
-            error=ErrorInfo.from_error(error, traceback_of(run)) if error else None,
+            error=ErrorInfo.from_error(
+                error,
+                traceback_of(run),
+                error.remembered if isinstance(error, RepeatedlyFailing) else None,
+            )
+            if error
+            else None,
             attempts=[
                 Attempt(
                     number=attempt,
