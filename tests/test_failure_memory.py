@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from loadwarden.producer import failures as store
@@ -37,7 +38,9 @@ from loadwarden.producer.errors import (
     SourceRefused,
 )
 from loadwarden.producer.settings import FailureMemoryPolicy, RedisOptions, Settings
+from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.failures import REFUSED_CODE, FailureMemory, counts_against
+from loadwarden.worker.queue_gauges import QueueGauges, update_queue_gauges
 from loadwarden.worker.sandbox.forkserver import ForkServer
 from loadwarden.worker.supervisor import Supervisor
 from tests.conftest import TEST_LOADERS, eventually, running_worker
@@ -255,3 +258,32 @@ async def test_a_jobs_retries_count_once_and_the_cli_lists_and_clears(
     assert json.loads(cleared.stdout) == {"cleared": 1}
     empty = await asyncio.to_thread(_cli, "failures", "list", url=redis_url)
     assert empty.returncode == 0 and "no failing models" in empty.stdout
+
+
+async def test_the_gauge_counts_the_models_refused_now(redis: Redis, settings: Settings) -> None:
+    """loadwarden_failing_models is read from Redis: models at the threshold, not below it."""
+    for identity, jobs in (("file:" + "a" * 64, 2), ("file:" + "b" * 64, 1)):
+        for job in range(jobs):
+            await store.record(
+                redis,
+                identity,
+                job_id=str(job),
+                source="/m",
+                outcome="crashed",
+                error_code="signal",
+                threshold=2,
+                window_s=60,
+            )
+    registry = CollectorRegistry()
+    gauges = QueueGauges(registry)
+    updater = asyncio.create_task(update_queue_gauges(redis, gauges, settings, interval_s=0.05))
+    try:
+        await eventually(
+            lambda: registry.get_sample_value("loadwarden_failing_models") == 1, 10, "gauge read"
+        )
+        await store.forget(redis)
+        await eventually(
+            lambda: registry.get_sample_value("loadwarden_failing_models") == 0, 10, "gauge clear"
+        )
+    finally:
+        await cancel_and_wait(updater)
