@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel
 from redis.exceptions import RedisError
 
 from loadwarden.producer.contract import Outcome
@@ -100,6 +102,17 @@ def cancel(
         typer.echo(f"{clean(job_id)}: already finished, nothing to cancel")
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def _emit_list(items: list[M], as_json: bool, render: Callable[[Sequence[M]], None]) -> None:
+    """A listing: one JSON array with --json, else the table."""
+    if as_json:
+        typer.echo(json.dumps([item.model_dump(mode="json") for item in items]))
+    else:
+        render(items)
+
+
 dead_app = typer.Typer(
     help="Jobs that failed for good: list, retry or purge them.",
     no_args_is_help=True,
@@ -121,10 +134,7 @@ def dead_list(
 ) -> None:
     """List dead letters: the final reports of jobs that failed for good (ids in full)."""
     letters = ask(redis, as_json, lambda client: client.dead_letters(count))
-    if as_json:
-        typer.echo(json.dumps([letter.model_dump(mode="json") for letter in letters]))
-    else:
-        _render.dead_letters(letters)
+    _emit_list(letters, as_json, _render.dead_letters)
 
 
 @dead_app.command("retry")
@@ -187,10 +197,7 @@ app.add_typer(failures_app, name="failures")
 def failures_list(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     """List the models with remembered failures (refused ones first), identities in full."""
     models = ask(redis, as_json, lambda client: client.failing_models())
-    if as_json:
-        typer.echo(json.dumps([model.model_dump(mode="json") for model in models]))
-    else:
-        _render.failing_models(models)
+    _emit_list(models, as_json, _render.failing_models)
 
 
 @failures_app.command("clear")
