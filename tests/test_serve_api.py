@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,15 +10,19 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from loadwarden.producer import failures
-from loadwarden.producer.connection import redis_client
-from loadwarden.producer.settings import RedisOptions
 from loadwarden.worker import cli
 from loadwarden.worker.serve.config import is_loopback
 from loadwarden.worker.serve.openapi import PATH as OPENAPI_PATH
 from loadwarden.worker.serve.openapi import render as render_openapi
 from tests.conftest import call_until
-from tests.serve_stack import TOKEN, Stack, models, no_leaked_processes, stack
+from tests.serve_stack import (
+    TOKEN,
+    Stack,
+    models,
+    no_leaked_processes,
+    remember_failure,
+    stack,
+)
 
 __all__ = ["models", "no_leaked_processes", "stack"]  # fixtures, imported for this module
 
@@ -233,34 +236,17 @@ def test_queue_workers_and_dead_letters(api: httpx.Client, models: Path) -> None
     assert api.get("/v1/dead-letters").json() == []
 
 
-async def _remember_failure(redis_url: str, identity: str) -> None:
-    redis = redis_client(redis_url, RedisOptions())
-    try:
-        await failures.record(
-            redis,
-            identity,
-            job_id="j1",
-            source="/models/m.safetensors",
-            outcome="timeout",
-            error_code="deadline",
-            threshold=1,
-            window_s=60,
-        )
-    finally:
-        await redis.aclose()
-
-
 def test_failing_models_are_listed_and_cleared(api: httpx.Client, stack: Stack) -> None:
     """GET /v1/failing-models lists the failure memory; DELETE by identity (or all) clears it."""
     identity = "file:" + "ab" * 32
-    asyncio.run(_remember_failure(stack.redis_url, identity))
+    remember_failure(stack.redis_url, identity)
     (held,) = api.get("/v1/failing-models").json()
     assert held["identity"] == identity and held["refused"] is True
     assert [f["error_code"] for f in held["failures"]] == ["deadline"]
     _is_problem(api.delete("/v1/failing-models/not-an-identity"), 422)
     assert api.delete(f"/v1/failing-models/{identity}").json() == {"cleared": 1}
     assert api.get("/v1/failing-models").json() == []
-    asyncio.run(_remember_failure(stack.redis_url, identity))
+    remember_failure(stack.redis_url, identity)
     assert api.delete("/v1/failing-models").json() == {"cleared": 1}
 
 
