@@ -15,14 +15,7 @@ from loadwarden.worker.serve.config import is_loopback
 from loadwarden.worker.serve.openapi import PATH as OPENAPI_PATH
 from loadwarden.worker.serve.openapi import render as render_openapi
 from tests.conftest import call_until
-from tests.serve_stack import (
-    TOKEN,
-    Stack,
-    models,
-    no_leaked_processes,
-    remember_failure,
-    stack,
-)
+from tests.serve_stack import TOKEN, Stack, models, no_leaked_processes, remember_failure, stack
 
 __all__ = ["models", "no_leaked_processes", "stack"]  # fixtures, imported for this module
 
