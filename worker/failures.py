@@ -81,8 +81,8 @@ def refusal(model: FailingModel, policy: FailureMemoryPolicy) -> RepeatedlyFaili
     return RepeatedlyFailing(
         f"this model failed {len(model.failures)} time(s) within "
         f"{policy.window_s:g} s ({', '.join(kinds)}); it is refused until "
-        f"{model.expires_at.isoformat(timespec='seconds')} (in {left_s} s), unless a "
-        "successful load or `loadwarden failures clear` clears it sooner",
+        f"{model.expires_at.isoformat(timespec='seconds')} (in {left_s} s), unless an "
+        f"operator clears it sooner (`loadwarden failures clear {model.identity}`)",
         remembered=model,
     )
 
