@@ -6,9 +6,6 @@ import asyncio
 import errno
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +15,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from typer.testing import CliRunner, Result
 
 from loadwarden.producer import failures as store
 from loadwarden.producer.client import Client
@@ -38,6 +36,7 @@ from loadwarden.producer.errors import (
     SourceRefused,
 )
 from loadwarden.producer.settings import FailureMemoryPolicy, RedisOptions, Settings
+from loadwarden.worker import cli
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.failures import REFUSED_CODE, FailureMemory, counts_against
 from loadwarden.worker.queue_gauges import QueueGauges, update_queue_gauges
@@ -48,7 +47,6 @@ from tests.safetensors_files import valid_model
 
 #: The hang loader's deadline: long enough to start a child, short enough to keep tests fast.
 HANG_S = 0.3
-LOADWARDEN = str(Path(sys.executable).parent / "loadwarden")
 
 
 @pytest.fixture
@@ -215,16 +213,11 @@ async def test_redis_trouble_never_fails_a_load(model: Path) -> None:
     assert report.outcome is Outcome.OK, report.error
 
 
-def _cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [LOADWARDEN, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "LOADWARDEN_REDIS_URL": url},
-        stdin=subprocess.DEVNULL,
-    )
+async def _cli(*args: str, url: str) -> Result:
+    """The command, in-process (in a thread: it runs its own event loop)."""
+    runner = CliRunner()
+    env = {"LOADWARDEN_REDIS_URL": url}
+    return await asyncio.to_thread(runner.invoke, cli.app, list(args), env=env)
 
 
 async def test_a_jobs_retries_count_once_and_the_cli_lists_and_clears(
@@ -247,17 +240,17 @@ async def test_a_jobs_retries_count_once_and_the_cli_lists_and_clears(
     assert report.outcome is Outcome.TIMEOUT and len(report.attempts) == 3
     assert spawned == 3
     assert not held.refused and [f.job_id for f in held.failures] == [report.job_id]
-    listed = await asyncio.to_thread(_cli, "failures", "list", "--json", url=redis_url)
-    assert listed.returncode == 0, listed.stderr
+    listed = await _cli("failures", "list", "--json", url=redis_url)
+    assert listed.exit_code == 0, listed.output
     assert [m["identity"] for m in json.loads(listed.stdout)] == [held.identity]
-    table = await asyncio.to_thread(_cli, "failures", "list", url=redis_url)
+    table = await _cli("failures", "list", url=redis_url)
     assert held.identity in table.stdout and "timeout (deadline)" in table.stdout
-    cleared = await asyncio.to_thread(
-        _cli, "failures", "clear", held.identity, "--json", url=redis_url
-    )
+    cleared = await _cli("failures", "clear", held.identity, "--json", url=redis_url)
     assert json.loads(cleared.stdout) == {"cleared": 1}
-    empty = await asyncio.to_thread(_cli, "failures", "list", url=redis_url)
-    assert empty.returncode == 0 and "no failing models" in empty.stdout
+    empty = await _cli("failures", "list", url=redis_url)
+    assert empty.exit_code == 0 and "no failing models" in empty.stdout
+    usage = await _cli("failures", "clear", url=redis_url)
+    assert usage.exit_code == 2
 
 
 async def test_the_gauge_counts_the_models_refused_now(redis: Redis, settings: Settings) -> None:
@@ -287,3 +280,49 @@ async def test_the_gauge_counts_the_models_refused_now(redis: Redis, settings: S
         )
     finally:
         await cancel_and_wait(updater)
+
+
+async def _record(redis: Redis, identity: str, job_id: str, threshold: int = 3) -> int:
+    return await store.record(
+        redis,
+        identity,
+        job_id=job_id,
+        source="/m",
+        outcome="crashed",
+        error_code="signal",
+        threshold=threshold,
+        window_s=60,
+    )
+
+
+async def test_concurrent_records_are_counted_once_per_job_and_capped(redis: Redis) -> None:
+    """Workers recording at once lose nothing; a job counts once; the newest are kept."""
+    identity = "file:" + "c" * 64
+    await asyncio.gather(*(_record(redis, identity, f"job-{i}") for i in range(2)))
+    assert await _record(redis, identity, "job-0") == 2  # job-0's retry: still two jobs
+    held = await store.read(redis, identity, 3)
+    assert held is not None and not held.refused
+    assert (await store.listing(redis))[0].refused is False
+    counts = await asyncio.gather(
+        *(_record(redis, identity, f"burst-{i}") for i in range(store.MAX_REMEMBERED + 5))
+    )
+    assert max(counts) == store.MAX_REMEMBERED
+    held = await store.read(redis, identity, 3)
+    assert held is not None and held.refused and len(held.failures) == store.MAX_REMEMBERED
+    assert "job-0" not in {f.job_id for f in held.failures}  # the oldest went first
+    assert (await store.listing(redis))[0].refused is True
+    assert await store.forget(redis) == 1 and await store.read(redis, identity, 3) is None
+
+
+async def test_the_memory_can_be_turned_off(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LOADWARDEN_FAILURE_MEMORY__ENABLED=false: the worker neither reads nor writes it."""
+    monkeypatch.setenv("LOADWARDEN_FAILURE_MEMORY__ENABLED", "false")
+    monkeypatch.setenv("LOADWARDEN_FAILURE_MEMORY__WINDOW_S", "60")
+    off = Settings(redis_url=settings.redis_url)
+    assert off.failure_memory == FailureMemoryPolicy(enabled=False, window_s=60)
+    async with running_worker(off) as runner:
+        assert runner.supervisor.failures is None
+    async with running_worker(settings) as runner:
+        assert runner.supervisor.failures is not None
