@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
@@ -51,8 +50,6 @@ COUNTED: dict[Outcome, frozenset[str]] = {
     Outcome.CPU_EXCEEDED: frozenset({"cpu_limit"}),
     Outcome.CRASHED: frozenset({"signal", "exited", "loader_error"}),
 }
-
-log = structlog.get_logger("loadwarden.failures")
 
 
 def counts_against(error: LoadError | None, *, child_ran: bool, child_timed_out: bool) -> bool:
