@@ -27,7 +27,7 @@ from loadwarden.worker.sandbox.forkserver import SandboxError
 from loadwarden.worker.signing import required_signers
 from loadwarden.worker.supervisor import Supervisor
 from tests.checkpoints import INDEX, cache_snapshot, save_pretrained, state_dict
-from tests.signatures import make_key, policy, sign
+from tests.signatures import make_certificates, make_key, policy, sign
 from tests.test_cli import run
 
 REPO = "example-org/tiny-llama"
@@ -130,6 +130,32 @@ async def test_signed_checkpoint_loads(
     assert report.signature is not None and report.signature.signer == "beta"
     assert report.signature.files == len(shards(checkpoint)) + 2  # the index and config.json
     assert spawned == 1
+
+
+@pytest.mark.parametrize("pki", ["corp", "rogue"])
+async def test_certificate_signed_model_is_checked_against_the_trusted_chain(
+    small_model: Path, tmp_path: Path, pki: str
+) -> None:
+    """A signature by a certificate issued under a trusted CA (certificate_chain) names that
+    signer; one issued under another CA is an unknown signer, with no child."""
+    trusted_key, trusted_cert, trusted_ca = make_certificates(tmp_path, "corp")
+    key, cert, ca = (
+        (trusted_key, trusted_cert, trusted_ca)
+        if pki == "corp"
+        else make_certificates(tmp_path, "rogue")
+    )
+    sign(small_model, key, certificate=(cert, ca))
+    signing = SigningPolicy(
+        signers={"corp": TrustedSigner(certificate_chain=(trusted_ca,))}, require=("corp",)
+    )
+    report, spawned = await load(signing, small_model)
+    if pki == "corp":
+        assert report.outcome is Outcome.OK, report.error
+        assert report.signature is not None and report.signature.signer == "corp"
+        assert spawned == 1
+    else:
+        refused(report, "signature_unknown_signer")
+        assert spawned == 0
 
 
 # --- refused, no child --------------------------------------------------------------------
