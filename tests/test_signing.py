@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -330,6 +331,31 @@ async def test_worker_refuses_to_start_with_a_signer_it_cannot_load(tmp_path: Pa
             await sup.start()
     finally:
         await sup.close()
+
+
+def _without_model_signing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make model-signing unimportable here, as on a worker installed without the extra."""
+    for name in [n for n in sys.modules if n == "model_signing" or n.startswith("model_signing.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "model_signing", None)
+
+
+async def test_worker_without_the_extra_never_loads_unverified(
+    small_model: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without model-signing, a worker with trusted signers refuses to start, and a request
+    that requires a signature is refused (signing_unavailable) with no child."""
+    sign(small_model, keys["acme"][0])
+    _without_model_signing(monkeypatch)
+    sup = Supervisor(Settings(signing=trusting(keys, require=["acme"])))
+    try:
+        with pytest.raises(SandboxError, match=r"loadwarden\[signing\]"):
+            await sup.start()
+    finally:
+        await sup.close()
+    report, spawned = await load(SigningPolicy(), small_model, signed_by=["*"])
+    refused(report, "signing_unavailable")
+    assert spawned == 0
 
 
 def test_catalog_carries_the_policy(tmp_path: Path) -> None:

@@ -115,7 +115,10 @@ def _under(paths: Iterable[str], root: Path) -> bool:
 
 def signing_installed() -> bool:
     """Whether model-signing can be imported here (without importing it)."""
-    return importlib.util.find_spec("model_signing") is not None
+    try:
+        return importlib.util.find_spec("model_signing") is not None
+    except (ImportError, ValueError):  # a broken install is not an install
+        return False
 
 
 @dataclass(slots=True)
