@@ -10,7 +10,8 @@ import contextlib
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from loadwarden.producer.contract import SignatureInfo
@@ -40,6 +41,9 @@ class _Signer:
     name: str
     verifier: Any  # model_signing's ec_key.Verifier or sign_certificate.Verifier
     key_sha256: str | None  # a public key's hint (sha256 of its PEM); None for a CA
+    # A certificate verifier sets its X509Store's time to each bundle's signing time:
+    # two loads verifying at once (threads) must not see each other's.
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
 
 class Trust:
@@ -186,7 +190,8 @@ def _verify_chain(
 
     for signer in (s for s in candidates if s.key_sha256 is None):
         try:
-            return signer, signer.verifier.verify(signature)
+            with signer.lock:
+                return signer, signer.verifier.verify(signature)
         except crypto.X509StoreContextError:
             continue  # not issued under this signer's chain
         except Exception as exc:
