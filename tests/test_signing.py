@@ -198,6 +198,29 @@ async def test_bad_signature_is_refused(small_model: Path, keys: Keys, damage: s
     assert spawned == 0
 
 
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "huge"])
+async def test_hostile_signature_file_is_refused_when_required_and_ignored_otherwise(
+    small_model: Path, keys: Keys, kind: str
+) -> None:
+    """A FILE.sig that is a symlink (to a real signature), a FIFO or over 16 MiB is never
+    followed, waited on or read: signature_invalid where one is required (no child), and
+    no effect on a load that requires none."""
+    signature = small_model.with_name(small_model.name + ".sig")
+    if kind == "symlink":
+        real = sign(small_model, keys["acme"][0]).rename(small_model.with_name("real.sig"))
+        signature.symlink_to(real)
+    elif kind == "fifo":
+        os.mkfifo(signature)
+    else:
+        signature.touch()
+        os.truncate(signature, 17 * 1024 * 1024)  # sparse: no disk, all size
+    report, spawned = await load(trusting(keys, require=["acme"]), small_model)
+    refused(report, "signature_invalid")
+    assert spawned == 0
+    report, _ = await load(trusting(keys), small_model)
+    assert report.outcome is Outcome.OK and report.signature is None, report.error
+
+
 @pytest.mark.parametrize(
     ("signer", "rules", "request_signed_by"),
     [
