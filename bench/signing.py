@@ -24,20 +24,21 @@ import asyncio
 import hashlib
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import model_signing
 import numpy as np
 import structlog
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from safetensors.numpy import save_file
 
 from loadwarden.producer.contract import LoadRequest, Outcome
 from loadwarden.producer.settings import Settings, SigningPolicy, SourcePolicy, TrustedSigner
 from loadwarden.worker.supervisor import Supervisor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.signatures
+from tests.signatures import make_key, sign
 
 MiB = 1024 * 1024
 
@@ -47,24 +48,6 @@ def make_model(folder: Path, size_mb: int) -> Path:
     rows = size_mb * MiB // (4 * 1024)
     save_file({"w": np.random.default_rng(0).standard_normal((rows, 1024), np.float32)}, str(path))
     return path
-
-
-def make_key(folder: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = folder / "bench.pem", folder / "bench.pub"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return private, public
 
 
 async def timed(sup: Supervisor, request: LoadRequest) -> float:
@@ -78,7 +61,7 @@ async def timed(sup: Supervisor, request: LoadRequest) -> float:
 async def run(sizes_mb: list[int], repeat: int) -> None:
     with tempfile.TemporaryDirectory(prefix="lw-signing-bench-") as tmp:
         folder = Path(tmp)
-        private, public = make_key(folder)
+        private, public = make_key(folder, "bench")
         sources = SourcePolicy(allow_roots=(folder,))
         plain = Settings(sources=sources)
         signed = Settings(
@@ -90,8 +73,7 @@ async def run(sizes_mb: list[int], repeat: int) -> None:
         async with Supervisor(plain) as plain_sup, Supervisor(signed) as signed_sup:
             for size in sizes_mb:
                 model = make_model(folder, size)
-                signer = model_signing.signing.Config().use_elliptic_key_signer(private_key=private)
-                signer.sign(model, model.with_name(model.name + ".sig"))
+                sign(model, private)
                 digest = hashlib.sha256(model.read_bytes()).hexdigest()  # also warms the cache
                 times: dict[str, list[float]] = {"plain": [], "pinned": [], "signed": []}
                 for _ in range(repeat):
