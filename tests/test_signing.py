@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,23 +45,17 @@ def trusting(keys: Keys, **rules: Any) -> SigningPolicy:
     return policy({name: keys[name][1] for name in ("acme", "beta")}, **rules)
 
 
-@asynccontextmanager
-async def supervising(signing: SigningPolicy) -> AsyncIterator[Supervisor]:
-    """A supervisor with this policy whose fork server starts only when a load needs a child
-    (so ``forkserver.spawned`` counts the loads that reached one)."""
-    sup = Supervisor(Settings(signing=signing))
-    try:
-        yield sup
-    finally:
-        await sup.close()
-
-
 async def load(
     signing: SigningPolicy, source: Path | str, **request: Any
 ) -> tuple[LoadReport, int]:
-    async with supervising(signing) as sup:
+    """One load by a supervisor with this policy, and how many children its fork server
+    started (it starts only when a load needs a child)."""
+    sup = Supervisor(Settings(signing=signing))
+    try:
         report = await sup.load(LoadRequest(source=str(source), **request))
         return report, sup.forkserver.spawned
+    finally:
+        await sup.close()
 
 
 def refused(report: LoadReport, code: str) -> None:
