@@ -36,6 +36,7 @@ from loadwarden.producer.contract import (
     Resources,
     RetryPolicy,
     ShardInfo,
+    SignatureInfo,
     TensorInfo,
     WorkerInfo,
     WorkerStatus,
@@ -66,6 +67,8 @@ from loadwarden.producer.settings import (
     LimitPolicy,
     RedisOptions,
     Settings,
+    SigningPolicy,
+    TrustedSigner,
 )
 
 __all__ = [
@@ -115,9 +118,12 @@ __all__ = [
     "RetryPolicy",
     "Settings",
     "ShardInfo",
+    "SignatureInfo",
+    "SigningPolicy",
     "SourceRefused",
     "SourceUnavailable",
     "TensorInfo",
+    "TrustedSigner",
     "WorkerInfo",
     "WorkerStatus",
     "error_class_for",

@@ -41,6 +41,7 @@ from loadwarden.producer.errors import (
     LoadCancelled,
     LoadError,
     MemoryExceeded,
+    SourceRefused,
     SourceUnavailable,
     describe,
 )
@@ -77,6 +78,14 @@ from loadwarden.worker.sandbox._protocol import manifest_digest
 from loadwarden.worker.sandbox.cgroups import CgroupManager
 from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
 from loadwarden.worker.sandbox.inspector import inspect_in_child, needs_isolation
+from loadwarden.worker.signing import (
+    SignatureCheck,
+    Trust,
+    TrustError,
+    check_signature,
+    recheck,
+    required_signers,
+)
 from loadwarden.worker.sources import open_model
 
 #: The loader each format runs in the child.
@@ -92,6 +101,8 @@ def _now() -> datetime:
 STAGE_ERRORS: dict[str, tuple[type[LoadError], str]] = {
     # The source could not be opened for a reason the opener did not name: worth a retry.
     "source": (SourceUnavailable, "source_error"),
+    # Fail closed: a signature we could not check is one we do not accept.
+    "signature": (SourceRefused, "signature_invalid"),
     # The file made the inspector fail: a verdict on the content, not retried.
     "inspect": (InvalidModel, "inspection_error"),
     "limits": (ChildCrashed, "internal_error"),
@@ -109,6 +120,7 @@ class _Loaded:
     summary: ModelSummary | None = None
     limits: Limits | None = None
     run: ChildRun | None = None
+    signature: SignatureCheck | None = None
     stage: str = "source"
     #: The model's identity once its source is open, and what the failure memory held for it.
     identity: str | None = None
@@ -138,6 +150,8 @@ class Supervisor:
         self.loaders = {**DEFAULT_LOADERS, **(loaders or {})}
         self.history = history
         self.failures = failures
+        #: The trusted signers (``signing.signers``), loaded by ``start``.
+        self.trust: Trust | None = None
         #: Every job held now, with its phase (the heartbeat publishes them).
         self.in_flight: dict[str, RunningJob] = {}
         #: Set whenever ``in_flight`` changes, so the heartbeat can publish it at once.
@@ -176,6 +190,10 @@ class Supervisor:
             memory_budget_bytes=self.admission.budget_bytes,
         )
         refusals = []
+        try:  # fail closed: never run without the signers a policy names
+            await self._trusted()
+        except TrustError as exc:
+            refusals.append(str(exc))
         if s.require_cgroups and self.cgroups is None:
             refusals.append(f"require_cgroups is set, but {self.cgroups_note}")
         if s.require_landlock and not self.landlock_abi:
@@ -293,9 +311,9 @@ class Supervisor:
             cancel,
         )
         with opened:
-            state.identity = identity = model_identity(opened, request.sha256)
-            if self.failures is not None:  # a model that keeps failing is refused here
-                state.remembered = await self.failures.admit(identity, log)
+            identity = await self._admit(opened, request, state, log)
+            state.stage = "signature"
+            await self._check_signature(opened, request, state, deadline, budget_s, cancel)
             state.stage = "inspect"
             state.summary = summary = await before_deadline(
                 self._inspect_bounded(opened, request, deadline),
@@ -329,7 +347,7 @@ class Supervisor:
                     asyncio.create_task(
                         digest_files([(shard.file.fd, shard.file.size) for shard in opened.files])
                     )
-                    if needs_digests(opened, request.sha256)
+                    if needs_digests(opened, request.sha256) or state.signature is not None
                     else None
                 )
                 digests: list[str] | None = None
@@ -376,7 +394,8 @@ class Supervisor:
             state.summary, mismatch = with_digests(
                 summary, opened, run.final.result, digests, request.sha256
             )
-            error = error or mismatch
+            # ...and the bytes loaded are still the ones signed.
+            error = error or mismatch or recheck(state.signature, opened, digests)
         if run.cgroup_oom and not run.timed_out and not isinstance(run.final, Loaded):
             error = MemoryExceeded(
                 f"the kernel's OOM killer stopped the load at its cgroup's "
@@ -396,6 +415,51 @@ class Supervisor:
             except (RedisError, OSError) as exc:  # history is advice: the load stands
                 log.warning("history_unavailable", error=describe(exc))
         return error
+
+    async def _check_signature(
+        self,
+        opened: OpenedModel,
+        request: LoadRequest,
+        state: _Loaded,
+        deadline: float,
+        budget_s: float,
+        cancel: asyncio.Event | None,
+    ) -> None:
+        """Refuse the load unless a signature every rule accepts covers its files; before any
+        child, the inspector's included (``loadwarden.worker.signing``)."""
+        requirement = required_signers(self.settings.signing, request, opened)
+        if requirement is None:
+            return
+        state.signature = signed = SignatureCheck()
+        try:
+            trust = await self._trusted()
+        except TrustError as exc:
+            raise SourceRefused(str(exc), code="signing_unavailable") from None
+        await before_deadline(
+            check_signature(opened, requirement, trust, signed),
+            "verifying the signature",
+            deadline,
+            budget_s,
+            cancel,
+        )
+
+    async def _trusted(self) -> Trust | None:
+        """The trusted signers, loaded on first use (keys read, model-signing imported: ~1 s,
+        in a thread); None when the settings name none."""
+        if self.trust is None and self.settings.signing.signers:
+            policy = self.settings.signing
+            self.trust = await in_thread(lambda: Trust(policy))
+        return self.trust
+
+    async def _admit(
+        self, opened: OpenedModel, request: LoadRequest, state: _Loaded, log: FilteringBoundLogger
+    ) -> str:
+        """The model's identity; a model the failure memory holds as repeatedly failing is
+        refused here, before its signature is checked, its header inspected or any child."""
+        state.identity = identity = model_identity(opened, request.sha256)
+        if self.failures is not None:
+            state.remembered = await self.failures.admit(identity, log)
+        return identity
 
     async def _history_stats(self, identity: str, log: FilteringBoundLogger) -> HistoryStats | None:
         """The model's load history, or None when there is none or Redis cannot say."""
@@ -559,6 +623,7 @@ class Supervisor:
                 )
             ],
             model=summary.capped(self.settings.report_max_tensors) if summary else None,
+            signature=state.signature.info if state.signature else None,
             limits=state.limits,
             resources=resources_of(run),
             confinement=run.confinement if run else [],
