@@ -23,9 +23,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from loadwarden.producer import wire
+from loadwarden.producer import failures, wire
 from loadwarden.producer.connection import NotReplicated, confirm_replicated, redis_client
-from loadwarden.producer.contract import LoadReport, LoadRequest, WorkerStatus
+from loadwarden.producer.contract import FailingModel, LoadReport, LoadRequest, WorkerStatus
 from loadwarden.producer.counts import live_worker_ids, queue_counts
 from loadwarden.producer.dedupe import enqueue_once
 from loadwarden.producer.errors import (
@@ -381,6 +381,15 @@ class Client:
             await _guard(redis.xdel(DEAD_LETTER_STREAM, *chosen))
         return len(chosen)
 
+    async def failing_models(self) -> list[FailingModel]:
+        """Models the failure memory holds (refused ones first), with their failures."""
+        return await _guard(failures.listing(await self.redis()))
+
+    async def clear_failing(self, identities: Sequence[str] | None = None) -> int:
+        """Forget failing models (by identity, as ``failing_models`` names them; None: all),
+        so their next load runs; returns how many the memory held."""
+        return await _guard(failures.forget(await self.redis(), identities))
+
     def job(self, job_id: str) -> JobHandle:
         return JobHandle(self, job_id)
 
@@ -502,6 +511,12 @@ class BlockingClient:
 
     def cancel(self, job_id: str) -> JobState:
         return self._run(lambda: self._client.cancel(job_id))
+
+    def failing_models(self) -> list[FailingModel]:
+        return self._run(self._client.failing_models)
+
+    def clear_failing(self, identities: Sequence[str] | None = None) -> int:
+        return self._run(lambda: self._client.clear_failing(identities))
 
     def close(self) -> None:
         if not self._loop.is_closed():

@@ -230,6 +230,32 @@ class ModelSummary(_Model):
         )
 
 
+class RememberedFailure(_Model):
+    """One failed load that the failure memory counts against its model."""
+
+    job_id: str
+    source: str
+    outcome: Outcome
+    error_code: str
+    at: datetime
+
+
+class FailingModel(_Model):
+    """What the failure memory holds for one model identity."""
+
+    identity: str = Field(
+        description="the model's identity: sha256:<digest> when the request named one, else "
+        "file:<sha256 of each file's path, size and mtime> (a changed file is a new model)"
+    )
+    failures: list[RememberedFailure] = Field(
+        description="one per job (a job's retries count once), newest first"
+    )
+    refused: bool = Field(description="true when loads of this model are refused now")
+    expires_at: datetime = Field(
+        description="when the memory forgets this model (a window after its latest failure)"
+    )
+
+
 class SignatureInfo(_Model):
     """The signature a load was checked against (OpenSSF model signing, a Sigstore bundle)."""
 
@@ -259,11 +285,25 @@ class ErrorInfo(_Model):
     code: str
     message: str
     traceback: str | None = None
+    failure_memory: FailingModel | None = Field(
+        default=None,
+        description="set when the load was refused as repeatedly failing: the failures "
+        "remembered and when the memory expires",
+    )
 
     @classmethod
-    def from_error(cls, error: LoadError, traceback: str | None = None) -> ErrorInfo:
+    def from_error(
+        cls,
+        error: LoadError,
+        traceback: str | None = None,
+        failure_memory: FailingModel | None = None,
+    ) -> ErrorInfo:
         return cls(
-            type=type(error).__name__, code=error.code, message=error.message, traceback=traceback
+            type=type(error).__name__,
+            code=error.code,
+            message=error.message,
+            traceback=traceback,
+            failure_memory=failure_memory,
         )
 
 

@@ -19,6 +19,13 @@ DEAD_LETTER_STREAM = "loadwarden:dead"
 WORKER_KEY_PREFIX = "loadwarden:worker:"
 #: Per-model load history (see loadwarden.worker.history).
 HISTORY_KEY_PREFIX = "loadwarden:history:"
+#: Per-model failures the failure memory counts (a hash: job id -> failure as JSON), expiring
+#: a window after the latest; see loadwarden.producer.failures.
+FAILURES_KEY_PREFIX = "loadwarden:failures:"
+#: Every model identity with remembered failures, scored by when its memory lapses (ms).
+FAILING_ZSET = "loadwarden:failing"
+#: The identities among them with enough failures to be refused, scored the same way.
+REFUSING_ZSET = "loadwarden:refusing"
 
 
 def dedupe_key(request: LoadRequest) -> str:

@@ -24,6 +24,7 @@ from loadwarden.producer.contract import (
     Attempt,
     Derivation,
     ErrorInfo,
+    FailingModel,
     JobPhase,
     Limits,
     LoadReport,
@@ -60,6 +61,7 @@ from loadwarden.worker._model import (
 from loadwarden.worker._outcome import Loaded, classify
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.admission import Admission, detect_memory_bytes
+from loadwarden.worker.failures import FailureMemory, RepeatedlyFailing
 from loadwarden.worker.formats import LOADERS
 from loadwarden.worker.history import History, model_identity
 from loadwarden.worker.limits import (
@@ -120,6 +122,9 @@ class _Loaded:
     run: ChildRun | None = None
     signature: SignatureCheck | None = None
     stage: str = "source"
+    #: The model's identity once its source is open, and what the failure memory held for it.
+    identity: str | None = None
+    remembered: FailingModel | None = None
 
 
 class Supervisor:
@@ -133,6 +138,7 @@ class Supervisor:
         loaders: Mapping[ModelFormat, str] | None = None,
         preload: Sequence[str] = (),
         history: History | None = None,
+        failures: FailureMemory | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = s = settings or Settings()
@@ -143,6 +149,7 @@ class Supervisor:
         self.forkserver = forkserver or ForkServer(preload=preload)
         self.loaders = {**DEFAULT_LOADERS, **(loaders or {})}
         self.history = history
+        self.failures = failures
         #: The trusted signers (``signing.signers``), loaded by ``start``.
         self.trust: Trust | None = None
         #: Every job held now, with its phase (the heartbeat publishes them).
@@ -254,6 +261,10 @@ class Supervisor:
         finally:
             self.in_flight.pop(job_id, None)
             self.changed.set()
+        if self.failures is not None and state.identity is not None:
+            await self.failures.settle(
+                state.identity, job_id, request.source, error, state.run, state.remembered, log
+            )
         report = self._report(
             request.source,
             dict(request.labels),
@@ -300,6 +311,7 @@ class Supervisor:
             cancel,
         )
         with opened:
+            identity = await self._admit(opened, request, state, log)
             state.stage = "signature"
             await self._check_signature(opened, request, state, deadline, budget_s, cancel)
             state.stage = "inspect"
@@ -313,7 +325,6 @@ class Supervisor:
             # Once per load, off the event loop: it hashes the whole manifest.
             manifest = await in_thread(lambda: _manifest_of(summary))
             state.stage = "limits"
-            identity = model_identity(opened, request.sha256)
             history = await self._history_stats(identity, log)
             state.limits = limits = derive_limits(
                 summary.bytes,
@@ -439,6 +450,16 @@ class Supervisor:
             policy = self.settings.signing
             self.trust = await in_thread(lambda: Trust(policy))
         return self.trust
+
+    async def _admit(
+        self, opened: OpenedModel, request: LoadRequest, state: _Loaded, log: FilteringBoundLogger
+    ) -> str:
+        """The model's identity; a model the failure memory holds as repeatedly failing is
+        refused here, before its signature is checked, its header inspected or any child."""
+        state.identity = identity = model_identity(opened, request.sha256)
+        if self.failures is not None:
+            state.remembered = await self.failures.admit(identity, log)
+        return identity
 
     async def _history_stats(self, identity: str, log: FilteringBoundLogger) -> HistoryStats | None:
         """The model's load history, or None when there is none or Redis cannot say."""
@@ -584,7 +605,13 @@ class Supervisor:
             job_id=job_id,
             source=source,
             outcome=outcome,
-            error=ErrorInfo.from_error(error, traceback_of(run)) if error else None,
+            error=ErrorInfo.from_error(
+                error,
+                traceback_of(run),
+                error.remembered if isinstance(error, RepeatedlyFailing) else None,
+            )
+            if error
+            else None,
             attempts=[
                 Attempt(
                     number=attempt,
