@@ -12,8 +12,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from loadwarden.worker.sandbox import _regions, _safetensors
-from loadwarden.worker.sandbox._child import register_loader, register_reader
+from loadwarden.worker.binary import safetensors as _safetensors
+from loadwarden.worker.sandbox import _regions
+from loadwarden.worker.sandbox._registry import register_loader, register_reader
 from loadwarden.worker.sandbox.loaders import load_safetensors, read_safetensors
 
 #: What ``forge_stdout`` writes: a report line a ``load --json`` reader would believe.
@@ -141,8 +142,8 @@ def safetensors_library(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
     """
     import safetensors.numpy
 
-    from loadwarden.worker.sandbox._child import finish
-    from loadwarden.worker.sandbox._dtypes import NPY_BY_ARRAY
+    from loadwarden.worker.binary.dtypes import NPY_BY_ARRAY
+    from loadwarden.worker.sandbox._registry import finish
 
     tensors = safetensors.numpy.load_file(f"/proc/self/fd/{fd}", backend="pread")
     entries = [

@@ -59,7 +59,7 @@ from loadwarden.worker._model import (
 from loadwarden.worker._outcome import Loaded, classify
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.admission import Admission, detect_memory_bytes
-from loadwarden.worker.formats import LOADERS
+from loadwarden.worker.formats import LOADERS, needs_isolation
 from loadwarden.worker.history import History, model_identity
 from loadwarden.worker.limits import (
     HistoryStats,
@@ -74,7 +74,7 @@ from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox._protocol import manifest_digest
 from loadwarden.worker.sandbox.cgroups import CgroupManager
 from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
-from loadwarden.worker.sandbox.inspector import inspect_in_child, needs_isolation
+from loadwarden.worker.sandbox.inspector import inspect_in_child
 from loadwarden.worker.sources import open_model
 
 #: The loader each format runs in the child.

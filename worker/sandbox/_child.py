@@ -31,90 +31,18 @@ import signal
 import socket
 import stat
 import traceback
-from collections.abc import Callable
 from typing import Any
 
-from loadwarden.worker.sandbox import _landlock, _linux, _protocol, _seccomp
-
-Spec = dict[str, Any]
-Loader = Callable[[int, Spec], dict[str, Any]]
-
-#: Loaders by name; tests register extra ones from a module preloaded into the fork server.
-LOADERS: dict[str, Loader] = {}
-
-
-class FileChanged(Exception):
-    """The file handed to the child is not the one the supervisor inspected."""
-
-
-class ManifestMismatch(Exception):
-    """The loader returned other tensors than the header inspection found."""
-
-
-def register_loader(name: str) -> Callable[[Loader], Loader]:
-    def decorate(fn: Loader) -> Loader:
-        LOADERS[name] = fn
-        return fn
-
-    return decorate
-
-
-#: Readers by loader name: every tensor of one file in memory, with its manifest entries
-#: (``loaders`` registers them).
-#: A checkpoint's shards are read one after the other and all kept (``load_files``).
-Entry = tuple[str, str, list[int], int]
-Reader = Callable[[int, Spec], tuple[list[Entry], object]]
-READERS: dict[str, Reader] = {}
-
-
-def register_reader(name: str) -> Callable[[Reader], Reader]:
-    def decorate(fn: Reader) -> Reader:
-        READERS[name] = fn
-        return fn
-
-    return decorate
-
-
-def load_files(fds: list[int], spec: Spec) -> dict[str, Any]:
-    """Load every file of a checkpoint into memory, all held at once (the model must fit
-    whole), and say what each shard held. No digests: the supervisor hashes every shard
-    itself (``loadwarden.worker._digest``) and checks what its source promised."""
-    read = READERS[spec["loader"]]
-    held: list[object] = []
-    shards: list[list[Entry]] = []
-    for fd in fds:
-        entries, arrays = read(fd, spec)
-        held.append(arrays)
-        shards.append(entries)
-    files = [
-        {
-            "name": entry["name"],
-            "tensors": len(entries),
-            "bytes": sum(nbytes for _, _, _, nbytes in entries),
-        }
-        for entry, entries in zip(spec["files"], shards, strict=True)
-    ]
-    result = finish([e for entries in shards for e in entries], spec)
-    del held
-    return {**result, "files": files}
-
-
-def finish(entries: list[tuple[str, str, list[int], int]], spec: Spec) -> dict[str, Any]:
-    """A loader's answer: its manifest digest, checked against the spec.
-
-    The file's sha256 is not the loader's business: the supervisor hashes the file
-    itself (``loadwarden.worker._digest``), where a compromised loader cannot lie.
-    """
-    result: dict[str, Any] = {
-        "tensors": len(entries),
-        "bytes": sum(nbytes for _, _, _, nbytes in entries),
-        "manifest_digest": _protocol.manifest_digest(entries),
-        "sha256": None,
-    }
-    expected = spec.get("manifest_digest")
-    if expected and result["manifest_digest"] != expected:
-        raise ManifestMismatch("the loader returned other tensors than the header declares")
-    return result
+# The loaders register themselves in _registry as they are imported (no cycle: they import
+# _registry, never this module).
+from loadwarden.worker.sandbox import (
+    _landlock,
+    _linux,
+    _protocol,
+    _seccomp,
+    loaders,  # noqa: F401
+)
+from loadwarden.worker.sandbox._registry import LOADERS, FileChanged, Spec, load_files
 
 
 def _send(sock: socket.socket, message: dict[str, Any]) -> None:
@@ -250,8 +178,4 @@ def main(sock: socket.socket) -> int:
     return 0
 
 
-__all__ = ["LOADERS", "READERS", "load_files", "main", "register_loader", "register_reader"]
-
-# Last, because it imports this module: the safetensors, npy, npz and GGUF loaders register
-# themselves.
-from loadwarden.worker.sandbox import loaders  # noqa: E402, F401
+__all__ = ["main"]
