@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 from loadwarden.producer.contract import LoadRequest
 
@@ -19,6 +20,12 @@ DEAD_LETTER_STREAM = "loadwarden:dead"
 WORKER_KEY_PREFIX = "loadwarden:worker:"
 #: Per-model load history (see loadwarden.worker.history).
 HISTORY_KEY_PREFIX = "loadwarden:history:"
+
+
+def now_ms() -> int:
+    """The wall clock in ms since the epoch: how arq scores its queue, and how every sorted
+    set here is scored (leases, heartbeats) and every per-minute bucket named."""
+    return int(time.time() * 1000)
 
 
 def dedupe_key(request: LoadRequest) -> str:

@@ -15,6 +15,7 @@ from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest, Outcome
 from loadwarden.producer.errors import ClientError, ContractError
 from loadwarden.producer.settings import Settings
+from loadwarden.producer.sources import is_url
 from loadwarden.worker import _render
 from loadwarden.worker._files import resolved
 from loadwarden.worker._text import clean
@@ -116,13 +117,13 @@ def notice(text: str) -> None:
 
 def source_arg(value: str) -> str:
     """Local paths are made absolute here: a worker resolves relative ones against its own cwd."""
-    return value if "://" in value else os.path.abspath(value)
+    return value if is_url(value) else os.path.abspath(value)
 
 
 def named_root(source: str) -> tuple[Path, ...]:
     """The allowed root of a source named on this command line: the folder holding it
     (a checkpoint folder's parent), or none for a URL or hf:// (the hub cache is its own)."""
-    return () if "://" in source else (resolved(source).parent,)
+    return () if is_url(source) else (resolved(source).parent,)
 
 
 def emit_report(report: LoadReport, as_json: bool) -> None:
