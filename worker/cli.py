@@ -395,7 +395,7 @@ def calibrate(
     settings = with_roots(settings_from(), resolved(catalog).parent)
     results = asyncio.run(calib.calibrate(parsed.requests(), settings))
     if output is not None:
-        output.write_text(calib.to_toml(parsed, results))
+        output.write_text(calib.to_toml(parsed, results), encoding="utf-8")
     if as_json:
         typer.echo(json.dumps([r.model_dump(mode="json") for r in results]))
     else:
