@@ -76,6 +76,13 @@ async def test_valid_model_manifest_matches_reference(
     )
 
 
+async def test_an_unpinned_file_is_not_hashed(supervisor: Supervisor, small_model: Path) -> None:
+    """A single file with no digest to check loads without a hash: model.sha256 is null."""
+    report = await supervisor.load(LoadRequest(source=str(small_model)))
+    assert report.outcome is Outcome.OK, report.error
+    assert report.model is not None and report.model.sha256 is None
+
+
 async def test_wrong_sha256_is_invalid(supervisor: Supervisor, small_model: Path) -> None:
     """A digest that does not match the file gives invalid with code sha256_mismatch."""
     report = await supervisor.load(LoadRequest(source=str(small_model), sha256="0" * 64))
