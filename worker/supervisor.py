@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 from redis.exceptions import RedisError
@@ -75,6 +74,7 @@ from loadwarden.worker.sandbox._protocol import manifest_digest
 from loadwarden.worker.sandbox.cgroups import CgroupManager
 from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
 from loadwarden.worker.sandbox.inspector import inspect_in_child
+from loadwarden.worker.sandbox.spec import ChildSpec
 from loadwarden.worker.sources import open_model
 
 #: The loader each format runs in the child.
@@ -483,17 +483,17 @@ class Supervisor:
         summary: ModelSummary,
         manifest: str,
         limits: Limits,
-    ) -> dict[str, Any]:
-        spec: dict[str, Any] = {
-            "loader": self.loaders[summary.format],
-            "memory_bytes": limits.memory_bytes,
-            "cpu_seconds": limits.cpu_seconds,
-            "max_fds": self.settings.child_max_fds,
-            "address_space_limit": self.settings.use_address_space_limit,
-            "landlock": self.landlock_abi > 0,
-            "manifest_digest": manifest,
-        }
-        return {**spec, **child_files(opened)}
+    ) -> ChildSpec:
+        return ChildSpec(
+            loader=self.loaders[summary.format],
+            memory_bytes=limits.memory_bytes,
+            cpu_seconds=limits.cpu_seconds,
+            max_fds=self.settings.child_max_fds,
+            address_space_limit=self.settings.use_address_space_limit,
+            landlock=self.landlock_abi > 0,
+            manifest_digest=manifest,
+            **child_files(opened),
+        )
 
     def rejected(
         self,

@@ -42,7 +42,8 @@ from loadwarden.worker.sandbox import (
     _seccomp,
     loaders,  # noqa: F401
 )
-from loadwarden.worker.sandbox._registry import LOADERS, FileChanged, Spec, load_files
+from loadwarden.worker.sandbox._registry import LOADERS, FileChanged, load_files
+from loadwarden.worker.sandbox.spec import ChildSpec, FileIdentity
 
 
 def _send(sock: socket.socket, message: dict[str, Any]) -> None:
@@ -71,34 +72,34 @@ def _confine_process() -> list[str]:
     return applied
 
 
-def _check_identity(fd: int, expect: dict[str, int]) -> None:
+def _check_identity(fd: int, expect: FileIdentity) -> None:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise FileChanged("the file handed to the loader is not a regular file")
-    if (st.st_dev, st.st_ino) != (expect["dev"], expect["ino"]):
+    if (st.st_dev, st.st_ino) != (expect.dev, expect.ino):
         raise FileChanged("the file was replaced after inspection")
-    if st.st_size != expect["size"]:
+    if st.st_size != expect.size:
         raise FileChanged(
-            f"the file changed size after inspection: {expect['size']} -> {st.st_size} bytes"
+            f"the file changed size after inspection: {expect.size} -> {st.st_size} bytes"
         )
 
 
-def _apply_limits(spec: Spec, applied: list[str], files: int = 1) -> dict[str, Any]:
+def _apply_limits(spec: ChildSpec, applied: list[str], files: int = 1) -> dict[str, Any]:
     """Address space sized for how the loader maps memory; CPU time; descriptors."""
     vsz, rss = _linux.memory_from_statm()
     # memory_bytes bounds the child's resident memory. Virtual size runs ahead
     # of RSS by what the interpreter reserves but never touches; the pread
     # loader maps each tensor once, so the growth it may use is memory - rss.
-    room = max(0, int(spec["memory_bytes"]) - rss)
+    room = max(0, spec.memory_bytes - rss)
     address_space = vsz + room
-    if spec.get("address_space_limit", True):
+    if spec.address_space_limit:
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
         applied.append("rlimit_as")
-    cpu = max(1, math.ceil(float(spec["cpu_seconds"])))
+    cpu = max(1, math.ceil(spec.cpu_seconds))
     # SIGXCPU at the soft limit, SIGKILL one second later if it is ignored.
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     # The model's descriptors are already open; max_fds is what the loader may open besides.
-    nofile = int(spec["max_fds"]) + files
+    nofile = spec.max_fds + files
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
     applied += ["rlimit_cpu", "rlimit_nofile"]
     return {"baseline_vsz": vsz, "baseline_rss": rss, "address_space": address_space}
@@ -134,15 +135,16 @@ def _raised(exc: BaseException) -> dict[str, Any]:
     }
 
 
-def _receive(sock: socket.socket) -> tuple[Spec, list[int]] | None:
-    """The spec and every descriptor it comes with (more packets for a large checkpoint)."""
+def _receive(sock: socket.socket) -> tuple[ChildSpec, list[int]] | None:
+    """The spec and every descriptor it comes with (more packets for a large checkpoint);
+    ``SpecError`` (or a JSON error) for a spec the supervisor could not have sent."""
     data, fds, _flags, _addr = socket.recv_fds(
         sock, _protocol.MAX_SPEC_BYTES, _protocol.FDS_PER_MESSAGE
     )
     if not data or not fds:
         return None
-    spec: Spec = json.loads(data)
-    want = len(spec["files"]) if "files" in spec else 1
+    spec = ChildSpec.from_json(json.loads(data))
+    want = len(spec.identities)
     while len(fds) < want:
         _data, more, _flags, _addr = socket.recv_fds(sock, 16, _protocol.FDS_PER_MESSAGE)
         if not more:
@@ -160,16 +162,15 @@ def main(sock: socket.socket) -> int:
         return 2
     spec, fds = received
     try:
-        expected = [f["expect"] for f in spec["files"]] if "files" in spec else [spec["expect"]]
-        for fd, expect in zip(fds, expected, strict=True):
+        for fd, expect in zip(fds, spec.identities, strict=True):
             _check_identity(fd, expect)
-        loader = LOADERS[spec["loader"]]
+        loader = LOADERS[spec.loader]
         figures = _apply_limits(spec, applied, len(fds))
-        if spec.get("landlock"):
+        if spec.landlock:
             _apply_landlock(fds, applied)
         _apply_seccomp(applied)
         _send(sock, {"kind": "ready", "pid": os.getpid(), "confinement": applied, **figures})
-        result = load_files(fds, spec) if "files" in spec else loader(fds[0], spec)
+        result = load_files(fds, spec) if spec.files is not None else loader(fds[0], spec)
     except BaseException as exc:  # PanicException is a BaseException: catch everything
         with contextlib.suppress(BaseException):
             _send(sock, _raised(exc))

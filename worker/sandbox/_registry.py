@@ -10,8 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from loadwarden.worker.sandbox import _protocol
+from loadwarden.worker.sandbox.spec import ChildSpec
 
-Spec = dict[str, Any]
+Spec = ChildSpec
 Loader = Callable[[int, Spec], dict[str, Any]]
 
 #: Loaders by name; tests register extra ones from a module preloaded into the fork server.
@@ -54,7 +55,7 @@ def load_files(fds: list[int], spec: Spec) -> dict[str, Any]:
     """Load every file of a checkpoint into memory, all held at once (the model must fit
     whole), and say what each shard held. No digests: the supervisor hashes every shard
     itself (``loadwarden.worker._digest``) and checks what its source promised."""
-    read = READERS[spec["loader"]]
+    read = READERS[spec.loader]
     held: list[object] = []
     shards: list[list[Entry]] = []
     for fd in fds:
@@ -63,11 +64,11 @@ def load_files(fds: list[int], spec: Spec) -> dict[str, Any]:
         shards.append(entries)
     files = [
         {
-            "name": entry["name"],
+            "name": entry.name,
             "tensors": len(entries),
             "bytes": sum(nbytes for _, _, _, nbytes in entries),
         }
-        for entry, entries in zip(spec["files"], shards, strict=True)
+        for entry, entries in zip(spec.files or (), shards, strict=True)
     ]
     result = finish([e for entries in shards for e in entries], spec)
     del held
@@ -86,7 +87,7 @@ def finish(entries: list[tuple[str, str, list[int], int]], spec: Spec) -> dict[s
         "manifest_digest": _protocol.manifest_digest(entries),
         "sha256": None,
     }
-    expected = spec.get("manifest_digest")
+    expected = spec.manifest_digest
     if expected and result["manifest_digest"] != expected:
         raise ManifestMismatch("the loader returned other tensors than the header declares")
     return result

@@ -74,7 +74,7 @@ def load_npy(fd: int, spec: Spec) -> dict[str, Any]:
 @register_loader("npz")
 def load_npz(fd: int, spec: Spec) -> dict[str, Any]:
     """Read every member into memory once, check the manifest."""
-    arrays = read_npz(fd, spec.get("memory_bytes"))
+    arrays = read_npz(fd, spec.memory_bytes)
     entries = [_entry(name, array) for name, array in arrays.items()]
     del arrays
     return finish(entries, spec)
