@@ -26,3 +26,25 @@ def test_every_runtime_dependency_is_explained_in_the_readme() -> None:
     rows = re.findall(r"^\| ([^|]+) \|", table, re.MULTILINE)
     named = {name.strip().lower() for row in rows[2:] for name in row.split(",")}
     assert named == wanted
+
+
+def test_every_readme_section_a_comment_names_exists() -> None:
+    """Comments that send a reader to a README section (`deploy/README.md, "Sizing"`,
+    `README "High availability"`) name a heading that is there."""
+    pointers = re.compile(r'(deploy/README\.md|README)(?:\.md)?,? "([^"]+)"')
+    headings = {
+        name: {
+            h.strip("# ").strip() for h in (ROOT / path).read_text().splitlines() if h[:1] == "#"
+        }
+        for name, path in (("README", "README.md"), ("deploy/README.md", "deploy/README.md"))
+    }
+    found = 0
+    for path in [
+        *ROOT.glob("deploy/**/*.yaml"),
+        *ROOT.glob("deploy/Dockerfile"),
+        ROOT / "pyproject.toml",
+    ]:
+        for readme, section in pointers.findall(path.read_text()):
+            found += 1
+            assert any(h.startswith(section) for h in headings[readme]), (path, readme, section)
+    assert found >= 5
