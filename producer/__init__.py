@@ -34,6 +34,7 @@ from loadwarden.producer.contract import (
     Resources,
     RetryPolicy,
     ShardInfo,
+    SignatureInfo,
     TensorInfo,
     WorkerInfo,
     WorkerStatus,
@@ -58,7 +59,14 @@ from loadwarden.producer.errors import (
     SourceUnavailable,
     error_class_for,
 )
-from loadwarden.producer.settings import InspectionCaps, LimitPolicy, RedisOptions, Settings
+from loadwarden.producer.settings import (
+    InspectionCaps,
+    LimitPolicy,
+    RedisOptions,
+    Settings,
+    SigningPolicy,
+    TrustedSigner,
+)
 
 __all__ = [
     "WIRE_VERSION",
@@ -104,9 +112,12 @@ __all__ = [
     "RetryPolicy",
     "Settings",
     "ShardInfo",
+    "SignatureInfo",
+    "SigningPolicy",
     "SourceRefused",
     "SourceUnavailable",
     "TensorInfo",
+    "TrustedSigner",
     "WorkerInfo",
     "WorkerStatus",
     "error_class_for",

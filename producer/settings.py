@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loadwarden.producer._xdg import xdg_dir
-from loadwarden.producer.contract import Outcome
+from loadwarden.producer.contract import Outcome, SignedBy, SignerName
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -212,6 +212,68 @@ class SourcePolicy(BaseModel):
             raise ValueError(f"not a CIDR network: {exc}") from None
 
 
+class TrustedSigner(BaseModel):
+    """A key (or a certificate authority) whose model signatures this worker accepts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # A PEM public key (EC P-256, P-384 or P-521: the curves model-signing signs with).
+    public_key: Path | None = None
+    # PEM certificates (a CA and its intermediates): a signature whose bundle carries a
+    # signing certificate that chains to them (and may sign code) is this signer's.
+    certificate_chain: tuple[Path, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TrustedSigner:
+        if (self.public_key is None) == (not self.certificate_chain):
+            raise ValueError("give either public_key or certificate_chain, not both or neither")
+        for path in (self.public_key, *self.certificate_chain):
+            if path is not None and not path.is_absolute():
+                raise ValueError(f"{str(path)!r} is not an absolute path")
+        return self
+
+
+class SigningPolicy(BaseModel):
+    """Which models must carry a valid signature (OpenSSF model signing), and by whom.
+
+    Each rule is "signed by one of these signers" (names from ``signers``; ``*``: any of
+    them). Every rule that applies to a load must hold, so a load may only be signed by a
+    signer in all of them; a request's or catalog's ``signed_by`` is one more rule, and
+    it names signers, never keys: only the keys configured here can ever verify a model.
+    From the environment, each is JSON, e.g.
+    ``LOADWARDEN_SIGNING__SIGNERS='{"acme": {"public_key": "/keys/acme.pub"}}'`` and
+    ``LOADWARDEN_SIGNING__ROOTS='{"/models/prod": ["acme"]}'``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # None trusted: a load that must be signed is then refused (unknown signer).
+    signers: dict[SignerName, TrustedSigner] = {}
+    # Every load (None: no rule for all loads; loads are signed only where a rule says).
+    require: SignedBy | None = None
+    # Loads whose files lie under one of these folders (a root or any folder inside one).
+    roots: dict[Path, SignedBy] = {}
+    # hf:// loads of these organisations (the ORG of hf://ORG/NAME, case-sensitive as the hub).
+    hf_orgs: dict[str, SignedBy] = {}
+
+    @model_validator(mode="after")
+    def _known_signers(self) -> SigningPolicy:
+        if "*" in self.signers:
+            raise ValueError('"*" means any signer; it cannot name one')
+        rules = [self.require or (), *self.roots.values(), *self.hf_orgs.values()]
+        for name in {n for rule in rules for n in rule} - {"*", *self.signers}:
+            raise ValueError(f"signer {name!r} is required by a rule but not in signers")
+        for root in self.roots:
+            if not root.is_absolute():
+                raise ValueError(f"{str(root)!r} is not an absolute path")
+        return self
+
+    @property
+    def requires_any(self) -> bool:
+        """Whether some rule of the worker's own requires signatures."""
+        return bool(self.require or self.roots or self.hf_orgs)
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -369,6 +431,8 @@ class Settings(BaseSettings):
     limits: LimitPolicy = LimitPolicy()
     # A factory, not a shared instance: the cache dir follows $XDG_CACHE_HOME at construction.
     sources: SourcePolicy = Field(default_factory=SourcePolicy)
+    # Nothing signed is required until an operator names trusted signers and rules.
+    signing: SigningPolicy = SigningPolicy()
 
     @property
     def drain_grace_s(self) -> float:

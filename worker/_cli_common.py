@@ -97,6 +97,14 @@ Sha256Opt = Annotated[
     str | None,
     typer.Option("--sha256", help="Expected sha256 of the file; a mismatch is 'invalid'."),
 ]
+SignedByOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--signed-by",
+        help="Require a signature by this signer, as the worker's signing.signers names it "
+        "(repeatable: any of them; * : any the worker trusts).",
+    ),
+]
 MemoryOpt = Annotated[
     int | None, typer.Option("--memory-bytes", help="Memory limit override.", min=1)
 ]
@@ -209,12 +217,20 @@ def labels_from(values: list[str] | None) -> dict[str, str]:
 
 
 def load_request(
-    source: str, sha256: str | None, labels: dict[str, str], **limits: Any
+    source: str,
+    sha256: str | None,
+    labels: dict[str, str],
+    signed_by: list[str] | None = None,
+    **limits: Any,
 ) -> LoadRequest:
     """The request a command line names; a bad field is a usage error."""
     try:
         return LoadRequest(
-            source=source_arg(source), sha256=sha256, limits=LimitOverrides(**limits), labels=labels
+            source=source_arg(source),
+            sha256=sha256,
+            limits=LimitOverrides(**limits),
+            labels=labels,
+            signed_by=tuple(signed_by) if signed_by else None,
         )
     except Exception as exc:  # pydantic's ValidationError: say which field and why
         raise typer.BadParameter(str(exc)) from None

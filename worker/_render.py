@@ -105,6 +105,16 @@ def report(r: LoadReport) -> None:
         table.add_row("error", safe(f"{r.error.type} ({r.error.code}): {r.error.message}"))
     if r.model:
         _model_rows(table, r.model)
+    if r.signature:
+        sig = r.signature
+        table.add_row(
+            "signature",
+            safe(
+                f"{'verified' if sig.verified else 'not verified'}: {sig.file} "
+                f"(sha256 {sig.sha256[:16]}…), signer {sig.signer or 'unknown'}, "
+                f"{sig.files} files signed"
+            ),
+        )
     if r.limits:
         lim = r.limits
         table.add_row(
@@ -143,6 +153,16 @@ def inspection(document: dict[str, Any]) -> None:
         table.add_row("error", safe(f"{err['type']} ({err['code']}): {err['message']}"))
     if document["model"]:
         _model_rows(table, ModelSummary.model_validate(document["model"]))
+    sig = document.get("signature") or {}
+    status = sig.get("status", "none")
+    what = {"none": "none", "unchecked": f"{sig.get('file')}, unchecked: {sig.get('reason')}"}
+    if status in ("verified", "refused"):
+        what[status] = (
+            f"{status}{' (required)' if sig.get('required') else ''}: {sig.get('file')}, "
+            f"signer {sig.get('signer') or 'unknown'}, {sig.get('files', 0)} files signed"
+            + (f"; {sig.get('code')}: {sig.get('message')}" if status == "refused" else "")
+        )
+    table.add_row("signature", safe(what[status]))
     console.print(table)
 
 

@@ -39,6 +39,7 @@ from loadwarden.producer.errors import (
     LoadCancelled,
     LoadError,
     MemoryExceeded,
+    SourceRefused,
     SourceUnavailable,
     describe,
 )
@@ -75,6 +76,14 @@ from loadwarden.worker.sandbox.cgroups import CgroupManager
 from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
 from loadwarden.worker.sandbox.inspector import inspect_in_child
 from loadwarden.worker.sandbox.spec import ChildSpec
+from loadwarden.worker.signing import (
+    SignatureCheck,
+    Trust,
+    TrustError,
+    check_signature,
+    recheck,
+    required_signers,
+)
 from loadwarden.worker.sources import open_model
 
 #: The loader each format runs in the child.
@@ -90,6 +99,8 @@ def _now() -> datetime:
 STAGE_ERRORS: dict[str, tuple[type[LoadError], str]] = {
     # The source could not be opened for a reason the opener did not name: worth a retry.
     "source": (SourceUnavailable, "source_error"),
+    # Fail closed: a signature we could not check is one we do not accept.
+    "signature": (SourceRefused, "signature_invalid"),
     # The file made the inspector fail: a verdict on the content, not retried.
     "inspect": (InvalidModel, "inspection_error"),
     "limits": (ChildCrashed, "internal_error"),
@@ -107,6 +118,7 @@ class _Loaded:
     summary: ModelSummary | None = None
     limits: Limits | None = None
     run: ChildRun | None = None
+    signature: SignatureCheck | None = None
     stage: str = "source"
 
 
@@ -131,6 +143,8 @@ class Supervisor:
         self.forkserver = forkserver or ForkServer(preload=preload)
         self.loaders = {**DEFAULT_LOADERS, **(loaders or {})}
         self.history = history
+        #: The trusted signers (``signing.signers``), loaded by ``start``.
+        self.trust: Trust | None = None
         #: Every job held now, with its phase (the heartbeat publishes them).
         self.in_flight: dict[str, RunningJob] = {}
         #: Set whenever ``in_flight`` changes, so the heartbeat can publish it at once.
@@ -169,6 +183,10 @@ class Supervisor:
             memory_budget_bytes=self.admission.budget_bytes,
         )
         refusals = []
+        try:  # fail closed: never run without the signers a policy names
+            await self._trusted()
+        except TrustError as exc:
+            refusals.append(str(exc))
         if s.require_cgroups and self.cgroups is None:
             refusals.append(f"require_cgroups is set, but {self.cgroups_note}")
         if s.require_landlock and not self.landlock_abi:
@@ -282,6 +300,8 @@ class Supervisor:
             cancel,
         )
         with opened:
+            state.stage = "signature"
+            await self._check_signature(opened, request, state, deadline, budget_s, cancel)
             state.stage = "inspect"
             state.summary = summary = await before_deadline(
                 self._inspect_bounded(opened, request, deadline),
@@ -316,7 +336,7 @@ class Supervisor:
                     asyncio.create_task(
                         digest_files([(shard.file.fd, shard.file.size) for shard in opened.files])
                     )
-                    if needs_digests(opened, request.sha256)
+                    if needs_digests(opened, request.sha256) or state.signature is not None
                     else None
                 )
                 digests: list[str] | None = None
@@ -363,7 +383,8 @@ class Supervisor:
             state.summary, mismatch = with_digests(
                 summary, opened, run.final.result, digests, request.sha256
             )
-            error = error or mismatch
+            # ...and the bytes loaded are still the ones signed.
+            error = error or mismatch or recheck(state.signature, opened, digests)
         if run.cgroup_oom and not run.timed_out and not isinstance(run.final, Loaded):
             error = MemoryExceeded(
                 f"the kernel's OOM killer stopped the load at its cgroup's "
@@ -383,6 +404,41 @@ class Supervisor:
             except (RedisError, OSError) as exc:  # history is advice: the load stands
                 log.warning("history_unavailable", error=describe(exc))
         return error
+
+    async def _check_signature(
+        self,
+        opened: OpenedModel,
+        request: LoadRequest,
+        state: _Loaded,
+        deadline: float,
+        budget_s: float,
+        cancel: asyncio.Event | None,
+    ) -> None:
+        """Refuse the load unless a signature every rule accepts covers its files; before any
+        child, the inspector's included (``loadwarden.worker.signing``)."""
+        requirement = required_signers(self.settings.signing, request, opened)
+        if requirement is None:
+            return
+        state.signature = signed = SignatureCheck()
+        try:
+            trust = await self._trusted()
+        except TrustError as exc:
+            raise SourceRefused(str(exc), code="signing_unavailable") from None
+        await before_deadline(
+            check_signature(opened, requirement, trust, signed),
+            "verifying the signature",
+            deadline,
+            budget_s,
+            cancel,
+        )
+
+    async def _trusted(self) -> Trust | None:
+        """The trusted signers, loaded on first use (keys read, model-signing imported: ~1 s,
+        in a thread); None when the settings name none."""
+        if self.trust is None and self.settings.signing.signers:
+            policy = self.settings.signing
+            self.trust = await in_thread(lambda: Trust(policy))
+        return self.trust
 
     async def _history_stats(self, identity: str, log: FilteringBoundLogger) -> HistoryStats | None:
         """The model's load history, or None when there is none or Redis cannot say."""
@@ -540,6 +596,7 @@ class Supervisor:
                 )
             ],
             model=summary.capped(self.settings.report_max_tensors) if summary else None,
+            signature=state.signature.info if state.signature else None,
             limits=state.limits,
             resources=resources_of(run),
             confinement=run.confinement if run else [],

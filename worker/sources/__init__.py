@@ -28,6 +28,8 @@ with a stable ``code``::
         symlink              a file of a checkpoint folder is a symlink (not followed)
         bad_hf_name          an hf:// repository id or revision that is not one
         outside_blobs        a cache snapshot's entry is not a symlink into its repository's blobs/
+        signature_*          a required signature is missing, bad, by another signer, or does
+                             not match the files (``loadwarden.worker.signing``)
     SourceUnavailable    cannot be reached or read, worth retrying (outcome ``unavailable``)
         not_found            no such file (or no such directory on the way)
         unreadable           the file exists but cannot be read (permissions, I/O)
