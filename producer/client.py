@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from enum import StrEnum
@@ -39,6 +38,7 @@ from loadwarden.producer.keys import (
     CANCEL_KEY_PREFIX,
     DEAD_LETTER_STREAM,
     WORKER_KEY_PREFIX,
+    now_ms,
 )
 from loadwarden.producer.preload import PreloadResult, ProgressCallback, preload
 from loadwarden.producer.settings import Settings
@@ -68,10 +68,6 @@ _FROM_ARQ = {
     JobStatus.complete: JobState.COMPLETE,
     JobStatus.not_found: JobState.NOT_FOUND,
 }
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class DeadLetter(BaseModel):
@@ -251,7 +247,7 @@ class Client:
                     request,
                     function=FUNCTION_NAME,
                     queue_name=self.queue_name,
-                    now_ms=_now_ms(),
+                    now_ms=now_ms(),
                     dedupe_ttl_s=self.settings.keep_result_s,
                 )
             )
@@ -305,7 +301,7 @@ class Client:
             pipe.set(CANCEL_KEY_PREFIX + job_id, "1", ex=self.settings.keep_result_s)
             pipe.publish(CANCEL_CHANNEL, job_id)
             if state is JobState.DEFERRED:  # waiting out a backoff: let it end now
-                pipe.zadd(self.queue_name, {job_id: _now_ms()}, xx=True)
+                pipe.zadd(self.queue_name, {job_id: now_ms()}, xx=True)
             await _guard(pipe.execute())
         return state
 

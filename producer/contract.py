@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loadwarden.producer.errors import LoadError, error_class_for
+from loadwarden.producer.sources import is_url
 
 #: Bumped on any incompatible change to LoadRequest or LoadReport.
 WIRE_VERSION: Literal[1] = 1
@@ -138,7 +139,7 @@ class LoadRequest(_Model):
     def _absolute_or_url(cls, value: str) -> str:
         # The worker resolves a path on its own machine, against its own working
         # directory: a relative path would name another file there, or none.
-        if "://" not in value and not value.startswith("/"):
+        if not is_url(value) and not value.startswith("/"):
             raise ValueError(
                 f"{value!r} is a relative path: the worker resolves paths on its own side, "
                 "so give an absolute path (or a URL)"

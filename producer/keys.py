@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 from loadwarden.producer.contract import LoadRequest
 
@@ -26,6 +27,12 @@ FAILURES_KEY_PREFIX = "loadwarden:failures:"
 FAILING_ZSET = "loadwarden:failing"
 #: The identities among them with enough failures to be refused, scored the same way.
 REFUSING_ZSET = "loadwarden:refusing"
+
+
+def now_ms() -> int:
+    """The wall clock in ms since the epoch: how arq scores its queue, and how every sorted
+    set here is scored (leases, heartbeats) and every per-minute bucket named."""
+    return int(time.time() * 1000)
 
 
 def dedupe_key(request: LoadRequest) -> str:

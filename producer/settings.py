@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from loadwarden.producer._xdg import xdg_dir
 from loadwarden.producer.contract import Outcome, SignedBy, SignerName
 
 MiB = 1024 * 1024
@@ -142,9 +143,7 @@ class FailureMemoryPolicy(BaseModel):
 
 
 def _default_cache_dir() -> Path:
-    # The XDG base-directory rule: $XDG_CACHE_HOME when it is set and absolute, else ~/.cache.
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "loadwarden"
+    return xdg_dir("XDG_CACHE_HOME", ".cache") / "loadwarden"
 
 
 class SourcePolicy(BaseModel):

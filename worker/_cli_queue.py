@@ -174,8 +174,9 @@ def dead_purge(
     )
     if not yes:
         if not sys.stdin.isatty():
-            typer.echo(f"loadwarden: this removes {which}; pass --yes to confirm", err=True)
-            raise typer.Exit(EXIT_USAGE)
+            raise typer.BadParameter(
+                f"this removes {which}; pass it to confirm", param_hint="--yes"
+            )
         typer.confirm(f"Remove {which}?", abort=True, err=True)
     removed = ask(
         redis,

@@ -47,7 +47,7 @@ from typing import Any
 from loadwarden.producer.contract import LoadRequest
 from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused
 from loadwarden.producer.settings import SigningPolicy
-from loadwarden.producer.sources import is_hf, parse_hf
+from loadwarden.producer.sources import is_hf, is_url, parse_hf
 from loadwarden.worker._bundle import (
     Found,
     Requirement,
@@ -92,7 +92,7 @@ def required_signers(
         org = parse_hf(request.source)[0].split("/")[0]
         if org in policy.hf_orgs:
             rules.append((f"signing.hf_orgs[{org}]", policy.hf_orgs[org]))
-    elif "://" not in request.source:
+    elif not is_url(request.source):
         paths = [shard.file.path for shard in opened.files]
         for root, names in policy.roots.items():
             if _under(paths, root):

@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 from redis.exceptions import RedisError
@@ -62,7 +61,7 @@ from loadwarden.worker._outcome import Loaded, classify
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.admission import Admission, detect_memory_bytes
 from loadwarden.worker.failures import FailureMemory, RepeatedlyFailing
-from loadwarden.worker.formats import LOADERS
+from loadwarden.worker.formats import LOADERS, needs_isolation
 from loadwarden.worker.history import History, model_identity
 from loadwarden.worker.limits import (
     HistoryStats,
@@ -77,7 +76,8 @@ from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox._protocol import manifest_digest
 from loadwarden.worker.sandbox.cgroups import CgroupManager
 from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
-from loadwarden.worker.sandbox.inspector import inspect_in_child, needs_isolation
+from loadwarden.worker.sandbox.inspector import inspect_in_child
+from loadwarden.worker.sandbox.spec import ChildSpec
 from loadwarden.worker.signing import (
     SignatureCheck,
     Trust,
@@ -560,17 +560,17 @@ class Supervisor:
         summary: ModelSummary,
         manifest: str,
         limits: Limits,
-    ) -> dict[str, Any]:
-        spec: dict[str, Any] = {
-            "loader": self.loaders[summary.format],
-            "memory_bytes": limits.memory_bytes,
-            "cpu_seconds": limits.cpu_seconds,
-            "max_fds": self.settings.child_max_fds,
-            "address_space_limit": self.settings.use_address_space_limit,
-            "landlock": self.landlock_abi > 0,
-            "manifest_digest": manifest,
-        }
-        return {**spec, **child_files(opened)}
+    ) -> ChildSpec:
+        return ChildSpec(
+            loader=self.loaders[summary.format],
+            memory_bytes=limits.memory_bytes,
+            cpu_seconds=limits.cpu_seconds,
+            max_fds=self.settings.child_max_fds,
+            address_space_limit=self.settings.use_address_space_limit,
+            landlock=self.landlock_abi > 0,
+            manifest_digest=manifest,
+            **child_files(opened),
+        )
 
     def rejected(
         self,
