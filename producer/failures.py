@@ -12,7 +12,6 @@ client. The policy (which failures count, the refusal) is the worker's: worker/f
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +20,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from loadwarden.producer.contract import FailingModel, RememberedFailure
-from loadwarden.producer.keys import FAILING_ZSET, FAILURES_KEY_PREFIX, REFUSING_ZSET
+from loadwarden.producer.keys import FAILING_ZSET, FAILURES_KEY_PREFIX, REFUSING_ZSET, now_ms
 
 #: Failures kept per model at most (the newest): the refusal needs ``threshold`` of them and
 #: an operator a few more; a burst of many jobs failing at once must not grow one hash.
@@ -67,10 +66,6 @@ else
 end
 return count
 """
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 async def record(
@@ -153,8 +148,8 @@ async def listing(redis: Redis) -> list[FailingModel]:
     ``refused`` is what the recording worker decided with its own threshold (the
     REFUSING_ZSET index), so an operator's shell needs no copy of the workers' settings.
     """
-    now_ms = _now_ms()
-    names = await redis.zrangebyscore(FAILING_ZSET, now_ms, "+inf")
+    now = now_ms()
+    names = await redis.zrangebyscore(FAILING_ZSET, now, "+inf")
     identities = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     if not identities:
         return []
@@ -167,7 +162,7 @@ async def listing(redis: Redis) -> list[FailingModel]:
     found = []
     for i, identity in enumerate(identities):
         fields, pttl, until = answers[3 * i : 3 * i + 3]
-        refused = until is not None and until > now_ms
+        refused = until is not None and until > now
         if model := _model(identity, fields, int(pttl), refused=refused):
             found.append(model)
     found.sort(key=lambda m: (not m.refused, -m.failures[0].at.timestamp()))
@@ -191,4 +186,4 @@ async def forget(redis: Redis, identities: Sequence[str] | None = None) -> int:
 
 async def refused_count(redis: Redis) -> int:
     """How many models are refused now (the index's live entries: one ZCOUNT)."""
-    return int(await redis.zcount(REFUSING_ZSET, _now_ms(), "+inf"))
+    return int(await redis.zcount(REFUSING_ZSET, now_ms(), "+inf"))
