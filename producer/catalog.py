@@ -9,6 +9,8 @@ A catalog is TOML, one ``[[model]]`` table per model::
     labels = { team = "search" }          # merged under each model's labels (the model wins)
     limits = { timeout_seconds = 120 }    # memory_bytes, cpu_seconds, timeout_seconds
     retry = { max_attempts = 5 }          # a RetryPolicy
+    signed_by = ["acme"]                  # require a signature by one of these signers (the
+                                          # worker's signing.signers names them; "*": any)
 
     [[model]]
     name = "bert-base"                    # required, unique, 1-128 of A-Z a-z 0-9 . _ -
@@ -17,6 +19,7 @@ A catalog is TOML, one ``[[model]]`` table per model::
     sha256 = "9f2c..."                    # optional, 64 hex digits
     format = "safetensors"                # optional, overrides the default
     labels = { tier = "gold" }            # optional
+    signed_by = ["acme", "beta"]          # optional, overrides the default
     [model.limits]                        # optional; each limit set here wins over the default
     memory_bytes = 4_294_967_296
 
@@ -40,9 +43,15 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
-from loadwarden.producer.contract import LimitOverrides, LoadRequest, ModelFormat, RetryPolicy
+from loadwarden.producer.contract import (
+    LimitOverrides,
+    LoadRequest,
+    ModelFormat,
+    RetryPolicy,
+    SignedBy,
+)
 from loadwarden.producer.errors import CatalogError
-from loadwarden.producer.sources import is_hf, parse_hf
+from loadwarden.producer.sources import is_hf, is_url, parse_hf
 
 #: A hand-written catalog of tens of thousands of models fits in well under 4 MiB.
 MAX_CATALOG_BYTES = 4 * 1024 * 1024
@@ -75,7 +84,7 @@ def _check_source(value: str) -> str:
         raise ValueError("must be a path or URL of 1-4096 characters, without NUL")
     if is_hf(value):
         parse_hf(value)  # its ValueError names the defect
-    elif _is_url(value):
+    elif is_url(value):
         url = urlsplit(value)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError("must be a local path, an http(s) URL or hf://ORG/NAME[@REVISION]")
@@ -101,10 +110,6 @@ def _check_version(value: int) -> int:
     return value
 
 
-def _is_url(source: str) -> bool:
-    return "://" in source
-
-
 Labels = Annotated[
     dict[str, Annotated[str, Field(max_length=256)]],
     Field(max_length=_MAX_LABELS),
@@ -123,6 +128,7 @@ class CatalogDefaults(_Strict):
     limits: LimitOverrides = LimitOverrides()
     labels: Labels = {}
     retry: RetryPolicy = RetryPolicy()
+    signed_by: SignedBy | None = None
 
 
 class CatalogEntry(_Strict):
@@ -134,6 +140,7 @@ class CatalogEntry(_Strict):
     format: ModelFormat | None = None
     limits: LimitOverrides = LimitOverrides()
     labels: Labels = {}
+    signed_by: SignedBy | None = None
 
 
 class Catalog(_Strict):
@@ -160,12 +167,13 @@ class Catalog(_Strict):
             format=entry.format or defaults.format,
             limits=LimitOverrides(**limits),
             retry=defaults.retry,
+            signed_by=entry.signed_by or defaults.signed_by,
             labels={**defaults.labels, **entry.labels, "catalog": stem, "model": entry.name},
         )
 
     def _resolve(self, source: str) -> str:
         # The worker resolves paths on its own side: never send it a relative one.
-        if _is_url(source) or Path(source).is_absolute():
+        if is_url(source) or Path(source).is_absolute():
             return source
         return str((self.base_dir or Path.cwd()).absolute() / source)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from enum import StrEnum
@@ -23,9 +22,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from loadwarden.producer import wire
+from loadwarden.producer import failures, wire
 from loadwarden.producer.connection import NotReplicated, confirm_replicated, redis_client
-from loadwarden.producer.contract import LoadReport, LoadRequest, WorkerStatus
+from loadwarden.producer.contract import FailingModel, LoadReport, LoadRequest, WorkerStatus
 from loadwarden.producer.counts import live_worker_ids, queue_counts
 from loadwarden.producer.dedupe import enqueue_once
 from loadwarden.producer.errors import (
@@ -40,6 +39,7 @@ from loadwarden.producer.keys import (
     CANCEL_KEY_PREFIX,
     DEAD_LETTER_STREAM,
     WORKER_KEY_PREFIX,
+    now_ms,
     wake_workers,
 )
 from loadwarden.producer.preload import PreloadResult, ProgressCallback, preload
@@ -68,10 +68,6 @@ _FROM_ARQ = {
     JobStatus.complete: JobState.COMPLETE,
     JobStatus.not_found: JobState.NOT_FOUND,
 }
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class DeadLetter(BaseModel):
@@ -255,7 +251,7 @@ class Client:
                     request,
                     function=FUNCTION_NAME,
                     queue_name=self.queue_name,
-                    now_ms=_now_ms(),
+                    now_ms=now_ms(),
                     dedupe_ttl_s=self.settings.keep_result_s,
                 )
             )
@@ -314,7 +310,7 @@ class Client:
             pipe.set(CANCEL_KEY_PREFIX + job_id, "1", ex=self.settings.keep_result_s)
             pipe.publish(CANCEL_CHANNEL, job_id)
             if state is JobState.DEFERRED:  # waiting out a backoff: let it end now
-                pipe.zadd(self.queue_name, {job_id: _now_ms()}, xx=True)
+                pipe.zadd(self.queue_name, {job_id: now_ms()}, xx=True)
                 wake_workers(pipe, self.queue_name)
             await _guard(pipe.execute())
         return state
@@ -391,6 +387,15 @@ class Client:
             await _guard(redis.xdel(DEAD_LETTER_STREAM, *chosen))
         return len(chosen)
 
+    async def failing_models(self) -> list[FailingModel]:
+        """Models the failure memory holds (refused ones first), with their failures."""
+        return await _guard(failures.listing(await self.redis()))
+
+    async def clear_failing(self, identities: Sequence[str] | None = None) -> int:
+        """Forget failing models (by identity, as ``failing_models`` names them; None: all),
+        so their next load runs; returns how many the memory held."""
+        return await _guard(failures.forget(await self.redis(), identities))
+
     def job(self, job_id: str) -> JobHandle:
         return JobHandle(self, job_id)
 
@@ -430,7 +435,7 @@ class Client:
                 # Watched before the first read: a push after it wakes us, and so does the
                 # subscription standing (to read again whatever came before it).
                 watch.start()
-            looked = False
+            look = True  # whether the job still exists, checked unless a push woke us
             while True:
                 pushed.clear()
                 stored = await self.stored_report(job_id)
@@ -440,14 +445,16 @@ class Client:
                     # outcome.
                     await _guard(confirm_replicated(await self.redis(), self.settings.redis))
                     return stored
-                if not looked or not watch.live:  # not on every push: it costs 3 round trips
-                    looked = True
-                    if await self.job_state(job_id) is JobState.NOT_FOUND:
-                        # The report may have landed between our two reads.
-                        stored = await self.stored_report(job_id)
-                        if stored is not None:
-                            return stored
-                        raise JobNotFound(f"no job {job_id!r} is queued, running or finished")
+                # Not after a push (the report is there, or soon): it costs 3 round trips.
+                gone = (look or not watch.live) and (
+                    await self.job_state(job_id) is JobState.NOT_FOUND
+                )
+                if gone:
+                    # The report may have landed between our two reads.
+                    stored = await self.stored_report(job_id)
+                    if stored is not None:
+                        return stored
+                    raise JobNotFound(f"no job {job_id!r} is queued, running or finished")
                 pause = watch.poll_s
                 if deadline is not None:
                     if loop.time() >= deadline:
@@ -457,9 +464,12 @@ class Client:
                             f"waited {timeout_s:g} s)"
                         )
                     pause = min(pause, deadline - loop.time())
-                with contextlib.suppress(TimeoutError):
+                try:
                     async with asyncio.timeout(pause):
                         await pushed.wait()
+                    look = False
+                except TimeoutError:
+                    look = True
         finally:
             watch.unwatch([job_id], pushed)
 
@@ -542,6 +552,12 @@ class BlockingClient:
 
     def cancel(self, job_id: str) -> JobState:
         return self._run(lambda: self._client.cancel(job_id))
+
+    def failing_models(self) -> list[FailingModel]:
+        return self._run(self._client.failing_models)
+
+    def clear_failing(self, identities: Sequence[str] | None = None) -> int:
+        return self._run(lambda: self._client.clear_failing(identities))
 
     def close(self) -> None:
         if not self._loop.is_closed():

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loadwarden.producer.errors import LoadError, error_class_for
+from loadwarden.producer.sources import is_url
 
 #: Bumped on any incompatible change to LoadRequest or LoadReport.
 WIRE_VERSION: Literal[1] = 1
@@ -23,6 +24,16 @@ NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 #: A finite, positive duration (JSON has no infinity; neither do our limits).
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+#: A trusted signer's name in a worker's settings (``signing.signers``), or ``*``: any of them.
+SignerName = Annotated[
+    str,
+    Field(
+        pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$",
+        description="a signer the worker trusts, by the name its settings give it; * is any",
+    ),
+]
+#: The signers a model must be signed by, one of them (worker settings, catalog, request).
+SignedBy = Annotated[tuple[SignerName, ...], Field(min_length=1, max_length=16)]
 
 
 class _Model(BaseModel):
@@ -104,6 +115,12 @@ class LoadRequest(_Model):
         dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=256)]],
         Field(max_length=64),
     ] = {}
+    signed_by: SignedBy | None = Field(
+        default=None,
+        description="require a signature (OpenSSF model signing) by one of these signers, "
+        "named as the worker's settings name its trusted keys (* : any of them). It only adds "
+        "to the worker's own rules: a request can never bring a key of its own",
+    )
 
     @field_validator("sha256", mode="before")
     @classmethod
@@ -122,7 +139,7 @@ class LoadRequest(_Model):
     def _absolute_or_url(cls, value: str) -> str:
         # The worker resolves a path on its own machine, against its own working
         # directory: a relative path would name another file there, or none.
-        if "://" not in value and not value.startswith("/"):
+        if not is_url(value) and not value.startswith("/"):
             raise ValueError(
                 f"{value!r} is a relative path: the worker resolves paths on its own side, "
                 "so give an absolute path (or a URL)"
@@ -214,6 +231,54 @@ class ModelSummary(_Model):
         )
 
 
+class RememberedFailure(_Model):
+    """One failed load that the failure memory counts against its model."""
+
+    job_id: str
+    source: str
+    outcome: Outcome
+    error_code: str
+    at: datetime
+
+
+class FailingModel(_Model):
+    """What the failure memory holds for one model identity."""
+
+    identity: str = Field(
+        description="the model's identity: sha256:<digest> when the request named one, else "
+        "file:<sha256 of each file's path, size and mtime> (a changed file is a new model)"
+    )
+    failures: list[RememberedFailure] = Field(
+        description="one per job (a job's retries count once), newest first"
+    )
+    refused: bool = Field(description="true when loads of this model are refused now")
+    expires_at: datetime = Field(
+        description="when the memory forgets this model (a window after its latest failure)"
+    )
+
+
+class SignatureInfo(_Model):
+    """The signature a load was checked against (OpenSSF model signing, a Sigstore bundle)."""
+
+    file: str = Field(description="the signature file's name (model.sig, or FILE.sig)")
+    sha256: Sha256 = Field(description="sha256 of the signature file's bytes")
+    signer: str | None = Field(
+        default=None, description="the trusted signer it verified under (None: it did not)"
+    )
+    key_sha256: str | None = Field(
+        default=None,
+        description="the bundle's key hint: sha256 of the signer's PEM public key",
+    )
+    model_sha256: Sha256 | None = Field(
+        default=None, description="the signed manifest's root digest (its in-toto subject)"
+    )
+    files: NonNegInt = Field(default=0, description="files the signed manifest covers")
+    verified: bool = Field(
+        default=False,
+        description="true once the signature verified and every loaded file matched the manifest",
+    )
+
+
 class ErrorInfo(_Model):
     """Why a load did not end ``ok``: the error class, a stable code and a message."""
 
@@ -221,11 +286,25 @@ class ErrorInfo(_Model):
     code: str
     message: str
     traceback: str | None = None
+    failure_memory: FailingModel | None = Field(
+        default=None,
+        description="set when the load was refused as repeatedly failing: the failures "
+        "remembered and when the memory expires",
+    )
 
     @classmethod
-    def from_error(cls, error: LoadError, traceback: str | None = None) -> ErrorInfo:
+    def from_error(
+        cls,
+        error: LoadError,
+        traceback: str | None = None,
+        failure_memory: FailingModel | None = None,
+    ) -> ErrorInfo:
         return cls(
-            type=type(error).__name__, code=error.code, message=error.message, traceback=traceback
+            type=type(error).__name__,
+            code=error.code,
+            message=error.message,
+            traceback=traceback,
+            failure_memory=failure_memory,
         )
 
 
@@ -285,6 +364,9 @@ class LoadReport(_Model):
     error: ErrorInfo | None = None
     attempts: list[Attempt]
     model: ModelSummary | None = None
+    signature: SignatureInfo | None = Field(
+        default=None, description="set when a signature was required and read"
+    )
     limits: Limits | None = None
     resources: Resources | None = None
     confinement: list[str] = Field(default=[], description="mechanisms that confined the load")

@@ -10,7 +10,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from loadwarden.producer.contract import Outcome
+from loadwarden.producer._xdg import xdg_dir
+from loadwarden.producer.contract import Outcome, SignedBy, SignerName
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -148,10 +149,29 @@ class LimitPolicy(BaseModel):
     history_ttl_s: Annotated[int, Field(gt=0)] = 30 * 86_400
 
 
+class FailureMemoryPolicy(BaseModel):
+    """When a model that keeps failing is refused without a child (worker/failures.py).
+
+    From the environment: ``LOADWARDEN_FAILURE_MEMORY__THRESHOLD=3``,
+    ``LOADWARDEN_FAILURE_MEMORY__WINDOW_S=900``, ``LOADWARDEN_FAILURE_MEMORY__ENABLED=false``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # False: every load runs, however often its model failed (nothing read or written).
+    enabled: bool = True
+    # ModelMesh's figure (it stops loading a model after 3 recent failures): one failure is
+    # a busy node, two a coincidence, three distinct jobs failing the same bytes a pattern.
+    # Retries of one job count once, so a single job can never trip it on its own.
+    threshold: Annotated[int, Field(ge=1, le=100)] = 3
+    # ModelMesh's 15 minutes: long enough that a model hanging until its deadline (minutes
+    # each) cannot keep most of a pool busy, short enough that a fixed disk, a larger node or
+    # a new worker version gets another try without an operator.
+    window_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = 900.0
+
+
 def _default_cache_dir() -> Path:
-    # The XDG base-directory rule: $XDG_CACHE_HOME when it is set and absolute, else ~/.cache.
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "loadwarden"
+    return xdg_dir("XDG_CACHE_HOME", ".cache") / "loadwarden"
 
 
 class SourcePolicy(BaseModel):
@@ -239,6 +259,68 @@ class SourcePolicy(BaseModel):
             return tuple(str(ipaddress.ip_network(n.strip(), strict=True)) for n in networks)
         except ValueError as exc:
             raise ValueError(f"not a CIDR network: {exc}") from None
+
+
+class TrustedSigner(BaseModel):
+    """A key (or a certificate authority) whose model signatures this worker accepts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # A PEM public key (EC P-256, P-384 or P-521: the curves model-signing signs with).
+    public_key: Path | None = None
+    # PEM certificates (a CA and its intermediates): a signature whose bundle carries a
+    # signing certificate that chains to them (and may sign code) is this signer's.
+    certificate_chain: tuple[Path, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TrustedSigner:
+        if (self.public_key is None) == (not self.certificate_chain):
+            raise ValueError("give either public_key or certificate_chain, not both or neither")
+        for path in (self.public_key, *self.certificate_chain):
+            if path is not None and not path.is_absolute():
+                raise ValueError(f"{str(path)!r} is not an absolute path")
+        return self
+
+
+class SigningPolicy(BaseModel):
+    """Which models must carry a valid signature (OpenSSF model signing), and by whom.
+
+    Each rule is "signed by one of these signers" (names from ``signers``; ``*``: any of
+    them). Every rule that applies to a load must hold, so a load may only be signed by a
+    signer in all of them; a request's or catalog's ``signed_by`` is one more rule, and
+    it names signers, never keys: only the keys configured here can ever verify a model.
+    From the environment, each is JSON, e.g.
+    ``LOADWARDEN_SIGNING__SIGNERS='{"acme": {"public_key": "/keys/acme.pub"}}'`` and
+    ``LOADWARDEN_SIGNING__ROOTS='{"/models/prod": ["acme"]}'``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # None trusted: a load that must be signed is then refused (unknown signer).
+    signers: dict[SignerName, TrustedSigner] = {}
+    # Every load (None: no rule for all loads; loads are signed only where a rule says).
+    require: SignedBy | None = None
+    # Loads whose files lie under one of these folders (a root or any folder inside one).
+    roots: dict[Path, SignedBy] = {}
+    # hf:// loads of these organisations (the ORG of hf://ORG/NAME, case-sensitive as the hub).
+    hf_orgs: dict[str, SignedBy] = {}
+
+    @model_validator(mode="after")
+    def _known_signers(self) -> SigningPolicy:
+        if "*" in self.signers:
+            raise ValueError('"*" means any signer; it cannot name one')
+        rules = [self.require or (), *self.roots.values(), *self.hf_orgs.values()]
+        for name in {n for rule in rules for n in rule} - {"*", *self.signers}:
+            raise ValueError(f"signer {name!r} is required by a rule but not in signers")
+        for root in self.roots:
+            if not root.is_absolute():
+                raise ValueError(f"{str(root)!r} is not an absolute path")
+        return self
+
+    @property
+    def requires_any(self) -> bool:
+        """Whether some rule of the worker's own requires signatures."""
+        return bool(self.require or self.roots or self.hf_orgs)
 
 
 def _is_ip(text: str) -> bool:
@@ -404,10 +486,13 @@ class Settings(BaseSettings):
     # worker, the in-process Supervisor and every command alike.
     allow_roots: str | None = None
     autoscale: AutoscalePolicy = AutoscalePolicy()
+    failure_memory: FailureMemoryPolicy = FailureMemoryPolicy()
     inspection: InspectionCaps = InspectionCaps()
     limits: LimitPolicy = LimitPolicy()
     # A factory, not a shared instance: the cache dir follows $XDG_CACHE_HOME at construction.
     sources: SourcePolicy = Field(default_factory=SourcePolicy)
+    # Nothing signed is required until an operator names trusted signers and rules.
+    signing: SigningPolicy = SigningPolicy()
 
     @property
     def drain_grace_s(self) -> float:

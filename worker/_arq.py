@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import Any
 
 import structlog
@@ -50,7 +49,7 @@ from loadwarden.producer.errors import (
     LoadTimeout,
     describe,
 )
-from loadwarden.producer.keys import FINISHED_CHANNEL, wake_key
+from loadwarden.producer.keys import FINISHED_CHANNEL, now_ms, wake_key
 from loadwarden.worker.job import TRANSIENT_REDIS_ERRORS, end_with_report
 
 log = structlog.get_logger("loadwarden.worker")
@@ -143,11 +142,11 @@ class LoadWorker(Worker):
             return
         if self._more:
             return
-        now_ms = time.time() * 1000
+        now = now_ms()
         due = await self.pool.zrangebyscore(
-            self.queue_name, min=f"({now_ms:.0f}", max="+inf", start=0, num=1, withscores=True
+            self.queue_name, min=f"({now}", max="+inf", start=0, num=1, withscores=True
         )
-        wait_s = min(fallback, (due[0][1] - now_ms) / 1000) if due else fallback
+        wait_s = min(fallback, (due[0][1] - now) / 1000) if due else fallback
         if wait_s >= BLPOP_MIN_S:  # BLPOP's 0 would block for ever
             # Fractional seconds (Redis >= 6), which redis-py's typed blpop() does not take.
             await self.pool.execute_command(  # type: ignore[no-untyped-call]
@@ -181,7 +180,7 @@ class LoadWorker(Worker):
             job_id = job_id_b.decode()
             score = await claim(
                 keys=[in_progress_key_prefix + job_id, self.queue_name],
-                args=[job_id, int(time.time() * 1000), int(self.in_progress_timeout_s * 1000)],
+                args=[job_id, now_ms(), int(self.in_progress_timeout_s * 1000)],
             )
             if score is None:  # running elsewhere, finished, or deferred again meanwhile
                 self.job_counter -= 1
@@ -287,7 +286,7 @@ class LoadWorker(Worker):
         request = kwargs.get("request") if isinstance(kwargs, dict) else None
         ctx = {**self.ctx, "job_id": job_id}
         report = await end_with_report(ctx, job_id, request, _error_for(exc))
-        now = int(time.time() * 1000)
+        now = now_ms()
         return wire.dumps(
             {
                 "t": 1,

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from loadwarden.producer.errors import SourceRefused, SourceUnavailable
+from loadwarden.producer.errors import LoadError, SourceRefused, SourceUnavailable
 from loadwarden.worker.formats.index import ShardIndex
 
 # O_NONBLOCK: if a FIFO is swapped in after the lstat, open() returns instead of waiting for a
@@ -165,6 +165,16 @@ class Shard:
     expected_git_sha1: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SignatureFile:
+    """The signature file found beside (or in) a model: its bytes, or why they are unusable
+    (a symlink, too large, unreadable), which matters only if a signature is required."""
+
+    name: str
+    raw: bytes | None = None
+    problem: LoadError | None = None
+
+
 @dataclass(slots=True)
 class OpenedModel(Closing):
     """Every file of one model, open: a single file, or a checkpoint's shards and index.
@@ -177,6 +187,10 @@ class OpenedModel(Closing):
     checkpoint: bool = False
     index: ShardIndex | None = None
     index_name: str | None = None
+    #: The sha256 of the index's bytes, as read and parsed (the signature covers them too).
+    index_sha256: str | None = None
+    #: ``FILE.sig`` beside a single file, ``model.sig`` in a checkpoint's folder (None: none).
+    signature: SignatureFile | None = None
 
     @classmethod
     def single(cls, model_file: ModelFile) -> OpenedModel:

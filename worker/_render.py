@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from loadwarden.producer.client import DeadLetter, QueueStatus
-from loadwarden.producer.contract import LoadReport, ModelSummary, Outcome
+from loadwarden.producer.contract import FailingModel, LoadReport, ModelSummary, Outcome
 from loadwarden.producer.preload import PreloadEntry, PreloadResult
 from loadwarden.worker._text import clean
 
@@ -105,6 +105,16 @@ def report(r: LoadReport) -> None:
         table.add_row("error", safe(f"{r.error.type} ({r.error.code}): {r.error.message}"))
     if r.model:
         _model_rows(table, r.model)
+    if r.signature:
+        sig = r.signature
+        table.add_row(
+            "signature",
+            safe(
+                f"{'verified' if sig.verified else 'not verified'}: {sig.file} "
+                f"(sha256 {sig.sha256[:16]}…), signer {sig.signer or 'unknown'}, "
+                f"{sig.files} files signed"
+            ),
+        )
     if r.limits:
         lim = r.limits
         table.add_row(
@@ -143,6 +153,16 @@ def inspection(document: dict[str, Any]) -> None:
         table.add_row("error", safe(f"{err['type']} ({err['code']}): {err['message']}"))
     if document["model"]:
         _model_rows(table, ModelSummary.model_validate(document["model"]))
+    sig = document.get("signature") or {}
+    status = sig.get("status", "none")
+    what = {"none": "none", "unchecked": f"{sig.get('file')}, unchecked: {sig.get('reason')}"}
+    if status in ("verified", "refused"):
+        what[status] = (
+            f"{status}{' (required)' if sig.get('required') else ''}: {sig.get('file')}, "
+            f"signer {sig.get('signer') or 'unknown'}, {sig.get('files', 0)} files signed"
+            + (f"; {sig.get('code')}: {sig.get('message')}" if status == "refused" else "")
+        )
+    table.add_row("signature", safe(what[status]))
     console.print(table)
 
 
@@ -300,6 +320,25 @@ def dead_letters(letters: Sequence[DeadLetter]) -> None:
         console.print(Text(f"  source: {clean(r.source)}"), soft_wrap=True)
         if r.error:
             console.print(Text(f"  error: {clean(r.error.message)}"), soft_wrap=True)
+
+
+def failing_models(models: Sequence[FailingModel]) -> None:
+    """One block per model the failure memory holds: identity whole, then each failure."""
+    if not models:
+        console.print("no failing models")
+        return
+    console.print(Text("failing models (refused first)", style="bold"))
+    for m in models:
+        head = Text(clean(m.identity), style="bold")
+        head.append("  refused" if m.refused else "  counting", style="red" if m.refused else "")
+        head.append(f"  {len(m.failures)} failure(s), forgotten at ")
+        head.append(m.expires_at.isoformat(timespec="seconds"))
+        console.print(head, soft_wrap=True)
+        for f in m.failures:
+            line = Text(f"  {f.at.isoformat(timespec='seconds')}  ")
+            line.append(clean(f"{f.outcome} ({f.error_code})"), style="red")
+            line.append(f"  job {clean(f.job_id)}  source: {clean(f.source)}")
+            console.print(line, soft_wrap=True)
 
 
 _BLOCKS = " ▁▂▃▄▅▆▇█"

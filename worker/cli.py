@@ -1,8 +1,10 @@
 """The ``loadwarden`` command line.
 
 Exit status: 0 when the command did what it says and every load it reports is
-``ok``; 1 when a load ended in any other outcome; 2 for a usage error; 3 when
-no answer could be had (Redis unreachable, unknown job id, wait timed out).
+``ok``; 1 when a load ended in any other outcome; 2 for a usage error (a missing
+Redis URL included); 3 when no answer could be had (Redis unreachable, unknown job
+id, wait timed out). Under ``--json`` stdout holds exactly one document, an error
+included (``_cli_common._Commands``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from loadwarden.worker._cli_common import (
     MemoryOpt,
     RedisOpt,
     Sha256Opt,
+    SignedByOpt,
     WaitOpt,
     app,
     catalog_defects,
@@ -46,7 +49,6 @@ from loadwarden.worker._cli_common import (
     note_embedded,
     notice,
     settings_from,
-    source_arg,
     with_roots,
 )
 from loadwarden.worker._files import resolved
@@ -107,6 +109,7 @@ def worker(
 def enqueue(
     source: Annotated[str, typer.Argument(help="Model file path (made absolute) or URL.")],
     sha256: Sha256Opt = None,
+    signed_by: SignedByOpt = None,
     label: Annotated[
         list[str] | None,
         typer.Option("--label", help="KEY=VALUE carried to the report (repeatable)."),
@@ -138,6 +141,7 @@ def enqueue(
         source,
         sha256,
         labels_from(label),
+        signed_by,
         memory_bytes=memory_bytes,
         cpu_seconds=cpu_s,
         timeout_seconds=deadline_s,
@@ -184,6 +188,7 @@ def load(
         ),
     ],
     sha256: Sha256Opt = None,
+    signed_by: SignedByOpt = None,
     memory_bytes: MemoryOpt = None,
     deadline_s: Annotated[
         float | None,
@@ -201,6 +206,7 @@ def load(
         file,
         sha256,
         {},
+        signed_by,
         memory_bytes=memory_bytes,
         cpu_seconds=cpu_s,
         timeout_seconds=deadline_s,
@@ -228,27 +234,48 @@ def inspect(
         ModelFormat | None,
         typer.Option("--format", help="Expected format; refused if the content says otherwise."),
     ] = None,
+    signed_by: SignedByOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check a model file's header only: no loader runs, no child starts.
 
     The format is sniffed from the content (safetensors, npy, npz, GGUF); pickles,
     PyTorch and Keras/HDF5 files are refused: they can execute code when loaded.
+    A signature (FILE.sig, or model.sig in a checkpoint's folder) is checked against the
+    worker's trusted signers (signing.signers), hashing every file; where the worker's
+    rules or --signed-by require one, a missing or bad one is the outcome.
     """
     from loadwarden.producer.contract import ErrorInfo
     from loadwarden.worker._model import inspect_opened
+    from loadwarden.worker.signing import Trust, TrustError, signature_status
     from loadwarden.worker.sources import open_model
 
-    source = source_arg(file)
+    request = load_request(file, None, {}, signed_by)
+    source = request.source
     settings = with_roots(settings_from(), *named_root(source))
+    try:
+        trust = Trust(settings.signing) if settings.signing.signers else None
+    except TrustError as exc:
+        typer.echo(f"error: {clean(str(exc))}", err=True)
+        raise typer.Exit(2) from None
 
-    async def open_it() -> OpenedModel:
-        return await open_model(
+    async def open_it() -> tuple[OpenedModel, dict[str, Any], LoadError | None]:
+        opened = await open_model(
             source, expected_sha256=None, policy=settings.sources, caps=settings.inspection
         )
+        try:
+            status, refusal = await signature_status(opened, request, settings.signing, trust)
+        except BaseException:
+            opened.close()
+            raise
+        return opened, status, refusal
 
+    signature: dict[str, Any] | None = None
     try:
-        with asyncio.run(open_it()) as opened:
+        opened, signature, refusal = asyncio.run(open_it())
+        with opened:
+            if refusal is not None:
+                raise refusal
             summary = inspect_opened(
                 opened, declared=format_, caps=settings.inspection, budget_bytes=None
             ).capped(settings.report_max_tensors)
@@ -256,12 +283,14 @@ def inspect(
             "outcome": "ok",
             "error": None,
             "model": summary.model_dump(mode="json"),
+            "signature": signature,
         }
     except LoadError as exc:
         document = {
             "outcome": str(exc.outcome),
             "error": ErrorInfo.from_error(exc).model_dump(mode="json"),
             "model": None,
+            "signature": signature,
         }
     if as_json:
         typer.echo(json.dumps(document))
@@ -393,7 +422,7 @@ def calibrate(
     settings = with_roots(settings_from(), resolved(catalog).parent)
     results = asyncio.run(calib.calibrate(parsed.requests(), settings))
     if output is not None:
-        output.write_text(calib.to_toml(parsed, results))
+        output.write_text(calib.to_toml(parsed, results), encoding="utf-8")
     if as_json:
         typer.echo(json.dumps([r.model_dump(mode="json") for r in results]))
     else:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -38,6 +37,7 @@ from loadwarden.producer.keys import (
     SERVICE_OUTCOME_FIELD_PREFIX,
     SERVICE_WINDOW_MINUTES,
     dedupe_key,
+    now_ms,
 )
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import finish_despite_cancel
@@ -53,10 +53,6 @@ def _parse_attempts(raw: bytes | None) -> list[Attempt]:
         return _attempts.validate_json(raw) if raw else []
     except ValidationError:
         return []
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 #: How long a job's attempts and cancel flag outlive it (a producer may come back late).
@@ -157,7 +153,7 @@ class JobBook:
                         ATTEMPTS_KEY_PREFIX + job_id, _attempts.dump_json(first), ex=BOOK_TTL_S
                     )
                 pipe.pexpire(key, lease_ms)
-                pipe.zadd(RUNNING_ZSET, {job_id: _now_ms() + lease_ms})
+                pipe.zadd(RUNNING_ZSET, {job_id: now_ms() + lease_ms})
                 await pipe.execute()
 
         async def renew() -> None:
@@ -186,7 +182,7 @@ class JobBook:
 
     async def add_busy(self, job_id: str, seconds: float) -> None:
         """Count a run that ended in a retry toward the service time (its job is not done)."""
-        bucket = SERVICE_KEY_PREFIX + str(_now_ms() // 60_000)
+        bucket = SERVICE_KEY_PREFIX + str(now_ms() // 60_000)
         with contextlib.suppress(RedisError, OSError):  # a lost figure only skews the rate
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zrem(RUNNING_ZSET, job_id)  # the run is over (the lease left it)
@@ -207,7 +203,7 @@ class JobBook:
         ``busy_s`` is how long the worker held this last run (None: the report's own
         attempt spans); it counts toward the autoscaler's service time.
         """
-        now = _now_ms()
+        now = now_ms()
         if busy_s is None:
             busy_s = sum((a.finished_at - a.started_at).total_seconds() for a in report.attempts)
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 from redis.exceptions import RedisError
@@ -24,6 +23,7 @@ from loadwarden.producer.contract import (
     Attempt,
     Derivation,
     ErrorInfo,
+    FailingModel,
     JobPhase,
     Limits,
     LoadReport,
@@ -40,6 +40,7 @@ from loadwarden.producer.errors import (
     LoadCancelled,
     LoadError,
     MemoryExceeded,
+    SourceRefused,
     SourceUnavailable,
     describe,
 )
@@ -59,7 +60,8 @@ from loadwarden.worker._model import (
 from loadwarden.worker._outcome import Loaded, classify
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.admission import Admission, detect_memory_bytes
-from loadwarden.worker.formats import LOADERS
+from loadwarden.worker.failures import FailureMemory, RepeatedlyFailing
+from loadwarden.worker.formats import LOADERS, needs_isolation
 from loadwarden.worker.history import History, model_identity
 from loadwarden.worker.limits import (
     HistoryStats,
@@ -74,7 +76,16 @@ from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox._protocol import manifest_digest
 from loadwarden.worker.sandbox.cgroups import CgroupManager
 from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
-from loadwarden.worker.sandbox.inspector import inspect_in_child, needs_isolation
+from loadwarden.worker.sandbox.inspector import inspect_in_child
+from loadwarden.worker.sandbox.spec import ChildSpec
+from loadwarden.worker.signing import (
+    SignatureCheck,
+    Trust,
+    TrustError,
+    check_signature,
+    recheck,
+    required_signers,
+)
 from loadwarden.worker.sources import open_model
 
 #: The loader each format runs in the child.
@@ -95,6 +106,8 @@ INLINE_MAX_BYTES = 64 * 1024
 STAGE_ERRORS: dict[str, tuple[type[LoadError], str]] = {
     # The source could not be opened for a reason the opener did not name: worth a retry.
     "source": (SourceUnavailable, "source_error"),
+    # Fail closed: a signature we could not check is one we do not accept.
+    "signature": (SourceRefused, "signature_invalid"),
     # The file made the inspector fail: a verdict on the content, not retried.
     "inspect": (InvalidModel, "inspection_error"),
     "limits": (ChildCrashed, "internal_error"),
@@ -112,7 +125,11 @@ class _Loaded:
     summary: ModelSummary | None = None
     limits: Limits | None = None
     run: ChildRun | None = None
+    signature: SignatureCheck | None = None
     stage: str = "source"
+    #: The model's identity once its source is open, and what the failure memory held for it.
+    identity: str | None = None
+    remembered: FailingModel | None = None
 
 
 class Supervisor:
@@ -126,6 +143,7 @@ class Supervisor:
         loaders: Mapping[ModelFormat, str] | None = None,
         preload: Sequence[str] = (),
         history: History | None = None,
+        failures: FailureMemory | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = s = settings or Settings()
@@ -136,6 +154,9 @@ class Supervisor:
         self.forkserver = forkserver or ForkServer(preload=preload)
         self.loaders = {**DEFAULT_LOADERS, **(loaders or {})}
         self.history = history
+        self.failures = failures
+        #: The trusted signers (``signing.signers``), loaded by ``start``.
+        self.trust: Trust | None = None
         #: Every job held now, with its phase (the heartbeat publishes them).
         self.in_flight: dict[str, RunningJob] = {}
         #: Set whenever ``in_flight`` changes, so the heartbeat can publish it at once.
@@ -174,6 +195,10 @@ class Supervisor:
             memory_budget_bytes=self.admission.budget_bytes,
         )
         refusals = []
+        try:  # fail closed: never run without the signers a policy names
+            await self._trusted()
+        except TrustError as exc:
+            refusals.append(str(exc))
         if s.require_cgroups and self.cgroups is None:
             refusals.append(f"require_cgroups is set, but {self.cgroups_note}")
         if s.require_landlock and not self.landlock_abi:
@@ -241,6 +266,10 @@ class Supervisor:
         finally:
             self.in_flight.pop(job_id, None)
             self.changed.set()
+        if self.failures is not None and state.identity is not None:
+            await self.failures.settle(
+                state.identity, job_id, request.source, error, state.run, state.remembered, log
+            )
         report = self._report(
             request.source,
             dict(request.labels),
@@ -287,6 +316,9 @@ class Supervisor:
             cancel,
         )
         with opened:
+            identity = await self._admit(opened, request, state, log)
+            state.stage = "signature"
+            await self._check_signature(opened, request, state, deadline, budget_s, cancel)
             state.stage = "inspect"
             state.summary = summary = await before_deadline(
                 self._inspect_bounded(opened, request, deadline),
@@ -302,7 +334,6 @@ class Supervisor:
                 else await in_thread(lambda: _manifest_of(summary))
             )
             state.stage = "limits"
-            identity = model_identity(opened, request.sha256)
             history = await self._history_stats(identity, log)
             state.limits = limits = derive_limits(
                 summary.bytes,
@@ -325,7 +356,7 @@ class Supervisor:
                     asyncio.create_task(
                         digest_files([(shard.file.fd, shard.file.size) for shard in opened.files])
                     )
-                    if needs_digests(opened, request.sha256)
+                    if needs_digests(opened, request.sha256) or state.signature is not None
                     else None
                 )
                 digests: list[str] | None = None
@@ -372,7 +403,8 @@ class Supervisor:
             state.summary, mismatch = with_digests(
                 summary, opened, run.final.result, digests, request.sha256
             )
-            error = error or mismatch
+            # ...and the bytes loaded are still the ones signed.
+            error = error or mismatch or recheck(state.signature, opened, digests)
         if run.cgroup_oom and not run.timed_out and not isinstance(run.final, Loaded):
             error = MemoryExceeded(
                 f"the kernel's OOM killer stopped the load at its cgroup's "
@@ -392,6 +424,51 @@ class Supervisor:
             except (RedisError, OSError) as exc:  # history is advice: the load stands
                 log.warning("history_unavailable", error=describe(exc))
         return error
+
+    async def _check_signature(
+        self,
+        opened: OpenedModel,
+        request: LoadRequest,
+        state: _Loaded,
+        deadline: float,
+        budget_s: float,
+        cancel: asyncio.Event | None,
+    ) -> None:
+        """Refuse the load unless a signature every rule accepts covers its files; before any
+        child, the inspector's included (``loadwarden.worker.signing``)."""
+        requirement = required_signers(self.settings.signing, request, opened)
+        if requirement is None:
+            return
+        state.signature = signed = SignatureCheck()
+        try:
+            trust = await self._trusted()
+        except TrustError as exc:
+            raise SourceRefused(str(exc), code="signing_unavailable") from None
+        await before_deadline(
+            check_signature(opened, requirement, trust, signed),
+            "verifying the signature",
+            deadline,
+            budget_s,
+            cancel,
+        )
+
+    async def _trusted(self) -> Trust | None:
+        """The trusted signers, loaded on first use (keys read, model-signing imported: ~1 s,
+        in a thread); None when the settings name none."""
+        if self.trust is None and self.settings.signing.signers:
+            policy = self.settings.signing
+            self.trust = await in_thread(lambda: Trust(policy))
+        return self.trust
+
+    async def _admit(
+        self, opened: OpenedModel, request: LoadRequest, state: _Loaded, log: FilteringBoundLogger
+    ) -> str:
+        """The model's identity; a model the failure memory holds as repeatedly failing is
+        refused here, before its signature is checked, its header inspected or any child."""
+        state.identity = identity = model_identity(opened, request.sha256)
+        if self.failures is not None:
+            state.remembered = await self.failures.admit(identity, log)
+        return identity
 
     async def _history_stats(self, identity: str, log: FilteringBoundLogger) -> HistoryStats | None:
         """The model's load history, or None when there is none or Redis cannot say."""
@@ -495,17 +572,17 @@ class Supervisor:
         summary: ModelSummary,
         manifest: str,
         limits: Limits,
-    ) -> dict[str, Any]:
-        spec: dict[str, Any] = {
-            "loader": self.loaders[summary.format],
-            "memory_bytes": limits.memory_bytes,
-            "cpu_seconds": limits.cpu_seconds,
-            "max_fds": self.settings.child_max_fds,
-            "address_space_limit": self.settings.use_address_space_limit,
-            "landlock": self.landlock_abi > 0,
-            "manifest_digest": manifest,
-        }
-        return {**spec, **child_files(opened)}
+    ) -> ChildSpec:
+        return ChildSpec(
+            loader=self.loaders[summary.format],
+            memory_bytes=limits.memory_bytes,
+            cpu_seconds=limits.cpu_seconds,
+            max_fds=self.settings.child_max_fds,
+            address_space_limit=self.settings.use_address_space_limit,
+            landlock=self.landlock_abi > 0,
+            manifest_digest=manifest,
+            **child_files(opened),
+        )
 
     def rejected(
         self,
@@ -540,7 +617,13 @@ class Supervisor:
             job_id=job_id,
             source=source,
             outcome=outcome,
-            error=ErrorInfo.from_error(error, traceback_of(run)) if error else None,
+            error=ErrorInfo.from_error(
+                error,
+                traceback_of(run),
+                error.remembered if isinstance(error, RepeatedlyFailing) else None,
+            )
+            if error
+            else None,
             attempts=[
                 Attempt(
                     number=attempt,
@@ -552,6 +635,7 @@ class Supervisor:
                 )
             ],
             model=summary.capped(self.settings.report_max_tensors) if summary else None,
+            signature=state.signature.info if state.signature else None,
             limits=state.limits,
             resources=resources_of(run),
             confinement=run.confinement if run else [],

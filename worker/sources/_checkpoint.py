@@ -19,14 +19,20 @@ import os
 import stat
 from collections.abc import Callable
 
-from loadwarden.producer.errors import InvalidModel, SourceRefused
+from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused, SourceUnavailable
 from loadwarden.producer.settings import InspectionCaps
-from loadwarden.worker._files import ModelFile, OpenedModel, Shard, _os_error, _refuse_special
+from loadwarden.worker._files import (
+    ModelFile,
+    OpenedModel,
+    Shard,
+    SignatureFile,
+    _os_error,
+    _refuse_special,
+)
 from loadwarden.worker.formats._common import read_at
 from loadwarden.worker.formats.index import (
     INDEX_SUFFIX,
     SHARD_SUFFIX,
-    ShardIndex,
     parse_index,
     too_large,
 )
@@ -36,6 +42,13 @@ Opener = Callable[[str], Shard]
 
 #: The single-file checkpoint save_pretrained writes.
 SINGLE_FILE = "model.safetensors"
+#: Where a model's signature lies (model-signing's own default name): in a checkpoint's
+#: folder, and beside a single file as ``FILE.sig`` (several files may share a folder).
+FOLDER_SIGNATURE = "model.sig"
+SIGNATURE_SUFFIX = ".sig"
+#: A signed manifest holds one line (~200 bytes) per file: 16 MiB is 80,000 files, far
+#: more than any model folder, and bounds what an unrequired signature file can cost us.
+MAX_SIGNATURE_BYTES = 16 * 1024 * 1024
 #: Entries read from a folder while looking for its checkpoint: a model folder holds
 #: tens of files; one with more is not a checkpoint we should scan to the end.
 MAX_FOLDER_ENTRIES = 100_000
@@ -93,7 +106,29 @@ def open_folder(
     name = choose_entry(list_names(dir_fd, folder), folder)
     if name.endswith(INDEX_SUFFIX):
         return open_indexed(opener(name), caps, opener)
-    return OpenedModel([opener(name)], checkpoint=True)
+    opened = OpenedModel([opener(name)], checkpoint=True)
+    opened.signature = read_signature(opener, FOLDER_SIGNATURE, opened)
+    return opened
+
+
+def read_signature(opener: Opener, name: str, opened: OpenedModel) -> SignatureFile | None:
+    """The signature file ``name`` the opener finds (None when there is none), read whole,
+    bounded; an unusable one keeps its error. On a bug, ``opened`` is closed."""
+    try:
+        with opener(name).file as file:
+            if file.size > MAX_SIGNATURE_BYTES:
+                raise SourceRefused(
+                    f"{name} holds {file.size} bytes, over {MAX_SIGNATURE_BYTES}",
+                    code="signature_invalid",
+                )
+            return SignatureFile(name, raw=read_at(file.fd, file.size, 0))
+    except SourceUnavailable as exc:
+        return None if exc.code == "not_found" else SignatureFile(name, problem=exc)
+    except LoadError as exc:
+        return SignatureFile(name, problem=exc)
+    except BaseException:
+        opened.close()
+        raise
 
 
 def list_names(dir_fd: int, folder: str) -> list[str]:
@@ -143,7 +178,9 @@ def open_indexed(index: Shard, caps: InspectionCaps, opener: Opener) -> OpenedMo
     opened = OpenedModel([], checkpoint=True, index_name=index.name)
     try:
         with index.file:
-            opened.index = parsed = read_index(index.file, caps, index.expected_git_sha1)
+            raw = read_index_bytes(index.file, caps, index.expected_git_sha1)
+            opened.index = parsed = parse_index(raw, caps)
+            opened.index_sha256 = hashlib.sha256(raw).hexdigest()
         seen: dict[tuple[int, int], str] = {}
         for name in parsed.shards:
             shard = opener(name)
@@ -158,12 +195,13 @@ def open_indexed(index: Shard, caps: InspectionCaps, opener: Opener) -> OpenedMo
     except BaseException:
         opened.close()
         raise
+    opened.signature = read_signature(opener, FOLDER_SIGNATURE, opened)
     return opened
 
 
-def read_index(index: ModelFile, caps: InspectionCaps, git_sha1: str | None = None) -> ShardIndex:
+def read_index_bytes(index: ModelFile, caps: InspectionCaps, git_sha1: str | None = None) -> bytes:
     """The index's bytes (size checked before any read), checked against the git blob
-    sha1 that names it in a hub cache, parsed and checked."""
+    sha1 that names it in a hub cache."""
     if index.size > caps.max_index_bytes:
         raise too_large(index.size, caps)
     raw = read_at(index.fd, index.size, 0)
@@ -179,4 +217,4 @@ def read_index(index: ModelFile, caps: InspectionCaps, git_sha1: str | None = No
                 f"checkpoint index: its cache blob is named {git_sha1}, its content is {actual}",
                 code="blob_mismatch",
             )
-    return parse_index(raw, caps)
+    return raw

@@ -13,7 +13,13 @@ from loadwarden.producer.errors import SourceRefused, SourceUnavailable
 from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker._files import ModelFile, OpenedModel, Shard, _os_error, _refuse_special
 from loadwarden.worker.formats.index import INDEX_SUFFIX
-from loadwarden.worker.sources._checkpoint import folder_opener, open_folder, open_indexed
+from loadwarden.worker.sources._checkpoint import (
+    SIGNATURE_SUFFIX,
+    folder_opener,
+    open_folder,
+    open_indexed,
+    read_signature,
+)
 from loadwarden.worker.sources._fstype import pseudo_filesystem
 
 #: Linux's own limit on symlinks followed while resolving one path (MAXSYMLINKS).
@@ -114,7 +120,7 @@ def _open_local_model(source: str, roots: Sequence[Path], caps: InspectionCaps) 
     try:
         found = walk.walk(list(parts))
         if found is not None and not found.path.endswith(INDEX_SUFFIX):
-            return OpenedModel.single(found)
+            return _with_signature(OpenedModel.single(found), walk, source)
         try:
             dir_fd, folder = walk.folder()
         except BaseException:
@@ -130,6 +136,21 @@ def _open_local_model(source: str, roots: Sequence[Path], caps: InspectionCaps) 
         return open_indexed(Shard(os.path.basename(found.path), found), caps, opener)
     finally:
         os.close(dir_fd)
+
+
+def _with_signature(opened: OpenedModel, walk: _Walk, source: str) -> OpenedModel:
+    """A single file's model with ``FILE.sig`` from the same folder, when there is one."""
+    try:
+        dir_fd, folder = walk.folder()
+    except BaseException:
+        opened.close()
+        raise
+    try:
+        name = os.path.basename(opened.first.path) + SIGNATURE_SUFFIX
+        opened.signature = read_signature(folder_opener(dir_fd, folder, source), name, opened)
+    finally:
+        os.close(dir_fd)
+    return opened
 
 
 def open_under(root: Root, parts: Sequence[str], source: str) -> ModelFile:

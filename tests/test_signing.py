@@ -1,0 +1,406 @@
+"""Signed models: a signature policy admits models signed by a trusted key (a single file and
+a sharded checkpoint, local and hf://) and refuses the rest before any child starts."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from safetensors.numpy import load_file, save_file
+
+from loadwarden.producer.catalog import parse_catalog
+from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
+from loadwarden.producer.settings import Settings, SigningPolicy, TrustedSigner
+from loadwarden.worker import supervisor as supervisor_module
+from loadwarden.worker._files import OpenedModel
+from loadwarden.worker.sandbox.forkserver import SandboxError
+from loadwarden.worker.signing import required_signers
+from loadwarden.worker.supervisor import Supervisor
+from tests.checkpoints import INDEX, cache_snapshot, save_pretrained, state_dict
+from tests.signatures import make_certificates, make_key, policy, sign
+from tests.test_cli import run
+
+REPO = "example-org/tiny-llama"
+SHARD_BYTES = 40_000
+Keys = dict[str, tuple[Path, Path]]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    """Key pairs: acme and beta are trusted by the worker, mallory is not."""
+    folder = tmp_path_factory.mktemp("keys")
+    return {name: make_key(folder, name) for name in ("acme", "beta", "mallory")}
+
+
+def trusting(keys: Keys, **rules: Any) -> SigningPolicy:
+    return policy({name: keys[name][1] for name in ("acme", "beta")}, **rules)
+
+
+async def load(
+    signing: SigningPolicy, source: Path | str, **request: Any
+) -> tuple[LoadReport, int]:
+    """One load by a supervisor with this policy, and how many children its fork server
+    started (it starts only when a load needs a child)."""
+    sup = Supervisor(Settings(signing=signing))
+    try:
+        report = await sup.load(LoadRequest(source=str(source), **request))
+        return report, sup.forkserver.spawned
+    finally:
+        await sup.close()
+
+
+def refused(report: LoadReport, code: str) -> None:
+    assert report.outcome is Outcome.REFUSED, report.error
+    assert report.error is not None and report.error.code == code, report.error
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A sharded BF16 checkpoint as save_pretrained writes it (and its config, unloaded)."""
+    folder = tmp_path / "ckpt"
+    assert len(save_pretrained(folder, state_dict(), SHARD_BYTES)) >= 3
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    return folder
+
+
+def shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("model-*.safetensors"))
+
+
+def rewrite_tensor_data(shard: Path) -> None:
+    """Same header, same size, other tensor values: a shard swapped for a doctored one."""
+    tensors = load_file(str(shard))
+    first = next(iter(tensors))
+    tensors[first] = np.zeros_like(tensors[first])
+    shard.unlink()  # a new file (new inode), as a swap is
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
+# --- admitted -----------------------------------------------------------------------------
+
+
+async def test_signed_single_file_loads_and_names_its_signer(small_model: Path, keys: Keys) -> None:
+    """A single file signed into FILE.sig by a trusted key loads; the report names the signer,
+    the signature file's digest and the manifest's root digest."""
+    signature = sign(small_model, keys["acme"][0])
+    report, spawned = await load(trusting(keys, require=["acme"]), small_model)
+    assert report.outcome is Outcome.OK, report.error
+    sig = report.signature
+    assert sig is not None and sig.verified and sig.signer == "acme"
+    assert sig.file == small_model.name + ".sig" and sig.files == 1
+    assert sig.sha256 == hashlib.sha256(signature.read_bytes()).hexdigest()
+    assert sig.model_sha256 is not None and len(sig.model_sha256) == 64
+    assert spawned == 1
+
+
+@pytest.mark.parametrize("how", ["folder", "index", "hf"])
+async def test_signed_checkpoint_loads(
+    how: str, checkpoint: Path, keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint whose folder's model.sig covers every shard and the index loads, named
+    by its folder, its index or hf:// (an organisation's rule); the manifest may also cover
+    files the load does not read (config.json)."""
+    sign(checkpoint, keys["beta"][0])
+    if how == "hf":
+        cache = tmp_path / "hub"
+        cache_snapshot(cache, REPO, checkpoint)
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        source, rules = f"hf://{REPO}", {"hf_orgs": {"example-org": ["*"]}}
+    else:
+        source = str(checkpoint / INDEX) if how == "index" else str(checkpoint)
+        rules = {"roots": {str(checkpoint.parent): ["beta"]}}
+    report, spawned = await load(trusting(keys, **rules), source)
+    assert report.outcome is Outcome.OK, report.error
+    assert report.signature is not None and report.signature.signer == "beta"
+    assert report.signature.files == len(shards(checkpoint)) + 2  # the index and config.json
+    assert spawned == 1
+
+
+@pytest.mark.parametrize("pki", ["corp", "rogue"])
+async def test_certificate_signed_model_is_checked_against_the_trusted_chain(
+    small_model: Path, tmp_path: Path, pki: str
+) -> None:
+    """A signature by a certificate issued under a trusted CA (certificate_chain) names that
+    signer; one issued under another CA is an unknown signer, with no child."""
+    trusted_key, trusted_cert, trusted_ca = make_certificates(tmp_path, "corp")
+    key, cert, ca = (
+        (trusted_key, trusted_cert, trusted_ca)
+        if pki == "corp"
+        else make_certificates(tmp_path, "rogue")
+    )
+    sign(small_model, key, certificate=(cert, ca))
+    signing = SigningPolicy(
+        signers={"corp": TrustedSigner(certificate_chain=(trusted_ca,))}, require=("corp",)
+    )
+    report, spawned = await load(signing, small_model)
+    if pki == "corp":
+        assert report.outcome is Outcome.OK, report.error
+        assert report.signature is not None and report.signature.signer == "corp"
+        assert spawned == 1
+    else:
+        refused(report, "signature_unknown_signer")
+        assert spawned == 0
+
+
+# --- refused, no child --------------------------------------------------------------------
+
+
+async def test_unsigned_model_is_refused_where_a_signature_is_required(
+    small_model: Path, keys: Keys
+) -> None:
+    """No FILE.sig where the worker requires one: refused, signature_missing, no child."""
+    report, spawned = await load(trusting(keys, require=["*"]), small_model)
+    refused(report, "signature_missing")
+    assert report.signature is None and spawned == 0
+
+
+@pytest.mark.parametrize("damage", ["not_json", "flipped_signature", "other_payload"])
+async def test_bad_signature_is_refused(small_model: Path, keys: Keys, damage: str) -> None:
+    """A signature file that is no bundle, whose signature bytes were altered, or whose
+    payload was swapped for another model's: signature_invalid, no child."""
+    signature = sign(small_model, keys["acme"][0])
+    bundle = json.loads(signature.read_bytes())
+    envelope = bundle["dsseEnvelope"]
+    if damage == "not_json":
+        signature.write_bytes(b"\xff not a bundle")
+    elif damage == "flipped_signature":
+        raw = bytearray(base64.b64decode(envelope["signatures"][0]["sig"]))
+        raw[-1] ^= 1
+        envelope["signatures"][0]["sig"] = base64.b64encode(bytes(raw)).decode()
+        signature.write_text(json.dumps(bundle))
+    else:
+        other = small_model.with_name("other.safetensors")
+        shutil.copy(small_model, other)
+        other.write_bytes(other.read_bytes() + b" ")
+        envelope["payload"] = json.loads(sign(other, keys["acme"][0]).read_bytes())["dsseEnvelope"][
+            "payload"
+        ]
+        signature.write_text(json.dumps(bundle))
+    report, spawned = await load(trusting(keys, require=["acme"]), small_model)
+    refused(report, "signature_invalid")
+    assert spawned == 0
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "huge"])
+async def test_hostile_signature_file_is_refused_when_required_and_ignored_otherwise(
+    small_model: Path, keys: Keys, kind: str
+) -> None:
+    """A FILE.sig that is a symlink (to a real signature), a FIFO or over 16 MiB is never
+    followed, waited on or read: signature_invalid where one is required (no child), and
+    no effect on a load that requires none."""
+    signature = small_model.with_name(small_model.name + ".sig")
+    if kind == "symlink":
+        real = sign(small_model, keys["acme"][0]).rename(small_model.with_name("real.sig"))
+        signature.symlink_to(real)
+    elif kind == "fifo":
+        os.mkfifo(signature)
+    else:
+        signature.touch()
+        os.truncate(signature, 17 * 1024 * 1024)  # sparse: no disk, all size
+    report, spawned = await load(trusting(keys, require=["acme"]), small_model)
+    refused(report, "signature_invalid")
+    assert spawned == 0
+    report, _ = await load(trusting(keys), small_model)
+    assert report.outcome is Outcome.OK and report.signature is None, report.error
+
+
+@pytest.mark.parametrize(
+    ("signer", "rules", "request_signed_by"),
+    [
+        ("mallory", {"require": ["*"]}, None),  # a key the worker does not trust
+        ("beta", {"require": ["acme"]}, None),  # trusted, but not by this rule
+        ("acme", {"require": ["*"]}, ("beta",)),  # the request narrows the worker's rule
+        ("acme", {}, ("mallory",)),  # the request names a signer the worker does not trust
+    ],
+)
+async def test_unknown_signer_is_refused(
+    small_model: Path,
+    keys: Keys,
+    signer: str,
+    rules: dict[str, Any],
+    request_signed_by: tuple[str, ...] | None,
+) -> None:
+    """A valid signature by a signer no applicable rule accepts: signature_unknown_signer."""
+    sign(small_model, keys[signer][0])
+    report, spawned = await load(trusting(keys, **rules), small_model, signed_by=request_signed_by)
+    refused(report, "signature_unknown_signer")
+    assert spawned == 0
+
+
+async def test_manifest_that_misses_a_shard_is_refused(checkpoint: Path, keys: Keys) -> None:
+    """A folder signed without one of its shards: signature_mismatch naming it, no child."""
+    left_out = shards(checkpoint)[1].name
+    sign(checkpoint, keys["acme"][0], ignore=[left_out])
+    report, spawned = await load(trusting(keys, require=["acme"]), checkpoint)
+    refused(report, "signature_mismatch")
+    assert report.error is not None and left_out in report.error.message
+    assert report.signature is not None and report.signature.signer == "acme"
+    assert not report.signature.verified and spawned == 0
+
+
+@pytest.mark.parametrize("swapped", ["shard", "index"])
+async def test_file_swapped_after_signing_is_refused(
+    checkpoint: Path, keys: Keys, swapped: str
+) -> None:
+    """A shard (or the index) replaced after signing, by a valid file of the same size:
+    signature_mismatch from the digests of our own descriptors, no child."""
+    sign(checkpoint, keys["acme"][0])
+    if swapped == "shard":
+        rewrite_tensor_data(shards(checkpoint)[1])
+    else:
+        index = checkpoint / INDEX
+        index.write_text(index.read_text() + "\n")  # the same JSON, other bytes
+    report, spawned = await load(trusting(keys, require=["acme"]), checkpoint)
+    refused(report, "signature_mismatch")
+    assert spawned == 0
+
+
+async def test_file_changed_after_verification_is_caught(
+    checkpoint: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard rewritten in place (same inode, same size) after its signature verified and
+    before the child reads it: the supervisor's digest taken during the load differs from
+    the signed one, and the load ends invalid (file_changed)."""
+    sign(checkpoint, keys["acme"][0])
+    target = shards(checkpoint)[0]
+    real = supervisor_module.check_signature
+
+    async def then_rewrite(opened: OpenedModel, *args: Any) -> None:
+        await real(opened, *args)
+        data = bytearray(target.read_bytes())
+        data[-1] ^= 0xFF  # a tensor byte: the header stays valid
+        fd = os.open(target, os.O_WRONLY)  # the same inode, rewritten in place
+        try:
+            os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
+
+    monkeypatch.setattr(supervisor_module, "check_signature", then_rewrite)
+    report, spawned = await load(trusting(keys, require=["acme"]), checkpoint)
+    assert report.outcome is Outcome.INVALID, report.error
+    assert report.error is not None and report.error.code == "file_changed"
+    assert target.name in report.error.message and spawned == 1
+
+
+# --- where a rule applies -----------------------------------------------------------------
+
+
+def test_rules_apply_by_root_and_organisation(tmp_path: Path, keys: Keys) -> None:
+    """A root's rule applies to files under it (by their opened paths) and not elsewhere;
+    every applicable rule must hold, so the signers are their intersection."""
+    prod, other = tmp_path / "prod", tmp_path / "other"
+    prod.mkdir()
+    other.mkdir()
+    signing = trusting(keys, roots={str(prod): ["acme", "beta"]}, hf_orgs={"org": ["beta"]})
+    for folder in (prod, other):
+        (folder / "m.safetensors").write_bytes(b"x")
+
+    def requirement(source: str, path: Path, **request: Any) -> frozenset[str] | None:
+        from loadwarden.worker._files import open_model_file
+
+        with OpenedModel.single(open_model_file(path)) as opened:
+            found = required_signers(signing, LoadRequest(source=source, **request), opened)
+        return None if found is None else found.allowed
+
+    assert requirement(str(prod / "m.safetensors"), prod / "m.safetensors") == {"acme", "beta"}
+    assert requirement(str(other / "m.safetensors"), other / "m.safetensors") is None
+    narrowed = requirement(str(prod / "m.safetensors"), prod / "m.safetensors", signed_by=["acme"])
+    assert narrowed == {"acme"}
+    assert requirement("hf://org/name", other / "m.safetensors") == {"beta"}
+    assert requirement("hf://else/name", other / "m.safetensors") is None
+
+
+def test_a_request_names_signers_never_keys() -> None:
+    """signed_by takes signer names only: a path or PEM key in it is a contract error."""
+    for bad in ("/tmp/evil.pub", "-----BEGIN PUBLIC KEY-----", ""):
+        with pytest.raises(ValidationError):
+            LoadRequest(source="/m.safetensors", signed_by=[bad])
+    assert LoadRequest(source="/m.safetensors", signed_by=["*"]).signed_by == ("*",)
+
+
+def test_settings_refuse_rules_naming_untrusted_signers(keys: Keys) -> None:
+    """A rule naming a signer absent from signing.signers is a settings error, as is a
+    signer with neither or both of a key and a certificate chain."""
+    with pytest.raises(ValidationError, match="not in signers"):
+        trusting(keys, require=["carol"])
+    with pytest.raises(ValidationError, match="either public_key or certificate_chain"):
+        TrustedSigner()
+
+
+async def test_worker_refuses_to_start_with_a_signer_it_cannot_load(tmp_path: Path) -> None:
+    """A trusted key that cannot be read fails the start: never run without the signers a
+    policy names."""
+    signing = policy({"acme": tmp_path / "missing.pub"}, require=["acme"])
+    sup = Supervisor(Settings(signing=signing))
+    try:
+        with pytest.raises(SandboxError, match=r"signing\.signers"):
+            await sup.start()
+    finally:
+        await sup.close()
+
+
+def _without_model_signing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make model-signing unimportable here, as on a worker installed without the extra."""
+    for name in [n for n in sys.modules if n == "model_signing" or n.startswith("model_signing.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "model_signing", None)
+
+
+async def test_worker_without_the_extra_never_loads_unverified(
+    small_model: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without model-signing, a worker with trusted signers refuses to start, and a request
+    that requires a signature is refused (signing_unavailable) with no child."""
+    sign(small_model, keys["acme"][0])
+    _without_model_signing(monkeypatch)
+    sup = Supervisor(Settings(signing=trusting(keys, require=["acme"])))
+    try:
+        with pytest.raises(SandboxError, match=r"loadwarden\[signing\]"):
+            await sup.start()
+    finally:
+        await sup.close()
+    report, spawned = await load(SigningPolicy(), small_model, signed_by=["*"])
+    refused(report, "signing_unavailable")
+    assert spawned == 0
+
+
+def test_catalog_carries_the_policy(tmp_path: Path) -> None:
+    """A catalog's signed_by (default, or per entry, which wins) reaches each request."""
+    catalog = parse_catalog(
+        '[defaults]\nsigned_by = ["acme"]\n'
+        '[[model]]\nname = "a"\nsource = "a.safetensors"\n'
+        '[[model]]\nname = "b"\nsource = "b.safetensors"\nsigned_by = ["beta", "*"]\n',
+        base_dir=tmp_path,
+    )
+    assert [r.signed_by for _, r in catalog.requests()] == [("acme",), ("beta", "*")]
+
+
+def test_inspect_shows_the_signature(small_model: Path, keys: Keys) -> None:
+    """`loadwarden inspect --json` reports the signature verified, with its signer; with a
+    required signer it did not sign, the outcome is refused and the status says why."""
+    sign(small_model, keys["acme"][0])
+    env = {
+        "LOADWARDEN_SIGNING__SIGNERS": json.dumps(
+            {name: {"public_key": str(keys[name][1])} for name in ("acme", "beta")}
+        )
+    }
+    ok = run("inspect", str(small_model), "--json", env=env)
+    document = json.loads(ok.stdout)
+    assert ok.returncode == 0 and document["outcome"] == "ok", ok.stderr
+    assert document["signature"]["status"] == "verified"
+    assert document["signature"]["signer"] == "acme" and not document["signature"]["required"]
+    no = run("inspect", str(small_model), "--signed-by", "beta", "--json", env=env)
+    document = json.loads(no.stdout)
+    assert document["outcome"] == "refused" and document["error"]["code"] == (
+        "signature_unknown_signer"
+    )
+    assert document["signature"]["status"] == "refused" and document["signature"]["required"]

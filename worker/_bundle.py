@@ -1,0 +1,221 @@
+"""Model-signing bundles, verified: the worker's trusted signers, and which of them (if any)
+signed a bundle, by model-signing's own verifiers (see ``loadwarden.worker.signing``).
+
+model-signing is imported here only, and only when a ``Trust`` is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from loadwarden.producer.contract import SignatureInfo
+from loadwarden.producer.errors import SourceRefused
+from loadwarden.producer.settings import SigningPolicy, TrustedSigner
+from loadwarden.worker._files import SignatureFile
+
+
+class TrustError(Exception):
+    """The trusted signers cannot be loaded: model-signing (``loadwarden[signing]``) is not
+    installed, or a key or certificate file cannot be read. The worker refuses to start."""
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """The signers a load may be signed by (every applicable rule accepts them), and why."""
+
+    allowed: frozenset[str]
+    rules: tuple[str, ...]
+
+    def describe(self) -> str:
+        return "; ".join(self.rules)
+
+
+@dataclass(frozen=True, slots=True)
+class _Signer:
+    name: str
+    verifier: Any  # model_signing's ec_key.Verifier or sign_certificate.Verifier
+    key_sha256: str | None  # a public key's hint (sha256 of its PEM); None for a CA
+    # A certificate verifier sets its X509Store's time to each bundle's signing time:
+    # two loads verifying at once (threads) must not see each other's.
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
+
+
+class Trust:
+    """The worker's trusted signers, loaded once (keys read, model-signing imported)."""
+
+    def __init__(self, policy: SigningPolicy) -> None:
+        try:
+            from model_signing._signing import sign_certificate, sign_ec_key
+        except ImportError as exc:
+            raise TrustError(
+                f"signing.signers is set, but model-signing is not installed ({exc}); "
+                "install loadwarden[signing]"
+            ) from None
+        self.signers: dict[str, _Signer] = {}
+        for name, signer in policy.signers.items():
+            try:
+                self.signers[name] = self._load(name, signer, sign_ec_key, sign_certificate)
+            except (OSError, ValueError, TypeError) as exc:
+                raise TrustError(f"signing.signers[{name}] cannot be loaded: {exc}") from None
+
+    @staticmethod
+    def _load(name: str, signer: TrustedSigner, sign_ec_key: Any, sign_certificate: Any) -> _Signer:
+        from cryptography.hazmat.primitives import serialization
+
+        if signer.public_key is not None:
+            verifier = sign_ec_key.Verifier(signer.public_key)
+            # The bundle's key hint, computed as model-signing's signer does.
+            key = serialization.load_pem_public_key(signer.public_key.read_bytes())
+            pem = key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            return _Signer(name, verifier, hashlib.sha256(pem).hexdigest())
+        return _Signer(name, sign_certificate.Verifier(list(signer.certificate_chain)), None)
+
+
+@dataclass(slots=True)
+class Found:
+    """What is known of a signature so far (the report shows it, refused or not)."""
+
+    info: SignatureInfo | None = None
+
+
+def verify_bundle(
+    sig: SignatureFile, requirement: Requirement, trust: Trust, found: Found
+) -> dict[str, tuple[str, str]]:
+    """Parse the bundle, find its signer, verify it; the manifest as name -> (algorithm, hex).
+    ``found.info`` holds what is known of the signature so far, for the report."""
+    assert sig.raw is not None
+    found.info = SignatureInfo(file=sig.name, sha256=hashlib.sha256(sig.raw).hexdigest())
+    signature, hint, has_chain = _parse(sig)
+    found.info = found.info.model_copy(update={"key_sha256": hint})
+    candidates = [trust.signers[n] for n in sorted(requirement.allowed) if n in trust.signers]
+    if hint is not None:
+        by_key = [s for s in candidates if s.key_sha256 == hint]
+        if not by_key:
+            other = [
+                f"{s.name!r}'s key (by its hint)"
+                for s in trust.signers.values()
+                if s.key_sha256 == hint
+            ]
+            raise unknown_signer(requirement, other[0] if other else "a key")
+        signer, manifest = by_key[0], _verify_with(by_key[0], signature)
+    elif has_chain:
+        signer, manifest = _verify_chain(signature, candidates, requirement)
+    else:  # a bundle from before key hints: any accepted key that verifies it is its signer
+        # model-signing prints a warning about such bundles: to stderr, never our stdout
+        # (``load --json`` prints one document there).
+        with contextlib.redirect_stdout(sys.stderr):
+            matches = [(s, m) for s in candidates if (m := _try(s, signature)) is not None]
+        if not matches:
+            raise unknown_signer(requirement, "a key with no hint")
+        signer, manifest = matches[0]
+    params = manifest.serialization_type
+    resources = {str(rd.identifier): rd.digest for rd in manifest.resource_descriptors()}
+    found.info = found.info.model_copy(
+        update={
+            "signer": signer.name,
+            "model_sha256": _root_digest(signature),
+            "files": len(resources),
+        }
+    )
+    if params.get("method") != "files" or params.get("hash_type") != "sha256":
+        raise SourceRefused(
+            f"{sig.name} signs a {params.get('method')}/{params.get('hash_type')} manifest; "
+            "loadwarden checks whole-file sha256 digests (model-signing's default 'files' "
+            "serialization with sha256): sign it that way",
+            code="signature_mismatch",
+        )
+    return {name: (d.algorithm, d.digest_hex) for name, d in resources.items()}
+
+
+def _parse(sig: SignatureFile) -> tuple[Any, str | None, bool]:
+    """The bundle as model-signing's ``Signature``, its key hint, and whether it carries a
+    certificate chain. As ``sign_sigstore_pb.Signature.read`` does, from our bytes (it
+    takes a path, which we would have to open again: the bytes we read are the ones we
+    verify), with strict UTF-8 first."""
+    from model_signing._signing import sign_sigstore_pb
+    from sigstore_models.bundle import v1 as bundle_pb
+
+    assert sig.raw is not None
+    try:
+        parsed = json.loads(sig.raw.decode("utf-8"))
+        material = parsed["verificationMaterial"]
+        material.setdefault("tlogEntries", [])
+        if "publicKey" in material:
+            material["publicKey"].setdefault("hint", None)
+            for key in ("rawBytes", "keyDetails"):
+                material["publicKey"].pop(key, None)
+        bundle = bundle_pb.Bundle.from_dict(parsed)
+        public_key = bundle.verification_material.public_key
+        hint = public_key.hint if public_key is not None else None
+        chain = bundle.verification_material.x509_certificate_chain
+    except Exception as exc:  # whatever the parser raised, the file is no bundle of ours
+        raise SourceRefused(
+            f"{sig.name} is not a model-signing bundle: {type(exc).__name__}: {exc}"[:500],
+            code="signature_invalid",
+        ) from None
+    return sign_sigstore_pb.Signature(bundle), hint or None, chain is not None
+
+
+def _verify_with(signer: _Signer, signature: Any) -> Any:
+    try:
+        return signer.verifier.verify(signature)
+    except Exception as exc:  # InvalidSignature, ValueError (payload), KeyError (manifest)...
+        raise SourceRefused(
+            f"the signature does not verify under {signer.name!r}'s key: "
+            f"{type(exc).__name__}: {exc}"[:500],
+            code="signature_invalid",
+        ) from None
+
+
+def _try(signer: _Signer, signature: Any) -> Any:
+    try:
+        return signer.verifier.verify(signature)
+    except Exception:
+        return None
+
+
+def _verify_chain(
+    signature: Any, candidates: list[_Signer], requirement: Requirement
+) -> tuple[_Signer, Any]:
+    """The accepted certificate authority the bundle's signing certificate chains to."""
+    from OpenSSL import crypto
+
+    for signer in (s for s in candidates if s.key_sha256 is None):
+        try:
+            with signer.lock:
+                return signer, signer.verifier.verify(signature)
+        except crypto.X509StoreContextError:
+            continue  # not issued under this signer's chain
+        except Exception as exc:
+            raise SourceRefused(
+                f"the signature does not verify under {signer.name!r}'s certificate: "
+                f"{type(exc).__name__}: {exc}"[:500],
+                code="signature_invalid",
+            ) from None
+    raise unknown_signer(requirement, "a certificate")
+
+
+def unknown_signer(requirement: Requirement, whom: str) -> SourceRefused:
+    accepted = ", ".join(sorted(requirement.allowed)) or "none: the rules share no signer"
+    return SourceRefused(
+        f"signed by {whom} that this load does not accept (accepted: {accepted}; "
+        f"{requirement.describe()})",
+        code="signature_unknown_signer",
+    )
+
+
+def _root_digest(signature: Any) -> str | None:
+    try:
+        payload = json.loads(signature.bundle.dsse_envelope.payload)
+        digest = payload["subject"][0]["digest"]["sha256"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return digest if isinstance(digest, str) and len(digest) == 64 else None

@@ -1,0 +1,258 @@
+"""Signed models: verify an OpenSSF model-signing bundle before any child starts.
+
+A load that some rule requires to be signed (the worker's ``signing`` settings, a
+catalog entry's or a request's ``signed_by``) goes on only if the signature file
+the source opener read (``FILE.sig`` beside a single file, ``model.sig`` in a
+checkpoint's folder) verifies under a key the worker trusts, that key belongs to
+a signer every rule accepts, and the signed manifest names every file we load
+with the sha256 we compute, from the very descriptors the child will be given.
+The supervisor hashes them again while the child loads (``_digest``) and checks
+those digests against the manifest too, so a file rewritten in place after the
+check is caught as a changed file is.
+
+Why not ``model_signing.verifying.Config.verify``: it takes paths, and opens and
+hashes every file of the folder by name, so what it checks need not be what we
+load (a shard renamed over between its hash and our open), and it follows no
+rule of ours about symlinks, FIFOs or sizes. We use the library for what it is
+for: parsing the Sigstore bundle and verifying its DSSE signature and the
+manifest it signs (``Verifier.verify``); the files' digests are ours. That keeps
+us to what both sides agree on: the default ``files`` serialization with
+sha256 (the only one whose digests are whole-file sha256s, as ours are).
+
+model-signing (with sigstore, protobuf and pyOpenSSL: ~1 s and ~600 modules to
+import) is the ``loadwarden[signing]`` extra, imported (``_bundle``) only by a worker
+that trusts a signer; a worker without it refuses to start with trusted signers
+(``TrustError``), and refuses any load that must be signed (``signing_unavailable``).
+
+Outcomes, all ``refused`` (``SourceRefused``), each with its code::
+
+    signature_missing         required, and no signature file is there
+    signature_invalid         the file is no bundle, or its signature does not verify
+                              under the key it names
+    signature_unknown_signer  signed by a key no accepted signer holds
+    signature_mismatch        the manifest does not cover a loaded file, or names
+                              another digest (also: a serialization we cannot check)
+    signing_unavailable       required, but model-signing is not installed here
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loadwarden.producer.contract import LoadRequest
+from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused
+from loadwarden.producer.settings import SigningPolicy
+from loadwarden.producer.sources import is_hf, is_url, parse_hf
+from loadwarden.worker._bundle import (
+    Found,
+    Requirement,
+    Trust,
+    TrustError,
+    unknown_signer,
+    verify_bundle,
+)
+from loadwarden.worker._deadline import in_thread
+from loadwarden.worker._digest import digest_files
+from loadwarden.worker._files import OpenedModel
+
+__all__ = [
+    "Requirement",
+    "SignatureCheck",
+    "Trust",
+    "TrustError",
+    "check_signature",
+    "recheck",
+    "required_signers",
+    "signature_status",
+    "signing_installed",
+]
+
+#: How a single file's own signature names it (model-signing hashes a file as ".").
+_SELF = "."
+
+
+def required_signers(
+    policy: SigningPolicy, request: LoadRequest, opened: OpenedModel
+) -> Requirement | None:
+    """The requirement on this load, or None when no rule asks for a signature.
+
+    Rules: the worker's ``require``, ``roots`` holding the model's files (by their real
+    paths, as opened), ``hf_orgs`` for hf:// sources, and the request's ``signed_by``.
+    ``*`` is every signer the worker trusts; a name it does not trust admits nothing.
+    """
+    rules: list[tuple[str, Sequence[str]]] = []
+    if policy.require:
+        rules.append(("signing.require", policy.require))
+    if is_hf(request.source):
+        org = parse_hf(request.source)[0].split("/")[0]
+        if org in policy.hf_orgs:
+            rules.append((f"signing.hf_orgs[{org}]", policy.hf_orgs[org]))
+    elif not is_url(request.source):
+        paths = [shard.file.path for shard in opened.files]
+        for root, names in policy.roots.items():
+            if _under(paths, root):
+                rules.append((f"signing.roots[{root}]", names))
+    if request.signed_by:
+        rules.append(("the request's signed_by", request.signed_by))
+    if not rules:
+        return None
+    trusted = frozenset(policy.signers)
+    allowed = trusted
+    for _, accepted in rules:
+        allowed &= trusted if "*" in accepted else frozenset(accepted)
+    return Requirement(allowed, tuple(f"{where}: {', '.join(n)}" for where, n in rules))
+
+
+def _under(paths: Iterable[str], root: Path) -> bool:
+    spellings = {os.path.normpath(root), os.path.realpath(root)}
+    return any(p == r or p.startswith(r.rstrip("/") + "/") for p in paths for r in spellings)
+
+
+def signing_installed() -> bool:
+    """Whether model-signing can be imported here (without importing it)."""
+    try:
+        return importlib.util.find_spec("model_signing") is not None
+    except (ImportError, ValueError):  # a broken install is not an install
+        return False
+
+
+@dataclass(slots=True)
+class SignatureCheck(Found):
+    """One load's signature: what is known of it so far (for the report), and the manifest."""
+
+    #: The signed sha256 of each file the load reads, by its name in the model.
+    expected: dict[str, str] = field(default_factory=dict)
+
+
+def recheck(
+    check: SignatureCheck | None, opened: OpenedModel, digests: Sequence[str] | None
+) -> LoadError | None:
+    """The error if a digest the supervisor took while the child loaded is not the signed
+    one (the file changed after it was verified); None without a signature."""
+    if check is None:
+        return None
+    if digests is None:
+        return InvalidModel("the signed files were not hashed while loading", code="internal")
+    for shard, digest in zip(opened.files, digests, strict=True):
+        if check.expected[shard.name] != digest:
+            return InvalidModel(
+                f"{shard.name} changed after its signature was verified: sha256 {digest} "
+                f"while loading, {check.expected[shard.name]} signed",
+                code="file_changed",
+            )
+    return None
+
+
+async def check_signature(
+    opened: OpenedModel,
+    requirement: Requirement,
+    trust: Trust | None,
+    check: SignatureCheck,
+) -> None:
+    """Verify ``opened``'s signature against ``requirement``, filling ``check``; raise the
+    refusal. Hashes every file from its descriptor (cancellable) once the bundle verified."""
+    sig = opened.signature
+    if sig is None:
+        raise SourceRefused(
+            f"a signature is required ({requirement.describe()}), and there is none: "
+            f"expected {_where(opened)}",
+            code="signature_missing",
+        )
+    if sig.raw is None:
+        assert sig.problem is not None
+        raise SourceRefused(
+            f"the signature {sig.name} cannot be used: {sig.problem.message}",
+            code="signature_invalid",
+        )
+    if trust is None:
+        if not signing_installed():
+            raise SourceRefused(
+                "a signature is required, but model-signing is not installed on this worker "
+                "(loadwarden[signing])",
+                code="signing_unavailable",
+            )
+        raise unknown_signer(requirement, "a key, and this worker trusts none (signing.signers)")
+    manifest = await in_thread(lambda: verify_bundle(sig, requirement, trust, check))
+    check.expected = _covered(opened, manifest)
+    actual = await digest_files([(s.file.fd, s.file.size) for s in opened.files])
+    got = {s.name: d for s, d in zip(opened.files, actual, strict=True)}
+    if opened.index_name is not None and opened.index_sha256 is not None:
+        got[opened.index_name] = opened.index_sha256
+    for name, digest in got.items():
+        if check.expected[name] != digest:
+            raise SourceRefused(
+                f"{name} does not match its signature: sha256 {digest}, "
+                f"signed {check.expected[name]}",
+                code="signature_mismatch",
+            )
+    assert check.info is not None
+    check.info = check.info.model_copy(update={"verified": True})
+
+
+async def signature_status(
+    opened: OpenedModel, request: LoadRequest, policy: SigningPolicy, trust: Trust | None
+) -> tuple[dict[str, Any], LoadError | None]:
+    """What ``loadwarden inspect`` says of a model's signature, and the refusal a load would
+    meet (None when it would pass). A signature no rule requires is still checked against
+    every trusted signer, so an operator sees whether signing it would pass."""
+    requirement = required_signers(policy, request, opened)
+    sig = opened.signature
+    if requirement is None:
+        if sig is None:
+            return {"status": "none", "required": False}, None
+        if trust is None:
+            reason = "this worker trusts no signer (signing.signers)"
+            unchecked = {"status": "unchecked", "file": sig.name, "reason": reason}
+            return {**unchecked, "required": False}, None
+        requirement = Requirement(frozenset(trust.signers), ("any trusted signer",))
+        required = False
+    else:
+        required = True
+    check = SignatureCheck()
+    try:
+        await check_signature(opened, requirement, trust, check)
+    except LoadError as exc:
+        document = {
+            "status": "refused",
+            "required": required,
+            "rules": list(requirement.rules),
+            "code": exc.code,
+            "message": exc.message,
+            **(check.info.model_dump(mode="json") if check.info else {}),
+        }
+        return document, exc if required else None
+    assert check.info is not None
+    info = check.info.model_dump(mode="json")
+    return {"status": "verified", "required": required, **info}, None
+
+
+def _where(opened: OpenedModel) -> str:
+    if opened.checkpoint:
+        return "model.sig in the checkpoint's folder"
+    return f"{os.path.basename(opened.first.path)}.sig beside the file"
+
+
+def _covered(opened: OpenedModel, manifest: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """The signed sha256 of every file the load reads, by name; refused if one is missing.
+
+    A single file's own signature names it ``.``; a folder's names files relative to it.
+    Files the manifest names and we do not load (a config, a tokenizer) are fine.
+    """
+    wanted = [s.name for s in opened.files]
+    if opened.index_name is not None:
+        wanted.append(opened.index_name)
+    if not opened.checkpoint and _SELF in manifest:
+        return {wanted[0]: manifest[_SELF][1]}
+    missing = [name for name in wanted if name not in manifest]
+    if missing:
+        raise SourceRefused(
+            f"the signed manifest does not cover {', '.join(missing[:8])}"
+            f"{' …' if len(missing) > 8 else ''} (it covers {len(manifest)} files)",
+            code="signature_mismatch",
+        )
+    return {name: manifest[name][1] for name in wanted}
