@@ -254,7 +254,8 @@ class SigningPolicy(BaseModel):
     require: SignedBy | None = None
     # Loads whose files lie under one of these folders (a root or any folder inside one).
     roots: dict[Path, SignedBy] = {}
-    # hf:// loads of these organisations (the ORG of hf://ORG/NAME, case-sensitive as the hub).
+    # hf:// loads of these organisations (the ORG of hf://ORG/NAME, in any case: the hub's
+    # names are case-insensitive, and a cache keeps whichever spelling it was fetched by).
     hf_orgs: dict[str, SignedBy] = {}
 
     @model_validator(mode="after")

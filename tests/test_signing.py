@@ -404,3 +404,21 @@ def test_inspect_shows_the_signature(small_model: Path, keys: Keys) -> None:
         "signature_unknown_signer"
     )
     assert document["signature"]["status"] == "refused" and document["signature"]["required"]
+
+
+# --- hostile signatures, requests and spellings -------------------------------------------
+
+
+async def test_hf_organisation_rule_holds_whatever_its_spelling(
+    checkpoint: Path, keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub's organisation names are case-insensitive (it serves Example-ORG/x as
+    example-org/x, and a cache keeps the spelling it was downloaded with): an unsigned
+    snapshot cached as Example-ORG is still under a rule for example-org."""
+    cache = tmp_path / "hub"
+    cache_snapshot(cache, "Example-ORG/tiny-llama", checkpoint)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    rules = {"hf_orgs": {"example-org": ["acme"]}}
+    report, spawned = await load(trusting(keys, **rules), "hf://Example-ORG/tiny-llama")
+    refused(report, "signature_missing")
+    assert spawned == 0

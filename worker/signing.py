@@ -89,9 +89,12 @@ def required_signers(
     if policy.require:
         rules.append(("signing.require", policy.require))
     if is_hf(request.source):
-        org = parse_hf(request.source)[0].split("/")[0]
-        if org in policy.hf_orgs:
-            rules.append((f"signing.hf_orgs[{org}]", policy.hf_orgs[org]))
+        # The hub's names are case-insensitive (it serves Org/x as org/x, and a cache keeps
+        # the spelling it was downloaded with): a rule for an organisation holds for any.
+        org = parse_hf(request.source)[0].split("/")[0].casefold()
+        for name, names in policy.hf_orgs.items():
+            if name.casefold() == org:
+                rules.append((f"signing.hf_orgs[{name}]", names))
     elif "://" not in request.source:
         paths = [shard.file.path for shard in opened.files]
         for root, names in policy.roots.items():
