@@ -422,3 +422,15 @@ async def test_hf_organisation_rule_holds_whatever_its_spelling(
     report, spawned = await load(trusting(keys, **rules), "hf://Example-ORG/tiny-llama")
     refused(report, "signature_missing")
     assert spawned == 0
+
+
+async def test_root_rule_holds_for_a_path_with_a_url_like_part(
+    small_model: Path, keys: Keys
+) -> None:
+    """A local path is local however it is spelled: ``ROOT/x://../m.safetensors`` (a folder
+    named ``x:``, then ``//``) names a file under ROOT, and ROOT's rule applies to it."""
+    (small_model.parent / "x:").mkdir()
+    source = f"{small_model.parent}/x://../{small_model.name}"
+    report, spawned = await load(trusting(keys, roots={str(small_model.parent): ["acme"]}), source)
+    refused(report, "signature_missing")
+    assert spawned == 0

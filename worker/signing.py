@@ -82,7 +82,8 @@ def required_signers(
     """The requirement on this load, or None when no rule asks for a signature.
 
     Rules: the worker's ``require``, ``roots`` holding the model's files (by their real
-    paths, as opened), ``hf_orgs`` for hf:// sources, and the request's ``signed_by``.
+    paths, as opened, whatever the source), ``hf_orgs`` for hf:// sources, and the
+    request's ``signed_by``.
     ``*`` is every signer the worker trusts; a name it does not trust admits nothing.
     """
     rules: list[tuple[str, Sequence[str]]] = []
@@ -95,11 +96,12 @@ def required_signers(
         for name, names in policy.hf_orgs.items():
             if name.casefold() == org:
                 rules.append((f"signing.hf_orgs[{name}]", names))
-    elif "://" not in request.source:
-        paths = [shard.file.path for shard in opened.files]
-        for root, names in policy.roots.items():
-            if _under(paths, root):
-                rules.append((f"signing.roots[{root}]", names))
+    # By the files' opened paths, whatever the source's spelling (a local path may hold
+    # "://": ROOT/x://../m.safetensors is ROOT/m.safetensors, through a folder "x:").
+    paths = [shard.file.path for shard in opened.files]
+    for root, names in policy.roots.items():
+        if _under(paths, root):
+            rules.append((f"signing.roots[{root}]", names))
     if request.signed_by:
         rules.append(("the request's signed_by", request.signed_by))
     if not rules:
