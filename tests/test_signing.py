@@ -434,3 +434,19 @@ async def test_root_rule_holds_for_a_path_with_a_url_like_part(
     report, spawned = await load(trusting(keys, roots={str(small_model.parent): ["acme"]}), source)
     refused(report, "signature_missing")
     assert spawned == 0
+
+
+async def test_key_hint_that_is_no_sha256_is_refused_and_never_reported(
+    small_model: Path, keys: Keys
+) -> None:
+    """A bundle's key hint is the sha256 of a PEM key: one that is anything else (here
+    100 kB with a terminal escape) is no model-signing bundle, and the report, which
+    names the hint it read, never carries it."""
+    signature = sign(small_model, keys["acme"][0])
+    bundle = json.loads(signature.read_bytes())
+    bundle["verificationMaterial"]["publicKey"]["hint"] = "\x1b[2J" + "a" * 100_000
+    signature.write_text(json.dumps(bundle))
+    report, spawned = await load(trusting(keys, require=["acme"]), small_model)
+    refused(report, "signature_invalid")
+    assert report.signature is not None and report.signature.key_sha256 is None
+    assert len(report.model_dump_json()) < 10_000 and spawned == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from loadwarden.producer.contract import SignatureInfo
 from loadwarden.producer.errors import SourceRefused
 from loadwarden.producer.settings import SigningPolicy, TrustedSigner
 from loadwarden.worker._files import SignatureFile
+
+#: A key hint, as model-signing writes it: the sha256 (hex) of the signer's PEM public key.
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class TrustError(Exception):
@@ -161,6 +165,13 @@ def _parse(sig: SignatureFile) -> tuple[Any, str | None, bool]:
             f"{sig.name} is not a model-signing bundle: {type(exc).__name__}: {exc}"[:500],
             code="signature_invalid",
         ) from None
+    if hint and not _SHA256_HEX.match(hint):
+        # Never reported: the report names the hint, and this one may be megabytes of anything.
+        raise SourceRefused(
+            f"{sig.name} is not a model-signing bundle: its key hint is no sha256 "
+            f"({len(hint)} characters)",
+            code="signature_invalid",
+        )
     return sign_sigstore_pb.Signature(bundle), hint or None, chain is not None
 
 
