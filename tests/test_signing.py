@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from loadwarden.producer.catalog import parse_catalog
 from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
+from loadwarden.producer.errors import SourceRefused
 from loadwarden.producer.settings import Settings, SigningPolicy, TrustedSigner
 from loadwarden.worker import supervisor as supervisor_module
 from loadwarden.worker._files import OpenedModel
@@ -194,7 +196,7 @@ async def test_bad_signature_is_refused(small_model: Path, keys: Keys, damage: s
 async def test_hostile_signature_file_is_refused_when_required_and_ignored_otherwise(
     small_model: Path, keys: Keys, kind: str
 ) -> None:
-    """A FILE.sig that is a symlink (to a real signature), a FIFO or over 16 MiB is never
+    """A FILE.sig that is a symlink (to a real signature), a FIFO or over 4 MiB is never
     followed, waited on or read: signature_invalid where one is required (no child), and
     no effect on a load that requires none."""
     signature = small_model.with_name(small_model.name + ".sig")
@@ -450,3 +452,44 @@ async def test_key_hint_that_is_no_sha256_is_refused_and_never_reported(
     refused(report, "signature_invalid")
     assert report.signature is not None and report.signature.key_sha256 is None
     assert len(report.model_dump_json()) < 10_000 and spawned == 0
+
+
+#: Two MiB each: JSON of 700,000 values, and ASCII that a single emoji widens to 4 bytes
+#: a character once decoded.
+HOSTILE_BUNDLES = {
+    "many_values": b'{"verificationMaterial": {}, "x": [' + b"{}," * 700_000 + b"{}]}",
+    "wide_text": b'{"verificationMaterial": {}, "x": "' + b"a" * 2_000_000 + "😀".encode() + b'"}',
+}
+
+
+@pytest.mark.parametrize("shape", sorted(HOSTILE_BUNDLES))
+async def test_hostile_signature_json_is_refused_in_bounded_memory(
+    small_model: Path, keys: Keys, shape: str
+) -> None:
+    """A signature file that is JSON of many values or of text that widens when decoded is
+    refused (signature_invalid) while the supervisor holds little more than its bytes: a
+    job's signature never costs it tens of MiB of Python objects."""
+    from loadwarden.worker._bundle import Found, Requirement, Trust, verify_bundle
+    from loadwarden.worker._files import SignatureFile
+
+    raw = HOSTILE_BUNDLES[shape]
+    signing = trusting(keys, require=["acme"])
+    trust = Trust(signing)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SourceRefused) as refusal:
+            verify_bundle(
+                SignatureFile("m.sig", raw=raw),
+                Requirement(frozenset({"acme"}), ("test",)),
+                trust,
+                Found(),
+            )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert refusal.value.code == "signature_invalid"
+    assert peak < 2 * len(raw), f"{peak / 2**20:.0f} MiB to refuse {len(raw) / 2**20:.0f} MiB"
+    small_model.with_name(small_model.name + ".sig").write_bytes(raw)
+    report, spawned = await load(signing, small_model)
+    refused(report, "signature_invalid")
+    assert spawned == 0

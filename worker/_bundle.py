@@ -20,6 +20,9 @@ from loadwarden.producer.errors import SourceRefused
 from loadwarden.producer.settings import SigningPolicy, TrustedSigner
 from loadwarden.worker._files import SignatureFile
 
+#: JSON objects, arrays and their separators a bundle may hold: model-signing's holds
+#: about 15, a Sigstore bundle with a transparency log entry and its inclusion proof ~100.
+MAX_BUNDLE_VALUES = 1024
 #: A key hint, as model-signing writes it: the sha256 (hex) of the signer's PEM public key.
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -148,6 +151,7 @@ def _parse(sig: SignatureFile) -> tuple[Any, str | None, bool]:
     from sigstore_models.bundle import v1 as bundle_pb
 
     assert sig.raw is not None
+    _check_shape(sig)
     try:
         parsed = json.loads(sig.raw.decode("utf-8"))
         material = parsed["verificationMaterial"]
@@ -173,6 +177,22 @@ def _parse(sig: SignatureFile) -> tuple[Any, str | None, bool]:
             code="signature_invalid",
         )
     return sign_sigstore_pb.Signature(bundle), hint or None, chain is not None
+
+
+def _check_shape(sig: SignatureFile) -> None:
+    """Refuse, before parsing, a file that is no bundle and would cost us far more memory
+    than its bytes once parsed: a bundle (model-signing's, or Sigstore's with a log entry)
+    is ASCII JSON of a few dozen values, its payload, signature and certificates base64
+    strings; 16 MiB of ``{},`` is millions of Python objects (over 1 GiB), and one
+    non-ASCII character makes the decoded text 4 bytes a character."""
+    assert sig.raw is not None
+    values = sig.raw.count(b"{") + sig.raw.count(b"[") + sig.raw.count(b",")
+    if not sig.raw.isascii() or values > MAX_BUNDLE_VALUES:
+        what = "non-ASCII bytes" if not sig.raw.isascii() else f"over {MAX_BUNDLE_VALUES} values"
+        raise SourceRefused(
+            f"{sig.name} is not a model-signing bundle: it holds {what}",
+            code="signature_invalid",
+        )
 
 
 def _verify_with(signer: _Signer, signature: Any) -> Any:
