@@ -196,7 +196,7 @@ async def test_bad_signature_is_refused(small_model: Path, keys: Keys, damage: s
 async def test_hostile_signature_file_is_refused_when_required_and_ignored_otherwise(
     small_model: Path, keys: Keys, kind: str
 ) -> None:
-    """A FILE.sig that is a symlink (to a real signature), a FIFO or over 4 MiB is never
+    """A FILE.sig that is a symlink (to a real signature), a FIFO or over 16 MiB is never
     followed, waited on or read: signature_invalid where one is required (no child), and
     no effect on a load that requires none."""
     signature = small_model.with_name(small_model.name + ".sig")
@@ -493,3 +493,32 @@ async def test_hostile_signature_json_is_refused_in_bounded_memory(
     report, spawned = await load(signing, small_model)
     refused(report, "signature_invalid")
     assert spawned == 0
+
+
+async def test_file_written_after_verification_is_caught_even_when_restored(
+    checkpoint: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard written in place after its signature verified, and written back before the
+    supervisor hashes it again (an attacker flipping bytes while the child reads them):
+    the write is seen (the file's times moved), and the load ends invalid (file_changed)."""
+    sign(checkpoint, keys["acme"][0])
+    target = shards(checkpoint)[0]
+    day_ago = target.stat().st_mtime_ns - 86_400 * 10**9
+    os.utime(target, ns=(day_ago, day_ago))  # any write now moves its mtime
+    real = supervisor_module.check_signature
+
+    async def then_flip_and_restore(opened: OpenedModel, *args: Any) -> None:
+        await real(opened, *args)
+        data = target.read_bytes()
+        fd = os.open(target, os.O_WRONLY)  # the same inode, rewritten in place...
+        try:
+            os.pwrite(fd, bytes([data[-1] ^ 0xFF]), len(data) - 1)
+            os.pwrite(fd, data[-1:], len(data) - 1)  # ...and back
+        finally:
+            os.close(fd)
+
+    monkeypatch.setattr(supervisor_module, "check_signature", then_flip_and_restore)
+    report, _ = await load(trusting(keys, require=["acme"]), checkpoint)
+    assert report.outcome is Outcome.INVALID, report.error
+    assert report.error is not None and report.error.code == "file_changed"
+    assert target.name in report.error.message

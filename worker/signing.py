@@ -66,6 +66,7 @@ __all__ = [
     "Trust",
     "TrustError",
     "check_signature",
+    "note_writes",
     "recheck",
     "required_signers",
     "signature_status",
@@ -132,13 +133,29 @@ class SignatureCheck(Found):
 
     #: The signed sha256 of each file the load reads, by its name in the model.
     expected: dict[str, str] = field(default_factory=dict)
+    #: Each file's (size, mtime, ctime) as its digest was taken for the check.
+    stamps: list[tuple[int, int, int]] = field(default_factory=list)
+    #: The first file written since (``note_writes``, once the child loaded), if any.
+    written: str | None = None
+
+
+def _stamp(fd: int) -> tuple[int, int, int]:
+    """What a write to the file moves, even one written back: its size and times."""
+    st = os.fstat(fd)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def recheck(
     check: SignatureCheck | None, opened: OpenedModel, digests: Sequence[str] | None
 ) -> LoadError | None:
     """The error if a digest the supervisor took while the child loaded is not the signed
-    one (the file changed after it was verified); None without a signature."""
+    one, or a file was written since it was hashed for the check (even if written back
+    since: the child may have read it meanwhile, and our second hash can miss a byte
+    flipped and restored between its reads); None without a signature.
+
+    ``note_writes`` compares the times. They are the kernel's (a clock tick, ~1-4 ms,
+    unless the filesystem keeps finer ones): a write within a tick of the check's
+    ``fstat`` is caught only by the digest."""
     if check is None:
         return None
     if digests is None:
@@ -150,7 +167,24 @@ def recheck(
                 f"while loading, {check.expected[shard.name]} signed",
                 code="file_changed",
             )
+    if check.written is not None:
+        return InvalidModel(
+            f"{check.written} was written after its signature was verified (its size or "
+            "times moved), while the load could read it",
+            code="file_changed",
+        )
     return None
+
+
+def note_writes(check: SignatureCheck | None, opened: OpenedModel) -> None:
+    """Note (for ``recheck``) the first file written since the check, while the files are
+    still open: call it once the child has loaded them."""
+    if check is None:
+        return
+    for shard, stamp in zip(opened.files, check.stamps, strict=True):
+        if _stamp(shard.file.fd) != stamp:
+            check.written = shard.name
+            return
 
 
 async def check_signature(
@@ -184,6 +218,7 @@ async def check_signature(
         raise unknown_signer(requirement, "a key, and this worker trusts none (signing.signers)")
     manifest = await in_thread(lambda: verify_bundle(sig, requirement, trust, check))
     check.expected = _covered(opened, manifest)
+    check.stamps = [_stamp(s.file.fd) for s in opened.files]
     actual = await digest_files([(s.file.fd, s.file.size) for s in opened.files])
     got = {s.name: d for s, d in zip(opened.files, actual, strict=True)}
     if opened.index_name is not None and opened.index_sha256 is not None:

@@ -81,6 +81,7 @@ from loadwarden.worker.signing import (
     Trust,
     TrustError,
     check_signature,
+    note_writes,
     recheck,
     required_signers,
 )
@@ -364,6 +365,7 @@ class Supervisor:
                         digests = await before_deadline(
                             hashing, "hashing the files", deadline, budget_s, cancel
                         )
+                        note_writes(state.signature, opened)
                 finally:
                     if hashing is not None:
                         await cancel_and_wait(hashing)
