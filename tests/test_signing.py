@@ -522,3 +522,31 @@ async def test_file_written_after_verification_is_caught_even_when_restored(
     assert report.outcome is Outcome.INVALID, report.error
     assert report.error is not None and report.error.code == "file_changed"
     assert target.name in report.error.message
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ed25519"])
+async def test_worker_refuses_to_start_with_a_key_model_signing_cannot_verify_with(
+    tmp_path: Path, kind: str
+) -> None:
+    """A trusted public key that is valid PEM but no EC key (RSA, Ed25519: model-signing
+    signs with EC keys only) fails the start with a clear reason, not a traceback."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    key = (
+        rsa.generate_private_key(65537, 2048)
+        if kind == "rsa"
+        else ed25519.Ed25519PrivateKey.generate()
+    )
+    public = tmp_path / f"{kind}.pub"
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    sup = Supervisor(Settings(signing=policy({"acme": public}, require=["acme"])))
+    try:
+        with pytest.raises(SandboxError, match=r"signing\.signers\[acme\].*no EC public key"):
+            await sup.start()
+    finally:
+        await sup.close()

@@ -74,11 +74,18 @@ class Trust:
     @staticmethod
     def _load(name: str, signer: TrustedSigner, sign_ec_key: Any, sign_certificate: Any) -> _Signer:
         from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
 
         if signer.public_key is not None:
+            key = serialization.load_pem_public_key(signer.public_key.read_bytes())
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                # model-signing's own check assumes a curve (AttributeError on RSA, Ed25519).
+                raise ValueError(
+                    f"{type(key).__name__} is no EC public key: model-signing "
+                    "signs with EC keys only (P-256, P-384, P-521)"
+                )
             verifier = sign_ec_key.Verifier(signer.public_key)
             # The bundle's key hint, computed as model-signing's signer does.
-            key = serialization.load_pem_public_key(signer.public_key.read_bytes())
             pem = key.public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
