@@ -28,7 +28,7 @@ from loadwarden.worker.sandbox.forkserver import SandboxError
 from loadwarden.worker.signing import required_signers
 from loadwarden.worker.supervisor import Supervisor
 from tests.checkpoints import INDEX, cache_snapshot, save_pretrained, state_dict
-from tests.signatures import make_certificates, make_key, policy, sign
+from tests.signatures import expired_certificates, make_certificates, make_key, policy, sign
 from tests.test_cli import run
 
 REPO = "example-org/tiny-llama"
@@ -550,3 +550,22 @@ async def test_worker_refuses_to_start_with_a_key_model_signing_cannot_verify_wi
             await sup.start()
     finally:
         await sup.close()
+
+
+@pytest.mark.parametrize("expired", ["leaf", "intermediate"])
+async def test_signature_by_an_expired_certificate_is_refused(
+    small_model: Path, tmp_path: Path, expired: str
+) -> None:
+    """model-signing checks a chain at its signing certificate's start date, so one that
+    expired long ago (or whose intermediate did) verifies forever, for whoever holds its
+    key: with no timestamp to show when it signed, a certificate must be valid now."""
+    key, leaf, chain, root = expired_certificates(tmp_path, expired)
+    sign(small_model, key, certificate=(leaf, chain))
+    signing = SigningPolicy(
+        signers={"corp": TrustedSigner(certificate_chain=(root,))}, require=("corp",)
+    )
+    report, spawned = await load(signing, small_model)
+    refused(report, "signature_invalid")
+    assert report.error is not None and "expired" in report.error.message
+    assert report.signature is not None and report.signature.signer == "corp"
+    assert spawned == 0

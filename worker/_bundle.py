@@ -13,6 +13,7 @@ import re
 import sys
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from loadwarden.producer.contract import SignatureInfo
@@ -139,6 +140,8 @@ def verify_bundle(
             "files": len(resources),
         }
     )
+    if has_chain and hint is None:
+        _check_valid_now(signature, sig.name)
     if params.get("method") != "files" or params.get("hash_type") != "sha256":
         raise SourceRefused(
             f"{sig.name} signs a {params.get('method')}/{params.get('hash_type')} manifest; "
@@ -239,6 +242,28 @@ def _verify_chain(
                 code="signature_invalid",
             ) from None
     raise unknown_signer(requirement, "a certificate")
+
+
+def _check_valid_now(signature: Any, name: str) -> None:
+    """Refuse a bundle whose certificates are not all valid now. model-signing checks the
+    chain at its signing certificate's start date (the bundle has no timestamp to say when
+    it was signed), so a certificate that expired years ago, or whose intermediate did,
+    would verify forever for whoever holds its key; revocation is not checked either."""
+    from cryptography import x509
+
+    now = datetime.now(UTC)
+    chain = signature.bundle.verification_material.x509_certificate_chain.certificates
+    for place, cert in enumerate(chain):
+        parsed = x509.load_der_x509_certificate(cert.raw_bytes)
+        start, end = parsed.not_valid_before_utc, parsed.not_valid_after_utc
+        if not start <= now <= end:
+            which = "its signing certificate" if place == 0 else f"certificate {place} of its chain"
+            when = f"expired on {end:%Y-%m-%d}" if now > end else f"valid from {start:%Y-%m-%d}"
+            raise SourceRefused(
+                f"{name}: {which} is not valid now ({when}); with no timestamp to show when it "
+                "signed, a certificate must be valid when its signature is checked",
+                code="signature_invalid",
+            )
 
 
 def unknown_signer(requirement: Requirement, whom: str) -> SourceRefused:

@@ -27,8 +27,9 @@ that trusts a signer; a worker without it refuses to start with trusted signers
 Outcomes, all ``refused`` (``SourceRefused``), each with its code::
 
     signature_missing         required, and no signature file is there
-    signature_invalid         the file is no bundle, or its signature does not verify
-                              under the key it names
+    signature_invalid         the file is no bundle, its signature does not verify
+                              under the key it names, or a certificate of its chain
+                              is not valid now (expired)
     signature_unknown_signer  signed by a key no accepted signer holds
     signature_mismatch        the manifest does not cover a loaded file, or names
                               another digest (also: a serialization we cannot check)
