@@ -569,3 +569,21 @@ async def test_signature_by_an_expired_certificate_is_refused(
     assert report.error is not None and "expired" in report.error.message
     assert report.signature is not None and report.signature.signer == "corp"
     assert spawned == 0
+
+
+@pytest.mark.parametrize("what", ["file", "checkpoint"])
+async def test_root_rule_holds_for_a_symlink_under_the_root_to_a_model_outside(
+    small_model: Path, checkpoint: Path, keys: Keys, tmp_path: Path, what: str
+) -> None:
+    """A symlink planted under a root that requires signatures, to an unsigned model outside
+    it (elsewhere under the allowed roots), is a model of that root as requested: loaded by
+    the root's path (here spelled //ROOT/...), it must be signed."""
+    prod = tmp_path / "prod"
+    prod.mkdir()
+    target = small_model if what == "file" else checkpoint
+    (prod / target.name).symlink_to(target)
+    report, spawned = await load(
+        trusting(keys, roots={str(prod): ["acme"]}), f"/{prod}/{target.name}"
+    )
+    refused(report, "signature_missing")
+    assert spawned == 0

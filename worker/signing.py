@@ -84,8 +84,8 @@ def required_signers(
     """The requirement on this load, or None when no rule asks for a signature.
 
     Rules: the worker's ``require``, ``roots`` holding the model's files (by their real
-    paths, as opened, whatever the source), ``hf_orgs`` for hf:// sources, and the
-    request's ``signed_by``.
+    paths, as opened, whatever the source) or the path the source names, ``hf_orgs`` for
+    hf:// sources, and the request's ``signed_by``.
     ``*`` is every signer the worker trusts; a name it does not trust admits nothing.
     """
     rules: list[tuple[str, Sequence[str]]] = []
@@ -99,8 +99,13 @@ def required_signers(
             if name.casefold() == org:
                 rules.append((f"signing.hf_orgs[{name}]", names))
     # By the files' opened paths, whatever the source's spelling (a local path may hold
-    # "://": ROOT/x://../m.safetensors is ROOT/m.safetensors, through a folder "x:").
+    # "://": ROOT/x://../m.safetensors is ROOT/m.safetensors, through a folder "x:"), and
+    # by the path the source names: a symlink planted under a root, to a model outside
+    # it, is a model of that root as requested.
     paths = [shard.file.path for shard in opened.files]
+    if request.source.startswith("/"):
+        # "//ROOT" is ROOT to the kernel, but normpath keeps a leading "//" (POSIX).
+        paths.append(os.path.normpath("/" + request.source.lstrip("/")))
     for root, names in policy.roots.items():
         if _under(paths, root):
             rules.append((f"signing.roots[{root}]", names))
