@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -587,3 +588,36 @@ async def test_root_rule_holds_for_a_symlink_under_the_root_to_a_model_outside(
     )
     refused(report, "signature_missing")
     assert spawned == 0
+
+
+def test_hintless_bundle_is_verified_without_touching_the_process_streams(
+    small_model: Path, keys: Keys, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A bundle from before key hints is verified by trying each accepted key, without
+    model-signing's warning on stdout and without swapping sys.stdout (process-wide: two
+    loads verifying at once in threads could leave it pointing at stderr for good, and
+    ``load --json`` and the logs print there)."""
+    from loadwarden.worker._bundle import Found, Requirement, Trust, verify_bundle
+    from loadwarden.worker._files import SignatureFile
+
+    bundle = json.loads(sign(small_model, keys["beta"][0]).read_bytes())
+    bundle["verificationMaterial"]["publicKey"]["hint"] = ""
+    raw = json.dumps(bundle).encode()
+    trust = Trust(trusting(keys))
+    requirement = Requirement(frozenset({"acme", "beta"}), ("test",))
+    stdout, swapped, signers = sys.stdout, False, list[str | None]()
+
+    def verify_many() -> None:
+        for _ in range(50):
+            found = Found()
+            verify_bundle(SignatureFile("m.sig", raw=raw), requirement, trust, found)
+            assert found.info is not None
+            signers.append(found.info.signer)
+
+    thread = threading.Thread(target=verify_many)
+    thread.start()
+    while thread.is_alive():
+        swapped = swapped or sys.stdout is not stdout
+    thread.join()
+    assert signers == ["beta"] * 50 and not swapped
+    assert capfd.readouterr() == ("", "")

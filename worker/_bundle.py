@@ -6,11 +6,9 @@ model-signing is imported here only, and only when a ``Trust`` is built.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
-import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -124,10 +122,7 @@ def verify_bundle(
     elif has_chain:
         signer, manifest = _verify_chain(signature, candidates, requirement)
     else:  # a bundle from before key hints: any accepted key that verifies it is its signer
-        # model-signing prints a warning about such bundles: to stderr, never our stdout
-        # (``load --json`` prints one document there).
-        with contextlib.redirect_stdout(sys.stderr):
-            matches = [(s, m) for s in candidates if (m := _try(s, signature)) is not None]
+        matches = [(s, m) for s in candidates if (m := _try_hinted(s, signature)) is not None]
         if not matches:
             raise unknown_signer(requirement, "a key with no hint")
         signer, manifest = matches[0]
@@ -216,11 +211,24 @@ def _verify_with(signer: _Signer, signature: Any) -> Any:
         ) from None
 
 
-def _try(signer: _Signer, signature: Any) -> Any:
+def _try_hinted(signer: _Signer, signature: Any) -> Any:
+    """The manifest if ``signer``'s key verifies a bundle that has no key hint, else None.
+
+    model-signing prints a warning to stdout when it verifies a bundle with no hint. We
+    give the bundle the hint of the key we try instead (it checks the hint against that
+    very key), so nothing is printed: redirecting ``sys.stdout`` would swap it for the
+    whole process, and two threads verifying at once could leave it swapped for good
+    (``load --json`` and the logs print there)."""
+    public_key = signature.bundle.verification_material.public_key
+    if signer.key_sha256 is None or public_key is None:
+        return None  # a certificate signer: its bundles carry a chain
+    public_key.hint = signer.key_sha256
     try:
         return signer.verifier.verify(signature)
     except Exception:
         return None
+    finally:
+        public_key.hint = None
 
 
 def _verify_chain(
