@@ -8,9 +8,11 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -621,3 +623,34 @@ def test_hintless_bundle_is_verified_without_touching_the_process_streams(
     thread.join()
     assert signers == ["beta"] * 50 and not swapped
     assert capfd.readouterr() == ("", "")
+
+
+@pytest.fixture
+def bind_mounted(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A folder and another name for it: a bind mount (root only; skipped elsewhere)."""
+    folder, alias = tmp_path / "prod", tmp_path / "alias"
+    folder.mkdir()
+    alias.mkdir()
+    mounted = subprocess.run(
+        ["mount", "--bind", str(folder), str(alias)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"no bind mount here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder, alias
+    finally:
+        subprocess.run(["umount", str(alias)], check=True)
+
+
+async def test_root_rule_holds_for_the_root_reached_by_another_name(
+    small_model: Path, keys: Keys, bind_mounted: tuple[Path, Path]
+) -> None:
+    """A root reached by another name (a bind mount here; a case-insensitive share's
+    ROOT/../PROD for ROOT/../prod likewise) is the same folder: its rule applies."""
+    prod, alias = bind_mounted
+    shutil.copy(small_model, prod / small_model.name)
+    report, spawned = await load(
+        trusting(keys, roots={str(prod): ["acme"]}), alias / small_model.name
+    )
+    refused(report, "signature_missing")
+    assert spawned == 0

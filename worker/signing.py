@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,8 +121,34 @@ def required_signers(
 
 
 def _under(paths: Iterable[str], root: Path) -> bool:
+    """Whether a path lies under ``root``: by its spelling, else by the identity (device,
+    inode) of a folder on its way. A path names a folder by another name on a
+    case-insensitive filesystem (a CIFS share: ROOT/../PROD for ROOT/../prod) or through a
+    bind mount; a rule must not be left behind by a spelling."""
+    paths = list(paths)
     spellings = {os.path.normpath(root), os.path.realpath(root)}
-    return any(p == r or p.startswith(r.rstrip("/") + "/") for p in paths for r in spellings)
+    if any(p == r or p.startswith(r.rstrip("/") + "/") for p in paths for r in spellings):
+        return True
+    try:
+        st = os.stat(root)
+    except OSError:
+        return False
+    folders = {a for p in paths for a in _ancestors(p)}
+    return any(_same_folder(folder, st) for folder in folders)
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    while (parent := os.path.dirname(path)) != path:
+        yield parent
+        path = parent
+
+
+def _same_folder(path: str, root: os.stat_result) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (root.st_dev, root.st_ino)
 
 
 def signing_installed() -> bool:
