@@ -418,7 +418,9 @@ class Supervisor:
     ) -> None:
         """Refuse the load unless a signature every rule accepts covers its files; before any
         child, the inspector's included (``loadwarden.worker.signing``)."""
-        requirement = required_signers(self.settings.signing, request, opened)
+        # In a thread: a roots rule may stat the folders on the files' way (a network share).
+        policy = self.settings.signing
+        requirement = await in_thread(lambda: required_signers(policy, request, opened))
         if requirement is None:
             return
         state.signature = signed = SignatureCheck()
