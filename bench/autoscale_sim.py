@@ -16,7 +16,8 @@ Two pools run the same trace:
     on the ready and running jobs, with ``target_drain_s`` = ``--formula-target-s``
     (default ``(target - interval - start-up) / 2``, as the README and
     ``AutoscalePolicy.target_drain_s`` advise) and the service rate
-    estimated over ``--rate-window-s`` (completions per busy worker). New workers take
+    measured over ``--rate-window-s`` by production's ``autoscale.service_rate`` (jobs
+    per busy slot-second, times the slots of a worker). New workers take
     ``--startup-s`` to come up and cost worker-seconds meanwhile; surplus ones still
     starting are cancelled, running ones leave only when idle (newest first). No
     stabilisation window: KEDA/HPA add one in a cluster, which costs more worker-seconds.
@@ -55,7 +56,7 @@ import sys
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from loadwarden.worker.autoscale import AutoscaleInput, decide, estimate_service_rate
+from loadwarden.worker.autoscale import AutoscaleInput, decide, service_rate
 
 MB = 1_000_000
 
@@ -304,18 +305,15 @@ class _Simulation:
                 self.push(deadline, _KILL, job_index * _SPLIT + index)
         worker.gone_s = min(deadline, max(self.ends[j] for j in worker.jobs))
 
-    def observed_rate(self, policy: PolicyConfig) -> float:
-        """Completions per busy worker (running / concurrency) over the last rate window."""
+    def observed_rate(self, policy: PolicyConfig) -> float | None:
+        """The service rate over the last rate window, by production's formula: the jobs
+        completed per busy slot-second, times the slots of a worker."""
         self.samples.append((self.now, self.completed, self.busy_slot_s))
         while self.samples[0][0] < self.now - policy.rate_window_s:
             self.samples.popleft()
-        since_s, completed, busy_slot_s = self.samples[0]
-        window_s = self.now - since_s
-        busy_workers = (
-            (self.busy_slot_s - busy_slot_s) / self.concurrency / window_s if window_s else 0.0
-        )
-        return estimate_service_rate(
-            self.completed - completed, window_s, busy_workers, policy.default_rate
+        _since_s, completed, busy_slot_s = self.samples[0]
+        return service_rate(
+            self.completed - completed, self.busy_slot_s - busy_slot_s, self.concurrency
         )
 
     def evaluate(self) -> None:

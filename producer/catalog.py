@@ -51,7 +51,7 @@ from loadwarden.producer.contract import (
     SignedBy,
 )
 from loadwarden.producer.errors import CatalogError
-from loadwarden.producer.sources import is_hf, parse_hf
+from loadwarden.producer.sources import is_hf, is_url, parse_hf
 
 #: A hand-written catalog of tens of thousands of models fits in well under 4 MiB.
 MAX_CATALOG_BYTES = 4 * 1024 * 1024
@@ -84,7 +84,7 @@ def _check_source(value: str) -> str:
         raise ValueError("must be a path or URL of 1-4096 characters, without NUL")
     if is_hf(value):
         parse_hf(value)  # its ValueError names the defect
-    elif _is_url(value):
+    elif is_url(value):
         url = urlsplit(value)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError("must be a local path, an http(s) URL or hf://ORG/NAME[@REVISION]")
@@ -108,10 +108,6 @@ def _check_version(value: int) -> int:
     if value != 1:
         raise ValueError("must be 1 (the only catalog version)")
     return value
-
-
-def _is_url(source: str) -> bool:
-    return "://" in source
 
 
 Labels = Annotated[
@@ -177,7 +173,7 @@ class Catalog(_Strict):
 
     def _resolve(self, source: str) -> str:
         # The worker resolves paths on its own side: never send it a relative one.
-        if _is_url(source) or Path(source).is_absolute():
+        if is_url(source) or Path(source).is_absolute():
             return source
         return str((self.base_dir or Path.cwd()).absolute() / source)
 

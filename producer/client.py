@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from enum import StrEnum
@@ -23,9 +22,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from loadwarden.producer import wire
+from loadwarden.producer import failures, wire
 from loadwarden.producer.connection import NotReplicated, confirm_replicated, redis_client
-from loadwarden.producer.contract import LoadReport, LoadRequest, WorkerStatus
+from loadwarden.producer.contract import FailingModel, LoadReport, LoadRequest, WorkerStatus
 from loadwarden.producer.counts import live_worker_ids, queue_counts
 from loadwarden.producer.dedupe import enqueue_once
 from loadwarden.producer.errors import (
@@ -39,6 +38,7 @@ from loadwarden.producer.keys import (
     CANCEL_KEY_PREFIX,
     DEAD_LETTER_STREAM,
     WORKER_KEY_PREFIX,
+    now_ms,
 )
 from loadwarden.producer.preload import PreloadResult, ProgressCallback, preload
 from loadwarden.producer.settings import Settings
@@ -68,10 +68,6 @@ _FROM_ARQ = {
     JobStatus.complete: JobState.COMPLETE,
     JobStatus.not_found: JobState.NOT_FOUND,
 }
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class DeadLetter(BaseModel):
@@ -251,7 +247,7 @@ class Client:
                     request,
                     function=FUNCTION_NAME,
                     queue_name=self.queue_name,
-                    now_ms=_now_ms(),
+                    now_ms=now_ms(),
                     dedupe_ttl_s=self.settings.keep_result_s,
                 )
             )
@@ -305,7 +301,7 @@ class Client:
             pipe.set(CANCEL_KEY_PREFIX + job_id, "1", ex=self.settings.keep_result_s)
             pipe.publish(CANCEL_CHANNEL, job_id)
             if state is JobState.DEFERRED:  # waiting out a backoff: let it end now
-                pipe.zadd(self.queue_name, {job_id: _now_ms()}, xx=True)
+                pipe.zadd(self.queue_name, {job_id: now_ms()}, xx=True)
             await _guard(pipe.execute())
         return state
 
@@ -380,6 +376,15 @@ class Client:
         if chosen:
             await _guard(redis.xdel(DEAD_LETTER_STREAM, *chosen))
         return len(chosen)
+
+    async def failing_models(self) -> list[FailingModel]:
+        """Models the failure memory holds (refused ones first), with their failures."""
+        return await _guard(failures.listing(await self.redis()))
+
+    async def clear_failing(self, identities: Sequence[str] | None = None) -> int:
+        """Forget failing models (by identity, as ``failing_models`` names them; None: all),
+        so their next load runs; returns how many the memory held."""
+        return await _guard(failures.forget(await self.redis(), identities))
 
     def job(self, job_id: str) -> JobHandle:
         return JobHandle(self, job_id)
@@ -502,6 +507,12 @@ class BlockingClient:
 
     def cancel(self, job_id: str) -> JobState:
         return self._run(lambda: self._client.cancel(job_id))
+
+    def failing_models(self) -> list[FailingModel]:
+        return self._run(self._client.failing_models)
+
+    def clear_failing(self, identities: Sequence[str] | None = None) -> int:
+        return self._run(lambda: self._client.clear_failing(identities))
 
     def close(self) -> None:
         if not self._loop.is_closed():

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loadwarden.producer.errors import LoadError, error_class_for
+from loadwarden.producer.sources import is_url
 
 #: Bumped on any incompatible change to LoadRequest or LoadReport.
 WIRE_VERSION: Literal[1] = 1
@@ -138,7 +139,7 @@ class LoadRequest(_Model):
     def _absolute_or_url(cls, value: str) -> str:
         # The worker resolves a path on its own machine, against its own working
         # directory: a relative path would name another file there, or none.
-        if "://" not in value and not value.startswith("/"):
+        if not is_url(value) and not value.startswith("/"):
             raise ValueError(
                 f"{value!r} is a relative path: the worker resolves paths on its own side, "
                 "so give an absolute path (or a URL)"
@@ -230,6 +231,32 @@ class ModelSummary(_Model):
         )
 
 
+class RememberedFailure(_Model):
+    """One failed load that the failure memory counts against its model."""
+
+    job_id: str
+    source: str
+    outcome: Outcome
+    error_code: str
+    at: datetime
+
+
+class FailingModel(_Model):
+    """What the failure memory holds for one model identity."""
+
+    identity: str = Field(
+        description="the model's identity: sha256:<digest> when the request named one, else "
+        "file:<sha256 of each file's path, size and mtime> (a changed file is a new model)"
+    )
+    failures: list[RememberedFailure] = Field(
+        description="one per job (a job's retries count once), newest first"
+    )
+    refused: bool = Field(description="true when loads of this model are refused now")
+    expires_at: datetime = Field(
+        description="when the memory forgets this model (a window after its latest failure)"
+    )
+
+
 class SignatureInfo(_Model):
     """The signature a load was checked against (OpenSSF model signing, a Sigstore bundle)."""
 
@@ -259,11 +286,25 @@ class ErrorInfo(_Model):
     code: str
     message: str
     traceback: str | None = None
+    failure_memory: FailingModel | None = Field(
+        default=None,
+        description="set when the load was refused as repeatedly failing: the failures "
+        "remembered and when the memory expires",
+    )
 
     @classmethod
-    def from_error(cls, error: LoadError, traceback: str | None = None) -> ErrorInfo:
+    def from_error(
+        cls,
+        error: LoadError,
+        traceback: str | None = None,
+        failure_memory: FailingModel | None = None,
+    ) -> ErrorInfo:
         return cls(
-            type=type(error).__name__, code=error.code, message=error.message, traceback=traceback
+            type=type(error).__name__,
+            code=error.code,
+            message=error.message,
+            traceback=traceback,
+            failure_memory=failure_memory,
         )
 
 

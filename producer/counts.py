@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from redis.asyncio import Redis
 
 from loadwarden.producer.keys import (
@@ -12,6 +10,7 @@ from loadwarden.producer.keys import (
     SERVICE_KEY_PREFIX,
     SERVICE_WINDOW_MINUTES,
     WORKERS_ZSET,
+    now_ms,
 )
 
 #: Hosts' clocks differ by this much at most (NTP keeps them far closer): a job scored
@@ -23,7 +22,7 @@ async def queue_counts(redis: Redis, queue: str) -> dict[str, float]:
     """ready / deferred / running / dead / workers, and the last hour's finished jobs and
     their busy seconds, in one round trip: each O(log n) or O(1), cheap every few seconds.
     """
-    now = int(time.time() * 1000)
+    now = now_ms()
     due_by = now + CLOCK_SKEW_MS
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zcount(queue, "-inf", due_by)
@@ -49,7 +48,7 @@ async def queue_counts(redis: Redis, queue: str) -> dict[str, float]:
 
 async def live_worker_ids(redis: Redis) -> list[str]:
     """Workers whose heartbeat has not lapsed."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     return [m.decode() for m in await redis.zrangebyscore(WORKERS_ZSET, now, "+inf")]
 
 
@@ -59,7 +58,7 @@ async def oldest_ready_age_s(redis: Redis, queue: str) -> float:
     Running jobs stay in the queue's sorted set, scored in the past: of the first
     ``running + 1`` due entries at least one is not running, if any such job exists.
     """
-    now = int(time.time() * 1000)
+    now = now_ms()
     running = set(await redis.zrangebyscore(RUNNING_ZSET, now, "+inf"))
     due = await redis.zrangebyscore(
         queue, "-inf", now + CLOCK_SKEW_MS, start=0, num=len(running) + 1, withscores=True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 from loadwarden.producer.contract import LoadRequest
 
@@ -19,6 +20,19 @@ DEAD_LETTER_STREAM = "loadwarden:dead"
 WORKER_KEY_PREFIX = "loadwarden:worker:"
 #: Per-model load history (see loadwarden.worker.history).
 HISTORY_KEY_PREFIX = "loadwarden:history:"
+#: Per-model failures the failure memory counts (a hash: job id -> failure as JSON), expiring
+#: a window after the latest; see loadwarden.producer.failures.
+FAILURES_KEY_PREFIX = "loadwarden:failures:"
+#: Every model identity with remembered failures, scored by when its memory lapses (ms).
+FAILING_ZSET = "loadwarden:failing"
+#: The identities among them with enough failures to be refused, scored the same way.
+REFUSING_ZSET = "loadwarden:refusing"
+
+
+def now_ms() -> int:
+    """The wall clock in ms since the epoch: how arq scores its queue, and how every sorted
+    set here is scored (leases, heartbeats) and every per-minute bucket named."""
+    return int(time.time() * 1000)
 
 
 def dedupe_key(request: LoadRequest) -> str:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
 from loadwarden.producer.errors import ContractError
+from loadwarden.producer.sources import is_url
 
 if TYPE_CHECKING:
     from loadwarden.producer.client import Client
@@ -100,7 +101,7 @@ CONTENT_REFUSALS = frozenset({"code_bearing_format", "object_array", "format_mis
 
 def _file_state(request: LoadRequest) -> list[int] | None:
     """Size, mtime and inode of a local source the producer can see, else None."""
-    if "://" in request.source:
+    if is_url(request.source):
         return None
     try:
         st = os.stat(request.source)

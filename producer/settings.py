@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from loadwarden.producer._xdg import xdg_dir
 from loadwarden.producer.contract import Outcome, SignedBy, SignerName
 
 MiB = 1024 * 1024
@@ -120,10 +121,29 @@ class LimitPolicy(BaseModel):
     history_ttl_s: Annotated[int, Field(gt=0)] = 30 * 86_400
 
 
+class FailureMemoryPolicy(BaseModel):
+    """When a model that keeps failing is refused without a child (worker/failures.py).
+
+    From the environment: ``LOADWARDEN_FAILURE_MEMORY__THRESHOLD=3``,
+    ``LOADWARDEN_FAILURE_MEMORY__WINDOW_S=900``, ``LOADWARDEN_FAILURE_MEMORY__ENABLED=false``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # False: every load runs, however often its model failed (nothing read or written).
+    enabled: bool = True
+    # ModelMesh's figure (it stops loading a model after 3 recent failures): one failure is
+    # a busy node, two a coincidence, three distinct jobs failing the same bytes a pattern.
+    # Retries of one job count once, so a single job can never trip it on its own.
+    threshold: Annotated[int, Field(ge=1, le=100)] = 3
+    # ModelMesh's 15 minutes: long enough that a model hanging until its deadline (minutes
+    # each) cannot keep most of a pool busy, short enough that a fixed disk, a larger node or
+    # a new worker version gets another try without an operator.
+    window_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = 900.0
+
+
 def _default_cache_dir() -> Path:
-    # The XDG base-directory rule: $XDG_CACHE_HOME when it is set and absolute, else ~/.cache.
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "loadwarden"
+    return xdg_dir("XDG_CACHE_HOME", ".cache") / "loadwarden"
 
 
 class SourcePolicy(BaseModel):
@@ -430,6 +450,7 @@ class Settings(BaseSettings):
     # worker, the in-process Supervisor and every command alike.
     allow_roots: str | None = None
     autoscale: AutoscalePolicy = AutoscalePolicy()
+    failure_memory: FailureMemoryPolicy = FailureMemoryPolicy()
     inspection: InspectionCaps = InspectionCaps()
     limits: LimitPolicy = LimitPolicy()
     # A factory, not a shared instance: the cache dir follows $XDG_CACHE_HOME at construction.

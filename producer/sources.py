@@ -1,4 +1,4 @@
-"""Source names a producer can check without a worker: ``hf://ORG/NAME[@REVISION]``.
+"""Source names a producer can check without a worker: URLs and ``hf://ORG/NAME[@REVISION]``.
 
 The rules are huggingface_hub's (``validate_repo_id``, ``REGEX_COMMIT_HASH``), narrowed:
 a repository id here always has its organisation (the hub moved its old unscoped
@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import re
 
+#: A URL's scheme (RFC 3986: a letter, then letters, digits, "+", "." or "-") and "://",
+#: at the start: anything else, "/models/a://b" included, is a path.
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 HF_SCHEME = "hf://"
 # [\w.-] parts of at most 96 characters, not starting or ending with "-" or ".".
 _PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 _REPO_ID = re.compile(rf"^{_PART}/{_PART}$", re.ASCII)
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _REF = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9._-]{0,127}|refs/pr/[0-9]{1,10})$", re.ASCII)
+
+
+def url_scheme(source: str) -> str | None:
+    """The scheme of ``source`` as written when it is a URL, else None (a path)."""
+    found = _SCHEME.match(source)
+    return found[1] if found else None
+
+
+def is_url(source: str) -> bool:
+    """Whether ``source`` is a URL (``hf://`` included) rather than a path."""
+    return _SCHEME.match(source) is not None
 
 
 def is_hf(source: str) -> bool:

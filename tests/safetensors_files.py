@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from loadwarden.worker.sandbox._dtypes import SAFETENSORS
+from loadwarden.worker.binary.dtypes import SAFETENSORS
 
 
 def raw_file(

@@ -12,20 +12,22 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from loadwarden.worker.sandbox import _regions, _safetensors
-from loadwarden.worker.sandbox._child import register_loader, register_reader
+from loadwarden.worker.binary import safetensors as _safetensors
+from loadwarden.worker.sandbox import _regions
+from loadwarden.worker.sandbox._registry import register_loader, register_reader
 from loadwarden.worker.sandbox.loaders import load_safetensors, read_safetensors
+from loadwarden.worker.sandbox.spec import ChildSpec
 
 #: What ``forge_stdout`` writes: a report line a ``load --json`` reader would believe.
 FORGED_LINE = b'{"outcome":"ok","forged":true}\n'
-#: The digest ``claim_digest`` claims when the spec names none.
+#: The digest ``claim_digest`` claims (the spec never names one: the loader never learns it).
 CLAIMED_DIGEST = "ab" * 32
 #: Unix sockets whose path holds this are the bait ``unix_socket_hunt`` looks for.
 BAIT_NAME = "loadwarden-bait"
 
 
 @register_loader("spin")
-def spin(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def spin(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Burn CPU forever."""
     n = 0
     while True:
@@ -33,21 +35,21 @@ def spin(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @register_loader("hang")
-def hang(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def hang(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Block forever without using CPU."""
     threading.Event().wait()
     raise AssertionError("unreachable")
 
 
 @register_loader("stop_self")
-def stop_self(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def stop_self(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Stop this process with SIGSTOP: it neither answers nor exits."""
     os.kill(os.getpid(), signal.SIGSTOP)
     raise AssertionError("resumed unexpectedly")
 
 
 @register_loader("grandchild")
-def grandchild(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def grandchild(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Fork a grandchild that waits forever in our process group, then hang too."""
     if os.fork() == 0:
         signal.pause()
@@ -57,27 +59,27 @@ def grandchild(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @register_loader("bad_reply")
-def bad_reply(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def bad_reply(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Answer with a result that breaks the protocol."""
     return {"tensors": -1}
 
 
 @register_loader("slow")
-def slow(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def slow(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Take about a second (stands in for a big model), then load for real."""
     threading.Event().wait(1.0)
     return load_safetensors(fd, spec)
 
 
 @register_loader("slow_3s")
-def slow_3s(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def slow_3s(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Take about three seconds (longer than a short shutdown grace), then load for real."""
     threading.Event().wait(3.0)
     return load_safetensors(fd, spec)
 
 
 @register_loader("read_other")
-def read_other(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def read_other(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Try to read a file that is not the model."""
     with open("/etc/hostname") as fh:
         fh.read()
@@ -85,7 +87,7 @@ def read_other(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @register_loader("write_file")
-def write_file(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def write_file(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Try to write a file."""
     with open(f"/tmp/loadwarden-escape-{os.getpid()}", "w") as fh:
         fh.write("escaped")
@@ -93,13 +95,13 @@ def write_file(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @register_loader("exec_true")
-def exec_true(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def exec_true(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Try to execute a program."""
     os.execv("/bin/true", ["true"])
 
 
 @register_loader("tcp_connect")
-def tcp_connect(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def tcp_connect(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Try to open a TCP connection (to the local Redis port)."""
     import socket
 
@@ -108,14 +110,14 @@ def tcp_connect(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @register_loader("brief")
-def brief(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def brief(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Take a fifth of a second, then load for real."""
     threading.Event().wait(0.2)
     return load_safetensors(fd, spec)
 
 
 @register_loader("verify_arrays")
-def verify_arrays(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def verify_arrays(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Load for real, then check every array against the file's metadata: for each tensor
     ``"<numpy dtype name> <shape> <sha256 of the bytes>"``, as ``expected_arrays`` writes it."""
     size = os.fstat(fd).st_size
@@ -133,7 +135,7 @@ def describe_array(array: Any) -> str:
 
 
 @register_loader("safetensors_library")
-def safetensors_library(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def safetensors_library(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """The loader before ours: safetensors.numpy's pread backend (no BF16, FP8, F4, F6).
 
     For bench/load.py to compare against in the same run; imported here, at load
@@ -141,8 +143,8 @@ def safetensors_library(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
     """
     import safetensors.numpy
 
-    from loadwarden.worker.sandbox._child import finish
-    from loadwarden.worker.sandbox._dtypes import NPY_BY_ARRAY
+    from loadwarden.worker.binary.dtypes import NPY_BY_ARRAY
+    from loadwarden.worker.sandbox._registry import finish
 
     tensors = safetensors.numpy.load_file(f"/proc/self/fd/{fd}", backend="pread")
     entries = [
@@ -153,14 +155,14 @@ def safetensors_library(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @register_loader("safetensors_one_thread")
-def safetensors_one_thread(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def safetensors_one_thread(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Our loader with every pread in one thread (bench/load.py compares)."""
     _regions.READ_THREADS = 1  # this child loads once and exits
     return load_safetensors(fd, spec)
 
 
 @register_loader("ramp")
-def ramp(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def ramp(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Load for real, then grow memory and burn CPU in steps for about a second (for charts)."""
     import time
 
@@ -175,7 +177,7 @@ def ramp(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @register_loader("hold_memory")
-def hold_memory(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def hold_memory(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Allocate and touch 48 MiB, then hold it until killed (a test cancels the load)."""
     held = bytearray(48 * 1024 * 1024)
     for i in range(0, len(held), 4096):
@@ -189,7 +191,7 @@ def hold_memory(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @register_loader("forge_stdout")
-def forge_stdout(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def forge_stdout(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Write a forged report line onto whatever stdout and stderr the child inherited."""
     for target in (1, 2):
         with contextlib.suppress(OSError):
@@ -198,15 +200,15 @@ def forge_stdout(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @register_loader("claim_digest")
-def claim_digest(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
-    """Load, but claim whatever digest the spec asks for instead of hashing the file."""
-    result = load_safetensors(fd, {**spec, "sha256": None})  # never hash
-    result["sha256"] = spec.get("sha256") or CLAIMED_DIGEST
+def claim_digest(fd: int, spec: ChildSpec) -> dict[str, Any]:
+    """Load, but claim a digest of its own instead of hashing the file."""
+    result = load_safetensors(fd, spec)  # never hash
+    result["sha256"] = CLAIMED_DIGEST
     return result
 
 
 @register_loader("epoll_hijack")
-def epoll_hijack(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def epoll_hijack(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Register an always-ready pipe on any epoll descriptor it holds (the fork server's)."""
     import select
 
@@ -229,11 +231,10 @@ def epoll_hijack(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @register_loader("probe_fds")
-def probe_fds(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def probe_fds(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Raise with the kind of every descriptor this process holds (the test reads the message);
     a model file (any shard of a checkpoint) is told by the identity the spec names."""
-    files = spec.get("files") or [{"expect": spec["expect"]}]
-    models = {(f["expect"]["dev"], f["expect"]["ino"]) for f in files}
+    models = {(identity.dev, identity.ino) for identity in spec.identities}
     kinds = {}
     for candidate in range(1024):
         try:
@@ -245,7 +246,7 @@ def probe_fds(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @register_reader("probe_fds")
-def probe_fds_shard(fd: int, spec: dict[str, Any]) -> tuple[list[Any], object]:
+def probe_fds_shard(fd: int, spec: ChildSpec) -> tuple[list[Any], object]:
     """``probe_fds`` as a checkpoint's reader: it raises at the first shard."""
     probe_fds(fd, spec)
     raise AssertionError("unreachable")
@@ -257,7 +258,7 @@ def _kind(mode: int) -> str:
 
 
 @register_loader("unix_socket_hunt")
-def unix_socket_hunt(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def unix_socket_hunt(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Find a listening unix socket in /proc/self/net/unix (as Valkey's was) and connect to it."""
     import socket
 
@@ -271,7 +272,7 @@ def unix_socket_hunt(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _new_socket(family: int, kind: int) -> Callable[[int, dict[str, Any]], dict[str, Any]]:
-    def attempt(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+    def attempt(fd: int, spec: ChildSpec) -> dict[str, Any]:
         import socket
 
         socket.socket(family, kind).close()
@@ -280,7 +281,7 @@ def _new_socket(family: int, kind: int) -> Callable[[int, dict[str, Any]], dict[
     return attempt
 
 
-def _socketpair(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def _socketpair(fd: int, spec: ChildSpec) -> dict[str, Any]:
     import socket
 
     for end in socket.socketpair():
@@ -295,7 +296,7 @@ register_loader("socketpair")(_socketpair)
 
 
 @register_loader("list_cwd")
-def list_cwd(fd: int, spec: dict[str, Any]) -> dict[str, Any]:
+def list_cwd(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """List the working directory (the fork server's, which is the supervisor's)."""
     os.listdir(os.getcwd())
     return load_safetensors(fd, spec)

@@ -17,6 +17,9 @@ import numpy as np
 import psutil
 import pytest
 
+from loadwarden.producer import failures
+from loadwarden.producer.connection import redis_client
+from loadwarden.producer.settings import RedisOptions
 from tests.conftest import TEST_DB, TEST_LOADERS, WORKER_SCRIPT, call_until
 from tests.safetensors_files import valid_model
 
@@ -239,3 +242,25 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     return folder
+
+
+def remember_failure(redis_url: str, identity: str, source: str = "/models/m.safetensors") -> None:
+    """Put one timeout of ``identity`` in the failure memory, refused at once (threshold 1)."""
+
+    async def record() -> None:
+        redis = redis_client(redis_url, RedisOptions())
+        try:
+            await failures.record(
+                redis,
+                identity,
+                job_id="j1",
+                source=source,
+                outcome="timeout",
+                error_code="deadline",
+                threshold=1,
+                window_s=60,
+            )
+        finally:
+            await redis.aclose()
+
+    asyncio.run(record())

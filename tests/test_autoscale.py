@@ -13,7 +13,7 @@ from loadwarden.worker.autoscale import (
     AutoscaleDecision,
     AutoscaleInput,
     decide,
-    estimate_service_rate,
+    service_rate,
 )
 
 DEFAULT_RATE = 0.33
@@ -150,49 +150,61 @@ def test_invalid_inputs_are_refused(changes: dict[str, Any]) -> None:
         dataclasses.replace(_input(), **changes)
 
 
-# Service rate estimation
+# The service rate (one formula: production's inputs, the simulation and these tests)
 
 
 @pytest.mark.parametrize(
-    ("completions", "window_s", "mean_workers", "expected"),
+    ("jobs", "busy_slot_s", "concurrency", "expected"),
     [
-        (60, 60.0, 2.0, 0.5),
-        (36, 300.0, 0.4, 0.3),
-        (1, 10.0, 1.0, 0.1),
+        (60, 240.0, 2, 0.5),  # 2 slots, each busy 120 s for 30 jobs: 0.25 jobs/s a slot
+        (36, 120.0, 1, 0.3),
+        (1, 10.0, 1, 0.1),
+        (100, 400.0, 2, 0.5),  # test_monitoring's prepared service bucket
     ],
 )
-def test_rate_is_completions_per_second_per_worker(
-    completions: int, window_s: float, mean_workers: float, expected: float
+def test_rate_is_jobs_per_busy_slot_second_times_the_slots(
+    jobs: int, busy_slot_s: float, concurrency: int, expected: float
 ) -> None:
-    """The rate is completions / window_s / mean_workers."""
-    rate = estimate_service_rate(completions, window_s, mean_workers, DEFAULT_RATE)
-    assert rate == pytest.approx(expected)
+    """The rate is concurrency x jobs / busy slot-seconds: idle time does not dilute it."""
+    assert service_rate(jobs, busy_slot_s, concurrency) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
-    ("completions", "window_s", "mean_workers"),
+    ("jobs", "busy_slot_s", "concurrency"),
     [
-        (0, 60.0, 2.0),  # no completion: nothing observed
-        (10, 0.0, 2.0),  # empty window
-        (10, 60.0, 0.0),  # no worker ran
-        (10, math.nan, 2.0),
-        (10, 60.0, math.inf),
+        (0, 240.0, 2),  # no job finished: nothing observed
+        (-1, 240.0, 2),  # a damaged counter is no observation either
+        (10, 0.0, 2),  # no busy time
+        (10, math.nan, 2),
+        (10, math.inf, 2),
+        (10, 60.0, 0),
     ],
 )
-def test_rate_without_data_is_the_default(
-    completions: int, window_s: float, mean_workers: float
+def test_rate_without_data_is_none_and_decide_uses_the_default(
+    jobs: int, busy_slot_s: float, concurrency: int
 ) -> None:
-    """With no completions, no window or no workers, the estimate is the default."""
-    assert estimate_service_rate(completions, window_s, mean_workers, DEFAULT_RATE) == DEFAULT_RATE
+    """With nothing usable measured there is no rate, and the formula takes the default."""
+    assert service_rate(jobs, busy_slot_s, concurrency) is None
+    decision = decide(_input(ready=10, rate=service_rate(jobs, busy_slot_s, concurrency)))
+    assert decision.service_rate_per_worker == DEFAULT_RATE
 
 
-def test_negative_completions_are_refused() -> None:
-    """A negative completion count is a caller's bug, not missing data."""
-    with pytest.raises(ValueError, match="completions_in_window"):
-        estimate_service_rate(-1, 60.0, 1.0, DEFAULT_RATE)
+def test_rate_from_counts_feeds_the_formula() -> None:
+    """Production's path: Redis' counts through decide_from_counts give the same decision
+    as service_rate then decide (the simulation's path)."""
+    from loadwarden.producer.settings import Settings
+    from loadwarden.worker.autoscale_inputs import decide_from_counts
 
-
-def test_estimate_feeds_the_formula() -> None:
-    """An estimate from a window feeds decide(): 60 jobs in 60 s by 2 workers is 0.5 jobs/s."""
-    rate = estimate_service_rate(60, 60.0, 2.0, DEFAULT_RATE)
-    assert decide(_input(ready=120, running=8, rate=rate)).desired == 5
+    settings = Settings(concurrency=2)
+    counts = {"ready": 120.0, "running": 8.0, "served_jobs": 60.0, "served_seconds": 240.0}
+    direct = decide(
+        dataclasses.replace(
+            _input(ready=120, running=8, rate=service_rate(60, 240.0, 2)),
+            target_drain_s=settings.autoscale.target_drain_s,
+            min_workers=settings.autoscale.min_workers,
+            max_workers=settings.autoscale.max_workers,
+            default_service_rate_per_worker=settings.autoscale.default_service_rate_per_worker,
+        )
+    )
+    assert decide_from_counts(counts, settings) == direct
+    assert direct.service_rate_per_worker == 0.5

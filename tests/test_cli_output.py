@@ -236,3 +236,27 @@ def test_preload_on_a_terminal_shows_the_whole_total_from_the_start(
     frames = re.findall(rb"preloading: (\d+)/(\d+) done", seen)
     assert frames, seen[-500:]
     assert {total for _, total in frames} == {b"4"}
+
+
+def test_calibrate_output_parses_whatever_the_names_hold(tmp_path: Path) -> None:
+    """calibrate -o writes UTF-8 TOML that parses back to the same catalog: characters
+    outside the BMP, control characters and quotes in values, a newline in the catalog's
+    file name (it is quoted in a comment), under a locale that is not UTF-8."""
+    from loadwarden.producer.catalog import load_catalog
+
+    (tmp_path / "m \U0001f40d.safetensors").write_bytes(b"\xff" * 64)  # ends invalid, no child
+    catalog = tmp_path / "cat\nalog.toml"
+    catalog.write_text(
+        '[defaults]\nlabels = { team = "\U0001f999\\u0007\\u202e" }\n\n[[model]]\n'
+        'name = "m"\nsource = "m \U0001f40d.safetensors"\n'
+        'labels = { "\U0001f40d" = "\U0001f600 \\"quoted\\" \\\\" }\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "out.toml"
+    ascii_locale = {"PYTHONUTF8": "0", "LC_ALL": "C"}
+    result = run("calibrate", str(catalog), "-o", str(out), env=ascii_locale)
+    assert result.returncode == 1, result.stderr  # the entry did not load: no limits for it
+    again, first = load_catalog(out), load_catalog(catalog)
+    assert again.defaults.labels == first.defaults.labels == {"team": "\U0001f999\x07\u202e"}
+    assert again.models == first.models
+    assert first.models[0].labels == {"\U0001f40d": '\U0001f600 "quoted" \\'}

@@ -64,6 +64,8 @@ METRICS = {
     "loadwarden_queue_oldest_job_age_seconds": "gauge",
     "loadwarden_queue_wait_seconds": "histogram",
     "loadwarden_over_budget_refusals_total": "counter",
+    "loadwarden_failure_memory_refusals_total": "counter",
+    "loadwarden_failing_models": "gauge",
 }
 METRIC_NAME = re.compile(r"\bloadwarden_[a-z_]+\b")
 #: Files that are not Kubernetes API objects (kustomize's own config).

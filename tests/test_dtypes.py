@@ -22,9 +22,10 @@ from loadwarden.producer.contract import LoadReport, LoadRequest, ModelFormat, O
 from loadwarden.producer.errors import InvalidModel
 from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker._files import open_model_file
+from loadwarden.worker.binary import dtypes as _dtypes
 from loadwarden.worker.formats import inspect_model
-from loadwarden.worker.sandbox import _dtypes, _regions
-from loadwarden.worker.sandbox._child import FileChanged
+from loadwarden.worker.sandbox import _regions
+from loadwarden.worker.sandbox._registry import FileChanged
 from loadwarden.worker.sandbox.loaders import read_gguf, read_safetensors
 from loadwarden.worker.supervisor import Supervisor
 from tests.conftest import TEST_LOADERS

@@ -17,9 +17,10 @@ from loadwarden.producer.errors import InvalidModel
 from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker import formats
 from loadwarden.worker._files import open_model_file
+from loadwarden.worker.binary import gguf as binary_gguf
 from loadwarden.worker.formats import CodeBearing, inspect_model, sniff
 from loadwarden.worker.formats.npy import TENSOR_NAME, inspect_npy
-from loadwarden.worker.sandbox import _child, _gguf, loaders
+from loadwarden.worker.sandbox import _registry, loaders
 from tests import format_files as ff
 from tests.hostile import CORPUS, F32_DATA, F32_INFOS, Case, U8x4
 from tests.safetensors_files import entry, raw_file, write
@@ -120,7 +121,7 @@ def test_gguf_layout_follows_llama_cpp_padding(tmp_path: Path) -> None:
     """Tensors start at the previous end rounded up to the alignment; data starts aligned."""
     path = write(tmp_path / "m.gguf", ff.gguf_bytes([], F32_INFOS, F32_DATA))
     with open_model_file(path) as model:
-        layout = _gguf.read_layout(model.fd, model.size, _gguf.Caps.within(model.size))
+        layout = binary_gguf.read_layout(model.fd, model.size, binary_gguf.Caps.within(model.size))
     assert layout.data_start % 32 == 0
     assert [(t.offset, t.nbytes, t.shape) for t in layout.tensors] == [(0, 16, [4]), (32, 16, [4])]
 
@@ -157,16 +158,17 @@ def test_npy_and_npz_loaders_read_what_numpy_reads(tmp_path: Path) -> None:
 
 def test_loaders_are_registered_under_the_names_inspection_gives() -> None:
     """Each format's loader name is registered in the child, and npy names its tensor alike."""
-    assert set(formats.LOADERS.values()) <= set(_child.LOADERS)
+    assert set(formats.LOADERS.values()) <= set(_registry.LOADERS)
     assert set(formats.LOADERS) == set(ModelFormat)
     assert TENSOR_NAME == loaders.NPY_TENSOR_NAME
 
 
 def test_child_stays_lean() -> None:
-    """Importing the child (and its loaders) imports no pydantic, arq or redis."""
+    """Importing the child registers its loaders and imports no pydantic, arq or redis."""
     code = (
-        "import sys, loadwarden.worker.sandbox._child as c; "
-        "print(sorted(c.LOADERS)); "
+        "import sys, loadwarden.worker.sandbox._child; "
+        "from loadwarden.worker.sandbox._registry import LOADERS; "
+        "print(sorted(LOADERS)); "
         "print([m for m in sys.modules if m.startswith(('pydantic', 'arq', 'redis'))])"
     )
     out = subprocess.run(

@@ -18,8 +18,8 @@ from loadwarden.producer.contract import LoadRequest, ModelFormat, ModelSummary,
 from loadwarden.producer.errors import SourceRefused
 from loadwarden.producer.settings import InspectionCaps, Settings, SourcePolicy
 from loadwarden.worker._files import OpenedModel, open_model_file
+from loadwarden.worker.binary.dtypes import NPY_BY_ARRAY
 from loadwarden.worker.formats import LOADERS, Inspection, inspect_model
-from loadwarden.worker.sandbox._dtypes import NPY_BY_ARRAY
 from loadwarden.worker.sources import open_source
 from loadwarden.worker.supervisor import Supervisor
 from tests.hostile import CORPUS, Case

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
 from collections.abc import Callable
@@ -74,6 +75,13 @@ async def test_valid_model_manifest_matches_reference(
     assert {"setsid", "no_new_privs", "rlimit_as", "rlimit_cpu", "pdeathsig"} <= set(
         report.confinement
     )
+
+
+async def test_an_unpinned_file_is_not_hashed(supervisor: Supervisor, small_model: Path) -> None:
+    """A single file with no digest to check loads without a hash: model.sha256 is null."""
+    report = await supervisor.load(LoadRequest(source=str(small_model)))
+    assert report.outcome is Outcome.OK, report.error
+    assert report.model is not None and report.model.sha256 is None
 
 
 async def test_wrong_sha256_is_invalid(supervisor: Supervisor, small_model: Path) -> None:
@@ -261,3 +269,54 @@ async def test_many_zero_size_tensors_load_ok(tmp_path: Path) -> None:
     assert report.outcome is Outcome.OK, report.error
     assert report.model is not None and report.model.tensor_count == MANY_TENSORS
     assert report.model.tensors_truncated  # the report lists the first REPORT_MAX_TENSORS
+
+
+_SPEC = {
+    "loader": "safetensors",
+    "memory_bytes": 1 << 30,
+    "cpu_seconds": 5.0,
+    "max_fds": 64,
+    "address_space_limit": True,
+    "landlock": False,
+    "manifest_digest": "ab" * 32,
+    "expect": {"dev": 1, "ino": 2, "size": 3},
+}
+
+
+def test_child_spec_round_trips_typed() -> None:
+    """The spec the supervisor sends is the spec the child reads, as typed fields."""
+    from loadwarden.worker.sandbox.spec import ChildSpec, FileIdentity, SpecFile
+
+    one = ChildSpec.from_json(_SPEC)
+    assert one.identities == [FileIdentity(1, 2, 3)] and one.memory_bytes == 1 << 30
+    assert ChildSpec.from_json(json.loads(json.dumps(one.to_json()))) == one
+    shards = ChildSpec(
+        **{**one.to_json(), "expect": None},
+        files=(SpecFile("a", FileIdentity(1, 2, 3)), SpecFile("b", FileIdentity(1, 4, 5))),
+    )
+    assert ChildSpec.from_json(json.loads(json.dumps(shards.to_json()))) == shards
+    assert [f.ino for f in shards.identities] == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"memory_bytes": "1073741824"},  # a string
+        {"memory_bytes": True},  # a bool is not a count
+        {"memory_bytes": 0},
+        {"cpu_seconds": float("nan")},
+        {"landlock": 1},
+        {"manifest_digest": 7},
+        {"expect": {"dev": 1, "ino": 2}},  # a field missing
+        {"expect": {"dev": 1, "ino": 2, "size": 3, "path": "/etc/passwd"}},  # one unknown
+        {"files": [{"name": "a", "expect": {"dev": 1, "ino": 2, "size": 3}}]},  # and expect
+        {"sha256": "ab" * 32},  # the loader is never told a digest
+        {"loader": None},
+    ],
+)
+def test_child_spec_refuses_what_the_supervisor_never_sends(change: dict[str, object]) -> None:
+    """A missing, unknown or mistyped field is a SpecError in the child, not a KeyError later."""
+    from loadwarden.worker.sandbox.spec import ChildSpec, SpecError
+
+    with pytest.raises(SpecError):
+        ChildSpec.from_json({**_SPEC, **change})

@@ -118,3 +118,19 @@ async def test_child_cannot_list_the_working_directory(
 ) -> None:
     """Landlock's read set is the interpreter's module folders, not sys.path's working directory."""
     assert_denied(await load_with(make_supervisor, "list_cwd", small_model))
+
+
+def test_children_get_only_the_documented_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child's environment is PATH, locale, TZ, TMPDIR and HOME from the supervisor, plus
+    PYTHONPATH and PYTHONDONTWRITEBYTECODE: never a secret of the supervisor's (README)."""
+    from loadwarden.worker.sandbox.forkserver import child_environment
+
+    monkeypatch.setenv("LOADWARDEN_REDIS_URL", "redis://:secret@redis:6379/0")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    for name in ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "HOME"):
+        monkeypatch.setenv(name, f"value of {name}")
+    env = child_environment()
+    inherited = {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "HOME"}
+    assert set(env) == inherited | {"PYTHONPATH", "PYTHONDONTWRITEBYTECODE"}
+    assert all(env[name] == f"value of {name}" for name in inherited)
+    assert "secret" not in repr(env)

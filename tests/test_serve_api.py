@@ -15,7 +15,7 @@ from loadwarden.worker.serve.config import is_loopback
 from loadwarden.worker.serve.openapi import PATH as OPENAPI_PATH
 from loadwarden.worker.serve.openapi import render as render_openapi
 from tests.conftest import call_until
-from tests.serve_stack import TOKEN, Stack, models, no_leaked_processes, stack
+from tests.serve_stack import TOKEN, Stack, models, no_leaked_processes, remember_failure, stack
 
 __all__ = ["models", "no_leaked_processes", "stack"]  # fixtures, imported for this module
 
@@ -80,6 +80,7 @@ def test_v1_requires_the_bearer_token(stack: Stack, redis_url: str, header: str 
         ("GET", "/v1/queue"),
         ("POST", "/v1/loads"),
         ("DELETE", "/v1/dead-letters"),
+        ("DELETE", "/v1/failing-models"),
     ]:
         reply = httpx.request(method, stack.url + path, headers=headers, json={"source": "x"})
         _is_problem(reply, 401)
@@ -226,6 +227,20 @@ def test_queue_workers_and_dead_letters(api: httpx.Client, models: Path) -> None
     call_until(lambda: len(api.get("/v1/dead-letters").json()) == 1)
     assert api.delete("/v1/dead-letters").json() == {"purged": 1}
     assert api.get("/v1/dead-letters").json() == []
+
+
+def test_failing_models_are_listed_and_cleared(api: httpx.Client, stack: Stack) -> None:
+    """GET /v1/failing-models lists the failure memory; DELETE by identity (or all) clears it."""
+    identity = "file:" + "ab" * 32
+    remember_failure(stack.redis_url, identity)
+    (held,) = api.get("/v1/failing-models").json()
+    assert held["identity"] == identity and held["refused"] is True
+    assert [f["error_code"] for f in held["failures"]] == ["deadline"]
+    _is_problem(api.delete("/v1/failing-models/not-an-identity"), 422)
+    assert api.delete(f"/v1/failing-models/{identity}").json() == {"cleared": 1}
+    assert api.get("/v1/failing-models").json() == []
+    remember_failure(stack.redis_url, identity)
+    assert api.delete("/v1/failing-models").json() == {"cleared": 1}
 
 
 def test_openapi_document_is_committed_and_served(stack: Stack) -> None:

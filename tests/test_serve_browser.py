@@ -99,6 +99,7 @@ def test_pages_load_without_console_errors(
         ("loads", "/loads"),
         ("load", f"/loads/{job_id}"),
         ("dead-letters", "/dead-letters"),
+        ("failing-models", "/failing-models"),
         ("enqueue", "/enqueue"),
     ]:
         signed_in.get(stack.url + path)

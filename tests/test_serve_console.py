@@ -13,11 +13,19 @@ import pytest
 from loadwarden.worker.serve.console import visible
 from loadwarden.worker.serve.middleware import CONTENT_SECURITY_POLICY
 from tests.safetensors_files import entry, raw_file, valid_model
-from tests.serve_stack import HOSTILE, TOKEN, Stack, models, no_leaked_processes, stack
+from tests.serve_stack import (
+    HOSTILE,
+    TOKEN,
+    Stack,
+    models,
+    no_leaked_processes,
+    remember_failure,
+    stack,
+)
 
 __all__ = ["models", "no_leaked_processes", "stack"]  # fixtures, imported for this module
 
-PAGES = ["/", "/loads", "/dead-letters", "/enqueue"]
+PAGES = ["/", "/loads", "/dead-letters", "/failing-models", "/enqueue"]
 
 
 @pytest.fixture
@@ -109,6 +117,24 @@ def test_actions_need_the_csrf_token(console: httpx.Client, stack: Stack, models
     assert "broken.safetensors" in console.get("/dead-letters").text
     assert console.post("/dead-letters/purge", data={"csrf": csrf}).status_code == 303
     assert "no dead letter" in console.get("/dead-letters").text
+
+
+def test_failing_models_page_escapes_and_forgets(console: httpx.Client, stack: Stack) -> None:
+    """The failure memory's page shows sources as text; Forget needs the form's token."""
+    identity = "file:" + "cd" * 32
+    remember_failure(stack.redis_url, identity, source='/m/<img src=x onerror="alert(9)">')
+    page = console.get("/failing-models")
+    assert identity in page.text and 'outcome-refused">refused</span>' in page.text
+    assert "&lt;img src=x onerror=&#34;alert(9)&#34;&gt;" in page.text
+    assert "<img src=x" not in page.text
+    forget = {"identity": identity}
+    assert console.post("/failing-models/forget", data=forget).status_code == 403
+    csrf = _csrf(page)
+    bad = console.post("/failing-models/forget", data={"csrf": csrf, "identity": "x"})
+    assert bad.status_code == 404
+    done = console.post("/failing-models/forget", data={"csrf": csrf, **forget})
+    assert done.status_code == 303
+    assert "no failing model" in console.get("/failing-models").text
 
 
 def test_enqueue_form_runs_a_load(console: httpx.Client, stack: Stack, models: Path) -> None:

@@ -709,3 +709,55 @@ def test_all_is_sorted() -> None:
     """The public names of loadwarden.worker.sources are listed, sorted."""
     assert sources.__all__ == sorted(sources.__all__)
     assert all(hasattr(sources, name) for name in sources.__all__)
+
+
+@pytest.mark.parametrize(
+    ("source", "url"),
+    [
+        ("https://example.org/m.safetensors", True),
+        ("HTTP://example.org/m.safetensors", True),
+        ("hf://org/name", True),
+        ("s3+tls://bucket/m", True),
+        ("/models/a://b.safetensors", False),  # a path that holds "://" is still a path
+        ("models/x://y", False),
+        ("1http://x", False),  # a scheme starts with a letter
+        ("://x", False),
+    ],
+)
+def test_one_rule_tells_a_url_from_a_path(source: str, url: bool) -> None:
+    """The request, the catalog, the CLI and the worker all use RFC 3986's scheme rule."""
+    from loadwarden.producer.contract import LoadRequest
+    from loadwarden.producer.sources import is_url
+    from loadwarden.worker._cli_common import source_arg
+
+    assert is_url(source) is url
+    given = source_arg(source)
+    assert given == source if url else os.path.isabs(given)
+    if not url and not source.startswith("/"):
+        with pytest.raises(ValidationError, match="relative path"):
+            LoadRequest(source=source)
+
+
+@pytest.mark.parametrize("variable", ["XDG_CACHE_HOME", "XDG_STATE_HOME"])
+def test_a_relative_xdg_base_is_ignored(
+    variable: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every XDG folder follows the specification: absolute bases only, else the home's."""
+    from loadwarden.worker.embedded import default_state_dir
+    from loadwarden.worker.sources._hf import cache_dir
+
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = {"XDG_CACHE_HOME": tmp_path / ".cache", "XDG_STATE_HOME": tmp_path / ".local/state"}
+    folders = {
+        "XDG_CACHE_HOME": lambda: [
+            SourcePolicy().cache_dir.parent,
+            cache_dir(SourcePolicy()).parent.parent,
+        ],
+        "XDG_STATE_HOME": lambda: [default_state_dir().parent.parent],
+    }[variable]
+    monkeypatch.setenv(variable, "relative/base")
+    assert set(folders()) == {home[variable]}
+    monkeypatch.setenv(variable, str(tmp_path / "abs"))
+    assert set(folders()) == {tmp_path / "abs"}

@@ -17,7 +17,6 @@ extension points and the overrides call arq's code unchanged.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import structlog
@@ -38,6 +37,7 @@ from loadwarden.producer.errors import (
     LoadTimeout,
     describe,
 )
+from loadwarden.producer.keys import now_ms
 from loadwarden.worker.job import TRANSIENT_REDIS_ERRORS, end_with_report
 
 log = structlog.get_logger("loadwarden.worker")
@@ -142,7 +142,7 @@ class LoadWorker(Worker):
         request = kwargs.get("request") if isinstance(kwargs, dict) else None
         ctx = {**self.ctx, "job_id": job_id}
         report = await end_with_report(ctx, job_id, request, _error_for(exc))
-        now = int(time.time() * 1000)
+        now = now_ms()
         return wire.dumps(
             {
                 "t": 1,

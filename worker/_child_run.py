@@ -23,6 +23,7 @@ from loadwarden.worker.sandbox.forkserver import (
     SandboxError,
     stop_child,
 )
+from loadwarden.worker.sandbox.spec import ChildSpec
 
 #: After its final message a child exits at once; wait this long before killing it.
 EXIT_GRACE_S = 1.0
@@ -131,7 +132,7 @@ def _place(
 
 async def run_child(
     forkserver: ForkServer,
-    spec: dict[str, Any],
+    spec: ChildSpec,
     fds: int | Sequence[int],
     limits: Limits,
     *,

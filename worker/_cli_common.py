@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
+from typer.core import TyperGroup
 
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest, Outcome
 from loadwarden.producer.errors import ClientError, ContractError
 from loadwarden.producer.settings import Settings
+from loadwarden.producer.sources import is_url
 from loadwarden.worker import _render
 from loadwarden.worker._files import resolved
 from loadwarden.worker._text import clean
@@ -25,8 +28,34 @@ EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 #: and a wait that nothing will ever answer (no worker) ends with a message, not silence.
 DEFAULT_WAIT_S = 600.0
 T = TypeVar("T")
+#: click's UsageError, the base of every usage error (typer re-exports only its BadParameter
+#: subclass, and where click lives depends on typer's version).
+_UsageError = cast(
+    type[Exception], next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+)
+_WANTS_JSON = "loadwarden.json"
+
+
+class _Commands(TyperGroup):
+    """The commands: under ``--json``, a usage error is also one JSON document on stdout
+    (its message still goes to stderr), so stdout always holds exactly one document."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        ctx.meta[_WANTS_JSON] = "--json" in itertools.takewhile(lambda a: a != "--", args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _UsageError as exc:
+            if ctx.meta.get(_WANTS_JSON):
+                error = {"type": type(exc).__name__, "message": str(exc)}
+                typer.echo(json.dumps({"error": error}))
+            raise
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="loadwarden",
     help="Load ML model files in sandboxed, resource-limited child processes, from a Redis queue "
     "or right here.",
@@ -124,13 +153,13 @@ def notice(text: str) -> None:
 
 def source_arg(value: str) -> str:
     """Local paths are made absolute here: a worker resolves relative ones against its own cwd."""
-    return value if "://" in value else os.path.abspath(value)
+    return value if is_url(value) else os.path.abspath(value)
 
 
 def named_root(source: str) -> tuple[Path, ...]:
     """The allowed root of a source named on this command line: the folder holding it
     (a checkpoint folder's parent), or none for a URL or hf:// (the hub cache is its own)."""
-    return () if "://" in source else (resolved(source).parent,)
+    return () if is_url(source) else (resolved(source).parent,)
 
 
 def emit_report(report: LoadReport, as_json: bool) -> None:
@@ -142,10 +171,12 @@ def emit_report(report: LoadReport, as_json: bool) -> None:
 
 
 def ask(redis: str | None, as_json: bool, query: Callable[[Client], Awaitable[T]]) -> T:
-    """Run one query with a client; a failure to get an answer exits 3 with a clear message."""
+    """Run one query with a client; no Redis URL is a usage error (exit 2), and a failure
+    to get an answer exits 3 with a clear message."""
+    settings = queue_settings(redis, "this command")
 
     async def go() -> T:
-        async with Client(settings=settings_from(redis)) as client:
+        async with Client(settings=settings) as client:
             return await query(client)
 
     try:

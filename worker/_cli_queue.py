@@ -1,15 +1,17 @@
-"""The commands that look at the queue: report, show, status, cancel, dead letters, autoscale,
-exporter, serve."""
+"""The commands that look at the queue: report, show, status, cancel, dead letters, failing
+models, autoscale, exporter, serve."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel
 from redis.exceptions import RedisError
 
 from loadwarden.producer.contract import Outcome
@@ -100,6 +102,17 @@ def cancel(
         typer.echo(f"{clean(job_id)}: already finished, nothing to cancel")
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def _emit_list(items: list[M], as_json: bool, render: Callable[[Sequence[M]], None]) -> None:
+    """A listing: one JSON array with --json, else the table."""
+    if as_json:
+        typer.echo(json.dumps([item.model_dump(mode="json") for item in items]))
+    else:
+        render(items)
+
+
 dead_app = typer.Typer(
     help="Jobs that failed for good: list, retry or purge them.",
     no_args_is_help=True,
@@ -121,10 +134,7 @@ def dead_list(
 ) -> None:
     """List dead letters: the final reports of jobs that failed for good (ids in full)."""
     letters = ask(redis, as_json, lambda client: client.dead_letters(count))
-    if as_json:
-        typer.echo(json.dumps([letter.model_dump(mode="json") for letter in letters]))
-    else:
-        _render.dead_letters(letters)
+    _emit_list(letters, as_json, _render.dead_letters)
 
 
 @dead_app.command("retry")
@@ -164,8 +174,9 @@ def dead_purge(
     )
     if not yes:
         if not sys.stdin.isatty():
-            typer.echo(f"loadwarden: this removes {which}; pass --yes to confirm", err=True)
-            raise typer.Exit(EXIT_USAGE)
+            raise typer.BadParameter(
+                f"this removes {which}; pass it to confirm", param_hint="--yes"
+            )
         typer.confirm(f"Remove {which}?", abort=True, err=True)
     removed = ask(
         redis,
@@ -173,6 +184,40 @@ def dead_purge(
         lambda client: client.purge_dead(ids or None, outcome=str(outcome) if outcome else None),
     )
     typer.echo(json.dumps({"removed": removed}) if as_json else f"removed {removed} dead letter(s)")
+
+
+failures_app = typer.Typer(
+    help="Models the failure memory refuses as repeatedly failing: list or clear them.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(failures_app, name="failures")
+
+
+@failures_app.command("list")
+def failures_list(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
+    """List the models with remembered failures (refused ones first), identities in full."""
+    models = ask(redis, as_json, lambda client: client.failing_models())
+    _emit_list(models, as_json, _render.failing_models)
+
+
+@failures_app.command("clear")
+def failures_clear(
+    identities: Annotated[
+        list[str] | None,
+        typer.Argument(help="Model identities, as 'failures list' prints them."),
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Forget every failing model.")] = False,
+    redis: RedisOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Forget models' failures, so that their next load runs (a fixed disk, a larger node)."""
+    if bool(identities) == all_:
+        raise typer.BadParameter("name model identities (from 'failures list'), or --all")
+    cleared = ask(redis, as_json, lambda client: client.clear_failing(None if all_ else identities))
+    typer.echo(
+        json.dumps({"cleared": cleared}) if as_json else f"cleared {cleared} failing model(s)"
+    )
 
 
 @app.command()

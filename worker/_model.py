@@ -16,6 +16,7 @@ from loadwarden.worker._outcome import LoadedModel
 from loadwarden.worker.formats import inspect_model
 from loadwarden.worker.formats._common import over_budget
 from loadwarden.worker.formats.index import check_coverage
+from loadwarden.worker.sandbox.spec import FileIdentity, SpecFile
 
 
 def shard_format(opened: OpenedModel, declared: ModelFormat | None) -> ModelFormat | None:
@@ -92,16 +93,17 @@ def inspect_opened(
 
 
 def child_files(opened: OpenedModel) -> dict[str, Any]:
-    """The spec's part about the files: one file's identity, or each shard's name and
-    identity. No digest: the loader never learns what the file should hash to (the
-    supervisor hashes every file and checks them, ``with_digests``)."""
+    """The spec's part about the files (``ChildSpec``'s ``expect`` or ``files``): one file's
+    identity, or each shard's name and identity. No digest: the loader never learns what
+    the file should hash to (the supervisor hashes every file and checks them,
+    ``with_digests``)."""
 
-    def identity(f: ModelFile) -> dict[str, int]:
-        return {"dev": f.dev, "ino": f.ino, "size": f.size}
+    def identity(f: ModelFile) -> FileIdentity:
+        return FileIdentity(dev=f.dev, ino=f.ino, size=f.size)
 
     if not opened.checkpoint:
         return {"expect": identity(opened.first)}
-    return {"files": [{"name": s.name, "expect": identity(s.file)} for s in opened.files]}
+    return {"files": tuple(SpecFile(s.name, identity(s.file)) for s in opened.files)}
 
 
 def needs_digests(opened: OpenedModel, expected_sha256: str | None) -> bool:

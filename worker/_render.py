@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from loadwarden.producer.client import DeadLetter, QueueStatus
-from loadwarden.producer.contract import LoadReport, ModelSummary, Outcome
+from loadwarden.producer.contract import FailingModel, LoadReport, ModelSummary, Outcome
 from loadwarden.producer.preload import PreloadEntry, PreloadResult
 from loadwarden.worker._text import clean
 
@@ -320,6 +320,25 @@ def dead_letters(letters: Sequence[DeadLetter]) -> None:
         console.print(Text(f"  source: {clean(r.source)}"), soft_wrap=True)
         if r.error:
             console.print(Text(f"  error: {clean(r.error.message)}"), soft_wrap=True)
+
+
+def failing_models(models: Sequence[FailingModel]) -> None:
+    """One block per model the failure memory holds: identity whole, then each failure."""
+    if not models:
+        console.print("no failing models")
+        return
+    console.print(Text("failing models (refused first)", style="bold"))
+    for m in models:
+        head = Text(clean(m.identity), style="bold")
+        head.append("  refused" if m.refused else "  counting", style="red" if m.refused else "")
+        head.append(f"  {len(m.failures)} failure(s), forgotten at ")
+        head.append(m.expires_at.isoformat(timespec="seconds"))
+        console.print(head, soft_wrap=True)
+        for f in m.failures:
+            line = Text(f"  {f.at.isoformat(timespec='seconds')}  ")
+            line.append(clean(f"{f.outcome} ({f.error_code})"), style="red")
+            line.append(f"  job {clean(f.job_id)}  source: {clean(f.source)}")
+            console.print(line, soft_wrap=True)
 
 
 _BLOCKS = " ▁▂▃▄▅▆▇█"

@@ -36,6 +36,7 @@ from loadwarden.producer.settings import RedisOptions, Settings
 from loadwarden.worker._arq import LoadWorker
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.envelope import job_deserializer
+from loadwarden.worker.failures import FailureMemory
 from loadwarden.worker.heartbeat import beat
 from loadwarden.worker.history import History
 from loadwarden.worker.job import load_job
@@ -165,6 +166,8 @@ class WorkerRunner:
         self.redis = redis
         book = JobBook(redis, self.settings, self.supervisor.metrics)
         self.supervisor.history = History(redis, self.settings.limits)
+        memory = self.settings.failure_memory
+        self.supervisor.failures = FailureMemory(redis, memory) if memory.enabled else None
         loop = asyncio.get_running_loop()
         async with self.supervisor as sup:
             side = [

@@ -7,7 +7,8 @@ As ``deploy/README.md`` documents it::
 - ``ready``: jobs whose time has come and that no worker holds; ``running``: jobs a worker
   is running. Deferred jobs (retry backoff, scheduled) do not count until they are due.
 - ``service_rate_per_worker``: jobs per second one worker completes, observed
-  (:func:`estimate_service_rate`); ``target_drain_s``: how long a backlog may take to drain.
+  (:func:`service_rate`: production, ``bench/autoscale_sim.py`` and the tests all use
+  it); ``target_drain_s``: how long a backlog may take to drain.
 - ``min``, ``max``: bounds on the pool.
 
 So one worker is worth ``service_rate_per_worker × target_drain_s`` jobs of backlog.
@@ -140,26 +141,18 @@ def decide(inputs: AutoscaleInput) -> AutoscaleDecision:
     )
 
 
-def estimate_service_rate(
-    completions_in_window: int, window_s: float, mean_workers: float, default: float
-) -> float:
-    """Jobs per second one worker completes: ``completions / window_s / mean_workers``.
+def service_rate(served_jobs: float, busy_slot_s: float, concurrency: int) -> float | None:
+    """Jobs per second one worker completes: ``concurrency x served_jobs / busy_slot_s``.
 
-    Falls back to ``default`` when there is no data: no completion in the window, an
-    empty window, or no workers (or any non-finite input). ``mean_workers`` should
-    count *busy* workers (the mean of ``running / concurrency`` over the window): a
-    throughput divided by idle workers too measures the arrivals, not what a worker
-    can do, and would make the pool larger than the backlog needs.
+    ``busy_slot_s`` counts every second a job held one of a worker's ``concurrency``
+    slots (queue bookkeeping, header inspection, waiting for memory, the load, and runs
+    that ended in a retry), so a slot's rate is its jobs over its busy time and idle
+    workers do not dilute it: a throughput divided by idle workers too measures the
+    arrivals, not what a worker can do, and would size the pool past the backlog.
+    None when nothing usable was measured (no job, no busy time, non-finite figures):
+    ``decide`` then uses the configured default rate.
     """
-    if completions_in_window < 0:
-        raise ValueError(f"completions_in_window must be >= 0, got {completions_in_window}")
-    usable = (
-        completions_in_window > 0
-        and math.isfinite(window_s)
-        and window_s > 0
-        and math.isfinite(mean_workers)
-        and mean_workers > 0
-    )
-    if not usable:
-        return default
-    return completions_in_window / window_s / mean_workers
+    if not (served_jobs > 0 and concurrency > 0 and 0 < busy_slot_s < math.inf):
+        return None
+    rate = concurrency * served_jobs / busy_slot_s
+    return rate if _usable_rate(rate) else None

@@ -3,20 +3,7 @@
 from __future__ import annotations
 
 from loadwarden.producer.settings import Settings
-from loadwarden.worker.autoscale import AutoscaleDecision, AutoscaleInput, decide
-
-
-def service_rate(served_jobs: float, served_seconds: float, concurrency: int) -> float | None:
-    """Jobs per second one worker completes, from the last hour's jobs: its slots / mean job time.
-
-    Measured from busy time: every second a worker held a job (queue bookkeeping, header
-    inspection, waiting for memory, the load, and runs that ended in a retry), so idle
-    workers do not dilute it and slow inspection is not missed; None when nothing has
-    been measured yet (the default rate applies).
-    """
-    if served_jobs <= 0 or served_seconds <= 0:
-        return None
-    return concurrency * served_jobs / served_seconds
+from loadwarden.worker.autoscale import AutoscaleDecision, AutoscaleInput, decide, service_rate
 
 
 def decide_from_counts(counts: dict[str, float], settings: Settings) -> AutoscaleDecision:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from loadwarden.producer.catalog import Catalog
 from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest, Outcome
 from loadwarden.producer.settings import LimitPolicy, Settings
+from loadwarden.worker._text import clean
 from loadwarden.worker.supervisor import Supervisor
 
 MiB = 1024 * 1024
@@ -144,11 +145,12 @@ def to_toml(catalog: Catalog, calibrations: Sequence[Calibration]) -> str:
     Everything else stays as written (relative sources, sha256, labels, format, the
     defaults), so the file can replace the catalog as it is; each entry's reasons
     come first as comments. Written with tomli-w: names and paths are quoted by a
-    TOML writer, not by hand.
+    TOML writer, not by hand; write it as UTF-8, as TOML is.
     """
     by_name = {c.name: c for c in calibrations}
     head = [
-        f"# {catalog.name} with the limits recommended by `loadwarden calibrate`.",
+        # The file's name is anyone's: escaped, or a newline in it would end the comment.
+        f"# {clean(catalog.name)} with the limits recommended by `loadwarden calibrate`.",
         f"# memory = peak x {MEMORY_MARGIN:g} + {MEMORY_ALLOWANCE_BYTES // MiB} MiB; "
         f"cpu, deadline = {TIME_ALLOWANCE_S:g} s + measured x {TIME_MARGIN:g}; "
         "each within the worker's floors and ceilings.",

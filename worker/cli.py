@@ -1,8 +1,10 @@
 """The ``loadwarden`` command line.
 
 Exit status: 0 when the command did what it says and every load it reports is
-``ok``; 1 when a load ended in any other outcome; 2 for a usage error; 3 when
-no answer could be had (Redis unreachable, unknown job id, wait timed out).
+``ok``; 1 when a load ended in any other outcome; 2 for a usage error (a missing
+Redis URL included); 3 when no answer could be had (Redis unreachable, unknown job
+id, wait timed out). Under ``--json`` stdout holds exactly one document, an error
+included (``_cli_common._Commands``).
 """
 
 from __future__ import annotations
@@ -420,7 +422,7 @@ def calibrate(
     settings = with_roots(settings_from(), resolved(catalog).parent)
     results = asyncio.run(calib.calibrate(parsed.requests(), settings))
     if output is not None:
-        output.write_text(calib.to_toml(parsed, results))
+        output.write_text(calib.to_toml(parsed, results), encoding="utf-8")
     if as_json:
         typer.echo(json.dumps([r.model_dump(mode="json") for r in results]))
     else:

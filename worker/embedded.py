@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import structlog
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
 from loadwarden.producer import wire
+from loadwarden.producer._xdg import xdg_dir
 from loadwarden.producer.errors import EmbeddedWorkerDied, LoadwardenError, describe
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._redis_server import RedisServer
@@ -30,9 +30,9 @@ log = structlog.get_logger("loadwarden.embedded")
 
 
 def default_state_dir() -> Path:
-    """Where the embedded server keeps its data: $XDG_STATE_HOME/loadwarden/embedded."""
-    home = os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(os.environ.get("XDG_STATE_HOME") or home) / "loadwarden" / "embedded"
+    """Where the embedded server keeps its data: $XDG_STATE_HOME/loadwarden/embedded (a
+    relative $XDG_STATE_HOME is ignored, as the XDG rule says: ~/.local/state)."""
+    return xdg_dir("XDG_STATE_HOME", ".local/state") / "loadwarden" / "embedded"
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from datetime import UTC, datetime
 
 import structlog
@@ -17,7 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from loadwarden.producer.contract import WorkerStatus
-from loadwarden.producer.keys import WORKER_KEY_PREFIX, WORKERS_ZSET
+from loadwarden.producer.keys import WORKER_KEY_PREFIX, WORKERS_ZSET, now_ms
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import finish_despite_cancel
 from loadwarden.worker.supervisor import Supervisor
@@ -86,5 +85,5 @@ async def beat(redis: Redis, supervisor: Supervisor, settings: Settings) -> None
 async def _write(redis: Redis, worker_id: str, status: WorkerStatus) -> None:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.set(KEY_PREFIX + worker_id, status.model_dump_json(), ex=TTL_S)
-        pipe.zadd(WORKERS_ZSET, {worker_id: int(time.time() * 1000) + TTL_S * 1000})
+        pipe.zadd(WORKERS_ZSET, {worker_id: now_ms() + TTL_S * 1000})
         await pipe.execute()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -38,6 +37,7 @@ from loadwarden.producer.keys import (
     SERVICE_OUTCOME_FIELD_PREFIX,
     SERVICE_WINDOW_MINUTES,
     dedupe_key,
+    now_ms,
 )
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import finish_despite_cancel
@@ -46,10 +46,6 @@ from loadwarden.worker.metrics import Metrics
 log = structlog.get_logger("loadwarden.jobs")
 
 _attempts = TypeAdapter(list[Attempt])
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 #: How long a job's attempts and cancel flag outlive it (a producer may come back late).
@@ -140,7 +136,7 @@ class JobBook:
                 try:
                     async with self.redis.pipeline(transaction=False) as pipe:
                         pipe.pexpire(key, lease_ms)
-                        pipe.zadd(RUNNING_ZSET, {job_id: _now_ms() + lease_ms})
+                        pipe.zadd(RUNNING_ZSET, {job_id: now_ms() + lease_ms})
                         await pipe.execute()
                 except (RedisError, OSError) as exc:
                     log.warning("lease_renewal_failed", job_id=job_id, error=str(exc))
@@ -157,7 +153,7 @@ class JobBook:
 
     async def add_busy(self, seconds: float) -> None:
         """Count a run that ended in a retry toward the service time (its job is not done)."""
-        bucket = SERVICE_KEY_PREFIX + str(_now_ms() // 60_000)
+        bucket = SERVICE_KEY_PREFIX + str(now_ms() // 60_000)
         with contextlib.suppress(RedisError, OSError):  # a lost figure only skews the rate
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hincrbyfloat(bucket, "seconds", seconds)
@@ -177,7 +173,7 @@ class JobBook:
         ``busy_s`` is how long the worker held this last run (None: the report's own
         attempt spans); it counts toward the autoscaler's service time.
         """
-        now = _now_ms()
+        now = now_ms()
         if busy_s is None:
             busy_s = sum((a.finished_at - a.started_at).total_seconds() for a in report.attempts)
         async with self.redis.pipeline(transaction=True) as pipe:

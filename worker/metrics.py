@@ -85,6 +85,11 @@ class Metrics:
             "Loads refused because their memory limit exceeds this worker's whole budget.",
             registry=r,
         )
+        self.failure_refusals = Counter(
+            "loadwarden_failure_memory_refusals",
+            "Loads refused at once because their model failed repeatedly (repeatedly_failing).",
+            registry=r,
+        )
         self.confinement = Info(
             "loadwarden_confinement", "What confines this worker's loads.", registry=r
         )
@@ -112,6 +117,8 @@ class Metrics:
         self.loads.labels(outcome=str(report.outcome)).inc()
         if report.error is not None and report.error.code == "over_budget":
             self.over_budget.inc()
+        if report.error is not None and report.error.code == "repeatedly_failing":
+            self.failure_refusals.inc()
         if report.enqueued_at is not None:
             wait_s = (report.started_at - report.enqueued_at).total_seconds()
             self.queue_wait.observe(max(0.0, wait_s))

@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
 from loadwarden.producer.counts import oldest_ready_age_s, queue_counts
+from loadwarden.producer.failures import refused_count
 from loadwarden.producer.settings import Settings
 from loadwarden.worker.autoscale_inputs import desired_from_counts
 
@@ -33,11 +34,19 @@ class QueueGauges(Collector):
         self._counts: Mapping[str, float] | None = None
         self._desired = 0
         self._oldest_age_s = 0.0
+        self._refused_models = 0
         registry.register(self)
 
-    def update(self, counts: Mapping[str, float], desired: int, oldest_age_s: float) -> None:
+    def update(
+        self,
+        counts: Mapping[str, float],
+        desired: int,
+        oldest_age_s: float,
+        refused_models: int = 0,
+    ) -> None:
         """Fresh figures from Redis."""
         self._counts, self._desired, self._oldest_age_s = dict(counts), desired, oldest_age_s
+        self._refused_models = refused_models
 
     def lost(self) -> None:
         """Redis did not answer: drop the figures until it does."""
@@ -72,6 +81,11 @@ class QueueGauges(Collector):
             "How long the oldest ready job has been due (0 with none ready).",
             value=self._oldest_age_s,
         )
+        yield GaugeMetricFamily(
+            "loadwarden_failing_models",
+            "Models the failure memory refuses now as repeatedly failing.",
+            value=self._refused_models,
+        )
 
 
 async def update_queue_gauges(
@@ -91,9 +105,10 @@ async def update_queue_gauges(
             oldest_s = 0.0
             if counts["ready"]:
                 oldest_s = await oldest_ready_age_s(redis, settings.queue_name)
+            refused = await refused_count(redis)
         except (RedisError, OSError) as exc:
             log.debug("queue_gauges_failed", error=str(exc))
             gauges.lost()
         else:
-            gauges.update(counts, desired_from_counts(counts, settings), oldest_s)
+            gauges.update(counts, desired_from_counts(counts, settings), oldest_s, refused)
         await asyncio.sleep(interval_s)

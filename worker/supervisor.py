@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 from redis.exceptions import RedisError
@@ -24,6 +23,7 @@ from loadwarden.producer.contract import (
     Attempt,
     Derivation,
     ErrorInfo,
+    FailingModel,
     JobPhase,
     Limits,
     LoadReport,
@@ -60,7 +60,8 @@ from loadwarden.worker._model import (
 from loadwarden.worker._outcome import Loaded, classify
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.admission import Admission, detect_memory_bytes
-from loadwarden.worker.formats import LOADERS
+from loadwarden.worker.failures import FailureMemory, RepeatedlyFailing
+from loadwarden.worker.formats import LOADERS, needs_isolation
 from loadwarden.worker.history import History, model_identity
 from loadwarden.worker.limits import (
     HistoryStats,
@@ -75,7 +76,8 @@ from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox._protocol import manifest_digest
 from loadwarden.worker.sandbox.cgroups import CgroupManager
 from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
-from loadwarden.worker.sandbox.inspector import inspect_in_child, needs_isolation
+from loadwarden.worker.sandbox.inspector import inspect_in_child
+from loadwarden.worker.sandbox.spec import ChildSpec
 from loadwarden.worker.signing import (
     SignatureCheck,
     Trust,
@@ -121,6 +123,9 @@ class _Loaded:
     run: ChildRun | None = None
     signature: SignatureCheck | None = None
     stage: str = "source"
+    #: The model's identity once its source is open, and what the failure memory held for it.
+    identity: str | None = None
+    remembered: FailingModel | None = None
 
 
 class Supervisor:
@@ -134,6 +139,7 @@ class Supervisor:
         loaders: Mapping[ModelFormat, str] | None = None,
         preload: Sequence[str] = (),
         history: History | None = None,
+        failures: FailureMemory | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = s = settings or Settings()
@@ -144,6 +150,7 @@ class Supervisor:
         self.forkserver = forkserver or ForkServer(preload=preload)
         self.loaders = {**DEFAULT_LOADERS, **(loaders or {})}
         self.history = history
+        self.failures = failures
         #: The trusted signers (``signing.signers``), loaded by ``start``.
         self.trust: Trust | None = None
         #: Every job held now, with its phase (the heartbeat publishes them).
@@ -255,6 +262,10 @@ class Supervisor:
         finally:
             self.in_flight.pop(job_id, None)
             self.changed.set()
+        if self.failures is not None and state.identity is not None:
+            await self.failures.settle(
+                state.identity, job_id, request.source, error, state.run, state.remembered, log
+            )
         report = self._report(
             request.source,
             dict(request.labels),
@@ -301,6 +312,7 @@ class Supervisor:
             cancel,
         )
         with opened:
+            identity = await self._admit(opened, request, state, log)
             state.stage = "signature"
             await self._check_signature(opened, request, state, deadline, budget_s, cancel)
             state.stage = "inspect"
@@ -314,7 +326,6 @@ class Supervisor:
             # Once per load, off the event loop: it hashes the whole manifest.
             manifest = await in_thread(lambda: _manifest_of(summary))
             state.stage = "limits"
-            identity = model_identity(opened, request.sha256)
             history = await self._history_stats(identity, log)
             state.limits = limits = derive_limits(
                 summary.bytes,
@@ -444,6 +455,16 @@ class Supervisor:
             self.trust = await in_thread(lambda: Trust(policy))
         return self.trust
 
+    async def _admit(
+        self, opened: OpenedModel, request: LoadRequest, state: _Loaded, log: FilteringBoundLogger
+    ) -> str:
+        """The model's identity; a model the failure memory holds as repeatedly failing is
+        refused here, before its signature is checked, its header inspected or any child."""
+        state.identity = identity = model_identity(opened, request.sha256)
+        if self.failures is not None:
+            state.remembered = await self.failures.admit(identity, log)
+        return identity
+
     async def _history_stats(self, identity: str, log: FilteringBoundLogger) -> HistoryStats | None:
         """The model's load history, or None when there is none or Redis cannot say."""
         if self.history is None:
@@ -543,17 +564,17 @@ class Supervisor:
         summary: ModelSummary,
         manifest: str,
         limits: Limits,
-    ) -> dict[str, Any]:
-        spec: dict[str, Any] = {
-            "loader": self.loaders[summary.format],
-            "memory_bytes": limits.memory_bytes,
-            "cpu_seconds": limits.cpu_seconds,
-            "max_fds": self.settings.child_max_fds,
-            "address_space_limit": self.settings.use_address_space_limit,
-            "landlock": self.landlock_abi > 0,
-            "manifest_digest": manifest,
-        }
-        return {**spec, **child_files(opened)}
+    ) -> ChildSpec:
+        return ChildSpec(
+            loader=self.loaders[summary.format],
+            memory_bytes=limits.memory_bytes,
+            cpu_seconds=limits.cpu_seconds,
+            max_fds=self.settings.child_max_fds,
+            address_space_limit=self.settings.use_address_space_limit,
+            landlock=self.landlock_abi > 0,
+            manifest_digest=manifest,
+            **child_files(opened),
+        )
 
     def rejected(
         self,
@@ -588,7 +609,13 @@ class Supervisor:
             job_id=job_id,
             source=source,
             outcome=outcome,
-            error=ErrorInfo.from_error(error, traceback_of(run)) if error else None,
+            error=ErrorInfo.from_error(
+                error,
+                traceback_of(run),
+                error.remembered if isinstance(error, RepeatedlyFailing) else None,
+            )
+            if error
+            else None,
             attempts=[
                 Attempt(
                     number=attempt,

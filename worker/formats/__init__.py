@@ -53,6 +53,7 @@ from loadwarden.worker.formats._sniff import (
     Sniffed,
     describe,
     extension,
+    needs_isolation,
     sniff_file,
 )
 from loadwarden.worker.formats.gguf import inspect_gguf
@@ -60,7 +61,15 @@ from loadwarden.worker.formats.npy import inspect_npy
 from loadwarden.worker.formats.npz import inspect_npz
 from loadwarden.worker.formats.safetensors import inspect_safetensors
 
-__all__ = ["LOADERS", "CodeBearing", "Inspection", "Kind", "inspect_model", "sniff"]
+__all__ = [
+    "LOADERS",
+    "CodeBearing",
+    "Inspection",
+    "Kind",
+    "inspect_model",
+    "needs_isolation",
+    "sniff",
+]
 
 #: The child loader (``register_loader`` name) of each format.
 LOADERS: Mapping[ModelFormat, str] = {

@@ -10,7 +10,7 @@ from typing import Protocol, cast
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary, TensorInfo
 from loadwarden.producer.errors import InvalidModel, SourceRefused, SourceUnavailable
-from loadwarden.worker.sandbox._pread import pread_into
+from loadwarden.worker.binary.pread import pread_into
 
 # Values quoted from a hostile file are cut so a message stays readable and small.
 _SHOW_CHARS = 80

@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from loadwarden.producer.contract import ModelFormat
 from loadwarden.producer.settings import InspectionCaps
+from loadwarden.worker.binary import magic
 from loadwarden.worker.formats._common import file_pickle_protocol, read_at, show
 from loadwarden.worker.formats._zip import member_names
+
+if TYPE_CHECKING:
+    from loadwarden.worker._files import ModelFile
 
 
 class CodeBearing(StrEnum):
@@ -23,10 +28,6 @@ class CodeBearing(StrEnum):
 
 Kind = ModelFormat | CodeBearing
 
-NPY_MAGIC = b"\x93NUMPY"
-GGUF_MAGIC = b"GGUF"
-ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 PICKLE_EXTENSIONS = frozenset({".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle"})
 HDF5_EXTENSIONS = frozenset({".h5", ".hdf5", ".keras"})
 
@@ -90,12 +91,12 @@ def extension(path: str) -> str:
 def sniff_file(fd: int, size: int, path: str, caps: InspectionCaps) -> Sniffed:
     """Tell the format of the file on ``fd`` from its bytes; ``path`` only names zip flavours."""
     prefix = read_at(fd, min(size, _PREFIX_BYTES), 0)
-    for magic, fmt in ((NPY_MAGIC, ModelFormat.NPY), (GGUF_MAGIC, ModelFormat.GGUF)):
-        if prefix.startswith(magic):
+    for signature, fmt in ((magic.NPY, ModelFormat.NPY), (magic.GGUF, ModelFormat.GGUF)):
+        if prefix.startswith(signature):
             return _found(fmt, prefix)
-    if prefix.startswith(ZIP_MAGICS):
+    if prefix.startswith(magic.ZIP):
         return _zip_kind(fd, size, path, caps, prefix)
-    if prefix.startswith(HDF5_MAGIC):
+    if prefix.startswith(magic.HDF5):
         return _found(CodeBearing.HDF5, prefix)
     # Before pickle: a safetensors header length such as 640 starts with b"\x80\x02".
     if _plausible_safetensors(size, prefix):
@@ -124,8 +125,8 @@ def _plausible_safetensors(size: int, prefix: bytes) -> bool:
 
 def _hdf5_after_userblock(fd: int, size: int) -> bool:
     offset = 512
-    while offset + len(HDF5_MAGIC) <= min(size, _HDF5_MAX_USERBLOCK):
-        if read_at(fd, len(HDF5_MAGIC), offset) == HDF5_MAGIC:
+    while offset + len(magic.HDF5) <= min(size, _HDF5_MAX_USERBLOCK):
+        if read_at(fd, len(magic.HDF5), offset) == magic.HDF5:
             return True
         offset *= 2
     return False
@@ -157,3 +158,21 @@ def _zip_kind(fd: int, size: int, path: str, caps: InspectionCaps, prefix: bytes
     if ext == ".keras":
         return Sniffed(CodeBearing.KERAS, "a zip archive named .keras", prefix)
     return _found(ModelFormat.NPZ, prefix)
+
+
+def needs_isolation(model_file: ModelFile, isolate_above_bytes: int) -> bool:
+    """Whether this file's header may be large enough to inspect in a child.
+
+    A file of at most ``isolate_above_bytes`` cannot have a larger header; a
+    safetensors file says its header's length in its first 8 bytes; an .npy
+    header is capped at 1 MiB by ``max_npy_header_bytes``. Anything else of
+    that size (an .npz directory, a GGUF header, an unknown file) goes to a child.
+    """
+    if model_file.size <= isolate_above_bytes:
+        return False
+    prefix = read_at(model_file.fd, 9, 0)
+    if prefix.startswith(magic.NPY):
+        return False
+    if len(prefix) == 9 and prefix[8:9] in (b"{", b" "):
+        return int.from_bytes(prefix[:8], "little") > isolate_above_bytes
+    return True

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from loadwarden.producer.errors import LoadError
 from loadwarden.producer.settings import InspectionCaps
+from loadwarden.worker.binary.pread import open_reader
 from loadwarden.worker.formats._common import invalid, read_at
-from loadwarden.worker.sandbox._pread import open_reader
 
 _END = b"PK\x05\x06"
 _END64 = b"PK\x06\x06"

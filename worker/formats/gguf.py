@@ -1,6 +1,6 @@
 """Strict, bounded check of a GGUF file (versions 2 and 3), in-process, without the gguf package.
 
-The parsing lives in ``loadwarden.worker.sandbox._gguf`` (stdlib only) because the
+The parsing lives in ``loadwarden.worker.binary.gguf`` (stdlib only) because the
 load child reads the same layout to load the tensors; this module applies the
 worker's caps and turns the layout into a ``ModelSummary``. Tensor shapes are
 reported outermost dimension first, as numpy and safetensors do (GGUF stores
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary
 from loadwarden.producer.settings import InspectionCaps
+from loadwarden.worker.binary.gguf import Caps, GGUFError, Layout, read_layout
 from loadwarden.worker.formats._common import defects_as_invalid, summarize
-from loadwarden.worker.sandbox._gguf import Caps, GGUFError, Layout, read_layout
 
 
 def caps_for(caps: InspectionCaps) -> Caps:

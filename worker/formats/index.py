@@ -32,7 +32,7 @@ from typing import Any
 
 from loadwarden.producer.errors import InvalidModel
 from loadwarden.producer.settings import InspectionCaps
-from loadwarden.worker.sandbox._json import json_type, parse_object, show
+from loadwarden.worker.binary.strict_json import json_type, parse_object, show
 
 #: How an index file is named (``model.safetensors.index.json``, diffusers'
 #: ``diffusion_pytorch_model.safetensors.index.json``, ...).

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from loadwarden.producer.contract import ModelFormat, ModelSummary
 from loadwarden.producer.errors import SourceRefused
 from loadwarden.producer.settings import InspectionCaps
+from loadwarden.worker.binary.dtypes import NPY, ElementType
+from loadwarden.worker.binary.magic import NPY as MAGIC
 from loadwarden.worker.formats._common import (
     CONVERT_HINT,
     Cursor,
@@ -27,9 +29,7 @@ from loadwarden.worker.formats._common import (
     show,
     summarize,
 )
-from loadwarden.worker.sandbox._dtypes import NPY, ElementType
 
-MAGIC = b"\x93NUMPY"
 #: The one tensor of an ``.npy`` file is named this (the name must not depend on the path,
 #: so the same bytes give the same manifest wherever they are stored).
 TENSOR_NAME = "array"

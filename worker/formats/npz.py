@@ -14,10 +14,10 @@ the member's size.
 from __future__ import annotations
 
 import zipfile
-import zlib
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary
 from loadwarden.producer.settings import InspectionCaps
+from loadwarden.worker.binary.pread import ZIP_MEMBER_ERRORS
 from loadwarden.worker.formats import npy
 from loadwarden.worker.formats._common import invalid, over_budget, show, summarize
 from loadwarden.worker.formats._zip import open_archive
@@ -170,7 +170,7 @@ def _inspect_member(
         with archive.open(info) as stream:
             # read(n) inflates at most n bytes: only the header is ever decompressed.
             header = npy.parse_header(stream.read, caps, where)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+    except ZIP_MEMBER_ERRORS as exc:
         raise invalid(where, "bad_zip", f"unreadable: {exc}") from exc
     declared = header.header_bytes + header.data_bytes
     if declared != info.file_size:

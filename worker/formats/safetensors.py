@@ -1,9 +1,9 @@
 """Strict, bounded check of a safetensors header, in-process, without the safetensors library.
 
-The parsing lives in ``loadwarden.worker.sandbox._safetensors`` (stdlib only)
+The parsing lives in ``loadwarden.worker.binary.safetensors`` (stdlib only)
 because the load child re-reads the same layout to load the tensors; this module
 applies the worker's caps and turns the layout into a ``ModelSummary``. Every
-safetensors dtype is accepted (``loadwarden.worker.sandbox._dtypes.SAFETENSORS``).
+safetensors dtype is accepted (``loadwarden.worker.binary.dtypes.SAFETENSORS``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary
 from loadwarden.producer.settings import InspectionCaps
+from loadwarden.worker.binary.safetensors import Caps, Layout, SafetensorsError, read_layout
 from loadwarden.worker.formats._common import defects_as_invalid, summarize
-from loadwarden.worker.sandbox._safetensors import Caps, Layout, SafetensorsError, read_layout
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,90 +31,19 @@ import signal
 import socket
 import stat
 import traceback
-from collections.abc import Callable
 from typing import Any
 
-from loadwarden.worker.sandbox import _landlock, _linux, _protocol, _seccomp
-
-Spec = dict[str, Any]
-Loader = Callable[[int, Spec], dict[str, Any]]
-
-#: Loaders by name; tests register extra ones from a module preloaded into the fork server.
-LOADERS: dict[str, Loader] = {}
-
-
-class FileChanged(Exception):
-    """The file handed to the child is not the one the supervisor inspected."""
-
-
-class ManifestMismatch(Exception):
-    """The loader returned other tensors than the header inspection found."""
-
-
-def register_loader(name: str) -> Callable[[Loader], Loader]:
-    def decorate(fn: Loader) -> Loader:
-        LOADERS[name] = fn
-        return fn
-
-    return decorate
-
-
-#: Readers by loader name: every tensor of one file in memory, with its manifest entries
-#: (``loaders`` registers them).
-#: A checkpoint's shards are read one after the other and all kept (``load_files``).
-Entry = tuple[str, str, list[int], int]
-Reader = Callable[[int, Spec], tuple[list[Entry], object]]
-READERS: dict[str, Reader] = {}
-
-
-def register_reader(name: str) -> Callable[[Reader], Reader]:
-    def decorate(fn: Reader) -> Reader:
-        READERS[name] = fn
-        return fn
-
-    return decorate
-
-
-def load_files(fds: list[int], spec: Spec) -> dict[str, Any]:
-    """Load every file of a checkpoint into memory, all held at once (the model must fit
-    whole), and say what each shard held. No digests: the supervisor hashes every shard
-    itself (``loadwarden.worker._digest``) and checks what its source promised."""
-    read = READERS[spec["loader"]]
-    held: list[object] = []
-    shards: list[list[Entry]] = []
-    for fd in fds:
-        entries, arrays = read(fd, spec)
-        held.append(arrays)
-        shards.append(entries)
-    files = [
-        {
-            "name": entry["name"],
-            "tensors": len(entries),
-            "bytes": sum(nbytes for _, _, _, nbytes in entries),
-        }
-        for entry, entries in zip(spec["files"], shards, strict=True)
-    ]
-    result = finish([e for entries in shards for e in entries], spec)
-    del held
-    return {**result, "files": files}
-
-
-def finish(entries: list[tuple[str, str, list[int], int]], spec: Spec) -> dict[str, Any]:
-    """A loader's answer: its manifest digest, checked against the spec.
-
-    The file's sha256 is not the loader's business: the supervisor hashes the file
-    itself (``loadwarden.worker._digest``), where a compromised loader cannot lie.
-    """
-    result: dict[str, Any] = {
-        "tensors": len(entries),
-        "bytes": sum(nbytes for _, _, _, nbytes in entries),
-        "manifest_digest": _protocol.manifest_digest(entries),
-        "sha256": None,
-    }
-    expected = spec.get("manifest_digest")
-    if expected and result["manifest_digest"] != expected:
-        raise ManifestMismatch("the loader returned other tensors than the header declares")
-    return result
+# The loaders register themselves in _registry as they are imported (no cycle: they import
+# _registry, never this module).
+from loadwarden.worker.sandbox import (
+    _landlock,
+    _linux,
+    _protocol,
+    _seccomp,
+    loaders,  # noqa: F401
+)
+from loadwarden.worker.sandbox._registry import LOADERS, FileChanged, load_files
+from loadwarden.worker.sandbox.spec import ChildSpec, FileIdentity
 
 
 def _send(sock: socket.socket, message: dict[str, Any]) -> None:
@@ -143,34 +72,34 @@ def _confine_process() -> list[str]:
     return applied
 
 
-def _check_identity(fd: int, expect: dict[str, int]) -> None:
+def _check_identity(fd: int, expect: FileIdentity) -> None:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise FileChanged("the file handed to the loader is not a regular file")
-    if (st.st_dev, st.st_ino) != (expect["dev"], expect["ino"]):
+    if (st.st_dev, st.st_ino) != (expect.dev, expect.ino):
         raise FileChanged("the file was replaced after inspection")
-    if st.st_size != expect["size"]:
+    if st.st_size != expect.size:
         raise FileChanged(
-            f"the file changed size after inspection: {expect['size']} -> {st.st_size} bytes"
+            f"the file changed size after inspection: {expect.size} -> {st.st_size} bytes"
         )
 
 
-def _apply_limits(spec: Spec, applied: list[str], files: int = 1) -> dict[str, Any]:
+def _apply_limits(spec: ChildSpec, applied: list[str], files: int = 1) -> dict[str, Any]:
     """Address space sized for how the loader maps memory; CPU time; descriptors."""
     vsz, rss = _linux.memory_from_statm()
     # memory_bytes bounds the child's resident memory. Virtual size runs ahead
     # of RSS by what the interpreter reserves but never touches; the pread
     # loader maps each tensor once, so the growth it may use is memory - rss.
-    room = max(0, int(spec["memory_bytes"]) - rss)
+    room = max(0, spec.memory_bytes - rss)
     address_space = vsz + room
-    if spec.get("address_space_limit", True):
+    if spec.address_space_limit:
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
         applied.append("rlimit_as")
-    cpu = max(1, math.ceil(float(spec["cpu_seconds"])))
+    cpu = max(1, math.ceil(spec.cpu_seconds))
     # SIGXCPU at the soft limit, SIGKILL one second later if it is ignored.
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     # The model's descriptors are already open; max_fds is what the loader may open besides.
-    nofile = int(spec["max_fds"]) + files
+    nofile = spec.max_fds + files
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
     applied += ["rlimit_cpu", "rlimit_nofile"]
     return {"baseline_vsz": vsz, "baseline_rss": rss, "address_space": address_space}
@@ -206,15 +135,16 @@ def _raised(exc: BaseException) -> dict[str, Any]:
     }
 
 
-def _receive(sock: socket.socket) -> tuple[Spec, list[int]] | None:
-    """The spec and every descriptor it comes with (more packets for a large checkpoint)."""
+def _receive(sock: socket.socket) -> tuple[ChildSpec, list[int]] | None:
+    """The spec and every descriptor it comes with (more packets for a large checkpoint);
+    ``SpecError`` (or a JSON error) for a spec the supervisor could not have sent."""
     data, fds, _flags, _addr = socket.recv_fds(
         sock, _protocol.MAX_SPEC_BYTES, _protocol.FDS_PER_MESSAGE
     )
     if not data or not fds:
         return None
-    spec: Spec = json.loads(data)
-    want = len(spec["files"]) if "files" in spec else 1
+    spec = ChildSpec.from_json(json.loads(data))
+    want = len(spec.identities)
     while len(fds) < want:
         _data, more, _flags, _addr = socket.recv_fds(sock, 16, _protocol.FDS_PER_MESSAGE)
         if not more:
@@ -232,16 +162,15 @@ def main(sock: socket.socket) -> int:
         return 2
     spec, fds = received
     try:
-        expected = [f["expect"] for f in spec["files"]] if "files" in spec else [spec["expect"]]
-        for fd, expect in zip(fds, expected, strict=True):
+        for fd, expect in zip(fds, spec.identities, strict=True):
             _check_identity(fd, expect)
-        loader = LOADERS[spec["loader"]]
+        loader = LOADERS[spec.loader]
         figures = _apply_limits(spec, applied, len(fds))
-        if spec.get("landlock"):
+        if spec.landlock:
             _apply_landlock(fds, applied)
         _apply_seccomp(applied)
         _send(sock, {"kind": "ready", "pid": os.getpid(), "confinement": applied, **figures})
-        result = load_files(fds, spec) if "files" in spec else loader(fds[0], spec)
+        result = load_files(fds, spec) if spec.files is not None else loader(fds[0], spec)
     except BaseException as exc:  # PanicException is a BaseException: catch everything
         with contextlib.suppress(BaseException):
             _send(sock, _raised(exc))
@@ -250,8 +179,4 @@ def main(sock: socket.socket) -> int:
     return 0
 
 
-__all__ = ["LOADERS", "READERS", "load_files", "main", "register_loader", "register_reader"]
-
-# Last, because it imports this module: the safetensors, npy, npz and GGUF loaders register
-# themselves.
-from loadwarden.worker.sandbox import loaders  # noqa: E402, F401
+__all__ = ["main"]

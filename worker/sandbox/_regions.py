@@ -20,8 +20,9 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (gives numpy bfloat16 and the FP8 types, by name)
 import numpy as np
 
-from loadwarden.worker.sandbox._dtypes import ElementType
-from loadwarden.worker.sandbox._pread import pread_into
+from loadwarden.worker.binary.dtypes import ElementType
+from loadwarden.worker.binary.pread import pread_into
+from loadwarden.worker.sandbox._registry import FileChanged
 
 Array = np.ndarray[Any, Any]
 
@@ -83,9 +84,6 @@ def _fill_in_threads(fd: int, pieces: list[tuple[Region, Array, int]], threads: 
 def _fill(fd: int, region: Region, raw: Array, start: int) -> None:
     view = raw.data[start : start + PIECE_BYTES]
     if pread_into(fd, view, region.offset + start) != len(view):
-        # Imported here: _child imports the loaders (and so this module) as it finishes.
-        from loadwarden.worker.sandbox._child import FileChanged
-
         raise FileChanged(f"the file was truncated in tensor {region.name!r}")
 
 

@@ -30,6 +30,7 @@ import structlog
 
 from loadwarden.producer.errors import LoadwardenError
 from loadwarden.worker.sandbox import _protocol
+from loadwarden.worker.sandbox.spec import ChildSpec
 
 log = structlog.get_logger("loadwarden.sandbox")
 
@@ -95,9 +96,9 @@ class Child:
         self.sock = sock
         self.exited = exited
 
-    async def send_spec(self, spec: dict[str, Any], fds: int | Sequence[int]) -> None:
+    async def send_spec(self, spec: ChildSpec, fds: int | Sequence[int]) -> None:
         """Hand the child its job and the model's open descriptors (never a path to reopen)."""
-        data = json.dumps(spec, separators=(",", ":")).encode()
+        data = json.dumps(spec.to_json(), separators=(",", ":")).encode()
         if len(data) > _protocol.MAX_SPEC_BYTES:
             raise SandboxError(f"spec of {len(data)} bytes is too large")
         if len(data) > DEFAULT_SEND_BYTES:

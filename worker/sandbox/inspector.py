@@ -35,34 +35,14 @@ from loadwarden.producer.errors import (
 )
 from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker._files import ModelFile
-from loadwarden.worker.formats._common import read_at
 from loadwarden.worker.sandbox.forkserver import SandboxError, child_environment
 
-_NPY_MAGIC = b"\x93NUMPY"
 #: Errors the child may name, by class name: nothing else is believed.
 _ERRORS: dict[str, type[LoadError]] = {
     cls.__name__: cls for cls in (InvalidModel, SourceRefused, SourceUnavailable)
 }
 #: How long the child may take to exit after its answer before it is killed.
 _EXIT_GRACE_S = 5.0
-
-
-def needs_isolation(model_file: ModelFile, isolate_above_bytes: int) -> bool:
-    """Whether this file's header may be large enough to inspect in a child.
-
-    A file of at most ``isolate_above_bytes`` cannot have a larger header; a
-    safetensors file says its header's length in its first 8 bytes; an .npy
-    header is capped at 1 MiB by ``max_npy_header_bytes``. Anything else of
-    that size (an .npz directory, a GGUF header, an unknown file) goes to a child.
-    """
-    if model_file.size <= isolate_above_bytes:
-        return False
-    prefix = read_at(model_file.fd, 9, 0)
-    if prefix.startswith(_NPY_MAGIC):
-        return False
-    if len(prefix) == 9 and prefix[8:9] in (b"{", b" "):
-        return int.from_bytes(prefix[:8], "little") > isolate_above_bytes
-    return True
 
 
 async def inspect_in_child(

@@ -1,13 +1,13 @@
 """Loaders for safetensors, ``.npy``, ``.npz`` and GGUF files, run in the load child.
 
-Stdlib, numpy and ml_dtypes only, like ``_child`` (which imports this module
-last, so the fork server preloads it): every child's memory starts from the
-fork server's. Each loader reads every tensor into memory once, through the
-descriptor it was handed (never a path: Landlock may forbid opening one), never
-unpickles (``allow_pickle=False`` everywhere), and returns the manifest of what
-it really read, which must match the one the supervisor inspected. A file that
-no longer parses as it did at inspection raises ``FileChanged`` (outcome
-``invalid``).
+Stdlib, numpy and ml_dtypes only, like ``_child`` (which imports this module, so
+the fork server preloads it; each loader registers itself in ``_registry``): every
+child's memory starts from the fork server's. Each loader reads every tensor into
+memory once, through the descriptor it was handed (never a path: Landlock may
+forbid opening one), never unpickles (``allow_pickle=False`` everywhere), and
+returns the manifest of what it really read, which must match the one the
+supervisor inspected. A file that no longer parses as it did at inspection raises
+``FileChanged`` (outcome ``invalid``).
 
 safetensors is read by our own code, not ``safetensors.numpy``, which has no
 array type for BF16 or FP8 (numpy has none; ml_dtypes provides them): the
@@ -20,31 +20,29 @@ from __future__ import annotations
 
 import os
 import zipfile
-import zlib
 from collections.abc import Callable, Iterable
 from typing import IO, Any, TypeVar
 
 import numpy as np
 import numpy.lib.format as npy_format
 
-from loadwarden.worker.sandbox import _gguf, _safetensors
-from loadwarden.worker.sandbox._child import (
+from loadwarden.worker.binary import gguf, safetensors
+from loadwarden.worker.binary.dtypes import GGML_BY_NAME, NPY_BY_ARRAY
+from loadwarden.worker.binary.pread import ZIP_MEMBER_ERRORS, open_reader
+from loadwarden.worker.sandbox._regions import Region, read_regions
+from loadwarden.worker.sandbox._registry import (
     FileChanged,
     Spec,
     finish,
     register_loader,
     register_reader,
 )
-from loadwarden.worker.sandbox._dtypes import GGML_BY_NAME, NPY_BY_ARRAY
-from loadwarden.worker.sandbox._pread import open_reader
-from loadwarden.worker.sandbox._regions import Region, read_regions
 
 #: The one tensor of an ``.npy`` file (``loadwarden.worker.formats.npy.TENSOR_NAME``).
 NPY_TENSOR_NAME = "array"
 #: The largest ``.npy`` header the supervisor can be configured to accept
 #: (``InspectionCaps.max_npy_header_bytes`` is at most 1 MiB); it checked the real cap.
 NPY_MAX_HEADER_BYTES = 1024 * 1024
-_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError)
 
 Entry = tuple[str, str, list[int], int]
 T = TypeVar("T")
@@ -76,7 +74,7 @@ def load_npy(fd: int, spec: Spec) -> dict[str, Any]:
 @register_loader("npz")
 def load_npz(fd: int, spec: Spec) -> dict[str, Any]:
     """Read every member into memory once, check the manifest."""
-    arrays = read_npz(fd, spec.get("memory_bytes"))
+    arrays = read_npz(fd, spec.memory_bytes)
     entries = [_entry(name, array) for name, array in arrays.items()]
     del arrays
     return finish(entries, spec)
@@ -91,14 +89,14 @@ def load_gguf(fd: int, spec: Spec) -> dict[str, Any]:
     return finish(entries, spec)
 
 
-def read_safetensors(fd: int) -> list[tuple[_safetensors.Tensor, Array]]:
+def read_safetensors(fd: int) -> list[tuple[safetensors.Tensor, Array]]:
     """Every tensor of the safetensors file on ``fd``, in offset order, each in its true dtype.
 
     The header is re-read and checked as at inspection (bounded by the file's
     size, not the worker's caps, which the supervisor already applied). F4 and F6
     tensors stay packed: a flat ``uint8`` array of their bytes.
     """
-    layout = _reread(fd, "safetensors", _safetensors.SafetensorsError, _safetensors.read_within)
+    layout = _reread(fd, "safetensors", safetensors.SafetensorsError, safetensors.read_within)
     regions = [
         Region(t.name, layout.data_offset + t.begin, t.nbytes, t.dtype, t.shape)
         for t in layout.tensors
@@ -133,16 +131,16 @@ def read_npz(fd: int, memory_bytes: object = None) -> dict[str, np.ndarray[Any, 
                     if member.read(1):
                         raise FileChanged(f"member {info.filename!r} has bytes after its array")
                 arrays[info.filename.removesuffix(".npy")] = array
-    except _ZIP_ERRORS as exc:
+    except ZIP_MEMBER_ERRORS as exc:
         raise FileChanged(
             f"the .npz archive is corrupt or changed after inspection: {exc}"
         ) from exc
     return arrays
 
 
-def read_gguf(fd: int) -> list[tuple[_gguf.TensorEntry, np.ndarray[Any, Any]]]:
+def read_gguf(fd: int) -> list[tuple[gguf.TensorEntry, np.ndarray[Any, Any]]]:
     """Every tensor of the GGUF file on ``fd``, its layout re-read (bounded by the file)."""
-    layout = _reread(fd, "GGUF", _gguf.GGUFError, _gguf.read_within)
+    layout = _reread(fd, "GGUF", gguf.GGUFError, gguf.read_within)
     regions = [
         Region(t.name, layout.data_start + t.offset, t.nbytes, GGML_BY_NAME[t.dtype], t.shape)
         for t in layout.tensors

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from loadwarden.producer.client import Client, DeadLetter, JobState
-from loadwarden.producer.contract import LoadReport, LoadRequest, WorkerStatus
+from loadwarden.producer.contract import FailingModel, LoadReport, LoadRequest, WorkerStatus
 from loadwarden.producer.errors import ContractError, ReportTimeout
 from loadwarden.producer.keys import dedupe_key
 from loadwarden.producer.recent import RecentLoad, outcomes_last_hour, recent_loads
@@ -25,6 +25,9 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
 #: A dead letter's id: its Redis stream entry id (anything else is not one, and Redis would
 #: answer an error rather than nothing).
 DEAD_LETTER_ID_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
+
+#: A model identity as the failure memory names it (worker/history.py: model_identity).
+IDENTITY_PATTERN = r"^(sha256|file):[0-9a-f]{64}$"
 
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the job id from POST /v1/loads")]
 
@@ -83,6 +86,12 @@ class Retried(_Out):
 
 class Purged(_Out):
     purged: int
+
+
+class Cleared(_Out):
+    """How many failing models the failure memory forgot."""
+
+    cleared: int
 
 
 def client_of(request: Request) -> Client:
@@ -260,3 +269,26 @@ async def retry_dead_letters(body: RetryRequest, client: ClientDep) -> Retried:
 async def purge_dead_letters(client: ClientDep) -> Purged:
     """Drop every dead letter."""
     return Purged(purged=await client.purge_dead())
+
+
+@router.get("/failing-models", response_model=list[FailingModel])
+async def failing_models(client: ClientDep) -> list[FailingModel]:
+    """Models the failure memory holds (refused ones first), with their failures."""
+    return await client.failing_models()
+
+
+@router.delete("/failing-models", response_model=Cleared)
+async def clear_failing_models(client: ClientDep) -> Cleared:
+    """Forget every failing model: their next loads run."""
+    return Cleared(cleared=await client.clear_failing())
+
+
+@router.delete("/failing-models/{identity}", response_model=Cleared)
+async def clear_failing_model(
+    identity: Annotated[
+        str, Path(pattern=IDENTITY_PATTERN, description="as GET /v1/failing-models names it")
+    ],
+    client: ClientDep,
+) -> Cleared:
+    """Forget one failing model (0 when the memory did not hold it)."""
+    return Cleared(cleared=await client.clear_failing([identity]))

@@ -25,6 +25,7 @@ from loadwarden.producer.contract import LoadRequest, Outcome
 from loadwarden.producer.recent import outcomes_last_hour, recent_loads
 from loadwarden.worker.serve.api import (
     DEAD_LETTER_ID_PATTERN,
+    IDENTITY_PATTERN,
     JOB_ID_PATTERN,
     load_status,
     matching,
@@ -231,6 +232,23 @@ async def purge(request: Request) -> Response:
     await _form(request, _session(request))
     await _client(request).purge_dead()
     return RedirectResponse("/dead-letters", 303)
+
+
+@router.get("/failing-models", response_class=HTMLResponse)
+async def failing_models(request: Request) -> Response:
+    _session(request)
+    models = await _client(request).failing_models()
+    return _page(request, "failing.html", models=models)
+
+
+@router.post("/failing-models/forget")
+async def forget_failing(request: Request) -> Response:
+    form = await _form(request, _session(request))
+    identity = form.get("identity", "")
+    if not form.get("all") and not re.fullmatch(IDENTITY_PATTERN, identity):
+        raise Problem(404, "no such model identity", kind="not-found")
+    await _client(request).clear_failing(None if form.get("all") else [identity])
+    return RedirectResponse("/failing-models", 303)
 
 
 @router.get("/enqueue", response_class=HTMLResponse)

@@ -27,6 +27,7 @@ from loadwarden.producer.contract import LoadRequest
 from loadwarden.producer.errors import CatalogError
 from loadwarden.producer.keys import PRELOAD_KEY_PREFIX
 from loadwarden.producer.preload import EntryState, PreloadEntry, PreloadTotals
+from loadwarden.producer.sources import is_url
 from loadwarden.worker.serve.api import authorized, client_of
 from loadwarden.worker.serve.problems import Problem
 
@@ -185,7 +186,7 @@ async def start_preload(
     except CatalogError as exc:
         raise Problem(422, str(exc), kind="bad-catalog", errors=exc.defects) from None
     relative = [
-        e.name for e in catalog.models if "://" not in e.source and not Path(e.source).is_absolute()
+        e.name for e in catalog.models if not is_url(e.source) and not Path(e.source).is_absolute()
     ]
     if relative:
         raise Problem(

@@ -67,14 +67,13 @@ from collections.abc import Callable
 
 from loadwarden.producer.errors import SourceRefused
 from loadwarden.producer.settings import InspectionCaps, SourcePolicy
+from loadwarden.producer.sources import is_hf, is_url, url_scheme
 from loadwarden.worker._files import ModelFile, OpenedModel
-from loadwarden.worker.sources._hf import SCHEME as HF_SCHEME
 from loadwarden.worker.sources._hf import open_hf
 from loadwarden.worker.sources._local import open_local, open_local_model
 
 __all__ = ["open_model", "open_source"]
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -91,11 +90,11 @@ async def open_source(
     """
     if expected_sha256 is not None and not _SHA256.match(expected_sha256):
         raise ValueError(f"expected_sha256 {expected_sha256!r} is not 64 lower-case hex digits")
-    scheme = _SCHEME.match(source)
+    scheme = url_scheme(source)
     if scheme is None:
         return open_local(source, policy.allow_roots, refuse_hard_links=policy.refuse_hard_links)
-    if scheme[1].lower() not in ("http", "https"):
-        raise SourceRefused(f"{scheme[1]}:// is not a supported source", code="unsupported_scheme")
+    if scheme.lower() not in ("http", "https"):
+        raise SourceRefused(f"{scheme}:// is not a supported source", code="unsupported_scheme")
     # httpx is imported on the first URL: workers that only load local files stay lean.
     from loadwarden.worker.sources._http import fetch
 
@@ -118,9 +117,9 @@ async def open_model(
     inspected yet.
     """
     checks = caps or InspectionCaps()
-    if source.startswith(HF_SCHEME):
+    if is_hf(source):
         return await _off_loop(lambda: open_hf(source, policy, checks))
-    if _SCHEME.match(source) is None:
+    if not is_url(source):
         return await _off_loop(
             lambda: open_local_model(
                 source, policy.allow_roots, checks, refuse_hard_links=policy.refuse_hard_links

@@ -35,15 +35,15 @@ import re
 import stat
 from pathlib import Path
 
+from loadwarden.producer._xdg import xdg_dir
 from loadwarden.producer.errors import InvalidModel, SourceRefused, SourceUnavailable
 from loadwarden.producer.settings import InspectionCaps, SourcePolicy
-from loadwarden.producer.sources import COMMIT, HF_SCHEME, parse_hf
+from loadwarden.producer.sources import COMMIT, parse_hf
 from loadwarden.worker._files import OpenedModel, Shard
 from loadwarden.worker.formats._common import read_at
 from loadwarden.worker.sources._checkpoint import open_folder, open_regular
 from loadwarden.worker.sources._local import SPECIAL_TREES
 
-SCHEME = HF_SCHEME
 # What huggingface_hub writes as a snapshot entry at the top of the snapshot.
 _BLOB_LINK = re.compile(r"^\.\./\.\./blobs/([0-9a-f]{40}|[0-9a-f]{64})$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -62,9 +62,7 @@ def cache_dir(policy: SourcePolicy) -> Path:
             return Path(os.path.expanduser(env[name]))
     if env.get("HF_HOME"):
         return Path(os.path.expanduser(env["HF_HOME"])) / "hub"
-    xdg = env.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "huggingface" / "hub"
+    return xdg_dir("XDG_CACHE_HOME", ".cache") / "huggingface" / "hub"
 
 
 def parse(source: str) -> tuple[str, str]:

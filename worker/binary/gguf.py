@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from loadwarden.worker.sandbox._gguf_rules import (
+from loadwarden.worker.binary.gguf_rules import (
     ALIGNMENT_KEY,
     MAX_DIMS,
     GGUFError,
@@ -25,9 +25,9 @@ from loadwarden.worker.sandbox._gguf_rules import (
     show,
     tensor_size,
 )
-from loadwarden.worker.sandbox._pread import pread_into
+from loadwarden.worker.binary.magic import GGUF as MAGIC
+from loadwarden.worker.binary.pread import pread_into
 
-MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 #: Longest tensor name we accept (ggml's own is 64; converters stay well under 1024).
 MAX_NAME_BYTES = 1024

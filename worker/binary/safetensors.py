@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadwarden.worker.sandbox._dtypes import SAFETENSORS, ElementType
-from loadwarden.worker.sandbox._json import json_type, parse_object, show
+from loadwarden.worker.binary.dtypes import SAFETENSORS, ElementType
+from loadwarden.worker.binary.strict_json import json_type, parse_object, show
 
 PREFIX_BYTES = 8
 _MIN_HEADER_BYTES = 2  # "{}"

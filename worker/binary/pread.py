@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
+import zlib
 from typing import Any
+
+#: What ``zipfile`` may raise while it reads a member through ``open_reader``: a broken
+#: archive or stream, a method it lacks, an encrypted member.
+ZIP_MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError)
 
 
 class PreadFile(io.RawIOBase):

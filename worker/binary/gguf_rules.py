@@ -1,6 +1,6 @@
-"""GGUF's rules beyond its byte format: tensor sizes, alignment, layout (ggml types: ``_dtypes``).
+"""GGUF's rules beyond its byte format: tensor sizes, alignment, layout (ggml types: ``dtypes``).
 
-Stdlib only: the load child uses it too (through ``_gguf``).
+Stdlib only: the load child uses it too (through ``gguf``).
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from loadwarden.worker.sandbox._dtypes import GGML
+from loadwarden.worker.binary.dtypes import GGML
 
 #: ggml tensors have at most four dimensions (GGML_MAX_DIMS).
 MAX_DIMS = 4

@@ -1,0 +1,60 @@
+"""What the README promises about the package itself, checked against the package."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def _section(markdown: str, title: str) -> str:
+    """The text of the ``## title`` section."""
+    start = markdown.index(f"\n## {title}\n")
+    end = markdown.find("\n## ", start + 1)
+    return markdown[start : end if end >= 0 else None]
+
+
+def test_every_runtime_dependency_is_explained_in_the_readme() -> None:
+    """pyproject's pointer holds: each dependency has a row in README's Dependencies, and
+    each package a row names is a dependency or in an extra."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["readme"] == "README.md"
+
+    def names(specs: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[ ;]", spec)[0].lower() for spec in specs}
+
+    wanted = names(project["dependencies"])
+    extras = set().union(*(names(specs) for specs in project["optional-dependencies"].values()))
+    table = _section((ROOT / "README.md").read_text(), "Dependencies")
+    rows = re.findall(r"^\| ([^|]+) \|", table, re.MULTILINE)[2:]  # after the header
+    named = {
+        name.strip().lower()
+        for row in rows
+        for name in re.sub(r"\(extra `[^`]+`\)", "", row).split(",")
+    }
+    assert wanted <= named
+    assert named <= wanted | extras
+
+
+def test_every_readme_section_a_comment_names_exists() -> None:
+    """Comments that send a reader to a README section (`deploy/README.md, "Sizing"`,
+    `README "High availability"`) name a heading that is there."""
+    pointers = re.compile(r'(deploy/README\.md|README)(?:\.md)?,? "([^"]+)"')
+    headings = {
+        name: {
+            h.strip("# ").strip() for h in (ROOT / path).read_text().splitlines() if h[:1] == "#"
+        }
+        for name, path in (("README", "README.md"), ("deploy/README.md", "deploy/README.md"))
+    }
+    found = 0
+    for path in [
+        *ROOT.glob("deploy/**/*.yaml"),
+        *ROOT.glob("deploy/Dockerfile"),
+        ROOT / "pyproject.toml",
+    ]:
+        for readme, section in pointers.findall(path.read_text()):
+            found += 1
+            assert any(h.startswith(section) for h in headings[readme]), (path, readme, section)
+    assert found >= 5
