@@ -136,7 +136,7 @@ def verify_bundle(
         }
     )
     if has_chain and hint is None:
-        _check_valid_now(signature, sig.name)
+        _check_unexpired(signature, sig.name)
     if params.get("method") != "files" or params.get("hash_type") != "sha256":
         raise SourceRefused(
             f"{sig.name} signs a {params.get('method')}/{params.get('hash_type')} manifest; "
@@ -252,24 +252,23 @@ def _verify_chain(
     raise unknown_signer(requirement, "a certificate")
 
 
-def _check_valid_now(signature: Any, name: str) -> None:
-    """Refuse a bundle whose certificates are not all valid now. model-signing checks the
-    chain at its signing certificate's start date (the bundle has no timestamp to say when
-    it was signed), so a certificate that expired years ago, or whose intermediate did,
-    would verify forever for whoever holds its key; revocation is not checked either."""
+def _check_unexpired(signature: Any, name: str) -> None:
+    """Refuse a bundle with a certificate that has expired. model-signing checks the chain
+    at its signing certificate's start date (the bundle has no timestamp to say when it
+    was signed), so a certificate that expired years ago, or whose intermediate did, would
+    verify forever for whoever holds its key; revocation is not checked either. (One not
+    valid yet passes, as model-signing has it: a CA's clock may run ahead of ours.)"""
     from cryptography import x509
 
     now = datetime.now(UTC)
     chain = signature.bundle.verification_material.x509_certificate_chain.certificates
     for place, cert in enumerate(chain):
-        parsed = x509.load_der_x509_certificate(cert.raw_bytes)
-        start, end = parsed.not_valid_before_utc, parsed.not_valid_after_utc
-        if not start <= now <= end:
+        end = x509.load_der_x509_certificate(cert.raw_bytes).not_valid_after_utc
+        if now > end:
             which = "its signing certificate" if place == 0 else f"certificate {place} of its chain"
-            when = f"expired on {end:%Y-%m-%d}" if now > end else f"valid from {start:%Y-%m-%d}"
             raise SourceRefused(
-                f"{name}: {which} is not valid now ({when}); with no timestamp to show when it "
-                "signed, a certificate must be valid when its signature is checked",
+                f"{name}: {which} expired on {end:%Y-%m-%d}; with no timestamp to show it "
+                "signed before then, a certificate must be valid when its signature is checked",
                 code="signature_invalid",
             )
 

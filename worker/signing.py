@@ -29,7 +29,7 @@ Outcomes, all ``refused`` (``SourceRefused``), each with its code::
     signature_missing         required, and no signature file is there
     signature_invalid         the file is no bundle, its signature does not verify
                               under the key it names, or a certificate of its chain
-                              is not valid now (expired)
+                              has expired
     signature_unknown_signer  signed by a key no accepted signer holds
     signature_mismatch        the manifest does not cover a loaded file, or names
                               another digest (also: a serialization we cannot check)
