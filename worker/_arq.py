@@ -78,6 +78,12 @@ class LoadWorker(Worker):
         return wire.dumps(document)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        # Never a second run of a job this process runs now. arq's guard is the job's
+        # in-progress marker in Redis, which a failover can lose (a replica promoted before
+        # the marker reached it): the second run would then share the first's per-job state
+        # (arq's job_tasks, our noted failures) and end it with a stray KeyError.
+        running = {job_id for job_id, task in self.tasks.items() if not task.done()}
+        job_ids = [j for j in job_ids if j.decode() not in running]
         loop = asyncio.get_running_loop()
         if job_ids and loop.time() >= self._next_marker_check:
             self._next_marker_check = loop.time() + self.in_progress_timeout_s / 3
