@@ -93,7 +93,7 @@ class LoadWorker(Worker):
     async def _lease_stray_markers(self, job_ids: list[bytes]) -> None:
         """Give an in-progress marker without expiry one lease to live.
 
-        arq writes its marker with PSETEX and our lease renews it with PEXPIRE, so a
+        arq writes its marker with PSETEX and our lease rewrites it with SET PX, so a
         marker that never expires was written by someone else, and would hold its job
         out of every worker's reach forever: it now lapses within a lease like any other.
         """
