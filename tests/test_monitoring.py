@@ -132,6 +132,7 @@ async def test_exporter_reports_a_prepared_backlog(redis_url: str, small_model: 
         "loadwarden_dead_letter_jobs",
         "loadwarden_workers_alive",
         "loadwarden_desired_workers",
+        "loadwarden_failing_models",
     }
 
 

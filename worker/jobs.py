@@ -127,7 +127,9 @@ class JobBook:
     @contextlib.asynccontextmanager
     async def lease(self, job_id: str) -> AsyncIterator[None]:
         """Keep arq's in-progress marker alive only while we live: if this worker dies, the
-        marker lapses after ``lease_s`` and another worker runs the job."""
+        marker lapses after ``lease_s`` and another worker runs the job. Each renewal
+        writes the marker anew (not only its expiry), so a marker a failover lost is back
+        within ``lease_renew_s`` and other workers leave the job alone."""
         key = in_progress_key_prefix + job_id
         lease_ms = int(self.settings.lease_s * 1000)
 
@@ -135,7 +137,7 @@ class JobBook:
             while True:
                 try:
                     async with self.redis.pipeline(transaction=False) as pipe:
-                        pipe.pexpire(key, lease_ms)
+                        pipe.set(key, b"1", px=lease_ms)
                         pipe.zadd(RUNNING_ZSET, {job_id: now_ms() + lease_ms})
                         await pipe.execute()
                 except (RedisError, OSError) as exc:
