@@ -265,7 +265,7 @@ class SignatureInfo(_Model):
     signer: str | None = Field(
         default=None, description="the trusted signer it verified under (None: it did not)"
     )
-    key_sha256: str | None = Field(
+    key_sha256: Sha256 | None = Field(
         default=None,
         description="the bundle's key hint: sha256 of the signer's PEM public key",
     )

@@ -300,9 +300,11 @@ class SigningPolicy(BaseModel):
     signers: dict[SignerName, TrustedSigner] = {}
     # Every load (None: no rule for all loads; loads are signed only where a rule says).
     require: SignedBy | None = None
-    # Loads whose files lie under one of these folders (a root or any folder inside one).
+    # Loads whose files lie under one of these folders (a root or any folder inside one), or
+    # whose source names a path under one (a symlink there to a model elsewhere too).
     roots: dict[Path, SignedBy] = {}
-    # hf:// loads of these organisations (the ORG of hf://ORG/NAME, case-sensitive as the hub).
+    # hf:// loads of these organisations (the ORG of hf://ORG/NAME, in any case: the hub's
+    # names are case-insensitive, and a cache keeps whichever spelling it was fetched by).
     hf_orgs: dict[str, SignedBy] = {}
 
     @model_validator(mode="after")

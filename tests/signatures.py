@@ -113,3 +113,57 @@ def policy(signers: dict[str, Path], **rules: object) -> SigningPolicy:
             **rules,
         }
     )
+
+
+def expired_certificates(folder: Path, which: str) -> tuple[Path, Path, Path, Path]:
+    """A signing certificate under a root CA that has expired (``which="leaf"``), or whose
+    intermediate CA has (``"intermediate"``; the leaf was issued while it was valid).
+    Returns (the leaf's key, the leaf, the chain the bundle carries, the root CA)."""
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=300)
+
+    def issue(
+        subject: str,
+        issuer: str,
+        public: ec.EllipticCurvePublicKey,
+        by: ec.EllipticCurvePrivateKey,
+        *,
+        ca: bool,
+        days: int,
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(past)
+            .not_valid_after(past + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+                critical=True,
+            )
+        return builder.sign(by, hashes.SHA256())
+
+    root_key, middle_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    root = issue("root", "root", root_key.public_key(), root_key, ca=True, days=3 * 365)
+    private, _ = make_key(folder, f"expired-{which}")
+    key = serialization.load_pem_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    if which == "leaf":  # valid for 100 days, 200 days ago
+        chain = [root]
+        leaf = issue("leaf", "root", key.public_key(), root_key, ca=False, days=100)
+    else:
+        middle = issue("middle", "root", middle_key.public_key(), root_key, ca=True, days=100)
+        chain = [middle]
+        leaf = issue("leaf", "middle", key.public_key(), middle_key, ca=False, days=365)
+    paths = [folder / f"expired-{which}-{part}.crt" for part in ("leaf", "chain", "root")]
+    paths[0].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
+    paths[2].write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    return private, paths[0], paths[1], paths[2]

@@ -190,8 +190,9 @@ async def test_cpu_limit_on_a_spinning_child_is_cpu_exceeded(
     assert report.outcome is Outcome.CPU_EXCEEDED, report.error
     assert report.error is not None and report.error.type == CpuExceeded.__name__
     assert report.resources is not None
-    # The kernel checks RLIMIT_CPU on its own clock ticks: rusage may read a hair under 1 s.
-    assert report.resources.cpu_user_seconds + report.resources.cpu_system_seconds >= 0.9
+    # The kernel checks RLIMIT_CPU on its own clock, which rusage's user + system time
+    # does not match exactly: it has read 0.85 s for a 1 s limit on a busy machine.
+    assert report.resources.cpu_user_seconds + report.resources.cpu_system_seconds >= 0.75
 
 
 @pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGTERM, signal.SIGKILL])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,3 +237,38 @@ async def test_in_progress_marker_lasts_one_lease(
         ttl_ms = await redis.pttl(in_progress_key_prefix + handle.job_id)
         await handle.cancel()
     assert 0 < ttl_ms <= settings.lease_s * 1000
+
+
+async def test_a_lost_in_progress_marker_does_not_start_a_job_twice(
+    redis_url: str, small_model: Path, tmp_path: Path
+) -> None:
+    """A running job whose in-progress marker vanished (a failover that lost it) is not
+    started a second time by the worker that runs it (it once ended in a stray KeyError),
+    and its lease writes the marker back."""
+    from arq.constants import in_progress_key_prefix
+
+    settings = Settings(redis_url=redis_url, concurrency=3)
+    other = tmp_path / "other.safetensors"
+    shutil.copyfile(small_model, other)
+    async with (
+        running_worker(settings, loaders={"safetensors": "hang"}) as worker,
+        Client(settings=settings) as client,
+    ):
+        first = await client.enqueue(LoadRequest(source=str(small_model)))
+        await eventually(lambda: worker.supervisor.forkserver.spawned == 1, 30, "first loading")
+        redis = await client.redis()
+        assert await redis.delete(in_progress_key_prefix + first.job_id) == 1
+        # The worker has polled the queue since the marker went once the second job runs
+        # (both are read in one poll; the first is read before the second).
+        second = await client.enqueue(LoadRequest(source=str(other)))
+        await eventually(lambda: second.job_id in worker.supervisor.in_flight, 30, "second")
+        spawned = worker.supervisor.forkserver.spawned
+        assert sorted(worker.supervisor.in_flight) == sorted([first.job_id, second.job_id])
+        # The lease writes the marker back, so other workers leave the job alone too.
+        marker = in_progress_key_prefix + first.job_id
+        await eventually(lambda: redis.exists(marker), 10, "the marker written back")
+        await first.cancel()
+        await second.cancel()
+        assert (await first.report(30)).outcome is Outcome.CANCELLED
+        assert (await second.report(30)).outcome is Outcome.CANCELLED
+    assert spawned == 2, "the first job was started twice"

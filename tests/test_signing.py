@@ -8,7 +8,11 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
+import threading
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from loadwarden.producer.catalog import parse_catalog
 from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
+from loadwarden.producer.errors import SourceRefused
 from loadwarden.producer.settings import Settings, SigningPolicy, TrustedSigner
 from loadwarden.worker import supervisor as supervisor_module
 from loadwarden.worker._files import OpenedModel
@@ -26,7 +31,7 @@ from loadwarden.worker.sandbox.forkserver import SandboxError
 from loadwarden.worker.signing import required_signers
 from loadwarden.worker.supervisor import Supervisor
 from tests.checkpoints import INDEX, cache_snapshot, save_pretrained, state_dict
-from tests.signatures import make_certificates, make_key, policy, sign
+from tests.signatures import expired_certificates, make_certificates, make_key, policy, sign
 from tests.test_cli import run
 
 REPO = "example-org/tiny-llama"
@@ -264,23 +269,30 @@ async def test_file_swapped_after_signing_is_refused(
     assert spawned == 0
 
 
+@pytest.mark.parametrize("restored", [False, True])
 async def test_file_changed_after_verification_is_caught(
-    checkpoint: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+    checkpoint: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch, restored: bool
 ) -> None:
     """A shard rewritten in place (same inode, same size) after its signature verified and
     before the child reads it: the supervisor's digest taken during the load differs from
-    the signed one, and the load ends invalid (file_changed)."""
+    the signed one, and the load ends invalid (file_changed). So does one written back
+    before that digest reads it (an attacker flipping bytes while the child reads them):
+    the write moved the file's times."""
     sign(checkpoint, keys["acme"][0])
     target = shards(checkpoint)[0]
+    if restored:  # any write now moves its mtime, whatever the clock's tick
+        day_ago = target.stat().st_mtime_ns - 86_400 * 10**9
+        os.utime(target, ns=(day_ago, day_ago))
     real = supervisor_module.check_signature
 
     async def then_rewrite(opened: OpenedModel, *args: Any) -> None:
         await real(opened, *args)
-        data = bytearray(target.read_bytes())
-        data[-1] ^= 0xFF  # a tensor byte: the header stays valid
+        data = target.read_bytes()
         fd = os.open(target, os.O_WRONLY)  # the same inode, rewritten in place
         try:
-            os.pwrite(fd, data, 0)
+            os.pwrite(fd, bytes([data[-1] ^ 0xFF]), len(data) - 1)  # a tensor byte
+            if restored:
+                os.pwrite(fd, data[-1:], len(data) - 1)
         finally:
             os.close(fd)
 
@@ -404,3 +416,219 @@ def test_inspect_shows_the_signature(small_model: Path, keys: Keys) -> None:
         "signature_unknown_signer"
     )
     assert document["signature"]["status"] == "refused" and document["signature"]["required"]
+
+
+# --- hostile signatures, requests and spellings -------------------------------------------
+
+
+async def test_hf_organisation_rule_holds_whatever_its_spelling(
+    checkpoint: Path, keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub's organisation names are case-insensitive (it serves Example-ORG/x as
+    example-org/x, and a cache keeps the spelling it was downloaded with): an unsigned
+    snapshot cached as Example-ORG is still under a rule for example-org."""
+    cache = tmp_path / "hub"
+    cache_snapshot(cache, "Example-ORG/tiny-llama", checkpoint)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    rules = {"hf_orgs": {"example-org": ["acme"]}}
+    report, spawned = await load(trusting(keys, **rules), "hf://Example-ORG/tiny-llama")
+    refused(report, "signature_missing")
+    assert spawned == 0
+
+
+async def test_root_rule_holds_for_a_path_with_a_url_like_part(
+    small_model: Path, keys: Keys
+) -> None:
+    """A local path is local however it is spelled: ``ROOT/x://../m.safetensors`` (a folder
+    named ``x:``, then ``//``) names a file under ROOT, and ROOT's rule applies to it."""
+    (small_model.parent / "x:").mkdir()
+    source = f"{small_model.parent}/x://../{small_model.name}"
+    report, spawned = await load(trusting(keys, roots={str(small_model.parent): ["acme"]}), source)
+    refused(report, "signature_missing")
+    assert spawned == 0
+
+
+async def test_key_hint_that_is_no_sha256_is_refused_and_never_reported(
+    small_model: Path, keys: Keys
+) -> None:
+    """A bundle's key hint is the sha256 of a PEM key: one that is anything else (here
+    100 kB with a terminal escape) is no model-signing bundle, and the report, which
+    names the hint it read, never carries it."""
+    signature = sign(small_model, keys["acme"][0])
+    bundle = json.loads(signature.read_bytes())
+    bundle["verificationMaterial"]["publicKey"]["hint"] = "\x1b[2J" + "a" * 100_000
+    signature.write_text(json.dumps(bundle))
+    report, spawned = await load(trusting(keys, require=["acme"]), small_model)
+    refused(report, "signature_invalid")
+    assert report.signature is not None and report.signature.key_sha256 is None
+    assert len(report.model_dump_json()) < 10_000 and spawned == 0
+
+
+#: Two MiB each: JSON of 700,000 values, and ASCII that a single emoji widens to 4 bytes
+#: a character once decoded.
+HOSTILE_BUNDLES = {
+    "many_values": b'{"verificationMaterial": {}, "x": [' + b"{}," * 700_000 + b"{}]}",
+    "wide_text": b'{"verificationMaterial": {}, "x": "' + b"a" * 2_000_000 + "😀".encode() + b'"}',
+}
+
+
+@pytest.mark.parametrize("shape", sorted(HOSTILE_BUNDLES))
+async def test_hostile_signature_json_is_refused_in_bounded_memory(
+    small_model: Path, keys: Keys, shape: str
+) -> None:
+    """A signature file that is JSON of many values or of text that widens when decoded is
+    refused (signature_invalid) while the supervisor holds little more than its bytes: a
+    job's signature never costs it tens of MiB of Python objects."""
+    from loadwarden.worker._bundle import Found, Requirement, Trust, verify_bundle
+    from loadwarden.worker._files import SignatureFile
+
+    raw = HOSTILE_BUNDLES[shape]
+    signing = trusting(keys, require=["acme"])
+    trust = Trust(signing)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SourceRefused) as refusal:
+            verify_bundle(
+                SignatureFile("m.sig", raw=raw),
+                Requirement(frozenset({"acme"}), ("test",)),
+                trust,
+                Found(),
+            )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert refusal.value.code == "signature_invalid"
+    assert peak < 2 * len(raw), f"{peak / 2**20:.0f} MiB to refuse {len(raw) / 2**20:.0f} MiB"
+    small_model.with_name(small_model.name + ".sig").write_bytes(raw)
+    report, spawned = await load(signing, small_model)
+    refused(report, "signature_invalid")
+    assert spawned == 0
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ed25519"])
+async def test_worker_refuses_to_start_with_a_key_model_signing_cannot_verify_with(
+    tmp_path: Path, kind: str
+) -> None:
+    """A trusted public key that is valid PEM but no EC key (RSA, Ed25519: model-signing
+    signs with EC keys only) fails the start with a clear reason, not a traceback."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    key = (
+        rsa.generate_private_key(65537, 2048)
+        if kind == "rsa"
+        else ed25519.Ed25519PrivateKey.generate()
+    )
+    public = tmp_path / f"{kind}.pub"
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    sup = Supervisor(Settings(signing=policy({"acme": public}, require=["acme"])))
+    try:
+        with pytest.raises(SandboxError, match=r"signing\.signers\[acme\].*no EC public key"):
+            await sup.start()
+    finally:
+        await sup.close()
+
+
+@pytest.mark.parametrize("expired", ["leaf", "intermediate"])
+async def test_signature_by_an_expired_certificate_is_refused(
+    small_model: Path, tmp_path: Path, expired: str
+) -> None:
+    """model-signing checks a chain at its signing certificate's start date, so one that
+    expired long ago (or whose intermediate did) verifies forever, for whoever holds its
+    key: with no timestamp to show when it signed, a certificate must be valid now."""
+    key, leaf, chain, root = expired_certificates(tmp_path, expired)
+    sign(small_model, key, certificate=(leaf, chain))
+    signing = SigningPolicy(
+        signers={"corp": TrustedSigner(certificate_chain=(root,))}, require=("corp",)
+    )
+    report, spawned = await load(signing, small_model)
+    refused(report, "signature_invalid")
+    assert report.error is not None and "expired" in report.error.message
+    assert report.signature is not None and report.signature.signer == "corp"
+    assert spawned == 0
+
+
+@pytest.mark.parametrize("what", ["file", "checkpoint"])
+async def test_root_rule_holds_for_a_symlink_under_the_root_to_a_model_outside(
+    small_model: Path, checkpoint: Path, keys: Keys, tmp_path: Path, what: str
+) -> None:
+    """A symlink planted under a root that requires signatures, to an unsigned model outside
+    it (elsewhere under the allowed roots), is a model of that root as requested: loaded by
+    the root's path (here spelled //ROOT/...), it must be signed."""
+    prod = tmp_path / "prod"
+    prod.mkdir()
+    target = small_model if what == "file" else checkpoint
+    (prod / target.name).symlink_to(target)
+    report, spawned = await load(
+        trusting(keys, roots={str(prod): ["acme"]}), f"/{prod}/{target.name}"
+    )
+    refused(report, "signature_missing")
+    assert spawned == 0
+
+
+def test_hintless_bundle_is_verified_without_touching_the_process_streams(
+    small_model: Path, keys: Keys, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A bundle from before key hints is verified by trying each accepted key, without
+    model-signing's warning on stdout and without swapping sys.stdout (process-wide: two
+    loads verifying at once in threads could leave it pointing at stderr for good, and
+    ``load --json`` and the logs print there)."""
+    from loadwarden.worker._bundle import Found, Requirement, Trust, verify_bundle
+    from loadwarden.worker._files import SignatureFile
+
+    bundle = json.loads(sign(small_model, keys["beta"][0]).read_bytes())
+    bundle["verificationMaterial"]["publicKey"]["hint"] = ""
+    raw = json.dumps(bundle).encode()
+    trust = Trust(trusting(keys))
+    requirement = Requirement(frozenset({"acme", "beta"}), ("test",))
+    stdout, swapped, signers = sys.stdout, False, list[str | None]()
+
+    def verify_many() -> None:
+        for _ in range(50):
+            found = Found()
+            verify_bundle(SignatureFile("m.sig", raw=raw), requirement, trust, found)
+            assert found.info is not None
+            signers.append(found.info.signer)
+
+    thread = threading.Thread(target=verify_many)
+    thread.start()
+    while thread.is_alive():
+        swapped = swapped or sys.stdout is not stdout
+    thread.join()
+    assert signers == ["beta"] * 50 and not swapped
+    assert capfd.readouterr() == ("", "")
+
+
+@pytest.fixture
+def bind_mounted(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A folder and another name for it: a bind mount (root only; skipped elsewhere)."""
+    folder, alias = tmp_path / "prod", tmp_path / "alias"
+    folder.mkdir()
+    alias.mkdir()
+    mounted = subprocess.run(
+        ["mount", "--bind", str(folder), str(alias)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"no bind mount here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder, alias
+    finally:
+        subprocess.run(["umount", str(alias)], check=True)
+
+
+async def test_root_rule_holds_for_the_root_reached_by_another_name(
+    small_model: Path, keys: Keys, bind_mounted: tuple[Path, Path]
+) -> None:
+    """A root reached by another name (a bind mount here; a case-insensitive share's
+    ROOT/../PROD for ROOT/../prod likewise) is the same folder: its rule applies."""
+    prod, alias = bind_mounted
+    shutil.copy(small_model, prod / small_model.name)
+    report, spawned = await load(
+        trusting(keys, roots={str(prod): ["acme"]}), alias / small_model.name
+    )
+    refused(report, "signature_missing")
+    assert spawned == 0

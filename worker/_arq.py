@@ -154,13 +154,20 @@ class LoadWorker(Worker):
             )
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        # Never a second run of a job this process runs now. arq's guard is the job's
+        # in-progress marker in Redis, which a failover can lose (a replica promoted before
+        # the marker reached it): the second run would then share the first's per-job state
+        # (arq's job_tasks, our noted failures) and end it with a stray KeyError.
+        fetched = len(job_ids)
+        running = {job_id for job_id, task in self.tasks.items() if not task.done()}
+        job_ids = [j for j in job_ids if j.decode() not in running]
         loop = asyncio.get_running_loop()
         if job_ids and loop.time() >= self._next_marker_check:
             self._next_marker_check = loop.time() + self.in_progress_timeout_s / 3
             await self._lease_stray_markers(job_ids)
-        running = set(self.tasks)
+        before = set(self.tasks)
         await self._claim_and_start(job_ids)
-        self._more = len(job_ids) >= self.queue_read_limit and bool(set(self.tasks) - running)
+        self._more = fetched >= self.queue_read_limit and bool(set(self.tasks) - before)
 
     async def _claim_and_start(self, job_ids: list[bytes]) -> None:
         """arq's ``start_jobs`` with its claim in one round trip instead of four.
@@ -193,7 +200,7 @@ class LoadWorker(Worker):
     async def _lease_stray_markers(self, job_ids: list[bytes]) -> None:
         """Give an in-progress marker without expiry one lease to live.
 
-        arq writes its marker with PSETEX and our lease renews it with PEXPIRE, so a
+        arq writes its marker with PSETEX and our lease rewrites it with SET PX, so a
         marker that never expires was written by someone else, and would hold its job
         out of every worker's reach forever: it now lapses within a lease like any other.
         """

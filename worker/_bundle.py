@@ -6,18 +6,24 @@ model-signing is imported here only, and only when a ``Trust`` is built.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import sys
+import re
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from loadwarden.producer.contract import SignatureInfo
 from loadwarden.producer.errors import SourceRefused
 from loadwarden.producer.settings import SigningPolicy, TrustedSigner
 from loadwarden.worker._files import SignatureFile
+
+#: JSON objects, arrays and their separators a bundle may hold: model-signing's holds
+#: about 15, a Sigstore bundle with a transparency log entry and its inclusion proof ~100.
+MAX_BUNDLE_VALUES = 1024
+#: A key hint, as model-signing writes it: the sha256 (hex) of the signer's PEM public key.
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class TrustError(Exception):
@@ -67,11 +73,18 @@ class Trust:
     @staticmethod
     def _load(name: str, signer: TrustedSigner, sign_ec_key: Any, sign_certificate: Any) -> _Signer:
         from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
 
         if signer.public_key is not None:
+            key = serialization.load_pem_public_key(signer.public_key.read_bytes())
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                # model-signing's own check assumes a curve (AttributeError on RSA, Ed25519).
+                raise ValueError(
+                    f"{type(key).__name__} is no EC public key: model-signing "
+                    "signs with EC keys only (P-256, P-384, P-521)"
+                )
             verifier = sign_ec_key.Verifier(signer.public_key)
             # The bundle's key hint, computed as model-signing's signer does.
-            key = serialization.load_pem_public_key(signer.public_key.read_bytes())
             pem = key.public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
@@ -109,10 +122,7 @@ def verify_bundle(
     elif has_chain:
         signer, manifest = _verify_chain(signature, candidates, requirement)
     else:  # a bundle from before key hints: any accepted key that verifies it is its signer
-        # model-signing prints a warning about such bundles: to stderr, never our stdout
-        # (``load --json`` prints one document there).
-        with contextlib.redirect_stdout(sys.stderr):
-            matches = [(s, m) for s in candidates if (m := _try(s, signature)) is not None]
+        matches = [(s, m) for s in candidates if (m := _try_hinted(s, signature)) is not None]
         if not matches:
             raise unknown_signer(requirement, "a key with no hint")
         signer, manifest = matches[0]
@@ -125,6 +135,8 @@ def verify_bundle(
             "files": len(resources),
         }
     )
+    if has_chain and hint is None:
+        _check_unexpired(signature, sig.name)
     if params.get("method") != "files" or params.get("hash_type") != "sha256":
         raise SourceRefused(
             f"{sig.name} signs a {params.get('method')}/{params.get('hash_type')} manifest; "
@@ -144,6 +156,7 @@ def _parse(sig: SignatureFile) -> tuple[Any, str | None, bool]:
     from sigstore_models.bundle import v1 as bundle_pb
 
     assert sig.raw is not None
+    _check_shape(sig)
     try:
         parsed = json.loads(sig.raw.decode("utf-8"))
         material = parsed["verificationMaterial"]
@@ -161,7 +174,30 @@ def _parse(sig: SignatureFile) -> tuple[Any, str | None, bool]:
             f"{sig.name} is not a model-signing bundle: {type(exc).__name__}: {exc}"[:500],
             code="signature_invalid",
         ) from None
+    if hint and not _SHA256_HEX.match(hint):
+        # Never reported: the report names the hint, and this one may be megabytes of anything.
+        raise SourceRefused(
+            f"{sig.name} is not a model-signing bundle: its key hint is no sha256 "
+            f"({len(hint)} characters)",
+            code="signature_invalid",
+        )
     return sign_sigstore_pb.Signature(bundle), hint or None, chain is not None
+
+
+def _check_shape(sig: SignatureFile) -> None:
+    """Refuse, before parsing, a file that is no bundle and would cost us far more memory
+    than its bytes once parsed: a bundle (model-signing's, or Sigstore's with a log entry)
+    is ASCII JSON of a few dozen values, its payload, signature and certificates base64
+    strings; 16 MiB of ``{},`` is millions of Python objects (over 1 GiB), and one
+    non-ASCII character makes the decoded text 4 bytes a character."""
+    assert sig.raw is not None
+    values = sig.raw.count(b"{") + sig.raw.count(b"[") + sig.raw.count(b",")
+    if not sig.raw.isascii() or values > MAX_BUNDLE_VALUES:
+        what = "non-ASCII bytes" if not sig.raw.isascii() else f"over {MAX_BUNDLE_VALUES} values"
+        raise SourceRefused(
+            f"{sig.name} is not a model-signing bundle: it holds {what}",
+            code="signature_invalid",
+        )
 
 
 def _verify_with(signer: _Signer, signature: Any) -> Any:
@@ -175,11 +211,24 @@ def _verify_with(signer: _Signer, signature: Any) -> Any:
         ) from None
 
 
-def _try(signer: _Signer, signature: Any) -> Any:
+def _try_hinted(signer: _Signer, signature: Any) -> Any:
+    """The manifest if ``signer``'s key verifies a bundle that has no key hint, else None.
+
+    model-signing prints a warning to stdout when it verifies a bundle with no hint. We
+    give the bundle the hint of the key we try instead (it checks the hint against that
+    very key), so nothing is printed: redirecting ``sys.stdout`` would swap it for the
+    whole process, and two threads verifying at once could leave it swapped for good
+    (``load --json`` and the logs print there)."""
+    public_key = signature.bundle.verification_material.public_key
+    if signer.key_sha256 is None or public_key is None:
+        return None  # a certificate signer: its bundles carry a chain
+    public_key.hint = signer.key_sha256
     try:
         return signer.verifier.verify(signature)
     except Exception:
         return None
+    finally:
+        public_key.hint = None
 
 
 def _verify_chain(
@@ -201,6 +250,27 @@ def _verify_chain(
                 code="signature_invalid",
             ) from None
     raise unknown_signer(requirement, "a certificate")
+
+
+def _check_unexpired(signature: Any, name: str) -> None:
+    """Refuse a bundle with a certificate that has expired. model-signing checks the chain
+    at its signing certificate's start date (the bundle has no timestamp to say when it
+    was signed), so a certificate that expired years ago, or whose intermediate did, would
+    verify forever for whoever holds its key; revocation is not checked either. (One not
+    valid yet passes, as model-signing has it: a CA's clock may run ahead of ours.)"""
+    from cryptography import x509
+
+    now = datetime.now(UTC)
+    chain = signature.bundle.verification_material.x509_certificate_chain.certificates
+    for place, cert in enumerate(chain):
+        end = x509.load_der_x509_certificate(cert.raw_bytes).not_valid_after_utc
+        if now > end:
+            which = "its signing certificate" if place == 0 else f"certificate {place} of its chain"
+            raise SourceRefused(
+                f"{name}: {which} expired on {end:%Y-%m-%d}; with no timestamp to show it "
+                "signed before then, a certificate must be valid when its signature is checked",
+                code="signature_invalid",
+            )
 
 
 def unknown_signer(requirement: Requirement, whom: str) -> SourceRefused:

@@ -138,7 +138,9 @@ class JobBook:
     @contextlib.asynccontextmanager
     async def lease(self, job_id: str, attempts: list[Attempt]) -> AsyncIterator[None]:
         """Keep arq's in-progress marker alive only while we live: if this worker dies, the
-        marker lapses after ``lease_s`` and another worker runs the job.
+        marker lapses after ``lease_s`` and another worker runs the job. Each renewal
+        writes the marker anew (not only its expiry), so a marker a failover lost is back
+        within ``lease_renew_s`` and other workers leave the job alone.
 
         ``attempts`` are saved with the first renewal, in its round trip (a failure to
         save them raises, as ``save_attempts`` would); later renewals only log failures.
@@ -152,7 +154,7 @@ class JobBook:
                     pipe.set(
                         ATTEMPTS_KEY_PREFIX + job_id, _attempts.dump_json(first), ex=BOOK_TTL_S
                     )
-                pipe.pexpire(key, lease_ms)
+                pipe.set(key, b"1", px=lease_ms)
                 pipe.zadd(RUNNING_ZSET, {job_id: now_ms() + lease_ms})
                 await pipe.execute()
 

@@ -27,8 +27,9 @@ that trusts a signer; a worker without it refuses to start with trusted signers
 Outcomes, all ``refused`` (``SourceRefused``), each with its code::
 
     signature_missing         required, and no signature file is there
-    signature_invalid         the file is no bundle, or its signature does not verify
-                              under the key it names
+    signature_invalid         the file is no bundle, its signature does not verify
+                              under the key it names, or a certificate of its chain
+                              has expired
     signature_unknown_signer  signed by a key no accepted signer holds
     signature_mismatch        the manifest does not cover a loaded file, or names
                               another digest (also: a serialization we cannot check)
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from typing import Any
 from loadwarden.producer.contract import LoadRequest
 from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused
 from loadwarden.producer.settings import SigningPolicy
-from loadwarden.producer.sources import is_hf, is_url, parse_hf
+from loadwarden.producer.sources import is_hf, parse_hf
 from loadwarden.worker._bundle import (
     Found,
     Requirement,
@@ -66,6 +67,7 @@ __all__ = [
     "Trust",
     "TrustError",
     "check_signature",
+    "note_writes",
     "recheck",
     "required_signers",
     "signature_status",
@@ -82,21 +84,31 @@ def required_signers(
     """The requirement on this load, or None when no rule asks for a signature.
 
     Rules: the worker's ``require``, ``roots`` holding the model's files (by their real
-    paths, as opened), ``hf_orgs`` for hf:// sources, and the request's ``signed_by``.
+    paths, as opened, whatever the source) or the path the source names, ``hf_orgs`` for
+    hf:// sources, and the request's ``signed_by``.
     ``*`` is every signer the worker trusts; a name it does not trust admits nothing.
     """
     rules: list[tuple[str, Sequence[str]]] = []
     if policy.require:
         rules.append(("signing.require", policy.require))
     if is_hf(request.source):
-        org = parse_hf(request.source)[0].split("/")[0]
-        if org in policy.hf_orgs:
-            rules.append((f"signing.hf_orgs[{org}]", policy.hf_orgs[org]))
-    elif not is_url(request.source):
-        paths = [shard.file.path for shard in opened.files]
-        for root, names in policy.roots.items():
-            if _under(paths, root):
-                rules.append((f"signing.roots[{root}]", names))
+        # The hub's names are case-insensitive (it serves Org/x as org/x, and a cache keeps
+        # the spelling it was downloaded with): a rule for an organisation holds for any.
+        org = parse_hf(request.source)[0].split("/")[0].casefold()
+        for name, names in policy.hf_orgs.items():
+            if name.casefold() == org:
+                rules.append((f"signing.hf_orgs[{name}]", names))
+    # By the files' opened paths, whatever the source's spelling (a local path may hold
+    # "://": ROOT/x://../m.safetensors is ROOT/m.safetensors, through a folder "x:"), and
+    # by the path the source names: a symlink planted under a root, to a model outside
+    # it, is a model of that root as requested.
+    paths = [shard.file.path for shard in opened.files]
+    if request.source.startswith("/"):
+        # "//ROOT" is ROOT to the kernel, but normpath keeps a leading "//" (POSIX).
+        paths.append(os.path.normpath("/" + request.source.lstrip("/")))
+    for root, names in policy.roots.items():
+        if _under(paths, root):
+            rules.append((f"signing.roots[{root}]", names))
     if request.signed_by:
         rules.append(("the request's signed_by", request.signed_by))
     if not rules:
@@ -109,8 +121,34 @@ def required_signers(
 
 
 def _under(paths: Iterable[str], root: Path) -> bool:
+    """Whether a path lies under ``root``: by its spelling, else by the identity (device,
+    inode) of a folder on its way. A path names a folder by another name on a
+    case-insensitive filesystem (a CIFS share: ROOT/../PROD for ROOT/../prod) or through a
+    bind mount; a rule must not be left behind by a spelling."""
+    paths = list(paths)
     spellings = {os.path.normpath(root), os.path.realpath(root)}
-    return any(p == r or p.startswith(r.rstrip("/") + "/") for p in paths for r in spellings)
+    if any(p == r or p.startswith(r.rstrip("/") + "/") for p in paths for r in spellings):
+        return True
+    try:
+        st = os.stat(root)
+    except OSError:
+        return False
+    folders = {a for p in paths for a in _ancestors(p)}
+    return any(_same_folder(folder, st) for folder in folders)
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    while (parent := os.path.dirname(path)) != path:
+        yield parent
+        path = parent
+
+
+def _same_folder(path: str, root: os.stat_result) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (root.st_dev, root.st_ino)
 
 
 def signing_installed() -> bool:
@@ -127,13 +165,29 @@ class SignatureCheck(Found):
 
     #: The signed sha256 of each file the load reads, by its name in the model.
     expected: dict[str, str] = field(default_factory=dict)
+    #: Each file's (size, mtime, ctime) as its digest was taken for the check.
+    stamps: list[tuple[int, int, int]] = field(default_factory=list)
+    #: The first file written since (``note_writes``, once the child loaded), if any.
+    written: str | None = None
+
+
+def _stamp(fd: int) -> tuple[int, int, int]:
+    """What a write to the file moves, even one written back: its size and times."""
+    st = os.fstat(fd)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def recheck(
     check: SignatureCheck | None, opened: OpenedModel, digests: Sequence[str] | None
 ) -> LoadError | None:
     """The error if a digest the supervisor took while the child loaded is not the signed
-    one (the file changed after it was verified); None without a signature."""
+    one, or a file was written since it was hashed for the check (even if written back
+    since: the child may have read it meanwhile, and our second hash can miss a byte
+    flipped and restored between its reads); None without a signature.
+
+    ``note_writes`` compares the times. They are the kernel's (a clock tick, ~1-4 ms,
+    unless the filesystem keeps finer ones): a write within a tick of the check's
+    ``fstat`` is caught only by the digest."""
     if check is None:
         return None
     if digests is None:
@@ -145,7 +199,24 @@ def recheck(
                 f"while loading, {check.expected[shard.name]} signed",
                 code="file_changed",
             )
+    if check.written is not None:
+        return InvalidModel(
+            f"{check.written} was written after its signature was verified (its size or "
+            "times moved), while the load could read it",
+            code="file_changed",
+        )
     return None
+
+
+def note_writes(check: SignatureCheck | None, opened: OpenedModel) -> None:
+    """Note (for ``recheck``) the first file written since the check, while the files are
+    still open: call it once the child has loaded them."""
+    if check is None:
+        return
+    for shard, stamp in zip(opened.files, check.stamps, strict=True):
+        if _stamp(shard.file.fd) != stamp:
+            check.written = shard.name
+            return
 
 
 async def check_signature(
@@ -179,6 +250,7 @@ async def check_signature(
         raise unknown_signer(requirement, "a key, and this worker trusts none (signing.signers)")
     manifest = await in_thread(lambda: verify_bundle(sig, requirement, trust, check))
     check.expected = _covered(opened, manifest)
+    check.stamps = [_stamp(s.file.fd) for s in opened.files]
     actual = await digest_files([(s.file.fd, s.file.size) for s in opened.files])
     got = {s.name: d for s, d in zip(opened.files, actual, strict=True)}
     if opened.index_name is not None and opened.index_sha256 is not None:

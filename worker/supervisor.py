@@ -83,6 +83,7 @@ from loadwarden.worker.signing import (
     Trust,
     TrustError,
     check_signature,
+    note_writes,
     recheck,
     required_signers,
 )
@@ -384,6 +385,7 @@ class Supervisor:
                         digests = await before_deadline(
                             hashing, "hashing the files", deadline, budget_s, cancel
                         )
+                        note_writes(state.signature, opened)
                 finally:
                     if hashing is not None:
                         await cancel_and_wait(hashing)
@@ -436,7 +438,9 @@ class Supervisor:
     ) -> None:
         """Refuse the load unless a signature every rule accepts covers its files; before any
         child, the inspector's included (``loadwarden.worker.signing``)."""
-        requirement = required_signers(self.settings.signing, request, opened)
+        # In a thread: a roots rule may stat the folders on the files' way (a network share).
+        policy = self.settings.signing
+        requirement = await in_thread(lambda: required_signers(policy, request, opened))
         if requirement is None:
             return
         state.signature = signed = SignatureCheck()

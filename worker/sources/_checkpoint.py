@@ -46,9 +46,11 @@ SINGLE_FILE = "model.safetensors"
 #: folder, and beside a single file as ``FILE.sig`` (several files may share a folder).
 FOLDER_SIGNATURE = "model.sig"
 SIGNATURE_SUFFIX = ".sig"
-#: A signed manifest holds one line (~200 bytes) per file: 16 MiB is 80,000 files, far
-#: more than any model folder, and bounds what an unrequired signature file can cost us.
-MAX_SIGNATURE_BYTES = 16 * 1024 * 1024
+#: A signed manifest costs ~250 bytes of bundle per file: 4 MiB is ~17,000 files, far
+#: more than any model folder. Verifying holds ~7 times the bundle's size at its peak
+#: (text, parsed JSON, the decoded payload, DSSE's encoding of it: 27 MiB for 4 MiB,
+#: measured), so this bounds a job's signature to well under 64 MiB of the supervisor.
+MAX_SIGNATURE_BYTES = 4 * 1024 * 1024
 #: Entries read from a folder while looking for its checkpoint: a model folder holds
 #: tens of files; one with more is not a checkpoint we should scan to the end.
 MAX_FOLDER_ENTRIES = 100_000
