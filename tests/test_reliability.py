@@ -261,8 +261,15 @@ async def test_a_lost_in_progress_marker_does_not_start_a_job_twice(
         # The worker has polled the queue since the marker went once the second job runs
         # (both are read in one poll; the first is read before the second).
         second = await client.enqueue(LoadRequest(source=str(other)))
-        await eventually(lambda: second.job_id in worker.supervisor.in_flight, 30, "second")
-        spawned = worker.supervisor.forkserver.spawned
+        # In flight is not yet spawned (the second may still be inspecting): wait for both.
+        await eventually(
+            lambda: (
+                second.job_id in worker.supervisor.in_flight
+                and worker.supervisor.forkserver.spawned >= 2
+            ),
+            30,
+            "second loading",
+        )
         assert sorted(worker.supervisor.in_flight) == sorted([first.job_id, second.job_id])
         # The lease writes the marker back, so other workers leave the job alone too.
         marker = in_progress_key_prefix + first.job_id
@@ -271,4 +278,5 @@ async def test_a_lost_in_progress_marker_does_not_start_a_job_twice(
         await second.cancel()
         assert (await first.report(30)).outcome is Outcome.CANCELLED
         assert (await second.report(30)).outcome is Outcome.CANCELLED
+        spawned = worker.supervisor.forkserver.spawned
     assert spawned == 2, "the first job was started twice"
