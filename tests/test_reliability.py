@@ -247,7 +247,8 @@ async def test_a_lost_in_progress_marker_does_not_start_a_job_twice(
     and its lease writes the marker back."""
     from arq.constants import in_progress_key_prefix
 
-    settings = Settings(redis_url=redis_url, concurrency=3)
+    # Renewals 2 s apart: the worker polls (every 20 ms) long before the lease writes back.
+    settings = Settings(redis_url=redis_url, concurrency=3, lease_s=6, lease_renew_s=2)
     other = tmp_path / "other.safetensors"
     shutil.copyfile(small_model, other)
     async with (
@@ -261,22 +262,17 @@ async def test_a_lost_in_progress_marker_does_not_start_a_job_twice(
         # The worker has polled the queue since the marker went once the second job runs
         # (both are read in one poll; the first is read before the second).
         second = await client.enqueue(LoadRequest(source=str(other)))
-        # In flight is not yet spawned (the second may still be inspecting): wait for both.
-        await eventually(
-            lambda: (
-                second.job_id in worker.supervisor.in_flight
-                and worker.supervisor.forkserver.spawned >= 2
-            ),
-            30,
-            "second loading",
-        )
+        await eventually(lambda: worker.supervisor.forkserver.spawned == 2, 30, "second loading")
         assert sorted(worker.supervisor.in_flight) == sorted([first.job_id, second.job_id])
         # The lease writes the marker back, so other workers leave the job alone too.
         marker = in_progress_key_prefix + first.job_id
         await eventually(lambda: redis.exists(marker), 10, "the marker written back")
         await first.cancel()
         await second.cancel()
-        assert (await first.report(30)).outcome is Outcome.CANCELLED
+        first_report = await first.report(30)
         assert (await second.report(30)).outcome is Outcome.CANCELLED
         spawned = worker.supervisor.forkserver.spawned
+    # A second run of the first job would have ended it crashed, or as a second attempt.
+    assert first_report.outcome is Outcome.CANCELLED, first_report.error
+    assert len(first_report.attempts) == 1
     assert spawned == 2, "the first job was started twice"
