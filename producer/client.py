@@ -33,12 +33,14 @@ from loadwarden.producer.errors import (
     RedisUnavailable,
     ReportTimeout,
 )
+from loadwarden.producer.finished import FinishWatch
 from loadwarden.producer.keys import (
     CANCEL_CHANNEL,
     CANCEL_KEY_PREFIX,
     DEAD_LETTER_STREAM,
     WORKER_KEY_PREFIX,
     now_ms,
+    wake_workers,
 )
 from loadwarden.producer.preload import PreloadResult, ProgressCallback, preload
 from loadwarden.producer.settings import Settings
@@ -47,8 +49,6 @@ T = TypeVar("T")
 
 #: The one job function a producer may name; the worker registers it under this name.
 FUNCTION_NAME = "load"
-#: How often a waiting client looks for the report (one GET + one ZSCORE).
-REPORT_POLL_S = 0.05
 
 
 class JobState(StrEnum):
@@ -192,6 +192,7 @@ class Client:
             raise RedisUnavailable("no Redis configured: pass a URL or set LOADWARDEN_REDIS_URL")
         self.redis_url = url
         self._pool: ArqRedis | None = None
+        self._finish_watch: FinishWatch | None = None
 
     @property
     def queue_name(self) -> str:
@@ -214,6 +215,9 @@ class Client:
         return self
 
     async def close(self) -> None:
+        if self._finish_watch is not None:
+            await self._finish_watch.close()
+            self._finish_watch = None
         if self._pool is not None:
             await self._pool.aclose()
             self._pool = None
@@ -276,7 +280,12 @@ class Client:
                 job = await redis.enqueue_job(
                     FUNCTION_NAME, request=request, _job_id=job_id, _queue_name=self.queue_name
                 )
-                if job is not None or await self.job_state(job_id) is not JobState.NOT_FOUND:
+                if job is not None:
+                    async with redis.pipeline(transaction=False) as pipe:
+                        wake_workers(pipe, self.queue_name)
+                        await pipe.execute()
+                    return
+                if await self.job_state(job_id) is not JobState.NOT_FOUND:
                     return
             if loop.time() >= deadline:
                 raise RedisConnectionError(f"job {job_id} could not be enqueued in time")
@@ -302,6 +311,7 @@ class Client:
             pipe.publish(CANCEL_CHANNEL, job_id)
             if state is JobState.DEFERRED:  # waiting out a backoff: let it end now
                 pipe.zadd(self.queue_name, {job_id: now_ms()}, xx=True)
+                wake_workers(pipe, self.queue_name)
             await _guard(pipe.execute())
         return state
 
@@ -411,28 +421,63 @@ class Client:
             raise ContractError(f"job {job_id} has a report that is not valid: {exc}") from None
 
     async def report(self, job_id: str, *, timeout_s: float | None = None) -> LoadReport:
-        """The job's report, waiting for it up to ``timeout_s`` (None: wait as long as it takes)."""
+        """The job's report, waiting for it up to ``timeout_s`` (None: wait as long as it takes).
+
+        Woken by the worker's push when the report is stored (``FinishWatch``); reads it
+        again every ``poll_s`` whatever happens.
+        """
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
-        while True:
-            stored = await self.stored_report(job_id)
-            if stored is not None:
-                # With wait_replicas, a report is handed out only once replicas hold it: one
-                # a failover could still take back might come again with another outcome.
-                await _guard(confirm_replicated(await self.redis(), self.settings.redis))
-                return stored
-            if await self.job_state(job_id) is JobState.NOT_FOUND:
-                # The report may have landed between our two reads.
+        watch = await self.finish_watch()
+        pushed = watch.watch([job_id])
+        try:
+            if timeout_s != 0:
+                # Watched before the first read: a push after it wakes us, and so does the
+                # subscription standing (to read again whatever came before it).
+                watch.start()
+            look = True  # whether the job still exists, checked unless a push woke us
+            while True:
+                pushed.clear()
                 stored = await self.stored_report(job_id)
                 if stored is not None:
+                    # With wait_replicas, a report is handed out only once replicas hold it:
+                    # one a failover could still take back might come again with another
+                    # outcome.
+                    await _guard(confirm_replicated(await self.redis(), self.settings.redis))
                     return stored
-                raise JobNotFound(f"no job {job_id!r} is queued, running or finished")
-            if deadline is not None and loop.time() >= deadline:
-                state = await self.job_state(job_id)
-                raise ReportTimeout(
-                    f"job {job_id} has no report yet (it is {state}; waited {timeout_s:g} s)"
+                # Not after a push (the report is there, or soon): it costs 3 round trips.
+                gone = (look or not watch.live) and (
+                    await self.job_state(job_id) is JobState.NOT_FOUND
                 )
-            await asyncio.sleep(REPORT_POLL_S)
+                if gone:
+                    # The report may have landed between our two reads.
+                    stored = await self.stored_report(job_id)
+                    if stored is not None:
+                        return stored
+                    raise JobNotFound(f"no job {job_id!r} is queued, running or finished")
+                pause = watch.poll_s
+                if deadline is not None:
+                    if loop.time() >= deadline:
+                        state = await self.job_state(job_id)
+                        raise ReportTimeout(
+                            f"job {job_id} has no report yet (it is {state}; "
+                            f"waited {timeout_s:g} s)"
+                        )
+                    pause = min(pause, deadline - loop.time())
+                try:
+                    async with asyncio.timeout(pause):
+                        await pushed.wait()
+                    look = False
+                except TimeoutError:
+                    look = True
+        finally:
+            watch.unwatch([job_id], pushed)
+
+    async def finish_watch(self) -> FinishWatch:
+        """This client's subscription to finished jobs (made on first use, closed with it)."""
+        if self._finish_watch is None:
+            self._finish_watch = FinishWatch(await self.redis(), self.settings.redis)
+        return self._finish_watch
 
     async def preload(
         self,

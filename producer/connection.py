@@ -442,13 +442,22 @@ async def subscribe(
     redis-py's own health check sends PINGs on a subscribed connection but never
     notices that no answer came back, so a half-open connection would silence the
     channel for ever: here a PING goes out every ``health_check_interval_s`` (or 1 s)
-    and a PONG must follow within ``socket_timeout_s``. ``on_subscribed`` runs once the
-    subscription stands, to catch up on what was published while it did not.
+    and a PONG must follow within ``socket_timeout_s``. ``on_subscribed`` runs each time
+    the subscription stands (Redis confirmed it), the first time and after redis-py
+    reconnected and subscribed again by itself, to catch up on what was published while
+    it did not.
     """
     interval = options.health_check_interval_s or 1.0
     pubsub: PubSub = client.pubsub()
     async with pubsub:
         await pubsub.subscribe(channel)
+        # SUBSCRIBE is only sent so far: until Redis confirms it, a publish may still pass us
+        # by, and a read made on another connection to "catch up" could come before it.
+        async with asyncio.timeout(options.socket_timeout_s):
+            while True:
+                confirmed = await pubsub.get_message(timeout=options.socket_timeout_s)
+                if confirmed is not None and confirmed.get("type") == "subscribe":
+                    break
         if on_subscribed is not None:
             await on_subscribed()
         loop = asyncio.get_running_loop()
@@ -467,6 +476,10 @@ async def subscribe(
                     awaiting_pong_since = None
                 elif kind == "message":
                     yield bytes(message["data"])
+                elif kind == "subscribe" and on_subscribed is not None:
+                    # redis-py reconnected under us and subscribed again (its retry does so
+                    # without telling): what was published in between is caught up on too.
+                    await on_subscribed()
             if awaiting_pong_since is not None and now - awaiting_pong_since > (
                 options.socket_timeout_s
             ):

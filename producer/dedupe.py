@@ -9,9 +9,11 @@ all of it atomically on the server (``EVALSHA``, redis-py's ``register_script``)
 
 A job is alive while arq's job key or in-progress marker exists (arq deletes
 both when it stores the result). The script writes the job exactly as arq's
-``enqueue_job`` does (``PSETEX arq:job:<id>``, ``ZADD <queue>``). It touches keys
-it computes from the stored job id, so it needs all keys on one node: fine for a
-single Redis or Sentinel, not for Redis Cluster (which loadwarden does not use).
+``enqueue_job`` does (``PSETEX arq:job:<id>``, ``ZADD <queue>``), then pushes a
+token on the queue's wake list for an idle worker blocked on it
+(``keys.wake_workers``). It touches keys it computes from the stored job id, so
+it needs all keys on one node: fine for a single Redis or Sentinel, not for Redis
+Cluster (which loadwarden does not use).
 """
 
 from __future__ import annotations
@@ -24,11 +26,17 @@ from arq.jobs import serialize_job
 
 from loadwarden.producer import wire
 from loadwarden.producer.contract import LoadRequest
-from loadwarden.producer.keys import DEDUPE_KEY_PREFIX, dedupe_key
+from loadwarden.producer.keys import (
+    DEDUPE_KEY_PREFIX,
+    WAKE_TOKENS_MAX,
+    WAKE_TTL_MS,
+    dedupe_key,
+    wake_key,
+)
 
-#: KEYS: dedupe key, queue. ARGV: fresh id, job payload, score (ms), job expiry (ms),
-#: dedupe key expiry (s), job key prefix, in-progress key prefix.
-#: Returns {job id, 1 if it was enqueued now else 0}.
+#: KEYS: dedupe key, queue, wake list. ARGV: fresh id, job payload, score (ms), job expiry
+#: (ms), dedupe key expiry (s), job key prefix, in-progress key prefix, wake tokens kept,
+#: wake list expiry (ms). Returns {job id, 1 if it was enqueued now else 0}.
 _SCRIPT = """
 local existing = redis.call('GET', KEYS[1])
 if existing then
@@ -39,6 +47,9 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[5])
 redis.call('SET', ARGV[6] .. ARGV[1], ARGV[2], 'PX', ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('LPUSH', KEYS[3], '1')
+redis.call('LTRIM', KEYS[3], 0, ARGV[8] - 1)
+redis.call('PEXPIRE', KEYS[3], ARGV[9])
 return {ARGV[1], 1}
 """
 
@@ -68,7 +79,7 @@ async def enqueue_once(
     )
     script = redis.register_script(_SCRIPT)
     job_id, created = await script(
-        keys=[DEDUPE_KEY_PREFIX + dedupe_key(request), queue_name],
+        keys=[DEDUPE_KEY_PREFIX + dedupe_key(request), queue_name, wake_key(queue_name)],
         args=[
             fresh,
             payload,
@@ -77,6 +88,8 @@ async def enqueue_once(
             max(1, int(dedupe_ttl_s)),
             job_key_prefix,
             in_progress_key_prefix,
+            WAKE_TOKENS_MAX,
+            WAKE_TTL_MS,
         ],
     )
     return (job_id.decode() if isinstance(job_id, bytes) else str(job_id)), bool(created)

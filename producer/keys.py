@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import Any
 
 from loadwarden.producer.contract import LoadRequest
 
@@ -12,6 +13,8 @@ ATTEMPTS_KEY_PREFIX = "loadwarden:attempts:"
 #: Set when a producer cancels a job; the job id is also published on CANCEL_CHANNEL.
 CANCEL_KEY_PREFIX = "loadwarden:cancel:"
 CANCEL_CHANNEL = "loadwarden:cancel"
+#: A worker publishes a job's id here once its result is stored (waiting clients subscribe).
+FINISHED_CHANNEL = "loadwarden:finished"
 #: The job id of a request that is queued or running (so enqueueing it again returns it).
 DEDUPE_KEY_PREFIX = "loadwarden:dedupe:"
 #: A capped stream of the final reports of jobs that failed for good.
@@ -33,6 +36,29 @@ def now_ms() -> int:
     """The wall clock in ms since the epoch: how arq scores its queue, and how every sorted
     set here is scored (leases, heartbeats) and every per-minute bucket named."""
     return int(time.time() * 1000)
+
+
+#: Pushed (LPUSH) with each enqueue; idle workers block on it (BLPOP) instead of polling.
+WAKE_KEY_SUFFIX = ":wake"
+#: Tokens kept at most: enough to wake every idle worker of a large fleet, and a cap on what
+#: piles up while all are busy (a stale token costs one empty look at the queue).
+WAKE_TOKENS_MAX = 64
+#: Tokens older than this are dropped with their key (no idle worker was there to take them).
+WAKE_TTL_MS = 60_000
+
+
+def wake_key(queue_name: str) -> str:
+    """The list idle workers of ``queue_name`` block on, one token per enqueue."""
+    return queue_name + WAKE_KEY_SUFFIX
+
+
+def wake_workers(pipe: Any, queue_name: str) -> None:
+    """Queue on ``pipe`` (a redis-py pipeline) the push that wakes an idle worker; the atomic
+    enqueue (``loadwarden.producer.dedupe``) does the same in its script."""
+    key = wake_key(queue_name)
+    pipe.lpush(key, "1")
+    pipe.ltrim(key, 0, WAKE_TOKENS_MAX - 1)
+    pipe.pexpire(key, WAKE_TTL_MS)
 
 
 def dedupe_key(request: LoadRequest) -> str:

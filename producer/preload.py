@@ -10,6 +10,7 @@ from the reports already stored in Redis where they cannot have changed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -29,8 +30,9 @@ from loadwarden.producer.sources import is_url
 if TYPE_CHECKING:
     from loadwarden.producer.client import Client
 
-#: How often a batch looks at its jobs in flight (one pipelined round trip for all of them).
-POLL_S = 0.05
+#: How often a batch looks for its queued jobs having started (the progress shows it):
+#: only their ends are pushed. One pipelined round trip for the whole window.
+PROGRESS_POLL_S = 0.25
 
 
 class EntryState(StrEnum):
@@ -182,19 +184,44 @@ class _Batch:
                 self.on_progress(entry)
         waiting = list(self.by_job)
         in_flight: set[str] = set()
-        while waiting or in_flight:
-            while waiting and len(in_flight) < self.window and not (self.fail_fast and self.failed):
-                job_id = waiting.pop(0)
-                if await self._start(job_id):
-                    in_flight.add(job_id)
-            if self.fail_fast and self.failed:
-                for job_id in waiting:
-                    self._set(job_id, EntryState.SKIPPED)
-                waiting.clear()
-            if in_flight:
-                await self._poll(in_flight)
+        # Woken by the workers' pushes (loadwarden.producer.finished); each job is watched
+        # before its first look, so no push slips past between a look and a wait.
+        watch = await self.client.finish_watch()
+        pushed = asyncio.Event()
+        watch.start()
+        try:
+            while waiting or in_flight:
+                while (
+                    waiting
+                    and len(in_flight) < self.window
+                    and not (self.fail_fast and self.failed)
+                ):
+                    job_id = waiting.pop(0)
+                    watch.watch([job_id], pushed)
+                    if await self._start(job_id):
+                        in_flight.add(job_id)
+                    else:
+                        watch.unwatch([job_id], pushed)
+                if self.fail_fast and self.failed:
+                    for job_id in waiting:
+                        self._set(job_id, EntryState.SKIPPED)
+                    waiting.clear()
                 if in_flight:
-                    await asyncio.sleep(POLL_S)
+                    pushed.clear()
+                    done = await self._poll(in_flight)
+                    watch.unwatch(done, pushed)
+                    if in_flight and not (waiting and len(in_flight) < self.window):
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(self._pause(in_flight, watch.poll_s)):
+                                await pushed.wait()
+        finally:
+            watch.unwatch(list(self.by_job), pushed)
+
+    def _pause(self, in_flight: set[str], push_poll_s: float) -> float:
+        """How long to wait for a push: a job not yet seen running is looked at sooner (only
+        an end is pushed, and the progress shows when a job starts)."""
+        queued = any(self.by_job[j][0].state is EntryState.QUEUED for j in in_flight)
+        return min(push_poll_s, PROGRESS_POLL_S) if queued else push_poll_s
 
     async def _start(self, job_id: str) -> bool:
         """Enqueue one job, or take its stored report; True if it is now in flight."""
@@ -213,7 +240,8 @@ class _Batch:
         self._set(job_id, EntryState.QUEUED)
         return True
 
-    async def _poll(self, in_flight: set[str]) -> None:
+    async def _poll(self, in_flight: set[str]) -> list[str]:
+        """One look at the jobs in flight (one pipelined round trip); the ids that are done."""
         redis = await self.client.redis()
         order = sorted(in_flight)
         async with redis.pipeline(transaction=False) as pipe:
@@ -221,15 +249,18 @@ class _Batch:
                 pipe.exists(result_key_prefix + job_id)
                 pipe.exists(in_progress_key_prefix + job_id)
             flags = await pipe.execute()
+        done = []
         for i, job_id in enumerate(order):
             has_result, running = flags[2 * i], flags[2 * i + 1]
             if has_result:
                 report = await self.client.stored_report(job_id)
                 if report is not None:
                     in_flight.discard(job_id)
+                    done.append(job_id)
                     self._set(job_id, EntryState.DONE, report)
             elif running and self.by_job[job_id][0].state is not EntryState.RUNNING:
                 self._set(job_id, EntryState.RUNNING)
+        return done
 
 
 async def preload(

@@ -17,6 +17,34 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 
 
+#: Jobs a worker holds at once per usable CPU, by default (see ``Settings.concurrency``).
+CONCURRENCY_PER_CPU = 4
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity, capped by a CPU quota (cgroup v2 or v1)."""
+    cpus = len(os.sched_getaffinity(0))
+    for quota_file, period_file in (
+        ("cpu.max", None),
+        ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us"),
+    ):
+        try:
+            text = (cgroup_root / quota_file).read_text().split()
+            if period_file is not None:
+                text.append((cgroup_root / period_file).read_text().strip())
+            quota, period = int(text[0]), int(text[1])
+        except (OSError, ValueError, IndexError):  # "max", absent, or no quota (-1)
+            continue
+        if quota > 0 and period > 0:
+            cpus = min(cpus, max(1, -(-quota // period)))
+    return cpus
+
+
+def default_concurrency() -> int:
+    """The default of ``Settings.concurrency``: CONCURRENCY_PER_CPU per usable CPU."""
+    return max(1, min(256, CONCURRENCY_PER_CPU * usable_cpus()))
+
+
 class InspectionCaps(BaseModel):
     """Caps applied while reading a model header, before any loader sees the file."""
 
@@ -374,12 +402,22 @@ class Settings(BaseSettings):
     redis: RedisOptions = RedisOptions()
     # One queue per deployment; a prefix keeps loadwarden's keys apart from other arq users.
     queue_name: str = "loadwarden:queue"
-    # Loads run at once per worker: 2 matches the 2-core nodes we measure on.
-    concurrency: Annotated[int, Field(ge=1, le=256)] = 2
-    # How often an idle worker polls. Measured (bench/soak.py, 2 cores, tiny loads):
-    # 0.05 s -> 39 jobs/s and 1.5% of a core idle; 0.02 s -> 63 jobs/s, 3.2%; 0.01 s ->
-    # 76 jobs/s, 4.6%. arq's own 0.5 s adds ~250 ms of median latency.
-    poll_delay_s: Annotated[float, Field(gt=0)] = 0.02
+    # Jobs one worker holds at once. Memory admission, not this, bounds what loads run
+    # together (a load starts only when its limit fits the budget, FIFO), so this only
+    # needs to keep the CPUs busy: a tiny load spends most of its wall time waiting (Redis
+    # round trips, its child starting and exiting), not computing. 4 per usable CPU
+    # (affinity and the container's CPU quota): 8 on 2 cores, where a fixed 2 capped tiny
+    # loads at 75 jobs/s and 10 gave 196 (issue 13). Not more: jobs a worker holds while
+    # they wait for memory are jobs another worker cannot take (and that the autoscaler
+    # counts as running, not queued).
+    concurrency: Annotated[int, Field(ge=1, le=256)] = Field(default_factory=default_concurrency)
+    # The longest an idle worker waits before it looks at the queue anyway. An enqueue wakes
+    # an idle worker at once (a token on the queue's wake list, BLPOP), a job ending wakes
+    # a full one, and a deferred job's due time bounds the wait: this only picks up jobs
+    # enqueued without a token (arq's own enqueue_job, a producer in another language that
+    # does not push one). 0.25 s keeps their pick-up under arq's 0.5 s default while an idle
+    # worker costs ~4 looks a second (it was 50 at the old 0.02 s poll).
+    poll_delay_s: Annotated[float, Field(gt=0)] = 0.25
     # How long SIGTERM lets running loads finish before they are killed and requeued.
     # None: the longest deadline a load may get here (limits.timeout_ceiling_s), so a drain
     # (scale-down, rollout, node drain) never kills a load that could still finish in time;
@@ -464,6 +502,14 @@ class Settings(BaseSettings):
         if self.shutdown_grace_s is not None:
             return float(self.shutdown_grace_s)
         return self.limits.timeout_ceiling_s
+
+    @model_validator(mode="after")
+    def _poll_within_socket_timeout(self) -> Settings:
+        # An idle worker blocks in BLPOP for up to poll_delay_s: longer would read as a dead
+        # connection.
+        if self.poll_delay_s >= self.redis.socket_timeout_s:
+            raise ValueError("poll_delay_s must be below redis.socket_timeout_s")
+        return self
 
     @model_validator(mode="after")
     def _requirements_need_the_mechanism(self) -> Settings:

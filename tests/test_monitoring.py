@@ -293,7 +293,11 @@ def test_autoscale_for_a_prepared_backlog(redis_url: str) -> None:
     client.hset(SERVICE_KEY_PREFIX + str(now_ms // 60_000), mapping={"jobs": 100, "seconds": 400})
     client.close()
     exe = str(Path(sys.executable).parent / "loadwarden")
-    env = {**__import__("os").environ, "LOADWARDEN_AUTOSCALE__TARGET_DRAIN_S": "60"}
+    env = {
+        **__import__("os").environ,
+        "LOADWARDEN_AUTOSCALE__TARGET_DRAIN_S": "60",
+        "LOADWARDEN_CONCURRENCY": "2",  # the workers' slots the rate counts
+    }
     out = subprocess.run(
         [exe, "autoscale", "--json", "--redis", redis_url],
         capture_output=True,

@@ -9,25 +9,37 @@ here with a report of a classified outcome, stored where the report goes and
 dead-lettered. A Redis *connection* error still escapes: the runner reconnects and
 the job waits for its lease.
 
+It also waits for work instead of polling (``_wait_for_work``): arq's loop sleeps
+``poll_delay`` between two looks at the queue; ours looks again as soon as an
+enqueue pushes a token on the queue's wake list (BLPOP), or a running job ends
+while all slots are full, and ``poll_delay`` becomes the longest wait (a fallback
+for jobs enqueued without a token).
+
 Why a subclass and not a patch of arq: the hooks used (``run_job``,
-``finish_job``, ``finish_failed_job``, the job serializer) are arq's own
-extension points and the overrides call arq's code unchanged.
+``finish_job``, ``finish_failed_job``, the job serializer, ``start_jobs``,
+``_poll_iteration``, the slot release) are arq's methods, and the overrides call
+arq's code unchanged, except two copies made to save round trips (``start_jobs``'
+claim, now one script; ``finish_job``, with the finished push in its transaction),
+which keep arq's logic line for line (arq 0.28 is pinned).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import structlog
 from arq.constants import (
+    abort_jobs_ss,
     in_progress_key_prefix,
     job_key_prefix,
     result_key_prefix,
     retry_key_prefix,
 )
+from arq.utils import to_ms
 from arq.worker import Worker
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from loadwarden.producer import wire
 from loadwarden.producer.errors import (
@@ -37,10 +49,24 @@ from loadwarden.producer.errors import (
     LoadTimeout,
     describe,
 )
-from loadwarden.producer.keys import now_ms
+from loadwarden.producer.keys import FINISHED_CHANNEL, now_ms, wake_key
 from loadwarden.worker.job import TRANSIENT_REDIS_ERRORS, end_with_report
 
 log = structlog.get_logger("loadwarden.worker")
+
+#: arq's claim of a job (``Worker.start_jobs``), atomic: not in progress, still queued and
+#: due, then marked in progress. KEYS: in-progress key, queue. ARGV: job id, now (ms),
+#: marker expiry (ms). Returns the job's score, or false (nil) when it is not ours to run.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
+redis.call('PSETEX', KEYS[1], ARGV[3], '1')
+return score
+"""
+
+#: The shortest wait worth a BLPOP (Redis counts its timeout in milliseconds).
+BLPOP_MIN_S = 0.001
 
 
 def _error_for(exc: BaseException) -> LoadError:
@@ -69,6 +95,15 @@ class LoadWorker(Worker):
         self._failures: dict[str, tuple[BaseException, dict[str, Any]]] = {}
         self.job_serializer = self._serialize
         self._next_marker_check = 0.0
+        # arq sleeps poll_delay_s between two looks at the queue; we wait in _poll_iteration
+        # instead, woken by an enqueue or a freed slot, and look at most this long apart.
+        self.fallback_poll_s = self.poll_delay_s
+        self.poll_delay_s = 0.0
+        self._wake_key = wake_key(self.queue_name)
+        self._slot_freed = asyncio.Event()
+        #: Whether the last look filled a page of ids and started one of them: then more
+        #: may wait behind it, and the next look comes at once.
+        self._more = False
 
     def _serialize(self, document: dict[str, Any]) -> bytes:
         # arq serializes a result just before it stores it: a failure is noted here so that
@@ -77,18 +112,90 @@ class LoadWorker(Worker):
             self._failures[str(document.get("id"))] = (document["r"], document)
         return wire.dumps(document)
 
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self._slot_freed.set()
+
+    async def _poll_iteration(self) -> None:
+        self._slot_freed.clear()  # before the look: a job ending during it ends the wait too
+        self._more = False
+        await super()._poll_iteration()
+        await self._wait_for_work()
+
+    async def _wait_for_work(self) -> None:
+        """Wait until the queue may hold a job for us, at most ``fallback_poll_s``.
+
+        Full: until a running job ends. A full page of ids fetched, one of them started
+        here: not at all (more may be ready). Else on the queue's wake list (BLPOP: an
+        enqueue pushes one token, which wakes one idle worker), no longer than until the
+        next deferred job (a retry's backoff) is due. The fallback picks up jobs enqueued
+        without a token (arq's own ``enqueue_job``, a producer in another language).
+        """
+        fallback = self.fallback_poll_s
+        if self.burst or not self.allow_pick_jobs:
+            await asyncio.sleep(fallback)
+            return
+        if self.job_counter >= self.max_jobs:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(fallback):
+                    await self._slot_freed.wait()
+            return
+        if self._more:
+            return
+        now = now_ms()
+        due = await self.pool.zrangebyscore(
+            self.queue_name, min=f"({now}", max="+inf", start=0, num=1, withscores=True
+        )
+        wait_s = min(fallback, (due[0][1] - now) / 1000) if due else fallback
+        if wait_s >= BLPOP_MIN_S:  # BLPOP's 0 would block for ever
+            # Fractional seconds (Redis >= 6), which redis-py's typed blpop() does not take.
+            await self.pool.execute_command(  # type: ignore[no-untyped-call]
+                "BLPOP", self._wake_key, f"{wait_s:.3f}"
+            )
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         # Never a second run of a job this process runs now. arq's guard is the job's
         # in-progress marker in Redis, which a failover can lose (a replica promoted before
         # the marker reached it): the second run would then share the first's per-job state
         # (arq's job_tasks, our noted failures) and end it with a stray KeyError.
+        fetched = len(job_ids)
         running = {job_id for job_id, task in self.tasks.items() if not task.done()}
         job_ids = [j for j in job_ids if j.decode() not in running]
         loop = asyncio.get_running_loop()
         if job_ids and loop.time() >= self._next_marker_check:
             self._next_marker_check = loop.time() + self.in_progress_timeout_s / 3
             await self._lease_stray_markers(job_ids)
-        await super().start_jobs(job_ids)
+        before = set(self.tasks)
+        await self._claim_and_start(job_ids)
+        self._more = fetched >= self.queue_read_limit and bool(set(self.tasks) - before)
+
+    async def _claim_and_start(self, job_ids: list[bytes]) -> None:
+        """arq's ``start_jobs`` with its claim in one round trip instead of four.
+
+        arq claims a job under WATCH (WATCH, EXISTS, ZSCORE, then MULTI/PSETEX/EXEC):
+        ``_CLAIM`` makes the same checks and the same write atomically, in one EVALSHA.
+        The slot accounting (semaphore, counter, task, release on completion) is arq's,
+        line for line.
+        """
+        claim = self.pool.register_script(_CLAIM)
+        for job_id_b in job_ids:
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
+                self.sem.release()
+                return
+            self.job_counter += 1
+            job_id = job_id_b.decode()
+            score = await claim(
+                keys=[in_progress_key_prefix + job_id, self.queue_name],
+                args=[job_id, now_ms(), int(self.in_progress_timeout_s * 1000)],
+            )
+            if score is None:  # running elsewhere, finished, or deferred again meanwhile
+                self.job_counter -= 1
+                self.sem.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
 
     async def _lease_stray_markers(self, job_ids: list[bytes]) -> None:
         """Give an in-progress marker without expiry one lease to live.
@@ -127,18 +234,56 @@ class LoadWorker(Worker):
         job_id: str,
         finish: bool,
         result_data: bytes | None,
-        *args: Any,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
     ) -> None:
         noted = self._failures.pop(job_id, None)
         if finish and noted is not None:
             result_data = await self._report(job_id, *noted)
-        await super().finish_job(job_id, finish, result_data, *args)
+        # arq's finish_job (0.28) line for line, with the push to waiting clients in the same
+        # transaction (delivered once it commits: after the result is stored), not a round
+        # trip of its own.
+        async with self.pool.pipeline(transaction=True) as tr:
+            delete_keys = []
+            in_progress_key = in_progress_key_prefix + job_id
+            if keep_in_progress is None:
+                delete_keys += [in_progress_key]
+            else:
+                tr.pexpire(in_progress_key, to_ms(keep_in_progress))
+            if finish:
+                if result_data:
+                    expire = None if keep_result_forever else result_timeout_s
+                    tr.set(result_key_prefix + job_id, result_data, px=to_ms(expire))
+                delete_keys += [retry_key_prefix + job_id, job_key_prefix + job_id]
+                tr.zrem(abort_jobs_ss, job_id)
+                tr.zrem(self.queue_name, job_id)
+                tr.publish(FINISHED_CHANNEL, job_id)
+            elif incr_score:
+                tr.zincrby(self.queue_name, incr_score, job_id)
+            if delete_keys:
+                tr.delete(*delete_keys)
+            await tr.execute()
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         noted = self._failures.pop(job_id, None)
         if noted is not None:
             result_data = await self._report(job_id, *noted)
         await super().finish_failed_job(job_id, result_data)
+        await self._announce(job_id)
+
+    async def _announce(self, job_id: str) -> None:
+        """Tell waiting clients the job's result is stored (loadwarden.producer.finished).
+
+        After the store, never before: a client woken by this reads the result at once.
+        Best effort: a push that does not go out costs a waiter latency (it polls), and
+        failing here would leave arq's bookkeeping of a finished job half done.
+        """
+        try:
+            await self.pool.publish(FINISHED_CHANNEL, job_id)
+        except (RedisError, OSError) as exc:
+            log.warning("finish_announce_failed", job_id=job_id, error=describe(exc))
 
     async def _report(
         self, job_id: str, exc: BaseException, document: dict[str, Any] | None
@@ -176,4 +321,5 @@ class LoadWorker(Worker):
             )
             tr.set(result_key_prefix + job_id, result, px=int(self.keep_result_s * 1000))
             tr.zrem(self.queue_name, job_id)
+            tr.publish(FINISHED_CHANNEL, job_id)
             await tr.execute()

@@ -156,14 +156,14 @@ async def _job(ctx: dict[str, Any], request: Any, extra: dict[str, Any]) -> Load
     parsed = _parse(request, extra)
     if isinstance(parsed, LoadError):
         return await end_with_report(ctx, job_id, request, parsed)
-    previous = await book.attempts(job_id)
+    previous, cancelled = await book.begin(job_id)
     number = len(previous) + 1
-    final = await _refuse_early(sup, book, parsed, job_id, number, enqueued_at)
+    final = _refuse_early(sup, parsed, job_id, number, enqueued_at, cancelled=cancelled)
     if final is None:
         try:
             final = await _attempt(sup, book, settings, parsed, job_id, previous, enqueued_at)
         except Retry:
-            await book.add_busy(time.monotonic() - started)
+            await book.add_busy(job_id, time.monotonic() - started)
             raise
     final = final.model_copy(update={"attempts": previous + final.attempts})
     try:
@@ -175,17 +175,18 @@ async def _job(ctx: dict[str, Any], request: Any, extra: dict[str, Any]) -> Load
     return final
 
 
-async def _refuse_early(
+def _refuse_early(
     sup: Supervisor,
-    book: JobBook,
     request: LoadRequest,
     job_id: str,
     number: int,
     enqueued_at: datetime | None,
+    *,
+    cancelled: bool,
 ) -> LoadReport | None:
     """A final report without loading: cancelled while queued, or out of attempts."""
     error: LoadError | None = None
-    if await book.is_cancelled(job_id):
+    if cancelled:
         error = LoadCancelled("cancelled before it started", code="cancelled")
     elif number > request.retry.max_attempts + LOST_WORKER_ALLOWANCE:
         error = ChildCrashed(
@@ -219,9 +220,8 @@ async def _attempt(
         started_at=now,
         finished_at=now,
     )
-    await book.save_attempts(job_id, [*previous, lost])
     try:
-        async with book.lease(job_id):
+        async with book.lease(job_id, [*previous, lost]):
             report = await sup.load(
                 request,
                 job_id=job_id,

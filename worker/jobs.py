@@ -48,6 +48,13 @@ log = structlog.get_logger("loadwarden.jobs")
 _attempts = TypeAdapter(list[Attempt])
 
 
+def _parse_attempts(raw: bytes | None) -> list[Attempt]:
+    try:
+        return _attempts.validate_json(raw) if raw else []
+    except ValidationError:
+        return []
+
+
 #: How long a job's attempts and cancel flag outlive it (a producer may come back late).
 BOOK_TTL_S = 7 * 86_400
 
@@ -78,12 +85,16 @@ class JobBook:
 
     async def attempts(self, job_id: str) -> list[Attempt]:
         """Attempts recorded so far (a placeholder still marked ``worker_lost`` was lost)."""
-        raw = await self.redis.get(ATTEMPTS_KEY_PREFIX + job_id)
-        try:
-            recorded = _attempts.validate_json(raw) if raw else []
-        except ValidationError:
-            recorded = []
-        return recorded
+        return _parse_attempts(await self.redis.get(ATTEMPTS_KEY_PREFIX + job_id))
+
+    async def begin(self, job_id: str) -> tuple[list[Attempt], bool]:
+        """A run's first look, in one round trip: the attempts so far, and whether a
+        producer cancelled the job."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(ATTEMPTS_KEY_PREFIX + job_id)
+            pipe.exists(CANCEL_KEY_PREFIX + job_id)
+            raw, cancelled = await pipe.execute()
+        return _parse_attempts(raw), bool(cancelled)
 
     async def save_attempts(self, job_id: str, attempts: list[Attempt]) -> None:
         await self.redis.set(
@@ -125,39 +136,58 @@ class JobBook:
                 event.set()
 
     @contextlib.asynccontextmanager
-    async def lease(self, job_id: str) -> AsyncIterator[None]:
+    async def lease(self, job_id: str, attempts: list[Attempt]) -> AsyncIterator[None]:
         """Keep arq's in-progress marker alive only while we live: if this worker dies, the
         marker lapses after ``lease_s`` and another worker runs the job. Each renewal
         writes the marker anew (not only its expiry), so a marker a failover lost is back
-        within ``lease_renew_s`` and other workers leave the job alone."""
+        within ``lease_renew_s`` and other workers leave the job alone.
+
+        ``attempts`` are saved with the first renewal, in its round trip (a failure to
+        save them raises, as ``save_attempts`` would); later renewals only log failures.
+        """
         key = in_progress_key_prefix + job_id
         lease_ms = int(self.settings.lease_s * 1000)
 
+        async def renew_once(first: list[Attempt] | None = None) -> None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if first is not None:
+                    pipe.set(
+                        ATTEMPTS_KEY_PREFIX + job_id, _attempts.dump_json(first), ex=BOOK_TTL_S
+                    )
+                pipe.set(key, b"1", px=lease_ms)
+                pipe.zadd(RUNNING_ZSET, {job_id: now_ms() + lease_ms})
+                await pipe.execute()
+
         async def renew() -> None:
             while True:
+                await asyncio.sleep(self.settings.lease_renew_s)
                 try:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        pipe.set(key, b"1", px=lease_ms)
-                        pipe.zadd(RUNNING_ZSET, {job_id: now_ms() + lease_ms})
-                        await pipe.execute()
+                    await renew_once()
                 except (RedisError, OSError) as exc:
                     log.warning("lease_renewal_failed", job_id=job_id, error=str(exc))
-                await asyncio.sleep(self.settings.lease_renew_s)
+
+        await renew_once(attempts)
 
         task = asyncio.create_task(renew(), name=f"loadwarden-lease-{job_id}")
         try:
             yield
-        finally:
+        except BaseException:
             task.cancel()
             await asyncio.wait({task})
             with contextlib.suppress(RedisError, OSError):  # else it lapses by itself
                 await finish_despite_cancel(self.redis.zrem(RUNNING_ZSET, job_id))
+            raise
+        # An attempt that ended goes on to ``finish`` or ``add_busy``, whose round trip
+        # drops the running entry too.
+        task.cancel()
+        await asyncio.wait({task})
 
-    async def add_busy(self, seconds: float) -> None:
+    async def add_busy(self, job_id: str, seconds: float) -> None:
         """Count a run that ended in a retry toward the service time (its job is not done)."""
         bucket = SERVICE_KEY_PREFIX + str(now_ms() // 60_000)
         with contextlib.suppress(RedisError, OSError):  # a lost figure only skews the rate
             async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(RUNNING_ZSET, job_id)  # the run is over (the lease left it)
                 pipe.hincrbyfloat(bucket, "seconds", seconds)
                 pipe.expire(bucket, (SERVICE_WINDOW_MINUTES + 5) * 60)
                 await pipe.execute()
@@ -180,6 +210,7 @@ class JobBook:
             busy_s = sum((a.finished_at - a.started_at).total_seconds() for a in report.attempts)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(ATTEMPTS_KEY_PREFIX + job_id, CANCEL_KEY_PREFIX + job_id)
+            pipe.zrem(RUNNING_ZSET, job_id)  # the lease leaves it to this round trip
             bucket = SERVICE_KEY_PREFIX + str(now // 60_000)
             pipe.hincrby(bucket, "jobs", 1)
             pipe.hincrbyfloat(bucket, "seconds", busy_s)

@@ -97,6 +97,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+#: A model of at most this many bytes (all files) is inspected, and its manifest hashed, on
+#: the event loop: reading and parsing 64 KiB of already-open regular files costs less than
+#: the thread hop (and the thread never protected the loop from a slow parse: the GIL).
+INLINE_MAX_BYTES = 64 * 1024
+
 #: What an exception we did not expect becomes, by the stage of the load it escaped from
 #: (every path of a load ends in a report; see README "When things break").
 STAGE_ERRORS: dict[str, tuple[type[LoadError], str]] = {
@@ -323,8 +328,12 @@ class Supervisor:
                 budget_s,
                 cancel,
             )
-            # Once per load, off the event loop: it hashes the whole manifest.
-            manifest = await in_thread(lambda: _manifest_of(summary))
+            # Once per load, off the event loop (it hashes the whole manifest) unless tiny.
+            manifest = (
+                _manifest_of(summary)
+                if _is_tiny(opened)
+                else await in_thread(lambda: _manifest_of(summary))
+            )
             state.stage = "limits"
             history = await self._history_stats(identity, log)
             state.limits = limits = derive_limits(
@@ -504,9 +513,12 @@ class Supervisor:
     async def _inspect_bounded(
         self, opened: OpenedModel, request: LoadRequest, deadline: float
     ) -> ModelSummary:
-        """Inspect in-process (a thread) when every header is small, else each file whose
-        header may be large in its own confined child, one after the other, and the rest here."""
+        """Inspect in-process (a thread; on the loop for a tiny model) when every header is
+        small, else each file whose header may be large in its own confined child, one after
+        the other, and the rest here."""
         caps = self.settings.inspection
+        if _is_tiny(opened) and caps.isolate_above_bytes >= INLINE_MAX_BYTES:
+            return self._inspect(opened, request)
         large = await in_thread(
             lambda: [needs_isolation(s.file, caps.isolate_above_bytes) for s in opened.files]
         )
@@ -664,6 +676,11 @@ def _warn_clamped(log: FilteringBoundLogger, request: LoadRequest, limits: Limit
     ):
         if getattr(limits.derivation, name) is Derivation.OVERRIDE_CLAMPED:
             log.warning("limit_override_clamped", limit=name, requested=wanted, ceiling=got)
+
+
+def _is_tiny(opened: OpenedModel) -> bool:
+    """Whether every file together is small enough to inspect on the event loop."""
+    return sum(shard.file.size for shard in opened.files) <= INLINE_MAX_BYTES
 
 
 def _manifest_of(summary: ModelSummary) -> str:

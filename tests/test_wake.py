@@ -1,0 +1,68 @@
+"""An idle worker is woken by an enqueue, a full one by a freed slot: no poll interval to wait.
+
+Each test gives the worker a fallback poll (``poll_delay_s``) far longer than the
+bound it checks: a job taken only at the worker's next look would miss it.
+"""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from loadwarden.producer.client import Client
+from loadwarden.producer.connection import redis_client
+from loadwarden.producer.contract import LoadRequest, Outcome
+from loadwarden.producer.keys import wake_key
+from loadwarden.producer.settings import Settings
+from tests.conftest import eventually, running_worker
+
+#: The worker's fallback poll in these tests (below the 5 s socket timeout BLPOP must fit in).
+FALLBACK_S = 4.5
+#: A tiny load, woken at once, ends far within this; one found by the fallback cannot.
+BOUND_S = 3.0
+
+
+async def _blocked_on_wake(redis_url: str, settings: Settings) -> bool:
+    """Whether a worker sits in BLPOP on the queue's wake list now."""
+    raw = redis_client(redis_url)
+    try:
+        clients = await raw.client_list()
+    finally:
+        await raw.aclose()
+    return any(c.get("cmd") == "blpop" and "b" in c.get("flags", "") for c in clients)
+
+
+async def test_an_enqueue_wakes_an_idle_worker(
+    redis_url: str, small_model: object, settings: Settings
+) -> None:
+    """A job enqueued while the worker waits on the wake list is taken at once."""
+    slow = settings.model_copy(update={"poll_delay_s": FALLBACK_S})
+    async with running_worker(slow), Client(settings=slow) as client:
+        await eventually(lambda: _blocked_on_wake(redis_url, slow), what="worker blocked")
+        handle = await client.enqueue(LoadRequest(source=str(small_model)))
+        report = await handle.report(timeout_s=BOUND_S)
+        assert report.outcome is Outcome.OK
+        raw = redis_client(redis_url)
+        assert await raw.llen(wake_key(slow.queue_name)) == 0  # the token was taken
+        await raw.aclose()
+
+
+async def test_a_freed_slot_wakes_a_full_worker(
+    redis_url: str, small_model: object, settings: Settings
+) -> None:
+    """With every slot busy, the next job starts as soon as one ends, not at the next look."""
+    slow = settings.model_copy(update={"poll_delay_s": FALLBACK_S, "concurrency": 1})
+    async with running_worker(slow), Client(settings=slow) as client:
+        await eventually(lambda: _blocked_on_wake(redis_url, slow), what="worker blocked")
+        handles = [
+            await client.enqueue(LoadRequest(source=str(small_model), labels={"n": str(i)}))
+            for i in range(3)
+        ]
+        for handle in handles:
+            assert (await handle.report(timeout_s=BOUND_S)).outcome is Outcome.OK
+
+
+def test_fallback_poll_must_fit_in_the_socket_timeout() -> None:
+    """A fallback poll as long as the socket timeout would read as a dead connection."""
+    with pytest.raises(ValidationError, match="poll_delay_s"):
+        Settings(poll_delay_s=5.0)
