@@ -38,6 +38,12 @@ async def finish_despite_cancel(work: Awaitable[T]) -> T:
             if task.done() and task.cancelled():
                 raise
             cancelled = True
+        except BaseException:
+            if not cancelled:
+                raise
+            # The work failed after we were cancelled (a write to a Redis that is gone, as
+            # a shutdown often meets): the cancel wins, else a caller that catches the
+            # error would carry on as if never cancelled (a heartbeat beat on forever).
     if cancelled:
         raise asyncio.CancelledError
     return task.result()
