@@ -21,6 +21,7 @@ from loadwarden.producer.client import DeadLetter, QueueStatus
 from loadwarden.producer.contract import FailingModel, LoadReport, ModelSummary, Outcome
 from loadwarden.producer.preload import PreloadEntry, PreloadResult
 from loadwarden.worker._text import clean
+from loadwarden.worker._text import human_bytes as _size
 
 if TYPE_CHECKING:
     from loadwarden.worker.calibrate import Calibration
@@ -49,14 +50,6 @@ def _pairs() -> Table:
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
     return table
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def _outcome(outcome: Outcome) -> Text:

@@ -1,4 +1,5 @@
-"""Untrusted text made safe to show on a terminal (stdlib only: the logs use it too)."""
+"""Text for people: untrusted text made safe to show on a terminal, and sizes in binary units
+(stdlib only: the logs use it too)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,12 @@ def clean(value: object) -> str:
     if text.isprintable():
         return text
     return "".join(_visible(ch) for ch in text)
+
+
+def human_bytes(n: float) -> str:
+    """A size in binary units, as the CLI and the console show it (``1.5 MiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

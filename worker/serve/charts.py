@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from markupsafe import Markup, escape
 
-from loadwarden.worker._render import _size as human_bytes  # the CLI's units, one formatter
+from loadwarden.worker._text import human_bytes
 
 __all__ = ["human_bytes", "human_seconds", "line_chart"]
 
