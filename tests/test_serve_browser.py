@@ -41,7 +41,7 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
     )
 
 from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException, TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -153,9 +153,16 @@ def test_retry_from_the_console_reruns_a_dead_letter(
     signed_in.find_element(By.CSS_SELECTOR, "button.retry").click()
     WebDriverWait(signed_in, 10).until(lambda d: f"/loads/{failed}-r" in d.current_url)
     rerun = signed_in.current_url.rsplit("/", 1)[1]
-    WebDriverWait(signed_in, 30).until(  # the page refreshes itself until the load ends
-        lambda d: d.find_elements(By.ID, "outcome")
-    )
+    try:
+        WebDriverWait(signed_in, 60).until(  # the page refreshes itself until the load ends
+            lambda d: d.find_elements(By.ID, "outcome")
+        )
+    except TimeoutException:  # say where the rerun stands, and what the worker did
+        with stack.api() as api:
+            state = api.get(f"/v1/loads/{rerun}").text
+        worker_log = (stack.log.parent / "worker.log").read_text()[-4000:]
+        page = signed_in.find_element(By.TAG_NAME, "main").text
+        raise AssertionError(f"{rerun}: {state}\npage: {page}\nworker: {worker_log}") from None
     assert signed_in.find_element(By.ID, "outcome").text == "invalid"
     with stack.api() as api:
         assert [x["job_id"] for x in api.get("/v1/dead-letters").json()] == [rerun]
