@@ -12,7 +12,7 @@ a fixed overhead plus its size over a bandwidth (1 s + size / 400 MB/s). A worke
 
 Two pools run the same trace:
 
-(a) **policy**: every ``--interval-s`` it evaluates ``loadwarden.worker.autoscale.decide``
+(a) **policy**: every ``--interval-s`` it evaluates ``loadwarden.worker.ops.autoscale.decide``
     on the ready and running jobs, with ``target_drain_s`` = ``--formula-target-s``
     (default ``(target - interval - start-up) / 2``, as the README and
     ``AutoscalePolicy.target_drain_s`` advise) and the service rate
@@ -56,7 +56,7 @@ import sys
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from loadwarden.worker.autoscale import AutoscaleInput, decide, service_rate
+from loadwarden.worker.ops.autoscale import AutoscaleInput, decide, service_rate
 
 MB = 1_000_000
 

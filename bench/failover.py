@@ -47,7 +47,7 @@ def _start_workers(url: str, root: Path, count: int) -> list[subprocess.Popen[by
         log = (root / f"worker{i}.log").open("wb")
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "loadwarden.worker.cli", "worker", "--redis", url],
+                [sys.executable, "-m", "loadwarden.worker.cli.main", "worker", "--redis", url],
                 env=env,
                 stdout=log,
                 stderr=log,

@@ -33,9 +33,9 @@ from loadwarden.producer import failures as store
 from loadwarden.producer.connection import redis_client
 from loadwarden.producer.contract import LoadRequest, Outcome
 from loadwarden.producer.settings import FailureMemoryPolicy, Settings, SourcePolicy
-from loadwarden.worker.failures import FailureMemory
-from loadwarden.worker.logs import configure_logging
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.load.failures import FailureMemory
+from loadwarden.worker.load.supervisor import Supervisor
+from loadwarden.worker.ops.logs import configure_logging
 
 
 async def _timed(sup: Supervisor, request: LoadRequest, n: int, expect: Outcome) -> list[float]:

@@ -58,7 +58,7 @@ from numpy.typing import NDArray
 
 from loadwarden.producer.contract import LoadRequest, ModelFormat, Outcome
 from loadwarden.producer.settings import Settings, SourcePolicy
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.load.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024

@@ -23,8 +23,8 @@ from safetensors.numpy import save_file
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadRequest
 from loadwarden.producer.settings import Settings, SourcePolicy
-from loadwarden.worker.embedded import embedded
-from loadwarden.worker.logs import configure_logging
+from loadwarden.worker.ops.logs import configure_logging
+from loadwarden.worker.queue.embedded import embedded
 
 
 async def main(entries: int) -> dict[str, object]:

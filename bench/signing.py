@@ -35,7 +35,7 @@ from safetensors.numpy import save_file
 
 from loadwarden.producer.contract import LoadRequest, Outcome
 from loadwarden.producer.settings import Settings, SigningPolicy, SourcePolicy, TrustedSigner
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.load.supervisor import Supervisor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.signatures
 from tests.signatures import make_key, sign

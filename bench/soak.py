@@ -24,9 +24,9 @@ from safetensors.numpy import save_file
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadRequest
 from loadwarden.producer.settings import Settings, SourcePolicy
-from loadwarden.worker._redis_server import RedisServer
-from loadwarden.worker.app import WorkerRunner
-from loadwarden.worker.logs import configure_logging
+from loadwarden.worker.ops.logs import configure_logging
+from loadwarden.worker.queue._redis_server import RedisServer
+from loadwarden.worker.queue.runner import WorkerRunner
 
 #: Loads before the first figures: connection pools and caches reach their steady size.
 WARMUP = 1000

@@ -6,7 +6,7 @@ its latest failure, so a model is forgotten by Redis itself; two sorted sets ind
 identities (all of them, and those with enough failures to be refused), scored by when
 their memory lapses, so that listing and the metrics never scan the keyspace.
 Workers write (``record``, ``forget`` on success); operators read and clear through the
-client. The policy (which failures count, the refusal) is the worker's: worker/failures.py.
+client. The policy (which failures count, the refusal) is the worker's: worker/load/failures.py.
 """
 
 from __future__ import annotations

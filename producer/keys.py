@@ -21,7 +21,7 @@ DEDUPE_KEY_PREFIX = "loadwarden:dedupe:"
 DEAD_LETTER_STREAM = "loadwarden:dead"
 #: Each worker's heartbeat (a WorkerStatus as JSON), expiring unless renewed.
 WORKER_KEY_PREFIX = "loadwarden:worker:"
-#: Per-model load history (see loadwarden.worker.history).
+#: Per-model load history (see loadwarden.worker.load.history).
 HISTORY_KEY_PREFIX = "loadwarden:history:"
 #: Per-model failures the failure memory counts (a hash: job id -> failure as JSON), expiring
 #: a window after the latest; see loadwarden.producer.failures.

@@ -150,7 +150,7 @@ class LimitPolicy(BaseModel):
 
 
 class FailureMemoryPolicy(BaseModel):
-    """When a model that keeps failing is refused without a child (worker/failures.py).
+    """When a model that keeps failing is refused without a child (worker/load/failures.py).
 
     From the environment: ``LOADWARDEN_FAILURE_MEMORY__THRESHOLD=3``,
     ``LOADWARDEN_FAILURE_MEMORY__WINDOW_S=900``, ``LOADWARDEN_FAILURE_MEMORY__ENABLED=false``.
@@ -334,7 +334,7 @@ def _is_ip(text: str) -> bool:
 
 
 class AutoscalePolicy(BaseModel):
-    """Inputs of the autoscaling formula (see ``loadwarden.worker.autoscale``)."""
+    """Inputs of the autoscaling formula (see ``loadwarden.worker.ops.autoscale``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -444,7 +444,7 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     # Log (and count) a load near a limit: early warning before the limit stops it. For
     # memory, "near" is this fraction of the headroom above what a healthy load of the
-    # model holds (worker/limits.py: near_thresholds); for CPU and deadline, of the limit.
+    # model holds (worker/load/limits.py: near_thresholds); for CPU and deadline, of the limit.
     threshold_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
     # A load this many times beyond its history's p95 (wall or peak) is an anomaly...
     anomaly_factor: Annotated[float, Field(gt=1)] = 3.0

@@ -23,10 +23,10 @@ import structlog
 from loadwarden.producer.connection import blocking_redis_client
 from loadwarden.producer.contract import ModelFormat
 from loadwarden.producer.settings import RedisOptions, Settings
-from loadwarden.worker._redis_server import RedisServer
-from loadwarden.worker.app import WorkerRunner
-from loadwarden.worker.logs import configure_logging
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.load.supervisor import Supervisor
+from loadwarden.worker.ops.logs import configure_logging
+from loadwarden.worker.queue._redis_server import RedisServer
+from loadwarden.worker.queue.runner import WorkerRunner
 from tests.safetensors_files import valid_model
 
 T = TypeVar("T")
@@ -300,8 +300,8 @@ import asyncio, json, sys
 from loadwarden.producer.contract import ModelFormat
 from loadwarden.producer.connection import blocking_redis_client
 from loadwarden.producer.settings import RedisOptions, Settings
-from loadwarden.worker.app import run_worker
-from loadwarden.worker.logs import configure_logging
+from loadwarden.worker.queue.runner import run_worker
+from loadwarden.worker.ops.logs import configure_logging
 configure_logging("info", json=True)
 settings = Settings(redis_url=sys.argv[1], **json.loads(sys.argv[3]))
 loaders = {ModelFormat.SAFETENSORS: sys.argv[2]}

@@ -116,7 +116,7 @@ def start_serve(
             [
                 sys.executable,
                 "-m",
-                "loadwarden.worker.cli",
+                "loadwarden.worker.cli.main",
                 "serve",
                 "--redis",
                 redis_url,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from loadwarden.worker.autoscale import (
+from loadwarden.worker.ops.autoscale import (
     AutoscaleDecision,
     AutoscaleInput,
     decide,
@@ -193,7 +193,7 @@ def test_rate_from_counts_feeds_the_formula() -> None:
     """Production's path: Redis' counts through decide_from_counts give the same decision
     as service_rate then decide (the simulation's path)."""
     from loadwarden.producer.settings import Settings
-    from loadwarden.worker.autoscale_inputs import decide_from_counts
+    from loadwarden.worker.ops.autoscale_inputs import decide_from_counts
 
     settings = Settings(concurrency=2)
     counts = {"ready": 120.0, "running": 8.0, "served_jobs": 60.0, "served_seconds": 240.0}

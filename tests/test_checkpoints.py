@@ -23,9 +23,9 @@ from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
 from loadwarden.producer.errors import CatalogError
 from loadwarden.producer.settings import Settings
-from loadwarden.worker._model import checkpoint_digest
-from loadwarden.worker.calibrate import calibrate
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.cli.calibrate import calibrate
+from loadwarden.worker.load._model import checkpoint_digest
+from loadwarden.worker.load.supervisor import Supervisor
 from tests.checkpoints import (
     INDEX,
     cache_snapshot,

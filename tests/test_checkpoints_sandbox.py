@@ -14,8 +14,8 @@ import pytest
 
 from loadwarden.producer.contract import LoadRequest, ModelSummary, Outcome
 from loadwarden.producer.settings import InspectionCaps, Settings
-from loadwarden.worker import supervisor as supervisor_module
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.load import supervisor as supervisor_module
+from loadwarden.worker.load.supervisor import Supervisor
 from tests.checkpoints import save_pretrained, state_dict
 from tests.conftest import eventually
 from tests.test_checkpoints import SHARD_BYTES, assert_whole

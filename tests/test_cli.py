@@ -158,7 +158,7 @@ def test_cancel_and_dead_letters_from_the_cli(redis_url: str, bad_model: Path) -
 
     from loadwarden.producer.client import Client
     from loadwarden.producer.settings import Settings
-    from loadwarden.worker.app import WorkerRunner
+    from loadwarden.worker.queue.runner import WorkerRunner
 
     env = {"LOADWARDEN_REDIS_URL": redis_url}
     queued = json.loads(run("enqueue", str(bad_model), "--json", env=env).stdout)["job_id"]

@@ -14,7 +14,7 @@ EXIT_USAGE = 2
 _RUNNER = """
 import json, sys
 from typer.testing import CliRunner
-from loadwarden.worker.cli import app
+from loadwarden.worker.cli.main import app
 runner = CliRunner()
 results = [runner.invoke(app, args) for args in json.loads(sys.argv[1])]
 print(json.dumps([[r.exit_code, r.stdout, r.stderr] for r in results]))

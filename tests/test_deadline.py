@@ -15,8 +15,8 @@ import pytest
 
 from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
 from loadwarden.producer.settings import Settings
+from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sources import _http  # noqa: F401 (imported now, not in the deadline)
-from loadwarden.worker.supervisor import Supervisor
 from tests import format_files as ff
 from tests.conftest import eventually
 from tests.safetensors_files import raw_file

@@ -58,3 +58,24 @@ def test_every_readme_section_a_comment_names_exists() -> None:
             found += 1
             assert any(h.startswith(section) for h in headings[readme]), (path, readme, section)
     assert found >= 5
+
+
+def test_the_folder_map_matches_the_tree_and_its_imports() -> None:
+    """README's "Where things live" names every folder of worker/, and imports run down it:
+    no folder imports from one listed above it."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("### Where things live")
+    rows = re.findall(r"^\| `worker/(\w+)/` \|", readme[start : readme.index("\n## ", start)], re.M)
+    worker = ROOT / "worker"
+    folders = {p.name for p in worker.iterdir() if (p / "__init__.py").exists()}
+    assert sorted(rows) == sorted(folders), "README's map and worker/'s folders differ"
+    rank = {name: i for i, name in enumerate(rows)}
+    upward = []
+    for folder in rows:
+        for path in (worker / folder).rglob("*.py"):
+            for used in re.findall(
+                r"^\s*(?:from|import) loadwarden\.worker\.(\w+)", path.read_text(), re.M
+            ):
+                if used in rank and rank[used] < rank[folder]:
+                    upward.append(f"{path.relative_to(ROOT)} imports worker/{used}/")
+    assert upward == []

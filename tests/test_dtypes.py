@@ -24,10 +24,10 @@ from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker._files import open_model_file
 from loadwarden.worker.binary import dtypes as _dtypes
 from loadwarden.worker.formats import inspect_model
+from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox import _regions
 from loadwarden.worker.sandbox._registry import FileChanged
 from loadwarden.worker.sandbox.loaders import read_gguf, read_safetensors
-from loadwarden.worker.supervisor import Supervisor
 from tests.conftest import TEST_LOADERS
 from tests.format_files import gguf_mixed, gguf_written
 from tests.safetensors_files import ALL_DTYPES, entry, raw_file, sample, tensors_file, write

@@ -16,9 +16,9 @@ from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadRequest
 from loadwarden.producer.errors import EmbeddedWorkerDied
 from loadwarden.producer.settings import Settings
-from loadwarden.worker._redis_server import RedisServer
-from loadwarden.worker.app import WorkerRunner
-from loadwarden.worker.embedded import embedded
+from loadwarden.worker.queue._redis_server import RedisServer
+from loadwarden.worker.queue.embedded import embedded
+from loadwarden.worker.queue.runner import WorkerRunner
 
 LOADWARDEN = str(Path(sys.executable).parent / "loadwarden")
 #: Finding 1's job: an envelope whose "t" is a string (it used to kill the worker).
@@ -115,7 +115,7 @@ async def test_a_command_notices_its_worker_dying(
 
 def test_report_wait_gives_up(redis_url: str) -> None:
     """`report --wait` with no worker ends with exit 3 after --timeout-s; its default is finite."""
-    from loadwarden.worker.cli import DEFAULT_WAIT_S
+    from loadwarden.worker.cli.main import DEFAULT_WAIT_S
 
     async def enqueue() -> str:
         async with Client(redis_url) as client:

@@ -91,7 +91,7 @@ def test_an_oversized_job_is_refused_before_it_is_parsed() -> None:
     """A 60 MiB job document becomes a marker without being decoded: bounded time and memory."""
     import tracemalloc
 
-    from loadwarden.worker.envelope import MAX_JOB_BYTES, job_deserializer
+    from loadwarden.worker.queue.envelope import MAX_JOB_BYTES, job_deserializer
 
     payload = _good({"source": "/m.safetensors", "labels": {"x": "[" * (60 << 20)}})
     tracemalloc.start()
@@ -107,7 +107,7 @@ def test_an_oversized_job_is_refused_before_it_is_parsed() -> None:
 @pytest.mark.parametrize("case", sorted(BAD_ENVELOPES))
 def test_deserializer_turns_every_bad_envelope_into_a_marker(case: str) -> None:
     """The deserializer never raises and hands arq only envelopes of the exact shape it reads."""
-    from loadwarden.worker.envelope import job_deserializer
+    from loadwarden.worker.queue.envelope import job_deserializer
 
     planted = BAD_ENVELOPES[case]({"source": "/m.safetensors"})
     if callable(planted):

@@ -36,12 +36,12 @@ from loadwarden.producer.errors import (
     SourceRefused,
 )
 from loadwarden.producer.settings import FailureMemoryPolicy, RedisOptions, Settings
-from loadwarden.worker import cli
 from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.failures import REFUSED_CODE, FailureMemory, counts_against
-from loadwarden.worker.queue_gauges import QueueGauges, update_queue_gauges
+from loadwarden.worker.cli import main as cli
+from loadwarden.worker.load.failures import REFUSED_CODE, FailureMemory, counts_against
+from loadwarden.worker.load.supervisor import Supervisor
+from loadwarden.worker.ops.queue_gauges import QueueGauges, update_queue_gauges
 from loadwarden.worker.sandbox.forkserver import ForkServer
-from loadwarden.worker.supervisor import Supervisor
 from tests.conftest import TEST_LOADERS, eventually, running_worker
 from tests.safetensors_files import valid_model
 

@@ -20,8 +20,8 @@ from loadwarden.producer.settings import InspectionCaps, Settings, SourcePolicy
 from loadwarden.worker._files import OpenedModel, open_model_file
 from loadwarden.worker.binary.dtypes import NPY_BY_ARRAY
 from loadwarden.worker.formats import LOADERS, Inspection, inspect_model
+from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sources import open_source
-from loadwarden.worker.supervisor import Supervisor
 from tests.hostile import CORPUS, Case
 
 #: Every case must finish within this (generous: the slowest takes milliseconds).

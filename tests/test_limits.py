@@ -15,8 +15,8 @@ from loadwarden.producer import connection
 from loadwarden.producer.contract import Derivation, LimitOverrides, LoadRequest, Outcome
 from loadwarden.producer.settings import LimitPolicy, Settings
 from loadwarden.worker._files import open_model_file
-from loadwarden.worker.history import History, model_identity
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.load.history import History, model_identity
+from loadwarden.worker.load.supervisor import Supervisor
 from tests.conftest import TEST_LOADERS, require_cgroups, require_landlock
 from tests.safetensors_files import valid_model
 
@@ -173,7 +173,7 @@ async def test_load_over_the_whole_budget_is_refused(small_model: Path) -> None:
 
 def test_hundred_megabyte_model_limit_is_within_bounds() -> None:
     """A 100 MB model gets a memory limit between 1.0x and 1.5x its bytes plus the baseline."""
-    from loadwarden.worker.limits import derive_limits
+    from loadwarden.worker.load.limits import derive_limits
 
     policy = LimitPolicy()
     limits = derive_limits(100 * MiB, LimitOverrides(), policy)
@@ -184,7 +184,7 @@ def test_hundred_megabyte_model_limit_is_within_bounds() -> None:
 async def test_calibrated_limits_fit_each_model_and_stop_a_10x_one(tmp_path: Path) -> None:
     """calibrate's limits let every entry of a catalog load, and stop a 10x bigger model."""
     from loadwarden.producer.catalog import parse_catalog
-    from loadwarden.worker.calibrate import calibrate, to_toml
+    from loadwarden.worker.cli.calibrate import calibrate, to_toml
 
     for name, mib in (("small", 8), ("medium", 24), ("huge", 240)):
         valid_model(tmp_path / f"{name}.safetensors", {"w": np.ones((mib, MiB), dtype=np.uint8)})

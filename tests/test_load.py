@@ -23,7 +23,7 @@ from loadwarden.producer.errors import (
     MemoryExceeded,
 )
 from loadwarden.producer.settings import LimitPolicy, Settings
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.load.supervisor import Supervisor
 from tests.conftest import assert_pid_gone, eventually, group_members
 from tests.safetensors_files import entry, raw_file, valid_model, write
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from loadwarden.producer.settings import Settings
-from loadwarden.worker.admission import detect_memory_bytes
-from loadwarden.worker.memory_limit import detect_memory_limit
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.load.admission import detect_memory_bytes
+from loadwarden.worker.load.supervisor import Supervisor
+from loadwarden.worker.sandbox.memory_limit import detect_memory_limit
 
 GiB = 1 << 30
 POD = "/kubepods/burstable/pod6f1c/3a9e0c"

@@ -20,14 +20,14 @@ from loadwarden.producer.client import Client
 from loadwarden.producer.connection import blocking_redis_client, redis_client
 from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
 from loadwarden.producer.settings import Settings
-from loadwarden.worker import _render
 from loadwarden.worker._files import open_model_file
-from loadwarden.worker.app import WorkerRunner
-from loadwarden.worker.exporter import run_exporter
-from loadwarden.worker.history import History, model_identity
-from loadwarden.worker.limits import derive_limits, expected_memory_bytes, near_thresholds
-from loadwarden.worker.queue_gauges import QueueGauges
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.cli import _render
+from loadwarden.worker.load.history import History, model_identity
+from loadwarden.worker.load.limits import derive_limits, expected_memory_bytes, near_thresholds
+from loadwarden.worker.load.supervisor import Supervisor
+from loadwarden.worker.ops.exporter import run_exporter
+from loadwarden.worker.ops.queue_gauges import QueueGauges
+from loadwarden.worker.queue.runner import WorkerRunner
 from tests.conftest import eventually, running_worker
 
 Events = list[structlog.typing.EventDict]

@@ -8,8 +8,8 @@ import pytest
 
 from loadwarden.producer.contract import Derivation, LimitOverrides
 from loadwarden.producer.settings import LimitPolicy
-from loadwarden.worker._outcome import Loaded, LoadedModel, Raised, classify
-from loadwarden.worker.limits import derive_limits
+from loadwarden.worker.load._outcome import Loaded, LoadedModel, Raised, classify
+from loadwarden.worker.load.limits import derive_limits
 from loadwarden.worker.sandbox.forkserver import ChildExit
 
 MiB = 1024 * 1024
@@ -147,7 +147,7 @@ def test_a_loader_that_returns_other_tensors_is_invalid() -> None:
 
 def test_percentile_is_nearest_rank() -> None:
     """p95 of 20 samples is the 19th smallest; of 3 samples, the largest."""
-    from loadwarden.worker.limits import percentile, stats_of
+    from loadwarden.worker.load.limits import percentile, stats_of
 
     assert percentile(list(range(1, 21)), 95) == 19
     assert percentile([3.0, 1.0, 2.0], 95) == 3.0
@@ -164,7 +164,7 @@ def test_percentile_is_nearest_rank() -> None:
 
 def test_history_sets_deadline_and_keeps_memory_at_least_declared() -> None:
     """With enough history, time limits are p95 x margin; memory stays at least the size figure."""
-    from loadwarden.worker.limits import HistoryStats
+    from loadwarden.worker.load.limits import HistoryStats
 
     declared = derive_limits(100 * MiB, LimitOverrides(), POLICY)
     slow = HistoryStats(samples=5, wall_p95_s=40.0, cpu_p95_s=30.0, peak_rss_p95_bytes=10 * MiB)

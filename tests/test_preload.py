@@ -20,7 +20,7 @@ from loadwarden.producer.contract import (
 )
 from loadwarden.producer.preload import EntryState, PreloadEntry
 from loadwarden.producer.settings import Settings
-from loadwarden.worker.app import WorkerRunner
+from loadwarden.worker.queue.runner import WorkerRunner
 from tests.conftest import call_until
 
 ROOT = Path(__file__).parent.parent

@@ -17,7 +17,7 @@ from loadwarden.producer.connection import redis_client
 from loadwarden.producer.contract import LoadRequest, Outcome
 from loadwarden.producer.errors import JobNotFound, RedisUnavailable, ReportTimeout
 from loadwarden.producer.settings import Settings
-from loadwarden.worker.app import WorkerRunner
+from loadwarden.worker.queue.runner import WorkerRunner
 
 
 @pytest.fixture

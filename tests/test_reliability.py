@@ -19,8 +19,8 @@ from loadwarden.producer.client import Client, JobState
 from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome, RetryPolicy
 from loadwarden.producer.keys import ATTEMPTS_KEY_PREFIX
 from loadwarden.producer.settings import Settings
-from loadwarden.worker._redis_server import RedisServer
-from loadwarden.worker.app import WorkerRunner
+from loadwarden.worker.queue._redis_server import RedisServer
+from loadwarden.worker.queue.runner import WorkerRunner
 from tests.conftest import (
     StartWorker,
     call_until,

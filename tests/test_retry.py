@@ -7,7 +7,7 @@ import random
 import pytest
 
 from loadwarden.producer.contract import LoadRequest, Outcome, RetryPolicy
-from loadwarden.worker.retry import DEFAULT_RETRY_ON, backoff_s, retry_on, should_retry
+from loadwarden.worker.queue.retry import DEFAULT_RETRY_ON, backoff_s, retry_on, should_retry
 
 
 def test_backoff_is_full_jitter_exponential_for_a_fixed_seed() -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
+from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox._landlock import abi_version
-from loadwarden.worker.supervisor import Supervisor
 from tests.sandbox_loaders import BAIT_NAME, CLAIMED_DIGEST, FORGED_LINE
 
 needs_landlock = pytest.mark.skipif(abi_version() < 1, reason="this kernel has no Landlock")

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from loadwarden.worker import cli
+from loadwarden.worker.cli import main as cli
 from loadwarden.worker.serve.config import is_loopback
 from loadwarden.worker.serve.openapi import PATH as OPENAPI_PATH
 from loadwarden.worker.serve.openapi import render as render_openapi

@@ -25,11 +25,11 @@ from loadwarden.producer.catalog import parse_catalog
 from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
 from loadwarden.producer.errors import SourceRefused
 from loadwarden.producer.settings import Settings, SigningPolicy, TrustedSigner
-from loadwarden.worker import supervisor as supervisor_module
 from loadwarden.worker._files import OpenedModel
+from loadwarden.worker.load import supervisor as supervisor_module
+from loadwarden.worker.load.signing import required_signers
+from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox.forkserver import SandboxError
-from loadwarden.worker.signing import required_signers
-from loadwarden.worker.supervisor import Supervisor
 from tests.checkpoints import INDEX, cache_snapshot, save_pretrained, state_dict
 from tests.signatures import expired_certificates, make_certificates, make_key, policy, sign
 from tests.test_cli import run
@@ -479,8 +479,8 @@ async def test_hostile_signature_json_is_refused_in_bounded_memory(
     """A signature file that is JSON of many values or of text that widens when decoded is
     refused (signature_invalid) while the supervisor holds little more than its bytes: a
     job's signature never costs it tens of MiB of Python objects."""
-    from loadwarden.worker._bundle import Found, Requirement, Trust, verify_bundle
     from loadwarden.worker._files import SignatureFile
+    from loadwarden.worker.load._bundle import Found, Requirement, Trust, verify_bundle
 
     raw = HOSTILE_BUNDLES[shape]
     signing = trusting(keys, require=["acme"])
@@ -577,8 +577,8 @@ def test_hintless_bundle_is_verified_without_touching_the_process_streams(
     model-signing's warning on stdout and without swapping sys.stdout (process-wide: two
     loads verifying at once in threads could leave it pointing at stderr for good, and
     ``load --json`` and the logs print there)."""
-    from loadwarden.worker._bundle import Found, Requirement, Trust, verify_bundle
     from loadwarden.worker._files import SignatureFile
+    from loadwarden.worker.load._bundle import Found, Requirement, Trust, verify_bundle
 
     bundle = json.loads(sign(small_model, keys["beta"][0]).read_bytes())
     bundle["verificationMaterial"]["publicKey"]["hint"] = ""

@@ -113,7 +113,7 @@ def test_allow_roots_path_list_is_one_setting(monkeypatch: pytest.MonkeyPatch) -
 SCRIPT = """
 import asyncio, sys
 from loadwarden.producer.contract import LoadRequest
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.load.supervisor import Supervisor
 async def main():
     async with Supervisor() as sup:
         report = await sup.load(LoadRequest(source=sys.argv[1]))

@@ -728,7 +728,7 @@ def test_one_rule_tells_a_url_from_a_path(source: str, url: bool) -> None:
     """The request, the catalog, the CLI and the worker all use RFC 3986's scheme rule."""
     from loadwarden.producer.contract import LoadRequest
     from loadwarden.producer.sources import is_url
-    from loadwarden.worker._cli_common import source_arg
+    from loadwarden.worker.cli._common import source_arg
 
     assert is_url(source) is url
     given = source_arg(source)
@@ -743,7 +743,7 @@ def test_a_relative_xdg_base_is_ignored(
     variable: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Every XDG folder follows the specification: absolute bases only, else the home's."""
-    from loadwarden.worker.embedded import default_state_dir
+    from loadwarden.worker.queue.embedded import default_state_dir
     from loadwarden.worker.sources._hf import cache_dir
 
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):

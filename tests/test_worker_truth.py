@@ -15,8 +15,8 @@ from loadwarden.producer.client import BlockingClient, Client, JobState
 from loadwarden.producer.contract import JobPhase, LoadRequest
 from loadwarden.producer.counts import queue_counts
 from loadwarden.producer.settings import Settings
-from loadwarden.worker.heartbeat import INTERVAL_S, KEY_PREFIX, beat
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.load.supervisor import Supervisor
+from loadwarden.worker.queue.heartbeat import INTERVAL_S, KEY_PREFIX, beat
 from tests.conftest import StartWorker, call_until, eventually, running_worker
 
 MiB = 1024 * 1024
@@ -115,7 +115,7 @@ async def test_reports_cap_their_tensor_list(tmp_path: Path) -> None:
     """A report lists at most report_max_tensors tensors and says it was cut; totals stay whole."""
     import numpy as np
 
-    from loadwarden.worker.supervisor import Supervisor
+    from loadwarden.worker.load.supervisor import Supervisor
     from tests.safetensors_files import valid_model
 
     path = valid_model(
@@ -146,7 +146,7 @@ async def test_an_override_above_the_ceiling_is_said_to_be_clamped(
 ) -> None:
     """An override past the ceiling runs at the ceiling, says so in the report and warns."""
     from loadwarden.producer.contract import Derivation, LimitOverrides
-    from loadwarden.worker.supervisor import Supervisor
+    from loadwarden.worker.load.supervisor import Supervisor
 
     request = LoadRequest(source=str(small_model), limits=LimitOverrides(cpu_seconds=10**9))
     async with Supervisor(Settings()) as sup:

@@ -12,14 +12,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from loadwarden.worker.app import create_worker, run_worker
     from loadwarden.worker.formats import Inspection, inspect_model
     from loadwarden.worker.formats.safetensors import SafetensorsHeader, inspect_safetensors
-    from loadwarden.worker.limits import derive_limits
-    from loadwarden.worker.logs import configure_logging
+    from loadwarden.worker.load.limits import derive_limits
+    from loadwarden.worker.load.supervisor import Supervisor
+    from loadwarden.worker.ops.logs import configure_logging
+    from loadwarden.worker.queue.runner import create_worker, run_worker
     from loadwarden.worker.sandbox.forkserver import ChildExit, ForkServer, SandboxError, stop_child
     from loadwarden.worker.sources import open_model, open_source
-    from loadwarden.worker.supervisor import Supervisor
 
 _WHERE = {
     "ChildExit": "loadwarden.worker.sandbox.forkserver",
@@ -27,15 +27,15 @@ _WHERE = {
     "Inspection": "loadwarden.worker.formats",
     "SafetensorsHeader": "loadwarden.worker.formats.safetensors",
     "SandboxError": "loadwarden.worker.sandbox.forkserver",
-    "Supervisor": "loadwarden.worker.supervisor",
-    "configure_logging": "loadwarden.worker.logs",
-    "create_worker": "loadwarden.worker.app",
-    "derive_limits": "loadwarden.worker.limits",
+    "Supervisor": "loadwarden.worker.load.supervisor",
+    "configure_logging": "loadwarden.worker.ops.logs",
+    "create_worker": "loadwarden.worker.queue.runner",
+    "derive_limits": "loadwarden.worker.load.limits",
     "inspect_model": "loadwarden.worker.formats",
     "inspect_safetensors": "loadwarden.worker.formats.safetensors",
     "open_model": "loadwarden.worker.sources",
     "open_source": "loadwarden.worker.sources",
-    "run_worker": "loadwarden.worker.app",
+    "run_worker": "loadwarden.worker.queue.runner",
     "stop_child": "loadwarden.worker.sandbox.forkserver",
 }
 

@@ -54,7 +54,7 @@ def register_reader(name: str) -> Callable[[Reader], Reader]:
 def load_files(fds: list[int], spec: Spec) -> dict[str, Any]:
     """Load every file of a checkpoint into memory, all held at once (the model must fit
     whole), and say what each shard held. No digests: the supervisor hashes every shard
-    itself (``loadwarden.worker._digest``) and checks what its source promised."""
+    itself (``loadwarden.worker.load._digest``) and checks what its source promised."""
     read = READERS[spec.loader]
     held: list[object] = []
     shards: list[list[Entry]] = []
@@ -79,7 +79,7 @@ def finish(entries: list[tuple[str, str, list[int], int]], spec: Spec) -> dict[s
     """A loader's answer: its manifest digest, checked against the spec.
 
     The file's sha256 is not the loader's business: the supervisor hashes the file
-    itself (``loadwarden.worker._digest``), where a compromised loader cannot lie.
+    itself (``loadwarden.worker.load._digest``), where a compromised loader cannot lie.
     """
     result: dict[str, Any] = {
         "tensors": len(entries),

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from loadwarden.worker.memory_limit import cgroup_folder, own_cgroups
+from loadwarden.worker.sandbox.memory_limit import cgroup_folder, own_cgroups
 
 ROOT = Path("/sys/fs/cgroup")
 _SLASH = PurePosixPath("/")

@@ -26,7 +26,7 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
 #: answer an error rather than nothing).
 DEAD_LETTER_ID_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
 
-#: A model identity as the failure memory names it (worker/history.py: model_identity).
+#: A model identity as the failure memory names it (worker/load/history.py: model_identity).
 IDENTITY_PATTERN = r"^(sha256|file):[0-9a-f]{64}$"
 
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the job id from POST /v1/loads")]

@@ -29,7 +29,7 @@ with a stable ``code``::
         bad_hf_name          an hf:// repository id or revision that is not one
         outside_blobs        a cache snapshot's entry is not a symlink into its repository's blobs/
         signature_*          a required signature is missing, bad, by another signer, or does
-                             not match the files (``loadwarden.worker.signing``)
+                             not match the files (``loadwarden.worker.load.signing``)
     SourceUnavailable    cannot be reached or read, worth retrying (outcome ``unavailable``)
         not_found            no such file (or no such directory on the way)
         unreadable           the file exists but cannot be read (permissions, I/O)
@@ -55,7 +55,7 @@ segment, reduced to ``[A-Za-z0-9._-]``); a request with a digest that is already
 cached is served without any network I/O. Redirects are followed by hand, at most
 ``max_redirects`` of them, each hop checked against the same host and address rules.
 Local files (and hf:// blobs) are not hashed here: the supervisor hashes every file while
-the child loads (``loadwarden.worker._digest``), outside the loader's reach.
+the child loads (``loadwarden.worker.load._digest``), outside the loader's reach.
 """
 
 from __future__ import annotations

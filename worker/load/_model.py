@@ -10,12 +10,12 @@ from typing import Any
 from loadwarden.producer.contract import ModelFormat, ModelSummary, ShardInfo
 from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused
 from loadwarden.producer.settings import InspectionCaps
-from loadwarden.worker._digest import check_digest
 from loadwarden.worker._files import ModelFile, OpenedModel
-from loadwarden.worker._outcome import LoadedModel
 from loadwarden.worker.formats import inspect_model
 from loadwarden.worker.formats._common import over_budget
 from loadwarden.worker.formats.index import check_coverage
+from loadwarden.worker.load._digest import check_digest
+from loadwarden.worker.load._outcome import LoadedModel
 from loadwarden.worker.sandbox.spec import FileIdentity, SpecFile
 
 

@@ -12,9 +12,9 @@ from structlog.typing import FilteringBoundLogger
 
 from loadwarden.producer.contract import Limits, Resources, Sample
 from loadwarden.producer.errors import ChildCrashed, LoadError
-from loadwarden.worker._outcome import Loaded, Raised, Ready, parse_message
 from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.monitor import Monitor
+from loadwarden.worker.load._outcome import Loaded, Raised, Ready, parse_message
+from loadwarden.worker.load.monitor import Monitor
 from loadwarden.worker.sandbox.cgroups import Cgroup, CgroupManager
 from loadwarden.worker.sandbox.forkserver import (
     Child,

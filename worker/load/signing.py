@@ -49,7 +49,8 @@ from loadwarden.producer.contract import LoadRequest
 from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused
 from loadwarden.producer.settings import SigningPolicy
 from loadwarden.producer.sources import is_hf, parse_hf
-from loadwarden.worker._bundle import (
+from loadwarden.worker._files import OpenedModel
+from loadwarden.worker.load._bundle import (
     Found,
     Requirement,
     Trust,
@@ -57,9 +58,8 @@ from loadwarden.worker._bundle import (
     unknown_signer,
     verify_bundle,
 )
-from loadwarden.worker._deadline import in_thread
-from loadwarden.worker._digest import digest_files
-from loadwarden.worker._files import OpenedModel
+from loadwarden.worker.load._deadline import in_thread
+from loadwarden.worker.load._digest import digest_files
 
 __all__ = [
     "Requirement",

@@ -41,7 +41,7 @@ from loadwarden.producer.keys import (
 )
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import finish_despite_cancel
-from loadwarden.worker.metrics import Metrics
+from loadwarden.worker.ops.metrics import Metrics
 
 log = structlog.get_logger("loadwarden.jobs")
 

@@ -20,7 +20,7 @@ from loadwarden.producer.catalog import Catalog
 from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest, Outcome
 from loadwarden.producer.settings import LimitPolicy, Settings
 from loadwarden.worker._text import clean
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.load.supervisor import Supervisor
 
 MiB = 1024 * 1024
 #: Time margins cover a busier node than the one calibrating (run-to-run spread < 2x).

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from loadwarden.producer.errors import SourceRefused
-from loadwarden.worker.memory_limit import detect_memory_limit
+from loadwarden.worker.sandbox.memory_limit import detect_memory_limit
 
 
 def detect_memory_bytes(root: Path = Path("/")) -> int:

@@ -37,7 +37,7 @@ from loadwarden.producer import failures as store
 from loadwarden.producer.contract import FailingModel, Outcome
 from loadwarden.producer.errors import LoadError, SourceRefused, describe
 from loadwarden.producer.settings import FailureMemoryPolicy
-from loadwarden.worker._child_run import ChildRun
+from loadwarden.worker.load._child_run import ChildRun
 
 #: The error code of a refusal by the memory.
 REFUSED_CODE = "repeatedly_failing"

@@ -24,7 +24,7 @@ from loadwarden.worker._text import clean
 from loadwarden.worker._text import human_bytes as _size
 
 if TYPE_CHECKING:
-    from loadwarden.worker.calibrate import Calibration
+    from loadwarden.worker.cli.calibrate import Calibration
 
 
 console = Console(highlight=False)

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from loadwarden.producer.keys import HISTORY_KEY_PREFIX
 from loadwarden.producer.settings import LimitPolicy
 from loadwarden.worker._files import ModelFile, OpenedModel
-from loadwarden.worker.limits import HistoryStats, stats_of
+from loadwarden.worker.load.limits import HistoryStats, stats_of
 
 KEY_PREFIX = HISTORY_KEY_PREFIX
 

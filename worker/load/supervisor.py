@@ -46,39 +46,30 @@ from loadwarden.producer.errors import (
 )
 from loadwarden.producer.settings import Settings
 from loadwarden.worker import _version
-from loadwarden.worker._child_run import ChildRun, resources_of, run_child, traceback_of
-from loadwarden.worker._deadline import before_deadline, in_thread, within
-from loadwarden.worker._digest import digest_files
 from loadwarden.worker._files import OpenedModel
-from loadwarden.worker._model import (
+from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker.formats import LOADERS, needs_isolation
+from loadwarden.worker.load._child_run import ChildRun, resources_of, run_child, traceback_of
+from loadwarden.worker.load._deadline import before_deadline, in_thread, within
+from loadwarden.worker.load._digest import digest_files
+from loadwarden.worker.load._model import (
     child_files,
     inspect_opened,
     needs_digests,
     shard_format,
     with_digests,
 )
-from loadwarden.worker._outcome import Loaded, classify
-from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.admission import Admission, detect_memory_bytes
-from loadwarden.worker.failures import FailureMemory, RepeatedlyFailing
-from loadwarden.worker.formats import LOADERS, needs_isolation
-from loadwarden.worker.history import History, model_identity
-from loadwarden.worker.limits import (
+from loadwarden.worker.load._outcome import Loaded, classify
+from loadwarden.worker.load.admission import Admission, detect_memory_bytes
+from loadwarden.worker.load.failures import FailureMemory, RepeatedlyFailing
+from loadwarden.worker.load.history import History, model_identity
+from loadwarden.worker.load.limits import (
     HistoryStats,
     derive_limits,
     expected_memory_bytes,
     near_thresholds,
 )
-from loadwarden.worker.logs import configure_logging
-from loadwarden.worker.metrics import Metrics
-from loadwarden.worker.sandbox import _seccomp
-from loadwarden.worker.sandbox._landlock import abi_version
-from loadwarden.worker.sandbox._protocol import manifest_digest
-from loadwarden.worker.sandbox.cgroups import CgroupManager
-from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
-from loadwarden.worker.sandbox.inspector import inspect_in_child
-from loadwarden.worker.sandbox.spec import ChildSpec
-from loadwarden.worker.signing import (
+from loadwarden.worker.load.signing import (
     SignatureCheck,
     Trust,
     TrustError,
@@ -87,6 +78,15 @@ from loadwarden.worker.signing import (
     recheck,
     required_signers,
 )
+from loadwarden.worker.ops.logs import configure_logging
+from loadwarden.worker.ops.metrics import Metrics
+from loadwarden.worker.sandbox import _seccomp
+from loadwarden.worker.sandbox._landlock import abi_version
+from loadwarden.worker.sandbox._protocol import manifest_digest
+from loadwarden.worker.sandbox.cgroups import CgroupManager
+from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
+from loadwarden.worker.sandbox.inspector import inspect_in_child
+from loadwarden.worker.sandbox.spec import ChildSpec
 from loadwarden.worker.sources import open_model
 
 #: The loader each format runs in the child.
@@ -437,7 +437,7 @@ class Supervisor:
         cancel: asyncio.Event | None,
     ) -> None:
         """Refuse the load unless a signature every rule accepts covers its files; before any
-        child, the inspector's included (``loadwarden.worker.signing``)."""
+        child, the inspector's included (``loadwarden.worker.load.signing``)."""
         # In a thread: a roots rule may stat the folders on the files' way (a network share).
         policy = self.settings.signing
         requirement = await in_thread(lambda: required_signers(policy, request, opened))

@@ -50,7 +50,7 @@ from loadwarden.producer.errors import (
     describe,
 )
 from loadwarden.producer.keys import FINISHED_CHANNEL, now_ms, wake_key
-from loadwarden.worker.job import TRANSIENT_REDIS_ERRORS, end_with_report
+from loadwarden.worker.queue.job import TRANSIENT_REDIS_ERRORS, end_with_report
 
 log = structlog.get_logger("loadwarden.worker")
 

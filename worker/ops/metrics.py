@@ -14,7 +14,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from loadwarden.producer.contract import LoadReport, Outcome
-from loadwarden.worker.queue_gauges import QueueGauges
+from loadwarden.worker.ops.queue_gauges import QueueGauges
 
 MiB, GiB = 1 << 20, 1 << 30
 #: Load times from a tiny file on a warm cache to an hour-long pull of a huge model.

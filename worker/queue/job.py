@@ -38,10 +38,10 @@ from loadwarden.producer.errors import (
 )
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import finish_despite_cancel
-from loadwarden.worker.envelope import UNDECODABLE
-from loadwarden.worker.jobs import JobBook
-from loadwarden.worker.retry import backoff_s, retry_on, should_retry
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.load.supervisor import Supervisor
+from loadwarden.worker.queue.envelope import UNDECODABLE
+from loadwarden.worker.queue.jobs import JobBook
+from loadwarden.worker.queue.retry import backoff_s, retry_on, should_retry
 
 #: Reruns after lost workers allowed beyond a request's max_attempts before giving up.
 LOST_WORKER_ALLOWANCE = 2

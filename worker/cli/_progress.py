@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from loadwarden.producer.preload import PreloadEntry
-from loadwarden.worker import _render
+from loadwarden.worker.cli import _render
 
 if TYPE_CHECKING:
     from rich.live import Live

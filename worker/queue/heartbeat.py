@@ -19,7 +19,7 @@ from loadwarden.producer.contract import WorkerStatus
 from loadwarden.producer.keys import WORKER_KEY_PREFIX, WORKERS_ZSET, now_ms
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import finish_despite_cancel
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.load.supervisor import Supervisor
 
 #: ``<prefix><worker id>`` holds a WorkerStatus as JSON; it expires unless renewed.
 KEY_PREFIX = WORKER_KEY_PREFIX

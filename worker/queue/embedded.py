@@ -22,9 +22,9 @@ from loadwarden.producer import wire
 from loadwarden.producer._xdg import xdg_dir
 from loadwarden.producer.errors import EmbeddedWorkerDied, LoadwardenError, describe
 from loadwarden.producer.settings import Settings
-from loadwarden.worker._redis_server import RedisServer
 from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.app import WorkerRunner
+from loadwarden.worker.queue._redis_server import RedisServer
+from loadwarden.worker.queue.runner import WorkerRunner
 
 log = structlog.get_logger("loadwarden.embedded")
 

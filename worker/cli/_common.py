@@ -18,9 +18,9 @@ from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest
 from loadwarden.producer.errors import ClientError, ContractError
 from loadwarden.producer.settings import Settings
 from loadwarden.producer.sources import is_url
-from loadwarden.worker import _render
 from loadwarden.worker._files import resolved
 from loadwarden.worker._text import clean
+from loadwarden.worker.cli import _render
 
 EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 #: How long `enqueue --wait` and `report --wait` wait unless told (--timeout-s; 0: no limit):

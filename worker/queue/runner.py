@@ -33,17 +33,17 @@ from loadwarden.producer.connection import (
 )
 from loadwarden.producer.contract import ModelFormat
 from loadwarden.producer.settings import RedisOptions, Settings
-from loadwarden.worker._arq import LoadWorker
 from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.envelope import job_deserializer
-from loadwarden.worker.failures import FailureMemory
-from loadwarden.worker.heartbeat import beat
-from loadwarden.worker.history import History
-from loadwarden.worker.job import load_job
-from loadwarden.worker.jobs import JobBook
-from loadwarden.worker.probes import Probes
-from loadwarden.worker.queue_gauges import update_queue_gauges
-from loadwarden.worker.supervisor import Supervisor
+from loadwarden.worker.load.failures import FailureMemory
+from loadwarden.worker.load.history import History
+from loadwarden.worker.load.supervisor import Supervisor
+from loadwarden.worker.ops.probes import Probes
+from loadwarden.worker.ops.queue_gauges import update_queue_gauges
+from loadwarden.worker.queue._arq import LoadWorker
+from loadwarden.worker.queue.envelope import job_deserializer
+from loadwarden.worker.queue.heartbeat import beat
+from loadwarden.worker.queue.job import load_job
+from loadwarden.worker.queue.jobs import JobBook
 
 #: arq's own timeout around a job must never fire before our deadline does.
 ARQ_TIMEOUT_MARGIN_S = 60

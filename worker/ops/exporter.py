@@ -19,8 +19,8 @@ from redis.exceptions import RedisError
 from loadwarden.producer.connection import redis_client
 from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.probes import Probes
-from loadwarden.worker.queue_gauges import QueueGauges, update_queue_gauges
+from loadwarden.worker.ops.probes import Probes
+from loadwarden.worker.ops.queue_gauges import QueueGauges, update_queue_gauges
 
 log = structlog.get_logger("loadwarden.exporter")
 

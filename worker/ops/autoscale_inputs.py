@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from loadwarden.producer.settings import Settings
-from loadwarden.worker.autoscale import AutoscaleDecision, AutoscaleInput, decide, service_rate
+from loadwarden.worker.ops.autoscale import AutoscaleDecision, AutoscaleInput, decide, service_rate
 
 
 def decide_from_counts(counts: dict[str, float], settings: Settings) -> AutoscaleDecision:

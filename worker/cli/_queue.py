@@ -16,8 +16,9 @@ from redis.exceptions import RedisError
 
 from loadwarden.producer.contract import Outcome
 from loadwarden.producer.errors import RedisUnavailable
-from loadwarden.worker import _render
-from loadwarden.worker._cli_common import (
+from loadwarden.worker._text import clean
+from loadwarden.worker.cli import _render
+from loadwarden.worker.cli._common import (
     DEFAULT_WAIT_S,
     EXIT_OK,
     EXIT_OUTCOME,
@@ -32,8 +33,7 @@ from loadwarden.worker._cli_common import (
     no_answer,
     queue_settings,
 )
-from loadwarden.worker._text import clean
-from loadwarden.worker.logs import configure_logging
+from loadwarden.worker.ops.logs import configure_logging
 
 
 @app.command()
@@ -230,7 +230,7 @@ def autoscale(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     """
     from loadwarden.producer.connection import redis_client
     from loadwarden.producer.counts import queue_counts
-    from loadwarden.worker.autoscale_inputs import decide_from_counts
+    from loadwarden.worker.ops.autoscale_inputs import decide_from_counts
 
     settings = queue_settings(redis, "autoscale")
 
@@ -272,7 +272,7 @@ def exporter(
     log_level: LogOpt = "info",
 ) -> None:
     """Export the queue's gauges for Prometheus and autoscalers (runs with zero workers too)."""
-    from loadwarden.worker.exporter import run_exporter
+    from loadwarden.worker.ops.exporter import run_exporter
 
     settings = queue_settings(redis, "the exporter")
     configure_logging(log_level)

@@ -25,8 +25,10 @@ from loadwarden.producer.contract import (
 from loadwarden.producer.errors import CatalogError, ClientError, ContractError, LoadError
 from loadwarden.producer.preload import PreloadResult
 from loadwarden.producer.settings import Settings
-from loadwarden.worker import _render
-from loadwarden.worker._cli_common import (
+from loadwarden.worker._files import resolved
+from loadwarden.worker._text import clean
+from loadwarden.worker.cli import _render
+from loadwarden.worker.cli._common import (
     DEFAULT_WAIT_S,
     EXIT_OK,
     EXIT_OUTCOME,
@@ -51,10 +53,8 @@ from loadwarden.worker._cli_common import (
     settings_from,
     with_roots,
 )
-from loadwarden.worker._files import resolved
-from loadwarden.worker._progress import Progress
-from loadwarden.worker._text import clean
-from loadwarden.worker.logs import configure_logging
+from loadwarden.worker.cli._progress import Progress
+from loadwarden.worker.ops.logs import configure_logging
 
 if TYPE_CHECKING:
     from loadwarden.worker._files import OpenedModel
@@ -86,7 +86,7 @@ def worker(
     log_level: LogOpt = "info",
 ) -> None:
     """Run a worker: pull load jobs from Redis and run each in a confined child."""
-    from loadwarden.worker.app import run_worker
+    from loadwarden.worker.queue.runner import run_worker
 
     settings = settings_from(redis, concurrency=concurrency, metrics_port=metrics_port)
     if allow_root:
@@ -157,7 +157,7 @@ def enqueue(
             async with Client(settings=settings) as client:
                 handle = await client.enqueue(request, job_id=job_id)
                 return await handle.report(timeout_s=limit) if wait else handle.job_id
-        from loadwarden.worker.embedded import embedded
+        from loadwarden.worker.queue.embedded import embedded
 
         roots = named_root(request.source)
         note_embedded(roots)
@@ -199,7 +199,7 @@ def load(
     log_level: LogOpt = "warning",
 ) -> None:
     """Run one sandboxed load on this machine, no Redis, and print its report."""
-    from loadwarden.worker.supervisor import Supervisor
+    from loadwarden.worker.load.supervisor import Supervisor
 
     configure_logging(log_level)
     request = load_request(
@@ -246,8 +246,8 @@ def inspect(
     rules or --signed-by require one, a missing or bad one is the outcome.
     """
     from loadwarden.producer.contract import ErrorInfo
-    from loadwarden.worker._model import inspect_opened
-    from loadwarden.worker.signing import Trust, TrustError, signature_status
+    from loadwarden.worker.load._model import inspect_opened
+    from loadwarden.worker.load.signing import Trust, TrustError, signature_status
     from loadwarden.worker.sources import open_model
 
     request = load_request(file, None, {}, signed_by)
@@ -376,7 +376,7 @@ async def _preload(
     drop_leftovers: bool = False,
     **options: Any,
 ) -> PreloadResult:
-    from loadwarden.worker.embedded import embedded
+    from loadwarden.worker.queue.embedded import embedded
 
     async def run(active: Settings) -> PreloadResult:
         async with Client(settings=active) as client:
@@ -412,7 +412,7 @@ def calibrate(
     Runs here, one entry at a time, no Redis; the catalog's folder is the allowed root.
     """
     from loadwarden.producer.catalog import load_catalog
-    from loadwarden.worker import calibrate as calib
+    from loadwarden.worker.cli import calibrate as calib
 
     configure_logging(log_level)
     try:
@@ -433,7 +433,7 @@ def calibrate(
 
 # The queue-side commands (report, show, status, cancel, dead, autoscale, exporter, serve)
 # register on `app` after these, so --help lists the local ones first.
-from loadwarden.worker import _cli_queue  # noqa: E402, F401  isort: skip
+from loadwarden.worker.cli import _queue as _cli_queue  # noqa: E402, F401  isort: skip
 
 
 def main() -> None:

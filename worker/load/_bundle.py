@@ -1,5 +1,5 @@
 """Model-signing bundles, verified: the worker's trusted signers, and which of them (if any)
-signed a bundle, by model-signing's own verifiers (see ``loadwarden.worker.signing``).
+signed a bundle, by model-signing's own verifiers (see ``loadwarden.worker.load.signing``).
 
 model-signing is imported here only, and only when a ``Trust`` is built.
 """

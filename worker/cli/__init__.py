@@ -1,0 +1,1 @@
+"""The `loadwarden` command line and how it renders reports."""

@@ -1,0 +1,1 @@
+"""One load from source to report: supervisor, signature, failure memory, child, limits."""

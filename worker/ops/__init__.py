@@ -1,0 +1,1 @@
+"""What operators and platforms read: metrics, probes, logs, autoscaling."""

@@ -1,0 +1,1 @@
+"""How jobs arrive through arq, run once, retry and end; where the queue lives."""
