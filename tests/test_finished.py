@@ -37,14 +37,27 @@ async def client(settings: Settings) -> AsyncIterator[Client]:
         yield c
 
 
+async def _gets(client: Client) -> int:
+    """How many GETs the server has run (the waiter's read of the report is one)."""
+    stats = await (await client.redis()).info("commandstats")
+    return int(stats.get("cmdstat_get", {}).get("calls", 0))
+
+
 async def _subscribed_waiter(client: Client, job_id: str) -> asyncio.Task[object]:
     """A report() waiting on ``job_id``, returned once it has read once and waits for a push."""
+    before = await _gets(client)
     waiter: asyncio.Task[object] = asyncio.create_task(client.report(job_id, timeout_s=60))
     watch = await client.finish_watch()
     await eventually(lambda: watch.live and job_id in watch._watches, what="waiter subscribed")
-    await asyncio.sleep(0)  # let it make its first read and start waiting
+    # Its first read of the report has reached the server (and found none): from here only
+    # a push (the fallback poll is an hour away) can end the wait.
+    await eventually(lambda: _more_gets(client, before), what="the waiter's first read")
     assert not waiter.done()
     return waiter
+
+
+async def _more_gets(client: Client, before: int) -> bool:
+    return await _gets(client) > before
 
 
 async def test_report_comes_by_the_workers_push(
