@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -19,6 +22,7 @@ from loadwarden.producer.contract import (
     WorkerInfo,
 )
 from loadwarden.producer.errors import LoadError
+from loadwarden.worker import _version
 from loadwarden.worker.load._child_run import ChildRun
 from loadwarden.worker.load._outcome import Raised
 from loadwarden.worker.load.failures import RepeatedlyFailing
@@ -28,6 +32,17 @@ from loadwarden.worker.ops.metrics import Metrics
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def this_worker() -> WorkerInfo:
+    """This worker process, as its reports and heartbeats name it."""
+    hostname = socket.gethostname()
+    return WorkerInfo(
+        id=f"{hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+        hostname=hostname,
+        pid=os.getpid(),
+        version=_version.VERSION,
+    )
 
 
 @dataclass(frozen=True, slots=True)

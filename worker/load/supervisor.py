@@ -7,8 +7,6 @@ command's; nothing else runs a load.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -18,16 +16,15 @@ from structlog.typing import FilteringBoundLogger
 
 from loadwarden.producer.contract import (
     JobPhase,
+    Limits,
     LoadReport,
     LoadRequest,
     ModelFormat,
     ModelSummary,
     RunningJob,
-    WorkerInfo,
 )
 from loadwarden.producer.errors import LoadError, describe
 from loadwarden.producer.settings import Settings
-from loadwarden.worker import _version
 from loadwarden.worker._files import OpenedModel
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.formats import LOADERS
@@ -49,11 +46,12 @@ from loadwarden.worker.load._model import (
     with_digests,
 )
 from loadwarden.worker.load._outcome import STAGE_ENDS, Early, Loaded, decide, failure
-from loadwarden.worker.load._report import JobRef, LoadState, Reporter, now
+from loadwarden.worker.load._report import JobRef, LoadState, Reporter, now, this_worker
 from loadwarden.worker.load.admission import Admission, detect_memory_bytes
 from loadwarden.worker.load.failures import FailureMemory
 from loadwarden.worker.load.history import History, model_identity
 from loadwarden.worker.load.limits import (
+    HistoryStats,
     derive_limits,
     expected_memory_bytes,
     job_budget_s,
@@ -108,12 +106,7 @@ class Supervisor:
         self.cgroups: CgroupManager | None = None
         self.cgroups_note = "disabled by settings (use_cgroups = false)"
         self.landlock_abi = abi_version() if s.use_landlock else 0
-        self.info = WorkerInfo(
-            id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
-            hostname=socket.gethostname(),
-            pid=os.getpid(),
-            version=_version.VERSION,
-        )
+        self.info = this_worker()
         self._log = structlog.get_logger("loadwarden.supervisor").bind(worker=self.info.id)
         self.metrics = metrics or Metrics()
         self.metrics.bind(
@@ -292,26 +285,7 @@ class Supervisor:
                 try:
                     state.run = run = await run_child(
                         ChildHost(self.forkserver, self.cgroups, self.settings.sample_interval_s),
-                        ChildJob(
-                            child_spec(
-                                opened,
-                                self.loaders[summary.format],
-                                manifest,
-                                limits,
-                                self.settings,
-                                landlock=self.landlock_abi > 0,
-                            ),
-                            [shard.file.fd for shard in opened.files],
-                            limits,
-                            thresholds=near_thresholds(
-                                limits,
-                                expected_memory_bytes(summary.bytes, self.settings.limits, history),
-                                self.settings.threshold_fraction,
-                            ),
-                            on_threshold=lambda limit: self.metrics.thresholds.labels(
-                                limit=limit
-                            ).inc(),
-                        ),
+                        self._child_job(opened, summary, manifest, limits, history),
                         log=log,
                         cancel=cancel,
                     )
@@ -335,6 +309,26 @@ class Supervisor:
                 check_anomaly(run, history, self.settings, self.metrics, log)
             await record_history(self.history, identity, run, log)
         return error
+
+    def _child_job(
+        self,
+        opened: OpenedModel,
+        summary: ModelSummary,
+        manifest: str,
+        limits: Limits,
+        history: HistoryStats | None,
+    ) -> ChildJob:
+        """The child's work: its spec and files, its limits, and the levels worth a warning."""
+        s = self.settings
+        loader = self.loaders[summary.format]
+        expected = expected_memory_bytes(summary.bytes, s.limits, history)
+        return ChildJob(
+            child_spec(opened, loader, manifest, limits, s, landlock=self.landlock_abi > 0),
+            [shard.file.fd for shard in opened.files],
+            limits,
+            thresholds=near_thresholds(limits, expected, s.threshold_fraction),
+            on_threshold=lambda limit: self.metrics.thresholds.labels(limit=limit).inc(),
+        )
 
     async def _trusted(self) -> Trust | None:
         """The trusted signers, loaded on first use (keys read, model-signing imported: ~1 s,
