@@ -300,7 +300,8 @@ WORKER_SCRIPT = """
 import asyncio, json, sys
 from loadwarden.producer.contract import ModelFormat
 from loadwarden.producer.connection import blocking_redis_client
-from loadwarden.producer.settings import RedisOptions, Settings
+from loadwarden.producer.settings import RedisOptions
+from loadwarden.worker.config import Settings
 from loadwarden.worker.queue.runner import run_worker
 from loadwarden.worker.ops.logs import configure_logging
 configure_logging("info", json=True)

@@ -1,6 +1,7 @@
 """The worker's configuration: its settings and the policies they group (one validated object).
 
-Stdlib and pydantic only, so that every folder of the worker can import it.
+It imports only the producer (whose settings it extends), pydantic and the stdlib, so that
+every folder of the worker can import it.
 """
 
 from loadwarden.worker.config.policies import (
