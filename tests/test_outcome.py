@@ -8,7 +8,7 @@ import pytest
 
 from loadwarden.producer.contract import LimitOverrides, Outcome
 from loadwarden.producer.errors import InvalidModel
-from loadwarden.producer.settings import LimitPolicy
+from loadwarden.worker.config import LimitPolicy
 from loadwarden.worker.load._outcome import (
     STAGE_ENDS,
     Early,

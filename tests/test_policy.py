@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loadwarden.producer.contract import Derivation, LimitOverrides
-from loadwarden.producer.settings import LimitPolicy
+from loadwarden.worker.config import LimitPolicy
 from loadwarden.worker.load.limits import derive_limits
 
 MiB = 1024 * 1024

@@ -6,8 +6,8 @@ import math
 from collections.abc import Callable
 
 from loadwarden.producer.contract import LoadRequest, ModelSummary
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker._files import OpenedModel
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats import needs_isolation
 from loadwarden.worker.load._deadline import JobDeadline, in_thread
 from loadwarden.worker.load._model import inspect_opened, shard_format

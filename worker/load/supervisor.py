@@ -24,9 +24,9 @@ from loadwarden.producer.contract import (
     RunningJob,
 )
 from loadwarden.producer.errors import LoadError, describe
-from loadwarden.producer.settings import Settings
 from loadwarden.worker._files import OpenedModel
 from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker.config import Settings
 from loadwarden.worker.formats import LOADERS
 from loadwarden.worker.load._checks import (
     check_anomaly,

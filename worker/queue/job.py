@@ -30,8 +30,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from loadwarden.producer.contract import Attempt, LoadReport, LoadRequest, Outcome
 from loadwarden.producer.errors import LoadError, describe
-from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import finish_despite_cancel
+from loadwarden.worker.config import Settings
 from loadwarden.worker.load._outcome import Early, failure
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.queue.envelope import UNDECODABLE
