@@ -1,0 +1,126 @@
+"""arq's Worker is known in one place: only the adapter imports it or touches its state."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import arq.worker
+
+ROOT = Path(__file__).parent.parent
+
+#: The adapter: ``ArqAdapter`` and the arq subclass it builds (which overrides arq's methods).
+ADAPTER = {"worker/queue/arq_adapter.py", "worker/queue/_arq.py"}
+
+#: Names ``arq.worker`` defines that a job function may use: raising ``Retry`` is arq's
+#: documented way for a job to ask for another try, not a look inside the Worker.
+JOB_API = {"Retry"}
+
+#: Public names the Worker shares with things that are not it (our Settings fields, arq's
+#: client, any object's close/run/main): reading ``settings.queue_name`` is no arq internal.
+SHARED = {"__init__", "__repr__", "close", "run", "main", "burst", "ctx"}
+
+
+def _worker_names() -> set[str]:
+    """Every method and instance attribute of arq's Worker, read from arq's own source."""
+    (cls,) = ast.parse(inspect.getsource(arq.worker.Worker)).body
+    assert isinstance(cls, ast.ClassDef)
+    names = {n.name for n in cls.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+    for node in ast.walk(cls):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "self"
+            and isinstance(node.ctx, ast.Store)
+        ):
+            names.add(node.attr)
+    return names
+
+
+def _internals() -> set[str]:
+    """The Worker's names no other object we use carries: touching one means touching it."""
+    from arq.connections import ArqRedis
+
+    from loadwarden.producer.settings import Settings
+
+    client = {*dir(ArqRedis), *inspect.signature(ArqRedis.__init__).parameters}
+    others = client | set(Settings.model_fields) | SHARED
+    return _worker_names() - others
+
+
+def _modules() -> list[Path]:
+    return sorted([*(ROOT / "producer").rglob("*.py"), *(ROOT / "worker").rglob("*.py")])
+
+
+def _violations(source: str, internals: set[str]) -> list[str]:
+    """Where ``source`` imports arq's Worker module or reads or writes the Worker's state."""
+    worker_module = {n for n in vars(arq.worker) if not n.startswith("_")} - JOB_API
+    found: list[str] = []
+    nodes = sorted(
+        (n for n in ast.walk(ast.parse(source)) if hasattr(n, "lineno")),
+        key=lambda n: (n.lineno, n.col_offset),
+    )
+    for node in nodes:
+        where = f"line {node.lineno}:"
+        if isinstance(node, ast.Import):
+            found += [f"{where} imports {a.name}" for a in node.names if a.name == "arq.worker"]
+        elif isinstance(node, ast.ImportFrom) and node.module == "arq.worker":
+            found.append(f"{where} imports from arq.worker")
+        elif isinstance(node, ast.ImportFrom) and node.module == "arq":
+            names = [a.name for a in node.names if a.name in worker_module]
+            found += [f"{where} imports arq.{name}" for name in names]
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr in internals
+            # Our own classes' private attributes (``self._pool`` of the client) are theirs.
+            and not (node.attr.startswith("_") and _is_self(node.value))
+        ):
+            found.append(f"{where} touches .{node.attr}")
+    return found
+
+
+def _is_self(node: ast.expr) -> bool:
+    return isinstance(node, ast.Name) and node.id in {"self", "cls"}
+
+
+def test_the_worker_names_are_read_from_arq() -> None:
+    """The list of arq's Worker internals holds the ones the adapter hides (a sanity check
+    that reading arq's source still finds them)."""
+    hidden = {"tasks", "main_task", "allow_pick_jobs", "in_progress_timeout_s", "handle_sig"}
+    assert hidden | {"sem", "job_counter", "_poll_iteration", "_pool"} <= _internals()
+
+
+def test_only_the_adapter_knows_arqs_worker() -> None:
+    """No module of producer/ or worker/ outside the adapter imports arq's Worker (or its
+    ``func``) or touches one of the Worker's attributes."""
+    internals = _internals()
+    outside = [p for p in _modules() if str(p.relative_to(ROOT)) not in ADAPTER]
+    assert outside and all((ROOT / a).exists() for a in ADAPTER)
+    found = {
+        str(path.relative_to(ROOT)): _violations(path.read_text(), internals) for path in outside
+    }
+    assert {path: lines for path, lines in found.items() if lines} == {}
+
+
+def test_the_check_sees_a_worker_touched() -> None:
+    """The check catches each way past the adapter: imports, and state read or written."""
+    sample = (
+        "from arq.worker import Worker\n"
+        "from arq import func, Retry\n"
+        "import arq.worker\n"
+        "runner.worker.allow_pick_jobs = False\n"
+        "ids = list(w.tasks)\n"
+        "w._poll_iteration()\n"
+        "self._pool = None\n"  # a class's own private attribute: not the Worker's
+        "settings.queue_name\n"
+    )
+    found = [v.split(": ", 1)[1] for v in _violations(sample, _internals())]
+    assert found == [
+        "imports from arq.worker",
+        "imports arq.func",
+        "imports arq.worker",
+        "touches .allow_pick_jobs",
+        "touches .tasks",
+        "touches ._poll_iteration",
+    ]
