@@ -1,12 +1,25 @@
-"""arq's Worker is known in one place: only the adapter imports it or touches its state."""
+"""arq's Worker is known in one place: only the adapter imports it or touches its state,
+and the runner's stop stages work through it."""
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import inspect
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import arq.worker
+
+from loadwarden.producer.client import Client, JobState
+from loadwarden.producer.connection import redis_client
+from loadwarden.producer.contract import LoadRequest
+from loadwarden.producer.settings import Settings
+from loadwarden.worker.load.supervisor import Supervisor
+from loadwarden.worker.queue.arq_adapter import ArqAdapter
+from loadwarden.worker.queue.jobs import JobBook
+from tests.conftest import eventually
 
 ROOT = Path(__file__).parent.parent
 
@@ -41,8 +54,6 @@ def _worker_names() -> set[str]:
 def _internals() -> set[str]:
     """The Worker's names no other object we use carries: touching one means touching it."""
     from arq.connections import ArqRedis
-
-    from loadwarden.producer.settings import Settings
 
     client = {*dir(ArqRedis), *inspect.signature(ArqRedis.__init__).parameters}
     others = client | set(Settings.model_fields) | SHARED
@@ -124,3 +135,37 @@ def test_the_check_sees_a_worker_touched() -> None:
         "touches .tasks",
         "touches ._poll_iteration",
     ]
+
+
+async def test_the_adapter_stops_in_stages(
+    settings: Settings, small_model: Path, make_supervisor: Callable[..., Supervisor]
+) -> None:
+    """What the runner asks of arq, stage by stage: ``stop_picking`` leaves the running job
+    running and takes no new one, ``wait_for_jobs`` keeps to its bound, ``stop_now`` ends
+    ``run`` and the job (left queued), ``close`` leaves nothing held."""
+    assert settings.redis_url
+    redis = redis_client(settings.redis_url, settings.redis)
+    async with make_supervisor("hang", settings) as sup, Client(settings=settings) as client:
+        adapter = ArqAdapter(settings, sup, JobBook(redis, settings, sup.metrics))
+        assert not adapter.alive and adapter.running_ids() == []
+        run = asyncio.create_task(adapter.run())
+        first = (await client.enqueue(LoadRequest(source=str(small_model)))).job_id
+        await eventually(lambda: adapter.running_ids() == [first], 30, "the first job runs")
+        assert adapter.alive
+
+        adapter.stop_picking()
+        other = shutil.copy(small_model, small_model.with_name("other.safetensors"))
+        second = (await client.enqueue(LoadRequest(source=str(other)))).job_id
+        assert second != first  # another request: not the running job, deduplicated
+        await adapter.wait_for_jobs(0.5)  # the first job hangs: this ends on its bound
+        assert adapter.running_ids() == [first]
+        assert await client.job_state(second) is JobState.QUEUED
+
+        adapter.stop_now()
+        await asyncio.wait({run}, timeout=30)
+        assert run.done() and run.exception() is None
+        assert not adapter.alive
+        await adapter.close()
+        assert adapter.running_ids() == []
+        assert await client.job_state(first) is JobState.QUEUED
+    await redis.aclose()
