@@ -7,6 +7,7 @@ import ast
 import asyncio
 import inspect
 import shutil
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from loadwarden.producer.connection import redis_client
 from loadwarden.producer.contract import LoadRequest
 from loadwarden.producer.settings import Settings
 from loadwarden.worker.load.supervisor import Supervisor
-from loadwarden.worker.queue.arq_adapter import ArqAdapter
+from loadwarden.worker.queue.arq_adapter import ArqAdapter, create_worker
 from loadwarden.worker.queue.jobs import JobBook
 from tests.conftest import eventually
 
@@ -30,8 +31,8 @@ ADAPTER = {"worker/queue/arq_adapter.py", "worker/queue/_arq.py"}
 #: documented way for a job to ask for another try, not a look inside the Worker.
 JOB_API = {"Retry"}
 
-#: Public names the Worker shares with things that are not it (our Settings fields, arq's
-#: client, any object's close/run/main): reading ``settings.queue_name`` is no arq internal.
+#: Public names the Worker shares with things that are not it (any object's close/run/main;
+#: arq's client and our settings are added below): ``settings.queue_name`` is no internal.
 SHARED = {"__init__", "__repr__", "close", "run", "main", "burst", "ctx"}
 
 
@@ -56,7 +57,9 @@ def _internals() -> set[str]:
     from arq.connections import ArqRedis
 
     client = {*dir(ArqRedis), *inspect.signature(ArqRedis.__init__).parameters}
-    others = client | set(Settings.model_fields) | SHARED
+    # The settings the Worker is built from share names with it (``poll_delay_s``...).
+    settings = typing.get_type_hints(create_worker)["settings"]
+    others = client | set(settings.model_fields) | SHARED
     return _worker_names() - others
 
 
