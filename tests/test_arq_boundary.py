@@ -16,7 +16,7 @@ import arq.worker
 from loadwarden.producer.client import Client, JobState
 from loadwarden.producer.connection import redis_client
 from loadwarden.producer.contract import LoadRequest
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.queue.arq_adapter import ArqAdapter, create_worker
 from loadwarden.worker.queue.jobs import JobBook

@@ -28,9 +28,10 @@ from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from loadwarden.producer import wire
-from loadwarden.producer.client import FUNCTION_NAME
 from loadwarden.producer.connection import NotReplicated, confirm_replicated, redis_client
-from loadwarden.producer.settings import RedisOptions, Settings
+from loadwarden.producer.keys import FUNCTION_NAME
+from loadwarden.producer.settings import RedisOptions
+from loadwarden.worker.config import Settings
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.queue._arq import LoadWorker
 from loadwarden.worker.queue.envelope import job_deserializer

@@ -22,8 +22,8 @@ from redis.exceptions import RedisError
 
 from loadwarden.producer.connection import redis_client, stop_riding_through
 from loadwarden.producer.contract import ModelFormat
-from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker.config import Settings
 from loadwarden.worker.load.failures import FailureMemory
 from loadwarden.worker.load.history import History
 from loadwarden.worker.load.supervisor import Supervisor
