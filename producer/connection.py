@@ -6,7 +6,7 @@ its synchronous twin ``blocking_redis_client``), so they share one set of timeou
 and one reconnection policy (``RedisOptions`` in settings). What the factory puts
 together lives beside it: the URLs it accepts (``_redis_url``), the ride-through of
 an outage (``_ride_through``), connections and pipelines safe to cancel
-(``_cancel_safe``), and the one reconnect loop of a subscription (``_subscribe``).
+(``_cancel_safe``), and how a long-lived connection comes back (``_reconnect``).
 
 The primary behind a Sentinel URL is found through redis-py's asyncio ``Sentinel``
 (never by hand): a connection asks the Sentinels for the primary's address, and one
@@ -29,6 +29,7 @@ from redis.asyncio.sentinel import (
 from redis.exceptions import RedisError
 
 from loadwarden.producer._cancel_safe import cancel_safe_client, cancel_safe_connection
+from loadwarden.producer._reconnect import Pauses, follow, subscribe
 from loadwarden.producer._redis_url import (
     SENTINEL_DEFAULT_PORT,
     SENTINEL_SCHEMES,
@@ -42,7 +43,6 @@ from loadwarden.producer._ride_through import (
     RideThrough,
     stop_riding_through,
 )
-from loadwarden.producer._subscribe import follow, subscribe
 from loadwarden.producer.settings import RedisOptions
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "SENTINEL_SCHEMES",
     "WAIT_TICK_KEY",
     "NotReplicated",
+    "Pauses",
     "RedisTarget",
     "RideThrough",
     "blocking_redis_client",

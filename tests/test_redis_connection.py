@@ -17,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from loadwarden.producer import Client, LoadRequest
 from loadwarden.producer.connection import (
     NotReplicated,
+    Pauses,
     RideThrough,
     blocking_redis_client,
     confirm_replicated,
@@ -326,3 +327,12 @@ async def test_follow_subscribes_again_after_the_connection_is_lost(redis_url: s
             await cancel_and_wait(task)
             await client.aclose()
             await publisher.aclose()
+
+
+def test_reconnect_pauses_double_up_to_their_ceiling_and_reset() -> None:
+    """The one backoff of the reconnect loops: first, doubled, capped; back to first on reset."""
+    pauses = Pauses(0.5, 3.0)
+    assert [pauses.advance() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert pauses.next_s == 3.0
+    pauses.reset()
+    assert pauses.advance() == 0.5

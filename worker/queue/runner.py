@@ -27,6 +27,7 @@ from loadwarden.producer import wire
 from loadwarden.producer.client import FUNCTION_NAME
 from loadwarden.producer.connection import (
     NotReplicated,
+    Pauses,
     confirm_replicated,
     redis_client,
     stop_riding_through,
@@ -47,6 +48,10 @@ from loadwarden.worker.queue.jobs import JobBook
 
 #: arq's own timeout around a job must never fire before our deadline does.
 ARQ_TIMEOUT_MARGIN_S = 60
+#: First and longest pause before arq's worker is made again once Redis dropped it for
+#: longer than the ride-through: soon after a short outage, a few a minute in a long one.
+ARQ_RESTART_FIRST_S = 0.5
+ARQ_RESTART_MAX_S = 10.0
 
 log = structlog.get_logger("loadwarden.worker")
 
@@ -226,7 +231,7 @@ class WorkerRunner:
         return sorted(job_id for job_id, task in tasks.items() if not task.done())
 
     async def _run_arq(self, sup: Supervisor, book: JobBook) -> None:
-        delay = 0.5
+        pauses = Pauses(ARQ_RESTART_FIRST_S, ARQ_RESTART_MAX_S)
         while not self._stop_requested:
             self.worker = worker = create_worker(self.settings, sup, book, burst=self.burst)
             try:
@@ -238,9 +243,8 @@ class WorkerRunner:
                     raise
                 return  # stop() cancelled arq's main task
             except (RedisError, OSError) as exc:
-                log.warning("redis_lost", error=str(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                log.warning("redis_lost", error=str(exc), retry_in_s=pauses.next_s)
+                await pauses.wait()
             finally:
                 if worker.main_task is None or worker.main_task.done():
                     await self._close(worker)

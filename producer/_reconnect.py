@@ -1,8 +1,10 @@
-"""Following a pub/sub channel: a subscription that notices a dead connection, and comes back.
+"""Coming back after Redis dropped a long-lived connection: the pauses, and a subscription.
 
+``Pauses`` is how long to wait before each new attempt (doubling, up to a
+ceiling, back to the first once the connection works): the one backoff of every
+reconnect loop (this module's ``follow``, the worker's restart of arq).
 ``subscribe`` yields a channel's messages until its connection fails; ``follow``
-is the one reconnect loop around it: it subscribes again after doubling pauses,
-for as long as its caller listens.
+subscribes again after each loss, for as long as its caller listens.
 """
 
 from __future__ import annotations
@@ -16,6 +18,28 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from loadwarden.producer.settings import RedisOptions
+
+
+class Pauses:
+    """Waits between attempts to reconnect: ``first_s``, doubling up to ``max_s``, until reset."""
+
+    def __init__(self, first_s: float, max_s: float) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        #: The pause before the next attempt (what a log line says it will wait).
+        self.next_s = first_s
+
+    def reset(self) -> None:
+        """The connection works again: the next loss waits ``first_s``."""
+        self.next_s = self.first_s
+
+    def advance(self) -> float:
+        """The pause to take now; the one after it is twice as long (at most ``max_s``)."""
+        pause, self.next_s = self.next_s, min(self.next_s * 2, self.max_s)
+        return pause
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.advance())
 
 
 async def subscribe(
@@ -92,13 +116,12 @@ async def follow(
     """``subscribe`` for ever: when the connection is lost, ``on_lost(error, pause_s)`` is
     called and the subscription made again after the pause, which doubles from ``first_s``
     to ``max_s`` while no message comes through (a message brings it back to ``first_s``)."""
-    delay = first_s
+    pauses = Pauses(first_s, max_s)
     while True:
         try:
             async for data in subscribe(client, channel, options, on_subscribed):
-                delay = first_s
+                pauses.reset()
                 yield data
         except (RedisError, OSError) as exc:
-            on_lost(exc, delay)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, max_s)
+            on_lost(exc, pauses.next_s)
+        await pauses.wait()
