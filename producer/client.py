@@ -32,11 +32,16 @@ from loadwarden.producer.contract import FailingModel, LoadRequest
 from loadwarden.producer.dedupe import enqueue_once
 from loadwarden.producer.errors import JobNotFound, RedisUnavailable
 from loadwarden.producer.finished import FinishWatch
-from loadwarden.producer.keys import CANCEL_CHANNEL, CANCEL_KEY_PREFIX, now_ms, wake_workers
+from loadwarden.producer.keys import (
+    CANCEL_CHANNEL,
+    CANCEL_KEY_PREFIX,
+    FUNCTION_NAME,
+    now_ms,
+    wake_workers,
+)
 from loadwarden.producer.settings import Settings
 
 __all__ = [
-    "FUNCTION_NAME",
     "BlockingClient",
     "BlockingJobHandle",
     "Client",
@@ -47,9 +52,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-#: The one job function a producer may name; the worker registers it under this name.
-FUNCTION_NAME = "load"
 
 
 class Client:

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterable
 
-import structlog
 from redis.asyncio import Redis
 
 from loadwarden.producer.connection import follow
@@ -46,7 +46,8 @@ SUBSCRIBE_WAIT_S = 1.0
 RESUBSCRIBE_FIRST_S = 0.1
 RESUBSCRIBE_MAX_S = 5.0
 
-log = structlog.get_logger("loadwarden.client")
+# The standard library's logging, as httpx and redis-py log: a producer carries no structlog.
+log = logging.getLogger("loadwarden.client")
 
 
 class FinishWatch:
@@ -137,4 +138,4 @@ class FinishWatch:
     def _lost(self, exc: Exception, delay_s: float) -> None:
         """The subscription dropped: waiters poll until it stands again."""
         self._subscribed.clear()
-        log.debug("finish_watch_lost", error=str(exc), retry_in_s=delay_s)
+        log.debug("finish_watch_lost: %s (subscribing again in %.2f s)", exc, delay_s)

@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadRequest, Outcome, RetryPolicy
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.sandbox.cgroups import CgroupManager
 from tests.conftest import running_worker
 

@@ -28,8 +28,9 @@ from loadwarden.producer.connection import (
 )
 from loadwarden.producer.contract import Outcome
 from loadwarden.producer.errors import RedisUnavailable
-from loadwarden.producer.settings import RedisOptions, Settings
+from loadwarden.producer.settings import RedisOptions
 from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker.config import Settings
 from loadwarden.worker.queue._redis_server import RedisServer
 from loadwarden.worker.queue.runner import WorkerRunner
 from tests.conftest import StartWorker, call_until, eventually

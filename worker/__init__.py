@@ -12,6 +12,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from loadwarden.worker.config import (
+        AutoscalePolicy,
+        FailureMemoryPolicy,
+        InspectionCaps,
+        LimitPolicy,
+        Settings,
+        SigningPolicy,
+        SourcePolicy,
+        TrustedSigner,
+    )
     from loadwarden.worker.formats import Inspection, inspect_model
     from loadwarden.worker.formats.safetensors import SafetensorsHeader, inspect_safetensors
     from loadwarden.worker.load.limits import derive_limits
@@ -22,12 +32,20 @@ if TYPE_CHECKING:
     from loadwarden.worker.sources import open_model, open_source
 
 _WHERE = {
+    "AutoscalePolicy": "loadwarden.worker.config",
     "ChildExit": "loadwarden.worker.sandbox.forkserver",
+    "FailureMemoryPolicy": "loadwarden.worker.config",
     "ForkServer": "loadwarden.worker.sandbox.forkserver",
     "Inspection": "loadwarden.worker.formats",
+    "InspectionCaps": "loadwarden.worker.config",
+    "LimitPolicy": "loadwarden.worker.config",
     "SafetensorsHeader": "loadwarden.worker.formats.safetensors",
     "SandboxError": "loadwarden.worker.sandbox.forkserver",
+    "Settings": "loadwarden.worker.config",
+    "SigningPolicy": "loadwarden.worker.config",
+    "SourcePolicy": "loadwarden.worker.config",
     "Supervisor": "loadwarden.worker.load.supervisor",
+    "TrustedSigner": "loadwarden.worker.config",
     "configure_logging": "loadwarden.worker.ops.logs",
     "create_worker": "loadwarden.worker.queue.runner",
     "derive_limits": "loadwarden.worker.load.limits",
@@ -40,12 +58,20 @@ _WHERE = {
 }
 
 __all__ = [
+    "AutoscalePolicy",
     "ChildExit",
+    "FailureMemoryPolicy",
     "ForkServer",
     "Inspection",
+    "InspectionCaps",
+    "LimitPolicy",
     "SafetensorsHeader",
     "SandboxError",
+    "Settings",
+    "SigningPolicy",
+    "SourcePolicy",
     "Supervisor",
+    "TrustedSigner",
     "configure_logging",
     "create_worker",
     "derive_limits",

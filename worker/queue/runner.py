@@ -24,7 +24,6 @@ from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from loadwarden.producer import wire
-from loadwarden.producer.client import FUNCTION_NAME
 from loadwarden.producer.connection import (
     NotReplicated,
     Pauses,
@@ -33,8 +32,10 @@ from loadwarden.producer.connection import (
     stop_riding_through,
 )
 from loadwarden.producer.contract import ModelFormat
-from loadwarden.producer.settings import RedisOptions, Settings
+from loadwarden.producer.keys import FUNCTION_NAME
+from loadwarden.producer.settings import RedisOptions
 from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker.config import Settings
 from loadwarden.worker.load.failures import FailureMemory
 from loadwarden.worker.load.history import History
 from loadwarden.worker.load.supervisor import Supervisor
