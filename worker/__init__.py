@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from loadwarden.worker.load.limits import derive_limits
     from loadwarden.worker.load.supervisor import Supervisor
     from loadwarden.worker.ops.logs import configure_logging
-    from loadwarden.worker.queue.runner import create_worker, run_worker
+    from loadwarden.worker.queue.arq_adapter import create_worker
+    from loadwarden.worker.queue.runner import run_worker
     from loadwarden.worker.sandbox.forkserver import ChildExit, ForkServer, SandboxError, stop_child
     from loadwarden.worker.sources import open_model, open_source
 
@@ -47,7 +48,7 @@ _WHERE = {
     "Supervisor": "loadwarden.worker.load.supervisor",
     "TrustedSigner": "loadwarden.worker.config",
     "configure_logging": "loadwarden.worker.ops.logs",
-    "create_worker": "loadwarden.worker.queue.runner",
+    "create_worker": "loadwarden.worker.queue.arq_adapter",
     "derive_limits": "loadwarden.worker.load.limits",
     "inspect_model": "loadwarden.worker.formats",
     "inspect_safetensors": "loadwarden.worker.formats.safetensors",
