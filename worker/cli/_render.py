@@ -17,13 +17,14 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from loadwarden.producer.client import DeadLetter, QueueStatus
-from loadwarden.producer.contract import FailingModel, LoadReport, ModelSummary, Outcome
-from loadwarden.producer.preload import PreloadEntry, PreloadResult
+from loadwarden.producer.contract import ModelSummary, Outcome
 from loadwarden.worker._text import clean
 from loadwarden.worker._text import human_bytes as _size
 
 if TYPE_CHECKING:
+    from loadwarden.producer.client import DeadLetter, QueueStatus
+    from loadwarden.producer.contract import FailingModel, LoadReport
+    from loadwarden.producer.preload import PreloadEntry, PreloadResult
     from loadwarden.worker.cli.calibrate import Calibration
 
 
