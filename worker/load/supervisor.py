@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
-from redis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
 
 from loadwarden.producer.contract import (
@@ -416,16 +415,24 @@ class Supervisor:
         if error is None and history is not None:
             self._check_anomaly(run, history, log)
         if error is None and self.history is not None:
-            try:
-                await self.history.record(
-                    identity,
-                    run.wall_seconds,
-                    run.ended.cpu_user_s + run.ended.cpu_system_s,
-                    run.ended.maxrss_bytes,
-                )
-            except (RedisError, OSError) as exc:  # history is advice: the load stands
-                log.warning("history_unavailable", error=describe(exc))
+            await self._record_history(self.history, identity, run, log)
         return error
+
+    async def _record_history(
+        self, history: History, identity: str, run: ChildRun, log: FilteringBoundLogger
+    ) -> None:
+        from redis.exceptions import RedisError  # loaded with the history's client
+
+        assert run.ended is not None
+        try:
+            await history.record(
+                identity,
+                run.wall_seconds,
+                run.ended.cpu_user_s + run.ended.cpu_system_s,
+                run.ended.maxrss_bytes,
+            )
+        except (RedisError, OSError) as exc:  # history is advice: the load stands
+            log.warning("history_unavailable", error=describe(exc))
 
     async def _check_signature(
         self,
@@ -478,6 +485,8 @@ class Supervisor:
         """The model's load history, or None when there is none or Redis cannot say."""
         if self.history is None:
             return None
+        from redis.exceptions import RedisError  # loaded with the history's client
+
         try:
             return await self.history.stats(identity)
         except (RedisError, OSError) as exc:  # limits from the declared size still apply
