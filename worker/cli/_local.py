@@ -6,7 +6,6 @@ reads only the Hugging Face cache.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -60,6 +59,8 @@ def load(
     log_level: LogOpt = "warning",
 ) -> None:
     """Run one sandboxed load on this machine, no Redis, and print its report."""
+    import asyncio
+
     from loadwarden.worker.ops.logs import configure_logging
 
     configure_logging(log_level)
@@ -84,6 +85,8 @@ async def _load_here(settings: Settings, request: LoadRequest) -> LoadReport:
     once instead of one after the other. It is the same fork server, checked the same
     way (``Supervisor.start`` waits for it to be ready and refuses what it would refuse).
     """
+    import asyncio
+
     from loadwarden.worker.sandbox.forkserver import ForkServer
 
     forkserver = ForkServer()
@@ -122,6 +125,8 @@ def inspect(
     worker's trusted signers (signing.signers), hashing every file; where the worker's
     rules or --signed-by require one, a missing or bad one is the outcome.
     """
+    import asyncio
+
     from loadwarden.producer.contract import ErrorInfo
     from loadwarden.producer.errors import LoadError
     from loadwarden.worker.cli import _render
@@ -195,6 +200,8 @@ def calibrate(
 
     Runs here, one entry at a time, no Redis; the catalog's folder is the allowed root.
     """
+    import asyncio
+
     from loadwarden.producer.catalog import load_catalog
     from loadwarden.producer.errors import CatalogError
     from loadwarden.worker._files import resolved
