@@ -7,6 +7,7 @@ reads only the Hugging Face cache.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -63,7 +64,6 @@ def load(
 
     from loadwarden.worker.ops.logs import configure_logging
 
-    configure_logging(log_level)
     request = load_request(
         file,
         sha256,
@@ -73,17 +73,21 @@ def load(
         cpu_seconds=cpu_s,
         timeout_seconds=deadline_s,
     )
-    settings = with_roots(settings_from(), *named_root(request.source))
-    emit_report(asyncio.run(_load_here(settings, request)), as_json)
+
+    def prepared() -> Settings:
+        configure_logging(log_level)
+        return with_roots(settings_from(), *named_root(request.source))
+
+    emit_report(asyncio.run(_load_here(request, prepared)), as_json)
 
 
-async def _load_here(settings: Settings, request: LoadRequest) -> LoadReport:
+async def _load_here(request: LoadRequest, prepared: Callable[[], Settings]) -> LoadReport:
     """One load through a supervisor of its own, whose fork server starts first.
 
     The fork server is a fresh interpreter that imports numpy and the loaders: launched
-    before this process imports the supervisor's stack, the two start on two cores at
-    once instead of one after the other. It is the same fork server, checked the same
-    way (``Supervisor.start`` waits for it to be ready and refuses what it would refuse).
+    before this process sets up logging and settings and imports the supervisor's stack,
+    the two start on two cores at once instead of one after the other. It is the same
+    fork server, checked the same way (``Supervisor.start`` refuses what it would refuse).
     """
     import asyncio
 
@@ -95,6 +99,7 @@ async def _load_here(settings: Settings, request: LoadRequest) -> LoadReport:
         # One step of the loop: the task runs until it waits for the READY packet, so the
         # process is launched. Only the overlap depends on it, never a check.
         await asyncio.sleep(0)
+        settings = prepared()
         from loadwarden.worker.load.supervisor import Supervisor
 
         supervisor = Supervisor(settings, forkserver=forkserver)
@@ -102,9 +107,11 @@ async def _load_here(settings: Settings, request: LoadRequest) -> LoadReport:
         async with supervisor:
             return await supervisor.load(request)
     finally:
-        if not starting.done():
-            starting.cancel()
-            await asyncio.wait([starting])
+        # Even after an error (bad settings), let it finish starting: closed before its
+        # READY, it would die on a broken pipe with a traceback. start() is bounded.
+        await asyncio.wait([starting])
+        if not starting.cancelled():
+            starting.exception()  # retrieved: an error of its own was raised above, or is moot
         await forkserver.close()
 
 
