@@ -1,6 +1,7 @@
 """loadwarden's producer side: the job contract, the JSON wire format, the client and settings.
 
-The worker imports this package; this package never imports the worker.
+The worker imports this package; this package never imports the worker, and needs
+nothing beyond arq, redis, pydantic and pydantic-settings (``pip install loadwarden``).
 
 Names are imported lazily (PEP 562): a caller that needs one module (the
 contract, say) does not pay for the client, arq and Redis; ``loadwarden --help``
@@ -72,13 +73,8 @@ if TYPE_CHECKING:
         error_class_for,
     )
     from loadwarden.producer.settings import (
-        FailureMemoryPolicy,
-        InspectionCaps,
-        LimitPolicy,
         RedisOptions,
         Settings,
-        SigningPolicy,
-        TrustedSigner,
     )
 
 _WHERE = {
@@ -98,15 +94,12 @@ _WHERE = {
     "EmbeddedWorkerDied": "loadwarden.producer.errors",
     "ErrorInfo": "loadwarden.producer.contract",
     "FailingModel": "loadwarden.producer.contract",
-    "FailureMemoryPolicy": "loadwarden.producer.settings",
-    "InspectionCaps": "loadwarden.producer.settings",
     "InvalidModel": "loadwarden.producer.errors",
     "JobHandle": "loadwarden.producer.client",
     "JobNotFound": "loadwarden.producer.errors",
     "JobState": "loadwarden.producer.client",
     "LimitDerivation": "loadwarden.producer.contract",
     "LimitOverrides": "loadwarden.producer.contract",
-    "LimitPolicy": "loadwarden.producer.settings",
     "Limits": "loadwarden.producer.contract",
     "LoadCancelled": "loadwarden.producer.errors",
     "LoadError": "loadwarden.producer.errors",
@@ -128,11 +121,9 @@ _WHERE = {
     "Settings": "loadwarden.producer.settings",
     "ShardInfo": "loadwarden.producer.contract",
     "SignatureInfo": "loadwarden.producer.contract",
-    "SigningPolicy": "loadwarden.producer.settings",
     "SourceRefused": "loadwarden.producer.errors",
     "SourceUnavailable": "loadwarden.producer.errors",
     "TensorInfo": "loadwarden.producer.contract",
-    "TrustedSigner": "loadwarden.producer.settings",
     "WIRE_VERSION": "loadwarden.producer.contract",
     "WorkerInfo": "loadwarden.producer.contract",
     "WorkerStatus": "loadwarden.producer.contract",
@@ -159,15 +150,12 @@ __all__ = [
     "EmbeddedWorkerDied",
     "ErrorInfo",
     "FailingModel",
-    "FailureMemoryPolicy",
-    "InspectionCaps",
     "InvalidModel",
     "JobHandle",
     "JobNotFound",
     "JobState",
     "LimitDerivation",
     "LimitOverrides",
-    "LimitPolicy",
     "Limits",
     "LoadCancelled",
     "LoadError",
@@ -189,11 +177,9 @@ __all__ = [
     "Settings",
     "ShardInfo",
     "SignatureInfo",
-    "SigningPolicy",
     "SourceRefused",
     "SourceUnavailable",
     "TensorInfo",
-    "TrustedSigner",
     "WorkerInfo",
     "WorkerStatus",
     "error_class_for",

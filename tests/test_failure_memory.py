@@ -35,9 +35,10 @@ from loadwarden.producer.errors import (
     MemoryExceeded,
     SourceRefused,
 )
-from loadwarden.producer.settings import FailureMemoryPolicy, RedisOptions, Settings
+from loadwarden.producer.settings import RedisOptions
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.cli import main as cli
+from loadwarden.worker.config import FailureMemoryPolicy, Settings
 from loadwarden.worker.load.failures import REFUSED_CODE, FailureMemory, counts_against
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.ops.queue_gauges import QueueGauges, update_queue_gauges

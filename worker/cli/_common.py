@@ -21,7 +21,7 @@ from loadwarden.worker._text import clean
 if TYPE_CHECKING:
     from loadwarden.producer.client import Client
     from loadwarden.producer.contract import LoadReport, LoadRequest
-    from loadwarden.producer.settings import Settings
+    from loadwarden.worker.config import Settings
 
 EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 #: How long `enqueue --wait` and `report --wait` wait unless told (--timeout-s; 0: no limit):
@@ -114,7 +114,7 @@ CpuOpt = Annotated[float | None, typer.Option("--cpu-s", help="CPU-time limit ov
 
 def settings_from(redis: str | None = None, **overrides: Any) -> Settings:
     """The settings (environment first), with what the command line gave on top."""
-    from loadwarden.producer.settings import Settings
+    from loadwarden.worker.config import Settings
 
     values = {k: v for k, v in overrides.items() if v is not None}
     if redis:

@@ -41,7 +41,7 @@ from loadwarden.worker.cli._common import (
 if TYPE_CHECKING:
     from loadwarden.producer.contract import LoadReport, LoadRequest
     from loadwarden.producer.preload import PreloadResult
-    from loadwarden.producer.settings import Settings
+    from loadwarden.worker.config import Settings
 
 
 def worker(

@@ -35,8 +35,8 @@ from loadwarden.worker.cli._common import (
 if TYPE_CHECKING:
     from loadwarden.producer.contract import LoadReport, LoadRequest
     from loadwarden.producer.errors import LoadError
-    from loadwarden.producer.settings import Settings
     from loadwarden.worker._files import OpenedModel
+    from loadwarden.worker.config import Settings
 
 FileArg = Annotated[
     str,

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from loadwarden.producer.keys import HISTORY_KEY_PREFIX
-from loadwarden.producer.settings import LimitPolicy
 from loadwarden.worker._files import ModelFile, OpenedModel
+from loadwarden.worker._keys import HISTORY_KEY_PREFIX
+from loadwarden.worker.config import LimitPolicy
 from loadwarden.worker.load.limits import HistoryStats, stats_of
 
 KEY_PREFIX = HISTORY_KEY_PREFIX

@@ -13,7 +13,7 @@ from prometheus_client.registry import Collector
 
 from loadwarden.producer.counts import oldest_ready_age_s, queue_counts
 from loadwarden.producer.failures import refused_count
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.ops.autoscale_inputs import desired_from_counts
 
 if TYPE_CHECKING:
