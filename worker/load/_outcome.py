@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -17,7 +17,9 @@ from loadwarden.producer.errors import (
     MemoryExceeded,
     SourceRefused,
 )
-from loadwarden.worker.sandbox.forkserver import ChildExit
+
+if TYPE_CHECKING:  # a type only: `inspect` reads this module and starts no child
+    from loadwarden.worker.sandbox.forkserver import ChildExit
 
 Count = Annotated[int, Field(ge=0)]
 Text = Annotated[str, Field(max_length=16_384)]
