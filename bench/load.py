@@ -23,11 +23,14 @@ ml_dtypes), computes their sha256, then ``--repeat`` times, alternating:
   started once, before any timing.
 
 Before each side's run the file is read once, so both start from a warm page
-cache. Times are medians over the repeats; peak RSS is the maximum. The target
-(from the issues): end-to-end / baseline(mmap) <= 1.5 and peak RSS <= 1.1 x
-tensor bytes + 64 MiB, printed PASS/FAIL per size and variant.
+cache. Times are medians over the repeats; peak RSS is the maximum. The goals
+(issue 13), each printed as its own PASS/FAIL line per size and variant: the
+child's own wall time (the report's ``wall_seconds``) / baseline(mmap) <= 1.1
+(aim <= 1.0); end to end / baseline(mmap) <= 1.5 (the earlier goal, which also
+pays for waiting on the supervisor's hash); peak RSS <= 1.1 x tensor bytes +
+64 MiB.
 
-Run: ``python bench/load.py [--sizes-mb 512,2048] [--repeat 3] [--compare] [--json] [--strict]``
+Run: ``python bench/load.py [--sizes-mb 1024] [--repeat 3] [--compare] [--json] [--strict]``
 (exits 0 unless ``--strict`` and a size fails).
 """
 
@@ -64,7 +67,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 #: Size of each weight tensor: big enough that per-tensor overhead does not dominate.
 CHUNK_BYTES = 64 * MiB
-#: The issues' targets.
+#: The issues' goals: the child's wall time and the whole call, each against the baseline.
+MAX_WALL_RATIO = 1.1
+AIM_WALL_RATIO = 1.0
 MAX_RATIO = 1.5
 RSS_FACTOR = 1.1
 RSS_SLACK_BYTES = 64 * MiB
@@ -178,13 +183,35 @@ class VariantResult:
     def rss_limit_bytes(self) -> int:
         return int(RSS_FACTOR * self.tensor_bytes) + RSS_SLACK_BYTES
 
+    def checks(self) -> list[tuple[str, bool]]:
+        """Each goal as one line of text and whether it is met."""
+        rss_ok = self.peak_rss_bytes <= self.rss_limit_bytes
+        aim = "met" if self.wall_ratio <= AIM_WALL_RATIO else "not met"
+        return [
+            (
+                f"child wall {self.wall_s:.3f} s / baseline {self.baseline_mmap_s:.3f} s = "
+                f"{self.wall_ratio:.2f} (goal <= {MAX_WALL_RATIO}; aim <= {AIM_WALL_RATIO}: {aim})",
+                self.wall_ratio <= MAX_WALL_RATIO,
+            ),
+            (
+                f"end to end {self.e2e_s:.3f} s / baseline = {self.ratio:.2f} "
+                f"(goal <= {MAX_RATIO})",
+                self.ratio <= MAX_RATIO,
+            ),
+            (
+                f"peak RSS {_mib(self.peak_rss_bytes)} MiB (goal <= {_mib(self.rss_limit_bytes)} "
+                f"MiB: {RSS_FACTOR} x tensor bytes + 64 MiB)",
+                rss_ok,
+            ),
+            (
+                f"outcomes {','.join(self.outcomes)}",
+                all(o == Outcome.OK for o in self.outcomes),
+            ),
+        ]
+
     @property
     def passed(self) -> bool:
-        return (
-            all(o == Outcome.OK for o in self.outcomes)
-            and self.ratio <= MAX_RATIO
-            and self.peak_rss_bytes <= self.rss_limit_bytes
-        )
+        return all(ok for _, ok in self.checks())
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -193,6 +220,7 @@ class VariantResult:
             "wall_ratio": round(self.wall_ratio, 3),
             "rss_per_tensor_byte": round(self.rss_per_tensor_byte, 3),
             "rss_limit_bytes": self.rss_limit_bytes,
+            "checks": [{"check": text, "pass": ok} for text, ok in self.checks()],
             "pass": self.passed,
         }
 
@@ -375,7 +403,8 @@ def _mib(n: float) -> str:
 def print_table(results: list[SizeResult], repeat: int) -> None:
     print(
         f"loadwarden load bench: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-        f"median of {repeat} (times), max of {repeat} (RSS)"
+        f"median of {repeat} (times), max of {repeat} (RSS), load average "
+        + " ".join(f"{x:.2f}" for x in os.getloadavg())
     )
     print(
         "page cache warmed equally: each file is read once right before every timed run, both sides"
@@ -433,15 +462,8 @@ def print_table(results: list[SizeResult], repeat: int) -> None:
     print()
     for r in results:
         for v in r.variants:
-            checks = (
-                f"ratio {v.ratio:.2f} {'<=' if v.ratio <= MAX_RATIO else '>'} {MAX_RATIO}",
-                f"peak RSS {_mib(v.peak_rss_bytes)} MiB "
-                f"{'<=' if v.peak_rss_bytes <= v.rss_limit_bytes else '>'} "
-                f"{_mib(v.rss_limit_bytes)} MiB ({RSS_FACTOR} x tensors + 64 MiB)",
-                f"outcomes {','.join(v.outcomes)}",
-            )
-            verdict = "PASS" if v.passed else "FAIL"
-            print(f"{_mib(r.tensor_bytes)} MiB {v.label}: {verdict}: " + "; ".join(checks))
+            for text, ok in v.checks():
+                print(f"{'PASS' if ok else 'FAIL'}  {_mib(r.tensor_bytes)} MiB {v.label}: {text}")
             for error in v.errors:
                 print(f"  error: {error}")
         print(
@@ -455,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
         "--sizes-mb",
-        default="512,2048",
-        help="model sizes in MiB, comma-separated (default: 512,2048)",
+        default="1024",
+        help="model sizes in MiB, comma-separated (default: 1024, issue 13's 1 GiB goal)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs per side per size (median)")
     parser.add_argument(
@@ -500,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": args.repeat,
         "page_cache": "warm (file read once before every timed run, both sides)",
         "ratio": "sandbox e2e_s / baseline_mmap_s (the F32 model's, also for BF16)",
+        "wall_ratio": "the child's wall_seconds / baseline_mmap_s",
+        "load_average": os.getloadavg(),
         "sizes": [r.summary() for r in results],
         "pass": all(r.passed for r in results),
     }

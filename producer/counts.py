@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from typing import TYPE_CHECKING
 
 from loadwarden.producer.keys import (
     DEAD_LETTER_STREAM,
@@ -16,6 +16,9 @@ from loadwarden.producer.keys import (
 #: Hosts' clocks differ by this much at most (NTP keeps them far closer): a job scored
 #: less than this in the future is ready, not deferred.
 CLOCK_SKEW_MS = 1000
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 
 async def queue_counts(redis: Redis, queue: str) -> dict[str, float]:

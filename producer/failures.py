@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from redis.asyncio import Redis
 
 from loadwarden.producer.contract import FailingModel, RememberedFailure
 from loadwarden.producer.keys import FAILING_ZSET, FAILURES_KEY_PREFIX, REFUSING_ZSET, now_ms
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 #: Failures kept per model at most (the newest): the refusal needs ``threshold`` of them and
 #: an operator a few more; a burst of many jobs failing at once must not grow one hash.

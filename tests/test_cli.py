@@ -17,7 +17,7 @@ from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
 from tests.conftest import call_until
 
 LOADWARDEN = str(Path(sys.executable).parent / "loadwarden")
-EXIT_OK, EXIT_OUTCOME, EXIT_NO_ANSWER = 0, 1, 3
+EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 
 
 def run(
@@ -84,6 +84,14 @@ def test_load_malformed_file_is_invalid_and_fails(bad_model: Path) -> None:
     result = run("load", str(bad_model), "--json")
     assert result.returncode == EXIT_OUTCOME
     assert json.loads(result.stdout)["outcome"] == "invalid"
+
+
+def test_load_with_a_bad_setting_is_one_usage_error(small_model: Path) -> None:
+    """A bad setting met after `load` launched its fork server: exit 2, the usage message,
+    no traceback (the fork server is let finish starting, then stopped)."""
+    result = run("load", str(small_model), env={"LOADWARDEN_CONCURRENCY": "many"})
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "concurrency" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_inspect_prints_summary_or_defect(small_model: Path, bad_model: Path) -> None:

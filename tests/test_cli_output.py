@@ -144,6 +144,36 @@ def test_preload_without_a_terminal_prints_progress_lines(
     assert all(": ok" in line for line in lines)
 
 
+def test_preload_summary_keeps_names_and_codes_whole_at_80_columns(
+    small_model: Path, tmp_path: Path
+) -> None:
+    """At 80 columns the summary table folds no entry name and no error code mid-word."""
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    catalog = tmp_path / "c.toml"
+    catalog.write_text(
+        f'[[model]]\nname = "mixed-wrong-digest"\nsource = "{small_model}"\n'
+        f'sha256 = "{"0" * 64}"\n'
+        f'[[model]]\nname = "a-header-that-is-not-json"\nsource = "{bad}"\n'
+    )
+    report = tmp_path / "report.json"
+    result = run(
+        "preload",
+        str(catalog),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--json-report",
+        str(report),
+        env=NARROW,
+    )
+    codes = [e["report"]["error"]["code"] for e in json.loads(report.read_text())["entries"]]
+    assert codes[0] == "sha256_mismatch" and codes[1]
+    table = result.stdout.split("\n  ")[0]  # the table, before the error messages under it
+    assert all(len(line) <= 80 for line in table.splitlines())
+    for whole in ("mixed-wrong-digest", "a-header-that-is-not-json", *codes):
+        assert any(whole in line for line in table.splitlines()), (whole, table)
+
+
 def test_calibrate_writes_a_catalog_that_can_replace_the_old_one(
     small_model: Path, tmp_path: Path
 ) -> None:

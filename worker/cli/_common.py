@@ -1,26 +1,27 @@
-"""What every ``loadwarden`` command shares: the app, its options, settings and exits."""
+"""What every ``loadwarden`` command shares: the app, its options, settings and exits.
+
+Importing this module costs typer and nothing of loadwarden's own stack: ``--help``
+and a usage error need no more, so what a command uses is imported when it runs.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
 from typer.core import TyperGroup
 
-from loadwarden.producer.client import Client
-from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest, Outcome
-from loadwarden.producer.errors import ClientError, ContractError
-from loadwarden.producer.sources import is_url
-from loadwarden.worker._files import resolved
 from loadwarden.worker._text import clean
-from loadwarden.worker.cli import _render
-from loadwarden.worker.config import Settings
+
+if TYPE_CHECKING:
+    from loadwarden.producer.client import Client
+    from loadwarden.producer.contract import LoadReport, LoadRequest
+    from loadwarden.worker.config import Settings
 
 EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 #: How long `enqueue --wait` and `report --wait` wait unless told (--timeout-s; 0: no limit):
@@ -113,6 +114,8 @@ CpuOpt = Annotated[float | None, typer.Option("--cpu-s", help="CPU-time limit ov
 
 def settings_from(redis: str | None = None, **overrides: Any) -> Settings:
     """The settings (environment first), with what the command line gave on top."""
+    from loadwarden.worker.config import Settings
+
     values = {k: v for k, v in overrides.items() if v is not None}
     if redis:
         values["redis_url"] = redis
@@ -153,16 +156,24 @@ def notice(text: str) -> None:
 
 def source_arg(value: str) -> str:
     """Local paths are made absolute here: a worker resolves relative ones against its own cwd."""
+    from loadwarden.producer.sources import is_url
+
     return value if is_url(value) else os.path.abspath(value)
 
 
 def named_root(source: str) -> tuple[Path, ...]:
     """The allowed root of a source named on this command line: the folder holding it
     (a checkpoint folder's parent), or none for a URL or hf:// (the hub cache is its own)."""
+    from loadwarden.producer.sources import is_url
+    from loadwarden.worker._files import resolved
+
     return () if is_url(source) else (resolved(source).parent,)
 
 
 def emit_report(report: LoadReport, as_json: bool) -> None:
+    from loadwarden.producer.contract import Outcome
+    from loadwarden.worker.cli import _render
+
     if as_json:
         typer.echo(report.model_dump_json())
     else:
@@ -173,6 +184,11 @@ def emit_report(report: LoadReport, as_json: bool) -> None:
 def ask(redis: str | None, as_json: bool, query: Callable[[Client], Awaitable[T]]) -> T:
     """Run one query with a client; no Redis URL is a usage error (exit 2), and a failure
     to get an answer exits 3 with a clear message."""
+    import asyncio
+
+    from loadwarden.producer.client import Client
+    from loadwarden.producer.errors import ClientError, ContractError
+
     settings = queue_settings(redis, "this command")
 
     async def go() -> T:
@@ -224,6 +240,8 @@ def load_request(
     **limits: Any,
 ) -> LoadRequest:
     """The request a command line names; a bad field is a usage error."""
+    from loadwarden.producer.contract import LimitOverrides, LoadRequest
+
     try:
         return LoadRequest(
             source=source_arg(source),

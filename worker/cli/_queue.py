@@ -3,21 +3,16 @@ models, autoscale, exporter, serve."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from pydantic import BaseModel
-from redis.exceptions import RedisError
 
 from loadwarden.producer.contract import Outcome
-from loadwarden.producer.errors import RedisUnavailable
 from loadwarden.worker._text import clean
-from loadwarden.worker.cli import _render
 from loadwarden.worker.cli._common import (
     DEFAULT_WAIT_S,
     EXIT_OK,
@@ -27,16 +22,16 @@ from loadwarden.worker.cli._common import (
     LogOpt,
     RedisOpt,
     WaitOpt,
-    app,
     ask,
     emit_report,
     no_answer,
     queue_settings,
 )
-from loadwarden.worker.ops.logs import configure_logging
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 
-@app.command()
 def report(
     job_id: Annotated[str, typer.Argument(help="The id printed by 'enqueue'.")],
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the report exists.")] = False,
@@ -46,6 +41,8 @@ def report(
     log_level: LogOpt = "warning",
 ) -> None:
     """Print a job's report with its labels and attempts (exit 3 if none yet, unless --wait)."""
+    from loadwarden.worker.ops.logs import configure_logging
+
     configure_logging(log_level)
     found = ask(
         redis,
@@ -55,13 +52,14 @@ def report(
     emit_report(found, as_json)
 
 
-@app.command()
 def show(
     job_id: Annotated[str, typer.Argument(help="The job whose report to show.")],
     redis: RedisOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a job's report and a chart of its memory and CPU over time."""
+    from loadwarden.worker.cli import _render
+
     found = ask(redis, as_json, lambda client: client.report(job_id, timeout_s=0))
     if as_json:
         typer.echo(found.model_dump_json())
@@ -71,9 +69,10 @@ def show(
     raise typer.Exit(EXIT_OK if found.outcome is Outcome.OK else EXIT_OUTCOME)
 
 
-@app.command()
 def status(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     """Show ready, deferred and running jobs, dead letters, each live worker and its jobs now."""
+    from loadwarden.worker.cli import _render
+
     queue = ask(redis, as_json, lambda client: client.status())
     if as_json:
         typer.echo(queue.model_dump_json())
@@ -81,7 +80,6 @@ def status(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
         _render.queue_status(queue)
 
 
-@app.command()
 def cancel(
     job_id: Annotated[str, typer.Argument(help="The job to cancel.")],
     redis: RedisOpt = None,
@@ -102,7 +100,7 @@ def cancel(
         typer.echo(f"{clean(job_id)}: already finished, nothing to cancel")
 
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound="BaseModel")
 
 
 def _emit_list(items: list[M], as_json: bool, render: Callable[[Sequence[M]], None]) -> None:
@@ -118,7 +116,6 @@ dead_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
 )
-app.add_typer(dead_app, name="dead")
 
 DeadIds = Annotated[
     list[str] | None,
@@ -133,6 +130,8 @@ def dead_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List dead letters: the final reports of jobs that failed for good (ids in full)."""
+    from loadwarden.worker.cli import _render
+
     letters = ask(redis, as_json, lambda client: client.dead_letters(count))
     _emit_list(letters, as_json, _render.dead_letters)
 
@@ -191,12 +190,13 @@ failures_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
 )
-app.add_typer(failures_app, name="failures")
 
 
 @failures_app.command("list")
 def failures_list(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     """List the models with remembered failures (refused ones first), identities in full."""
+    from loadwarden.worker.cli import _render
+
     models = ask(redis, as_json, lambda client: client.failing_models())
     _emit_list(models, as_json, _render.failing_models)
 
@@ -220,7 +220,6 @@ def failures_clear(
     )
 
 
-@app.command()
 def autoscale(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     """The number of workers the current backlog calls for, and why.
 
@@ -228,8 +227,13 @@ def autoscale(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
     min, max); the service rate is measured from the last hour's jobs, counting all the
     time a worker held each (inspection, waiting, loading, bookkeeping).
     """
+    import asyncio
+
+    from redis.exceptions import RedisError
+
     from loadwarden.producer.connection import redis_client
     from loadwarden.producer.counts import queue_counts
+    from loadwarden.producer.errors import RedisUnavailable
     from loadwarden.worker.ops.autoscale_inputs import decide_from_counts
 
     settings = queue_settings(redis, "autoscale")
@@ -259,7 +263,6 @@ def autoscale(redis: RedisOpt = None, as_json: JsonOpt = False) -> None:
 EXPORTER_PORT = 9401
 
 
-@app.command()
 def exporter(
     redis: RedisOpt = None,
     port: Annotated[
@@ -272,7 +275,10 @@ def exporter(
     log_level: LogOpt = "info",
 ) -> None:
     """Export the queue's gauges for Prometheus and autoscalers (runs with zero workers too)."""
+    import asyncio
+
     from loadwarden.worker.ops.exporter import run_exporter
+    from loadwarden.worker.ops.logs import configure_logging
 
     settings = queue_settings(redis, "the exporter")
     configure_logging(log_level)
@@ -280,7 +286,6 @@ def exporter(
     asyncio.run(run_exporter(settings, port or settings.metrics_port or EXPORTER_PORT))
 
 
-@app.command()
 def serve(
     redis: RedisOpt = None,
     host: Annotated[str, typer.Option(help="Listen here (loopback unless a token is set).")] = (
@@ -294,6 +299,7 @@ def serve(
     log_level: LogOpt = "info",
 ) -> None:
     """Serve the HTTP API (/v1) and the web console (/) for this queue."""
+    from loadwarden.worker.ops.logs import configure_logging
     from loadwarden.worker.serve.config import load_token, refuse_open_bind
     from loadwarden.worker.serve.run import run_server
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from redis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
 
 from loadwarden.producer.contract import Derivation, Limits, LoadRequest
@@ -56,6 +55,8 @@ async def history_stats(
     """The model's load history, or None when there is none or Redis cannot say."""
     if history is None:
         return None
+    from redis.exceptions import RedisError  # loaded with the history's client
+
     try:
         return await history.stats(identity)
     except (RedisError, OSError) as exc:  # limits from the declared size still apply
@@ -69,6 +70,8 @@ async def record_history(
     """Add a successful load's figures to the model's history (advice: a failure is logged)."""
     if history is None:
         return
+    from redis.exceptions import RedisError  # loaded with the history's client
+
     assert run.ended is not None
     try:
         await history.record(

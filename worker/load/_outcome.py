@@ -13,7 +13,7 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -29,7 +29,9 @@ from loadwarden.producer.errors import (
     SourceRefused,
     error_class_for,
 )
-from loadwarden.worker.sandbox.forkserver import ChildExit
+
+if TYPE_CHECKING:  # a type only: `inspect` reads this module and starts no child
+    from loadwarden.worker.sandbox.forkserver import ChildExit
 
 Count = Annotated[int, Field(ge=0)]
 Text = Annotated[str, Field(max_length=16_384)]

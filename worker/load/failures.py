@@ -28,9 +28,8 @@ Redis trouble never fails a load: it costs the memory, as it costs the history.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
 
 from loadwarden.producer import failures as store
@@ -38,6 +37,9 @@ from loadwarden.producer.contract import FailingModel, Outcome
 from loadwarden.producer.errors import LoadError, SourceRefused, describe
 from loadwarden.worker.config import FailureMemoryPolicy
 from loadwarden.worker.load._child_run import ChildRun
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 #: The error code of a refusal by the memory.
 REFUSED_CODE = "repeatedly_failing"
@@ -94,6 +96,8 @@ class FailureMemory:
     async def admit(self, identity: str, log: FilteringBoundLogger) -> FailingModel | None:
         """What the memory holds for this model (None: nothing, or Redis cannot say);
         raises ``RepeatedlyFailing`` when it is refused."""
+        from redis.exceptions import RedisError  # loaded with our client: no cost here
+
         try:
             found = await store.read(self.redis, identity, self.policy.threshold)
         except (RedisError, OSError) as exc:
@@ -135,6 +139,8 @@ class FailureMemory:
         log: FilteringBoundLogger,
     ) -> None:
         """Remember a failure that counts against the model."""
+        from redis.exceptions import RedisError  # loaded with our client: no cost here
+
         try:
             count = await store.record(
                 self.redis,
@@ -159,6 +165,8 @@ class FailureMemory:
 
     async def forget(self, identity: str, log: FilteringBoundLogger) -> None:
         """A successful load: the model's failures are forgotten."""
+        from redis.exceptions import RedisError  # loaded with our client: no cost here
+
         try:
             await store.forget(self.redis, [identity])
         except (RedisError, OSError) as exc:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 import structlog
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from loadwarden.worker._files import ModelFile, OpenedModel
 from loadwarden.worker._keys import HISTORY_KEY_PREFIX
@@ -15,6 +14,9 @@ from loadwarden.worker.config import LimitPolicy
 from loadwarden.worker.load.limits import HistoryStats, stats_of
 
 KEY_PREFIX = HISTORY_KEY_PREFIX
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = structlog.get_logger("loadwarden.history")
 
@@ -40,6 +42,8 @@ class History:
         self.policy = policy
 
     async def stats(self, identity: str) -> HistoryStats | None:
+        from redis.exceptions import RedisError  # loaded with our client: no cost here
+
         try:
             raw: list[bytes] = await self.redis.lrange(KEY_PREFIX + identity, 0, -1)  # type: ignore[misc]
         except RedisError as exc:
@@ -55,6 +59,8 @@ class History:
         return stats_of(samples)
 
     async def record(self, identity: str, wall_s: float, cpu_s: float, peak_rss_bytes: int) -> None:
+        from redis.exceptions import RedisError  # loaded with our client: no cost here
+
         key = KEY_PREFIX + identity
         try:
             async with self.redis.pipeline(transaction=True) as pipe:

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from redis.exceptions import RedisError
 
 from loadwarden.producer.counts import oldest_ready_age_s, queue_counts
 from loadwarden.producer.failures import refused_count
 from loadwarden.worker.config import Settings
 from loadwarden.worker.ops.autoscale_inputs import desired_from_counts
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 log = structlog.get_logger("loadwarden.queue_gauges")
 
@@ -99,6 +101,8 @@ async def update_queue_gauges(
     When Redis does not answer, the gauges are dropped (``loadwarden_redis_up`` 0) rather
     than left at their last values.
     """
+    from redis.exceptions import RedisError  # loaded with the client it reads through
+
     while True:
         try:
             counts = await queue_counts(redis, settings.queue_name)

@@ -132,4 +132,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    # Every child is reaped and nothing is buffered: skip the interpreter's teardown
+    # (numpy's modules, a last collection), which the supervisor's close waits for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -1,0 +1,233 @@
+"""The commands that run here, with no Redis: load, inspect and calibrate.
+
+The named file's (or catalog's) own folder is the one allowed root; an hf:// source
+reads only the Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from loadwarden.producer.contract import ModelFormat
+from loadwarden.worker._text import clean
+from loadwarden.worker.cli._common import (
+    EXIT_OK,
+    EXIT_OUTCOME,
+    CpuOpt,
+    JsonOpt,
+    LogOpt,
+    MemoryOpt,
+    Sha256Opt,
+    SignedByOpt,
+    catalog_defects,
+    emit_report,
+    load_request,
+    named_root,
+    settings_from,
+    with_roots,
+)
+
+if TYPE_CHECKING:
+    from loadwarden.producer.contract import LoadReport, LoadRequest
+    from loadwarden.producer.errors import LoadError
+    from loadwarden.worker._files import OpenedModel
+    from loadwarden.worker.config import Settings
+
+FileArg = Annotated[
+    str,
+    typer.Argument(
+        help="Model file, checkpoint folder, *.safetensors.index.json, or hf://ORG/NAME[@REV]."
+    ),
+]
+
+
+def load(
+    file: FileArg,
+    sha256: Sha256Opt = None,
+    signed_by: SignedByOpt = None,
+    memory_bytes: MemoryOpt = None,
+    deadline_s: Annotated[
+        float | None,
+        typer.Option("--deadline-s", "--timeout-s", help="Wall-clock deadline override."),
+    ] = None,
+    cpu_s: CpuOpt = None,
+    as_json: JsonOpt = False,
+    log_level: LogOpt = "warning",
+) -> None:
+    """Run one sandboxed load on this machine, no Redis, and print its report."""
+    import asyncio
+
+    from loadwarden.worker.ops.logs import configure_logging
+
+    request = load_request(
+        file,
+        sha256,
+        {},
+        signed_by,
+        memory_bytes=memory_bytes,
+        cpu_seconds=cpu_s,
+        timeout_seconds=deadline_s,
+    )
+
+    def prepared() -> Settings:
+        configure_logging(log_level)
+        return with_roots(settings_from(), *named_root(request.source))
+
+    emit_report(asyncio.run(_load_here(request, prepared)), as_json)
+
+
+async def _load_here(request: LoadRequest, prepared: Callable[[], Settings]) -> LoadReport:
+    """One load through a supervisor of its own, whose fork server starts first.
+
+    The fork server is a fresh interpreter that imports numpy and the loaders: launched
+    before this process sets up logging and settings and imports the supervisor's stack,
+    the two start on two cores at once instead of one after the other. It is the same
+    fork server, checked the same way (``Supervisor.start`` refuses what it would refuse).
+    """
+    import asyncio
+
+    from loadwarden.worker.sandbox.forkserver import ForkServer
+
+    forkserver = ForkServer()
+    starting = asyncio.create_task(forkserver.start())
+    try:
+        # One step of the loop: the task runs until it waits for the READY packet, so the
+        # process is launched. Only the overlap depends on it, never a check.
+        await asyncio.sleep(0)
+        settings = prepared()
+        from loadwarden.worker.load.supervisor import Supervisor
+
+        supervisor = Supervisor(settings, forkserver=forkserver)
+        await starting
+        async with supervisor:
+            return await supervisor.load(request)
+    finally:
+        # Even after an error (bad settings), let it finish starting: closed before its
+        # READY, it would die on a broken pipe with a traceback. start() is bounded.
+        await asyncio.wait([starting])
+        if not starting.cancelled():
+            starting.exception()  # retrieved: an error of its own was raised above, or is moot
+        await forkserver.close()
+
+
+def inspect(
+    file: FileArg,
+    format_: Annotated[
+        ModelFormat | None,
+        typer.Option("--format", help="Expected format; refused if the content says otherwise."),
+    ] = None,
+    signed_by: SignedByOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a model file's header only: no loader runs, no child starts.
+
+    The format is sniffed from the content (safetensors, npy, npz, GGUF); pickles,
+    PyTorch and Keras/HDF5 files are refused: they can execute code when loaded.
+    A signature (FILE.sig, or model.sig in a checkpoint's folder) is checked against the
+    worker's trusted signers (signing.signers), hashing every file; where the worker's
+    rules or --signed-by require one, a missing or bad one is the outcome.
+    """
+    import asyncio
+
+    from loadwarden.producer.contract import ErrorInfo
+    from loadwarden.producer.errors import LoadError
+    from loadwarden.worker.cli import _render
+    from loadwarden.worker.load._model import inspect_opened
+    from loadwarden.worker.load.signing import Trust, TrustError, signature_status
+    from loadwarden.worker.sources import open_model
+
+    request = load_request(file, None, {}, signed_by)
+    source = request.source
+    settings = with_roots(settings_from(), *named_root(source))
+    try:
+        trust = Trust(settings.signing) if settings.signing.signers else None
+    except TrustError as exc:
+        typer.echo(f"error: {clean(str(exc))}", err=True)
+        raise typer.Exit(2) from None
+
+    async def open_it() -> tuple[OpenedModel, dict[str, Any], LoadError | None]:
+        opened = await open_model(
+            source, expected_sha256=None, policy=settings.sources, caps=settings.inspection
+        )
+        try:
+            status, refusal = await signature_status(opened, request, settings.signing, trust)
+        except BaseException:
+            opened.close()
+            raise
+        return opened, status, refusal
+
+    signature: dict[str, Any] | None = None
+    try:
+        opened, signature, refusal = asyncio.run(open_it())
+        with opened:
+            if refusal is not None:
+                raise refusal
+            summary = inspect_opened(
+                opened, declared=format_, caps=settings.inspection, budget_bytes=None
+            ).capped(settings.report_max_tensors)
+        document: dict[str, Any] = {
+            "outcome": "ok",
+            "error": None,
+            "model": summary.model_dump(mode="json"),
+            "signature": signature,
+        }
+    except LoadError as exc:
+        document = {
+            "outcome": str(exc.outcome),
+            "error": ErrorInfo.from_error(exc).model_dump(mode="json"),
+            "model": None,
+            "signature": signature,
+        }
+    if as_json:
+        typer.echo(json.dumps(document))
+    else:
+        _render.inspection(document)
+    raise typer.Exit(EXIT_OK if document["outcome"] == "ok" else EXIT_OUTCOME)
+
+
+def calibrate(
+    catalog: Annotated[Path, typer.Argument(help="Catalog file whose entries to measure.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the catalog again with the recommended limits (it can replace it).",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    log_level: LogOpt = "warning",
+) -> None:
+    """Load each catalog entry once with generous limits and recommend limits that fit it.
+
+    Runs here, one entry at a time, no Redis; the catalog's folder is the allowed root.
+    """
+    import asyncio
+
+    from loadwarden.producer.catalog import load_catalog
+    from loadwarden.producer.errors import CatalogError
+    from loadwarden.worker._files import resolved
+    from loadwarden.worker.cli import _render
+    from loadwarden.worker.cli import calibrate as calib
+    from loadwarden.worker.ops.logs import configure_logging
+
+    configure_logging(log_level)
+    try:
+        parsed = load_catalog(catalog)
+    except CatalogError as exc:
+        raise catalog_defects(exc.message, exc.defects, as_json) from None
+    settings = with_roots(settings_from(), resolved(catalog).parent)
+    results = asyncio.run(calib.calibrate(parsed.requests(), settings))
+    if output is not None:
+        output.write_text(calib.to_toml(parsed, results), encoding="utf-8")
+    if as_json:
+        typer.echo(json.dumps([r.model_dump(mode="json") for r in results]))
+    else:
+        _render.calibration(results)
+    ok = all(r.recommended is not None for r in results)
+    raise typer.Exit(EXIT_OK if ok else EXIT_OUTCOME)
