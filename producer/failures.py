@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from loadwarden.producer.contract import FailingModel, RememberedFailure
 from loadwarden.producer.keys import FAILING_ZSET, FAILURES_KEY_PREFIX, REFUSING_ZSET, now_ms
@@ -136,9 +137,24 @@ def _model(
 async def read(redis: Redis, identity: str, threshold: int) -> FailingModel | None:
     """What the memory holds for ``identity`` (None: nothing); ``refused`` at ``threshold``."""
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.hgetall(FAILURES_KEY_PREFIX + identity)
-        pipe.pttl(FAILURES_KEY_PREFIX + identity)
-        fields, pttl = await pipe.execute()
+        queue_read(pipe, identity)
+        answers = await pipe.execute()
+    return read_answer(identity, answers, threshold)
+
+
+#: How many answers ``queue_read`` adds to a pipeline.
+READ_ANSWERS = 2
+
+
+def queue_read(pipe: Pipeline, identity: str) -> None:
+    """Queue ``read``'s commands on ``pipe`` (a worker reads more in the same round trip)."""
+    pipe.hgetall(FAILURES_KEY_PREFIX + identity)
+    pipe.pttl(FAILURES_KEY_PREFIX + identity)
+
+
+def read_answer(identity: str, answers: Sequence[Any], threshold: int) -> FailingModel | None:
+    """``read``'s result from the ``READ_ANSWERS`` answers of what ``queue_read`` queued."""
+    fields, pttl = answers
     return _model(identity, fields, int(pttl), threshold=threshold)
 
 

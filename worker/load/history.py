@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 
 import structlog
 from redis.asyncio import Redis
@@ -41,10 +42,20 @@ class History:
 
     async def stats(self, identity: str) -> HistoryStats | None:
         try:
-            raw: list[bytes] = await self.redis.lrange(KEY_PREFIX + identity, 0, -1)  # type: ignore[misc]
+            raw: list[bytes] = await self.redis.lrange(self.key(identity), 0, -1)  # type: ignore[misc]
         except RedisError as exc:
             log.warning("history_unavailable", error=str(exc))
             return None
+        return self.stats_from(raw)
+
+    @staticmethod
+    def key(identity: str) -> str:
+        """The model's list (LRANGE 0 -1 of it is what ``stats_from`` reads)."""
+        return KEY_PREFIX + identity
+
+    @staticmethod
+    def stats_from(raw: Sequence[bytes]) -> HistoryStats | None:
+        """The stats of the model's stored samples (its list, whole)."""
         samples = []
         for item in raw:
             try:

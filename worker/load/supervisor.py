@@ -52,6 +52,7 @@ from loadwarden.worker.formats import LOADERS, needs_isolation
 from loadwarden.worker.load._child_run import ChildRun, resources_of, run_child, traceback_of
 from loadwarden.worker.load._deadline import before_deadline, in_thread, within
 from loadwarden.worker.load._digest import digest_files
+from loadwarden.worker.load._lookup import look_up
 from loadwarden.worker.load._model import (
     child_files,
     inspect_opened,
@@ -131,6 +132,7 @@ class _Loaded:
     #: The model's identity once its source is open, and what the failure memory held for it.
     identity: str | None = None
     remembered: FailingModel | None = None
+    history: HistoryStats | None = None
 
 
 class Supervisor:
@@ -335,7 +337,7 @@ class Supervisor:
                 else await in_thread(lambda: _manifest_of(summary))
             )
             state.stage = "limits"
-            history = await self._history_stats(identity, log)
+            history = state.history
             state.limits = limits = derive_limits(
                 summary.bytes,
                 request.limits,
@@ -470,19 +472,9 @@ class Supervisor:
         """The model's identity; a model the failure memory holds as repeatedly failing is
         refused here, before its signature is checked, its header inspected or any child."""
         state.identity = identity = model_identity(opened, request.sha256)
-        if self.failures is not None:
-            state.remembered = await self.failures.admit(identity, log)
+        # The history is read here too, in the same round trip, for the limits.
+        state.remembered, state.history = await look_up(identity, self.failures, self.history, log)
         return identity
-
-    async def _history_stats(self, identity: str, log: FilteringBoundLogger) -> HistoryStats | None:
-        """The model's load history, or None when there is none or Redis cannot say."""
-        if self.history is None:
-            return None
-        try:
-            return await self.history.stats(identity)
-        except (RedisError, OSError) as exc:  # limits from the declared size still apply
-            log.warning("history_unavailable", error=describe(exc))
-            return None
 
     def _check_anomaly(
         self, run: ChildRun, history: HistoryStats, log: FilteringBoundLogger
