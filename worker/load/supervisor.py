@@ -75,6 +75,7 @@ from loadwarden.worker.load.signing import (
     Trust,
     TrustError,
     check_signature,
+    may_require,
     note_writes,
     recheck,
     required_signers,
@@ -442,6 +443,8 @@ class Supervisor:
         child, the inspector's included (``loadwarden.worker.load.signing``)."""
         # In a thread: a roots rule may stat the folders on the files' way (a network share).
         policy = self.settings.signing
+        if not may_require(policy, request):
+            return
         requirement = await in_thread(lambda: required_signers(policy, request, opened))
         if requirement is None:
             return
