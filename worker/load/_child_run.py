@@ -186,7 +186,8 @@ async def run_child(
                 async with asyncio.timeout(EXIT_GRACE_S):
                     await asyncio.shield(child.exited)
     finally:
-        monitor.sample()  # a last look, if it is still there
+        if not child.exited.done():  # a last look, if it is still there
+            monitor.sample()
         try:
             run.ended = await stop_child(child)
         finally:
