@@ -46,7 +46,7 @@ from loadwarden.worker.load.failures import (
     RepeatedlyFailing,
     counts_against,
 )
-from loadwarden.worker.load.history import History
+from loadwarden.worker.load.history import FLUSH_DELAY_S, History
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.ops.queue_gauges import QueueGauges, update_queue_gauges
 from loadwarden.worker.sandbox.forkserver import ForkServer
@@ -364,8 +364,9 @@ async def _commands_during(redis: Redis, work: Any) -> list[str]:
 async def test_memory_and_history_read_in_one_transaction(
     redis: Redis, captured_events: list[dict[str, Any]]
 ) -> None:
-    """Before a load, the failure memory and the history come back from one transaction, and
-    a key of the wrong type costs only its own answer."""
+    """Before a load, the failure memory and the history come back from one transaction, with
+    the samples recorded since the last one written first; a key of the wrong type costs
+    only its own answer."""
     policy = FailureMemoryPolicy(threshold=2)
     memory, history = FailureMemory(redis, policy), History(redis, LimitPolicy())
     log = structlog.get_logger("test")
@@ -377,7 +378,10 @@ async def test_memory_and_history_read_in_one_transaction(
     async def lookup() -> None:
         found.extend(await look_up("m", memory, history, log))
 
-    assert await _commands_during(redis, lookup()) == ["MULTI", "HGETALL", "PTTL", "LRANGE", "EXEC"]
+    assert await _commands_during(redis, lookup()) == [
+        *("MULTI", "LPUSH", "LTRIM", "EXPIRE"),
+        *("HGETALL", "PTTL", "LRANGE", "EXEC"),
+    ]
     remembered, stats = found
     assert remembered is not None and not remembered.refused and len(remembered.failures) == 1
     assert stats is not None and stats.samples == 1
@@ -391,3 +395,17 @@ async def test_memory_and_history_read_in_one_transaction(
         await memory.record("n", job_id=job_id, source="s", error=failed, log=log)
     with pytest.raises(RepeatedlyFailing):  # refused, even with its history unreadable
         await look_up("n", memory, history, log)
+
+
+async def test_recorded_history_is_written_within_its_delay_or_on_close(redis: Redis) -> None:
+    """A recorded sample that no read carries is written on its own within FLUSH_DELAY_S;
+    close() writes what is still pending at once."""
+    history = History(redis, LimitPolicy())
+    await history.record("a", 0.5, 0.1, 1000)
+    assert await redis.llen(History.key("a")) == 0  # queued, not written yet
+    await eventually(
+        lambda: redis.llen(History.key("a")), timeout_s=FLUSH_DELAY_S + 5, what="the sample"
+    )
+    await history.record("b", 0.5, 0.1, 1000)
+    await history.close()
+    assert await redis.llen(History.key("b")) == 1

@@ -31,6 +31,8 @@ async def look_up(
         return remembered, stats
     try:
         async with failures.redis.pipeline(transaction=True) as pipe:
+            # Samples recorded since the last round trip ride along, first (History.record).
+            written = history.queue_pending(pipe)
             store.queue_read(pipe, identity)
             pipe.lrange(history.key(identity), 0, -1)
             # A key of the wrong type fails its own command only, as two round trips would.
@@ -39,6 +41,8 @@ async def look_up(
         log.warning("failure_memory_unavailable", error=describe(exc))
         log.warning("history_unavailable", error=describe(exc))
         return None, None
+    history.check_written(answers[:written])
+    answers = answers[written:]
     remembered = None
     read, listed = answers[: store.READ_ANSWERS], answers[store.READ_ANSWERS]
     if failed := next((a for a in read if isinstance(a, Exception)), None):

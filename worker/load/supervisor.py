@@ -226,6 +226,8 @@ class Supervisor:
         }
 
     async def close(self) -> None:
+        if self.history is not None:  # samples recorded but not written yet
+            await self.history.close()
         await self.forkserver.close()
         if self.cgroups is not None:
             self.cgroups.close()
