@@ -14,6 +14,7 @@ and reports each child's exit with the kernel's own accounting from ``wait4``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -29,6 +30,7 @@ from typing import Any
 import structlog
 
 from loadwarden.producer.errors import LoadwardenError
+from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.sandbox import _protocol
 from loadwarden.worker.sandbox.spec import ChildSpec
 
@@ -44,6 +46,12 @@ DEFAULT_SEND_BYTES = 64 * 1024
 START_TIMEOUT_S = 60.0
 #: How long to wait for the fork server to report a killed child's exit.
 REAP_TIMEOUT_S = 10.0
+#: Children forked ahead, each waiting for a spec: a load takes one instead of waiting for a
+#: fork (bench/tiny.py). One: a worker's loads start one at a time, on one event loop.
+READY_CHILDREN = 1
+#: A ready child older than this is replaced when a load comes: a child stops waiting for
+#: its spec at 60 s (_child.py), and one taken at that moment would fail the load.
+READY_MAX_AGE_S = 30.0
 
 
 #: The only variables a child inherits from the supervisor: never its secrets
@@ -188,8 +196,12 @@ async def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> No
 class ForkServer:
     """A running fork server and the children it forked for us."""
 
-    def __init__(self, preload: Sequence[str] = ()) -> None:
+    def __init__(self, preload: Sequence[str] = (), *, ready: int = READY_CHILDREN) -> None:
         self.preload = tuple(dict.fromkeys((*BASE_PRELOAD, *preload)))
+        #: How many children to keep forked ahead (from the first spawn on; 0: none).
+        self.ready = ready
+        self._ready: collections.deque[tuple[float, Child]] = collections.deque()
+        self._filling: asyncio.Task[None] | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -197,12 +209,17 @@ class ForkServer:
         self._tokens = itertools.count(1)
         self._forks: dict[int, asyncio.Future[int]] = {}
         self._exits: dict[int, asyncio.Future[ChildExit]] = {}
-        #: Children forked so far (tests assert that a rejected file started none).
+        #: Children handed to loads so far (tests assert that a rejected file started none).
         self.spawned = 0
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
+
+    @property
+    def waiting(self) -> list[int]:
+        """The pids of the children forked ahead, waiting for a load."""
+        return [child.pid for _born, child in self._ready]
 
     @property
     def alive(self) -> bool:
@@ -294,7 +311,49 @@ class ForkServer:
                 future.set_result(ChildExit.from_wait(pid, status, utime, stime, maxrss))
 
     async def spawn(self) -> Child:
-        """Fork a fresh, not yet confined child; it waits for its spec on its socket."""
+        """A fresh child, confined only as far as no spec needs (``_child._confine_process``),
+        waiting for its spec on its socket: one forked ahead when there is one, else forked
+        now; either way, a child forked for no other load, and another forked ahead."""
+        child = self._take_ready()
+        if child is None:
+            child = await self._fork()
+        self.spawned += 1
+        if self.ready and (self._filling is None or self._filling.done()):
+            self._filling = asyncio.get_running_loop().create_task(
+                self._fill(), name="loadwarden-forkserver-ready"
+            )
+        return child
+
+    def _take_ready(self) -> Child | None:
+        now = asyncio.get_running_loop().time()
+        while self._ready:
+            born, child = self._ready.popleft()
+            if not child.exited.done() and now - born < READY_MAX_AGE_S:
+                return child
+            _kill_group(child.pid)  # stale (or gone): reaped by the fork server as any other
+            child.sock.close()
+        return None
+
+    async def _fill(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.alive and len(self._ready) < self.ready:
+                child = await self._fork()
+                self._ready.append((loop.time(), child))
+        except (SandboxError, OSError) as exc:  # the next load forks its own, or says why not
+            log.debug("ready_child_failed", error=str(exc))
+
+    async def _drop_ready(self) -> None:
+        """Stop the children forked ahead, and any fork for them still on its way."""
+        if self._filling is not None:
+            await cancel_and_wait(self._filling)
+            self._filling = None
+        while self._ready:
+            _born, child = self._ready.popleft()
+            with contextlib.suppress(SandboxError):  # the fork server is gone: so is the child
+                await stop_child(child)
+
+    async def _fork(self) -> Child:
         if not self.alive:
             await self.start()
         assert self._control is not None
@@ -314,12 +373,13 @@ class ForkServer:
         finally:
             theirs.close()
         ours.setblocking(False)
-        self.spawned += 1
         return Child(pid, ours, self._exits[pid])
 
     async def close(self) -> None:
-        """Stop the fork server; its children die with it (``PR_SET_PDEATHSIG``)."""
+        """Stop the children forked ahead, then the fork server; the rest die with it
+        (``PR_SET_PDEATHSIG``)."""
         async with self._lock:
+            await self._drop_ready()
             await self._stop_process()
 
     async def _stop_process(self) -> None:
