@@ -339,9 +339,14 @@ async def test_the_next_load_takes_a_child_forked_ahead(
     assert server.waiting == []  # none before the first load
     assert (await supervisor.load(LoadRequest(source=str(small_model)))).ok
     ahead = (await eventually(lambda: server.waiting, what="a child forked ahead"))[0]
+    if supervisor.cgroups is not None:  # it waits in a cgroup of its own, not the worker's
+        folder = supervisor.cgroups.memory_base / f"child-{ahead}"
+        assert str(ahead) in (folder / "cgroup.procs").read_text().split()
     assert (await supervisor.load(LoadRequest(source=str(small_model)))).ok
     assert _started_pids(captured_events)[1] == ahead and server.spawned == 2
-    assert_pid_gone(ahead)  # it ended with its load
+    assert_pid_gone(ahead)  # it ended with its load, its cgroup with it
+    if supervisor.cgroups is not None:
+        assert not (supervisor.cgroups.memory_base / f"child-{ahead}").exists()
     assert (await eventually(lambda: server.waiting, what="another forked ahead")) != [ahead]
 
 
@@ -360,4 +365,7 @@ async def test_a_stale_child_forked_ahead_is_replaced_and_close_stops_it(
         assert stale not in _started_pids(captured_events)
         assert_pid_gone(stale)
         waiting = await eventually(lambda: sup.forkserver.waiting, what="a fresh child ahead")
+        base = sup.cgroups.memory_base if sup.cgroups is not None else None
+        assert base is None or not (base / f"child-{stale}").exists()
     assert_pid_gone(waiting[0])
+    assert base is None or not base.exists()  # its cgroup and the worker's are gone

@@ -7,6 +7,7 @@ command's; nothing else runs a load.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import socket
@@ -49,7 +50,13 @@ from loadwarden.worker import _version
 from loadwarden.worker._files import OpenedModel
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.formats import LOADERS, needs_isolation
-from loadwarden.worker.load._child_run import ChildRun, resources_of, run_child, traceback_of
+from loadwarden.worker.load._child_run import (
+    ChildRun,
+    place_ahead,
+    resources_of,
+    run_child,
+    traceback_of,
+)
 from loadwarden.worker.load._deadline import before_deadline, in_thread, within
 from loadwarden.worker.load._digest import digest_files
 from loadwarden.worker.load._lookup import look_up
@@ -212,6 +219,8 @@ class Supervisor:
                 self.cgroups.close()
                 self.cgroups = None
             raise SandboxError("refusing to start: " + "; ".join(refusals))
+        if self.cgroups is not None:
+            self.forkserver.on_ready = functools.partial(place_ahead, self.cgroups)
         await self.forkserver.start()
 
     def confinement_labels(self) -> dict[str, str]:

@@ -236,22 +236,41 @@ class CgroupManager:
         return cls(version, memory, pids), f"cgroup v{version}: one cgroup per load under {memory}"
 
     def create(self, name: str, memory_bytes: int, pids_max: int) -> Cgroup:
+        """A load's cgroup, its limits written (``prepare``, then ``limit``)."""
+        cgroup = self.prepare(name, pids_max)
+        try:
+            self.limit(cgroup, memory_bytes)
+        except OSError:
+            cgroup.remove()
+            raise
+        return cgroup
+
+    def prepare(self, name: str, pids_max: int) -> Cgroup:
+        """A cgroup with its pids limit and no memory limit yet (a child forked ahead waits in
+        one: running nothing of a load's until ``limit`` has been written)."""
         memory = self.memory_base / name
         pids = self.pids_base / name if self.pids_base else None
         os.mkdir(memory)
-        if self.version == 1:
-            _write(memory / "memory.limit_in_bytes", str(memory_bytes))
-            with contextlib.suppress(OSError):  # no swap accounting on this kernel
-                _write(memory / "memory.memsw.limit_in_bytes", str(memory_bytes))
-        else:
-            _write(memory / "memory.max", str(memory_bytes))
-            with contextlib.suppress(OSError):
-                _write(memory / "memory.swap.max", "0")
-        if pids is not None:
-            if pids != memory:
-                os.mkdir(pids)
-            _write(pids / "pids.max", str(pids_max))
+        try:
+            if pids is not None:
+                if pids != memory:
+                    os.mkdir(pids)
+                _write(pids / "pids.max", str(pids_max))
+        except OSError:
+            Cgroup(self.version, memory, pids if pids != memory else None).remove()
+            raise
         return Cgroup(self.version, memory, pids if pids != memory else None)
+
+    def limit(self, cgroup: Cgroup, memory_bytes: int) -> None:
+        """Write a load's memory limit (swap included where the kernel accounts it)."""
+        if self.version == 1:
+            _write(cgroup.memory / "memory.limit_in_bytes", str(memory_bytes))
+            with contextlib.suppress(OSError):  # no swap accounting on this kernel
+                _write(cgroup.memory / "memory.memsw.limit_in_bytes", str(memory_bytes))
+        else:
+            _write(cgroup.memory / "memory.max", str(memory_bytes))
+            with contextlib.suppress(OSError):
+                _write(cgroup.memory / "memory.swap.max", "0")
 
     def close(self) -> None:
         """Remove the worker's own folders (after every load's cgroup is gone)."""

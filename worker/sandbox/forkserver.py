@@ -23,7 +23,8 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,6 +33,7 @@ import structlog
 from loadwarden.producer.errors import LoadwardenError
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.sandbox import _protocol
+from loadwarden.worker.sandbox.cgroups import Cgroup
 from loadwarden.worker.sandbox.spec import ChildSpec
 
 log = structlog.get_logger("loadwarden.sandbox")
@@ -46,11 +48,9 @@ DEFAULT_SEND_BYTES = 64 * 1024
 START_TIMEOUT_S = 60.0
 #: How long to wait for the fork server to report a killed child's exit.
 REAP_TIMEOUT_S = 10.0
-#: Children forked ahead, each waiting for a spec: a load takes one instead of waiting for a
-#: fork (bench/tiny.py). One: a worker's loads start one at a time, on one event loop.
+#: Children forked ahead, waiting for a spec (bench/tiny.py): loads start one at a time.
 READY_CHILDREN = 1
-#: A ready child older than this is replaced when a load comes: a child stops waiting for
-#: its spec at 60 s (_child.py), and one taken at that moment would fail the load.
+#: A child forked ahead is replaced past this age: it stops waiting for a spec at 60 s.
 READY_MAX_AGE_S = 30.0
 
 
@@ -103,6 +103,8 @@ class Child:
         self.pid = pid
         self.sock = sock
         self.exited = exited
+        #: The cgroup it waited in, when it was forked ahead and placed (``on_ready``).
+        self.cgroup: Cgroup | None = None
 
     async def send_spec(self, spec: ChildSpec, fds: int | Sequence[int]) -> None:
         """Hand the child its job and the model's open descriptors (never a path to reopen)."""
@@ -198,10 +200,11 @@ class ForkServer:
 
     def __init__(self, preload: Sequence[str] = (), *, ready: int = READY_CHILDREN) -> None:
         self.preload = tuple(dict.fromkeys((*BASE_PRELOAD, *preload)))
-        #: How many children to keep forked ahead (from the first spawn on; 0: none).
-        self.ready = ready
+        self.ready = ready  # children kept forked ahead, from the first spawn on
         self._ready: collections.deque[tuple[float, Child]] = collections.deque()
         self._filling: asyncio.Task[None] | None = None
+        #: Called with each child forked ahead (to place it in a cgroup; OSError: left as is).
+        self.on_ready: Callable[[Child], None] | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -217,8 +220,7 @@ class ForkServer:
         return self._process.pid if self._process else None
 
     @property
-    def waiting(self) -> list[int]:
-        """The pids of the children forked ahead, waiting for a load."""
+    def waiting(self) -> list[int]:  # the pids of the children forked ahead
         return [child.pid for _born, child in self._ready]
 
     @property
@@ -311,10 +313,9 @@ class ForkServer:
                 future.set_result(ChildExit.from_wait(pid, status, utime, stime, maxrss))
 
     async def spawn(self) -> Child:
-        """A fresh child, confined only as far as no spec needs (``_child._confine_process``),
-        waiting for its spec on its socket: one forked ahead when there is one, else forked
-        now; either way, a child forked for no other load, and another forked ahead."""
-        child = self._take_ready()
+        """A fresh child for one load, waiting for its spec (forked ahead, or now), confined
+        only as far as no spec needs (``_child._confine_process``); another is forked ahead."""
+        child = await self._take_ready()
         if child is None:
             child = await self._fork()
         self.spawned += 1
@@ -324,34 +325,31 @@ class ForkServer:
             )
         return child
 
-    def _take_ready(self) -> Child | None:
-        now = asyncio.get_running_loop().time()
+    async def _take_ready(self) -> Child | None:
         while self._ready:
             born, child = self._ready.popleft()
-            if not child.exited.done() and now - born < READY_MAX_AGE_S:
+            if not child.exited.done() and time.monotonic() - born < READY_MAX_AGE_S:
                 return child
-            _kill_group(child.pid)  # stale (or gone): reaped by the fork server as any other
-            child.sock.close()
+            await self._discard(child)  # stale, or gone with a fork server that exited
         return None
 
+    @staticmethod
+    async def _discard(child: Child) -> None:  # a child forked ahead that no load will take
+        with contextlib.suppress(SandboxError):  # the fork server is gone: so is the child
+            await stop_child(child)
+        if child.cgroup is not None:
+            child.cgroup.remove()
+
     async def _fill(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self.alive and len(self._ready) < self.ready:
                 child = await self._fork()
-                self._ready.append((loop.time(), child))
+                if self.on_ready is not None:
+                    with contextlib.suppress(OSError):
+                        self.on_ready(child)
+                self._ready.append((time.monotonic(), child))
         except (SandboxError, OSError) as exc:  # the next load forks its own, or says why not
             log.debug("ready_child_failed", error=str(exc))
-
-    async def _drop_ready(self) -> None:
-        """Stop the children forked ahead, and any fork for them still on its way."""
-        if self._filling is not None:
-            await cancel_and_wait(self._filling)
-            self._filling = None
-        while self._ready:
-            _born, child = self._ready.popleft()
-            with contextlib.suppress(SandboxError):  # the fork server is gone: so is the child
-                await stop_child(child)
 
     async def _fork(self) -> Child:
         if not self.alive:
@@ -379,7 +377,10 @@ class ForkServer:
         """Stop the children forked ahead, then the fork server; the rest die with it
         (``PR_SET_PDEATHSIG``)."""
         async with self._lock:
-            await self._drop_ready()
+            if self._filling is not None:  # a fork on its way to become a waiting child
+                await cancel_and_wait(self._filling)
+            while self._ready:
+                await self._discard(self._ready.popleft()[1])
             await self._stop_process()
 
     async def _stop_process(self) -> None:
