@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from loadwarden.producer.errors import SourceRefused
-from loadwarden.producer.settings import SourcePolicy
+from loadwarden.worker.config import SourcePolicy
 from loadwarden.worker.sources import open_source
 
 BODY: bytes = b""

@@ -32,7 +32,7 @@ from safetensors.numpy import save_file
 from loadwarden.producer import failures as store
 from loadwarden.producer.connection import redis_client
 from loadwarden.producer.contract import LoadRequest, Outcome
-from loadwarden.producer.settings import FailureMemoryPolicy, Settings, SourcePolicy
+from loadwarden.worker.config import FailureMemoryPolicy, Settings, SourcePolicy
 from loadwarden.worker.load.failures import FailureMemory
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.ops.logs import configure_logging

@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from loadwarden.producer.settings import Settings
 from loadwarden.worker._files import open_model_file
+from loadwarden.worker.config import Settings
 from loadwarden.worker.formats import inspect_model
 
 

@@ -57,7 +57,7 @@ import structlog
 from numpy.typing import NDArray
 
 from loadwarden.producer.contract import LoadRequest, ModelFormat, Outcome
-from loadwarden.producer.settings import Settings, SourcePolicy
+from loadwarden.worker.config import Settings, SourcePolicy
 from loadwarden.worker.load.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent

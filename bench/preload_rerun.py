@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadRequest
-from loadwarden.producer.settings import Settings, SourcePolicy
+from loadwarden.worker.config import Settings, SourcePolicy
 from loadwarden.worker.ops.logs import configure_logging
 from loadwarden.worker.queue.embedded import embedded
 

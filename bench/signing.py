@@ -34,7 +34,7 @@ import structlog
 from safetensors.numpy import save_file
 
 from loadwarden.producer.contract import LoadRequest, Outcome
-from loadwarden.producer.settings import Settings, SigningPolicy, SourcePolicy, TrustedSigner
+from loadwarden.worker.config import Settings, SigningPolicy, SourcePolicy, TrustedSigner
 from loadwarden.worker.load.supervisor import Supervisor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.signatures

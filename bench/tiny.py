@@ -50,7 +50,7 @@ from safetensors.numpy import save_file
 
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadRequest
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.queue._redis_server import RedisServer
 
 HERE = Path(__file__).resolve().parent

@@ -1,6 +1,7 @@
 """loadwarden's producer side: the job contract, the JSON wire format, the client and settings.
 
-The worker imports this package; this package never imports the worker.
+The worker imports this package; this package never imports the worker, and needs
+nothing beyond arq, redis, pydantic and pydantic-settings (``pip install loadwarden``).
 """
 
 from loadwarden.producer.catalog import (
@@ -61,15 +62,7 @@ from loadwarden.producer.errors import (
     SourceUnavailable,
     error_class_for,
 )
-from loadwarden.producer.settings import (
-    FailureMemoryPolicy,
-    InspectionCaps,
-    LimitPolicy,
-    RedisOptions,
-    Settings,
-    SigningPolicy,
-    TrustedSigner,
-)
+from loadwarden.producer.settings import RedisOptions, Settings
 
 __all__ = [
     "WIRE_VERSION",
@@ -89,15 +82,12 @@ __all__ = [
     "EmbeddedWorkerDied",
     "ErrorInfo",
     "FailingModel",
-    "FailureMemoryPolicy",
-    "InspectionCaps",
     "InvalidModel",
     "JobHandle",
     "JobNotFound",
     "JobState",
     "LimitDerivation",
     "LimitOverrides",
-    "LimitPolicy",
     "Limits",
     "LoadCancelled",
     "LoadError",
@@ -119,11 +109,9 @@ __all__ = [
     "Settings",
     "ShardInfo",
     "SignatureInfo",
-    "SigningPolicy",
     "SourceRefused",
     "SourceUnavailable",
     "TensorInfo",
-    "TrustedSigner",
     "WorkerInfo",
     "WorkerStatus",
     "error_class_for",

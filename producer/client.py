@@ -38,6 +38,7 @@ from loadwarden.producer.keys import (
     CANCEL_CHANNEL,
     CANCEL_KEY_PREFIX,
     DEAD_LETTER_STREAM,
+    FUNCTION_NAME,
     WORKER_KEY_PREFIX,
     now_ms,
     wake_workers,
@@ -46,9 +47,6 @@ from loadwarden.producer.preload import PreloadResult, ProgressCallback, preload
 from loadwarden.producer.settings import Settings
 
 T = TypeVar("T")
-
-#: The one job function a producer may name; the worker registers it under this name.
-FUNCTION_NAME = "load"
 
 
 class JobState(StrEnum):

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterable
 
-import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -47,7 +47,8 @@ SUBSCRIBE_WAIT_S = 1.0
 RESUBSCRIBE_FIRST_S = 0.1
 RESUBSCRIBE_MAX_S = 5.0
 
-log = structlog.get_logger("loadwarden.client")
+# The standard library's logging, as httpx and redis-py log: a producer carries no structlog.
+log = logging.getLogger("loadwarden.client")
 
 
 class FinishWatch:
@@ -130,7 +131,7 @@ class FinishWatch:
                     for event in self._watches.get(data.decode(errors="replace"), ()):
                         event.set()
             except (RedisError, OSError) as exc:
-                log.debug("finish_watch_lost", error=str(exc), retry_in_s=delay)
+                log.debug("finish_watch_lost: %s (subscribing again in %.2f s)", exc, delay)
             finally:
                 self._subscribed.clear()
             await asyncio.sleep(delay)

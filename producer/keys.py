@@ -1,4 +1,7 @@
-"""Where loadwarden keeps things in Redis beside arq's own keys: one place, for both sides."""
+"""Where loadwarden keeps things in Redis beside arq's own keys: what both sides read.
+
+Keys only the worker reads and writes are in ``loadwarden.worker._keys``.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ from typing import Any
 
 from loadwarden.producer.contract import LoadRequest
 
-#: The attempts of a job so far, as a JSON list of Attempt, until it ends.
-ATTEMPTS_KEY_PREFIX = "loadwarden:attempts:"
+#: The one job function a producer may name; the worker registers it under this name.
+FUNCTION_NAME = "load"
 #: Set when a producer cancels a job; the job id is also published on CANCEL_CHANNEL.
 CANCEL_KEY_PREFIX = "loadwarden:cancel:"
 CANCEL_CHANNEL = "loadwarden:cancel"
@@ -21,8 +24,6 @@ DEDUPE_KEY_PREFIX = "loadwarden:dedupe:"
 DEAD_LETTER_STREAM = "loadwarden:dead"
 #: Each worker's heartbeat (a WorkerStatus as JSON), expiring unless renewed.
 WORKER_KEY_PREFIX = "loadwarden:worker:"
-#: Per-model load history (see loadwarden.worker.load.history).
-HISTORY_KEY_PREFIX = "loadwarden:history:"
 #: Per-model failures the failure memory counts (a hash: job id -> failure as JSON), expiring
 #: a window after the latest; see loadwarden.producer.failures.
 FAILURES_KEY_PREFIX = "loadwarden:failures:"
@@ -74,14 +75,9 @@ WORKERS_ZSET = "loadwarden:workers"
 #: autoscaler's service-rate estimate: ``<prefix><unix minute>``.
 SERVICE_KEY_PREFIX = "loadwarden:service:"
 #: The most recent finished loads (job id, outcome, source, labels), newest last, for the
-#: console's list of loads; capped (approximately) at RECENT_MAXLEN entries.
+#: console's list of loads; capped (approximately) at the worker's RECENT_MAXLEN entries.
 RECENT_STREAM = "loadwarden:recent"
-#: 1000 entries of a few hundred bytes each: a screenful of history many times over for
-#: about 0.5 MB of Redis; older loads stay reachable by id while their reports are kept.
-RECENT_MAXLEN = 1000
 #: Each service bucket also counts finished jobs per outcome under ``<prefix><outcome>``.
 SERVICE_OUTCOME_FIELD_PREFIX = "outcome:"
-#: A catalog preload run by ``serve`` (its progress as JSON), ``<prefix><preload id>``.
-PRELOAD_KEY_PREFIX = "loadwarden:preload:"
 #: Minutes of service counters the estimate reads (an hour: shorter windows were noisy).
 SERVICE_WINDOW_MINUTES = 60

@@ -22,7 +22,8 @@ import structlog
 
 from loadwarden.producer.connection import blocking_redis_client
 from loadwarden.producer.contract import ModelFormat
-from loadwarden.producer.settings import RedisOptions, Settings
+from loadwarden.producer.settings import RedisOptions
+from loadwarden.worker.config import Settings
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.ops.logs import configure_logging
 from loadwarden.worker.queue._redis_server import RedisServer
@@ -299,7 +300,8 @@ WORKER_SCRIPT = """
 import asyncio, json, sys
 from loadwarden.producer.contract import ModelFormat
 from loadwarden.producer.connection import blocking_redis_client
-from loadwarden.producer.settings import RedisOptions, Settings
+from loadwarden.producer.settings import RedisOptions
+from loadwarden.worker.config import Settings
 from loadwarden.worker.queue.runner import run_worker
 from loadwarden.worker.ops.logs import configure_logging
 configure_logging("info", json=True)

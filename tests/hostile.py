@@ -24,7 +24,7 @@ from safetensors.numpy import save
 
 from loadwarden.producer.contract import ModelFormat
 from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused
-from loadwarden.producer.settings import InspectionCaps
+from loadwarden.worker.config import InspectionCaps
 from tests import format_files as ff
 from tests.safetensors_files import entry, one_tensor, raw_file
 

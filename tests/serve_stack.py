@@ -79,7 +79,7 @@ class Stack:
     def defer(self, job_id: str, source: Path) -> None:
         """A job enqueued 10 minutes ahead: it stays deferred while a test watches it."""
         from loadwarden.producer.client import Client
-        from loadwarden.producer.settings import Settings
+        from loadwarden.worker.config import Settings
 
         async def put() -> None:
             async with Client(settings=Settings(redis_url=self.redis_url)) as client:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from loadwarden.producer.settings import SigningPolicy, TrustedSigner
+from loadwarden.worker.config import SigningPolicy, TrustedSigner
 
 #: model-signing's own name for a folder's signature; loadwarden looks for it there.
 FOLDER_SIGNATURE = "model.sig"

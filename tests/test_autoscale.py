@@ -192,7 +192,7 @@ def test_rate_without_data_is_none_and_decide_uses_the_default(
 def test_rate_from_counts_feeds_the_formula() -> None:
     """Production's path: Redis' counts through decide_from_counts give the same decision
     as service_rate then decide (the simulation's path)."""
-    from loadwarden.producer.settings import Settings
+    from loadwarden.worker.config import Settings
     from loadwarden.worker.ops.autoscale_inputs import decide_from_counts
 
     settings = Settings(concurrency=2)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox import _seccomp
 from loadwarden.worker.sandbox._landlock import abi_version

@@ -22,8 +22,8 @@ from loadwarden.producer.catalog import load_catalog
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
 from loadwarden.producer.errors import CatalogError
-from loadwarden.producer.settings import Settings
 from loadwarden.worker.cli.calibrate import calibrate
+from loadwarden.worker.config import Settings
 from loadwarden.worker.load._model import checkpoint_digest
 from loadwarden.worker.load.supervisor import Supervisor
 from tests.checkpoints import (

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from loadwarden.producer.contract import LoadRequest, ModelSummary, Outcome
-from loadwarden.producer.settings import InspectionCaps, Settings
+from loadwarden.worker.config import InspectionCaps, Settings
 from loadwarden.worker.load import supervisor as supervisor_module
 from loadwarden.worker.load.supervisor import Supervisor
 from tests.checkpoints import save_pretrained, state_dict

@@ -157,7 +157,7 @@ def test_cancel_and_dead_letters_from_the_cli(redis_url: str, bad_model: Path) -
     import asyncio
 
     from loadwarden.producer.client import Client
-    from loadwarden.producer.settings import Settings
+    from loadwarden.worker.config import Settings
     from loadwarden.worker.queue.runner import WorkerRunner
 
     env = {"LOADWARDEN_REDIS_URL": redis_url}

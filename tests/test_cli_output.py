@@ -11,7 +11,7 @@ import pytest
 
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadRequest
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.queue.runner import WorkerRunner
 from tests.conftest import eventually, running_worker
 from tests.test_cli import EXIT_NO_ANSWER, EXIT_OK, LOADWARDEN, run

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loadwarden.producer.settings import CONCURRENCY_PER_CPU, Settings, usable_cpus
+from loadwarden.worker.config import CONCURRENCY_PER_CPU, Settings, usable_cpus
 
 AFFINITY = len(os.sched_getaffinity(0))
 

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 import loadwarden.producer
 import loadwarden.worker
+import loadwarden.worker.config
 from loadwarden.producer import wire
 from loadwarden.producer.contract import LoadRequest, Outcome
 from loadwarden.producer.errors import (
@@ -32,7 +33,15 @@ def test_committed_schemas_are_current() -> None:
         )
 
 
-@pytest.mark.parametrize("module", [loadwarden.producer, loadwarden.worker])
+@pytest.mark.parametrize(
+    "module",
+    [
+        loadwarden.producer,
+        loadwarden.producer.contract,
+        loadwarden.worker,
+        loadwarden.worker.config,
+    ],
+)
 def test_all_is_sorted_and_complete(module: object) -> None:
     """Each package's __all__ is sorted (constants, classes, functions) and every name resolves."""
     names = module.__all__  # type: ignore[attr-defined]

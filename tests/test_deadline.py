@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sources import _http  # noqa: F401 (imported now, not in the deadline)
 from tests import format_files as ff

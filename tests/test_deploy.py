@@ -286,7 +286,7 @@ STOP_MARGIN_S = 15
 
 def _drain(env: dict[str, str]) -> tuple[float, float]:
     """(drain grace, deadline ceiling) the worker computes from these environment variables."""
-    from loadwarden.producer.settings import Settings
+    from loadwarden.worker.config import Settings
 
     names = ("LOADWARDEN_SHUTDOWN_GRACE_S", "LOADWARDEN_LIMITS__TIMEOUT_CEILING_S")
     saved = {name: os.environ.pop(name, None) for name in names}

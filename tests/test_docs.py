@@ -17,25 +17,28 @@ def _section(markdown: str, title: str) -> str:
 
 
 def test_every_runtime_dependency_is_explained_in_the_readme() -> None:
-    """pyproject's pointer holds: each dependency has a row in README's Dependencies, and
-    each package a row names is a dependency or in an extra."""
+    """pyproject's pointer holds: each dependency, and each package of the `worker` extra, has a
+    row in README's Dependencies, a row marked `(extra `X`)` names packages of extra X, and an
+    unmarked row names base dependencies only (what `pip install loadwarden` brings)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["readme"] == "README.md"
 
     def names(specs: list[str]) -> set[str]:
-        return {re.split(r"[<>=!~\[ ;]", spec)[0].lower() for spec in specs}
+        return {re.split(r"[<>=!~\[ ;]", spec)[0].lower() for spec in specs} - {"loadwarden"}
 
-    wanted = names(project["dependencies"])
-    extras = set().union(*(names(specs) for specs in project["optional-dependencies"].values()))
+    extras = {name: names(specs) for name, specs in project["optional-dependencies"].items()}
     table = _section((ROOT / "README.md").read_text(), "Dependencies")
     rows = re.findall(r"^\| ([^|]+) \|", table, re.MULTILINE)[2:]  # after the header
-    named = {
-        name.strip().lower()
-        for row in rows
-        for name in re.sub(r"\(extra `[^`]+`\)", "", row).split(",")
-    }
-    assert wanted <= named
-    assert named <= wanted | extras
+    named: dict[str | None, set[str]] = {}
+    for row in rows:
+        marker = re.search(r"\(extra `([^`]+)`\)", row)
+        packages = re.sub(r"\(extra `[^`]+`\)", "", row).split(",")
+        extra = marker.group(1) if marker else None
+        named.setdefault(extra, set()).update(name.strip().lower() for name in packages)
+    assert named.pop(None) == names(project["dependencies"])
+    assert named["worker"] == extras["worker"]
+    for extra, packages in named.items():
+        assert packages <= extras[extra], extra
 
 
 def test_every_readme_section_a_comment_names_exists() -> None:
@@ -62,7 +65,7 @@ def test_every_readme_section_a_comment_names_exists() -> None:
 
 def test_the_folder_map_matches_the_tree_and_its_imports() -> None:
     """README's "Where things live" names every folder of worker/, and imports run down it:
-    no folder imports from one listed above it."""
+    no folder imports from one listed above it, and producer/ never imports the worker."""
     readme = (ROOT / "README.md").read_text()
     start = readme.index("### Where things live")
     rows = re.findall(r"^\| `worker/(\w+)/` \|", readme[start : readme.index("\n## ", start)], re.M)
@@ -78,4 +81,7 @@ def test_the_folder_map_matches_the_tree_and_its_imports() -> None:
             ):
                 if used in rank and rank[used] < rank[folder]:
                     upward.append(f"{path.relative_to(ROOT)} imports worker/{used}/")
+    for path in (ROOT / "producer").rglob("*.py"):
+        if re.search(r"^\s*(?:from|import) loadwarden\.worker\b", path.read_text(), re.M):
+            upward.append(f"{path.relative_to(ROOT)} imports the worker")
     assert upward == []

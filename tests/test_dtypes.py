@@ -20,9 +20,9 @@ from safetensors.numpy import save
 
 from loadwarden.producer.contract import LoadReport, LoadRequest, ModelFormat, Outcome
 from loadwarden.producer.errors import InvalidModel
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker._files import open_model_file
 from loadwarden.worker.binary import dtypes as _dtypes
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats import inspect_model
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox import _regions

@@ -15,7 +15,7 @@ import redis
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadRequest
 from loadwarden.producer.errors import EmbeddedWorkerDied
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.queue._redis_server import RedisServer
 from loadwarden.worker.queue.embedded import embedded
 from loadwarden.worker.queue.runner import WorkerRunner

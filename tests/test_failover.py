@@ -13,7 +13,8 @@ from redis.exceptions import RedisError
 from loadwarden.producer import Client, LoadRequest
 from loadwarden.producer.connection import redis_client
 from loadwarden.producer.contract import Outcome
-from loadwarden.producer.settings import RedisOptions, Settings
+from loadwarden.producer.settings import RedisOptions
+from loadwarden.worker.config import Settings
 from tests.conftest import StartWorker, eventually
 from tests.redis_ha import SERVICE, SentinelTopology
 

@@ -36,9 +36,10 @@ from loadwarden.producer.errors import (
     MemoryExceeded,
     SourceRefused,
 )
-from loadwarden.producer.settings import FailureMemoryPolicy, LimitPolicy, RedisOptions, Settings
+from loadwarden.producer.settings import RedisOptions
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.cli import main as cli
+from loadwarden.worker.config import FailureMemoryPolicy, LimitPolicy, Settings
 from loadwarden.worker.load._lookup import look_up
 from loadwarden.worker.load.failures import (
     REFUSED_CODE,

@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadRequest, Outcome, RetryPolicy
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.sandbox.cgroups import CgroupManager
 from tests.conftest import running_worker
 
@@ -145,8 +145,7 @@ async def test_a_failing_stage_still_ends_in_a_report(
         after = await (await client.enqueue(LoadRequest(source=str(small_model)))).report(
             timeout_s=30
         )
-        assert runner.worker is not None and runner.worker.main_task is not None
-        assert not runner.worker.main_task.done()
+        assert runner.arq is not None and runner.arq.alive
     assert (str(report.outcome), report.error.code if report.error else "") == (outcome, code)
     assert (report.job_id in dead) is (outcome != "ok")
     assert after.outcome is Outcome.OK

@@ -21,7 +21,7 @@ from loadwarden.producer.contract import (
     WorkerInfo,
 )
 from loadwarden.producer.keys import FINISHED_CHANNEL
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from tests.conftest import eventually, running_worker
 
 

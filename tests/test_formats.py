@@ -14,10 +14,10 @@ import pytest
 
 from loadwarden.producer.contract import ModelFormat
 from loadwarden.producer.errors import InvalidModel
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker import formats
 from loadwarden.worker._files import open_model_file
 from loadwarden.worker.binary import gguf as binary_gguf
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats import CodeBearing, inspect_model, sniff
 from loadwarden.worker.formats.npy import TENSOR_NAME, inspect_npy
 from loadwarden.worker.sandbox import _registry, loaders

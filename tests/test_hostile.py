@@ -16,9 +16,9 @@ from safetensors.numpy import load_file
 
 from loadwarden.producer.contract import LoadRequest, ModelFormat, ModelSummary, Outcome
 from loadwarden.producer.errors import SourceRefused
-from loadwarden.producer.settings import InspectionCaps, Settings, SourcePolicy
 from loadwarden.worker._files import OpenedModel, open_model_file
 from loadwarden.worker.binary.dtypes import NPY_BY_ARRAY
+from loadwarden.worker.config import InspectionCaps, Settings, SourcePolicy
 from loadwarden.worker.formats import LOADERS, Inspection, inspect_model
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sources import open_source

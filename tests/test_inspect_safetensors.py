@@ -16,8 +16,8 @@ from safetensors.numpy import load_file
 
 from loadwarden.producer.contract import ModelFormat
 from loadwarden.producer.errors import InvalidModel, SourceRefused, SourceUnavailable
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker._files import ModelFile, open_model_file
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats.safetensors import SafetensorsHeader, inspect_safetensors
 from tests.safetensors_files import entry, one_tensor, raw_file, valid_model, write
 

@@ -13,8 +13,8 @@ import structlog
 
 from loadwarden.producer import connection
 from loadwarden.producer.contract import Derivation, LimitOverrides, LoadRequest, Outcome
-from loadwarden.producer.settings import LimitPolicy, Settings
 from loadwarden.worker._files import open_model_file
+from loadwarden.worker.config import LimitPolicy, Settings
 from loadwarden.worker.load.history import History, model_identity
 from loadwarden.worker.load.supervisor import Supervisor
 from tests.conftest import TEST_LOADERS, eventually, require_cgroups, require_landlock

@@ -22,7 +22,7 @@ from loadwarden.producer.errors import (
     LoadTimeout,
     MemoryExceeded,
 )
-from loadwarden.producer.settings import LimitPolicy, Settings
+from loadwarden.worker.config import LimitPolicy, Settings
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox import forkserver
 from tests.conftest import assert_pid_gone, eventually, group_members

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.load.admission import detect_memory_bytes
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox.memory_limit import detect_memory_limit

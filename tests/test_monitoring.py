@@ -19,9 +19,9 @@ from prometheus_client import CollectorRegistry
 from loadwarden.producer.client import Client
 from loadwarden.producer.connection import blocking_redis_client, redis_client
 from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
-from loadwarden.producer.settings import Settings
 from loadwarden.worker._files import open_model_file
 from loadwarden.worker.cli import _render
+from loadwarden.worker.config import Settings
 from loadwarden.worker.load.history import History, model_identity
 from loadwarden.worker.load.limits import derive_limits, expected_memory_bytes, near_thresholds
 from loadwarden.worker.load.supervisor import Supervisor

@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from loadwarden.producer.contract import Derivation, LimitOverrides
-from loadwarden.producer.settings import LimitPolicy
+from loadwarden.worker.config import LimitPolicy
 from loadwarden.worker.load._outcome import Loaded, LoadedModel, Raised, classify
 from loadwarden.worker.load.limits import derive_limits
 from loadwarden.worker.sandbox.forkserver import ChildExit

@@ -19,7 +19,7 @@ from loadwarden.producer.contract import (
     RetryPolicy,
 )
 from loadwarden.producer.preload import EntryState, PreloadEntry
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.queue.runner import WorkerRunner
 from tests.conftest import call_until
 

@@ -16,7 +16,7 @@ from loadwarden.producer.client import Client, JobState
 from loadwarden.producer.connection import redis_client
 from loadwarden.producer.contract import LoadRequest, Outcome
 from loadwarden.producer.errors import JobNotFound, RedisUnavailable, ReportTimeout
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.queue.runner import WorkerRunner
 
 

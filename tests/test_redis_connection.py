@@ -24,7 +24,8 @@ from loadwarden.producer.connection import (
 )
 from loadwarden.producer.contract import Outcome
 from loadwarden.producer.errors import RedisUnavailable
-from loadwarden.producer.settings import RedisOptions, Settings
+from loadwarden.producer.settings import RedisOptions
+from loadwarden.worker.config import Settings
 from loadwarden.worker.queue._redis_server import RedisServer
 from tests.conftest import StartWorker, call_until
 from tests.tcp_proxy import FreezingProxy

@@ -17,8 +17,8 @@ import pytest
 
 from loadwarden.producer.client import Client, JobState
 from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome, RetryPolicy
-from loadwarden.producer.keys import ATTEMPTS_KEY_PREFIX
-from loadwarden.producer.settings import Settings
+from loadwarden.worker._keys import ATTEMPTS_KEY_PREFIX
+from loadwarden.worker.config import Settings
 from loadwarden.worker.queue._redis_server import RedisServer
 from loadwarden.worker.queue.runner import WorkerRunner
 from tests.conftest import (

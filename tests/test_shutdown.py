@@ -11,7 +11,7 @@ import pytest
 
 from loadwarden.producer.client import BlockingClient, JobState
 from loadwarden.producer.contract import LoadRequest, Outcome
-from loadwarden.producer.settings import LimitPolicy, Settings
+from loadwarden.worker.config import LimitPolicy, Settings
 from tests.conftest import StartWorker, call_until, sandbox_processes
 
 

@@ -24,8 +24,8 @@ from safetensors.numpy import load_file, save_file
 from loadwarden.producer.catalog import parse_catalog
 from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
 from loadwarden.producer.errors import SourceRefused
-from loadwarden.producer.settings import Settings, SigningPolicy, TrustedSigner
 from loadwarden.worker._files import OpenedModel, open_model_file
+from loadwarden.worker.config import Settings, SigningPolicy, TrustedSigner
 from loadwarden.worker.load import supervisor as supervisor_module
 from loadwarden.worker.load.signing import may_require, required_signers
 from loadwarden.worker.load.supervisor import Supervisor

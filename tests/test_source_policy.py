@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from loadwarden.producer.errors import SourceRefused
-from loadwarden.producer.settings import Settings, SourcePolicy
+from loadwarden.worker.config import Settings, SourcePolicy
 from loadwarden.worker.sources import open_model, open_source
 from loadwarden.worker.sources._fstype import pseudo_filesystem
 from loadwarden.worker.sources._http import _check_address

@@ -21,9 +21,9 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused, SourceUnavailable
-from loadwarden.producer.settings import Settings, SourcePolicy
 from loadwarden.worker import sources
 from loadwarden.worker._files import ModelFile
+from loadwarden.worker.config import Settings, SourcePolicy
 from loadwarden.worker.sources import open_source
 from loadwarden.worker.sources._cache import PARTIAL_PREFIX
 from tests.conftest import eventually

@@ -13,7 +13,7 @@ from loadwarden.producer.client import Client
 from loadwarden.producer.connection import redis_client
 from loadwarden.producer.contract import LoadRequest, Outcome
 from loadwarden.producer.keys import wake_key
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from tests.conftest import eventually, running_worker
 
 #: The worker's fallback poll in these tests (below the 5 s socket timeout BLPOP must fit in).

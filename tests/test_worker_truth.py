@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from loadwarden.producer.client import BlockingClient, Client, JobState
 from loadwarden.producer.contract import JobPhase, LoadRequest
 from loadwarden.producer.counts import queue_counts
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.queue.heartbeat import INTERVAL_S, KEY_PREFIX, beat
 from tests.conftest import StartWorker, call_until, eventually, running_worker

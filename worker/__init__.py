@@ -12,24 +12,43 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from loadwarden.worker.config import (
+        AutoscalePolicy,
+        FailureMemoryPolicy,
+        InspectionCaps,
+        LimitPolicy,
+        Settings,
+        SigningPolicy,
+        SourcePolicy,
+        TrustedSigner,
+    )
     from loadwarden.worker.formats import Inspection, inspect_model
     from loadwarden.worker.formats.safetensors import SafetensorsHeader, inspect_safetensors
     from loadwarden.worker.load.limits import derive_limits
     from loadwarden.worker.load.supervisor import Supervisor
     from loadwarden.worker.ops.logs import configure_logging
-    from loadwarden.worker.queue.runner import create_worker, run_worker
+    from loadwarden.worker.queue.arq_adapter import create_worker
+    from loadwarden.worker.queue.runner import run_worker
     from loadwarden.worker.sandbox.forkserver import ChildExit, ForkServer, SandboxError, stop_child
     from loadwarden.worker.sources import open_model, open_source
 
 _WHERE = {
+    "AutoscalePolicy": "loadwarden.worker.config",
     "ChildExit": "loadwarden.worker.sandbox.forkserver",
+    "FailureMemoryPolicy": "loadwarden.worker.config",
     "ForkServer": "loadwarden.worker.sandbox.forkserver",
     "Inspection": "loadwarden.worker.formats",
+    "InspectionCaps": "loadwarden.worker.config",
+    "LimitPolicy": "loadwarden.worker.config",
     "SafetensorsHeader": "loadwarden.worker.formats.safetensors",
     "SandboxError": "loadwarden.worker.sandbox.forkserver",
+    "Settings": "loadwarden.worker.config",
+    "SigningPolicy": "loadwarden.worker.config",
+    "SourcePolicy": "loadwarden.worker.config",
     "Supervisor": "loadwarden.worker.load.supervisor",
+    "TrustedSigner": "loadwarden.worker.config",
     "configure_logging": "loadwarden.worker.ops.logs",
-    "create_worker": "loadwarden.worker.queue.runner",
+    "create_worker": "loadwarden.worker.queue.arq_adapter",
     "derive_limits": "loadwarden.worker.load.limits",
     "inspect_model": "loadwarden.worker.formats",
     "inspect_safetensors": "loadwarden.worker.formats.safetensors",
@@ -40,12 +59,20 @@ _WHERE = {
 }
 
 __all__ = [
+    "AutoscalePolicy",
     "ChildExit",
+    "FailureMemoryPolicy",
     "ForkServer",
     "Inspection",
+    "InspectionCaps",
+    "LimitPolicy",
     "SafetensorsHeader",
     "SandboxError",
+    "Settings",
+    "SigningPolicy",
+    "SourcePolicy",
     "Supervisor",
+    "TrustedSigner",
     "configure_logging",
     "create_worker",
     "derive_limits",

@@ -16,11 +16,11 @@ from typer.core import TyperGroup
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest, Outcome
 from loadwarden.producer.errors import ClientError, ContractError
-from loadwarden.producer.settings import Settings
 from loadwarden.producer.sources import is_url
 from loadwarden.worker._files import resolved
 from loadwarden.worker._text import clean
 from loadwarden.worker.cli import _render
+from loadwarden.worker.config import Settings
 
 EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 #: How long `enqueue --wait` and `report --wait` wait unless told (--timeout-s; 0: no limit):

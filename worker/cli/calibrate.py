@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict
 
 from loadwarden.producer.catalog import Catalog
 from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest, Outcome
-from loadwarden.producer.settings import LimitPolicy, Settings
 from loadwarden.worker._text import clean
+from loadwarden.worker.config import LimitPolicy, Settings
 from loadwarden.worker.load.supervisor import Supervisor
 
 MiB = 1024 * 1024

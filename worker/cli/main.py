@@ -24,7 +24,6 @@ from loadwarden.producer.contract import (
 )
 from loadwarden.producer.errors import CatalogError, ClientError, ContractError, LoadError
 from loadwarden.producer.preload import PreloadResult
-from loadwarden.producer.settings import Settings
 from loadwarden.worker._files import resolved
 from loadwarden.worker._text import clean
 from loadwarden.worker.cli import _render
@@ -54,6 +53,7 @@ from loadwarden.worker.cli._common import (
     with_roots,
 )
 from loadwarden.worker.cli._progress import Progress
+from loadwarden.worker.config import Settings
 from loadwarden.worker.ops.logs import configure_logging
 
 if TYPE_CHECKING:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary
 from loadwarden.producer.errors import InvalidModel, SourceRefused
-from loadwarden.producer.settings import InspectionCaps
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats._common import CONVERT_HINT, over_budget
 from loadwarden.worker.formats._sniff import (
     EXTENSIONS,

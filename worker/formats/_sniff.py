@@ -8,8 +8,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from loadwarden.producer.contract import ModelFormat
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker.binary import magic
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats._common import file_pickle_protocol, read_at, show
 from loadwarden.worker.formats._zip import member_names
 

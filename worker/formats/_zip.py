@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from loadwarden.producer.errors import LoadError
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker.binary.pread import open_reader
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats._common import invalid, read_at
 
 _END = b"PK\x05\x06"

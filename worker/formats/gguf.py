@@ -10,8 +10,8 @@ them innermost first); dtypes are ggml's names (``F32``, ``Q4_K``, ...).
 from __future__ import annotations
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker.binary.gguf import Caps, GGUFError, Layout, read_layout
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats._common import defects_as_invalid, summarize
 
 

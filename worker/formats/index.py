@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from loadwarden.producer.errors import InvalidModel
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker.binary.strict_json import json_type, parse_object, show
+from loadwarden.worker.config import InspectionCaps
 
 #: How an index file is named (``model.safetensors.index.json``, diffusers'
 #: ``diffusion_pytorch_model.safetensors.index.json``, ...).

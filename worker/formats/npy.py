@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary
 from loadwarden.producer.errors import SourceRefused
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker.binary.dtypes import NPY, ElementType
 from loadwarden.worker.binary.magic import NPY as MAGIC
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats._common import (
     CONVERT_HINT,
     Cursor,

@@ -16,8 +16,8 @@ from __future__ import annotations
 import zipfile
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker.binary.pread import ZIP_MEMBER_ERRORS
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats import npy
 from loadwarden.worker.formats._common import invalid, over_budget, show, summarize
 from loadwarden.worker.formats._zip import open_archive

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker.binary.safetensors import Caps, Layout, SafetensorsError, read_layout
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats._common import defects_as_invalid, summarize
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from loadwarden.producer.contract import SignatureInfo
 from loadwarden.producer.errors import SourceRefused
-from loadwarden.producer.settings import SigningPolicy, TrustedSigner
 from loadwarden.worker._files import SignatureFile
+from loadwarden.worker.config import SigningPolicy, TrustedSigner
 
 #: JSON objects, arrays and their separators a bundle may hold: model-signing's holds
 #: about 15, a Sigstore bundle with a transparency log entry and its inclusion proof ~100.

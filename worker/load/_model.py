@@ -9,8 +9,8 @@ from typing import Any
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary, ShardInfo
 from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker._files import ModelFile, OpenedModel
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats import inspect_model
 from loadwarden.worker.formats._common import over_budget
 from loadwarden.worker.formats.index import check_coverage

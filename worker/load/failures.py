@@ -36,7 +36,7 @@ from structlog.typing import FilteringBoundLogger
 from loadwarden.producer import failures as store
 from loadwarden.producer.contract import FailingModel, Outcome
 from loadwarden.producer.errors import LoadError, SourceRefused, describe
-from loadwarden.producer.settings import FailureMemoryPolicy
+from loadwarden.worker.config import FailureMemoryPolicy
 from loadwarden.worker.load._child_run import ChildRun
 
 #: The error code of a refusal by the memory.

@@ -12,9 +12,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from loadwarden.producer.keys import HISTORY_KEY_PREFIX
-from loadwarden.producer.settings import LimitPolicy
 from loadwarden.worker._files import ModelFile, OpenedModel
+from loadwarden.worker._keys import HISTORY_KEY_PREFIX
+from loadwarden.worker.config import LimitPolicy
 from loadwarden.worker.load.limits import HistoryStats, stats_of
 
 KEY_PREFIX = HISTORY_KEY_PREFIX

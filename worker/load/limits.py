@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from loadwarden.producer.contract import Derivation, LimitDerivation, LimitOverrides, Limits
-from loadwarden.producer.settings import LimitPolicy
+from loadwarden.worker.config import LimitPolicy
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,9 +47,9 @@ from typing import Any
 
 from loadwarden.producer.contract import LoadRequest
 from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused
-from loadwarden.producer.settings import SigningPolicy
 from loadwarden.producer.sources import is_hf, parse_hf
 from loadwarden.worker._files import OpenedModel
+from loadwarden.worker.config import SigningPolicy
 from loadwarden.worker.load._bundle import (
     Found,
     Requirement,

@@ -45,10 +45,10 @@ from loadwarden.producer.errors import (
     SourceUnavailable,
     describe,
 )
-from loadwarden.producer.settings import Settings
 from loadwarden.worker import _version
 from loadwarden.worker._files import OpenedModel
 from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker.config import Settings
 from loadwarden.worker.formats import LOADERS, needs_isolation
 from loadwarden.worker.load._child_run import (
     ChildRun,

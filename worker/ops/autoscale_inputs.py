@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.ops.autoscale import AutoscaleDecision, AutoscaleInput, decide, service_rate
 
 

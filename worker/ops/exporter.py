@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
 from loadwarden.producer.connection import redis_client
-from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker.config import Settings
 from loadwarden.worker.ops.probes import Probes
 from loadwarden.worker.ops.queue_gauges import QueueGauges, update_queue_gauges
 

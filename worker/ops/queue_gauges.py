@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from loadwarden.producer.counts import oldest_ready_age_s, queue_counts
 from loadwarden.producer.failures import refused_count
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.ops.autoscale_inputs import desired_from_counts
 
 log = structlog.get_logger("loadwarden.queue_gauges")

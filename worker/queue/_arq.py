@@ -87,7 +87,10 @@ def _error_for(exc: BaseException) -> LoadError:
 
 
 class LoadWorker(Worker):
-    """An arq Worker whose every job ends with a LoadReport (see the module docstring)."""
+    """An arq Worker whose every job ends with a LoadReport (see the module docstring).
+
+    Built and driven only by ``arq_adapter``: nothing else knows arq's Worker.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

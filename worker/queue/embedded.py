@@ -19,10 +19,10 @@ import structlog
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
 from loadwarden.producer import wire
-from loadwarden.producer._xdg import xdg_dir
 from loadwarden.producer.errors import EmbeddedWorkerDied, LoadwardenError, describe
-from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker._xdg import xdg_dir
+from loadwarden.worker.config import Settings
 from loadwarden.worker.queue._redis_server import RedisServer
 from loadwarden.worker.queue.runner import WorkerRunner
 

@@ -24,8 +24,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loadwarden.producer import wire
-from loadwarden.producer.client import FUNCTION_NAME
 from loadwarden.producer.errors import describe
+from loadwarden.producer.keys import FUNCTION_NAME
 
 #: The key of the marker request a payload that is not our JSON is rewritten to.
 UNDECODABLE = "__undecodable__"

@@ -17,8 +17,8 @@ from redis.exceptions import RedisError
 
 from loadwarden.producer.contract import WorkerStatus
 from loadwarden.producer.keys import WORKER_KEY_PREFIX, WORKERS_ZSET, now_ms
-from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import finish_despite_cancel
+from loadwarden.worker.config import Settings
 from loadwarden.worker.load.supervisor import Supervisor
 
 #: ``<prefix><worker id>`` holds a WorkerStatus as JSON; it expires unless renewed.

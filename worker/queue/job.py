@@ -36,8 +36,8 @@ from loadwarden.producer.errors import (
     LoadError,
     describe,
 )
-from loadwarden.producer.settings import Settings
 from loadwarden.worker._tasks import finish_despite_cancel
+from loadwarden.worker.config import Settings
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.queue.envelope import UNDECODABLE
 from loadwarden.worker.queue.jobs import JobBook

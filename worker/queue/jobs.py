@@ -25,12 +25,10 @@ from redis.exceptions import RedisError
 from loadwarden.producer.connection import subscribe
 from loadwarden.producer.contract import Attempt, LoadReport, LoadRequest, Outcome
 from loadwarden.producer.keys import (
-    ATTEMPTS_KEY_PREFIX,
     CANCEL_CHANNEL,
     CANCEL_KEY_PREFIX,
     DEAD_LETTER_STREAM,
     DEDUPE_KEY_PREFIX,
-    RECENT_MAXLEN,
     RECENT_STREAM,
     RUNNING_ZSET,
     SERVICE_KEY_PREFIX,
@@ -39,8 +37,9 @@ from loadwarden.producer.keys import (
     dedupe_key,
     now_ms,
 )
-from loadwarden.producer.settings import Settings
+from loadwarden.worker._keys import ATTEMPTS_KEY_PREFIX, RECENT_MAXLEN
 from loadwarden.worker._tasks import finish_despite_cancel
+from loadwarden.worker.config import Settings
 from loadwarden.worker.ops.metrics import Metrics
 
 log = structlog.get_logger("loadwarden.jobs")

@@ -20,7 +20,7 @@ from typing import Any
 
 from loadwarden.producer.contract import ModelFormat
 from loadwarden.producer.errors import InvalidModel, LoadError
-from loadwarden.producer.settings import InspectionCaps
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats import inspect_model
 from loadwarden.worker.sandbox import _landlock, _linux, _seccomp
 

@@ -33,8 +33,8 @@ from loadwarden.producer.errors import (
     SourceRefused,
     SourceUnavailable,
 )
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker._files import ModelFile
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.sandbox.forkserver import SandboxError, child_environment
 
 #: Errors the child may name, by class name: nothing else is believed.

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from loadwarden.producer.client import Client
 from loadwarden.producer.errors import RedisUnavailable
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.serve import api, console, preloads, problems
 from loadwarden.worker.serve.auth import Auth
 from loadwarden.worker.serve.config import ServeConfig

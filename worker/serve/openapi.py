@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from loadwarden.producer.schemas import HERE
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.serve.app import build_app
 from loadwarden.worker.serve.config import ServeConfig
 

@@ -25,9 +25,9 @@ from loadwarden.producer.catalog import parse_catalog
 from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadRequest
 from loadwarden.producer.errors import CatalogError
-from loadwarden.producer.keys import PRELOAD_KEY_PREFIX
 from loadwarden.producer.preload import EntryState, PreloadEntry, PreloadTotals
 from loadwarden.producer.sources import is_url
+from loadwarden.worker._keys import PRELOAD_KEY_PREFIX
 from loadwarden.worker.serve.api import authorized, client_of
 from loadwarden.worker.serve.problems import Problem
 

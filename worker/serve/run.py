@@ -5,7 +5,7 @@ from __future__ import annotations
 import structlog
 import uvicorn
 
-from loadwarden.producer.settings import Settings
+from loadwarden.worker.config import Settings
 from loadwarden.worker.serve.app import create_app
 from loadwarden.worker.serve.config import ServeConfig, refuse_open_bind
 

@@ -66,9 +66,9 @@ import re
 from collections.abc import Callable
 
 from loadwarden.producer.errors import SourceRefused
-from loadwarden.producer.settings import InspectionCaps, SourcePolicy
 from loadwarden.producer.sources import is_hf, is_url, url_scheme
 from loadwarden.worker._files import ModelFile, OpenedModel
+from loadwarden.worker.config import InspectionCaps, SourcePolicy
 from loadwarden.worker.sources._hf import open_hf
 from loadwarden.worker.sources._local import open_local, open_local_model
 

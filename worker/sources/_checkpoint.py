@@ -20,7 +20,6 @@ import stat
 from collections.abc import Callable
 
 from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused, SourceUnavailable
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker._files import (
     ModelFile,
     OpenedModel,
@@ -29,6 +28,7 @@ from loadwarden.worker._files import (
     _os_error,
     _refuse_special,
 )
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats._common import read_at
 from loadwarden.worker.formats.index import (
     INDEX_SUFFIX,

@@ -35,11 +35,11 @@ import re
 import stat
 from pathlib import Path
 
-from loadwarden.producer._xdg import xdg_dir
 from loadwarden.producer.errors import InvalidModel, SourceRefused, SourceUnavailable
-from loadwarden.producer.settings import InspectionCaps, SourcePolicy
 from loadwarden.producer.sources import COMMIT, parse_hf
 from loadwarden.worker._files import OpenedModel, Shard
+from loadwarden.worker._xdg import xdg_dir
+from loadwarden.worker.config import InspectionCaps, SourcePolicy
 from loadwarden.worker.formats._common import read_at
 from loadwarden.worker.sources._checkpoint import open_folder, open_regular
 from loadwarden.worker.sources._local import SPECIAL_TREES

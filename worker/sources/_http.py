@@ -14,8 +14,8 @@ import socket
 import httpx
 
 from loadwarden.producer.errors import LoadError, SourceRefused, SourceUnavailable
-from loadwarden.producer.settings import SourcePolicy
 from loadwarden.worker._files import ModelFile
+from loadwarden.worker.config import SourcePolicy
 from loadwarden.worker.sources._cache import Partial, cache_name, cache_root, cached, make_room
 from loadwarden.worker.sources._local import Root, open_under
 

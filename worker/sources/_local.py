@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadwarden.producer.errors import SourceRefused, SourceUnavailable
-from loadwarden.producer.settings import InspectionCaps
 from loadwarden.worker._files import ModelFile, OpenedModel, Shard, _os_error, _refuse_special
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats.index import INDEX_SUFFIX
 from loadwarden.worker.sources._checkpoint import (
     SIGNATURE_SUFFIX,

@@ -1,9 +1,4 @@
-"""The job contract: what a producer asks for (LoadRequest) and what comes back (LoadReport).
-
-These models are the wire format. They are validated on both ends, serialized as
-JSON only, and exported as JSON Schema (``producer/schemas/``) so services in
-other languages can enqueue loads and read reports.
-"""
+"""What comes back: the LoadReport of one job, with the model, limits and resources."""
 
 from __future__ import annotations
 
@@ -11,56 +6,20 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
+from loadwarden.producer.contract._base import (
+    WIRE_VERSION,
+    ModelFormat,
+    NonNegFloat,
+    NonNegInt,
+    Outcome,
+    PositiveSeconds,
+    Sha256,
+    _Model,
+)
+from loadwarden.producer.contract.status import FailingModel
 from loadwarden.producer.errors import LoadError, error_class_for
-from loadwarden.producer.sources import is_url
-
-#: Bumped on any incompatible change to LoadRequest or LoadReport.
-WIRE_VERSION: Literal[1] = 1
-
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lower-case hex sha256")]
-NonNegInt = Annotated[int, Field(ge=0)]
-NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-#: A finite, positive duration (JSON has no infinity; neither do our limits).
-PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-#: A trusted signer's name in a worker's settings (``signing.signers``), or ``*``: any of them.
-SignerName = Annotated[
-    str,
-    Field(
-        pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$",
-        description="a signer the worker trusts, by the name its settings give it; * is any",
-    ),
-]
-#: The signers a model must be signed by, one of them (worker settings, catalog, request).
-SignedBy = Annotated[tuple[SignerName, ...], Field(min_length=1, max_length=16)]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Outcome(StrEnum):
-    """How a load ended. Every value but ``ok`` has one error class in ``errors``."""
-
-    OK = "ok"
-    INVALID = "invalid"
-    REFUSED = "refused"
-    TIMEOUT = "timeout"
-    MEMORY_EXCEEDED = "memory_exceeded"
-    CPU_EXCEEDED = "cpu_exceeded"
-    CRASHED = "crashed"
-    UNAVAILABLE = "unavailable"
-    CANCELLED = "cancelled"
-
-
-class ModelFormat(StrEnum):
-    """File formats loadwarden knows how to inspect and load."""
-
-    SAFETENSORS = "safetensors"
-    NPY = "npy"
-    NPZ = "npz"
-    GGUF = "gguf"
 
 
 class Derivation(StrEnum):
@@ -72,79 +31,6 @@ class Derivation(StrEnum):
     #: The request asked for more than the worker's ceiling: the ceiling was used instead.
     OVERRIDE_CLAMPED = "override_clamped"
     DEFAULT = "default"
-
-
-class LimitOverrides(_Model):
-    """Limits a request asks for: each wins over the derived value, within the worker's ceilings."""
-
-    memory_bytes: Annotated[int, Field(gt=0)] | None = None
-    cpu_seconds: PositiveSeconds | None = None
-    timeout_seconds: PositiveSeconds | None = None
-
-
-class RetryPolicy(_Model):
-    """How a job is retried: which outcomes, how often, with what exponential backoff.
-
-    ``retry_on`` given in a request wins over the worker's setting, which wins over
-    the default (timeout, crashed, unavailable). Delays are full-jitter exponential:
-    uniform in [0, min(max_s, base_s x 2^(attempt-1))).
-    """
-
-    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
-    base_s: PositiveSeconds = 1.0
-    max_s: PositiveSeconds = 60.0
-    retry_on: tuple[Outcome, ...] = (Outcome.CRASHED, Outcome.TIMEOUT, Outcome.UNAVAILABLE)
-
-    @field_validator("retry_on")
-    @classmethod
-    def _sorted_unique(cls, value: tuple[Outcome, ...]) -> tuple[Outcome, ...]:
-        return tuple(sorted(set(value)))
-
-
-class LoadRequest(_Model):
-    """One model load, as a producer enqueues it."""
-
-    wire_version: Literal[1] = WIRE_VERSION
-    source: Annotated[str, Field(min_length=1, max_length=4096)]
-    sha256: Sha256 | None = None
-    format: ModelFormat | None = None
-    limits: LimitOverrides = LimitOverrides()
-    retry: RetryPolicy = RetryPolicy()
-    # Bounded so that a request, and so a job document, stays small (see envelope.MAX_JOB_BYTES).
-    labels: Annotated[
-        dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=256)]],
-        Field(max_length=64),
-    ] = {}
-    signed_by: SignedBy | None = Field(
-        default=None,
-        description="require a signature (OpenSSF model signing) by one of these signers, "
-        "named as the worker's settings name its trusted keys (* : any of them). It only adds "
-        "to the worker's own rules: a request can never bring a key of its own",
-    )
-
-    @field_validator("sha256", mode="before")
-    @classmethod
-    def _lower_digest(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
-
-    @field_validator("source")
-    @classmethod
-    def _no_nul(cls, value: str) -> str:
-        if "\0" in value:
-            raise ValueError("a source may not hold a NUL byte")
-        return value
-
-    @field_validator("source")
-    @classmethod
-    def _absolute_or_url(cls, value: str) -> str:
-        # The worker resolves a path on its own machine, against its own working
-        # directory: a relative path would name another file there, or none.
-        if not is_url(value) and not value.startswith("/"):
-            raise ValueError(
-                f"{value!r} is a relative path: the worker resolves paths on its own side, "
-                "so give an absolute path (or a URL)"
-            )
-        return value
 
 
 class LimitDerivation(_Model):
@@ -201,7 +87,7 @@ class ModelSummary(_Model):
     tensors_truncated: bool = Field(
         default=False, description="true when ``tensors`` lists only the first of them"
     )
-    metadata: dict[str, str] = {}
+    metadata: dict[str, str] = Field(default={})
     sha256: Sha256 | None = Field(
         default=None,
         description="set when the loader hashed the file; for a checkpoint, the sha256 of "
@@ -229,32 +115,6 @@ class ModelSummary(_Model):
                 "tensors_truncated": True,
             }
         )
-
-
-class RememberedFailure(_Model):
-    """One failed load that the failure memory counts against its model."""
-
-    job_id: str
-    source: str
-    outcome: Outcome
-    error_code: str
-    at: datetime
-
-
-class FailingModel(_Model):
-    """What the failure memory holds for one model identity."""
-
-    identity: str = Field(
-        description="the model's identity: sha256:<digest> when the request named one, else "
-        "file:<sha256 of each file's path, size and mtime> (a changed file is a new model)"
-    )
-    failures: list[RememberedFailure] = Field(
-        description="one per job (a job's retries count once), newest first"
-    )
-    refused: bool = Field(description="true when loads of this model are refused now")
-    expires_at: datetime = Field(
-        description="when the memory forgets this model (a window after its latest failure)"
-    )
 
 
 class SignatureInfo(_Model):
@@ -371,7 +231,7 @@ class LoadReport(_Model):
     resources: Resources | None = None
     confinement: list[str] = Field(default=[], description="mechanisms that confined the load")
     worker: WorkerInfo
-    labels: dict[str, str] = {}
+    labels: dict[str, str] = Field(default={})
     enqueued_at: datetime | None = None
     started_at: datetime
     finished_at: datetime
@@ -389,41 +249,3 @@ class LoadReport(_Model):
         raise cls(
             err.message if err else str(self.outcome), code=err.code if err else "", report=self
         )
-
-
-class JobPhase(StrEnum):
-    """What a worker is doing with a job right now."""
-
-    INSPECTING = "inspecting"  # opening the source, reading the header, deriving limits
-    WAITING = "waiting"  # for room in the worker's memory budget
-    LOADING = "loading"  # a confined child is loading it
-
-
-class RunningJob(_Model):
-    """One job a worker holds now, and since when it has been in its current phase."""
-
-    job_id: str
-    source: str
-    phase: JobPhase
-    since: datetime
-
-
-class WorkerStatus(_Model):
-    """A live worker's heartbeat: who it is, what it runs, how much of its memory budget is held."""
-
-    id: str
-    hostname: str
-    pid: int
-    version: str
-    queue: str
-    concurrency: Annotated[int, Field(ge=1)]
-    memory_budget_bytes: NonNegInt
-    memory_in_use_bytes: NonNegInt
-    running: NonNegInt
-    waiting: NonNegInt = Field(description="loads waiting for memory budget")
-    in_flight: list[str] = Field(default=[], description="job ids this worker is running")
-    jobs: list[RunningJob] = Field(default=[], description="each job held now, with its phase")
-    cgroups: str
-    landlock_abi: NonNegInt
-    started_at: datetime
-    seen_at: datetime

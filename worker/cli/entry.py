@@ -1,0 +1,58 @@
+"""The `loadwarden` console script: stdlib only, so a missing worker extra gets one clear line.
+
+``pip install loadwarden`` is the producer alone; the command line runs on the worker's
+dependencies (``pip install 'loadwarden[worker]'``). Without them, importing the command
+would end in a traceback naming some module; this says what to install instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+#: The top-level modules of the `worker` extra's distributions (pyproject.toml), each looked
+#: up before the command is imported: some are imported only when a command needs them.
+WORKER_MODULES = (
+    "fastapi",
+    "httpx",
+    "jinja2",
+    "ml_dtypes",
+    "numpy",
+    "prometheus_client",
+    "psutil",
+    "rich",
+    "structlog",
+    "tomli_w",
+    "typer",
+    "uvicorn",
+)
+
+#: Exit status of a command that cannot start as installed: a usage error (README, exit codes).
+EXIT_USAGE = 2
+
+
+def missing_worker_module() -> str | None:
+    """The first worker module that cannot be imported here, or None when all can."""
+    for name in WORKER_MODULES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):  # a broken install, or a finder refusing it
+            spec = None
+        if spec is None:
+            return name
+    return None
+
+
+def main() -> None:
+    """Run the command line, or say in one line which install it needs (exit 2)."""
+    missing = missing_worker_module()
+    if missing is not None:
+        print(
+            f"loadwarden: the command line needs the worker's dependencies ({missing} is not "
+            "installed): pip install 'loadwarden[worker]'",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_USAGE)
+    from loadwarden.worker.cli.main import main as run
+
+    run()
