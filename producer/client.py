@@ -1,183 +1,57 @@
 """The producer's client: enqueue loads, wait for their reports, look at the queue.
 
 ``Client`` is async; ``BlockingClient`` is a small synchronous facade for
-backends without an event loop. Both speak only JSON to Redis.
+backends without an event loop. Both speak only JSON to Redis. What a client
+reads lives beside it: reports (``_reports``), the queue's status (``_status``),
+dead letters (``_dead_letters``), and the job handles (``_handles``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from enum import StrEnum
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from arq.connections import ArqRedis
-from arq.constants import result_key_prefix
-from arq.jobs import Job, JobStatus
-from pydantic import BaseModel, ConfigDict, ValidationError
+from arq.jobs import Job
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
-from loadwarden.producer import failures, wire
-from loadwarden.producer.connection import NotReplicated, confirm_replicated, redis_client
-from loadwarden.producer.contract import FailingModel, LoadReport, LoadRequest, WorkerStatus
-from loadwarden.producer.counts import live_worker_ids, queue_counts
+from loadwarden.producer import _dead_letters, _reports, _status, failures, wire
+from loadwarden.producer import preload as _preload
+from loadwarden.producer._blocking import blocking
+from loadwarden.producer._dead_letters import DeadLetter
+from loadwarden.producer._guard import guard
+from loadwarden.producer._handles import FROM_ARQ, BlockingJobHandle, JobHandle, JobState
+from loadwarden.producer._status import QueueStatus
+from loadwarden.producer.connection import confirm_replicated, redis_client
+from loadwarden.producer.contract import FailingModel, LoadRequest
 from loadwarden.producer.dedupe import enqueue_once
-from loadwarden.producer.errors import (
-    ContractError,
-    JobNotFound,
-    RedisUnavailable,
-    ReportTimeout,
-)
+from loadwarden.producer.errors import JobNotFound, RedisUnavailable
 from loadwarden.producer.finished import FinishWatch
 from loadwarden.producer.keys import (
     CANCEL_CHANNEL,
     CANCEL_KEY_PREFIX,
-    DEAD_LETTER_STREAM,
     FUNCTION_NAME,
-    WORKER_KEY_PREFIX,
     now_ms,
     wake_workers,
 )
-from loadwarden.producer.preload import PreloadResult, ProgressCallback, preload
 from loadwarden.producer.settings import Settings
 
+__all__ = [
+    "BlockingClient",
+    "BlockingJobHandle",
+    "Client",
+    "DeadLetter",
+    "JobHandle",
+    "JobState",
+    "QueueStatus",
+]
+
 T = TypeVar("T")
-
-
-class JobState(StrEnum):
-    """Where a job is."""
-
-    QUEUED = "queued"
-    DEFERRED = "deferred"
-    RUNNING = "running"
-    COMPLETE = "complete"
-    NOT_FOUND = "not_found"
-
-
-_FROM_ARQ = {
-    JobStatus.queued: JobState.QUEUED,
-    JobStatus.deferred: JobState.DEFERRED,
-    JobStatus.in_progress: JobState.RUNNING,
-    JobStatus.complete: JobState.COMPLETE,
-    JobStatus.not_found: JobState.NOT_FOUND,
-}
-
-
-class DeadLetter(BaseModel):
-    """A job that failed for good: its final report and (when it was one) its request."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: str
-    job_id: str
-    outcome: str
-    at: str
-    request: LoadRequest | None
-    report: LoadReport
-
-    @classmethod
-    def from_entry(cls, entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
-        text = {k.decode(): v.decode() for k, v in fields.items()}
-        try:
-            request: LoadRequest | None = LoadRequest.model_validate_json(text["request"])
-        except ValidationError:
-            request = None
-        return cls(
-            id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
-            job_id=text["job_id"],
-            outcome=text["outcome"],
-            at=text["at"],
-            request=request,
-            report=LoadReport.model_validate_json(text["report"]),
-        )
-
-
-class QueueStatus(BaseModel):
-    """A look at the queue: ready and deferred jobs, running jobs, dead letters, live workers."""
-
-    model_config = ConfigDict(frozen=True)
-
-    queue: str
-    ready: int
-    deferred: int
-    running: int
-    dead_letters: int
-    workers: list[WorkerStatus]
-
-    @property
-    def queued(self) -> int:
-        return self.ready + self.deferred
-
-    @property
-    def workers_alive(self) -> bool:
-        return bool(self.workers)
-
-    @property
-    def memory_budget_bytes(self) -> int:
-        return sum(w.memory_budget_bytes for w in self.workers)
-
-    @property
-    def memory_in_use_bytes(self) -> int:
-        return sum(w.memory_in_use_bytes for w in self.workers)
-
-
-async def _guard(awaitable: Awaitable[T]) -> T:
-    """Await a Redis operation, turning connection failures into RedisUnavailable."""
-    try:
-        return await awaitable
-    except NotReplicated as exc:
-        raise RedisUnavailable(f"Redis did not replicate in time: {exc}") from exc
-    except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError) as exc:
-        raise RedisUnavailable(f"Redis did not answer: {exc}") from exc
-
-
-class JobHandle:
-    """A reference to one enqueued load."""
-
-    def __init__(self, client: Client, job_id: str) -> None:
-        self.client = client
-        self.job_id = job_id
-
-    def __repr__(self) -> str:
-        return f"<JobHandle {self.job_id}>"
-
-    async def status(self) -> JobState:
-        return await self.client.job_state(self.job_id)
-
-    async def report(self, timeout_s: float | None = None) -> LoadReport:
-        """Wait for the report: ReportTimeout after ``timeout_s``, JobNotFound if no such job."""
-        return await self.client.report(self.job_id, timeout_s=timeout_s)
-
-    async def cancel(self) -> JobState:
-        """Cancel this job (see ``Client.cancel``)."""
-        return await self.client.cancel(self.job_id)
-
-
-class BlockingJobHandle:
-    """``JobHandle``'s synchronous twin: the same attribute and methods, without ``await``."""
-
-    def __init__(self, client: BlockingClient, job_id: str) -> None:
-        self.client = client
-        self.job_id = job_id
-
-    def __repr__(self) -> str:
-        return f"<BlockingJobHandle {self.job_id}>"
-
-    def status(self) -> JobState:
-        return self.client.job_state(self.job_id)
-
-    def report(self, timeout_s: float | None = None) -> LoadReport:
-        """Wait for the report: ReportTimeout after ``timeout_s``, JobNotFound if no such job."""
-        return self.client.report(self.job_id, timeout_s=timeout_s)
-
-    def cancel(self) -> JobState:
-        """Cancel this job (see ``Client.cancel``)."""
-        return self.client.cancel(self.job_id)
 
 
 class Client:
@@ -243,7 +117,7 @@ class Client:
         """
         redis = await self.redis()
         if job_id is None:
-            found, _ = await _guard(
+            found, _ = await guard(
                 enqueue_once(
                     redis,
                     request,
@@ -253,14 +127,14 @@ class Client:
                     dedupe_ttl_s=self.settings.keep_result_s,
                 )
             )
-            await _guard(confirm_replicated(redis, self.settings.redis))
+            await guard(confirm_replicated(redis, self.settings.redis))
             return JobHandle(self, found)
         # Only the fields the caller set travel: the worker can then tell a request's own
         # retry policy from the defaults (request > worker > default).
-        await _guard(
+        await guard(
             self._enqueue_job(redis, job_id, request.model_dump(mode="json", exclude_unset=True))
         )
-        await _guard(confirm_replicated(redis, self.settings.redis))
+        await guard(confirm_replicated(redis, self.settings.redis))
         return JobHandle(self, job_id)
 
     async def _enqueue_job(self, redis: ArqRedis, job_id: str, request: dict[str, Any]) -> None:
@@ -310,89 +184,27 @@ class Client:
             if state is JobState.DEFERRED:  # waiting out a backoff: let it end now
                 pipe.zadd(self.queue_name, {job_id: now_ms()}, xx=True)
                 wake_workers(pipe, self.queue_name)
-            await _guard(pipe.execute())
+            await guard(pipe.execute())
         return state
 
-    async def dead_letters(self, count: int = 100) -> list[DeadLetter]:
-        """The most recent jobs that failed for good, newest first."""
-        redis = await self.redis()
-        entries = await _guard(redis.xrevrange(DEAD_LETTER_STREAM, count=count))
-        return [DeadLetter.from_entry(entry_id, fields) for entry_id, fields in entries]
-
-    async def _dead_entries(
-        self, redis: ArqRedis, refs: Sequence[str] | None
-    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Dead-letter entries named by their ids or by their jobs' ids (None: all of them).
-
-        A job id is the natural thing to paste from ``report`` or ``show``; a dead-letter
-        id looks like ``1732958512345-0``. Anything that names neither is JobNotFound.
-        """
-        everything = await _guard(redis.xrange(DEAD_LETTER_STREAM))
-        if refs is None:
-            return list(everything)
-        found: list[tuple[bytes, dict[bytes, bytes]]] = []
-        for ref in refs:
-            hits = [
-                (entry_id, fields)
-                for entry_id, fields in everything
-                if ref in (entry_id.decode(), fields.get(b"job_id", b"").decode())
-            ]
-            if not hits:
-                raise JobNotFound(
-                    f"no dead letter {ref!r}: give an id from 'dead list' (like "
-                    "1732958512345-0) or the job id of a dead-lettered job"
-                )
-            found += [hit for hit in hits if hit not in found]
-        return found
-
-    async def retry_dead(self, ids: Sequence[str] | None = None) -> list[JobHandle]:
-        """Enqueue dead-lettered jobs again (all of them when ``ids`` is None) and drop them.
-
-        ``ids`` may name dead-letter ids or the job ids of dead-lettered jobs.
-        """
-        redis = await self.redis()
-        handles = []
-        for entry_id, fields in await self._dead_entries(redis, ids):
-            letter = DeadLetter.from_entry(entry_id, fields)
-            if letter.request is None:
-                continue  # not a request at all (a planted payload): nothing to rerun
-            handles.append(
-                await self.enqueue(
-                    letter.request, job_id=f"{letter.job_id}-r{uuid.uuid4().hex[:6]}"
-                )
-            )
-            await _guard(redis.xdel(DEAD_LETTER_STREAM, letter.id))
-        return handles
-
-    async def purge_dead(
-        self, ids: Sequence[str] | None = None, *, outcome: str | None = None
-    ) -> int:
-        """Drop dead letters: those named (by id or job id), or with ``outcome``, or all of them.
-
-        Returns how many were dropped.
-        """
-        redis = await self.redis()
-        if ids is None and outcome is None:
-            count = await _guard(redis.xlen(DEAD_LETTER_STREAM))
-            await _guard(redis.delete(DEAD_LETTER_STREAM))
-            return int(count)
-        chosen = [
-            entry_id
-            for entry_id, fields in await self._dead_entries(redis, ids)
-            if outcome is None or fields.get(b"outcome", b"").decode() == outcome
-        ]
-        if chosen:
-            await _guard(redis.xdel(DEAD_LETTER_STREAM, *chosen))
-        return len(chosen)
+    # Each of these is written once, in the module of its concept, and is a method here:
+    # the first argument of each function is the client.
+    dead_letters = _dead_letters.dead_letters
+    retry_dead = _dead_letters.retry_dead
+    purge_dead = _dead_letters.purge_dead
+    stored_report = _reports.stored_report
+    report = _reports.report
+    status = _status.status
+    preload = _preload.preload
 
     async def failing_models(self) -> list[FailingModel]:
         """Models the failure memory holds (refused ones first), with their failures."""
-        return await _guard(failures.listing(await self.redis()))
+        return await guard(failures.listing(await self.redis()))
 
     async def clear_failing(self, identities: Sequence[str] | None = None) -> int:
         """Forget failing models (by identity, as ``failing_models`` names them; None: all),
         so their next load runs; returns how many the memory held."""
-        return await _guard(failures.forget(await self.redis(), identities))
+        return await guard(failures.forget(await self.redis(), identities))
 
     def job(self, job_id: str) -> JobHandle:
         return JobHandle(self, job_id)
@@ -400,128 +212,13 @@ class Client:
     async def job_state(self, job_id: str) -> JobState:
         redis = await self.redis()
         job = Job(job_id, redis, _queue_name=self.queue_name, _deserializer=wire.loads)
-        return _FROM_ARQ[await _guard(job.status())]
-
-    async def stored_report(self, job_id: str) -> LoadReport | None:
-        """The job's report if one is stored now (no waiting), else None."""
-        redis = await self.redis()
-        raw = await _guard(redis.get(result_key_prefix + job_id))
-        if raw is None:
-            return None
-        document = wire.loads(raw)
-        result = document.get("r")
-        if not document.get("s") or not isinstance(result, dict) or "__error__" in result:
-            detail = result.get("__error__") if isinstance(result, dict) else result
-            raise ContractError(f"job {job_id} failed before it could be loaded: {detail}")
-        try:
-            return LoadReport.model_validate(result)
-        except ValidationError as exc:
-            raise ContractError(f"job {job_id} has a report that is not valid: {exc}") from None
-
-    async def report(self, job_id: str, *, timeout_s: float | None = None) -> LoadReport:
-        """The job's report, waiting for it up to ``timeout_s`` (None: wait as long as it takes).
-
-        Woken by the worker's push when the report is stored (``FinishWatch``); reads it
-        again every ``poll_s`` whatever happens.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        watch = await self.finish_watch()
-        pushed = watch.watch([job_id])
-        try:
-            if timeout_s != 0:
-                # Watched before the first read: a push after it wakes us, and so does the
-                # subscription standing (to read again whatever came before it).
-                watch.start()
-            look = True  # whether the job still exists, checked unless a push woke us
-            while True:
-                pushed.clear()
-                stored = await self.stored_report(job_id)
-                if stored is not None:
-                    # With wait_replicas, a report is handed out only once replicas hold it:
-                    # one a failover could still take back might come again with another
-                    # outcome.
-                    await _guard(confirm_replicated(await self.redis(), self.settings.redis))
-                    return stored
-                # Not after a push (the report is there, or soon): it costs 3 round trips.
-                gone = (look or not watch.live) and (
-                    await self.job_state(job_id) is JobState.NOT_FOUND
-                )
-                if gone:
-                    # The report may have landed between our two reads.
-                    stored = await self.stored_report(job_id)
-                    if stored is not None:
-                        return stored
-                    raise JobNotFound(f"no job {job_id!r} is queued, running or finished")
-                pause = watch.poll_s
-                if deadline is not None:
-                    if loop.time() >= deadline:
-                        state = await self.job_state(job_id)
-                        raise ReportTimeout(
-                            f"job {job_id} has no report yet (it is {state}; "
-                            f"waited {timeout_s:g} s)"
-                        )
-                    pause = min(pause, deadline - loop.time())
-                try:
-                    async with asyncio.timeout(pause):
-                        await pushed.wait()
-                    look = False
-                except TimeoutError:
-                    look = True
-        finally:
-            watch.unwatch([job_id], pushed)
+        return FROM_ARQ[await guard(job.status())]
 
     async def finish_watch(self) -> FinishWatch:
         """This client's subscription to finished jobs (made on first use, closed with it)."""
         if self._finish_watch is None:
             self._finish_watch = FinishWatch(await self.redis(), self.settings.redis)
         return self._finish_watch
-
-    async def preload(
-        self,
-        requests: Sequence[tuple[str, LoadRequest]] | Sequence[LoadRequest],
-        *,
-        on_progress: ProgressCallback | None = None,
-        concurrency: int = 16,
-        timeout_s: float | None = None,
-        fail_fast: bool = False,
-        force: bool = False,
-    ) -> PreloadResult:
-        """Run a batch (named requests or bare ones); see ``loadwarden.producer.preload``."""
-        return await _guard(
-            preload(
-                self,
-                requests,
-                on_progress=on_progress,
-                concurrency=concurrency,
-                timeout_s=timeout_s,
-                fail_fast=fail_fast,
-                force=force,
-            )
-        )
-
-    async def status(self) -> QueueStatus:
-        """Ready, deferred and running jobs, dead letters, and the live workers' heartbeats."""
-        redis = await self.redis()
-        counts = await _guard(queue_counts(redis, self.queue_name))
-        ids = await _guard(live_worker_ids(redis))
-        workers = []
-        for raw in await _guard(redis.mget([WORKER_KEY_PREFIX + i for i in ids])) if ids else []:
-            if raw is None:
-                continue  # lapsed between the two reads
-            with contextlib.suppress(ValidationError):
-                status = WorkerStatus.model_validate_json(raw)
-                if status.queue == self.queue_name:
-                    workers.append(status)
-        workers.sort(key=lambda w: w.id)
-        return QueueStatus(
-            queue=self.queue_name,
-            ready=int(counts["ready"]),
-            deferred=int(counts["deferred"]),
-            running=int(counts["running"]),
-            dead_letters=int(counts["dead"]),
-            workers=workers,
-        )
 
 
 class BlockingClient:
@@ -534,28 +231,21 @@ class BlockingClient:
     def _run(self, factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return self._loop.run_until_complete(factory())
 
+    @property
+    def _async_twin(self) -> Client:
+        return self._client
+
     def enqueue(self, request: LoadRequest, *, job_id: str | None = None) -> BlockingJobHandle:
         """Put a load on the queue and return its handle (see ``Client.enqueue``)."""
         handle = self._run(lambda: self._client.enqueue(request, job_id=job_id))
         return BlockingJobHandle(self, handle.job_id)
 
-    def report(self, job_id: str, *, timeout_s: float | None = None) -> LoadReport:
-        return self._run(lambda: self._client.report(job_id, timeout_s=timeout_s))
-
-    def job_state(self, job_id: str) -> JobState:
-        return self._run(lambda: self._client.job_state(job_id))
-
-    def status(self) -> QueueStatus:
-        return self._run(self._client.status)
-
-    def cancel(self, job_id: str) -> JobState:
-        return self._run(lambda: self._client.cancel(job_id))
-
-    def failing_models(self) -> list[FailingModel]:
-        return self._run(self._client.failing_models)
-
-    def clear_failing(self, identities: Sequence[str] | None = None) -> int:
-        return self._run(lambda: self._client.clear_failing(identities))
+    report = blocking(Client.report)
+    job_state = blocking(Client.job_state)
+    status = blocking(Client.status)
+    cancel = blocking(Client.cancel)
+    failing_models = blocking(Client.failing_models)
+    clear_failing = blocking(Client.clear_failing)
 
     def close(self) -> None:
         if not self._loop.is_closed():

@@ -79,6 +79,10 @@ class EmbeddedWorkerDied(ClientError):
     """The in-process worker of an embedded command stopped: nothing would answer the wait."""
 
 
+#: Each failed outcome's error class, filled as the classes are defined (LoadError below).
+_BY_OUTCOME: dict[str, type[LoadError]] = {}
+
+
 class LoadError(LoadwardenError):
     """A load ended in an outcome other than ``ok``.
 
@@ -88,6 +92,15 @@ class LoadError(LoadwardenError):
     """
 
     outcome_value: ClassVar[str] = ""
+
+    def __init_subclass__(cls, outcome: str = "", **kwargs: Any) -> None:
+        """``class InvalidModel(LoadError, outcome="invalid")``: the class of that outcome."""
+        super().__init_subclass__(**kwargs)
+        if outcome:
+            if outcome in _BY_OUTCOME:
+                raise TypeError(f"outcome {outcome!r} has a class already: {_BY_OUTCOME[outcome]}")
+            cls.outcome_value = outcome
+            _BY_OUTCOME[outcome] = cls
 
     def __init__(self, message: str, *, code: str = "", report: LoadReport | None = None) -> None:
         super().__init__(message)
@@ -108,67 +121,36 @@ def _rebuild_load_error(cls: type[LoadError], message: str, code: str) -> LoadEr
     return cls(message, code=code)
 
 
-class InvalidModel(LoadError):
+class InvalidModel(LoadError, outcome="invalid"):
     """The file is not a valid model: a header defect, a bad size, a digest mismatch."""
 
-    outcome_value = "invalid"
 
-
-class SourceRefused(LoadError):
+class SourceRefused(LoadError, outcome="refused"):
     """Policy forbids loading this source or format."""
 
-    outcome_value = "refused"
 
-
-class LoadTimeout(LoadError):
+class LoadTimeout(LoadError, outcome="timeout"):
     """The load overran its wall-clock deadline and was killed."""
 
-    outcome_value = "timeout"
 
-
-class MemoryExceeded(LoadError):
+class MemoryExceeded(LoadError, outcome="memory_exceeded"):
     """The load hit its memory limit."""
 
-    outcome_value = "memory_exceeded"
 
-
-class CpuExceeded(LoadError):
+class CpuExceeded(LoadError, outcome="cpu_exceeded"):
     """The load used up its CPU-time limit."""
 
-    outcome_value = "cpu_exceeded"
 
-
-class ChildCrashed(LoadError):
+class ChildCrashed(LoadError, outcome="crashed"):
     """The child process died by a signal or exit that no limit explains."""
 
-    outcome_value = "crashed"
 
-
-class SourceUnavailable(LoadError):
+class SourceUnavailable(LoadError, outcome="unavailable"):
     """The source could not be reached or read (worth retrying)."""
 
-    outcome_value = "unavailable"
 
-
-class LoadCancelled(LoadError):
+class LoadCancelled(LoadError, outcome="cancelled"):
     """The job was cancelled before or while it ran."""
-
-    outcome_value = "cancelled"
-
-
-_BY_OUTCOME: dict[str, type[LoadError]] = {
-    cls.outcome_value: cls
-    for cls in (
-        InvalidModel,
-        SourceRefused,
-        LoadTimeout,
-        MemoryExceeded,
-        CpuExceeded,
-        ChildCrashed,
-        SourceUnavailable,
-        LoadCancelled,
-    )
-}
 
 
 def error_class_for(outcome: Outcome | str) -> type[LoadError]:

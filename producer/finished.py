@@ -30,9 +30,8 @@ import logging
 from collections.abc import Iterable
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from loadwarden.producer.connection import subscribe
+from loadwarden.producer.connection import follow
 from loadwarden.producer.keys import FINISHED_CHANNEL
 from loadwarden.producer.settings import RedisOptions
 
@@ -121,18 +120,22 @@ class FinishWatch:
                 event.set()
 
     async def _follow(self) -> None:
-        delay = RESUBSCRIBE_FIRST_S
-        while True:
-            try:
-                async for data in subscribe(
-                    self._redis, FINISHED_CHANNEL, self._options, self._caught_up
-                ):
-                    delay = RESUBSCRIBE_FIRST_S
-                    for event in self._watches.get(data.decode(errors="replace"), ()):
-                        event.set()
-            except (RedisError, OSError) as exc:
-                log.debug("finish_watch_lost: %s (subscribing again in %.2f s)", exc, delay)
-            finally:
-                self._subscribed.clear()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RESUBSCRIBE_MAX_S)
+        try:
+            async for data in follow(
+                self._redis,
+                FINISHED_CHANNEL,
+                self._options,
+                on_subscribed=self._caught_up,
+                on_lost=self._lost,
+                first_s=RESUBSCRIBE_FIRST_S,
+                max_s=RESUBSCRIBE_MAX_S,
+            ):
+                for event in self._watches.get(data.decode(errors="replace"), ()):
+                    event.set()
+        finally:
+            self._subscribed.clear()
+
+    def _lost(self, exc: Exception, delay_s: float) -> None:
+        """The subscription dropped: waiters poll until it stands again."""
+        self._subscribed.clear()
+        log.debug("finish_watch_lost: %s (subscribing again in %.2f s)", exc, delay_s)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from arq.constants import in_progress_key_prefix, result_key_prefix
 from pydantic import BaseModel, ConfigDict
 
+from loadwarden.producer._guard import redis_unavailable
 from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
 from loadwarden.producer.errors import ContractError
 from loadwarden.producer.sources import is_url
@@ -275,6 +276,8 @@ async def preload(
 ) -> PreloadResult:
     """Run a batch of loads through the queue and return every entry with its report.
 
+    This is ``Client.preload``: ``await client.preload(requests, ...)``.
+
     ``concurrency`` bounds the jobs this batch keeps in the queue at once;
     ``timeout_s`` bounds the whole batch (entries still out are ``unfinished``);
     ``fail_fast`` stops enqueueing after the first report that is not ``ok``;
@@ -302,7 +305,9 @@ async def preload(
     batch = _Batch(client, entries, by_job, max(1, concurrency), fail_fast, on_progress)
     try:
         async with asyncio.timeout(timeout_s):
-            await batch.run()
+            # Redis failing under a batch is the client's RedisUnavailable, as for one job.
+            with redis_unavailable():
+                await batch.run()
     except TimeoutError:
         for entry in entries:
             if entry.state in (EntryState.QUEUED, EntryState.RUNNING, EntryState.PENDING):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import pickle
 
@@ -11,7 +12,7 @@ from pydantic import ValidationError
 import loadwarden.producer
 import loadwarden.worker
 import loadwarden.worker.config
-from loadwarden.producer import wire
+from loadwarden.producer import BlockingClient, BlockingJobHandle, Client, JobHandle, wire
 from loadwarden.producer.contract import LoadRequest, Outcome
 from loadwarden.producer.errors import (
     ContractError,
@@ -48,6 +49,29 @@ def test_all_is_sorted_and_complete(module: object) -> None:
     assert names == sorted(names, key=lambda n: (not n.isupper(), not n[0].isupper(), n))
     for name in names:
         assert getattr(module, name) is not None
+
+
+@pytest.mark.parametrize(
+    ("blocking", "twin", "own"),
+    [(BlockingClient, Client, {"enqueue", "close"}), (BlockingJobHandle, JobHandle, set())],
+)
+def test_blocking_twins_take_what_their_async_twins_take(
+    blocking: type, twin: type, own: set[str]
+) -> None:
+    """Every method of a blocking class but its own has its async twin's parameters and
+    docstring, so the two cannot drift apart (enqueue wraps its handle; close is its own)."""
+    methods = {n for n, v in vars(blocking).items() if not n.startswith("_") and callable(v)}
+    assert own <= methods and methods - own, "no shared methods found"
+    for name in sorted(methods - own):
+        ours, theirs = (
+            inspect.signature(getattr(blocking, name)),
+            inspect.signature(getattr(twin, name)),
+        )
+        assert list(ours.parameters)[1:] == list(theirs.parameters)[1:], name
+        assert [p.kind for p in ours.parameters.values()] == [
+            p.kind for p in theirs.parameters.values()
+        ], name
+        assert getattr(blocking, name).__doc__ == getattr(twin, name).__doc__, name
 
 
 def test_every_failed_outcome_has_one_error_class() -> None:

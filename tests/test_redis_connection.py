@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import shutil
@@ -16,8 +17,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from loadwarden.producer import Client, LoadRequest
 from loadwarden.producer.connection import (
     NotReplicated,
+    Pauses,
+    RideThrough,
     blocking_redis_client,
     confirm_replicated,
+    follow,
     parse_redis_url,
     redis_client,
     subscribe,
@@ -25,9 +29,11 @@ from loadwarden.producer.connection import (
 from loadwarden.producer.contract import Outcome
 from loadwarden.producer.errors import RedisUnavailable
 from loadwarden.producer.settings import RedisOptions
+from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.config import Settings
 from loadwarden.worker.queue._redis_server import RedisServer
-from tests.conftest import StartWorker, call_until
+from loadwarden.worker.queue.runner import WorkerRunner
+from tests.conftest import StartWorker, call_until, eventually
 from tests.tcp_proxy import FreezingProxy
 
 LOADWARDEN = str(Path(sys.executable).parent / "loadwarden")
@@ -225,3 +231,109 @@ def test_preload_command_rides_through_a_restart(
         assert json.loads(out)["totals"]["ok"] == 12
     finally:
         server.close()
+
+
+#: What builds a Redis client or pool by hand: only the factory in producer/connection.py may.
+_FACTORY_CALLS = {"Redis", "StrictRedis", "Sentinel", "ConnectionPool", "from_url", "from_pool"}
+_FACTORY_CALLS |= {"create_pool", "create_redis_pool"}
+
+
+def _factory_calls(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in _FACTORY_CALLS:
+                found.append(f"{path}:{node.lineno} {name}(")
+    return found
+
+
+def test_redis_is_reached_through_one_factory() -> None:
+    """No module of producer/ or worker/ builds a Redis client itself: all go through
+    connection.redis_client (or its sync twin), which holds the only such calls."""
+    root = Path(__file__).resolve().parent.parent
+    factory = root / "producer" / "connection.py"
+    assert _factory_calls(factory), "the scan no longer sees the factory's own calls"
+    elsewhere = [
+        call
+        for folder in ("producer", "worker")
+        for path in sorted((root / folder).rglob("*.py"))
+        if path != factory
+        for call in _factory_calls(path)
+    ]
+    assert elsewhere == []
+
+
+async def test_client_and_worker_pools_come_from_the_factory(
+    settings: Settings, worker_runner: WorkerRunner
+) -> None:
+    """The client's pool and the worker's bookkeeping connection ride through outages and
+    keep cancels the same way: both are the factory's."""
+    async with Client(settings=settings) as client:
+        for redis in (await client.redis(), worker_runner.redis):
+            assert redis is not None
+            pool = redis.connection_pool
+            assert isinstance(pool.connection_kwargs.get("retry"), RideThrough)
+            assert pool.connection_class.__name__.startswith("CancelSafe")
+
+
+async def test_follow_subscribes_again_after_the_connection_is_lost(redis_url: str) -> None:
+    """connection.follow, the one reconnect loop: a subscription gone silent is reported with
+    doubling pauses, comes back once Redis answers again, delivers what is published then,
+    and a message brings the pause back to the first one."""
+    port = urlsplit(redis_url).port or 6379
+    publisher = redis_client(redis_url, TIGHT)
+    async with FreezingProxy(port) as proxy:
+        client = redis_client(f"redis://127.0.0.1:{proxy.port}/9", TIGHT)
+        stood = asyncio.Event()
+        pauses: list[float] = []
+        received: list[bytes] = []
+
+        async def on_subscribed() -> None:
+            stood.set()
+
+        async def listen() -> None:
+            async for data in follow(
+                client,
+                "lw-follow",
+                TIGHT,
+                on_subscribed=on_subscribed,
+                on_lost=lambda _exc, pause_s: pauses.append(pause_s),
+                first_s=0.05,
+                max_s=0.2,
+            ):
+                received.append(data)
+
+        task = asyncio.create_task(listen())
+        try:
+            async with asyncio.timeout(10):
+                await stood.wait()
+            proxy.freeze()
+            await eventually(lambda: len(pauses) >= 3, what="three losses while frozen")
+            stood.clear()
+            proxy.thawed.set()
+            async with asyncio.timeout(15):
+                await stood.wait()  # subscribed again
+            lost = list(pauses)
+            assert lost == [min(0.05 * 2**i, 0.2) for i in range(len(lost))]
+            await publisher.publish("lw-follow", "after")
+            await eventually(lambda: received, what="the message published after the return")
+            assert received == [b"after"]
+            proxy.freeze()
+            await eventually(lambda: len(pauses) > len(lost), what="a loss after the message")
+            assert pauses[len(lost)] == 0.05
+        finally:
+            await cancel_and_wait(task)
+            await client.aclose()
+            await publisher.aclose()
+
+
+def test_reconnect_pauses_double_up_to_their_ceiling_and_reset() -> None:
+    """The one backoff of the reconnect loops: first, doubled, capped; back to first on reset."""
+    pauses = Pauses(0.5, 3.0)
+    assert [pauses.advance() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert pauses.next_s == 3.0
+    pauses.reset()
+    assert pauses.advance() == 0.5

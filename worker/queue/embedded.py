@@ -14,11 +14,11 @@ import fcntl
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import redis.asyncio as aioredis
 import structlog
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
 from loadwarden.producer import wire
+from loadwarden.producer.connection import redis_client
 from loadwarden.producer.errors import EmbeddedWorkerDied, LoadwardenError, describe
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker._xdg import xdg_dir
@@ -122,7 +122,7 @@ async def _leftovers(
 ) -> list[str]:
     """Name (or drop) the jobs an earlier run left queued in this state folder."""
     queue = settings.queue_name
-    redis = aioredis.Redis.from_url(settings.redis_url or "", socket_connect_timeout=5)
+    redis = redis_client(settings.redis_url or "", settings.redis)
     try:
         ids = [i.decode() for i in await redis.zrange(queue, 0, -1)]
         if not ids:

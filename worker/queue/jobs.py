@@ -22,7 +22,7 @@ from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from loadwarden.producer.connection import subscribe
+from loadwarden.producer.connection import follow
 from loadwarden.producer.contract import Attempt, LoadReport, LoadRequest, Outcome
 from loadwarden.producer.keys import (
     CANCEL_CHANNEL,
@@ -56,6 +56,10 @@ def _parse_attempts(raw: bytes | None) -> list[Attempt]:
 
 #: How long a job's attempts and cancel flag outlive it (a producer may come back late).
 BOOK_TTL_S = 7 * 86_400
+#: First and longest pause before following the cancel channel again once Redis dropped it:
+#: a cancel in between is not lost (its flag key is read on return), only later.
+CANCEL_RESUBSCRIBE_FIRST_S = 0.5
+CANCEL_RESUBSCRIBE_MAX_S = 10.0
 
 
 def _recent_entry(job_id: str, report: LoadReport) -> dict[str, str]:
@@ -112,21 +116,21 @@ class JobBook:
 
     async def watch_cancels(self) -> None:
         """Follow the cancel channel until cancelled; reconnect with backoff when Redis drops."""
-        delay = 0.5
-        while True:
-            try:
-                async for data in subscribe(
-                    self.redis, CANCEL_CHANNEL, self.settings.redis, self._catch_up_cancels
-                ):
-                    delay = 0.5
-                    job_id = data.decode(errors="replace")
-                    if job_id in self._cancel_events:
-                        self._cancel_events[job_id].set()
-                    # A cancel may arrive before the load starts: the flag key covers that.
-            except (RedisError, OSError) as exc:
-                log.warning("cancel_watch_lost", error=str(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        async for data in follow(
+            self.redis,
+            CANCEL_CHANNEL,
+            self.settings.redis,
+            on_subscribed=self._catch_up_cancels,
+            on_lost=lambda exc, delay_s: log.warning(
+                "cancel_watch_lost", error=str(exc), retry_in_s=delay_s
+            ),
+            first_s=CANCEL_RESUBSCRIBE_FIRST_S,
+            max_s=CANCEL_RESUBSCRIBE_MAX_S,
+        ):
+            job_id = data.decode(errors="replace")
+            if job_id in self._cancel_events:
+                self._cancel_events[job_id].set()
+            # A cancel may arrive before the load starts: the flag key covers that.
 
     async def _catch_up_cancels(self) -> None:
         """Cancels published while the channel was down: their flags are still in Redis."""

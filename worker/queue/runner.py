@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from loadwarden.producer.connection import redis_client, stop_riding_through
+from loadwarden.producer.connection import Pauses, redis_client, stop_riding_through
 from loadwarden.producer.contract import ModelFormat
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.config import Settings
@@ -32,6 +32,11 @@ from loadwarden.worker.ops.queue_gauges import update_queue_gauges
 from loadwarden.worker.queue.arq_adapter import ArqAdapter
 from loadwarden.worker.queue.heartbeat import beat
 from loadwarden.worker.queue.jobs import JobBook
+
+#: First and longest pause before arq's worker is made again once Redis dropped it for
+#: longer than the ride-through: soon after a short outage, a few a minute in a long one.
+ARQ_RESTART_FIRST_S = 0.5
+ARQ_RESTART_MAX_S = 10.0
 
 log = structlog.get_logger("loadwarden.worker")
 
@@ -144,16 +149,15 @@ class WorkerRunner:
         return self.arq.running_ids() if self.arq is not None else []
 
     async def _run_arq(self, sup: Supervisor, book: JobBook) -> None:
-        delay = 0.5
+        pauses = Pauses(ARQ_RESTART_FIRST_S, ARQ_RESTART_MAX_S)
         while not self._stop_requested:
             self.arq = arq = ArqAdapter(self.settings, sup, book, burst=self.burst)
             try:
                 await arq.run()
                 return
             except (RedisError, OSError) as exc:
-                log.warning("redis_lost", error=str(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                log.warning("redis_lost", error=str(exc), retry_in_s=pauses.next_s)
+                await pauses.wait()
             finally:
                 await arq.close()
 
