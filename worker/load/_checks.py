@@ -20,6 +20,7 @@ from loadwarden.worker.load.signing import (
     Trust,
     TrustError,
     check_signature,
+    may_require,
     required_signers,
 )
 from loadwarden.worker.ops.metrics import Metrics
@@ -35,6 +36,8 @@ async def verify_signature(
 ) -> None:
     """Refuse the load unless a signature every rule accepts covers its files; before any
     child, the inspector's included (``loadwarden.worker.load.signing``)."""
+    if not may_require(policy, request):  # no thread hop for a load no rule can ask
+        return
     # In a thread: a roots rule may stat the folders on the files' way (a network share).
     requirement = await in_thread(lambda: required_signers(policy, request, opened))
     if requirement is None:
@@ -47,21 +50,6 @@ async def verify_signature(
     await deadline.before(
         check_signature(opened, requirement, trust, signed), "verifying the signature"
     )
-
-
-async def history_stats(
-    history: History | None, identity: str, log: FilteringBoundLogger
-) -> HistoryStats | None:
-    """The model's load history, or None when there is none or Redis cannot say."""
-    if history is None:
-        return None
-    from redis.exceptions import RedisError  # loaded with the history's client
-
-    try:
-        return await history.stats(identity)
-    except (RedisError, OSError) as exc:  # limits from the declared size still apply
-        log.warning("history_unavailable", error=describe(exc))
-        return None
 
 
 async def record_history(

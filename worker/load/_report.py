@@ -26,6 +26,7 @@ from loadwarden.worker import _version
 from loadwarden.worker.load._child_run import ChildRun
 from loadwarden.worker.load._outcome import Raised
 from loadwarden.worker.load.failures import RepeatedlyFailing
+from loadwarden.worker.load.limits import HistoryStats
 from loadwarden.worker.load.signing import SignatureCheck
 from loadwarden.worker.ops.metrics import Metrics
 
@@ -69,6 +70,8 @@ class LoadState:
     #: The model's identity once its source is open, and what the failure memory held for it.
     identity: str | None = None
     remembered: FailingModel | None = None
+    #: The model's load history, read with the failure memory (``_lookup``).
+    history: HistoryStats | None = None
 
 
 @dataclass(frozen=True, slots=True)

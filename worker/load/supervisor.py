@@ -7,6 +7,7 @@ command's; nothing else runs a load.
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -30,15 +31,15 @@ from loadwarden.worker.config import Settings
 from loadwarden.worker.formats import LOADERS
 from loadwarden.worker.load._checks import (
     check_anomaly,
-    history_stats,
     record_history,
     verify_signature,
     warn_clamped,
 )
-from loadwarden.worker.load._child_run import ChildHost, ChildJob, run_child
+from loadwarden.worker.load._child_run import ChildHost, ChildJob, place_ahead, run_child
 from loadwarden.worker.load._deadline import JobDeadline, in_thread, within
 from loadwarden.worker.load._digest import digest_files
 from loadwarden.worker.load._inspection import inspect_bounded, manifest_for
+from loadwarden.worker.load._lookup import look_up
 from loadwarden.worker.load._model import (
     child_spec,
     inspect_opened,
@@ -142,6 +143,8 @@ class Supervisor:
                 self.cgroups.close()
                 self.cgroups = None
             raise SandboxError("refusing to start: " + "; ".join(refusals))
+        if self.cgroups is not None:
+            self.forkserver.on_ready = functools.partial(place_ahead, self.cgroups)
         await self.forkserver.start()
 
     def confinement_labels(self) -> dict[str, str]:
@@ -156,6 +159,8 @@ class Supervisor:
         }
 
     async def close(self) -> None:
+        if self.history is not None:  # samples recorded but not written yet
+            await self.history.close()
         await self.forkserver.close()
         if self.cgroups is not None:
             self.cgroups.close()
@@ -255,7 +260,7 @@ class Supervisor:
             )
             manifest = await manifest_for(opened, summary)
             state.stage = "limits"
-            history = await history_stats(self.history, identity, log)
+            history = state.history
             state.limits = limits = derive_limits(
                 summary.bytes,
                 request.limits,
@@ -344,8 +349,8 @@ class Supervisor:
         """The model's identity; a model the failure memory holds as repeatedly failing is
         refused here, before its signature is checked, its header inspected or any child."""
         state.identity = identity = model_identity(opened, request.sha256)
-        if self.failures is not None:
-            state.remembered = await self.failures.admit(identity, log)
+        # The history is read here too, in the same round trip, for the limits.
+        state.remembered, state.history = await look_up(identity, self.failures, self.history, log)
         return identity
 
     def job_budget_s(self, request: LoadRequest) -> float:
