@@ -33,7 +33,11 @@ NEEDS_REDIS = [
     ["dead", "retry", "--all", "--json"],
     ["dead", "purge", "--yes", "--json"],
     ["autoscale", "--json"],
+    ["failures", "list", "--json"],
+    ["failures", "clear", "--all", "--json"],
 ]
+#: The commands that run without a queue: ``preload`` starts an embedded one.
+RUN_HERE = [["load"], ["inspect"], ["preload"], ["calibrate"]]
 
 
 def _invoke(*command_lines: list[str]) -> list[tuple[int, str, str]]:
@@ -55,6 +59,22 @@ def _one_error_document(stdout: str) -> dict[str, object]:
     assert isinstance(document, dict) and set(document) == {"error"}, document
     assert document["error"]["type"] and document["error"]["message"]
     return document
+
+
+def test_the_lists_name_every_command() -> None:
+    """Every command of ``loadwarden`` (a sub-command of a group included) is in NEEDS_REDIS
+    or RUN_HERE, so a new command cannot skip the usage-error test below."""
+    from loadwarden.worker.cli.main import app
+
+    commands = {(c.name or c.callback.__name__,) for c in app.registered_commands if c.callback}
+    for group in app.registered_groups:
+        assert group.name and group.typer_instance
+        for c in group.typer_instance.registered_commands:
+            assert c.callback
+            commands.add((group.name, c.name or c.callback.__name__))
+    listed = [tuple(w for w in args if not w.startswith(("-", "/"))) for args in NEEDS_REDIS]
+    named = {args[:2] if args[0] in ("dead", "failures") else args[:1] for args in listed}
+    assert commands == named | {tuple(args) for args in RUN_HERE}
 
 
 def test_no_redis_url_is_a_usage_error_in_every_command(tmp_path: Path) -> None:
