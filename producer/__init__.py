@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         BlockingClient,
         BlockingJobHandle,
         Client,
+        DeadLetter,
         JobHandle,
         JobState,
         QueueStatus,
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
         SourceUnavailable,
         error_class_for,
     )
+    from loadwarden.producer.preload import PreloadResult
     from loadwarden.producer.settings import (
         RedisOptions,
         Settings,
@@ -90,6 +92,7 @@ _WHERE = {
     "ClientError": "loadwarden.producer.errors",
     "ContractError": "loadwarden.producer.errors",
     "CpuExceeded": "loadwarden.producer.errors",
+    "DeadLetter": "loadwarden.producer.client",
     "Derivation": "loadwarden.producer.contract",
     "EmbeddedWorkerDied": "loadwarden.producer.errors",
     "ErrorInfo": "loadwarden.producer.contract",
@@ -111,6 +114,7 @@ _WHERE = {
     "ModelFormat": "loadwarden.producer.contract",
     "ModelSummary": "loadwarden.producer.contract",
     "Outcome": "loadwarden.producer.contract",
+    "PreloadResult": "loadwarden.producer.preload",
     "QueueStatus": "loadwarden.producer.client",
     "RedisOptions": "loadwarden.producer.settings",
     "RedisUnavailable": "loadwarden.producer.errors",
@@ -146,6 +150,7 @@ __all__ = [
     "ClientError",
     "ContractError",
     "CpuExceeded",
+    "DeadLetter",
     "Derivation",
     "EmbeddedWorkerDied",
     "ErrorInfo",
@@ -167,6 +172,7 @@ __all__ = [
     "ModelFormat",
     "ModelSummary",
     "Outcome",
+    "PreloadResult",
     "QueueStatus",
     "RedisOptions",
     "RedisUnavailable",

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import pickle
+import pkgutil
+import re
+from pathlib import Path
+from typing import get_args, get_type_hints
 
 import pytest
 from pydantic import ValidationError
@@ -49,6 +54,26 @@ def test_all_is_sorted_and_complete(module: object) -> None:
     assert names == sorted(names, key=lambda n: (not n.isupper(), not n[0].isupper(), n))
     for name in names:
         assert getattr(module, name) is not None
+
+
+def test_what_the_documented_client_methods_return_is_public() -> None:
+    """Every loadwarden class that a Client or JobHandle method named in README's "Python
+    API" returns (directly or in a list) is a name of ``loadwarden.producer``."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("\n## Python API\n") : readme.index("\n## Command line\n")]
+    named = set(re.findall(r"\b(?:client|handle)\.(\w+)\(", section))
+    assert {"dead_letters", "preload", "failing_models", "report", "cancel"} <= named
+    namespace: dict[str, object] = {}  # names the client's modules import for type checking only
+    for module in pkgutil.iter_modules(loadwarden.producer.__path__, "loadwarden.producer."):
+        namespace.update(vars(importlib.import_module(module.name)))
+    returned: set[type] = set()
+    for cls in (Client, JobHandle):
+        for name in named & set(vars(cls)):
+            hint = get_type_hints(getattr(cls, name), globalns=namespace)["return"]
+            returned.update(t for t in (hint, *get_args(hint)) if isinstance(t, type))
+    public = {getattr(loadwarden.producer, name) for name in loadwarden.producer.__all__}
+    ours = {t for t in returned if t.__module__.startswith("loadwarden.")}
+    assert ours and ours <= public, sorted(t.__name__ for t in ours - public)
 
 
 @pytest.mark.parametrize(
