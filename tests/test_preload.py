@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,34 @@ EXPECTED = {
     "header-bomb": "invalid",
     "disguised-pickle": "refused",
 }
+
+
+def test_readme_and_the_catalog_count_the_demo_as_it_ends() -> None:
+    """README's demo sentence and examples/catalog.toml's comment give the counts of
+    EXPECTED (the outcomes the end-to-end tests below check)."""
+    numbers = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    words = {word: n for n, word in enumerate(numbers)}
+    counts = Counter(EXPECTED.values())
+    root = Path(__file__).parent.parent
+    readme = " ".join((root / "README.md").read_text().split())
+    said = re.search(
+        r"(\w+) entries load, .*?of the (\w+) hostile files (\w+) end `invalid` and (\w+),"
+        r" a disguised pickle, `refused`",
+        readme,
+    )
+    comment = " ".join(
+        line.lstrip("# ")
+        for line in (root / "examples" / "catalog.toml").read_text().splitlines()
+        if line.startswith("#")
+    )
+    told = re.search(
+        r"(\w+) entries load; (\w+) do not, on purpose: (\w+) are invalid and (\w+) is refused",
+        comment,
+    )
+    want = [counts["ok"], len(EXPECTED) - counts["ok"], counts["invalid"], counts["refused"]]
+    for found in (said, told):
+        assert found is not None
+        assert [words[w.lower()] for w in found.groups()] == want, found.group(0)
 
 
 @pytest.fixture
