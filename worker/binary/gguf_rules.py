@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from loadwarden.worker.binary.defect import LayoutDefect
 from loadwarden.worker.binary.dtypes import GGML
 
 #: ggml tensors have at most four dimensions (GGML_MAX_DIMS).
@@ -19,13 +20,8 @@ _UINT32 = 4
 _SHOW_CHARS = 80
 
 
-class GGUFError(Exception):
+class GGUFError(LayoutDefect):
     """A GGUF defect: ``code`` names it (stable), ``message`` says where and what."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from loadwarden.worker.binary.defect import LayoutDefect
 from loadwarden.worker.binary.dtypes import SAFETENSORS, ElementType
 from loadwarden.worker.binary.strict_json import json_type, parse_object, show
 
@@ -34,13 +35,8 @@ _COUNT_LIMIT = 2**64
 _DIM_LIMIT = 2**63
 
 
-class SafetensorsError(Exception):
+class SafetensorsError(LayoutDefect):
     """A safetensors defect: ``code`` names it (stable), ``message`` says where and what."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
