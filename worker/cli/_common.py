@@ -171,7 +171,7 @@ def named_root(source: str) -> tuple[Path, ...]:
 
 
 def emit_report(report: LoadReport, as_json: bool) -> None:
-    from loadwarden.producer.contract import Outcome
+    from loadwarden.producer.outcomes import Outcome
     from loadwarden.worker.cli import _render
 
     if as_json:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from loadwarden.producer.contract import ModelFormat
+from loadwarden.producer.outcomes import ModelFormat
 from loadwarden.worker._text import clean
 from loadwarden.worker.cli._common import (
     EXIT_OK,
