@@ -94,6 +94,18 @@ def test_load_with_a_bad_setting_is_one_usage_error(small_model: Path) -> None:
     assert "concurrency" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_load_with_a_bad_request_is_one_usage_error(small_model: Path) -> None:
+    """A bad request (here --sha256) is checked after `load` launched its fork server: exit 2,
+    the field named, no traceback; under --json, stdout is the one error document."""
+    plain = run("load", str(small_model), "--sha256", "not-hex")
+    as_json = run("load", str(small_model), "--sha256", "not-hex", "--json")
+    for result in (plain, as_json):
+        assert result.returncode == EXIT_USAGE, result.stderr
+        assert "sha256" in result.stderr and "Traceback" not in result.stderr
+    assert plain.stdout == ""
+    assert json.loads(as_json.stdout)["error"]["type"] == "BadParameter"
+
+
 def test_inspect_prints_summary_or_defect(small_model: Path, bad_model: Path) -> None:
     """`inspect --json` prints {outcome, error, model}: the summary, or the named defect."""
     good = run("inspect", str(small_model), "--json")
