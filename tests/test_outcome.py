@@ -195,6 +195,7 @@ EARLY: dict[Early, tuple[str, str]] = {
     Early.ATTEMPTS_EXHAUSTED: ("crashed", "attempts_exhausted"),
     Early.JOB_EXPIRED: ("invalid", "job_expired"),
     Early.JOB_TIMEOUT: ("timeout", "job_timeout"),
+    Early.WORKER_LOST: ("crashed", "worker_lost"),
 }
 
 

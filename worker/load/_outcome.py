@@ -149,6 +149,7 @@ class Early(StrEnum):
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
     JOB_EXPIRED = "job_expired"
     JOB_TIMEOUT = "job_timeout"
+    WORKER_LOST = "worker_lost"
 
 
 #: The outcome of each early end (see README "When things break").
@@ -173,6 +174,8 @@ EARLY_OUTCOMES: Mapping[Early, Outcome] = {
     Early.JOB_EXPIRED: Outcome.INVALID,
     # arq's own timeout around the job (it never fires before our deadline).
     Early.JOB_TIMEOUT: Outcome.TIMEOUT,
+    # The worker died mid-load (its attempt's placeholder outlived it): the next run counts it.
+    Early.WORKER_LOST: Outcome.CRASHED,
 }
 
 #: What an exception nobody expected becomes, by the stage of the load it escaped from

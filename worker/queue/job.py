@@ -28,11 +28,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from loadwarden.producer.contract import Attempt, LoadReport, LoadRequest, Outcome
+from loadwarden.producer.contract import Attempt, LoadReport, LoadRequest
 from loadwarden.producer.errors import LoadError, describe
 from loadwarden.worker._tasks import finish_despite_cancel
 from loadwarden.worker.config import Settings
-from loadwarden.worker.load._outcome import Early, failure
+from loadwarden.worker.load._outcome import EARLY_OUTCOMES, Early, failure
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.queue.envelope import UNDECODABLE
 from loadwarden.worker.queue.jobs import JobBook
@@ -204,8 +204,8 @@ async def _attempt(
     # Stays recorded only if this worker dies mid-load: then the next run counts it lost.
     lost = Attempt(
         number=number,
-        outcome=Outcome.CRASHED,
-        error_code="worker_lost",
+        outcome=EARLY_OUTCOMES[Early.WORKER_LOST],
+        error_code=Early.WORKER_LOST,
         worker=sup.info.id,
         started_at=now,
         finished_at=now,
