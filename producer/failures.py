@@ -23,6 +23,7 @@ from loadwarden.producer.keys import FAILING_ZSET, FAILURES_KEY_PREFIX, REFUSING
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
 
 #: Failures kept per model at most (the newest): the refusal needs ``threshold`` of them and
 #: an operator a few more; a burst of many jobs failing at once must not grow one hash.
@@ -138,9 +139,24 @@ def _model(
 async def read(redis: Redis, identity: str, threshold: int) -> FailingModel | None:
     """What the memory holds for ``identity`` (None: nothing); ``refused`` at ``threshold``."""
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.hgetall(FAILURES_KEY_PREFIX + identity)
-        pipe.pttl(FAILURES_KEY_PREFIX + identity)
-        fields, pttl = await pipe.execute()
+        queue_read(pipe, identity)
+        answers = await pipe.execute()
+    return read_answer(identity, answers, threshold)
+
+
+#: How many answers ``queue_read`` adds to a pipeline.
+READ_ANSWERS = 2
+
+
+def queue_read(pipe: Pipeline, identity: str) -> None:
+    """Queue ``read``'s commands on ``pipe`` (a worker reads more in the same round trip)."""
+    pipe.hgetall(FAILURES_KEY_PREFIX + identity)
+    pipe.pttl(FAILURES_KEY_PREFIX + identity)
+
+
+def read_answer(identity: str, answers: Sequence[Any], threshold: int) -> FailingModel | None:
+    """``read``'s result from the ``READ_ANSWERS`` answers of what ``queue_read`` queued."""
+    fields, pttl = answers
     return _model(identity, fields, int(pttl), threshold=threshold)
 
 

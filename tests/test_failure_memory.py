@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import structlog
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from typer.testing import CliRunner, Result
@@ -38,8 +39,15 @@ from loadwarden.producer.errors import (
 from loadwarden.producer.settings import RedisOptions
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.cli import main as cli
-from loadwarden.worker.config import FailureMemoryPolicy, Settings
-from loadwarden.worker.load.failures import REFUSED_CODE, FailureMemory, counts_against
+from loadwarden.worker.config import FailureMemoryPolicy, LimitPolicy, Settings
+from loadwarden.worker.load._lookup import look_up
+from loadwarden.worker.load.failures import (
+    REFUSED_CODE,
+    FailureMemory,
+    RepeatedlyFailing,
+    counts_against,
+)
+from loadwarden.worker.load.history import FLUSH_DELAY_S, History
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.ops.queue_gauges import QueueGauges, update_queue_gauges
 from loadwarden.worker.sandbox.forkserver import ForkServer
@@ -327,3 +335,78 @@ async def test_the_memory_can_be_turned_off(
         assert runner.supervisor.failures is None
     async with running_worker(settings) as runner:
         assert runner.supervisor.failures is not None
+
+
+async def _commands_during(redis: Redis, work: Any) -> list[str]:
+    """The commands the server ran while ``work`` was awaited, as MONITOR saw them."""
+    seen: list[str] = []
+    async with redis.monitor() as monitor:
+        await redis.echo("lw-begin")
+
+        async def watch() -> None:
+            began = False
+            async for entry in monitor.listen():
+                command = str(entry["command"]).split()[0].upper()
+                if command == "ECHO":
+                    if began:
+                        return
+                    began = "lw-begin" in entry["command"]
+                elif began:
+                    seen.append(command)
+
+        watcher = asyncio.create_task(watch())
+        await work
+        await redis.echo("lw-end")
+        async with asyncio.timeout(10):
+            await watcher
+    return seen
+
+
+async def test_memory_and_history_read_in_one_transaction(
+    redis: Redis, captured_events: list[dict[str, Any]]
+) -> None:
+    """Before a load, the failure memory and the history come back from one transaction, with
+    the samples recorded since the last one written first; a key of the wrong type costs
+    only its own answer."""
+    policy = FailureMemoryPolicy(threshold=2)
+    memory, history = FailureMemory(redis, policy), History(redis, LimitPolicy())
+    log = structlog.get_logger("test")
+    failed = ChildCrashed("x", code="signal")
+    await memory.record("m", job_id="j1", source="s", error=failed, log=log)
+    await history.record("m", 0.5, 0.1, 1000)
+    found: list[Any] = []
+
+    async def lookup() -> None:
+        found.extend(await look_up("m", memory, history, log))
+
+    assert await _commands_during(redis, lookup()) == [
+        *("MULTI", "LPUSH", "LTRIM", "EXPIRE"),
+        *("HGETALL", "PTTL", "LRANGE", "EXEC"),
+    ]
+    remembered, stats = found
+    assert remembered is not None and not remembered.refused and len(remembered.failures) == 1
+    assert stats is not None and stats.samples == 1
+    await redis.set(History.key("n"), "not a list")
+    remembered, stats = await look_up("n", memory, history, log)
+    assert (remembered, stats) == (None, None)
+    assert [e["event"] for e in captured_events if "unavailable" in e["event"]] == [
+        "history_unavailable"
+    ]
+    for job_id in ("j2", "j3"):
+        await memory.record("n", job_id=job_id, source="s", error=failed, log=log)
+    with pytest.raises(RepeatedlyFailing):  # refused, even with its history unreadable
+        await look_up("n", memory, history, log)
+
+
+async def test_recorded_history_is_written_within_its_delay_or_on_close(redis: Redis) -> None:
+    """A recorded sample that no read carries is written on its own within FLUSH_DELAY_S;
+    close() writes what is still pending at once."""
+    history = History(redis, LimitPolicy())
+    await history.record("a", 0.5, 0.1, 1000)
+    assert await redis.llen(History.key("a")) == 0  # queued, not written yet
+    await eventually(
+        lambda: redis.llen(History.key("a")), timeout_s=FLUSH_DELAY_S + 5, what="the sample"
+    )
+    await history.record("b", 0.5, 0.1, 1000)
+    await history.close()
+    assert await redis.llen(History.key("b")) == 1

@@ -17,7 +17,7 @@ from loadwarden.worker._files import open_model_file
 from loadwarden.worker.config import LimitPolicy, Settings
 from loadwarden.worker.load.history import History, model_identity
 from loadwarden.worker.load.supervisor import Supervisor
-from tests.conftest import TEST_LOADERS, require_cgroups, require_landlock
+from tests.conftest import TEST_LOADERS, eventually, require_cgroups, require_landlock
 from tests.safetensors_files import valid_model
 
 MiB = 1024 * 1024
@@ -38,6 +38,7 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:  # type
     await client.aclose()
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["first-load", "child-forked-ahead"])
 @pytest.mark.parametrize(
     ("mechanism", "options", "code"),
     [
@@ -46,12 +47,21 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:  # type
     ],
 )
 async def test_memory_limit_is_enforced_by_each_mechanism(
-    mechanism: str, options: dict[str, bool], code: str, model_64m: Path
+    mechanism: str,
+    options: dict[str, bool],
+    code: str,
+    model_64m: Path,
+    small_model: Path,
+    warm: bool,
 ) -> None:
-    """A model over its memory limit ends memory_exceeded, by RLIMIT_AS and by a cgroup alone."""
+    """A model over its memory limit ends memory_exceeded, by RLIMIT_AS and by a cgroup alone,
+    in a child forked for it and in one forked ahead (placed in its cgroup while it waited)."""
     async with Supervisor(Settings(**options)) as sup:
         if mechanism == "cgroup":
             require_cgroups(sup)
+        if warm:
+            assert (await sup.load(LoadRequest(source=str(small_model)))).ok
+            await eventually(lambda: sup.forkserver.waiting, what="a child forked ahead")
         report = await sup.load(
             LoadRequest(source=str(model_64m), limits=LimitOverrides(memory_bytes=48 * MiB))
         )

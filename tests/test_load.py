@@ -24,6 +24,7 @@ from loadwarden.producer.errors import (
 )
 from loadwarden.worker.config import LimitPolicy, Settings
 from loadwarden.worker.load.supervisor import Supervisor
+from loadwarden.worker.sandbox import forkserver
 from tests.conftest import assert_pid_gone, eventually, group_members
 from tests.safetensors_files import entry, raw_file, valid_model, write
 
@@ -321,3 +322,50 @@ def test_child_spec_refuses_what_the_supervisor_never_sends(change: dict[str, ob
 
     with pytest.raises(SpecError):
         ChildSpec.from_json({**_SPEC, **change})
+
+
+def _started_pids(events: list[structlog.typing.EventDict]) -> list[int]:
+    return [int(e["child_pid"]) for e in events if e["event"] == "load_started"]
+
+
+async def test_the_next_load_takes_a_child_forked_ahead(
+    supervisor: Supervisor,
+    small_model: Path,
+    captured_events: list[structlog.typing.EventDict],
+) -> None:
+    """After a load, one child waits forked ahead; the next load takes it (counted as one
+    child, used by that load alone) and another is forked ahead."""
+    server = supervisor.forkserver
+    assert server.waiting == []  # none before the first load
+    assert (await supervisor.load(LoadRequest(source=str(small_model)))).ok
+    ahead = (await eventually(lambda: server.waiting, what="a child forked ahead"))[0]
+    if supervisor.cgroups is not None:  # it waits in a cgroup of its own, not the worker's
+        folder = supervisor.cgroups.memory_base / f"child-{ahead}"
+        assert str(ahead) in (folder / "cgroup.procs").read_text().split()
+    assert (await supervisor.load(LoadRequest(source=str(small_model)))).ok
+    assert _started_pids(captured_events)[1] == ahead and server.spawned == 2
+    assert_pid_gone(ahead)  # it ended with its load, its cgroup with it
+    if supervisor.cgroups is not None:
+        assert not (supervisor.cgroups.memory_base / f"child-{ahead}").exists()
+    assert (await eventually(lambda: server.waiting, what="another forked ahead")) != [ahead]
+
+
+async def test_a_stale_child_forked_ahead_is_replaced_and_close_stops_it(
+    small_model: Path,
+    captured_events: list[structlog.typing.EventDict],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child that waited past READY_MAX_AGE_S is killed, not used (it would soon stop
+    waiting for its spec); close() stops the child still waiting."""
+    async with Supervisor(Settings()) as sup:
+        assert (await sup.load(LoadRequest(source=str(small_model)))).ok
+        stale = (await eventually(lambda: sup.forkserver.waiting, what="a child ahead"))[0]
+        monkeypatch.setattr(forkserver, "READY_MAX_AGE_S", 0.0)
+        assert (await sup.load(LoadRequest(source=str(small_model)))).ok
+        assert stale not in _started_pids(captured_events)
+        assert_pid_gone(stale)
+        waiting = await eventually(lambda: sup.forkserver.waiting, what="a fresh child ahead")
+        base = sup.cgroups.memory_base if sup.cgroups is not None else None
+        assert base is None or not (base / f"child-{stale}").exists()
+    assert_pid_gone(waiting[0])
+    assert base is None or not base.exists()  # its cgroup and the worker's are gone

@@ -179,6 +179,23 @@ async def test_threshold_crossing_is_logged_once_per_limit(
     assert scraped == 1
 
 
+async def test_sampled_from_one_interval_in(
+    small_model: Path, make_supervisor: Callable[..., Supervisor]
+) -> None:
+    """The first psutil sample comes one interval into a load: a load that ends sooner has
+    none (its figures are the kernel's), one that lasts a second has about ten."""
+    async with make_supervisor("safetensors", Settings(sample_interval_s=0.5)) as sup:
+        quick = await sup.load(LoadRequest(source=str(small_model)))
+    async with make_supervisor("slow", Settings(sample_interval_s=0.1)) as sup:
+        slow = await sup.load(LoadRequest(source=str(small_model)))
+    assert quick.ok and slow.ok, (quick.error, slow.error)
+    assert quick.resources is not None and slow.resources is not None
+    if quick.resources.wall_seconds < 0.5:  # a machine so loaded it took longer proves nothing
+        assert quick.resources.samples == 0 and quick.resources.series == []
+    assert quick.resources.peak_rss_bytes > 0 and quick.resources.cpu_user_seconds >= 0
+    assert slow.resources.samples >= 5 and slow.resources.series[0].t_s >= 0
+
+
 def test_healthy_big_load_is_not_near_its_memory_limit() -> None:
     """A 4 GiB model holding what its derived limit expects stays below the memory threshold."""
     policy = Settings().limits

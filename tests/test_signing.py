@@ -24,10 +24,10 @@ from safetensors.numpy import load_file, save_file
 from loadwarden.producer.catalog import parse_catalog
 from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
 from loadwarden.producer.errors import SourceRefused
-from loadwarden.worker._files import OpenedModel
+from loadwarden.worker._files import OpenedModel, open_model_file
 from loadwarden.worker.config import Settings, SigningPolicy, TrustedSigner
 from loadwarden.worker.load import supervisor as supervisor_module
-from loadwarden.worker.load.signing import required_signers
+from loadwarden.worker.load.signing import may_require, required_signers
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox.forkserver import SandboxError
 from tests.checkpoints import INDEX, cache_snapshot, save_pretrained, state_dict
@@ -317,8 +317,6 @@ def test_rules_apply_by_root_and_organisation(tmp_path: Path, keys: Keys) -> Non
         (folder / "m.safetensors").write_bytes(b"x")
 
     def requirement(source: str, path: Path, **request: Any) -> frozenset[str] | None:
-        from loadwarden.worker._files import open_model_file
-
         with OpenedModel.single(open_model_file(path)) as opened:
             found = required_signers(signing, LoadRequest(source=source, **request), opened)
         return None if found is None else found.allowed
@@ -329,6 +327,25 @@ def test_rules_apply_by_root_and_organisation(tmp_path: Path, keys: Keys) -> Non
     assert narrowed == {"acme"}
     assert requirement("hf://org/name", other / "m.safetensors") == {"beta"}
     assert requirement("hf://else/name", other / "m.safetensors") is None
+
+
+def test_no_rule_no_requirement_looked_for(tmp_path: Path, keys: Keys) -> None:
+    """With no rule in the settings and no signed_by, no load is asked for a signature (and
+    the supervisor skips looking: a thread hop per load); any rule or signed_by may ask."""
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"x")
+    plain, named = LoadRequest(source=str(path)), LoadRequest(source=str(path), signed_by=["acme"])
+    assert not may_require(trusting(keys), plain)
+    for signing, request in [
+        (trusting(keys), named),
+        (trusting(keys, require=["acme"]), plain),
+        (trusting(keys, roots={str(tmp_path): ["acme"]}), plain),
+        (trusting(keys, hf_orgs={"org": ["beta"]}), plain),
+    ]:
+        assert may_require(signing, request)
+    for signing in (trusting(keys), trusting(keys, hf_orgs={"org": ["beta"]})):
+        with OpenedModel.single(open_model_file(path)) as opened:
+            assert required_signers(signing, plain, opened) is None
 
 
 def test_a_request_names_signers_never_keys() -> None:

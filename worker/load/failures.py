@@ -103,6 +103,10 @@ class FailureMemory:
         except (RedisError, OSError) as exc:
             log.warning("failure_memory_unavailable", error=describe(exc))
             return None
+        return self.judge(found)
+
+    def judge(self, found: FailingModel | None) -> FailingModel | None:
+        """``admit``'s verdict on what the memory holds: raises ``RepeatedlyFailing``."""
         if found is not None and found.refused:
             raise refusal(found, self.policy)
         return found

@@ -125,9 +125,14 @@ class Monitor:
                     self.on_threshold(name)
 
     async def run(self) -> None:
+        """Sample every ``interval_s`` until the child is gone, the first one interval in: a
+        load that ends sooner costs no psutil work (its report's figures are the kernel's)."""
         loop = asyncio.get_running_loop()
         started = last_info = loop.time()
-        while self.sample():
+        while True:
+            await asyncio.sleep(self.interval_s)
+            if not self.sample():
+                return
             now = loop.time()
             u = self.usage
             fields = dict(
@@ -143,4 +148,3 @@ class Monitor:
                 self._log.info("load_sampled", **fields)
             else:
                 self._log.debug("load_sampled", **fields)
-            await asyncio.sleep(self.interval_s)

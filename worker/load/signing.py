@@ -67,6 +67,7 @@ __all__ = [
     "Trust",
     "TrustError",
     "check_signature",
+    "may_require",
     "note_writes",
     "recheck",
     "required_signers",
@@ -76,6 +77,12 @@ __all__ = [
 
 #: How a single file's own signature names it (model-signing hashes a file as ".").
 _SELF = "."
+
+
+def may_require(policy: SigningPolicy, request: LoadRequest) -> bool:
+    """Whether any rule could ask this load for a signature (``required_signers`` only
+    then: it may stat folders, so it runs in a thread, a hop a tiny load should not pay)."""
+    return policy.requires_any or bool(request.signed_by)
 
 
 def required_signers(

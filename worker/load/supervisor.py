@@ -7,6 +7,7 @@ command's; nothing else runs a load.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import socket
@@ -48,9 +49,16 @@ from loadwarden.worker._files import OpenedModel
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.config import Settings
 from loadwarden.worker.formats import LOADERS, needs_isolation
-from loadwarden.worker.load._child_run import ChildRun, resources_of, run_child, traceback_of
+from loadwarden.worker.load._child_run import (
+    ChildRun,
+    place_ahead,
+    resources_of,
+    run_child,
+    traceback_of,
+)
 from loadwarden.worker.load._deadline import before_deadline, in_thread, within
 from loadwarden.worker.load._digest import digest_files
+from loadwarden.worker.load._lookup import look_up
 from loadwarden.worker.load._model import (
     child_files,
     inspect_opened,
@@ -73,6 +81,7 @@ from loadwarden.worker.load.signing import (
     Trust,
     TrustError,
     check_signature,
+    may_require,
     note_writes,
     recheck,
     required_signers,
@@ -130,6 +139,7 @@ class _Loaded:
     #: The model's identity once its source is open, and what the failure memory held for it.
     identity: str | None = None
     remembered: FailingModel | None = None
+    history: HistoryStats | None = None
 
 
 class Supervisor:
@@ -208,6 +218,8 @@ class Supervisor:
                 self.cgroups.close()
                 self.cgroups = None
             raise SandboxError("refusing to start: " + "; ".join(refusals))
+        if self.cgroups is not None:
+            self.forkserver.on_ready = functools.partial(place_ahead, self.cgroups)
         await self.forkserver.start()
 
     def confinement_labels(self) -> dict[str, str]:
@@ -222,6 +234,8 @@ class Supervisor:
         }
 
     async def close(self) -> None:
+        if self.history is not None:  # samples recorded but not written yet
+            await self.history.close()
         await self.forkserver.close()
         if self.cgroups is not None:
             self.cgroups.close()
@@ -334,7 +348,7 @@ class Supervisor:
                 else await in_thread(lambda: _manifest_of(summary))
             )
             state.stage = "limits"
-            history = await self._history_stats(identity, log)
+            history = state.history
             state.limits = limits = derive_limits(
                 summary.bytes,
                 request.limits,
@@ -447,6 +461,8 @@ class Supervisor:
         child, the inspector's included (``loadwarden.worker.load.signing``)."""
         # In a thread: a roots rule may stat the folders on the files' way (a network share).
         policy = self.settings.signing
+        if not may_require(policy, request):
+            return
         requirement = await in_thread(lambda: required_signers(policy, request, opened))
         if requirement is None:
             return
@@ -477,21 +493,9 @@ class Supervisor:
         """The model's identity; a model the failure memory holds as repeatedly failing is
         refused here, before its signature is checked, its header inspected or any child."""
         state.identity = identity = model_identity(opened, request.sha256)
-        if self.failures is not None:
-            state.remembered = await self.failures.admit(identity, log)
+        # The history is read here too, in the same round trip, for the limits.
+        state.remembered, state.history = await look_up(identity, self.failures, self.history, log)
         return identity
-
-    async def _history_stats(self, identity: str, log: FilteringBoundLogger) -> HistoryStats | None:
-        """The model's load history, or None when there is none or Redis cannot say."""
-        if self.history is None:
-            return None
-        from redis.exceptions import RedisError  # loaded with the history's client
-
-        try:
-            return await self.history.stats(identity)
-        except (RedisError, OSError) as exc:  # limits from the declared size still apply
-            log.warning("history_unavailable", error=describe(exc))
-            return None
 
     def _check_anomaly(
         self, run: ChildRun, history: HistoryStats, log: FilteringBoundLogger

@@ -122,6 +122,8 @@ class WorkerRunner:
                     await cancel_and_wait(self._draining)
                 if self.probes is not None:
                     await self.probes.close()
+                if sup.history is not None:  # the last loads' samples, before the connection goes
+                    await sup.history.close()
                 await redis.aclose()
                 log.info("worker_stopped", worker=sup.info.id, requeued=self.requeued)
 

@@ -14,6 +14,7 @@ and reports each child's exit with the kernel's own accounting from ``wait4``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -22,14 +23,17 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 
 from loadwarden.producer.errors import LoadwardenError
+from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.sandbox import _protocol
+from loadwarden.worker.sandbox.cgroups import Cgroup
 from loadwarden.worker.sandbox.spec import ChildSpec
 
 log = structlog.get_logger("loadwarden.sandbox")
@@ -44,6 +48,10 @@ DEFAULT_SEND_BYTES = 64 * 1024
 START_TIMEOUT_S = 60.0
 #: How long to wait for the fork server to report a killed child's exit.
 REAP_TIMEOUT_S = 10.0
+#: Children forked ahead, waiting for a spec (bench/tiny.py): loads start one at a time.
+READY_CHILDREN = 1
+#: A child forked ahead is replaced past this age: it stops waiting for a spec at 60 s.
+READY_MAX_AGE_S = 30.0
 
 
 #: The only variables a child inherits from the supervisor: never its secrets
@@ -95,6 +103,8 @@ class Child:
         self.pid = pid
         self.sock = sock
         self.exited = exited
+        #: The cgroup it waited in, when it was forked ahead and placed (``on_ready``).
+        self.cgroup: Cgroup | None = None
 
     async def send_spec(self, spec: ChildSpec, fds: int | Sequence[int]) -> None:
         """Hand the child its job and the model's open descriptors (never a path to reopen)."""
@@ -188,8 +198,13 @@ async def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> No
 class ForkServer:
     """A running fork server and the children it forked for us."""
 
-    def __init__(self, preload: Sequence[str] = ()) -> None:
+    def __init__(self, preload: Sequence[str] = (), *, ready: int = READY_CHILDREN) -> None:
         self.preload = tuple(dict.fromkeys((*BASE_PRELOAD, *preload)))
+        self.ready = ready  # children kept forked ahead, from the first spawn on
+        self._ready: collections.deque[tuple[float, Child]] = collections.deque()
+        self._filling: asyncio.Task[None] | None = None
+        #: Called with each child forked ahead (to place it in a cgroup; OSError: left as is).
+        self.on_ready: Callable[[Child], None] | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -197,12 +212,16 @@ class ForkServer:
         self._tokens = itertools.count(1)
         self._forks: dict[int, asyncio.Future[int]] = {}
         self._exits: dict[int, asyncio.Future[ChildExit]] = {}
-        #: Children forked so far (tests assert that a rejected file started none).
+        #: Children handed to loads so far (tests assert that a rejected file started none).
         self.spawned = 0
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
+
+    @property
+    def waiting(self) -> list[int]:  # the pids of the children forked ahead
+        return [child.pid for _born, child in self._ready]
 
     @property
     def alive(self) -> bool:
@@ -294,7 +313,45 @@ class ForkServer:
                 future.set_result(ChildExit.from_wait(pid, status, utime, stime, maxrss))
 
     async def spawn(self) -> Child:
-        """Fork a fresh, not yet confined child; it waits for its spec on its socket."""
+        """A fresh child for one load, waiting for its spec (forked ahead, or now), confined
+        only as far as no spec needs (``_child._confine_process``); another is forked ahead."""
+        child = await self._take_ready()
+        if child is None:
+            child = await self._fork()
+        self.spawned += 1
+        if self.ready and (self._filling is None or self._filling.done()):
+            self._filling = asyncio.get_running_loop().create_task(
+                self._fill(), name="loadwarden-forkserver-ready"
+            )
+        return child
+
+    async def _take_ready(self) -> Child | None:
+        while self._ready:
+            born, child = self._ready.popleft()
+            if not child.exited.done() and time.monotonic() - born < READY_MAX_AGE_S:
+                return child
+            await self._discard(child)  # stale, or gone with a fork server that exited
+        return None
+
+    @staticmethod
+    async def _discard(child: Child) -> None:  # a child forked ahead that no load will take
+        with contextlib.suppress(SandboxError):  # the fork server is gone: so is the child
+            await stop_child(child)
+        if child.cgroup is not None:
+            child.cgroup.remove()
+
+    async def _fill(self) -> None:
+        try:
+            while self.alive and len(self._ready) < self.ready:
+                child = await self._fork()
+                if self.on_ready is not None:
+                    with contextlib.suppress(OSError):
+                        self.on_ready(child)
+                self._ready.append((time.monotonic(), child))
+        except (SandboxError, OSError) as exc:  # the next load forks its own, or says why not
+            log.debug("ready_child_failed", error=str(exc))
+
+    async def _fork(self) -> Child:
         if not self.alive:
             await self.start()
         assert self._control is not None
@@ -314,12 +371,16 @@ class ForkServer:
         finally:
             theirs.close()
         ours.setblocking(False)
-        self.spawned += 1
         return Child(pid, ours, self._exits[pid])
 
     async def close(self) -> None:
-        """Stop the fork server; its children die with it (``PR_SET_PDEATHSIG``)."""
+        """Stop the children forked ahead, then the fork server; the rest die with it
+        (``PR_SET_PDEATHSIG``)."""
         async with self._lock:
+            if self._filling is not None:  # a fork on its way to become a waiting child
+                await cancel_and_wait(self._filling)
+            while self._ready:
+                await self._discard(self._ready.popleft()[1])
             await self._stop_process()
 
     async def _stop_process(self) -> None:
