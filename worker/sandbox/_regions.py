@@ -7,7 +7,7 @@ allocated first (untouched memory: nothing is resident yet), then filled by
 memory (page faults), which two cores take in parallel. Each piece's pages are
 faulted in by one ``madvise(MADV_POPULATE_WRITE)`` just before its pread (Linux >=
 5.14; skipped silently elsewhere): one call per 16 MiB instead of a fault per page
-in the middle of the copy, 12-15% less CPU here. Nothing maps the file,
+in the middle of the copy, 7-10% less CPU here (bench/load.py). Nothing maps the file,
 so a file truncated under the loader is a short read (``FileChanged``), never a
 SIGBUS.
 """
