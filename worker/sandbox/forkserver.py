@@ -137,8 +137,12 @@ class Child:
         return message
 
 
-def _kill_group(pid: int) -> bool:
-    """SIGKILL the child's process group, and the child itself in case it has not called setsid."""
+def kill_group(pid: int) -> bool:
+    """SIGKILL the child's process group, and the child itself in case it has not called setsid.
+
+    The one way a child is killed (a load child by ``stop_child``, the inspection child by
+    ``inspector``); whether it is gone yet is for the caller's reaping to say.
+    """
     sent = False
     for kill, target in ((os.killpg, pid), (os.kill, pid)):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -158,7 +162,7 @@ async def stop_child(child: Child) -> ChildExit:
     killed = False
     try:
         if not child.exited.done():
-            killed = _kill_group(child.pid)
+            killed = kill_group(child.pid)
         try:
             async with asyncio.timeout(REAP_TIMEOUT_S):
                 ended = await asyncio.shield(child.exited)
@@ -298,7 +302,7 @@ class ForkServer:
             waiter = self._forks.pop(token, None)
             self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
             if waiter is None or waiter.done():  # its spawn() was cancelled: do not leak it
-                _kill_group(pid)
+                kill_group(pid)
             else:
                 waiter.set_result(pid)
         elif kind == _protocol.FORK_FAILED:
