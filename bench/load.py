@@ -19,7 +19,9 @@ ml_dtypes), computes their sha256, then ``--repeat`` times, alternating:
   BF16 model (which ``safetensors.numpy`` cannot load at all: its ratio is
   against the F32 baseline of the same size), and, with ``--compare``, the
   F32 model through the previous loader (safetensors.numpy's pread backend in
-  the child) and through ours with one pread thread. The fork servers are
+  the child) and through ours with one pread thread, without the madvise prefault,
+  and with neither, and (two or one thread) without a pinned sha256, so nothing
+  is hashed beside the child (``--variants`` picks any of them). The fork servers are
   started once, before any timing.
 
 Before each side's run the file is read once, so both start from a warm page
@@ -30,7 +32,8 @@ child's own wall time (the report's ``wall_seconds``) / baseline(mmap) <= 1.1
 pays for waiting on the supervisor's hash); peak RSS <= 1.1 x tensor bytes +
 64 MiB.
 
-Run: ``python bench/load.py [--sizes-mb 1024] [--repeat 3] [--compare] [--json] [--strict]``
+Run: ``python bench/load.py [--sizes-mb 1024] [--repeat 3] [--compare | --variants LABELS]
+[--json] [--strict]`` (``--variants "F32,F32 one thread"`` runs only those).
 (exits 0 unless ``--strict`` and a size fails).
 """
 
@@ -43,6 +46,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -78,11 +82,18 @@ VARIANTS: dict[str, tuple[str, str | None]] = {
     "F32": ("F32", None),
     "BF16": ("BF16", None),
 }
-#: With --compare: the loader before ours, and ours with one pread thread (test loaders).
+#: With --compare: the loader before ours, ours with one pread thread, without the
+#: madvise prefault, and both (test loaders).
 COMPARE_VARIANTS: dict[str, tuple[str, str | None]] = {
     "F32 previous loader": ("F32", "safetensors_library"),
     "F32 one thread": ("F32", "safetensors_one_thread"),
+    "F32 no prefault": ("F32", "safetensors_no_prefault"),
+    "F32 one thread no prefault": ("F32", "safetensors_one_thread_no_prefault"),
+    "F32 no hash": ("F32", None),
+    "F32 one thread no hash": ("F32", "safetensors_one_thread"),
 }
+#: Variants loaded without a pinned sha256: nothing is hashed beside the child.
+UNHASHED = frozenset({"F32 no hash", "F32 one thread no hash"})
 TEST_LOADERS = "tests.sandbox_loaders"
 
 # Runs in a fresh interpreter: argv = path, backend. Prints one JSON object.
@@ -149,6 +160,8 @@ class Sandboxed:
 
     e2e_seconds: float
     wall_seconds: float
+    child_cpu_seconds: float
+    supervisor_cpu_seconds: float
     peak_rss_bytes: int
     outcome: str
     error: str | None
@@ -163,6 +176,8 @@ class VariantResult:
     baseline_mmap_s: float
     e2e_s: float
     wall_s: float
+    child_cpu_s: float
+    supervisor_cpu_s: float
     peak_rss_bytes: int
     outcomes: list[str]
     errors: list[str] = field(default_factory=list)
@@ -313,18 +328,23 @@ async def run_baseline(path: str, backend: str) -> Baseline:
     )
 
 
-async def run_sandboxed(sup: Supervisor, model: Model) -> Sandboxed:
-    """One ``Supervisor.load`` with sha256 verification, timed around the call."""
+async def run_sandboxed(sup: Supervisor, model: Model, hashed: bool = True) -> Sandboxed:
+    """One ``Supervisor.load`` with sha256 verification (unless not ``hashed``), timed
+    around the call."""
     await asyncio.to_thread(warm_page_cache, model.path)
-    request = LoadRequest(source=model.path, sha256=model.sha256)
+    request = LoadRequest(source=model.path, sha256=model.sha256 if hashed else None)
+    cpu_before = _own_cpu_s()
     started = time.perf_counter()
     report = await sup.load(request)
     e2e = time.perf_counter() - started
+    cpu = _own_cpu_s() - cpu_before
     res = report.resources
     error = f"{report.error.code}: {report.error.message}" if report.error else None
     return Sandboxed(
         e2e_seconds=e2e,
         wall_seconds=res.wall_seconds if res else float("nan"),
+        child_cpu_seconds=res.cpu_user_seconds + res.cpu_system_seconds if res else float("nan"),
+        supervisor_cpu_seconds=cpu,
         peak_rss_bytes=res.peak_rss_bytes if res else 0,
         outcome=str(report.outcome),
         error=error,
@@ -338,12 +358,15 @@ async def bench_size(
     mmap_runs: list[Baseline] = []
     pread_runs: list[Baseline] = []
     runs: dict[str, list[Sandboxed]] = {label: [] for label in sups}
-    for _ in range(repeat):  # alternate, so drift (thermal, page cache) hits every side
+    labels = list(sups)
+    for i in range(repeat):  # alternate, so drift (thermal, page cache) hits every side
         mmap_runs.append(await run_baseline(f32.path, "mmap"))
         pread_runs.append(await run_baseline(f32.path, "pread"))
-        for label, sup in sups.items():
+        # Each round starts with the next variant: none always runs right after the baselines.
+        for label in labels[i % len(labels) :] + labels[: i % len(labels)]:
+            sup = sups[label]
             kind = (VARIANTS | COMPARE_VARIANTS)[label][0]
-            runs[label].append(await run_sandboxed(sup, models[kind]))
+            runs[label].append(await run_sandboxed(sup, models[kind], label not in UNHASHED))
     baseline_mmap_s = statistics.median(r.seconds for r in mmap_runs)
     variants = [
         VariantResult(
@@ -352,6 +375,8 @@ async def bench_size(
             baseline_mmap_s=baseline_mmap_s,
             e2e_s=statistics.median(s.e2e_seconds for s in done),
             wall_s=statistics.median(s.wall_seconds for s in done),
+            child_cpu_s=statistics.median(s.child_cpu_seconds for s in done),
+            supervisor_cpu_s=statistics.median(s.supervisor_cpu_seconds for s in done),
             peak_rss_bytes=max(s.peak_rss_bytes for s in done),
             outcomes=[s.outcome for s in done],
             errors=[s.error for s in done if s.error],
@@ -373,13 +398,14 @@ async def bench_size(
     )
 
 
-async def bench(models: list[dict[str, Model]], repeat: int, compare: bool) -> list[SizeResult]:
+async def bench(
+    models: list[dict[str, Model]], repeat: int, variants: dict[str, tuple[str, str | None]]
+) -> list[SizeResult]:
     # Entering starts the fork servers before any timing: a worker pays that once, not per load.
     # Variants with a test loader get a fork server of their own, so the worker's keeps the
     # modules it has in production and nothing more.
     folders = tuple({Path(m.path).parent for pair in models for m in pair.values()})
     settings = Settings(sources=SourcePolicy(allow_roots=folders))
-    variants = VARIANTS | (COMPARE_VARIANTS if compare else {})
     async with contextlib.AsyncExitStack() as stack:
         sups: dict[str, Supervisor] = {}
         for label, (_kind, loader) in variants.items():
@@ -394,6 +420,12 @@ async def bench(models: list[dict[str, Model]], repeat: int, compare: bool) -> l
                     )
                 )
         return [await bench_size(sups, pair, repeat) for pair in models]
+
+
+def _own_cpu_s() -> float:
+    """CPU time of this process (the supervisor: its hash thread, event loop), all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _mib(n: float) -> str:
@@ -416,7 +448,8 @@ def print_table(results: list[SizeResult], repeat: int) -> None:
     )
     print(
         "sandboxed: Supervisor.load with sha256 verification; e2e = around sup.load, "
-        "wall = report.resources.wall_seconds (fork servers started beforehand); "
+        "wall = report.resources.wall_seconds (fork servers started beforehand); child CPU = "
+        "the report's user + system; sup CPU = this process's own during the call (the hash); "
         "BF16 = the same tensor bytes in bfloat16, against the same F32 baseline"
     )
     print()
@@ -429,6 +462,8 @@ def print_table(results: list[SizeResult], repeat: int) -> None:
         "variant",
         "sbx e2e s",
         "sbx wall s",
+        "child CPU s",
+        "sup CPU s",
         "ratio",
         "wall ratio",
         "sbx RSS MiB",
@@ -448,6 +483,8 @@ def print_table(results: list[SizeResult], repeat: int) -> None:
                     v.label,
                     f"{v.e2e_s:.3f}",
                     f"{v.wall_s:.3f}",
+                    f"{v.child_cpu_s:.3f}",
+                    f"{v.supervisor_cpu_s:.3f}",
                     f"{v.ratio:.2f}",
                     f"{v.wall_ratio:.2f}",
                     _mib(v.peak_rss_bytes),
@@ -491,11 +528,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tmpdir", default=None, help="where to write the models (default: $TMPDIR)"
     )
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="only these variants, comma-separated labels (default: F32,BF16, all with --compare)",
+    )
     args = parser.parse_args(argv)
+    known = VARIANTS | COMPARE_VARIANTS
+    if args.variants:
+        labels = [label.strip() for label in args.variants.split(",") if label.strip()]
+        if unknown := [label for label in labels if label not in known]:
+            parser.error(f"unknown variants {unknown}; known: {', '.join(known)}")
+        variants = {label: known[label] for label in labels}
+    else:
+        variants = VARIANTS | (COMPARE_VARIANTS if args.compare else {})
     sizes = [int(s) for s in args.sizes_mb.split(",") if s.strip()]
     if not sizes or min(sizes) <= 0 or args.repeat < 1:
         parser.error("sizes and --repeat must be positive")
-    if args.compare and str(ROOT) not in sys.path:
+    if any(loader for _, loader in variants.values()) and str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # the fork server imports tests.sandbox_loaders from here
 
     # The supervisor's log lines go to stderr, warnings and above only: stdout is the report.
@@ -511,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             {kind: make_model(directory, kind, size, rng) for kind in ("F32", "BF16")}
             for size in sizes
         ]
-        results = asyncio.run(bench(models, args.repeat, args.compare))
+        results = asyncio.run(bench(models, args.repeat, variants))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -161,6 +161,21 @@ def safetensors_one_thread(fd: int, spec: ChildSpec) -> dict[str, Any]:
     return load_safetensors(fd, spec)
 
 
+@register_loader("safetensors_no_prefault")
+def safetensors_no_prefault(fd: int, spec: ChildSpec) -> dict[str, Any]:
+    """Our loader with no madvise(MADV_POPULATE_WRITE) before each pread (bench/load.py)."""
+    _regions.PREFAULT = False  # this child loads once and exits
+    return load_safetensors(fd, spec)
+
+
+@register_loader("safetensors_one_thread_no_prefault")
+def safetensors_one_thread_no_prefault(fd: int, spec: ChildSpec) -> dict[str, Any]:
+    """Our loader with one pread thread and no prefault (bench/load.py compares)."""
+    _regions.READ_THREADS = 1  # this child loads once and exits
+    _regions.PREFAULT = False
+    return load_safetensors(fd, spec)
+
+
 @register_loader("ramp")
 def ramp(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """Load for real, then grow memory and burn CPU in steps for about a second (for charts)."""

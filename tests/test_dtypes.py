@@ -3,7 +3,9 @@ reference reader's size and whitespace rules."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import mmap
 import os
 import subprocess
 import sys
@@ -25,7 +27,7 @@ from loadwarden.worker.binary import dtypes as _dtypes
 from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats import inspect_model
 from loadwarden.worker.load.supervisor import Supervisor
-from loadwarden.worker.sandbox import _regions
+from loadwarden.worker.sandbox import _linux, _regions
 from loadwarden.worker.sandbox._registry import FileChanged
 from loadwarden.worker.sandbox.loaders import read_gguf, read_safetensors
 from tests.conftest import TEST_LOADERS
@@ -310,6 +312,49 @@ def test_pieces_fill_every_byte_whatever_the_threads(
     small, big = _regions.read_regions(fd, regions, threads=threads)
     assert small.tobytes() == b"xyz"
     assert big.dtype == np.float32 and big.tobytes() == array.tobytes()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefaulted_pieces_fill_every_byte(
+    threads: int, model_fd: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pieces of several pages, prefaulted by madvise before their preads, read back whole,
+    wherever the pages' edges fall (the tensor starts at an odd offset in the file)."""
+    page = _linux.PAGE_BYTES
+    monkeypatch.setattr(_regions, "PIECE_BYTES", 3 * page + 5)
+    monkeypatch.setattr(_regions, "PREFAULT_MIN_BYTES", 1)
+    raw, array = sample("F32", [7, page // 2 + 3], np.random.default_rng(5))
+    fd = model_fd(tensors_file({"a": ("U8", [3], b"xyz"), "b": ("F32", [7, page // 2 + 3], raw)}))
+    regions = [
+        _regions.Region("a", 8 + 0, 3, _dtypes.U8, [3]),
+        _regions.Region("b", 8 + 3, len(raw), _dtypes.F32, [7, page // 2 + 3]),
+    ]
+    regions = [replace(r, offset=r.offset + header_length(fd)) for r in regions]
+    small, big = _regions.read_regions(fd, regions, threads=threads)
+    assert small.tobytes() == b"xyz"
+    assert big.dtype == np.float32 and big.tobytes() == array.tobytes()
+
+
+@pytest.mark.skipif(not _linux.CAN_POPULATE, reason="the kernel predates MADV_POPULATE_WRITE")
+def test_populate_write_makes_fresh_memory_resident() -> None:
+    """populate_write faults a fresh anonymous range in: the process's resident size grows
+    by the range's whole pages before anything writes to them."""
+    size = 64 * _linux.PAGE_BYTES
+    with mmap.mmap(-1, size + _linux.PAGE_BYTES) as region:
+        anchor = ctypes.c_char.from_buffer(region)
+        try:
+            address = ctypes.addressof(anchor) + 1  # not page-aligned: the edges are left alone
+            _, before = _linux.memory_from_statm()
+            assert _linux.populate_write(address, size)
+            _, after = _linux.memory_from_statm()
+        finally:
+            del anchor
+    assert after - before >= (size // _linux.PAGE_BYTES - 1) * _linux.PAGE_BYTES
+
+
+def test_populate_write_skips_a_range_without_a_whole_page() -> None:
+    """A range inside one page asks the kernel nothing and says so."""
+    assert not _linux.populate_write(_linux.PAGE_BYTES + 1, _linux.PAGE_BYTES - 2)
 
 
 def test_short_read_is_file_changed(model_fd: Any) -> None:

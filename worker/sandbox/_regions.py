@@ -4,7 +4,10 @@ Runs in the load child (stdlib, numpy and ml_dtypes only). Every array is
 allocated first (untouched memory: nothing is resident yet), then filled by
 ``os.preadv`` straight from the page cache, in pieces shared by a few threads:
 ``preadv`` releases the GIL, and what bounds a load is the first touch of fresh
-memory (page faults), which two cores take in parallel. Nothing maps the file,
+memory (page faults), which two cores take in parallel. Each piece's pages are
+faulted in by one ``madvise(MADV_POPULATE_WRITE)`` just before its pread (Linux >=
+5.14; skipped silently elsewhere): one call per 16 MiB instead of a fault per page
+in the middle of the copy, 7-10% less CPU here (bench/load.py). Nothing maps the file,
 so a file truncated under the loader is a short read (``FileChanged``), never a
 SIGBUS.
 """
@@ -22,6 +25,7 @@ import numpy as np
 
 from loadwarden.worker.binary.dtypes import ElementType
 from loadwarden.worker.binary.pread import pread_into
+from loadwarden.worker.sandbox._linux import populate_write
 from loadwarden.worker.sandbox._registry import FileChanged
 
 Array = np.ndarray[Any, Any]
@@ -35,6 +39,10 @@ THREAD_STACK_BYTES = 256 * 1024
 #: Largest piece one pread fills: small enough that threads share a big tensor
 #: evenly, large enough that syscalls stay few (64 per GiB).
 PIECE_BYTES = 16 * 1024 * 1024
+#: Fault each piece's pages in by one madvise before its pread (see the module's docstring).
+PREFAULT = True
+#: Smaller pieces are not worth a system call: tiny loads keep the preads they had.
+PREFAULT_MIN_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +91,8 @@ def _fill_in_threads(fd: int, pieces: list[tuple[Region, Array, int]], threads: 
 
 def _fill(fd: int, region: Region, raw: Array, start: int) -> None:
     view = raw.data[start : start + PIECE_BYTES]
+    if PREFAULT and len(view) >= PREFAULT_MIN_BYTES:
+        populate_write(raw.ctypes.data + start, len(view))
     if pread_into(fd, view, region.offset + start) != len(view):
         raise FileChanged(f"the file was truncated in tensor {region.name!r}")
 
