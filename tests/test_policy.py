@@ -10,7 +10,7 @@ from loadwarden.producer.contract import Derivation, LimitOverrides
 from loadwarden.worker.config import LimitPolicy
 from loadwarden.worker.load._outcome import Loaded, LoadedModel, Raised, classify
 from loadwarden.worker.load.limits import derive_limits
-from loadwarden.worker.sandbox.forkserver import ChildExit
+from loadwarden.worker.sandbox.children import ChildExit
 
 MiB = 1024 * 1024
 POLICY = LimitPolicy()

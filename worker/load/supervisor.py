@@ -92,7 +92,8 @@ from loadwarden.worker.sandbox import _seccomp
 from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox._protocol import manifest_digest
 from loadwarden.worker.sandbox.cgroups import CgroupManager
-from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
+from loadwarden.worker.sandbox.children import SandboxError
+from loadwarden.worker.sandbox.forkserver import ForkServer
 from loadwarden.worker.sandbox.inspector import inspect_in_child
 from loadwarden.worker.sandbox.spec import ChildSpec
 from loadwarden.worker.sources import open_model
