@@ -101,9 +101,7 @@ async def test_a_callers_id_is_one_job_in_one_round_trip(redis_url: str) -> None
         handle = await client.enqueue(request, job_id="mine")
         calls = {k: v["calls"] for k, v in (await redis.info("commandstats")).items()}
         stored = await redis.get("arq:job:mine")
-        again = await client.enqueue(
-            LoadRequest(source="/models/other.safetensors"), job_id="mine"
-        )
+        again = await client.enqueue(LoadRequest(source="/models/other.safetensors"), job_id="mine")
         await redis.set("arq:result:done", b"{}")
         after_result = await client.enqueue(request, job_id="done")
         unchanged = await redis.get("arq:job:mine")
