@@ -49,7 +49,13 @@ from loadwarden.producer.errors import (
     LoadTimeout,
     describe,
 )
-from loadwarden.producer.keys import FINISHED_CHANNEL, now_ms, wake_key
+from loadwarden.producer.finished import push_message
+from loadwarden.producer.keys import (
+    FINISHED_CHANNEL,
+    FINISHED_REPORTS_CHANNEL,
+    now_ms,
+    wake_key,
+)
 from loadwarden.worker.queue.job import TRANSIENT_REDIS_ERRORS, end_with_report
 
 log = structlog.get_logger("loadwarden.worker")
@@ -245,9 +251,9 @@ class LoadWorker(Worker):
         noted = self._failures.pop(job_id, None)
         if finish and noted is not None:
             result_data = await self._report(job_id, *noted)
-        # arq's finish_job (0.28) line for line, with the push to waiting clients in the same
+        # arq's finish_job (0.28) line for line, with the pushes to waiting clients in the same
         # transaction (delivered once it commits: after the result is stored), not a round
-        # trip of its own.
+        # trip of their own.
         async with self.pool.pipeline(transaction=True) as tr:
             delete_keys = []
             in_progress_key = in_progress_key_prefix + job_id
@@ -262,7 +268,7 @@ class LoadWorker(Worker):
                 delete_keys += [retry_key_prefix + job_id, job_key_prefix + job_id]
                 tr.zrem(abort_jobs_ss, job_id)
                 tr.zrem(self.queue_name, job_id)
-                tr.publish(FINISHED_CHANNEL, job_id)
+                self._push(tr, job_id, result_data)
             elif incr_score:
                 tr.zincrby(self.queue_name, incr_score, job_id)
             if delete_keys:
@@ -274,9 +280,16 @@ class LoadWorker(Worker):
         if noted is not None:
             result_data = await self._report(job_id, *noted)
         await super().finish_failed_job(job_id, result_data)
-        await self._announce(job_id)
+        await self._announce(job_id, result_data)
 
-    async def _announce(self, job_id: str) -> None:
+    @staticmethod
+    def _push(pipe: Any, job_id: str, result: bytes | None) -> None:
+        """Queue on ``pipe`` the pushes of a stored result: its id for anyone, the result
+        itself for our clients (``loadwarden.producer.finished``)."""
+        pipe.publish(FINISHED_CHANNEL, job_id)
+        pipe.publish(FINISHED_REPORTS_CHANNEL, push_message(job_id, result))
+
+    async def _announce(self, job_id: str, result: bytes | None) -> None:
         """Tell waiting clients the job's result is stored (loadwarden.producer.finished).
 
         After the store, never before: a client woken by this reads the result at once.
@@ -284,7 +297,9 @@ class LoadWorker(Worker):
         failing here would leave arq's bookkeeping of a finished job half done.
         """
         try:
-            await self.pool.publish(FINISHED_CHANNEL, job_id)
+            async with self.pool.pipeline(transaction=False) as pipe:
+                self._push(pipe, job_id, result)
+                await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("finish_announce_failed", job_id=job_id, error=describe(exc))
 
@@ -324,5 +339,5 @@ class LoadWorker(Worker):
             )
             tr.set(result_key_prefix + job_id, result, px=int(self.keep_result_s * 1000))
             tr.zrem(self.queue_name, job_id)
-            tr.publish(FINISHED_CHANNEL, job_id)
+            self._push(tr, job_id, result)
             await tr.execute()
