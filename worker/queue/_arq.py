@@ -56,7 +56,12 @@ from loadwarden.producer.keys import (
     now_ms,
     wake_key,
 )
-from loadwarden.worker.queue.job import TRANSIENT_REDIS_ERRORS, end_with_report
+from loadwarden.worker.queue.job import (
+    FINISH_WITH_RESULT,
+    TRANSIENT_REDIS_ERRORS,
+    end_with_report,
+)
+from loadwarden.worker.queue.jobs import JobBook
 
 log = structlog.get_logger("loadwarden.worker")
 
@@ -102,6 +107,10 @@ class LoadWorker(Worker):
         super().__init__(*args, **kwargs)
         #: Job id -> (exception, job document) of results arq is about to store as failures.
         self._failures: dict[str, tuple[BaseException, dict[str, Any]]] = {}
+        # The job function leaves a finished job's bookkeeping to finish_job's transaction.
+        self._book: JobBook | None = self.ctx.get("book")
+        if self._book is not None:
+            self.ctx[FINISH_WITH_RESULT] = True
         self.job_serializer = self._serialize
         self._next_marker_check = 0.0
         # arq sleeps poll_delay_s between two looks at the queue; we wait in _poll_iteration
@@ -237,6 +246,8 @@ class LoadWorker(Worker):
             await self._store(job_id, report)
         finally:
             self._failures.pop(job_id, None)
+            if self._book is not None:  # a bookkeeping that never reached finish_job
+                self._book.take_finish(job_id)
 
     async def finish_job(
         self,
@@ -251,9 +262,10 @@ class LoadWorker(Worker):
         noted = self._failures.pop(job_id, None)
         if finish and noted is not None:
             result_data = await self._report(job_id, *noted)
-        # arq's finish_job (0.28) line for line, with the pushes to waiting clients in the same
-        # transaction (delivered once it commits: after the result is stored), not a round
-        # trip of their own.
+        left = self._book.take_finish(job_id) if self._book is not None else None
+        # arq's finish_job (0.28) line for line, with the pushes to waiting clients and the
+        # job's own bookkeeping (JobBook.finish) in the same transaction (the pushes delivered
+        # once it commits: after the result is stored), not round trips of their own.
         async with self.pool.pipeline(transaction=True) as tr:
             delete_keys = []
             in_progress_key = in_progress_key_prefix + job_id
@@ -273,7 +285,21 @@ class LoadWorker(Worker):
                 tr.zincrby(self.queue_name, incr_score, job_id)
             if delete_keys:
                 tr.delete(*delete_keys)
-            await tr.execute()
+            arqs = len(tr.command_stack)
+            if finish and left is not None and self._book is not None:
+                request, report, busy_s = left
+                self._book.finish_on(tr, job_id, request, report, busy_s=busy_s)
+            results = await tr.execute(raise_on_error=False)
+        # A transaction is not rolled back: a command that failed (a key of ours holding the
+        # wrong type) failed alone. arq's own raise as they would have; ours are logged (the
+        # report is stored), as JobBook.finish's own failures were.
+        for result in results[:arqs]:
+            if isinstance(result, Exception):
+                raise result
+        for result in results[arqs:]:
+            if isinstance(result, Exception):
+                log.error("job_bookkeeping_failed", job_id=job_id, error=describe(result))
+                break
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         noted = self._failures.pop(job_id, None)
