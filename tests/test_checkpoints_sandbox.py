@@ -14,7 +14,7 @@ import pytest
 
 from loadwarden.producer.contract import LoadRequest, ModelSummary, Outcome
 from loadwarden.worker.config import InspectionCaps, Settings
-from loadwarden.worker.load import supervisor as supervisor_module
+from loadwarden.worker.load import _inspection as inspection_module
 from loadwarden.worker.load.supervisor import Supervisor
 from tests.checkpoints import save_pretrained, state_dict
 from tests.conftest import eventually
@@ -54,14 +54,14 @@ async def test_every_shard_header_is_inspected_in_a_confined_child(
 ) -> None:
     """With isolation below the shards' header sizes, each shard goes to its own inspection
     child and the checkpoint still loads whole, with the supervisor's digests."""
-    real = supervisor_module.inspect_in_child
+    real = inspection_module.inspect_in_child
     calls: list[str] = []
 
     async def counted(model_file: Any, **kw: Any) -> ModelSummary:
         calls.append(model_file.path)
         return await real(model_file, **kw)
 
-    monkeypatch.setattr(supervisor_module, "inspect_in_child", counted)
+    monkeypatch.setattr(inspection_module, "inspect_in_child", counted)
     settings = Settings(inspection=InspectionCaps(isolate_above_bytes=16))
     async with Supervisor(settings) as sup:
         report = await sup.load(LoadRequest(source=str(checkpoint)))

@@ -15,6 +15,8 @@ import pytest
 
 from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
 from loadwarden.worker.config import Settings
+from loadwarden.worker.load._deadline import Stopped, until
+from loadwarden.worker.load._outcome import Stop
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sources import _http  # noqa: F401 (imported now, not in the deadline)
 from tests import format_files as ff
@@ -125,3 +127,46 @@ async def test_supervisor_memory_stays_bounded_on_a_costly_header(tmp_path: Path
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
     assert report.outcome is Outcome.INVALID, report.error
     assert grown < SUPERVISOR_BOUND_BYTES, f"the supervisor's peak RSS grew by {grown} bytes"
+
+
+async def _forever(stopped: asyncio.Event) -> None:
+    """Work that never ends on its own; notes that it was cancelled."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        stopped.set()
+
+
+async def test_until_stops_work_at_its_deadline() -> None:
+    """Past the deadline the work is cancelled and awaited, then Stopped says deadline."""
+    stopped = asyncio.Event()
+    deadline = asyncio.get_running_loop().time() + 0.05
+    with pytest.raises(Stopped) as caught:
+        await until(_forever(stopped), deadline, asyncio.Event())
+    assert caught.value.why is Stop.DEADLINE
+    assert stopped.is_set()
+
+
+async def test_until_stops_work_on_a_cancel() -> None:
+    """A cancel set while the work runs stops it at once, and Stopped says cancel."""
+    stopped, cancel = asyncio.Event(), asyncio.Event()
+    asyncio.get_running_loop().call_soon(cancel.set)
+    with pytest.raises(Stopped) as caught:
+        await until(_forever(stopped), asyncio.get_running_loop().time() + 60, cancel)
+    assert caught.value.why is Stop.CANCEL
+    assert stopped.is_set()
+
+
+async def test_until_returns_what_the_work_returns_or_raises_what_it_raises() -> None:
+    """Work that ends in time gives its result, or its own error (not a Stopped)."""
+
+    async def answer() -> int:
+        return 42
+
+    async def fail() -> None:
+        raise ValueError("its own")
+
+    later = asyncio.get_running_loop().time() + 60
+    assert await until(answer(), later, None) == 42
+    with pytest.raises(ValueError, match="its own"):
+        await until(fail(), later, None)

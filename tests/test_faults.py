@@ -106,7 +106,7 @@ STAGES: dict[str, tuple[str, str, Callable[..., Any], str, str]] = {
     ),
     "classify": (
         "loadwarden.worker.load.supervisor",
-        "classify",
+        "decide",
         lambda real: _raise(RuntimeError("injected")),
         "crashed",
         "internal_error",

@@ -1,21 +1,15 @@
-"""Pure policy: limits derived from a model's size, and the outcome of a finished child."""
+"""Pure policy: limits derived from a model's size (outcomes: tests/test_outcome.py)."""
 
 from __future__ import annotations
-
-import signal
 
 import pytest
 
 from loadwarden.producer.contract import Derivation, LimitOverrides
 from loadwarden.worker.config import LimitPolicy
-from loadwarden.worker.load._outcome import Loaded, LoadedModel, Raised, classify
 from loadwarden.worker.load.limits import derive_limits
-from loadwarden.worker.sandbox.children import ChildExit
 
 MiB = 1024 * 1024
 POLICY = LimitPolicy()
-LIMITS = derive_limits(100 * MiB, LimitOverrides(), POLICY)
-DIGEST = "a" * 64
 
 
 def test_memory_limit_follows_the_declared_size() -> None:
@@ -49,100 +43,6 @@ def test_deadline_grows_with_size() -> None:
     assert limits.timeout_seconds == pytest.approx(
         POLICY.startup_s + size / POLICY.min_bandwidth_bytes_per_s, rel=1e-3
     )
-
-
-def _exit(sig: int | None = None, code: int | None = None, cpu: float = 0.0) -> ChildExit:
-    return ChildExit(
-        pid=1, exit_code=code, signal=sig, cpu_user_s=cpu, cpu_system_s=0.0, maxrss_bytes=0
-    )
-
-
-def _raised(type_: str, message: str = "") -> Raised:
-    return Raised(kind="raised", type=type_, module="m", message=message, traceback="", rchar=0)
-
-
-OK = Loaded(
-    kind="ok", rchar=0, result=LoadedModel(tensors=1, bytes=1, manifest_digest=DIGEST, sha256=None)
-)
-
-
-@pytest.mark.parametrize(
-    ("final", "ended", "timed_out", "outcome", "code"),
-    [
-        (OK, _exit(code=0), False, None, None),
-        (OK, _exit(sig=signal.SIGKILL), True, "timeout", "deadline"),
-        (None, _exit(sig=signal.SIGKILL), True, "timeout", "deadline"),
-        (_raised("MemoryError"), _exit(code=1), False, "memory_exceeded", "memory_limit"),
-        (
-            _raised("PanicException", "memory allocation of 8 bytes failed"),
-            _exit(code=1),
-            False,
-            "memory_exceeded",
-            "memory_limit",
-        ),
-        (_raised("SafetensorError"), _exit(code=1), False, "invalid", "loader_rejected"),
-        (_raised("ZeroDivisionError"), _exit(code=1), False, "crashed", "loader_error"),
-        (None, _exit(sig=signal.SIGXCPU), False, "cpu_exceeded", "cpu_limit"),
-        (
-            None,
-            _exit(sig=signal.SIGKILL, cpu=LIMITS.cpu_seconds + 1),
-            False,
-            "cpu_exceeded",
-            "cpu_limit",
-        ),
-        (None, _exit(sig=signal.SIGSEGV), False, "crashed", "signal"),
-        (None, _exit(code=3), False, "crashed", "exited"),
-    ],
-    ids=[
-        "ok",
-        "timeout-after-answer",
-        "timeout",
-        "memory-error",
-        "rust-alloc-panic",
-        "loader-rejected",
-        "other-exception",
-        "sigxcpu",
-        "sigkill-at-cpu-limit",
-        "segv",
-        "exit",
-    ],
-)
-def test_classify(
-    final: Loaded | Raised | None,
-    ended: ChildExit,
-    timed_out: bool,
-    outcome: str | None,
-    code: str | None,
-) -> None:
-    """What the child said and how it ended give one outcome; a timeout always wins."""
-    error = classify(
-        final, ended, LIMITS, timed_out=timed_out, peak_rss_bytes=0, expected_manifest=DIGEST
-    )
-    if outcome is None:
-        assert error is None
-    else:
-        assert error is not None and (str(error.outcome), error.code) == (outcome, code)
-
-
-def test_sigkill_near_the_memory_limit_is_memory_exceeded() -> None:
-    """A SIGKILL we did not send, at the memory limit, is read as the OOM killer's."""
-    error = classify(
-        None,
-        _exit(sig=signal.SIGKILL),
-        LIMITS,
-        timed_out=False,
-        peak_rss_bytes=LIMITS.memory_bytes,
-        expected_manifest=DIGEST,
-    )
-    assert error is not None and error.code == "oom_killed"
-
-
-def test_a_loader_that_returns_other_tensors_is_invalid() -> None:
-    """An ok answer whose manifest differs from the inspected header is not trusted."""
-    error = classify(
-        OK, _exit(code=0), LIMITS, timed_out=False, peak_rss_bytes=0, expected_manifest="b" * 64
-    )
-    assert error is not None and error.code == "manifest_mismatch"
 
 
 def test_percentile_is_nearest_rank() -> None:

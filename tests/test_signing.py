@@ -26,7 +26,7 @@ from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
 from loadwarden.producer.errors import SourceRefused
 from loadwarden.worker._files import OpenedModel, open_model_file
 from loadwarden.worker.config import Settings, SigningPolicy, TrustedSigner
-from loadwarden.worker.load import supervisor as supervisor_module
+from loadwarden.worker.load import _checks as checks_module
 from loadwarden.worker.load.signing import may_require, required_signers
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox.children import SandboxError
@@ -283,7 +283,7 @@ async def test_file_changed_after_verification_is_caught(
     if restored:  # any write now moves its mtime, whatever the clock's tick
         day_ago = target.stat().st_mtime_ns - 86_400 * 10**9
         os.utime(target, ns=(day_ago, day_ago))
-    real = supervisor_module.check_signature
+    real = checks_module.check_signature
 
     async def then_rewrite(opened: OpenedModel, *args: Any) -> None:
         await real(opened, *args)
@@ -296,7 +296,7 @@ async def test_file_changed_after_verification_is_caught(
         finally:
             os.close(fd)
 
-    monkeypatch.setattr(supervisor_module, "check_signature", then_rewrite)
+    monkeypatch.setattr(checks_module, "check_signature", then_rewrite)
     report, spawned = await load(trusting(keys, require=["acme"]), checkpoint)
     assert report.outcome is Outcome.INVALID, report.error
     assert report.error is not None and report.error.code == "file_changed"

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
-from loadwarden.producer.contract import Limits, Resources, Sample
-from loadwarden.producer.errors import ChildCrashed, LoadError
+from loadwarden.producer.contract import Limits, Sample
+from loadwarden.producer.errors import LoadError
 from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.load._outcome import Loaded, Raised, Ready, parse_message
+from loadwarden.worker.load._deadline import Stopped, until
+from loadwarden.worker.load._outcome import (
+    Early,
+    Loaded,
+    ProtocolViolation,
+    Raised,
+    Ready,
+    RunEnd,
+    Stop,
+    failure,
+    parse_message,
+)
 from loadwarden.worker.load.monitor import Monitor
 from loadwarden.worker.sandbox.cgroups import Cgroup, CgroupManager
 from loadwarden.worker.sandbox.children import Child, ChildExit, SandboxError, stop_child
@@ -26,6 +36,28 @@ EXIT_GRACE_S = 1.0
 CHILD_PIDS_MAX = 16
 
 
+@dataclass(frozen=True, slots=True)
+class ChildHost:
+    """Where children run: the fork server that starts them, the cgroups that hold them, and
+    how often they are sampled."""
+
+    forkserver: ForkServer
+    cgroups: CgroupManager | None
+    sample_interval_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ChildJob:
+    """What one child does: its spec and files, its limits, and the levels worth a warning."""
+
+    spec: ChildSpec
+    fds: int | Sequence[int]
+    limits: Limits
+    #: Near-limit levels by limit name (``limits.near_thresholds``), counted when crossed.
+    thresholds: Mapping[str, float] | None = None
+    on_threshold: Callable[[str], object] | None = None
+
+
 @dataclass(slots=True)
 class ChildRun:
     """What one child run produced."""
@@ -34,9 +66,8 @@ class ChildRun:
     final: Loaded | Raised | None = None
     ended: ChildExit | None = None
     wall_seconds: float = 0.0
-    timed_out: bool = False
-    cancelled: bool = False
-    protocol_error: LoadError | None = None
+    stopped: Stop | None = None
+    protocol_error: str | None = None
     samples: int = 0
     sampled_peak_rss: int = 0
     sampled_read: int = 0
@@ -44,6 +75,29 @@ class ChildRun:
     cgroup_peak_bytes: int | None = None
     series: list[Sample] = field(default_factory=list)
     confinement: list[str] = field(default_factory=list)
+
+    @property
+    def timed_out(self) -> bool:
+        return self.stopped is Stop.DEADLINE
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stopped is Stop.CANCEL
+
+    def end(self, limits: Limits, expected_manifest: str, checked: LoadError | None) -> RunEnd:
+        """How this run ended, for ``decide``, with what the supervisor's checks found."""
+        assert self.ended is not None  # run_child always ends with stop_child
+        return RunEnd(
+            limits=limits,
+            exit=self.ended,
+            expected_manifest=expected_manifest,
+            final=self.final,
+            stopped=self.stopped,
+            protocol_error=self.protocol_error,
+            cgroup_oom=self.cgroup_oom,
+            peak_rss_bytes=self.sampled_peak_rss,
+            checked=checked,
+        )
 
 
 async def _converse(
@@ -72,34 +126,7 @@ async def _converse(
             run.final = message
             return
         else:
-            raise ChildCrashed("the child sent messages out of order", code="protocol_violation")
-
-
-async def _within(work: Coroutine[Any, Any, None], seconds: float) -> None:
-    """``work`` under a deadline (TimeoutError past it). asyncio.timeout, not wait_for:
-    Python 3.11's wait_for can drop a cancel that arrives as the work ends."""
-    async with asyncio.timeout(seconds):
-        await work
-
-
-async def _until_cancelled(
-    work: Coroutine[Any, Any, None], cancel: asyncio.Event | None, run: ChildRun
-) -> None:
-    """Await ``work``; if ``cancel`` is set first, abandon it and mark the run cancelled."""
-    if cancel is None:
-        await work
-        return
-    task = asyncio.ensure_future(work)
-    cancelled = asyncio.ensure_future(cancel.wait())
-    try:
-        await asyncio.wait({task, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        await cancel_and_wait(cancelled)
-        if not task.done():
-            await cancel_and_wait(task)
-            run.cancelled = True
-    if not run.cancelled:
-        task.result()
+            raise ProtocolViolation("the child sent messages out of order")
 
 
 def place_ahead(cgroups: CgroupManager, child: Child) -> None:
@@ -124,79 +151,65 @@ def _place(
         try:
             cgroups.limit(child.cgroup, limits.memory_bytes)
         except OSError as exc:
-            raise ChildCrashed(
-                f"could not limit the load's cgroup: {exc}", code="cgroup_failed"
-            ) from exc
+            raise failure(Early.CGROUP_FAILED, f"could not limit the load's cgroup: {exc}") from exc
         run.confinement.append(cgroups.mechanism)
         return child.cgroup
     try:
         cgroup = cgroups.create(f"child-{child.pid}", limits.memory_bytes, CHILD_PIDS_MAX)
     except OSError as exc:  # the machinery failed, not the file: a classified, retried crash
-        raise ChildCrashed(
-            f"could not create the load's cgroup: {exc}", code="cgroup_failed"
-        ) from exc
+        raise failure(Early.CGROUP_FAILED, f"could not create the load's cgroup: {exc}") from exc
     try:
         cgroup.add(child.pid)
     except OSError as exc:
         cgroup.remove()
-        raise ChildCrashed(
-            f"could not place the child in its cgroup: {exc}", code="cgroup_failed"
+        raise failure(
+            Early.CGROUP_FAILED, f"could not place the child in its cgroup: {exc}"
         ) from exc
     run.confinement.append(cgroups.mechanism)
     return cgroup
 
 
 async def run_child(
-    forkserver: ForkServer,
-    spec: ChildSpec,
-    fds: int | Sequence[int],
-    limits: Limits,
+    host: ChildHost,
+    job: ChildJob,
     *,
-    cgroups: CgroupManager | None,
-    sample_interval_s: float,
     log: FilteringBoundLogger,
     cancel: asyncio.Event | None = None,
-    thresholds: Mapping[str, float] | None = None,
-    on_threshold: Callable[[str], object] | None = None,
 ) -> ChildRun:
     """Run one load in a fresh child and always stop it; never leaves a process behind."""
     loop = asyncio.get_running_loop()
     run = ChildRun()
+    limits = job.limits
     try:
-        child = await forkserver.spawn()
+        child = await host.forkserver.spawn()
     except SandboxError as exc:
-        raise ChildCrashed(f"could not start a child: {exc.message}", code="sandbox") from None
+        raise failure(Early.SANDBOX, f"could not start a child: {exc.message}") from None
     started = loop.time()
     monitor = Monitor(
         child.pid,
-        sample_interval_s,
+        host.sample_interval_s,
         log,
         limits=limits,
-        thresholds=thresholds,
-        on_threshold=on_threshold,
+        thresholds=job.thresholds,
+        on_threshold=job.on_threshold,
     )
     sampling: list[asyncio.Task[None]] = []
     cgroup: Cgroup | None = child.cgroup  # placed while it waited: removed below in any case
     try:
-        cgroup = _place(cgroups, child, limits, run) or cgroup
-        await child.send_spec(spec, fds)
+        cgroup = _place(host.cgroups, child, limits, run) or cgroup
+        await child.send_spec(job.spec, job.fds)
         try:
-            await _until_cancelled(
-                _within(
-                    _converse(child, run, monitor, limits, log, sampling),
-                    limits.timeout_seconds,
-                ),
+            await until(
+                _converse(child, run, monitor, limits, log, sampling),
+                loop.time() + limits.timeout_seconds,
                 cancel,
-                run,
             )
-        except TimeoutError:
-            run.timed_out = True
-        except LoadError as exc:
-            run.protocol_error = exc
+        except Stopped as exc:
+            run.stopped = exc.why
+        except ProtocolViolation as exc:
+            run.protocol_error = str(exc)
         except (SandboxError, OSError) as exc:
-            run.protocol_error = ChildCrashed(
-                f"lost contact with the child: {exc}", code="protocol_violation"
-            )
+            run.protocol_error = f"lost contact with the child: {exc}"
         if run.final is not None and not child.exited.done():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(EXIT_GRACE_S):
@@ -225,23 +238,3 @@ async def run_child(
             timeout_seconds=limits.timeout_seconds,
         )
     return run
-
-
-def traceback_of(run: ChildRun | None) -> str | None:
-    return run.final.traceback if run is not None and isinstance(run.final, Raised) else None
-
-
-def resources_of(run: ChildRun | None) -> Resources | None:
-    if run is None or run.ended is None:
-        return None
-    rchar = run.final.rchar if run.final is not None else 0
-    return Resources(
-        wall_seconds=round(run.wall_seconds, 6),
-        cpu_user_seconds=run.ended.cpu_user_s,
-        cpu_system_seconds=run.ended.cpu_system_s,
-        peak_rss_bytes=max(run.ended.maxrss_bytes, run.sampled_peak_rss),
-        read_bytes=max(rchar, run.sampled_read),
-        samples=run.samples,
-        cgroup_peak_bytes=run.cgroup_peak_bytes,
-        series=run.series,
-    )

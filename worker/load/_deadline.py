@@ -1,16 +1,17 @@
-"""The whole job's deadline: each stage (source, inspection, hashing) awaited before it or
-a cancel, blocking work in a thread, and the child's deadline cut to what is left."""
+"""Deadlines: ``until`` keeps every one (each stage of a job, the child's conversation),
+blocking work in a thread, and the child's deadline cut to what is left of the job's."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from loadwarden.producer.contract import Limits
-from loadwarden.producer.errors import LoadCancelled, LoadTimeout
 from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker.load._outcome import Early, Stop, failure
 
 T = TypeVar("T")
 
@@ -26,17 +27,21 @@ async def in_thread(fn: Callable[[], T]) -> T:
         raise
 
 
-async def before_deadline(
-    work: Awaitable[T],
-    stage: str,
-    deadline: float,
-    budget_s: float,
-    cancel: asyncio.Event | None,
-) -> T:
-    """Await ``work`` unless the job's deadline passes or it is cancelled first.
+class Stopped(Exception):
+    """``until`` stopped the work: its deadline passed or it was cancelled (``why``)."""
 
-    Either way the work is cancelled and awaited (a download closes its
-    connection, an inspection child is killed) before the error is raised.
+    def __init__(self, why: Stop) -> None:
+        super().__init__(f"stopped by {why}")
+        self.why = why
+
+
+async def until(work: Awaitable[T], deadline: float, cancel: asyncio.Event | None) -> T:
+    """Await ``work`` unless the loop's clock reaches ``deadline`` or ``cancel`` is set first.
+
+    The one place a deadline is kept (each stage of a job, the child's conversation).
+    Either way the work is cancelled and awaited (a download closes its connection, an
+    inspection child is killed) before ``Stopped`` says why. A ``Stopped`` for a deadline
+    and a cancel at once says cancel: somebody asked for it.
     """
     task = asyncio.ensure_future(work)
     waiters: set[asyncio.Future[Any]] = {task}
@@ -57,9 +62,35 @@ async def before_deadline(
         return task.result()
     if not task.cancelled() and task.exception() is None:
         _discard(task.result())  # it finished as it was being stopped: close what it opened
-    if cancel is not None and cancel.is_set():
-        raise LoadCancelled(f"cancelled while {stage}", code="cancelled")
-    raise LoadTimeout(f"the job's {budget_s:g} s deadline passed while {stage}", code="deadline")
+    raise Stopped(Stop.CANCEL if cancel is not None and cancel.is_set() else Stop.DEADLINE)
+
+
+@dataclass(frozen=True, slots=True)
+class JobDeadline:
+    """The whole job's deadline (source, inspection, load) on the loop's clock, its length,
+    and the event that cancels the job."""
+
+    at: float
+    budget_s: float
+    cancel: asyncio.Event | None = None
+
+    @classmethod
+    def starting_now(cls, budget_s: float, cancel: asyncio.Event | None) -> JobDeadline:
+        return cls(asyncio.get_running_loop().time() + budget_s, budget_s, cancel)
+
+    def remaining_s(self) -> float:
+        return self.at - asyncio.get_running_loop().time()
+
+    async def before(self, work: Awaitable[T], stage: str) -> T:
+        """``until`` for a stage of the job, its end told as the job's cancel or timeout."""
+        try:
+            return await until(work, self.at, self.cancel)
+        except Stopped as exc:
+            if exc.why is Stop.CANCEL:
+                raise failure(Early.CANCELLED, f"cancelled while {stage}") from None
+            raise failure(
+                Early.DEADLINE, f"the job's {self.budget_s:g} s deadline passed while {stage}"
+            ) from None
 
 
 def _discard(result: object) -> None:

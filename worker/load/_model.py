@@ -7,16 +7,16 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from loadwarden.producer.contract import ModelFormat, ModelSummary, ShardInfo
+from loadwarden.producer.contract import Limits, ModelFormat, ModelSummary, ShardInfo
 from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused
 from loadwarden.worker._files import ModelFile, OpenedModel
-from loadwarden.worker.config import InspectionCaps
+from loadwarden.worker.config import InspectionCaps, Settings
 from loadwarden.worker.formats import inspect_model
 from loadwarden.worker.formats._common import over_budget
 from loadwarden.worker.formats.index import check_coverage
 from loadwarden.worker.load._digest import check_digest
 from loadwarden.worker.load._outcome import LoadedModel
-from loadwarden.worker.sandbox.spec import FileIdentity, SpecFile
+from loadwarden.worker.sandbox.spec import ChildSpec, FileIdentity, SpecFile
 
 
 def shard_format(opened: OpenedModel, declared: ModelFormat | None) -> ModelFormat | None:
@@ -104,6 +104,29 @@ def child_files(opened: OpenedModel) -> dict[str, Any]:
     if not opened.checkpoint:
         return {"expect": identity(opened.first)}
     return {"files": tuple(SpecFile(s.name, identity(s.file)) for s in opened.files)}
+
+
+def child_spec(
+    opened: OpenedModel,
+    loader: str,
+    manifest: str,
+    limits: Limits,
+    settings: Settings,
+    *,
+    landlock: bool,
+) -> ChildSpec:
+    """What the child is told: its loader, limits, confinement, the files and the manifest
+    digest its answer must repeat."""
+    return ChildSpec(
+        loader=loader,
+        memory_bytes=limits.memory_bytes,
+        cpu_seconds=limits.cpu_seconds,
+        max_fds=settings.child_max_fds,
+        address_space_limit=settings.use_address_space_limit,
+        landlock=landlock,
+        manifest_digest=manifest,
+        **child_files(opened),
+    )
 
 
 def needs_digests(opened: OpenedModel, expected_sha256: str | None) -> bool:

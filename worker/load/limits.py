@@ -151,3 +151,18 @@ def near_thresholds(limits: Limits, expected_memory: int, fraction: float) -> di
         "cpu": fraction * limits.cpu_seconds,
         "deadline": fraction * limits.timeout_seconds,
     }
+
+
+def job_budget_s(asked: LimitOverrides, policy: LimitPolicy) -> float:
+    """The whole job's deadline (source, inspection, load): the request's, capped."""
+    ceiling = policy.timeout_ceiling_s
+    wanted = asked.timeout_seconds
+    return ceiling if wanted is None else min(wanted, ceiling)
+
+
+def tensor_budget_bytes(policy: LimitPolicy, budget_bytes: int) -> int:
+    """The most tensor bytes a load could hold: derive_limits' memory formula, inverted, at
+    the lower of the memory ceiling and the worker's whole budget."""
+    room = min(policy.memory_ceiling_bytes, budget_bytes)
+    room -= policy.baseline_memory_bytes + policy.memory_slack_bytes
+    return max(0, int(room / (policy.loader_memory_factor + policy.memory_slack_fraction)))

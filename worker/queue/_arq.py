@@ -42,13 +42,7 @@ from arq.worker import Worker
 from redis.exceptions import RedisError, ResponseError
 
 from loadwarden.producer import wire
-from loadwarden.producer.errors import (
-    ChildCrashed,
-    InvalidModel,
-    LoadError,
-    LoadTimeout,
-    describe,
-)
+from loadwarden.producer.errors import LoadError, describe
 from loadwarden.producer.finished import push_message
 from loadwarden.producer.keys import (
     FINISHED_CHANNEL,
@@ -56,6 +50,7 @@ from loadwarden.producer.keys import (
     now_ms,
     wake_key,
 )
+from loadwarden.worker.load._outcome import Early, failure
 from loadwarden.worker.queue.job import (
     FINISH_WITH_RESULT,
     TRANSIENT_REDIS_ERRORS,
@@ -84,17 +79,17 @@ def _error_for(exc: BaseException) -> LoadError:
     """The outcome of a job arq failed on its own."""
     text = describe(exc)
     if isinstance(exc, TimeoutError):
-        return LoadTimeout(f"arq's own timeout around the job fired: {text}", code="job_timeout")
+        return failure(Early.JOB_TIMEOUT, f"arq's own timeout around the job fired: {text}")
     if "max" in text and "retries exceeded" in text:
-        return ChildCrashed(f"arq gave up on the job: {text}", code="attempts_exhausted")
+        return failure(Early.ATTEMPTS_EXHAUSTED, f"arq gave up on the job: {text}")
     if "expired" in text:
-        return InvalidModel(f"the job's payload is gone from Redis: {text}", code="job_expired")
+        return failure(Early.JOB_EXPIRED, f"the job's payload is gone from Redis: {text}")
     if isinstance(exc, ResponseError):
-        return InvalidModel(
+        return failure(
+            Early.BAD_PAYLOAD,
             f"the job's keys in Redis are not arq's (wrong type or value): {text}",
-            code="bad_payload",
         )
-    return ChildCrashed(f"arq failed the job: {text}", code="internal_error")
+    return failure(Early.INTERNAL_ERROR, f"arq failed the job: {text}")
 
 
 class LoadWorker(Worker):

@@ -29,15 +29,10 @@ from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from loadwarden.producer.contract import Attempt, LoadReport, LoadRequest, Outcome
-from loadwarden.producer.errors import (
-    ChildCrashed,
-    InvalidModel,
-    LoadCancelled,
-    LoadError,
-    describe,
-)
+from loadwarden.producer.errors import LoadError, describe
 from loadwarden.worker._tasks import finish_despite_cancel
 from loadwarden.worker.config import Settings
+from loadwarden.worker.load._outcome import Early, failure
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.queue.envelope import UNDECODABLE
 from loadwarden.worker.queue.jobs import JobBook
@@ -72,19 +67,16 @@ def _parse(request: Any, extra: dict[str, Any]) -> LoadRequest | LoadError:
     """The request, or the error that refuses it; never raises (the parse stage)."""
     try:
         if isinstance(request, dict) and UNDECODABLE in request:
-            return InvalidModel(
-                f"the job payload is not loadwarden JSON: {request[UNDECODABLE]}",
-                code="bad_payload",
+            return failure(
+                Early.BAD_PAYLOAD, f"the job payload is not loadwarden JSON: {request[UNDECODABLE]}"
             )
         if extra:
             raise ValueError(f"unexpected job arguments: {sorted(extra)}")
         return LoadRequest.model_validate(request)
     except (ValidationError, ValueError) as exc:
-        return InvalidModel(
-            f"the job is not a valid LoadRequest: {describe(exc)}", code="bad_request"
-        )
+        return failure(Early.BAD_REQUEST, f"the job is not a valid LoadRequest: {describe(exc)}")
     except Exception as exc:  # the request came from a producer: nothing in it may escape
-        return InvalidModel(f"the job could not be parsed: {describe(exc)}", code="bad_request")
+        return failure(Early.BAD_REQUEST, f"the job could not be parsed: {describe(exc)}")
 
 
 def _source_of(request: Any) -> str:
@@ -108,9 +100,7 @@ async def load_job(ctx: dict[str, Any], request: Any = None, **extra: Any) -> di
             log.warning("job_redis_lost", job_id=job_id, error=describe(exc))
             raise Retry(defer=REDIS_RETRY_DEFER_S) from exc
         log.exception("job_internal_error", job_id=job_id)
-        error = ChildCrashed(
-            f"the job failed inside loadwarden: {describe(exc)}", code="internal_error"
-        )
+        error = failure(Early.INTERNAL_ERROR, f"the job failed inside loadwarden: {describe(exc)}")
         parsed = _parse(request, extra)
         report = await end_with_report(
             ctx, job_id, parsed if isinstance(parsed, LoadRequest) else request, error
@@ -193,10 +183,10 @@ def _refuse_early(
     """A final report without loading: cancelled while queued, or out of attempts."""
     error: LoadError | None = None
     if cancelled:
-        error = LoadCancelled("cancelled before it started", code="cancelled")
+        error = failure(Early.CANCELLED, "cancelled before it started")
     elif number > request.retry.max_attempts + LOST_WORKER_ALLOWANCE:
-        error = ChildCrashed(
-            f"{number - 1} attempts used, workers lost on the way", code="attempts_exhausted"
+        error = failure(
+            Early.ATTEMPTS_EXHAUSTED, f"{number - 1} attempts used, workers lost on the way"
         )
     if error is None:
         return None

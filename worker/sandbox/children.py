@@ -104,7 +104,11 @@ class Child:
 
 
 def kill_group(pid: int) -> bool:
-    """SIGKILL the child's process group, and the child itself in case it has not called setsid."""
+    """SIGKILL the child's process group, and the child itself in case it has not called setsid.
+
+    The one way a child is killed (a load child by ``stop_child``, the inspection child by
+    ``inspector``); whether it is gone yet is for the caller's reaping to say.
+    """
     sent = False
     for kill, target in ((os.killpg, pid), (os.kill, pid)):
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -35,7 +35,7 @@ from loadwarden.producer.errors import (
 )
 from loadwarden.worker._files import ModelFile
 from loadwarden.worker.config import InspectionCaps
-from loadwarden.worker.sandbox.children import SandboxError
+from loadwarden.worker.sandbox.children import SandboxError, kill_group
 from loadwarden.worker.sandbox.forkserver import child_environment
 
 #: Errors the child may name, by class name: nothing else is believed.
@@ -98,8 +98,7 @@ async def inspect_in_child(
     finally:
         ours.close()
         if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
+            kill_group(process.pid)
         process.wait()  # at once: it has exited or was just sent SIGKILL
     return _answer(data, process.returncode, cpu_seconds)
 
