@@ -94,6 +94,41 @@ def test_load_with_a_bad_setting_is_one_usage_error(small_model: Path) -> None:
     assert "concurrency" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_load_with_a_bad_request_is_one_usage_error(small_model: Path) -> None:
+    """A bad request (here --sha256) is checked after `load` launched its fork server: exit 2,
+    the field named, no traceback; under --json, stdout is the one error document."""
+    plain = run("load", str(small_model), "--sha256", "not-hex")
+    as_json = run("load", str(small_model), "--sha256", "not-hex", "--json")
+    for result in (plain, as_json):
+        assert result.returncode == EXIT_USAGE, result.stderr
+        assert "sha256" in result.stderr and "Traceback" not in result.stderr
+    assert plain.stdout == ""
+    assert json.loads(as_json.stdout)["error"]["type"] == "BadParameter"
+
+
+@pytest.mark.parametrize("command", ["load", "enqueue"])
+def test_an_unknown_log_level_is_one_usage_error(small_model: Path, command: str) -> None:
+    """`--log-level bogus` is a usage error (exit 2) naming the levels, before anything runs
+    (no Redis is reached), not a traceback; under --json, stdout is the one error document."""
+    args = (command, str(small_model), "--redis", "redis://127.0.0.1:1", "--log-level", "bogus")
+    if command == "load":
+        args = (command, str(small_model), "--log-level", "bogus")
+    plain = run(*args)
+    as_json = run(*args, "--json")
+    for result in (plain, as_json):
+        assert result.returncode == EXIT_USAGE, result.stderr
+        assert "debug, info, warning, error" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert plain.stdout == ""
+    assert json.loads(as_json.stdout)["error"]["type"] == "BadParameter"
+
+
+def test_log_level_is_case_insensitive(small_model: Path) -> None:
+    """`--log-level WARNING` is the same level as `warning`."""
+    result = run("load", str(small_model), "--log-level", "WARNING", "--json")
+    assert result.returncode == EXIT_OK, result.stderr
+
+
 def test_inspect_prints_summary_or_defect(small_model: Path, bad_model: Path) -> None:
     """`inspect --json` prints {outcome, error, model}: the summary, or the named defect."""
     good = run("inspect", str(small_model), "--json")

@@ -5,15 +5,14 @@ JSON only, and exported as JSON Schema (``producer/schemas/``) so services in
 other languages can enqueue loads and read reports. One module per side: the
 request (``request``), the report (``report``), and what Redis says about now
 (``status``: the failure memory's models, workers' heartbeats), on a shared
-vocabulary (``_base``: the wire version, value types, outcomes and formats).
+vocabulary (``_base``: the wire version and value types; ``loadwarden.producer.outcomes``:
+outcomes and formats, plain enums that need no pydantic).
 """
 
 from loadwarden.producer.contract._base import (
     WIRE_VERSION,
-    ModelFormat,
     NonNegFloat,
     NonNegInt,
-    Outcome,
     PositiveSeconds,
     Sha256,
     SignedBy,
@@ -42,6 +41,7 @@ from loadwarden.producer.contract.status import (
     RunningJob,
     WorkerStatus,
 )
+from loadwarden.producer.outcomes import ModelFormat, Outcome
 
 __all__ = [
     "WIRE_VERSION",

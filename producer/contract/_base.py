@@ -1,8 +1,11 @@
-"""The contract's shared vocabulary: its version, value types, outcomes and formats."""
+"""The contract's shared vocabulary: its version, value types, outcomes and formats.
+
+The outcomes and formats live in ``loadwarden.producer.outcomes`` (no pydantic), which the
+contract re-exports.
+"""
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,26 +32,3 @@ SignedBy = Annotated[tuple[SignerName, ...], Field(min_length=1, max_length=16)]
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Outcome(StrEnum):
-    """How a load ended. Every value but ``ok`` has one error class in ``errors``."""
-
-    OK = "ok"
-    INVALID = "invalid"
-    REFUSED = "refused"
-    TIMEOUT = "timeout"
-    MEMORY_EXCEEDED = "memory_exceeded"
-    CPU_EXCEEDED = "cpu_exceeded"
-    CRASHED = "crashed"
-    UNAVAILABLE = "unavailable"
-    CANCELLED = "cancelled"
-
-
-class ModelFormat(StrEnum):
-    """File formats loadwarden knows how to inspect and load."""
-
-    SAFETENSORS = "safetensors"
-    NPY = "npy"
-    NPZ = "npz"
-    GGUF = "gguf"

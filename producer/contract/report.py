@@ -10,16 +10,15 @@ from pydantic import Field
 
 from loadwarden.producer.contract._base import (
     WIRE_VERSION,
-    ModelFormat,
     NonNegFloat,
     NonNegInt,
-    Outcome,
     PositiveSeconds,
     Sha256,
     _Model,
 )
 from loadwarden.producer.contract.status import FailingModel
 from loadwarden.producer.errors import LoadError, error_class_for
+from loadwarden.producer.outcomes import ModelFormat, Outcome
 
 
 class Derivation(StrEnum):

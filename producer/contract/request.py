@@ -8,13 +8,12 @@ from pydantic import Field, field_validator
 
 from loadwarden.producer.contract._base import (
     WIRE_VERSION,
-    ModelFormat,
-    Outcome,
     PositiveSeconds,
     Sha256,
     SignedBy,
     _Model,
 )
+from loadwarden.producer.outcomes import ModelFormat, Outcome
 from loadwarden.producer.sources import is_url
 
 

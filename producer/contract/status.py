@@ -8,7 +8,8 @@ from typing import Annotated
 
 from pydantic import Field
 
-from loadwarden.producer.contract._base import NonNegInt, Outcome, _Model
+from loadwarden.producer.contract._base import NonNegInt, _Model
+from loadwarden.producer.outcomes import Outcome
 
 
 class RememberedFailure(_Model):

@@ -74,8 +74,23 @@ RedisOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(value: str) -> str:
+    """A usage error (exit 2) for a level the logs do not know, before anything starts."""
+    if value.lower() not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return value.lower()
+
+
 LogOpt = Annotated[
-    str, typer.Option("--log-level", help="debug, info, warning or error (logs go to stderr).")
+    str,
+    typer.Option(
+        "--log-level",
+        callback=_log_level,
+        help="debug, info, warning or error (logs go to stderr).",
+    ),
 ]
 WaitOpt = Annotated[
     float,
@@ -171,7 +186,7 @@ def named_root(source: str) -> tuple[Path, ...]:
 
 
 def emit_report(report: LoadReport, as_json: bool) -> None:
-    from loadwarden.producer.contract import Outcome
+    from loadwarden.producer.outcomes import Outcome
     from loadwarden.worker.cli import _render
 
     if as_json:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from loadwarden.producer.contract import ModelFormat
+from loadwarden.producer.outcomes import ModelFormat
 from loadwarden.worker._text import clean
 from loadwarden.worker.cli._common import (
     EXIT_OK,
@@ -64,30 +64,33 @@ def load(
 
     from loadwarden.worker.ops.logs import configure_logging
 
-    request = load_request(
-        file,
-        sha256,
-        {},
-        signed_by,
-        memory_bytes=memory_bytes,
-        cpu_seconds=cpu_s,
-        timeout_seconds=deadline_s,
-    )
-
-    def prepared() -> Settings:
+    def prepared() -> tuple[LoadRequest, Settings]:
+        # Logging first: the fork server, already starting, logs when it is ready, and
+        # structlog unconfigured would print that to stdout (which --json keeps for the result).
         configure_logging(log_level)
-        return with_roots(settings_from(), *named_root(request.source))
+        request = load_request(
+            file,
+            sha256,
+            {},
+            signed_by,
+            memory_bytes=memory_bytes,
+            cpu_seconds=cpu_s,
+            timeout_seconds=deadline_s,
+        )
+        return request, with_roots(settings_from(), *named_root(request.source))
 
-    emit_report(asyncio.run(_load_here(request, prepared)), as_json)
+    emit_report(asyncio.run(_load_here(prepared)), as_json)
 
 
-async def _load_here(request: LoadRequest, prepared: Callable[[], Settings]) -> LoadReport:
+async def _load_here(prepared: Callable[[], tuple[LoadRequest, Settings]]) -> LoadReport:
     """One load through a supervisor of its own, whose fork server starts first.
 
     The fork server is a fresh interpreter that imports numpy and the loaders: launched
-    before this process sets up logging and settings and imports the supervisor's stack,
-    the two start on two cores at once instead of one after the other. It is the same
-    fork server, checked the same way (``Supervisor.start`` refuses what it would refuse).
+    before this process checks the request (which imports pydantic and builds the
+    contract), sets up logging and settings and imports the supervisor's stack, the two
+    start on two cores at once instead of one after the other. It is the same fork
+    server, checked the same way (``Supervisor.start`` refuses what it would refuse); a
+    bad request or setting is the same usage error, after the fork server is stopped.
     """
     import asyncio
 
@@ -99,7 +102,7 @@ async def _load_here(request: LoadRequest, prepared: Callable[[], Settings]) -> 
         # One step of the loop: the task runs until it waits for the READY packet, so the
         # process is launched. Only the overlap depends on it, never a check.
         await asyncio.sleep(0)
-        settings = prepared()
+        request, settings = prepared()
         from loadwarden.worker.load.supervisor import Supervisor
 
         supervisor = Supervisor(settings, forkserver=forkserver)
@@ -107,8 +110,8 @@ async def _load_here(request: LoadRequest, prepared: Callable[[], Settings]) -> 
         async with supervisor:
             return await supervisor.load(request)
     finally:
-        # Even after an error (bad settings), let it finish starting: closed before its
-        # READY, it would die on a broken pipe with a traceback. start() is bounded.
+        # Even after an error (a bad request or setting), let it finish starting: closed
+        # before its READY, it would die on a broken pipe with a traceback. start() is bounded.
         await asyncio.wait([starting])
         if not starting.cancelled():
             starting.exception()  # retrieved: an error of its own was raised above, or is moot

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from loadwarden.producer.contract import Outcome
+from loadwarden.producer.outcomes import Outcome
 from loadwarden.worker._text import clean
 from loadwarden.worker.cli._common import (
     DEFAULT_WAIT_S,

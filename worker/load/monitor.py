@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import psutil
 import structlog
 
 from loadwarden.producer.contract import Limits, Sample
+
+if TYPE_CHECKING:
+    import psutil
 
 #: An info-level ``load_sampled`` line at most this often; every sample goes out at debug level.
 LOG_EVERY_S = 1.0
@@ -68,6 +71,10 @@ class Monitor:
 
     def sample(self) -> bool:
         """Take one sample; False once the child is gone."""
+        # Imported by the first sample: a load that ends within one interval takes none,
+        # and 'loadwarden load' of a small file then never pays for importing psutil.
+        import psutil
+
         try:
             if self._process is None:
                 self._process = psutil.Process(self.pid)

@@ -9,7 +9,6 @@ offers ``os.fstatvfs``, which has no ``f_type``: this calls ``fstatfs(2)`` throu
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 #: ``f_type`` magic numbers (linux/magic.h) of filesystems that never hold model files:
@@ -41,7 +40,9 @@ class _StatFs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The process's own symbols, libc's among them (as _linux.py and _landlock.py do):
+# ctypes.util.find_library("c") would run `ldconfig -p` in a subprocess on every import.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_StatFs)]
 _libc.fstatfs.restype = ctypes.c_int
 
