@@ -85,7 +85,8 @@ async def forkserver_samples(
     spawn alone (s)."""
     import psutil
 
-    from loadwarden.worker.sandbox.forkserver import ForkServer, stop_child
+    from loadwarden.worker.sandbox.children import stop_child
+    from loadwarden.worker.sandbox.forkserver import ForkServer
 
     start_s: list[float] = []
     rss: list[int] = []

@@ -17,7 +17,8 @@ Each run: warm-up jobs, then a backlog (``--jobs`` enqueued at once: jobs/s from
 the first enqueue to the last finish), then ``--paced`` jobs at ``--rate`` per
 second (enqueue -> finish from the stored results' own timestamps, p50/p99; for
 loadwarden also as the caller sees it, ``enqueue()`` called -> ``report()``
-returned), then ``--idle-s`` of nothing. The worker process's own CPU (user +
+returned, and that minus the same job's own enqueue -> finish: the caller's gap),
+then ``--idle-s`` of nothing. The worker process's own CPU (user +
 system, not its children's) is read per backlog job and while idle.
 Medians over the rounds; p99 is nearest-rank. The goals (issue 13) are printed
 with whether this run met them.
@@ -258,6 +259,7 @@ async def _run(side: Side, args: argparse.Namespace) -> Sample:
         span_ms = max(f for _, f in done.values()) - min(e for e, _ in done.values())
         # Paced.
         caller: list[float] = []
+        gap: dict[str, float] = {}  # job id -> caller's ms, less its report's below
         paced: list[str] = []
         loop = asyncio.get_running_loop()
         start = loop.time() + 0.05
@@ -270,9 +272,12 @@ async def _run(side: Side, args: argparse.Namespace) -> Sample:
             paced.append(job_id)
             if watching:
                 caller.append((await side.waiter(job_id) - called) * 1000)
+                gap[job_id] = caller[-1]
 
         await asyncio.gather(*(one(i) for i in range(args.paced)))
-        latencies = [f - e for e, f in (await side.wait(paced)).values()]
+        stamps = await side.wait(paced)
+        latencies = [f - e for e, f in stamps.values()]
+        gaps = [ms - (stamps[j][1] - stamps[j][0]) for j, ms in gap.items()]
         # Idle.
         await asyncio.sleep(1.0)
         cpu1, t1 = _cpu_s(worker), time.monotonic()
@@ -289,7 +294,12 @@ async def _run(side: Side, args: argparse.Namespace) -> Sample:
         "idle_cpu_pct": idle * 100,
     }
     if caller:
-        sample |= {"caller_p50_ms": _p(caller, 0.5), "caller_p99_ms": _p(caller, 0.99)}
+        sample |= {
+            "caller_p50_ms": _p(caller, 0.5),
+            "caller_p99_ms": _p(caller, 0.99),
+            "caller_gap_p50_ms": _p(gaps, 0.5),
+            "caller_gap_p99_ms": _p(gaps, 0.99),
+        }
     return sample
 
 
@@ -370,6 +380,8 @@ def _print(result: dict[str, Any]) -> None:
         ("paced p99 ms (report)", "p99_ms", "{:.1f}"),
         ("paced p50 ms (caller)", "caller_p50_ms", "{:.1f}"),
         ("paced p99 ms (caller)", "caller_p99_ms", "{:.1f}"),
+        ("caller's gap p50 ms", "caller_gap_p50_ms", "{:.1f}"),
+        ("caller's gap p99 ms", "caller_gap_p99_ms", "{:.1f}"),
         ("worker CPU ms per job", "cpu_ms_per_job", "{:.2f}"),
         ("worker idle CPU % core", "idle_cpu_pct", "{:.2f}"),
     ]
@@ -380,7 +392,8 @@ def _print(result: dict[str, Any]) -> None:
     print(
         f"ratios: jobs/s {ratios['jobs_per_s']:.2f}x, p50 {ratios['p50']:.2f}x; caller above "
         f"report: p50 +{ratios['caller_over_report_p50_ms']:.1f} ms, "
-        f"p99 +{ratios['caller_over_report_p99_ms']:.1f} ms"
+        f"p99 +{ratios['caller_over_report_p99_ms']:.1f} ms (per job: p50 "
+        f"+{ours['caller_gap_p50_ms']:.1f}, p99 +{ours['caller_gap_p99_ms']:.1f} ms)"
     )
     for goal, met in GOALS:
         print(f"  {'MET    ' if met(result) else 'NOT MET'} {goal}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from arq.constants import result_key_prefix
 from pydantic import ValidationError
@@ -14,6 +14,7 @@ from loadwarden.producer._handles import JobState
 from loadwarden.producer.connection import confirm_replicated
 from loadwarden.producer.contract import LoadReport
 from loadwarden.producer.errors import ContractError, JobNotFound, ReportTimeout
+from loadwarden.producer.finished import FinishWatch
 
 if TYPE_CHECKING:
     from loadwarden.producer.client import Client
@@ -25,7 +26,23 @@ async def stored_report(client: Client, job_id: str) -> LoadReport | None:
     raw = await guard(redis.get(result_key_prefix + job_id))
     if raw is None:
         return None
-    document = wire.loads(raw)
+    return _report_in(job_id, wire.loads(raw))
+
+
+def _pushed_report(watch: FinishWatch, job_id: str) -> LoadReport | None:
+    """The report a push carried for ``job_id``, validated as a stored one is; None if it
+    carried none, or one that does not pass (then the stored one is read, and judged)."""
+    document = watch.take(job_id)
+    if document is None:
+        return None
+    try:
+        return _report_in(job_id, document)
+    except ContractError:
+        return None
+
+
+def _report_in(job_id: str, document: dict[str, Any]) -> LoadReport:
+    """The LoadReport in arq's result document; ContractError if it holds none."""
     result = document.get("r")
     if not document.get("s") or not isinstance(result, dict) or "__error__" in result:
         detail = result.get("__error__") if isinstance(result, dict) else result
@@ -39,8 +56,9 @@ async def stored_report(client: Client, job_id: str) -> LoadReport | None:
 async def report(client: Client, job_id: str, *, timeout_s: float | None = None) -> LoadReport:
     """The job's report, waiting for it up to ``timeout_s`` (None: wait as long as it takes).
 
-    Woken by the worker's push when the report is stored (``FinishWatch``); reads it
-    again every ``poll_s`` whatever happens.
+    Woken by the worker's push when the report is stored (``FinishWatch``), which
+    carries the report (then it is not read back); reads it again every ``poll_s``
+    whatever happens.
     """
     loop = asyncio.get_running_loop()
     deadline = None if timeout_s is None else loop.time() + timeout_s
@@ -54,7 +72,7 @@ async def report(client: Client, job_id: str, *, timeout_s: float | None = None)
         look = True  # whether the job still exists, checked unless a push woke us
         while True:
             pushed.clear()
-            stored = await client.stored_report(job_id)
+            stored = _pushed_report(watch, job_id) or await client.stored_report(job_id)
             if stored is not None:
                 # With wait_replicas, a report is handed out only once replicas hold it:
                 # one a failover could still take back might come again with another

@@ -9,7 +9,6 @@ dead letters (``_dead_letters``), and the job handles (``_handles``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -18,7 +17,6 @@ from arq.connections import ArqRedis
 from arq.jobs import Job
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
 
 from loadwarden.producer import _dead_letters, _reports, _status, failures, wire
 from loadwarden.producer import preload as _preload
@@ -29,7 +27,7 @@ from loadwarden.producer._handles import FROM_ARQ, BlockingJobHandle, JobHandle,
 from loadwarden.producer._status import QueueStatus
 from loadwarden.producer.connection import confirm_replicated, redis_client
 from loadwarden.producer.contract import FailingModel, LoadRequest
-from loadwarden.producer.dedupe import enqueue_once
+from loadwarden.producer.dedupe import enqueue_as, enqueue_once
 from loadwarden.producer.errors import JobNotFound, RedisUnavailable
 from loadwarden.producer.finished import FinishWatch
 from loadwarden.producer.keys import (
@@ -129,39 +127,20 @@ class Client:
             )
             await guard(confirm_replicated(redis, self.settings.redis))
             return JobHandle(self, found)
-        # Only the fields the caller set travel: the worker can then tell a request's own
-        # retry policy from the defaults (request > worker > default).
+        # One script (arq's check and write, and the wake push): a second run after a lost
+        # answer finds the first's job, and an id already in use returns that job.
         await guard(
-            self._enqueue_job(redis, job_id, request.model_dump(mode="json", exclude_unset=True))
+            enqueue_as(
+                redis,
+                request,
+                job_id,
+                function=FUNCTION_NAME,
+                queue_name=self.queue_name,
+                now_ms=now_ms(),
+            )
         )
         await guard(confirm_replicated(redis, self.settings.redis))
         return JobHandle(self, job_id)
-
-    async def _enqueue_job(self, redis: ArqRedis, job_id: str, request: dict[str, Any]) -> None:
-        """arq's enqueue, ridden through a dropped connection.
-
-        arq enqueues under WATCH, which redis-py does not retry: a connection lost while
-        watching surfaces as a WatchError, which arq may also read as "already enqueued"
-        and return None. So until the job is seen in Redis it is enqueued again (a second
-        enqueue of the same id is a no-op), for at most the ride-through.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.redis.ride_through_s
-        while True:
-            with contextlib.suppress(WatchError):
-                job = await redis.enqueue_job(
-                    FUNCTION_NAME, request=request, _job_id=job_id, _queue_name=self.queue_name
-                )
-                if job is not None:
-                    async with redis.pipeline(transaction=False) as pipe:
-                        wake_workers(pipe, self.queue_name)
-                        await pipe.execute()
-                    return
-                if await self.job_state(job_id) is not JobState.NOT_FOUND:
-                    return
-            if loop.time() >= deadline:
-                raise RedisConnectionError(f"job {job_id} could not be enqueued in time")
-            await asyncio.sleep(0.1)
 
     async def cancel(self, job_id: str) -> JobState:
         """Cancel a job: a queued one never loads, a running one has its child killed at once.

@@ -16,6 +16,15 @@ reads the result every ``FALLBACK_POLL_S`` while subscribed, and every
 Sentinel failover): then every watch is woken when it stands again, to catch up
 on what was published meanwhile.
 
+The push carries the result itself (``FINISHED_REPORTS_CHANNEL``: the stored
+document, byte for byte, up to ``PUSHED_RESULT_MAX_BYTES``; past that only
+``{"id": ...}``), so a waiter woken by it need not read it back: one round trip
+less. It comes from Redis as the stored one does and is validated the same way;
+one that does not hold a valid report is read from ``arq:result:<id>`` instead.
+``FINISHED_CHANNEL`` keeps carrying the bare id, for clients that speak to Redis
+directly (README, "Enqueueing from another language"). A client subscribes to the
+reports channel only: with workers older than it, it falls back to its slow poll.
+
 Why one channel for all jobs and not one per job: a subscription per waited job
 costs a round trip per wait and a confirmation to track before the read; one
 channel costs each subscribed client a few dozen bytes per finished job, which is
@@ -28,11 +37,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from redis.asyncio import Redis
 
+from loadwarden.producer import wire
 from loadwarden.producer.connection import follow
-from loadwarden.producer.keys import FINISHED_CHANNEL
+from loadwarden.producer.errors import ContractError
+from loadwarden.producer.keys import FINISHED_REPORTS_CHANNEL
 from loadwarden.producer.settings import RedisOptions
 
 #: While subscribed, a waiter still reads its result this often (a push lost on the way,
@@ -45,9 +57,37 @@ SUBSCRIBE_WAIT_S = 1.0
 #: First and longest pause before subscribing again after the connection dropped.
 RESUBSCRIBE_FIRST_S = 0.1
 RESUBSCRIBE_MAX_S = 5.0
+#: Results up to this size travel in the push (a tiny load's is 1-3 KiB): every subscribed
+#: client receives every push, and Redis drops a subscriber whose unread pushes pass 8 MiB
+#: for a minute (its default pubsub buffer limit), so a big report (a checkpoint with
+#: thousands of tensors) is read instead.
+PUSHED_RESULT_MAX_BYTES = 16 * 1024
 
 # The standard library's logging, as httpx and redis-py log: a producer carries no structlog.
 log = logging.getLogger("loadwarden.client")
+
+
+def push_message(job_id: str, result: bytes | None) -> bytes:
+    """What a worker publishes on ``FINISHED_REPORTS_CHANNEL`` once ``result`` is stored."""
+    if result is not None and len(result) <= PUSHED_RESULT_MAX_BYTES:
+        return result  # arq's result document names its job ("id")
+    return wire.dumps({"id": job_id})
+
+
+def read_push(data: bytes) -> tuple[str, dict[str, Any] | None]:
+    """The job a push names, and the result document it carries (None: read it instead).
+
+    A push that is not our JSON is taken as a bare job id (a worker that publishes only
+    that): at worst it wakes nobody, or wakes a waiter that then reads its result.
+    """
+    try:
+        document = wire.loads(data)
+    except ContractError:
+        return data.decode(errors="replace"), None
+    job_id = document.get("id")
+    if not isinstance(job_id, str):
+        return "", None
+    return job_id, (document if "r" in document else None)
 
 
 class FinishWatch:
@@ -57,6 +97,8 @@ class FinishWatch:
         self._redis = redis
         self._options = options
         self._watches: dict[str, set[asyncio.Event]] = {}
+        #: Result documents pushed for watched jobs, until a waiter takes them or unwatches.
+        self._pushed: dict[str, dict[str, Any]] = {}
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -84,6 +126,11 @@ class FinishWatch:
                 events.discard(event)
                 if not events:
                     del self._watches[job_id]
+                    self._pushed.pop(job_id, None)
+
+    def take(self, job_id: str) -> dict[str, Any] | None:
+        """The result document a push brought for ``job_id`` (once), else None."""
+        return self._pushed.pop(job_id, None)
 
     def start(self) -> None:
         """Subscribe, in the background, unless done already.
@@ -123,15 +170,20 @@ class FinishWatch:
         try:
             async for data in follow(
                 self._redis,
-                FINISHED_CHANNEL,
+                FINISHED_REPORTS_CHANNEL,
                 self._options,
                 on_subscribed=self._caught_up,
                 on_lost=self._lost,
                 first_s=RESUBSCRIBE_FIRST_S,
                 max_s=RESUBSCRIBE_MAX_S,
             ):
-                for event in self._watches.get(data.decode(errors="replace"), ()):
-                    event.set()
+                job_id, document = read_push(data)
+                events = self._watches.get(job_id)
+                if events:
+                    if document is not None:
+                        self._pushed[job_id] = document
+                    for event in events:
+                        event.set()
         finally:
             self._subscribed.clear()
 

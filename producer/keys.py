@@ -18,6 +18,9 @@ CANCEL_KEY_PREFIX = "loadwarden:cancel:"
 CANCEL_CHANNEL = "loadwarden:cancel"
 #: A worker publishes a job's id here once its result is stored (waiting clients subscribe).
 FINISHED_CHANNEL = "loadwarden:finished"
+#: ... and its stored result here, as stored (``loadwarden.producer.finished``): the client's
+#: own channel, which spares it the read after the push.
+FINISHED_REPORTS_CHANNEL = "loadwarden:finished:reports"
 #: The job id of a request that is queued or running (so enqueueing it again returns it).
 DEDUPE_KEY_PREFIX = "loadwarden:dedupe:"
 #: A capped stream of the final reports of jobs that failed for good.

@@ -24,7 +24,7 @@ from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox import _seccomp
 from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox.cgroups import CgroupManager
-from loadwarden.worker.sandbox.forkserver import SandboxError
+from loadwarden.worker.sandbox.children import SandboxError
 
 #: Runs in the private mount namespace with cgroup2 mounted at argv[1].
 V2_SCRIPT = r"""

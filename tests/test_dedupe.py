@@ -88,3 +88,29 @@ async def test_a_finished_job_does_not_hold_its_request(redis_url: str) -> None:
         await redis.zrem(client.queue_name, first.job_id)
         second = await client.enqueue(request)
     assert first.job_id != second.job_id
+
+
+async def test_a_callers_id_is_one_job_in_one_round_trip(redis_url: str) -> None:
+    """A caller's job id: enqueued with its wake token in one command; the id again, whether
+    its job waits or has a result, writes nothing."""
+    request = LoadRequest(source="/models/d.safetensors")
+    async with Client(redis_url) as client:
+        redis = await client.redis()
+        await client.enqueue(request, job_id="warm-up")  # loads the script
+        await redis.config_resetstat()
+        handle = await client.enqueue(request, job_id="mine")
+        calls = {k: v["calls"] for k, v in (await redis.info("commandstats")).items()}
+        stored = await redis.get("arq:job:mine")
+        again = await client.enqueue(LoadRequest(source="/models/other.safetensors"), job_id="mine")
+        await redis.set("arq:result:done", b"{}")
+        after_result = await client.enqueue(request, job_id="done")
+        unchanged = await redis.get("arq:job:mine")
+        queued = await redis.zrange(client.queue_name, 0, -1)
+        tokens = await redis.llen(f"{client.queue_name}:wake")
+    assert handle.job_id == again.job_id == "mine" and after_result.job_id == "done"
+    # The script's own commands count too (EXISTS, SET, ...): arq's path would add these.
+    assert calls["cmdstat_evalsha"] == 1, calls
+    assert not {"cmdstat_watch", "cmdstat_multi", "cmdstat_exec", "cmdstat_psetex"} & set(calls)
+    assert stored is not None and b"/models/d.safetensors" in stored and unchanged == stored
+    assert sorted(queued) == [b"mine", b"warm-up"]  # "done" had a result: not queued again
+    assert tokens == 2  # one per job enqueued

@@ -20,7 +20,7 @@ from loadwarden.producer.contract import (
     Outcome,
     WorkerInfo,
 )
-from loadwarden.producer.keys import FINISHED_CHANNEL
+from loadwarden.producer.keys import FINISHED_CHANNEL, FINISHED_REPORTS_CHANNEL
 from loadwarden.worker.config import Settings
 from tests.conftest import eventually, running_worker
 
@@ -112,13 +112,75 @@ async def test_push_before_the_wait_is_not_missed(client: Client, redis_url: str
         watch = await client.finish_watch()
         event = watch.watch(["job-a"])
         assert await watch.ready()
-        await raw.publish(FINISHED_CHANNEL, "job-b")
-        await raw.publish(FINISHED_CHANNEL, "job-a")
+        await raw.publish(FINISHED_REPORTS_CHANNEL, finished.push_message("job-b", None))
+        await raw.publish(FINISHED_REPORTS_CHANNEL, finished.push_message("job-a", None))
         await asyncio.wait_for(event.wait(), 10)
         watch.unwatch(["job-a"], event)
         assert watch._watches == {}
     finally:
         await raw.aclose()
+
+
+async def test_the_push_carries_the_stored_result(
+    client: Client, settings: Settings, small_model: Path, redis_url: str
+) -> None:
+    """A worker pushes a finished job's stored result as stored, and its id on the id channel."""
+    raw = redis_client(redis_url)
+    pubsub = raw.pubsub()
+    try:
+        await pubsub.subscribe(FINISHED_CHANNEL, FINISHED_REPORTS_CHANNEL)
+        handle = await client.enqueue(LoadRequest(source=str(small_model)))
+        async with running_worker(settings):
+            messages: dict[str, bytes] = {}
+            async with asyncio.timeout(20):
+                while len(messages) < 2:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                    if message is not None:
+                        messages[message["channel"].decode()] = message["data"]
+        stored = await raw.get(result_key_prefix + handle.job_id)
+    finally:
+        await pubsub.aclose()
+        await raw.aclose()
+    assert messages[FINISHED_CHANNEL] == handle.job_id.encode()
+    assert messages[FINISHED_REPORTS_CHANNEL] == stored
+    assert finished.read_push(stored)[0] == handle.job_id
+
+
+async def test_a_pushed_report_is_not_read_back(
+    no_fallback: None, client: Client, redis_url: str
+) -> None:
+    """A waiter takes the valid report a push carries; one that carries an invalid report
+    (or only an id) sends it to the stored result, which is judged as before."""
+    raw = redis_client(redis_url)
+    try:
+        handle = await client.enqueue(LoadRequest(source="/nowhere.safetensors"))
+        waiter = await _subscribed_waiter(client, handle.job_id)
+        # Nothing stored: only the push can answer. A bad report in it wakes the waiter,
+        # which reads the (absent) stored result and waits on.
+        bad = {"id": handle.job_id, "s": True, "r": {"job_id": handle.job_id}}
+        before = await _gets(client)
+        await raw.publish(FINISHED_REPORTS_CHANNEL, wire.dumps(bad))
+        await eventually(lambda: _more_gets(client, before), what="the read after a bad push")
+        assert not waiter.done()
+        good = {"id": handle.job_id, "s": True, "r": _minimal_report(handle.job_id)}
+        before = await _gets(client)
+        await raw.publish(FINISHED_REPORTS_CHANNEL, wire.dumps(good))
+        found = await asyncio.wait_for(waiter, 10)
+        assert found.job_id == handle.job_id  # type: ignore[attr-defined]
+        assert await _gets(client) == before  # taken from the push, not read back
+        assert (await client.finish_watch())._pushed == {}
+    finally:
+        await raw.aclose()
+
+
+def test_a_big_result_is_pushed_as_its_id() -> None:
+    """A result past the cap travels as its job's id only; a bare id is read as one."""
+    small = wire.dumps({"id": "j", "s": True, "r": {}})
+    big = wire.dumps({"id": "j", "s": True, "r": {"x": "y" * finished.PUSHED_RESULT_MAX_BYTES}})
+    assert finished.read_push(finished.push_message("j", small)) == ("j", wire.loads(small))
+    assert finished.read_push(finished.push_message("j", big)) == ("j", None)
+    assert finished.read_push(finished.push_message("j", None)) == ("j", None)
+    assert finished.read_push(b"plain-id") == ("plain-id", None)
 
 
 def _minimal_report(job_id: str) -> dict[str, object]:

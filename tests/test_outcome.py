@@ -22,7 +22,7 @@ from loadwarden.worker.load._outcome import (
     failure,
 )
 from loadwarden.worker.load.limits import derive_limits
-from loadwarden.worker.sandbox.forkserver import ChildExit
+from loadwarden.worker.sandbox.children import ChildExit
 
 LIMITS = derive_limits(100 * 1024 * 1024, LimitOverrides(), LimitPolicy())
 DIGEST = "a" * 64

@@ -16,6 +16,8 @@ from loadwarden.producer.client import Client, JobState
 from loadwarden.producer.connection import redis_client
 from loadwarden.producer.contract import LoadRequest, Outcome
 from loadwarden.producer.errors import JobNotFound, RedisUnavailable, ReportTimeout
+from loadwarden.producer.keys import DEDUPE_KEY_PREFIX, RECENT_STREAM, RUNNING_ZSET, dedupe_key
+from loadwarden.worker._keys import ATTEMPTS_KEY_PREFIX
 from loadwarden.worker.config import Settings
 from loadwarden.worker.queue.runner import WorkerRunner
 
@@ -124,3 +126,24 @@ def test_wire_round_trip_of_a_report_through_arq_format(small_model: Path) -> No
     """The worker's result document is plain JSON our deserializer accepts."""
     document = {"t": 1, "s": True, "r": {"outcome": "ok"}, "id": "x"}
     assert wire.loads(wire.dumps(document)) == document
+
+
+async def test_the_bookkeeping_ends_with_the_result_and_cannot_spoil_it(
+    worker_runner: WorkerRunner,
+    client: Client,
+    small_model: Path,
+    captured_events: list[dict[str, object]],
+) -> None:
+    """A finished job's bookkeeping lands with its stored result; a key of ours holding the
+    wrong type costs that one write (logged), never the report or the rest."""
+    redis = await client.redis()
+    await redis.set(RECENT_STREAM, b"not a stream")  # XADD answers WRONGTYPE
+    request = LoadRequest(source=str(small_model))
+    handle = await client.enqueue(request)
+    report = await handle.report(timeout_s=30)
+    assert report.outcome is Outcome.OK, report.error
+    keys = (ATTEMPTS_KEY_PREFIX + handle.job_id, DEDUPE_KEY_PREFIX + dedupe_key(request))
+    assert await redis.exists(*keys) == 0
+    assert await redis.zscore(RUNNING_ZSET, handle.job_id) is None
+    failed = [e for e in captured_events if e["event"] == "job_bookkeeping_failed"]
+    assert [e["job_id"] for e in failed] == [handle.job_id], failed

@@ -29,7 +29,7 @@ from loadwarden.worker.config import Settings, SigningPolicy, TrustedSigner
 from loadwarden.worker.load import _checks as checks_module
 from loadwarden.worker.load.signing import may_require, required_signers
 from loadwarden.worker.load.supervisor import Supervisor
-from loadwarden.worker.sandbox.forkserver import SandboxError
+from loadwarden.worker.sandbox.children import SandboxError
 from tests.checkpoints import INDEX, cache_snapshot, save_pretrained, state_dict
 from tests.signatures import expired_certificates, make_certificates, make_key, policy, sign
 from tests.test_cli import run

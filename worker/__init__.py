@@ -29,19 +29,20 @@ if TYPE_CHECKING:
     from loadwarden.worker.ops.logs import configure_logging
     from loadwarden.worker.queue.arq_adapter import create_worker
     from loadwarden.worker.queue.runner import run_worker
-    from loadwarden.worker.sandbox.forkserver import ChildExit, ForkServer, SandboxError, stop_child
+    from loadwarden.worker.sandbox.children import ChildExit, SandboxError, stop_child
+    from loadwarden.worker.sandbox.forkserver import ForkServer
     from loadwarden.worker.sources import open_model, open_source
 
 _WHERE = {
     "AutoscalePolicy": "loadwarden.worker.config",
-    "ChildExit": "loadwarden.worker.sandbox.forkserver",
+    "ChildExit": "loadwarden.worker.sandbox.children",
     "FailureMemoryPolicy": "loadwarden.worker.config",
     "ForkServer": "loadwarden.worker.sandbox.forkserver",
     "Inspection": "loadwarden.worker.formats",
     "InspectionCaps": "loadwarden.worker.config",
     "LimitPolicy": "loadwarden.worker.config",
     "SafetensorsHeader": "loadwarden.worker.formats.safetensors",
-    "SandboxError": "loadwarden.worker.sandbox.forkserver",
+    "SandboxError": "loadwarden.worker.sandbox.children",
     "Settings": "loadwarden.worker.config",
     "SigningPolicy": "loadwarden.worker.config",
     "SourcePolicy": "loadwarden.worker.config",
@@ -55,7 +56,7 @@ _WHERE = {
     "open_model": "loadwarden.worker.sources",
     "open_source": "loadwarden.worker.sources",
     "run_worker": "loadwarden.worker.queue.runner",
-    "stop_child": "loadwarden.worker.sandbox.forkserver",
+    "stop_child": "loadwarden.worker.sandbox.children",
 }
 
 __all__ = [

@@ -74,7 +74,7 @@ def worker(
     from loadwarden.worker._files import resolved
     from loadwarden.worker.ops.logs import configure_logging
     from loadwarden.worker.queue.runner import run_worker
-    from loadwarden.worker.sandbox.forkserver import SandboxError
+    from loadwarden.worker.sandbox.children import SandboxError
 
     settings = settings_from(redis, concurrency=concurrency, metrics_port=metrics_port)
     if allow_root:

@@ -26,13 +26,8 @@ from loadwarden.worker.load._outcome import (
 )
 from loadwarden.worker.load.monitor import Monitor
 from loadwarden.worker.sandbox.cgroups import Cgroup, CgroupManager
-from loadwarden.worker.sandbox.forkserver import (
-    Child,
-    ChildExit,
-    ForkServer,
-    SandboxError,
-    stop_child,
-)
+from loadwarden.worker.sandbox.children import Child, ChildExit, SandboxError, stop_child
+from loadwarden.worker.sandbox.forkserver import ForkServer
 from loadwarden.worker.sandbox.spec import ChildSpec
 
 #: After its final message a child exits at once; wait this long before killing it.

@@ -31,7 +31,7 @@ from loadwarden.producer.errors import (
 )
 
 if TYPE_CHECKING:  # a type only: `inspect` reads this module and starts no child
-    from loadwarden.worker.sandbox.forkserver import ChildExit
+    from loadwarden.worker.sandbox.children import ChildExit
 
 Count = Annotated[int, Field(ge=0)]
 Text = Annotated[str, Field(max_length=16_384)]

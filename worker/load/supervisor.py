@@ -65,7 +65,8 @@ from loadwarden.worker.ops.metrics import Metrics
 from loadwarden.worker.sandbox import _seccomp
 from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox.cgroups import CgroupManager
-from loadwarden.worker.sandbox.forkserver import ForkServer, SandboxError
+from loadwarden.worker.sandbox.children import SandboxError
+from loadwarden.worker.sandbox.forkserver import ForkServer
 from loadwarden.worker.sources import open_model
 
 #: The loader each format runs in the child.

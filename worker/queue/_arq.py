@@ -43,9 +43,20 @@ from redis.exceptions import RedisError, ResponseError
 
 from loadwarden.producer import wire
 from loadwarden.producer.errors import LoadError, describe
-from loadwarden.producer.keys import FINISHED_CHANNEL, now_ms, wake_key
+from loadwarden.producer.finished import push_message
+from loadwarden.producer.keys import (
+    FINISHED_CHANNEL,
+    FINISHED_REPORTS_CHANNEL,
+    now_ms,
+    wake_key,
+)
 from loadwarden.worker.load._outcome import Early, failure
-from loadwarden.worker.queue.job import TRANSIENT_REDIS_ERRORS, end_with_report
+from loadwarden.worker.queue.job import (
+    FINISH_WITH_RESULT,
+    TRANSIENT_REDIS_ERRORS,
+    end_with_report,
+)
+from loadwarden.worker.queue.jobs import JobBook
 
 log = structlog.get_logger("loadwarden.worker")
 
@@ -91,6 +102,10 @@ class LoadWorker(Worker):
         super().__init__(*args, **kwargs)
         #: Job id -> (exception, job document) of results arq is about to store as failures.
         self._failures: dict[str, tuple[BaseException, dict[str, Any]]] = {}
+        # The job function leaves a finished job's bookkeeping to finish_job's transaction.
+        self._book: JobBook | None = self.ctx.get("book")
+        if self._book is not None:
+            self.ctx[FINISH_WITH_RESULT] = True
         self.job_serializer = self._serialize
         self._next_marker_check = 0.0
         # arq sleeps poll_delay_s between two looks at the queue; we wait in _poll_iteration
@@ -226,6 +241,8 @@ class LoadWorker(Worker):
             await self._store(job_id, report)
         finally:
             self._failures.pop(job_id, None)
+            if self._book is not None:  # a bookkeeping that never reached finish_job
+                self._book.take_finish(job_id)
 
     async def finish_job(
         self,
@@ -240,9 +257,10 @@ class LoadWorker(Worker):
         noted = self._failures.pop(job_id, None)
         if finish and noted is not None:
             result_data = await self._report(job_id, *noted)
-        # arq's finish_job (0.28) line for line, with the push to waiting clients in the same
-        # transaction (delivered once it commits: after the result is stored), not a round
-        # trip of its own.
+        left = self._book.take_finish(job_id) if self._book is not None else None
+        # arq's finish_job (0.28) line for line, with the pushes to waiting clients and the
+        # job's own bookkeeping (JobBook.finish) in the same transaction (the pushes delivered
+        # once it commits: after the result is stored), not round trips of their own.
         async with self.pool.pipeline(transaction=True) as tr:
             delete_keys = []
             in_progress_key = in_progress_key_prefix + job_id
@@ -257,21 +275,42 @@ class LoadWorker(Worker):
                 delete_keys += [retry_key_prefix + job_id, job_key_prefix + job_id]
                 tr.zrem(abort_jobs_ss, job_id)
                 tr.zrem(self.queue_name, job_id)
-                tr.publish(FINISHED_CHANNEL, job_id)
+                self._push(tr, job_id, result_data)
             elif incr_score:
                 tr.zincrby(self.queue_name, incr_score, job_id)
             if delete_keys:
                 tr.delete(*delete_keys)
-            await tr.execute()
+            arqs = len(tr.command_stack)
+            if finish and left is not None and self._book is not None:
+                request, report, busy_s = left
+                self._book.finish_on(tr, job_id, request, report, busy_s=busy_s)
+            results = await tr.execute(raise_on_error=False)
+        # A transaction is not rolled back: a command that failed (a key of ours holding the
+        # wrong type) failed alone. arq's own raise as they would have; ours are logged (the
+        # report is stored), as JobBook.finish's own failures were.
+        for result in results[:arqs]:
+            if isinstance(result, Exception):
+                raise result
+        for result in results[arqs:]:
+            if isinstance(result, Exception):
+                log.error("job_bookkeeping_failed", job_id=job_id, error=describe(result))
+                break
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         noted = self._failures.pop(job_id, None)
         if noted is not None:
             result_data = await self._report(job_id, *noted)
         await super().finish_failed_job(job_id, result_data)
-        await self._announce(job_id)
+        await self._announce(job_id, result_data)
 
-    async def _announce(self, job_id: str) -> None:
+    @staticmethod
+    def _push(pipe: Any, job_id: str, result: bytes | None) -> None:
+        """Queue on ``pipe`` the pushes of a stored result: its id for anyone, the result
+        itself for our clients (``loadwarden.producer.finished``)."""
+        pipe.publish(FINISHED_CHANNEL, job_id)
+        pipe.publish(FINISHED_REPORTS_CHANNEL, push_message(job_id, result))
+
+    async def _announce(self, job_id: str, result: bytes | None) -> None:
         """Tell waiting clients the job's result is stored (loadwarden.producer.finished).
 
         After the store, never before: a client woken by this reads the result at once.
@@ -279,7 +318,9 @@ class LoadWorker(Worker):
         failing here would leave arq's bookkeeping of a finished job half done.
         """
         try:
-            await self.pool.publish(FINISHED_CHANNEL, job_id)
+            async with self.pool.pipeline(transaction=False) as pipe:
+                self._push(pipe, job_id, result)
+                await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("finish_announce_failed", job_id=job_id, error=describe(exc))
 
@@ -319,5 +360,5 @@ class LoadWorker(Worker):
             )
             tr.set(result_key_prefix + job_id, result, px=int(self.keep_result_s * 1000))
             tr.zrem(self.queue_name, job_id)
-            tr.publish(FINISHED_CHANNEL, job_id)
+            self._push(tr, job_id, result)
             await tr.execute()

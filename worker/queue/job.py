@@ -56,6 +56,9 @@ REDIS_RETRY_DEFER_S = 1.0
 #: OSError that is not Redis's at all would otherwise retry forever): 200 x 1 s outlasts
 #: any failover we measured (2-6 s) by far.
 MAX_JOB_TRIES = 200
+#: Set in the job context by a worker that writes a job's final bookkeeping in the
+#: transaction that stores its result (``LoadWorker.finish_job``), not in a round trip of its own.
+FINISH_WITH_RESULT = "loadwarden_finish_with_result"
 
 log = structlog.get_logger("loadwarden.worker")
 
@@ -156,6 +159,9 @@ async def _job(ctx: dict[str, Any], request: Any, extra: dict[str, Any]) -> Load
             await book.add_busy(job_id, time.monotonic() - started)
             raise
     final = final.model_copy(update={"attempts": previous + final.attempts})
+    if ctx.get(FINISH_WITH_RESULT):
+        book.finish_later(job_id, parsed, final, time.monotonic() - started)
+        return final
     try:
         await book.finish(job_id, parsed, final, busy_s=time.monotonic() - started)
     except TRANSIENT_REDIS_ERRORS:

@@ -20,6 +20,7 @@ import structlog
 from arq.constants import in_progress_key_prefix
 from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from loadwarden.producer.connection import follow
@@ -45,6 +46,8 @@ from loadwarden.worker.ops.metrics import Metrics
 log = structlog.get_logger("loadwarden.jobs")
 
 _attempts = TypeAdapter(list[Attempt])
+#: ``finish``'s arguments (request, final report, busy seconds), left for a later transaction.
+_Finish = tuple[LoadRequest | None, LoadReport, float]
 
 
 def _parse_attempts(raw: bytes | None) -> list[Attempt]:
@@ -85,6 +88,8 @@ class JobBook:
         self.settings = settings
         self.metrics = metrics
         self._cancel_events: dict[str, asyncio.Event] = {}
+        #: Job id -> ``finish``'s arguments, for the transaction that stores the result.
+        self._finishing: dict[str, _Finish] = {}
 
     async def attempts(self, job_id: str) -> list[Attempt]:
         """Attempts recorded so far (a placeholder still marked ``worker_lost`` was lost)."""
@@ -208,42 +213,65 @@ class JobBook:
         ``busy_s`` is how long the worker held this last run (None: the report's own
         attempt spans); it counts toward the autoscaler's service time.
         """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self.finish_on(pipe, job_id, request, report, busy_s=busy_s)
+            await pipe.execute()
+
+    def finish_later(
+        self, job_id: str, request: LoadRequest | None, report: LoadReport, busy_s: float
+    ) -> None:
+        """Leave ``finish`` to the transaction that stores the job's result (``take_finish``):
+        one round trip less per job."""
+        self._finishing[job_id] = (request, report, busy_s)
+
+    def take_finish(self, job_id: str) -> _Finish | None:
+        """The ``finish`` left for the result's transaction, once (None: none was left)."""
+        return self._finishing.pop(job_id, None)
+
+    def finish_on(
+        self,
+        pipe: Pipeline,
+        job_id: str,
+        request: LoadRequest | None,
+        report: LoadReport,
+        *,
+        busy_s: float | None = None,
+    ) -> None:
+        """Queue ``finish``'s writes on ``pipe`` (a redis-py transaction), not sent yet."""
         now = now_ms()
         if busy_s is None:
             busy_s = sum((a.finished_at - a.started_at).total_seconds() for a in report.attempts)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(ATTEMPTS_KEY_PREFIX + job_id, CANCEL_KEY_PREFIX + job_id)
-            pipe.zrem(RUNNING_ZSET, job_id)  # the lease leaves it to this round trip
-            bucket = SERVICE_KEY_PREFIX + str(now // 60_000)
-            pipe.hincrby(bucket, "jobs", 1)
-            pipe.hincrbyfloat(bucket, "seconds", busy_s)
-            pipe.hincrby(bucket, SERVICE_OUTCOME_FIELD_PREFIX + str(report.outcome), 1)
-            pipe.expire(bucket, (SERVICE_WINDOW_MINUTES + 5) * 60)
+        pipe.delete(ATTEMPTS_KEY_PREFIX + job_id, CANCEL_KEY_PREFIX + job_id)
+        pipe.zrem(RUNNING_ZSET, job_id)  # the lease leaves it to this round trip
+        bucket = SERVICE_KEY_PREFIX + str(now // 60_000)
+        pipe.hincrby(bucket, "jobs", 1)
+        pipe.hincrbyfloat(bucket, "seconds", busy_s)
+        pipe.hincrby(bucket, SERVICE_OUTCOME_FIELD_PREFIX + str(report.outcome), 1)
+        pipe.expire(bucket, (SERVICE_WINDOW_MINUTES + 5) * 60)
+        pipe.xadd(
+            RECENT_STREAM,
+            _recent_entry(job_id, report),  # type: ignore[arg-type]
+            maxlen=RECENT_MAXLEN,
+            approximate=True,
+        )
+        if request is not None:
+            pipe.delete(DEDUPE_KEY_PREFIX + dedupe_key(request))
+        if report.outcome not in (Outcome.OK, Outcome.CANCELLED):
+            if self.metrics is not None:
+                self.metrics.dead_letters.inc()
+            fields = {
+                "job_id": job_id,
+                "outcome": str(report.outcome),
+                "request": request.model_dump_json() if request else "null",
+                "report": report.model_dump_json(),
+                "at": datetime.now(UTC).isoformat(),
+            }
             pipe.xadd(
-                RECENT_STREAM,
-                _recent_entry(job_id, report),  # type: ignore[arg-type]
-                maxlen=RECENT_MAXLEN,
+                DEAD_LETTER_STREAM,
+                fields,  # type: ignore[arg-type]
+                maxlen=self.settings.dead_letter_maxlen,
                 approximate=True,
             )
-            if request is not None:
-                pipe.delete(DEDUPE_KEY_PREFIX + dedupe_key(request))
-            if report.outcome not in (Outcome.OK, Outcome.CANCELLED):
-                if self.metrics is not None:
-                    self.metrics.dead_letters.inc()
-                fields = {
-                    "job_id": job_id,
-                    "outcome": str(report.outcome),
-                    "request": request.model_dump_json() if request else "null",
-                    "report": report.model_dump_json(),
-                    "at": datetime.now(UTC).isoformat(),
-                }
-                pipe.xadd(
-                    DEAD_LETTER_STREAM,
-                    fields,  # type: ignore[arg-type]
-                    maxlen=self.settings.dead_letter_maxlen,
-                    approximate=True,
-                )
-            await pipe.execute()
 
     async def dead_letter_raw(self, job_id: str, payload: str, report: LoadReport) -> None:
         """Dead-letter a job whose payload was not a request at all (kept as text, truncated)."""

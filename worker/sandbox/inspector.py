@@ -35,7 +35,8 @@ from loadwarden.producer.errors import (
 )
 from loadwarden.worker._files import ModelFile
 from loadwarden.worker.config import InspectionCaps
-from loadwarden.worker.sandbox.forkserver import SandboxError, child_environment, kill_group
+from loadwarden.worker.sandbox.children import SandboxError, kill_group
+from loadwarden.worker.sandbox.forkserver import child_environment
 
 #: Errors the child may name, by class name: nothing else is believed.
 _ERRORS: dict[str, type[LoadError]] = {
