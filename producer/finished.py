@@ -9,8 +9,10 @@ event, or, if it came before the subscription stood, the subscription standing
 does (every watch is woken then, to read once more). The first read does not
 wait for the subscription: a report already there comes back at once.
 
-The push only says "look now": the result in ``arq:result:<id>`` stays the one
-source of truth, so a lost push costs latency, never a report. A waiter still
+A lost push costs latency, never a report: the result in ``arq:result:<id>`` is
+always there to read. A push that carries the result (below) is taken as it, so
+whoever may PUBLISH on the reports channel is trusted as much as whoever may write
+results: give producers and workers one Redis ACL, not publish rights to others. A waiter still
 reads the result every ``FALLBACK_POLL_S`` while subscribed, and every
 ``UNSUBSCRIBED_POLL_S`` while the subscription is down (Redis restarting, a
 Sentinel failover): then every watch is woken when it stands again, to catch up

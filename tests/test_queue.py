@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from arq.constants import job_key_prefix
+from arq.constants import job_key_prefix, result_key_prefix
 
 from loadwarden.producer import wire
 from loadwarden.producer.client import Client, JobState
@@ -19,6 +19,7 @@ from loadwarden.producer.errors import JobNotFound, RedisUnavailable, ReportTime
 from loadwarden.producer.keys import DEDUPE_KEY_PREFIX, RECENT_STREAM, RUNNING_ZSET, dedupe_key
 from loadwarden.worker._keys import ATTEMPTS_KEY_PREFIX
 from loadwarden.worker.config import Settings
+from loadwarden.worker.queue.jobs import JobBook
 from loadwarden.worker.queue.runner import WorkerRunner
 
 
@@ -126,6 +127,30 @@ def test_wire_round_trip_of_a_report_through_arq_format(small_model: Path) -> No
     """The worker's result document is plain JSON our deserializer accepts."""
     document = {"t": 1, "s": True, "r": {"outcome": "ok"}, "id": "x"}
     assert wire.loads(wire.dumps(document)) == document
+
+
+async def test_bookkeeping_that_raises_before_sending_keeps_the_report(
+    worker_runner: WorkerRunner,
+    client: Client,
+    small_model: Path,
+    captured_events: list[dict[str, object]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bookkeeping that fails while it is being built (in Python, before anything is sent)
+    is logged and dropped: the report is still stored and pushed, arq's transaction runs."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bookkeeping broke")
+
+    monkeypatch.setattr(JobBook, "finish_on", broken)
+    handle = await client.enqueue(LoadRequest(source=str(small_model)))
+    report = await handle.report(timeout_s=30)
+    assert report.outcome is Outcome.OK, report.error
+    redis = await client.redis()
+    assert await redis.exists(result_key_prefix + handle.job_id) == 1
+    assert await redis.exists(job_key_prefix + handle.job_id) == 0
+    failed = [e for e in captured_events if e["event"] == "job_bookkeeping_failed"]
+    assert failed and "bookkeeping broke" in str(failed[0]["error"])
 
 
 async def test_the_bookkeeping_ends_with_the_result_and_cannot_spoil_it(

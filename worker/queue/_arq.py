@@ -39,6 +39,7 @@ from arq.constants import (
 )
 from arq.utils import to_ms
 from arq.worker import Worker
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, ResponseError
 
 from loadwarden.producer import wire
@@ -56,7 +57,7 @@ from loadwarden.worker.queue.job import (
     TRANSIENT_REDIS_ERRORS,
     end_with_report,
 )
-from loadwarden.worker.queue.jobs import JobBook
+from loadwarden.worker.queue.jobs import Finish, JobBook
 
 log = structlog.get_logger("loadwarden.worker")
 
@@ -281,9 +282,8 @@ class LoadWorker(Worker):
             if delete_keys:
                 tr.delete(*delete_keys)
             arqs = len(tr.command_stack)
-            if finish and left is not None and self._book is not None:
-                request, report, busy_s = left
-                self._book.finish_on(tr, job_id, request, report, busy_s=busy_s)
+            if finish and left is not None:
+                self._queue_bookkeeping(tr, job_id, left)
             results = await tr.execute(raise_on_error=False)
         # A transaction is not rolled back: a command that failed (a key of ours holding the
         # wrong type) failed alone. arq's own raise as they would have; ours are logged (the
@@ -295,6 +295,20 @@ class LoadWorker(Worker):
             if isinstance(result, Exception):
                 log.error("job_bookkeeping_failed", job_id=job_id, error=describe(result))
                 break
+
+    def _queue_bookkeeping(self, tr: Pipeline, job_id: str, left: Finish) -> None:
+        """Queue the job's own bookkeeping after arq's commands in ``tr``; if building it
+        fails (in Python, before anything is sent), drop what it queued and log it: ours
+        must never cost the stored report."""
+        if self._book is None:
+            return
+        arqs = len(tr.command_stack)
+        request, report, busy_s = left
+        try:
+            self._book.finish_on(tr, job_id, request, report, busy_s=busy_s)
+        except Exception as exc:
+            del tr.command_stack[arqs:]
+            log.error("job_bookkeeping_failed", job_id=job_id, error=describe(exc))
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         noted = self._failures.pop(job_id, None)

@@ -47,7 +47,7 @@ log = structlog.get_logger("loadwarden.jobs")
 
 _attempts = TypeAdapter(list[Attempt])
 #: ``finish``'s arguments (request, final report, busy seconds), left for a later transaction.
-_Finish = tuple[LoadRequest | None, LoadReport, float]
+Finish = tuple[LoadRequest | None, LoadReport, float]
 
 
 def _parse_attempts(raw: bytes | None) -> list[Attempt]:
@@ -89,7 +89,7 @@ class JobBook:
         self.metrics = metrics
         self._cancel_events: dict[str, asyncio.Event] = {}
         #: Job id -> ``finish``'s arguments, for the transaction that stores the result.
-        self._finishing: dict[str, _Finish] = {}
+        self._finishing: dict[str, Finish] = {}
 
     async def attempts(self, job_id: str) -> list[Attempt]:
         """Attempts recorded so far (a placeholder still marked ``worker_lost`` was lost)."""
@@ -224,7 +224,7 @@ class JobBook:
         one round trip less per job."""
         self._finishing[job_id] = (request, report, busy_s)
 
-    def take_finish(self, job_id: str) -> _Finish | None:
+    def take_finish(self, job_id: str) -> Finish | None:
         """The ``finish`` left for the result's transaction, once (None: none was left)."""
         return self._finishing.pop(job_id, None)
 
