@@ -21,6 +21,7 @@ from loadwarden.worker._keys import ATTEMPTS_KEY_PREFIX
 from loadwarden.worker.config import Settings
 from loadwarden.worker.queue.jobs import JobBook
 from loadwarden.worker.queue.runner import WorkerRunner
+from tests.conftest import eventually
 
 
 @pytest.fixture
@@ -170,5 +171,9 @@ async def test_the_bookkeeping_ends_with_the_result_and_cannot_spoil_it(
     keys = (ATTEMPTS_KEY_PREFIX + handle.job_id, DEDUPE_KEY_PREFIX + dedupe_key(request))
     assert await redis.exists(*keys) == 0
     assert await redis.zscore(RUNNING_ZSET, handle.job_id) is None
-    failed = [e for e in captured_events if e["event"] == "job_bookkeeping_failed"]
+    # Logged once the transaction has answered, which may be after the push woke us.
+    failed = await eventually(
+        lambda: [e for e in captured_events if e["event"] == "job_bookkeeping_failed"],
+        what="the failed write logged",
+    )
     assert [e["job_id"] for e in failed] == [handle.job_id], failed
