@@ -25,6 +25,7 @@ from loadwarden.producer.errors import (
 from loadwarden.worker.config import LimitPolicy, Settings
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox import forkserver
+from loadwarden.worker.sandbox.children import Child, stop_child
 from tests.conftest import assert_pid_gone, eventually, group_members
 from tests.safetensors_files import entry, raw_file, valid_model, write
 
@@ -344,10 +345,41 @@ async def test_the_next_load_takes_a_child_forked_ahead(
         assert str(ahead) in (folder / "cgroup.procs").read_text().split()
     assert (await supervisor.load(LoadRequest(source=str(small_model)))).ok
     assert _started_pids(captured_events)[1] == ahead and server.spawned == 2
-    assert_pid_gone(ahead)  # it ended with its load, its cgroup with it
+    assert_pid_gone(ahead)  # it ended with its load; its cgroup is removed after the report
     if supervisor.cgroups is not None:
+        await supervisor.cgroups.drain()
         assert not (supervisor.cgroups.memory_base / f"child-{ahead}").exists()
     assert (await eventually(lambda: server.waiting, what="another forked ahead")) != [ahead]
+
+
+async def test_close_stops_a_child_forked_ahead_while_it_is_placed(supervisor: Supervisor) -> None:
+    """A child forked ahead whose placement (``on_ready``, a thread in the worker) is still
+    running when the fork server closes is stopped, and its cgroup removed: it never joined
+    the waiting children that ``close`` stops."""
+    server = supervisor.forkserver
+    placing: asyncio.Queue[int] = asyncio.Queue()
+    release = asyncio.Event()
+    placed = server.on_ready
+
+    async def slow_place(child: Child) -> None:
+        if placed is not None:
+            await placed(child)
+        placing.put_nowait(child.pid)
+        await release.wait()  # never set: close cancels it
+
+    server.on_ready = slow_place
+    first = await server.spawn()  # another is forked ahead, then held in slow_place
+    async with asyncio.timeout(10):
+        held = await placing.get()
+    await stop_child(first)
+    if first.cgroup is not None:
+        first.cgroup.remove()
+    await server.close()
+    assert server.waiting == []
+    assert_pid_gone(held)
+    if supervisor.cgroups is not None:
+        await supervisor.cgroups.drain()
+        assert not (supervisor.cgroups.memory_base / f"child-{held}").exists()
 
 
 async def test_a_stale_child_forked_ahead_is_replaced_and_close_stops_it(

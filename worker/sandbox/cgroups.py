@@ -16,6 +16,7 @@ sandbox relies on rlimits (and the container's own limit).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -178,6 +179,8 @@ class CgroupManager:
         self.memory_base = memory_base
         self.pids_base = pids_base
         self.delegation = delegation
+        #: Removals of finished loads' cgroups still running in a thread (``remove_soon``).
+        self._removing: set[asyncio.Future[None]] = set()
 
     @property
     def mechanism(self) -> str:
@@ -272,8 +275,22 @@ class CgroupManager:
             with contextlib.suppress(OSError):
                 _write(cgroup.memory / "memory.swap.max", "0")
 
+    def remove_soon(self, cgroup: Cgroup) -> None:
+        """Remove a finished load's cgroup in a thread, off the event loop and off the job's
+        path (its figures are read already): rmdir takes the kernel's cgroup mutex, which a
+        migration (a cgroup.procs write, ours for the next child or another process's)
+        holds through an RCU grace period, 10-60 ms. ``drain`` waits for them."""
+        removing = asyncio.get_running_loop().run_in_executor(None, cgroup.remove)
+        self._removing.add(removing)
+        removing.add_done_callback(self._removing.discard)
+
+    async def drain(self) -> None:
+        """Wait until every ``remove_soon`` has run (before ``close``)."""
+        while self._removing:
+            await asyncio.wait(set(self._removing))
+
     def close(self) -> None:
-        """Remove the worker's own folders (after every load's cgroup is gone)."""
+        """Remove the worker's own folders (after every load's cgroup is gone: ``drain``)."""
         for base in (self.pids_base, self.memory_base):
             if base is None:
                 continue

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
@@ -72,8 +72,8 @@ class ForkServer:
         self.ready = ready  # children kept forked ahead, from the first spawn on
         self._ready: collections.deque[tuple[float, Child]] = collections.deque()
         self._filling: asyncio.Task[None] | None = None
-        #: Called with each child forked ahead (to place it in a cgroup; OSError: left as is).
-        self.on_ready: Callable[[Child], None] | None = None
+        #: Awaited with each child forked ahead (to place it in a cgroup; OSError: left as is).
+        self.on_ready: Callable[[Child], Awaitable[None]] | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -213,9 +213,13 @@ class ForkServer:
         try:
             while self.alive and len(self._ready) < self.ready:
                 child = await self._fork()
-                if self.on_ready is not None:
-                    with contextlib.suppress(OSError):
-                        self.on_ready(child)
+                try:
+                    if self.on_ready is not None:
+                        with contextlib.suppress(OSError):
+                            await self.on_ready(child)
+                except BaseException:  # cancelled (close) while placed: no load will take it
+                    await self._discard(child)
+                    raise
                 self._ready.append((time.monotonic(), child))
         except (SandboxError, OSError) as exc:  # the next load forks its own, or says why not
             log.debug("ready_child_failed", error=str(exc))
