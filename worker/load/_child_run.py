@@ -133,12 +133,13 @@ async def place_ahead(cgroups: CgroupManager, child: Child) -> None:
     """``ForkServer.on_ready``: a child forked ahead waits in a cgroup of its own, without a
     memory limit until a load takes it (``_place``): one cgroup.procs write less per load.
 
-    In a thread (``in_thread``: a cancel waits for it, so ``child.cgroup`` is set if the
-    cgroup exists): the mkdir and the cgroup.procs write wait on the kernel's cgroup
-    locks, a migration through an RCU grace period (10-60 ms seen here, every few
-    loads), which on the event loop stalled the load running meanwhile (issue 13's p99).
+    In a thread of ``cgroups.threads`` (``in_thread``: a cancel waits for it, so
+    ``child.cgroup`` is set if the cgroup exists): the mkdir and the cgroup.procs write
+    wait on the kernel's cgroup locks, a migration through an RCU grace period (10-60 ms
+    seen here, every few loads), which on the event loop stalled the load running
+    meanwhile (issue 13's p99).
     """
-    await in_thread(lambda: _cgroup_for(cgroups, child, None))
+    await in_thread(lambda: _cgroup_for(cgroups, child, None), cgroups.threads)
 
 
 def _cgroup_for(cgroups: CgroupManager, child: Child, memory_bytes: int | None) -> Cgroup:
@@ -174,7 +175,9 @@ async def _place(
         run.confinement.append(cgroups.mechanism)
         return child.cgroup
     try:
-        cgroup = await in_thread(lambda: _cgroup_for(cgroups, child, limits.memory_bytes))
+        cgroup = await in_thread(
+            lambda: _cgroup_for(cgroups, child, limits.memory_bytes), cgroups.threads
+        )
     except OSError as exc:  # the machinery failed, not the file: a classified, retried crash
         raise failure(
             Early.CGROUP_FAILED, f"could not place the child in a cgroup of its own: {exc}"
@@ -237,7 +240,7 @@ async def run_child(
                 await cancel_and_wait(task)
         if (cgroup := child.cgroup) is not None:
             run.cgroup_oom, run.cgroup_peak_bytes = cgroup.oom_killed(), cgroup.peak_bytes()
-            if host.cgroups is not None:  # removed after the report (``remove_soon``)
+            if host.cgroups is not None:  # removed off the job's path (``remove_soon``)
                 host.cgroups.remove_soon(cgroup)
             else:
                 cgroup.remove()

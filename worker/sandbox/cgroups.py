@@ -21,6 +21,7 @@ import contextlib
 import errno
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -30,6 +31,10 @@ ROOT = Path("/sys/fs/cgroup")
 _SLASH = PurePosixPath("/")
 #: What each load's cgroup limits, in the order they are enabled.
 V2_CONTROLLERS = ("memory", "pids")
+#: Threads for the cgroup calls made off the event loop (``CgroupManager.threads``). The
+#: kernel serializes them on its cgroup mutex anyway; their own threads keep their waits
+#: (a grace period) from holding the default executor's, which open, hash and verify models.
+CGROUP_THREADS = 2
 
 
 def _write(path: Path, text: str) -> None:
@@ -179,7 +184,9 @@ class CgroupManager:
         self.memory_base = memory_base
         self.pids_base = pids_base
         self.delegation = delegation
-        #: Removals of finished loads' cgroups still running in a thread (``remove_soon``).
+        #: Where cgroups are made, placed and removed off the event loop (see CGROUP_THREADS).
+        self.threads = ThreadPoolExecutor(CGROUP_THREADS, thread_name_prefix="loadwarden-cgroup")
+        #: Removals of finished loads' cgroups still running in ``threads`` (``remove_soon``).
         self._removing: set[asyncio.Future[None]] = set()
 
     @property
@@ -276,11 +283,11 @@ class CgroupManager:
                 _write(cgroup.memory / "memory.swap.max", "0")
 
     def remove_soon(self, cgroup: Cgroup) -> None:
-        """Remove a finished load's cgroup in a thread, off the event loop and off the job's
-        path (its figures are read already): rmdir takes the kernel's cgroup mutex, which a
-        migration (a cgroup.procs write, ours for the next child or another process's)
-        holds through an RCU grace period, 10-60 ms. ``drain`` waits for them."""
-        removing = asyncio.get_running_loop().run_in_executor(None, cgroup.remove)
+        """Remove a finished load's cgroup in ``threads``, off the event loop and off the
+        job's path (its figures are read already): rmdir takes the kernel's cgroup mutex,
+        which a migration (a cgroup.procs write, ours for the next child or another
+        process's) holds through an RCU grace period, 10-60 ms. ``drain`` waits for them."""
+        removing = asyncio.get_running_loop().run_in_executor(self.threads, cgroup.remove)
         self._removing.add(removing)
         removing.add_done_callback(self._removing.discard)
 
@@ -291,6 +298,7 @@ class CgroupManager:
 
     def close(self) -> None:
         """Remove the worker's own folders (after every load's cgroup is gone: ``drain``)."""
+        self.threads.shutdown(wait=True)
         for base in (self.pids_base, self.memory_base):
             if base is None:
                 continue
