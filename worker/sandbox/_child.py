@@ -64,8 +64,7 @@ def _confine_process() -> list[str]:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     applied = ["setsid", "pdeathsig", "no_new_privs", "rlimit_core"]
     try:
-        with open("/proc/self/oom_score_adj", "w") as fh:
-            fh.write("1000")
+        _linux.write_small("/proc/self/oom_score_adj", b"1000")
         applied.append("oom_score_adj")
     except OSError:
         pass
@@ -108,18 +107,24 @@ def _apply_limits(spec: ChildSpec, applied: list[str], files: int = 1) -> dict[s
 def _apply_landlock(fds: list[int], applied: list[str]) -> None:
     """Read the model and the interpreter only; no writes, no exec, no TCP (where supported)."""
     try:
-        abi = _landlock.restrict(fds, _landlock.interpreter_paths())
+        abi = _landlock.restrict(fds, _landlock.interpreter_rules())
     except OSError:
         return  # no Landlock in this kernel: the report's confinement list says so by omission
     applied.append(f"landlock_abi{abi}")
 
 
 def _apply_seccomp(applied: list[str]) -> None:
-    """No new sockets of any family (a pathname unix socket, UDP: what Landlock leaves open)."""
-    try:
-        _seccomp.install()
-    except OSError:
-        return  # an architecture without a filter: the confinement list says so by omission
+    """No new sockets of any family (a pathname unix socket, UDP: what Landlock leaves open).
+
+    Usually inherited: the fork server installs the filter on itself before it forks
+    anything (``_forkserver.main``), and a filter cannot be removed, so a child forked
+    from it already has it and skips the system call here.
+    """
+    if not _seccomp.installed:
+        try:
+            _seccomp.install()
+        except OSError:
+            return  # an architecture without a filter: the confinement list says so by omission
     applied.append("seccomp_no_sockets")
 
 
