@@ -4,6 +4,21 @@ Imported by the fork server before it forks anything, so that numpy, ml_dtypes
 and the loaders are already in memory when a child starts. Stdlib, numpy and
 ml_dtypes only: this module must stay lean because every child's RSS starts
 from the fork server's.
+
+What confines a child, and where it is done:
+
+1. Inherited from the fork server (``_forkserver._confine_self``), in place before
+   the child runs a line of its own: no_new_privs and the seccomp filter (no new
+   sockets). Both are per-process, kernel-kept and irrevocable, so doing them once
+   there confines every child as much as doing them in each, for none of its CPU.
+2. After fork, before the spec arrives (children are forked ahead):
+   ``_keep_only`` (descriptors), then ``_confine_process`` (session,
+   pdeathsig, no_new_privs again, no core, oom_score_adj).
+3. With the spec (it depends on it): the file's identity, rlimits sized from
+   the child's own memory, then Landlock, whose rules name the model's
+   descriptors and this child's own /proc/PID/io (the rest of its rules are
+   found once in the fork server), and the seccomp filter where it was not
+   inherited. Only then does the loader touch the file.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Run as ``python -m loadwarden.worker.sandbox._forkserver CONTROL_FD SUPERVISOR_P
 ``forkserver.ForkServer``. It forks a child for every spawn request, reaps every
 child with ``wait4`` and reports the kernel's own accounting (status, CPU time,
 peak RSS) to the supervisor. It dies with the supervisor (``PR_SET_PDEATHSIG``)
-and its children die with it.
+and its children die with it. After preloading it confines itself with what
+every child needs and it can bear (no_new_privs, the seccomp filter: no new
+sockets), so that children inherit both instead of each paying for them.
 """
 
 from __future__ import annotations
