@@ -100,5 +100,5 @@ def read_chars() -> int:
     except OSError:
         return 0
     if text.startswith(b"rchar:"):  # the first line, in every kernel that has the file
-        return int(text[6 : text.index(b"\n")])
+        return int(text.split(b"\n", 1)[0][6:])
     return 0
