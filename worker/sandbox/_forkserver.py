@@ -6,7 +6,9 @@ child with ``wait4`` and reports the kernel's own accounting (status, CPU time,
 peak RSS) to the supervisor. It dies with the supervisor (``PR_SET_PDEATHSIG``)
 and its children die with it. After preloading it confines itself with what
 every child needs and it can bear (no_new_privs, the seccomp filter: no new
-sockets), so that children inherit both instead of each paying for them.
+sockets), so that children inherit both instead of each paying for them, and
+it has run a tiny load's Python once (``_child.warm_up``) so that children
+inherit that code warm.
 """
 
 from __future__ import annotations
@@ -142,6 +144,9 @@ def main(argv: list[str]) -> int:
     for name in argv[2:]:
         importlib.import_module(name)
     _landlock.interpreter_rules()  # once here, not in every child: what Landlock lets them read
+    from loadwarden.worker.sandbox import _child  # every child runs it: preloaded in any case
+
+    _child.warm_up()  # the bytecode children run, quickened here once (see warm_up)
     _confine_self()
     control = socket.socket(fileno=control_fd)
     control.send(_protocol.READY)
