@@ -21,7 +21,7 @@ import contextlib
 import errno
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -187,7 +187,7 @@ class CgroupManager:
         #: Where cgroups are made, placed and removed off the event loop (see CGROUP_THREADS).
         self.threads = ThreadPoolExecutor(CGROUP_THREADS, thread_name_prefix="loadwarden-cgroup")
         #: Removals of finished loads' cgroups still running in ``threads`` (``remove_soon``).
-        self._removing: set[asyncio.Future[None]] = set()
+        self._removing: set[Future[None]] = set()
 
     @property
     def mechanism(self) -> str:
@@ -286,15 +286,18 @@ class CgroupManager:
         """Remove a finished load's cgroup in ``threads``, off the event loop and off the
         job's path (its figures are read already): rmdir takes the kernel's cgroup mutex,
         which a migration (a cgroup.procs write, ours for the next child or another
-        process's) holds through an RCU grace period, 10-60 ms. ``drain`` waits for them."""
-        removing = asyncio.get_running_loop().run_in_executor(self.threads, cgroup.remove)
+        process's) holds through an RCU grace period, 10-60 ms. ``drain`` waits for them.
+
+        A bare ``submit``, not ``run_in_executor``: nothing on the loop waits for the
+        removal, so its end need not wake the loop (one wake-up less per load)."""
+        removing = self.threads.submit(cgroup.remove)
         self._removing.add(removing)
-        removing.add_done_callback(self._removing.discard)
+        removing.add_done_callback(self._removing.discard)  # in the thread, or here if done
 
     async def drain(self) -> None:
         """Wait until every ``remove_soon`` has run (before ``close``)."""
-        while self._removing:
-            await asyncio.wait(set(self._removing))
+        while pending := list(self._removing):
+            await asyncio.gather(*map(asyncio.wrap_future, pending))
 
     def close(self) -> None:
         """Remove the worker's own folders (after every load's cgroup is gone: ``drain``)."""
