@@ -43,25 +43,6 @@ def missing_worker_module() -> str | None:
     return None
 
 
-def import_structlog_plain() -> None:
-    """Import structlog without rich when stderr is not a terminal (before anything imports it).
-
-    structlog imports rich as it is imported (rich.traceback, rich.pretty, pygments: ~30 ms
-    of a command's start, measured with ``-X importtime``), only for its console renderer's
-    tracebacks. Off a terminal our logs are JSON lines (``ops.logs``), which never use it:
-    rich is hidden from that one import (``None`` in ``sys.modules`` makes ``import rich``
-    fail, which structlog handles) and visible again to everything else (the human output
-    of ``_render``). On a terminal structlog imports it as usual.
-    """
-    if "structlog" in sys.modules or "rich" in sys.modules or sys.stderr.isatty():
-        return
-    sys.modules["rich"] = None  # type: ignore[assignment]
-    try:
-        import structlog  # noqa: F401
-    finally:
-        del sys.modules["rich"]
-
-
 def main() -> None:
     """Run the command line, or say in one line which install it needs (exit 2)."""
     missing = missing_worker_module()
@@ -75,7 +56,6 @@ def main() -> None:
     from loadwarden.worker.cli import _ahead
 
     _ahead.launch_for(sys.argv[1:])  # first: it starts while the command imports
-    import_structlog_plain()
     from loadwarden.worker.cli.main import main as run
 
     run()
