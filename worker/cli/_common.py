@@ -187,11 +187,12 @@ def named_root(source: str) -> tuple[Path, ...]:
 
 def emit_report(report: LoadReport, as_json: bool) -> None:
     from loadwarden.producer.outcomes import Outcome
-    from loadwarden.worker.cli import _render
 
     if as_json:
         typer.echo(report.model_dump_json())
     else:
+        from loadwarden.worker.cli import _render  # rich: only for the human output
+
         _render.report(report)
     raise typer.Exit(EXIT_OK if report.outcome is Outcome.OK else EXIT_OUTCOME)
 
