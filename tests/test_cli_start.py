@@ -8,6 +8,7 @@ with the same status and all its output.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,36 @@ def test_only_a_load_launches_ahead(argv: list[str]) -> None:
     assert not runs_load(argv)
     assert runs_load(["load", "x", "--json"])
     assert runs_load(["load", "x", "--", "--help"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["load", "--help"],
+        ["inspect", "--help"],
+        ["load"],
+        ["load", "x", "--bogus"],
+        ["load", "x", "--memory-bytes", "0", "--json"],
+        ["load", "x", "--log-level", "nope"],
+        ["inspect", "x", "--format", "zip", "--json"],
+        ["status", "--json"],
+        ["dead", "--help"],
+    ],
+)
+def test_a_command_alone_parses_helps_and_fails_as_in_the_whole_app(argv: list[str]) -> None:
+    """The console script builds only the named command (main.alone): same output and status."""
+    whole = (
+        f"import sys; sys.argv[0] = {LOADWARDEN!r}\n"
+        "from loadwarden.worker.cli.main import app\napp()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LOADWARDEN_REDIS_URL"}
+    expected = subprocess.run(
+        [sys.executable, "-c", whole, *argv], capture_output=True, text=True, env=env, check=False
+    )
+    got = subprocess.run([LOADWARDEN, *argv], capture_output=True, text=True, env=env, check=False)
+    assert expected.returncode != 0 or "--help" in argv  # each case says something
+    assert (got.returncode, got.stdout, got.stderr) == (
+        expected.returncode,
+        expected.stdout,
+        expected.stderr,
+    )
