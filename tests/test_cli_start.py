@@ -65,8 +65,9 @@ def test_load_adopts_the_fork_server_launched_ahead(small_model: Path) -> None:
     assert forkservers_of(pid) == []
 
 
-def test_json_logs_off_a_terminal_never_import_rich(small_model: Path) -> None:
-    """`load --json` with stderr on a pipe imports no rich module (structlog's included)."""
+def test_json_load_imports_neither_rich_nor_prometheus(small_model: Path) -> None:
+    """`load --json` with stderr on a pipe imports no rich module (structlog's included)
+    and no prometheus_client."""
     at_exit = (
         "import atexit, sys\n"
         "atexit.register(lambda: print('MODULES', *sorted(sys.modules), file=sys.stderr))\n"
@@ -86,6 +87,7 @@ def test_json_logs_off_a_terminal_never_import_rich(small_model: Path) -> None:
     modules = next(line for line in done.stderr.splitlines() if line.startswith("MODULES ")).split()
     assert "structlog" in modules  # the check sees what logging imported
     assert [name for name in modules if name.split(".")[0] == "rich"] == []
+    assert "prometheus_client" not in modules  # its metrics would be served by no one
 
 
 def test_exit_status_and_output_survive_the_fast_exit(tmp_path: Path) -> None:

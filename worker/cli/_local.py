@@ -108,8 +108,10 @@ async def _load_here(prepared: Callable[[], tuple[LoadRequest, Settings]]) -> Lo
         await asyncio.sleep(0)
         request, settings = prepared()
         from loadwarden.worker.load.supervisor import Supervisor
+        from loadwarden.worker.ops.metrics import Unrecorded
 
-        supervisor = Supervisor(settings, forkserver=forkserver)
+        # No metrics: nothing serves them here, and prometheus_client is not imported.
+        supervisor = Supervisor(settings, forkserver=forkserver, metrics=Unrecorded())
         await starting
         async with supervisor:
             return await supervisor.load(request)
