@@ -19,7 +19,12 @@ second (enqueue -> finish from the stored results' own timestamps, p50/p99; for
 loadwarden also as the caller sees it, ``enqueue()`` called -> ``report()``
 returned, and that minus the same job's own enqueue -> finish: the caller's gap),
 then ``--idle-s`` of nothing. The worker process's own CPU (user +
-system, not its children's) is read per backlog job and while idle.
+system, not its children's) is read per backlog job and while idle; per backlog job
+also with its children's (fork server, load children), and with the private Redis's and
+this process's own (enqueueing, waiting) besides: all the CPU a job costs the machine.
+A backlog of tiny jobs is CPU bound on a small machine, so the run ends with what 1.5x
+the baseline's jobs/s allows a job on this many CPUs, beside the floor any fresh
+process per job pays: the fork server's image forked and exiting at once.
 Medians over the rounds; p99 is nearest-rank. The goals (issue 13) are printed
 with whether this run met them.
 """
@@ -31,6 +36,7 @@ import asyncio
 import json
 import math
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -72,6 +78,52 @@ def _p(values: list[float], q: float) -> float:
 def _cpu_s(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
+
+
+def _tree_cpu_s(process: psutil.Process) -> float:
+    """A worker's CPU with all its descendants': the fork server and the load children it
+    reaped (their time is in its children's figures once reaped; one still waiting for a
+    spec is counted when it is)."""
+    total = 0.0
+    for member in (process, *process.children(recursive=True)):
+        try:
+            times = member.cpu_times()
+        except psutil.NoSuchProcess:  # gone since the listing: counted by its parent
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+#: What any fresh process per job pays at least: the fork server's image (its preload
+#: imported) forked, and the child exiting at once; CPU of both, per fork.
+FORK_FLOOR = """
+import os, resource, sys
+import loadwarden.worker.sandbox._child  # what the fork server preloads
+def cpu(who):
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+n = int(sys.argv[1])
+before = cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN)
+for _ in range(n):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+after = cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN)
+print((after - before) / n * 1000)
+"""
+
+
+def _fork_floor_ms(forks: int = 300) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_FLOOR, str(forks)], capture_output=True, check=True, text=True
+    )
+    return float(out.stdout)
 
 
 def _ms(stamp: datetime) -> float:
@@ -244,7 +296,7 @@ class Loadwarden(Side):
             self.client = None
 
 
-async def _run(side: Side, args: argparse.Namespace) -> Sample:
+async def _run(side: Side, args: argparse.Namespace, redis: psutil.Process | None) -> Sample:
     worker = side.start()
     try:
         # Warm-up (the first job also proves the worker is up).
@@ -252,10 +304,14 @@ async def _run(side: Side, args: argparse.Namespace) -> Sample:
         await side.wait(first, timeout_s=120)
         await side.wait([await side.enqueue() for _ in range(WARMUP_JOBS)])
         # Backlog.
-        cpu0 = _cpu_s(worker)
+        cpu0, tree0, own0 = _cpu_s(worker), _tree_cpu_s(worker), _own_cpu_s()
+        redis0 = _cpu_s(redis) if redis is not None else 0.0
         ids = [await side.enqueue() for _ in range(args.jobs)]
         done = await side.wait(ids)
         cpu_per_job = (_cpu_s(worker) - cpu0) / args.jobs
+        tree_per_job = (_tree_cpu_s(worker) - tree0) / args.jobs
+        own_per_job = (_own_cpu_s() - own0) / args.jobs
+        redis_per_job = ((_cpu_s(redis) - redis0) if redis is not None else 0.0) / args.jobs
         span_ms = max(f for _, f in done.values()) - min(e for e, _ in done.values())
         # Paced.
         caller: list[float] = []
@@ -291,6 +347,8 @@ async def _run(side: Side, args: argparse.Namespace) -> Sample:
         "p50_ms": _p(latencies, 0.5),
         "p99_ms": _p(latencies, 0.99),
         "cpu_ms_per_job": cpu_per_job * 1000,
+        "tree_cpu_ms_per_job": tree_per_job * 1000,
+        "all_cpu_ms_per_job": (tree_per_job + redis_per_job + own_per_job) * 1000,
         "idle_cpu_pct": idle * 100,
     }
     if caller:
@@ -319,7 +377,12 @@ def _median(samples: list[Sample]) -> Sample:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     with ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lw-tiny-")))
-        url = args.redis or stack.enter_context(RedisServer()).url
+        redis: psutil.Process | None = None
+        if args.redis:
+            url = args.redis
+        else:
+            server = stack.enter_context(RedisServer())
+            url, redis = server.url, psutil.Process(server.pid)
         sides: list[Side] = [Baseline(url, folder), Loadwarden(url, folder, args.worker_arg)]
         if args.loadwarden_only:
             sides = sides[1:]
@@ -327,7 +390,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.rounds):
             for side in sides:
                 await _flush(url)
-                sample = await _run(side, args)
+                sample = await _run(side, args, redis)
                 runs[side.name].append(sample)
                 if not args.json:
                     print(side.name, {k: round(v, 2) for k, v in sample.items()}, flush=True)
@@ -342,6 +405,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "rate": args.rate,
         "worker_args": args.worker_arg,
         "load_average": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "fork_floor_ms": _fork_floor_ms(),
         "baseline": base,
         "loadwarden": ours,
         "ratios": {
@@ -383,6 +448,8 @@ def _print(result: dict[str, Any]) -> None:
         ("caller's gap p50 ms", "caller_gap_p50_ms", "{:.1f}"),
         ("caller's gap p99 ms", "caller_gap_p99_ms", "{:.1f}"),
         ("worker CPU ms per job", "cpu_ms_per_job", "{:.2f}"),
+        ("  + its children", "tree_cpu_ms_per_job", "{:.2f}"),
+        ("  + Redis and the bench", "all_cpu_ms_per_job", "{:.2f}"),
         ("worker idle CPU % core", "idle_cpu_pct", "{:.2f}"),
     ]
     print(f"{'':26} {'arq baseline':>14} {'loadwarden':>12}")
@@ -394,6 +461,14 @@ def _print(result: dict[str, Any]) -> None:
         f"report: p50 +{ratios['caller_over_report_p50_ms']:.1f} ms, "
         f"p99 +{ratios['caller_over_report_p99_ms']:.1f} ms (per job: p50 "
         f"+{ours['caller_gap_p50_ms']:.1f}, p99 +{ours['caller_gap_p99_ms']:.1f} ms)"
+    )
+    # The backlog is CPU bound on a small machine: what 1.5x the baseline's jobs/s allows.
+    budget = result["cpus"] * 1000 / (1.5 * base["jobs_per_s"])
+    print(
+        f"CPU per job, all processes: baseline {base['all_cpu_ms_per_job']:.2f} ms, loadwarden "
+        f"{ours['all_cpu_ms_per_job']:.2f} ms; 1.5x the baseline's jobs/s on {result['cpus']} "
+        f"CPUs allows at most {budget:.2f} ms; one fork + exit of the fork server's image "
+        f"alone costs {result['fork_floor_ms']:.2f} ms"
     )
     for goal, met in GOALS:
         print(f"  {'MET    ' if met(result) else 'NOT MET'} {goal}")

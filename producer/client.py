@@ -85,9 +85,8 @@ class Client:
         return self
 
     async def close(self) -> None:
-        if self._finish_watch is not None:
-            await self._finish_watch.close()
-            self._finish_watch = None
+        await self.stop_watching()
+        self._finish_watch = None
         if self._pool is not None:
             await self._pool.aclose()
             self._pool = None
@@ -193,6 +192,11 @@ class Client:
         job = Job(job_id, redis, _queue_name=self.queue_name, _deserializer=wire.loads)
         return FROM_ARQ[await guard(job.status())]
 
+    async def stop_watching(self) -> None:
+        """Close the subscription to finished jobs; the next wait subscribes again."""
+        if self._finish_watch is not None:
+            await self._finish_watch.close()
+
     async def finish_watch(self) -> FinishWatch:
         """This client's subscription to finished jobs (made on first use, closed with it)."""
         if self._finish_watch is None:
@@ -208,7 +212,16 @@ class BlockingClient:
         self._loop = asyncio.new_event_loop()
 
     def _run(self, factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-        return self._loop.run_until_complete(factory())
+        try:
+            return self._loop.run_until_complete(factory())
+        finally:
+            # Between two calls this loop does not run and nothing reads the subscription:
+            # every job finished in the fleet would pile up in Redis's output buffer for
+            # it (up to 16 KiB a push) until Redis dropped the connection. So it is open
+            # only during a call; the next wait subscribes again (one round trip, which
+            # its first read of the report does not wait for).
+            if not self._loop.is_closed():
+                self._loop.run_until_complete(self._client.stop_watching())
 
     @property
     def _async_twin(self) -> Client:

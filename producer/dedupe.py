@@ -28,7 +28,6 @@ import uuid
 
 from arq.connections import ArqRedis
 from arq.constants import (
-    expires_extra_ms,
     in_progress_key_prefix,
     job_key_prefix,
     result_key_prefix,
@@ -116,7 +115,7 @@ async def enqueue_as(
             job_id,
             _payload(function, request, now_ms),
             now_ms,
-            expires_extra_ms,
+            redis.expires_extra_ms,
             WAKE_TOKENS_MAX,
             WAKE_TTL_MS,
         ],
@@ -147,7 +146,7 @@ async def enqueue_once(
             fresh,
             payload,
             now_ms,
-            expires_extra_ms,
+            redis.expires_extra_ms,
             max(1, int(dedupe_ttl_s)),
             job_key_prefix,
             in_progress_key_prefix,

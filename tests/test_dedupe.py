@@ -114,3 +114,18 @@ async def test_a_callers_id_is_one_job_in_one_round_trip(redis_url: str) -> None
     assert stored is not None and b"/models/d.safetensors" in stored and unchanged == stored
     assert sorted(queued) == [b"mine", b"warm-up"]  # "done" had a result: not queued again
     assert tokens == 2  # one per job enqueued
+
+
+async def test_a_job_expires_as_its_pool_says(redis_url: str) -> None:
+    """Both enqueue scripts give the job key the pool's ``expires_extra_ms`` (arq's rule),
+    not arq's default constant: a pool told to expire jobs sooner gets that."""
+    from arq.constants import job_key_prefix
+
+    async with Client(redis_url) as client:
+        pool = await client.redis()
+        pool.expires_extra_ms = 60_000  # arq's default is a day
+        by_id = await client.enqueue(LoadRequest(source="/m/a.safetensors"), job_id="expiring")
+        deduped = await client.enqueue(LoadRequest(source="/m/b.safetensors"))
+        for handle in (by_id, deduped):
+            ttl_ms = await pool.pttl(job_key_prefix + handle.job_id)
+            assert 0 < ttl_ms <= 60_000, (handle.job_id, ttl_ms)

@@ -195,3 +195,31 @@ def _minimal_report(job_id: str) -> dict[str, object]:
         started_at=now,
         finished_at=now,
     ).model_dump(mode="json")
+
+
+def test_a_blocking_client_is_subscribed_only_during_a_call(redis_url: str) -> None:
+    """Between two calls nothing reads a BlockingClient's subscription, so none is left
+    open: pushes for every finished job in the fleet would pile up in Redis for it."""
+    from loadwarden.producer.client import BlockingClient
+    from loadwarden.producer.connection import blocking_redis_client
+    from loadwarden.producer.errors import JobNotFound, ReportTimeout
+    from tests.conftest import call_until
+
+    probe = blocking_redis_client(redis_url)
+
+    def subscribers() -> int:
+        [(_channel, count)] = probe.pubsub_numsub(FINISHED_REPORTS_CHANNEL)
+        return int(count)
+
+    try:
+        with BlockingClient(redis_url) as client:
+            handle = client.enqueue(LoadRequest(source="/nowhere/model.safetensors"))
+            # No worker runs: the wait subscribes, reads, and gives up at its timeout.
+            with pytest.raises(ReportTimeout):
+                client.report(handle.job_id, timeout_s=0.5)
+            call_until(lambda: subscribers() == 0, timeout_s=5.0)
+            with pytest.raises(JobNotFound):
+                client.report("no-such-job", timeout_s=5.0)
+            call_until(lambda: subscribers() == 0, timeout_s=5.0)
+    finally:
+        probe.close()
