@@ -31,4 +31,4 @@ SignedBy = Annotated[tuple[SignerName, ...], Field(min_length=1, max_length=16)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
