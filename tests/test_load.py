@@ -369,3 +369,23 @@ async def test_a_stale_child_forked_ahead_is_replaced_and_close_stops_it(
         assert base is None or not (base / f"child-{stale}").exists()
     assert_pid_gone(waiting[0])
     assert base is None or not base.exists()  # its cgroup and the worker's are gone
+
+
+def _descriptors(pid: int | None) -> list[str]:
+    """What each of a process's descriptors is (a tiny /proc folder: read synchronously)."""
+    folder = Path(f"/proc/{pid}/fd")
+    return [os.readlink(entry) for entry in folder.iterdir()]
+
+
+async def test_the_fork_servers_warm_up_leaves_nothing_behind(
+    supervisor: Supervisor, small_model: Path
+) -> None:
+    """The fork server warms its children's code on a file of its own (_child.warm_up)
+    before it says it is ready; neither that file nor its socket pair stays open, and
+    a load after it still succeeds."""
+    await supervisor.forkserver.start()
+    held = _descriptors(supervisor.forkserver.pid)
+    assert not [d for d in held if "loadwarden-warm-up" in d], held
+    assert len([d for d in held if d.startswith("socket:")]) == 1, held  # its control socket
+    report = await supervisor.load(LoadRequest(source=str(small_model)))
+    assert report.outcome is Outcome.OK, report.error

@@ -14,9 +14,16 @@ from arq.constants import job_key_prefix, result_key_prefix
 from loadwarden.producer import wire
 from loadwarden.producer.client import Client, JobState
 from loadwarden.producer.connection import redis_client
-from loadwarden.producer.contract import LoadRequest, Outcome
+from loadwarden.producer.contract import Attempt, LoadRequest, Outcome
 from loadwarden.producer.errors import JobNotFound, RedisUnavailable, ReportTimeout
-from loadwarden.producer.keys import DEDUPE_KEY_PREFIX, RECENT_STREAM, RUNNING_ZSET, dedupe_key
+from loadwarden.producer.keys import (
+    CANCEL_CHANNEL,
+    CANCEL_KEY_PREFIX,
+    DEDUPE_KEY_PREFIX,
+    RECENT_STREAM,
+    RUNNING_ZSET,
+    dedupe_key,
+)
 from loadwarden.worker._keys import ATTEMPTS_KEY_PREFIX
 from loadwarden.worker.config import Settings
 from loadwarden.worker.queue.jobs import JobBook
@@ -177,3 +184,45 @@ async def test_the_bookkeeping_ends_with_the_result_and_cannot_spoil_it(
         what="the failed write logged",
     )
     assert [e["job_id"] for e in failed] == [handle.job_id], failed
+
+
+async def test_a_run_begins_with_what_its_claim_read_and_later_cancels(
+    settings: Settings,
+) -> None:
+    """``begin`` answers from the claim's read (attempts, cancel flag) without reading Redis
+    again, and a cancel that comes after that read still counts: the job's cancels are
+    followed from before it (``LoadWorker`` registers the event before its claim)."""
+    assert settings.redis_url
+    redis = redis_client(settings.redis_url, settings.redis)
+    book = JobBook(redis, settings)
+    watcher = asyncio.create_task(book.watch_cancels())
+    try:
+        earlier = Attempt.model_validate(
+            {
+                "number": 1,
+                "outcome": "crashed",
+                "error_code": "worker_lost",
+                "worker": "w",
+                "started_at": "2026-01-01T00:00:00Z",
+                "finished_at": "2026-01-01T00:00:01Z",
+            }
+        )
+        raw = b"[" + earlier.model_dump_json().encode() + b"]"
+        book.cancel_event("quiet")
+        book.begun("quiet", raw, cancelled=False)
+        assert await book.begin("quiet") == ([earlier], False)  # Redis holds no attempts
+
+        event = book.cancel_event("late")  # before the claim, as LoadWorker does
+        book.begun("late", None, cancelled=False)  # the claim saw no flag
+        async with redis.pipeline(transaction=True) as pipe:  # a producer's cancel
+            pipe.set(CANCEL_KEY_PREFIX + "late", "1", ex=60)
+            pipe.publish(CANCEL_CHANNEL, "late")
+            await pipe.execute()
+        async with asyncio.timeout(10):
+            await event.wait()
+        assert await book.begin("late") == ([], True)
+    finally:
+        watcher.cancel()
+        await asyncio.wait({watcher})
+        await redis.delete(CANCEL_KEY_PREFIX + "late")
+        await redis.aclose()

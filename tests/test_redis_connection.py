@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from loadwarden.producer import Client, LoadRequest
@@ -337,3 +338,45 @@ def test_reconnect_pauses_double_up_to_their_ceiling_and_reset() -> None:
     assert pauses.next_s == 3.0
     pauses.reset()
     assert pauses.advance() == 0.5
+
+
+@pytest.mark.parametrize("watching", [False, True])
+async def test_a_cancelled_pipeline_gives_its_connection_back(
+    redis_url: str, watching: bool
+) -> None:
+    """Cancelled while it waits on Redis, a pipeline still returns its connection to the
+    pool: through the shielded reset when it must UNWATCH, through the plain one (which
+    never suspends) when it has nothing to send."""
+    redis = redis_client(redis_url)
+    blocker = redis_client(redis_url)
+    try:
+        key = f"test:cancelled-pipeline:{watching}"
+        entered = asyncio.Event()
+
+        async def held() -> None:
+            # (Redis never blocks a command inside MULTI: these BLPOPs run outside one.)
+            async with redis.pipeline(transaction=False) as pipe:
+                if watching:  # a watching pipeline runs its commands at once
+                    await pipe.watch(key)
+                    entered.set()
+                    await pipe.blpop([key], timeout=30)
+                else:
+                    pipe.blpop([key], timeout=30)
+                    entered.set()
+                    await pipe.execute()
+
+        task = asyncio.create_task(held())
+        async with asyncio.timeout(5):
+            await entered.wait()
+            # The BLPOP is blocked in Redis once it shows as a blocked client.
+            await eventually(lambda: _blocked_clients(blocker), what="the BLPOP blocked")
+        await cancel_and_wait(task)
+        pool = redis.connection_pool
+        assert not pool._in_use_connections  # type: ignore[attr-defined]
+    finally:
+        await redis.aclose()
+        await blocker.aclose()
+
+
+async def _blocked_clients(redis: Redis) -> int:
+    return int((await redis.info("clients"))["blocked_clients"])

@@ -98,6 +98,28 @@ async def test_new_sockets_are_denied(
     assert "seccomp_no_sockets" in report.confinement
 
 
+def _status(pid: int | None) -> dict[str, str]:
+    """/proc/PID/status as a dict (a tiny /proc file: read synchronously)."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+@needs_seccomp_filter
+async def test_children_inherit_the_fork_servers_filter(
+    make_supervisor: Callable[..., Supervisor], small_model: Path
+) -> None:
+    """The fork server holds no_new_privs and the socket filter itself, before any child
+    is forked, so that every child has them from its first instruction; a child's
+    report still lists the filter, and a socket stays denied (test above)."""
+    async with make_supervisor("udp_socket") as sup:
+        report = await sup.load(LoadRequest(source=str(small_model)))
+        fields = _status(sup.forkserver.pid)
+    assert fields["NoNewPrivs"].strip() == "1"
+    assert fields["Seccomp"].strip() == "2"  # SECCOMP_MODE_FILTER
+    assert_denied(report)
+    assert "seccomp_no_sockets" in report.confinement
+
+
 async def test_child_cannot_find_and_join_a_local_unix_socket(
     make_supervisor: Callable[..., Supervisor], small_model: Path, tmp_path: Path
 ) -> None:

@@ -19,8 +19,9 @@ Why a subclass and not a patch of arq: the hooks used (``run_job``,
 ``finish_job``, ``finish_failed_job``, the job serializer, ``start_jobs``,
 ``_poll_iteration``, the slot release) are arq's methods, and the overrides call
 arq's code unchanged, except two copies made to save round trips (``start_jobs``'
-claim, now one script; ``finish_job``, with the finished push in its transaction),
-which keep arq's logic line for line (arq 0.28 is pinned).
+claim, now one script that also reads what the job's run looks at first; ``finish_job``,
+with the finished push in its transaction), which keep arq's logic line for line (arq
+0.28 is pinned).
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ from loadwarden.producer import wire
 from loadwarden.producer.errors import LoadError, describe
 from loadwarden.producer.finished import push_message
 from loadwarden.producer.keys import (
+    CANCEL_KEY_PREFIX,
     FINISHED_CHANNEL,
     FINISHED_REPORTS_CHANNEL,
     now_ms,
     wake_key,
 )
+from loadwarden.worker._keys import ATTEMPTS_KEY_PREFIX
 from loadwarden.worker.load._outcome import Early, failure
 from loadwarden.worker.queue.job import (
     FINISH_WITH_RESULT,
@@ -62,14 +65,16 @@ from loadwarden.worker.queue.jobs import Finish, JobBook
 log = structlog.get_logger("loadwarden.worker")
 
 #: arq's claim of a job (``Worker.start_jobs``), atomic: not in progress, still queued and
-#: due, then marked in progress. KEYS: in-progress key, queue. ARGV: job id, now (ms),
-#: marker expiry (ms). Returns the job's score, or false (nil) when it is not ours to run.
+#: due, then marked in progress; with it, what ``JobBook.begin`` reads (the attempts so far,
+#: whether a producer cancelled the job), saving that round trip. KEYS: in-progress key,
+#: queue, attempts key, cancel key. ARGV: job id, now (ms), marker expiry (ms). Returns
+#: [score, attempts (nil: none), cancelled (0/1)], or false (nil) when it is not ours to run.
 _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
 redis.call('PSETEX', KEYS[1], ARGV[3], '1')
-return score
+return {score, redis.call('GET', KEYS[3]), redis.call('EXISTS', KEYS[4])}
 """
 
 #: The shortest wait worth a BLPOP (Redis counts its timeout in milliseconds).
@@ -199,14 +204,28 @@ class LoadWorker(Worker):
                 return
             self.job_counter += 1
             job_id = job_id_b.decode()
-            score = await claim(
-                keys=[in_progress_key_prefix + job_id, self.queue_name],
+            # Follow the job's cancels before its flag is read with the claim: a cancel
+            # published after that read still reaches the run (JobBook.begin).
+            if self._book is not None:
+                self._book.cancel_event(job_id)
+            claimed = await claim(
+                keys=[
+                    in_progress_key_prefix + job_id,
+                    self.queue_name,
+                    ATTEMPTS_KEY_PREFIX + job_id,
+                    CANCEL_KEY_PREFIX + job_id,
+                ],
                 args=[job_id, now_ms(), int(self.in_progress_timeout_s * 1000)],
             )
-            if score is None:  # running elsewhere, finished, or deferred again meanwhile
+            if claimed is None:  # running elsewhere, finished, or deferred again meanwhile
+                if self._book is not None:
+                    self._book.forget(job_id)
                 self.job_counter -= 1
                 self.sem.release()
                 continue
+            score, attempts, cancelled = claimed
+            if self._book is not None:
+                self._book.begun(job_id, attempts, bool(cancelled))
             task = asyncio.get_running_loop().create_task(self.run_job(job_id, int(float(score))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
@@ -244,6 +263,7 @@ class LoadWorker(Worker):
             self._failures.pop(job_id, None)
             if self._book is not None:  # a bookkeeping that never reached finish_job
                 self._book.take_finish(job_id)
+                self._book.forget(job_id)  # a run that ended before its load
 
     async def finish_job(
         self,

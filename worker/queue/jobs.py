@@ -90,19 +90,31 @@ class JobBook:
         self._cancel_events: dict[str, asyncio.Event] = {}
         #: Job id -> ``finish``'s arguments, for the transaction that stores the result.
         self._finishing: dict[str, Finish] = {}
+        #: Job id -> ``begin``'s answer read with the job's claim (raw attempts, cancelled).
+        self._begun: dict[str, tuple[bytes | None, bool]] = {}
 
     async def attempts(self, job_id: str) -> list[Attempt]:
         """Attempts recorded so far (a placeholder still marked ``worker_lost`` was lost)."""
         return _parse_attempts(await self.redis.get(ATTEMPTS_KEY_PREFIX + job_id))
 
+    def begun(self, job_id: str, raw_attempts: bytes | None, cancelled: bool) -> None:
+        """``begin``'s answer, read with the job's claim (``LoadWorker``): no round trip of
+        its own. Taken once, by ``begin``; ``forget`` drops it."""
+        self._begun[job_id] = (raw_attempts, cancelled)
+
     async def begin(self, job_id: str) -> tuple[list[Attempt], bool]:
-        """A run's first look, in one round trip: the attempts so far, and whether a
-        producer cancelled the job."""
+        """A run's first look: the attempts so far, and whether a producer cancelled the job
+        (read with its claim when there was one, else in one round trip). A cancel that
+        comes later reaches ``cancel_event``, followed since before that read."""
+        self.cancel_event(job_id)
+        if (claimed := self._begun.pop(job_id, None)) is not None:
+            raw, cancelled = claimed
+            return _parse_attempts(raw), cancelled or self._cancel_events[job_id].is_set()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(ATTEMPTS_KEY_PREFIX + job_id)
             pipe.exists(CANCEL_KEY_PREFIX + job_id)
             raw, cancelled = await pipe.execute()
-        return _parse_attempts(raw), bool(cancelled)
+        return _parse_attempts(raw), bool(cancelled) or self.cancel_event(job_id).is_set()
 
     async def save_attempts(self, job_id: str, attempts: list[Attempt]) -> None:
         await self.redis.set(
@@ -118,6 +130,7 @@ class JobBook:
 
     def forget(self, job_id: str) -> None:
         self._cancel_events.pop(job_id, None)
+        self._begun.pop(job_id, None)
 
     async def watch_cancels(self) -> None:
         """Follow the cancel channel until cancelled; reconnect with backoff when Redis drops."""

@@ -104,14 +104,32 @@ def prepare() -> list[str]:
     return _MODULE_FOLDERS
 
 
-def interpreter_paths() -> list[str]:
-    """What a Python child reads: its modules' folders, shared libraries, its own /proc/PID/io."""
-    candidates = {*prepare(), *_SYSTEM_LIBRARIES, f"/proc/{os.getpid()}/io"}
-    return sorted(p for p in candidates if p and os.path.exists(p))
+def _rule(path: str) -> tuple[str, int]:
+    return path, _READ if os.path.isdir(path) else READ_FILE
 
 
-def restrict(read_fds: Iterable[int], read_paths: Iterable[str]) -> int:
-    """Restrict this process to reading ``read_fds``' files and ``read_paths``; return the ABI.
+#: ``interpreter_rules`` without the per-process /proc file, found once (the fork server's).
+_STATIC_RULES: list[tuple[str, int]] | None = None
+
+
+def interpreter_rules() -> list[tuple[str, int]]:
+    """What a Python child reads, as (path, rights): its modules' folders, shared libraries,
+    its own /proc/PID/io.
+
+    The folders and libraries are looked up (exists? a folder?) once, in the fork server,
+    and inherited: each child then only opens them for ``restrict`` (two stat calls
+    fewer per path in every child). They do not change while the worker runs.
+    """
+    global _STATIC_RULES
+    if _STATIC_RULES is None:
+        paths = {*prepare(), *_SYSTEM_LIBRARIES}
+        _STATIC_RULES = [_rule(p) for p in sorted(paths) if p and os.path.exists(p)]
+    return [*_STATIC_RULES, (f"/proc/{os.getpid()}/io", READ_FILE)]
+
+
+def restrict(read_fds: Iterable[int], read_rules: Iterable[tuple[str, int]]) -> int:
+    """Restrict this process to reading ``read_fds``' files and ``read_rules``' paths
+    (``interpreter_rules``); return the ABI.
 
     Raises OSError where the kernel has no Landlock (the caller decides what that means).
     """
@@ -129,10 +147,10 @@ def restrict(read_fds: Iterable[int], read_paths: Iterable[str]) -> int:
     try:
         for fd in read_fds:
             _add(ruleset, fd, READ_FILE)
-        for path in read_paths:
+        for path, rights in read_rules:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:
-                _add(ruleset, fd, _READ if os.path.isdir(path) else READ_FILE)
+                _add(ruleset, fd, rights)
             finally:
                 os.close(fd)
         _check(_libc.syscall(_SYS_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)))

@@ -86,11 +86,17 @@ def available() -> bool:
     return platform.machine() in _ARCHES
 
 
+#: Whether ``install`` succeeded in this process or in the process it was forked from (a
+#: filter is inherited across fork and can never be removed).
+installed = False
+
+
 def install() -> None:
     """Deny this process (and what it forks) new sockets; needs no_new_privs first.
 
     Raises OSError where the architecture is not described or the kernel refuses.
     """
+    global installed
     machine = platform.machine()
     if machine not in _ARCHES:
         raise OSError(errno.ENOSYS, f"no seccomp filter written for {machine}")
@@ -98,6 +104,7 @@ def install() -> None:
     instructions = (_Instruction * len(code))(*(_Instruction(*ins) for ins in code))
     prog = _Program(len(code), instructions)
     _linux.prctl3(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(prog))
+    installed = True
 
 
 __all__ = ["available", "install", "program"]
