@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from loadwarden.producer.errors import (
 from loadwarden.worker.config import LimitPolicy, Settings
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox import forkserver
-from tests.conftest import assert_pid_gone, eventually, group_members
+from loadwarden.worker.sandbox.cgroups import Cgroup
+from loadwarden.worker.sandbox.children import Child, stop_child
+from tests.conftest import assert_pid_gone, eventually, group_members, require_cgroups
 from tests.safetensors_files import entry, raw_file, valid_model, write
 
 pytestmark = pytest.mark.timeout(60)
@@ -344,10 +347,74 @@ async def test_the_next_load_takes_a_child_forked_ahead(
         assert str(ahead) in (folder / "cgroup.procs").read_text().split()
     assert (await supervisor.load(LoadRequest(source=str(small_model)))).ok
     assert _started_pids(captured_events)[1] == ahead and server.spawned == 2
-    assert_pid_gone(ahead)  # it ended with its load, its cgroup with it
+    assert_pid_gone(ahead)  # it ended with its load; its cgroup is removed after the report
     if supervisor.cgroups is not None:
+        await supervisor.cgroups.drain()
         assert not (supervisor.cgroups.memory_base / f"child-{ahead}").exists()
     assert (await eventually(lambda: server.waiting, what="another forked ahead")) != [ahead]
+
+
+async def test_a_child_forked_ahead_is_placed_off_the_event_loop(
+    supervisor: Supervisor, small_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Placing a child forked ahead in its cgroup blocks a thread, not the event loop (the
+    kernel's cgroup locks can hold a mkdir or a migration for a grace period): a load
+    runs to its end while that placement is held."""
+    require_cgroups(supervisor)
+    cgroups, server = supervisor.cgroups, supervisor.forkserver
+    assert cgroups is not None
+    request = LoadRequest(source=str(small_model))
+    assert (await supervisor.load(request)).ok
+    await eventually(lambda: server.waiting, what="a child forked ahead")
+    prepare, held, release, timed_out = cgroups.prepare, threading.Event(), threading.Event(), []
+
+    def held_prepare(name: str, pids_max: int) -> Cgroup:
+        if not held.is_set():  # the next child forked ahead: held until the load below ends
+            held.set()
+            timed_out.append(not release.wait(10))
+        return prepare(name, pids_max)
+
+    monkeypatch.setattr(cgroups, "prepare", held_prepare)
+    try:
+        assert (await supervisor.load(request)).ok  # takes the child; the next one is held
+        await eventually(held.is_set, what="the next child's placement under way")
+        assert server.waiting == []
+        assert (await supervisor.load(request)).ok  # forks and places a child of its own
+    finally:
+        release.set()
+    await eventually(lambda: timed_out, what="the held placement released")
+    assert timed_out == [False]  # released by the test, not by its bound
+    await eventually(lambda: server.waiting, what="the held child, placed and waiting")
+
+
+async def test_close_stops_a_child_forked_ahead_while_it_is_placed(supervisor: Supervisor) -> None:
+    """A child forked ahead whose placement (``on_ready``, a thread in the worker) is still
+    running when the fork server closes is stopped, and its cgroup removed: it never joined
+    the waiting children that ``close`` stops."""
+    server = supervisor.forkserver
+    placing: asyncio.Queue[int] = asyncio.Queue()
+    release = asyncio.Event()
+    placed = server.on_ready
+
+    async def slow_place(child: Child) -> None:
+        if placed is not None:
+            await placed(child)
+        placing.put_nowait(child.pid)
+        await release.wait()  # never set: close cancels it
+
+    server.on_ready = slow_place
+    first = await server.spawn()  # another is forked ahead, then held in slow_place
+    async with asyncio.timeout(10):
+        held = await placing.get()
+    await stop_child(first)
+    if first.cgroup is not None:
+        first.cgroup.remove()
+    await server.close()
+    assert server.waiting == []
+    assert_pid_gone(held)
+    if supervisor.cgroups is not None:
+        await supervisor.cgroups.drain()
+        assert not (supervisor.cgroups.memory_base / f"child-{held}").exists()
 
 
 async def test_a_stale_child_forked_ahead_is_replaced_and_close_stops_it(

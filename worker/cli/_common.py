@@ -55,17 +55,22 @@ class _Commands(TyperGroup):
             raise
 
 
-app = typer.Typer(
-    cls=_Commands,
-    name="loadwarden",
-    help="Load ML model files in sandboxed, resource-limited child processes, from a Redis queue "
-    "or right here.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    # Help texts name TOML tables like [[model]]: rich markup would swallow them.
-    rich_markup_mode=None,
-)
+def new_app() -> typer.Typer:
+    """The ``loadwarden`` command group, with no command yet (``main`` adds them)."""
+    return typer.Typer(
+        cls=_Commands,
+        name="loadwarden",
+        help="Load ML model files in sandboxed, resource-limited child processes, from a Redis "
+        "queue or right here.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        # Help texts name TOML tables like [[model]]: rich markup would swallow them.
+        rich_markup_mode=None,
+    )
+
+
+app = new_app()
 
 RedisOpt = Annotated[
     str | None,
@@ -187,11 +192,12 @@ def named_root(source: str) -> tuple[Path, ...]:
 
 def emit_report(report: LoadReport, as_json: bool) -> None:
     from loadwarden.producer.outcomes import Outcome
-    from loadwarden.worker.cli import _render
 
     if as_json:
         typer.echo(report.model_dump_json())
     else:
+        from loadwarden.worker.cli import _render  # rich: only for the human output
+
         _render.report(report)
     raise typer.Exit(EXIT_OK if report.outcome is Outcome.OK else EXIT_OUTCOME)
 

@@ -64,10 +64,11 @@ def load(
 
     from loadwarden.worker.ops.logs import configure_logging
 
+    # Logging first: the fork server, launched ahead (_ahead), logs when it is ready, and
+    # structlog unconfigured would print that to stdout (which --json keeps for the result).
+    configure_logging(log_level)
+
     def prepared() -> tuple[LoadRequest, Settings]:
-        # Logging first: the fork server, already starting, logs when it is ready, and
-        # structlog unconfigured would print that to stdout (which --json keeps for the result).
-        configure_logging(log_level)
         request = load_request(
             file,
             sha256,
@@ -87,16 +88,19 @@ async def _load_here(prepared: Callable[[], tuple[LoadRequest, Settings]]) -> Lo
 
     The fork server is a fresh interpreter that imports numpy and the loaders: launched
     before this process checks the request (which imports pydantic and builds the
-    contract), sets up logging and settings and imports the supervisor's stack, the two
-    start on two cores at once instead of one after the other. It is the same fork
-    server, checked the same way (``Supervisor.start`` refuses what it would refuse); a
-    bad request or setting is the same usage error, after the fork server is stopped.
+    contract), sets up its settings and imports the supervisor's stack, the two start on
+    two cores at once instead of one after the other. The console script launches it
+    before even importing the command line (``_ahead``); run otherwise, it is launched
+    here. It is the same fork server, checked the same way (``Supervisor.start`` refuses
+    what it would refuse); a bad request or setting is the same usage error, after the
+    fork server is stopped.
     """
     import asyncio
 
+    from loadwarden.worker.cli import _ahead
     from loadwarden.worker.sandbox.forkserver import ForkServer
 
-    forkserver = ForkServer()
+    forkserver = ForkServer(launched=_ahead.take())
     starting = asyncio.create_task(forkserver.start())
     try:
         # One step of the loop: the task runs until it waits for the READY packet, so the
@@ -104,8 +108,10 @@ async def _load_here(prepared: Callable[[], tuple[LoadRequest, Settings]]) -> Lo
         await asyncio.sleep(0)
         request, settings = prepared()
         from loadwarden.worker.load.supervisor import Supervisor
+        from loadwarden.worker.ops.metrics import Unrecorded
 
-        supervisor = Supervisor(settings, forkserver=forkserver)
+        # No metrics: nothing serves them here, and prometheus_client is not imported.
+        supervisor = Supervisor(settings, forkserver=forkserver, metrics=Unrecorded())
         await starting
         async with supervisor:
             return await supervisor.load(request)

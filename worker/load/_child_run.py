@@ -12,7 +12,7 @@ from structlog.typing import FilteringBoundLogger
 from loadwarden.producer.contract import Limits, Sample
 from loadwarden.producer.errors import LoadError
 from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.load._deadline import Stopped, until
+from loadwarden.worker.load._deadline import Stopped, in_thread, until
 from loadwarden.worker.load._outcome import (
     Early,
     Loaded,
@@ -129,22 +129,42 @@ async def _converse(
             raise ProtocolViolation("the child sent messages out of order")
 
 
-def place_ahead(cgroups: CgroupManager, child: Child) -> None:
+async def place_ahead(cgroups: CgroupManager, child: Child) -> None:
     """``ForkServer.on_ready``: a child forked ahead waits in a cgroup of its own, without a
-    memory limit until a load takes it (``_place``): one cgroup.procs write less per load."""
-    cgroup = cgroups.prepare(f"child-{child.pid}", CHILD_PIDS_MAX)
+    memory limit until a load takes it (``_place``): one cgroup.procs write less per load.
+
+    In a thread of ``cgroups.threads`` (``in_thread``: a cancel waits for it, so
+    ``child.cgroup`` is set if the cgroup exists): the mkdir and the cgroup.procs write
+    wait on the kernel's cgroup locks, a migration through an RCU grace period (10-60 ms
+    seen here, every few loads), which on the event loop stalled the load running
+    meanwhile (issue 13's p99).
+    """
+    await in_thread(lambda: _cgroup_for(cgroups, child, None), cgroups.threads)
+
+
+def _cgroup_for(cgroups: CgroupManager, child: Child, memory_bytes: int | None) -> Cgroup:
+    """A new cgroup holding ``child`` (set as ``child.cgroup``), its memory limit written
+    unless None; blocking (see ``place_ahead``)."""
+    name = f"child-{child.pid}"
+    cgroup = (
+        cgroups.prepare(name, CHILD_PIDS_MAX)
+        if memory_bytes is None
+        else cgroups.create(name, memory_bytes, CHILD_PIDS_MAX)
+    )
     try:
         cgroup.add(child.pid)
     except OSError:
         cgroup.remove()
         raise
     child.cgroup = cgroup
+    return cgroup
 
 
-def _place(
+async def _place(
     cgroups: CgroupManager | None, child: Child, limits: Limits, run: ChildRun
 ) -> Cgroup | None:
-    """Put the child in a cgroup of its own, its limits written, before it learns its job."""
+    """Put the child in a cgroup of its own, its limits written, before it learns its job
+    (a new one in a thread, as ``place_ahead`` does)."""
     if cgroups is None:
         return None
     if child.cgroup is not None:  # placed while it waited: only the load's limit is left
@@ -155,15 +175,12 @@ def _place(
         run.confinement.append(cgroups.mechanism)
         return child.cgroup
     try:
-        cgroup = cgroups.create(f"child-{child.pid}", limits.memory_bytes, CHILD_PIDS_MAX)
+        cgroup = await in_thread(
+            lambda: _cgroup_for(cgroups, child, limits.memory_bytes), cgroups.threads
+        )
     except OSError as exc:  # the machinery failed, not the file: a classified, retried crash
-        raise failure(Early.CGROUP_FAILED, f"could not create the load's cgroup: {exc}") from exc
-    try:
-        cgroup.add(child.pid)
-    except OSError as exc:
-        cgroup.remove()
         raise failure(
-            Early.CGROUP_FAILED, f"could not place the child in its cgroup: {exc}"
+            Early.CGROUP_FAILED, f"could not place the child in a cgroup of its own: {exc}"
         ) from exc
     run.confinement.append(cgroups.mechanism)
     return cgroup
@@ -194,9 +211,8 @@ async def run_child(
         on_threshold=job.on_threshold,
     )
     sampling: list[asyncio.Task[None]] = []
-    cgroup: Cgroup | None = child.cgroup  # placed while it waited: removed below in any case
     try:
-        cgroup = _place(host.cgroups, child, limits, run) or cgroup
+        await _place(host.cgroups, child, limits, run)
         await child.send_spec(job.spec, job.fds)
         try:
             await until(
@@ -222,9 +238,12 @@ async def run_child(
         finally:
             for task in sampling:
                 await cancel_and_wait(task)
-        if cgroup is not None:
+        if (cgroup := child.cgroup) is not None:
             run.cgroup_oom, run.cgroup_peak_bytes = cgroup.oom_killed(), cgroup.peak_bytes()
-            cgroup.remove()
+            if host.cgroups is not None:  # removed off the job's path (``remove_soon``)
+                host.cgroups.remove_soon(cgroup)
+            else:
+                cgroup.remove()
     run.wall_seconds = loop.time() - started
     run.samples = monitor.usage.samples
     run.sampled_peak_rss = monitor.usage.peak_rss_bytes

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -16,9 +17,14 @@ from loadwarden.worker.load._outcome import Early, Stop, failure
 T = TypeVar("T")
 
 
-async def in_thread(fn: Callable[[], T]) -> T:
-    """Run blocking work in a thread; if cancelled, let it finish first (it may use our fds)."""
-    future = asyncio.ensure_future(asyncio.to_thread(fn))
+async def in_thread(fn: Callable[[], T], executor: Executor | None = None) -> T:
+    """Run blocking work in a thread (the default executor's, or ``executor``'s); if
+    cancelled, let it finish first (it may use our fds)."""
+    future = (
+        asyncio.ensure_future(asyncio.to_thread(fn))
+        if executor is None
+        else asyncio.get_running_loop().run_in_executor(executor, fn)
+    )
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:

@@ -164,6 +164,7 @@ class Supervisor:
             await self.history.close()
         await self.forkserver.close()
         if self.cgroups is not None:
+            await self.cgroups.drain()
             self.cgroups.close()
 
     async def __aenter__(self) -> Supervisor:

@@ -6,9 +6,24 @@ import logging
 import sys
 from typing import TextIO
 
-import structlog
-
 from loadwarden.worker._text import clean
+
+# structlog imports rich as it is imported (rich.traceback, rich.pretty, pygments: ~30 ms of
+# a command's start, measured with -X importtime), only for its console renderer's
+# tracebacks. Off a terminal our logs are JSON lines, which never use it: when stderr is not
+# a terminal and structlog is imported here first, rich is hidden from that one import
+# (None in sys.modules makes `import rich` fail, which structlog handles) and visible again
+# right after (the CLI's human output uses it). A console renderer set up later on another
+# stream that is a terminal then prints plain tracebacks, not rich ones.
+_ON_TERMINAL = sys.stderr is not None and sys.stderr.isatty()
+_HIDE_RICH = not ({"structlog", "rich"} & sys.modules.keys() or _ON_TERMINAL)
+if _HIDE_RICH:
+    sys.modules["rich"] = None  # type: ignore[assignment]
+try:
+    import structlog
+finally:
+    if _HIDE_RICH:
+        del sys.modules["rich"]
 
 _configured = False
 

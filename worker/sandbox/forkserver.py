@@ -20,15 +20,22 @@ import itertools
 import os
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
 
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.sandbox import _protocol
+from loadwarden.worker.sandbox._launch import (
+    BASE_PRELOAD,
+    INHERITED_ENV,
+    Launched,
+    child_environment,
+    launch,
+    preloads,
+)
 from loadwarden.worker.sandbox.children import (
     Child,
     ChildExit,
@@ -38,11 +45,11 @@ from loadwarden.worker.sandbox.children import (
     stop_child,
 )
 
+# What the fork server's launch (``_launch``) defines is still importable from here.
+__all__ = ["BASE_PRELOAD", "INHERITED_ENV", "ForkServer", "child_environment"]
+
 log = structlog.get_logger("loadwarden.sandbox")
 
-#: Modules every fork server imports before it forks: the child's own code
-#: (which imports its loaders, numpy and ml_dtypes).
-BASE_PRELOAD = ("loadwarden.worker.sandbox._child",)
 #: A fork server that has not finished importing in this long is broken.
 START_TIMEOUT_S = 60.0
 #: Children forked ahead, waiting for a spec (bench/tiny.py): loads start one at a time.
@@ -51,29 +58,24 @@ READY_CHILDREN = 1
 READY_MAX_AGE_S = 30.0
 
 
-#: The only variables a child inherits from the supervisor: never its secrets
-#: (a Redis password, cloud credentials), which a loader could read in /proc/self/environ.
-INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "HOME")
-
-
-def child_environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV}
-    # The fork server imports what the supervisor imports (tests, editable installs).
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return env
-
-
 class ForkServer:
     """A running fork server and the children it forked for us."""
 
-    def __init__(self, preload: Sequence[str] = (), *, ready: int = READY_CHILDREN) -> None:
-        self.preload = tuple(dict.fromkeys((*BASE_PRELOAD, *preload)))
+    def __init__(
+        self,
+        preload: Sequence[str] = (),
+        *,
+        ready: int = READY_CHILDREN,
+        launched: Launched | None = None,
+    ) -> None:
+        self.preload = preloads(preload)
+        #: A process launched ahead (``_launch``), adopted by the first start if it matches.
+        self._launched = launched
         self.ready = ready  # children kept forked ahead, from the first spawn on
         self._ready: collections.deque[tuple[float, Child]] = collections.deque()
         self._filling: asyncio.Task[None] | None = None
-        #: Called with each child forked ahead (to place it in a cgroup; OSError: left as is).
-        self.on_ready: Callable[[Child], None] | None = None
+        #: Awaited with each child forked ahead (to place it in a cgroup; OSError: left as is).
+        self.on_ready: Callable[[Child], Awaitable[None]] | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -106,23 +108,13 @@ class ForkServer:
 
     async def _start_process(self) -> None:
         loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = child_environment()
-        cmd = [
-            sys.executable,
-            "-m",
-            "loadwarden.worker.sandbox._forkserver",
-            str(theirs.fileno()),
-            str(os.getpid()),
-            *self.preload,
-        ]
-        try:
-            # A plain fork+exec, a few ms; nothing to wait for until the READY packet.
-            self._process = subprocess.Popen(  # noqa: ASYNC220
-                cmd, pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL
-            )
-        finally:
-            theirs.close()
+        launched, self._launched = self._launched, None
+        if launched is not None and launched.preload != self.preload:
+            launched.abandon()
+            launched = None
+        if launched is None:
+            launched = launch(self.preload)
+        self._process, ours = launched.process, launched.control
         ours.setblocking(False)
         self._control = ours
         started = loop.time()
@@ -213,9 +205,13 @@ class ForkServer:
         try:
             while self.alive and len(self._ready) < self.ready:
                 child = await self._fork()
-                if self.on_ready is not None:
-                    with contextlib.suppress(OSError):
-                        self.on_ready(child)
+                try:
+                    if self.on_ready is not None:
+                        with contextlib.suppress(OSError):
+                            await self.on_ready(child)
+                except BaseException:  # cancelled (close) while placed: no load will take it
+                    await self._discard(child)
+                    raise
                 self._ready.append((time.monotonic(), child))
         except (SandboxError, OSError) as exc:  # the next load forks its own, or says why not
             log.debug("ready_child_failed", error=str(exc))
@@ -250,6 +246,9 @@ class ForkServer:
                 await cancel_and_wait(self._filling)
             while self._ready:
                 await self._discard(self._ready.popleft()[1])
+            if self._launched is not None:  # launched ahead, never started
+                self._launched.abandon()
+                self._launched = None
             await self._stop_process()
 
     async def _stop_process(self) -> None:

@@ -1,0 +1,167 @@
+"""What makes `loadwarden load` start fast keeps every process accounted for and every check.
+
+The console script launches the fork server before its own imports (``cli/_ahead``) and
+``ForkServer`` adopts it; a command line that runs no load leaves none behind. Off a
+terminal, logs never import rich. The process exits without the interpreter's teardown,
+with the same status and all its output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from loadwarden.worker.sandbox._launch import launch, preloads
+from loadwarden.worker.sandbox.children import stop_child
+from loadwarden.worker.sandbox.forkserver import ForkServer
+
+LOADWARDEN = str(Path(sys.executable).parent / "loadwarden")
+FORKSERVER_MODULE = "loadwarden.worker.sandbox._forkserver"
+
+
+def forkservers_of(pid: int) -> list[psutil.Process]:
+    """Live fork servers launched for process ``pid`` (its pid is their second argument)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = proc.info["cmdline"] or []
+        if FORKSERVER_MODULE in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            at = cmd.index(FORKSERVER_MODULE)
+            if cmd[at + 2 : at + 3] == [str(pid)]:
+                found.append(proc)
+    return found
+
+
+def run_cli(*args: str) -> tuple[int, int, str, str]:
+    """Run the console script; its pid, exit status, stdout and stderr."""
+    proc = subprocess.Popen(
+        [LOADWARDEN, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate(timeout=60)
+    return proc.pid, proc.returncode, out, err
+
+
+def test_usage_error_leaves_no_fork_server(small_model: Path) -> None:
+    """`load` with a bad option exits 2, and the fork server launched ahead is already gone."""
+    pid, status, _out, err = run_cli("load", str(small_model), "--memory-bytes", "0")
+    assert status == 2, err
+    assert forkservers_of(pid) == []
+
+
+def test_load_adopts_the_fork_server_launched_ahead(small_model: Path) -> None:
+    """A load through the console script starts exactly one fork server, and reports ok."""
+    pid, status, out, err = run_cli("load", str(small_model), "--json", "--log-level", "info")
+    assert status == 0, err
+    assert '"outcome":"ok"' in out
+    assert err.count('"event": "forkserver_started"') == 1, err
+    assert forkservers_of(pid) == []
+
+
+def test_json_load_imports_neither_rich_nor_prometheus(small_model: Path) -> None:
+    """`load --json` with stderr on a pipe imports no rich module (structlog's included)
+    and no prometheus_client."""
+    at_exit = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('MODULES', *sorted(sys.modules), file=sys.stderr))\n"
+        "sys.argv = ['loadwarden', *sys.argv[1:]]\n"
+        "from loadwarden.worker.cli.entry import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", at_exit, "load", str(small_model), "--json"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    modules = next(line for line in done.stderr.splitlines() if line.startswith("MODULES ")).split()
+    assert "structlog" in modules  # the check sees what logging imported
+    assert [name for name in modules if name.split(".")[0] == "rich"] == []
+    assert "prometheus_client" not in modules  # its metrics would be served by no one
+
+
+def test_exit_status_and_output_survive_the_fast_exit(tmp_path: Path) -> None:
+    """An outcome other than ok still exits 1 with its whole JSON document on stdout."""
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    _pid, status, out, err = run_cli("inspect", str(bad), "--json")
+    assert status == 1, err
+    assert out.endswith("}\n") and '"outcome": "invalid"' in out
+
+
+async def test_forkserver_adopts_a_launched_process() -> None:
+    """ForkServer(launched=) starts on the process launched ahead and forks children from it."""
+    launched = launch(preloads())
+    server = ForkServer(launched=launched, ready=0)
+    try:
+        await server.start()
+        assert server.pid == launched.process.pid
+        child = await server.spawn()
+        await stop_child(child)
+    finally:
+        await server.close()
+    assert launched.process.returncode is not None
+
+
+async def test_forkserver_replaces_a_launched_process_that_preloads_otherwise() -> None:
+    """A process launched with other preloads is stopped, and a fitting one started."""
+    launched = launch(preloads())
+    server = ForkServer(["json"], launched=launched, ready=0)
+    try:
+        await server.start()
+        assert launched.process.returncode is not None  # killed and reaped
+        assert server.pid != launched.process.pid
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("argv", [["load", "--help"], ["inspect", "x"], ["--help"], []])
+def test_only_a_load_launches_ahead(argv: list[str]) -> None:
+    from loadwarden.worker.cli._ahead import runs_load
+
+    assert not runs_load(argv)
+    assert runs_load(["load", "x", "--json"])
+    assert runs_load(["load", "x", "--", "--help"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["load", "--help"],
+        ["inspect", "--help"],
+        ["load"],
+        ["load", "x", "--bogus"],
+        ["load", "x", "--memory-bytes", "0", "--json"],
+        ["load", "x", "--log-level", "nope"],
+        ["inspect", "x", "--format", "zip", "--json"],
+        ["status", "--json"],
+        ["dead", "--help"],
+    ],
+)
+def test_a_command_alone_parses_helps_and_fails_as_in_the_whole_app(argv: list[str]) -> None:
+    """The console script builds only the named command (main.alone): same output and status."""
+    whole = (
+        f"import sys; sys.argv[0] = {LOADWARDEN!r}\n"
+        "from loadwarden.worker.cli.main import app\napp()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LOADWARDEN_REDIS_URL"}
+    expected = subprocess.run(
+        [sys.executable, "-c", whole, *argv], capture_output=True, text=True, env=env, check=False
+    )
+    got = subprocess.run([LOADWARDEN, *argv], capture_output=True, text=True, env=env, check=False)
+    assert expected.returncode != 0 or "--help" in argv  # each case says something
+    assert (got.returncode, got.stdout, got.stderr) == (
+        expected.returncode,
+        expected.stdout,
+        expected.stderr,
+    )

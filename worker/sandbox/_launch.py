@@ -1,0 +1,76 @@
+"""Launch a fork server's process: stdlib only, so a command can launch it before its imports.
+
+``forkserver.ForkServer`` launches through this and then waits for the READY packet. The
+``load`` command launches one ahead (``worker/cli/_ahead.py``) before it imports anything
+else: the fork server's own start (a fresh interpreter importing numpy and the loaders)
+then runs on the other core while the command imports and checks, and ``ForkServer``
+adopts the running process (``launched=``): the same command, environment and checks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+#: Modules every fork server imports before it forks: the child's own code
+#: (which imports its loaders, numpy and ml_dtypes).
+BASE_PRELOAD = ("loadwarden.worker.sandbox._child",)
+
+#: The only variables a child inherits from the supervisor: never its secrets
+#: (a Redis password, cloud credentials), which a loader could read in /proc/self/environ.
+INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "HOME")
+
+
+def child_environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV}
+    # The fork server imports what the supervisor imports (tests, editable installs).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def preloads(extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """What a fork server imports: the base modules, then ``extra``, each once."""
+    return tuple(dict.fromkeys((*BASE_PRELOAD, *extra)))
+
+
+@dataclass
+class Launched:
+    """A fork server's process, launched, and our end of its control socket (blocking)."""
+
+    process: subprocess.Popen[bytes]
+    control: socket.socket
+    preload: tuple[str, ...]
+
+    def abandon(self) -> None:
+        """Stop it unused: it is ours, importing, holding nothing yet (SIGKILL, then reaped)."""
+        self.control.close()
+        self.process.kill()
+        self.process.wait()
+
+
+def launch(preload: tuple[str, ...]) -> Launched:
+    """Start ``python -m loadwarden.worker.sandbox._forkserver`` (a plain fork+exec, a few ms)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadwarden.worker.sandbox._forkserver",
+        str(theirs.fileno()),
+        str(os.getpid()),
+        *preload,
+    ]
+    try:
+        process = subprocess.Popen(
+            cmd, pass_fds=[theirs.fileno()], env=child_environment(), stdin=subprocess.DEVNULL
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return Launched(process, ours, preload)
