@@ -7,8 +7,12 @@ those imports, the fork server starts on the other core meanwhile; ``_local.load
 hands it to its ``ForkServer`` (``launched=``), which checks it exactly as one it
 launched (the READY packet, then ``Supervisor.start``). Stdlib only, like ``entry``.
 
+It is launched with the load's spawn request already queued (``fork_ahead``): once ready,
+it forks the child while the command still imports, and the load takes that child.
 A command line that turns out not to run a load (a usage error) leaves it unclaimed:
-it is killed and reaped at exit, before it has forked anything.
+it is killed and reaped at exit, and the child it may have forked dies with it.
+
+``importing`` overlaps another import (the renderer) with the load's wait on its child.
 """
 
 from __future__ import annotations

@@ -19,8 +19,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loadwarden.worker.sandbox import _protocol
-
 #: Modules every fork server imports before it forks: the child's own code
 #: (which imports its loaders, numpy and ml_dtypes).
 BASE_PRELOAD = ("loadwarden.worker.sandbox._child",)
@@ -99,6 +97,9 @@ def _request_child(control: socket.socket) -> socket.socket | None:
     Only an optimisation: where it cannot be sent, None, and the first load forks its
     child as it would have (the request is one small packet on an empty socket).
     """
+    # Imported here, once the fork server is on its way (hashlib and json: ~4 ms).
+    from loadwarden.worker.sandbox import _protocol
+
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         message = _protocol.SPAWN + _protocol.TOKEN.pack(AHEAD_TOKEN)
