@@ -315,3 +315,11 @@ def list_cwd(fd: int, spec: ChildSpec) -> dict[str, Any]:
     """List the working directory (the fork server's, which is the supervisor's)."""
     os.listdir(os.getcwd())
     return load_safetensors(fd, spec)
+
+
+@register_loader("report_warm_up")
+def report_warm_up(fd: int, spec: ChildSpec) -> dict[str, Any]:
+    """Raise with how many warm-up rounds the fork server ran (inherited: ``_child.warmed_up``)."""
+    from loadwarden.worker.sandbox import _child  # preloaded: no import happens here
+
+    raise RuntimeError(f"warmed_up={_child.warmed_up}")

@@ -19,12 +19,17 @@ class FreezingProxy:
         self.thawed = asyncio.Event()
         self.thawed.set()
         self.port = 0
+        #: Connections accepted so far (frozen or not).
+        self.accepted = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
 
     def freeze(self) -> None:
         self.thawed.clear()
+
+    def thaw(self) -> None:
+        self.thawed.set()
 
     async def __aenter__(self) -> FreezingProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -45,6 +50,7 @@ class FreezingProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
+        self.accepted += 1
         await self.thawed.wait()
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self._writers.append(up_writer)

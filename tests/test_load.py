@@ -15,7 +15,7 @@ import pytest
 import structlog
 from safetensors.numpy import load_file
 
-from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
+from loadwarden.producer.contract import LimitOverrides, LoadReport, LoadRequest, Outcome
 from loadwarden.producer.errors import (
     ChildCrashed,
     CpuExceeded,
@@ -24,11 +24,12 @@ from loadwarden.producer.errors import (
     MemoryExceeded,
 )
 from loadwarden.worker.config import LimitPolicy, Settings
+from loadwarden.worker.formats import ModelFormat
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox import forkserver
 from loadwarden.worker.sandbox.cgroups import Cgroup
 from loadwarden.worker.sandbox.children import Child, stop_child
-from tests.conftest import assert_pid_gone, eventually, group_members, require_cgroups
+from tests.conftest import TEST_LOADERS, assert_pid_gone, eventually, group_members, require_cgroups
 from tests.safetensors_files import entry, raw_file, valid_model, write
 
 pytestmark = pytest.mark.timeout(60)
@@ -444,15 +445,56 @@ def _descriptors(pid: int | None) -> list[str]:
     return [os.readlink(entry) for entry in folder.iterdir()]
 
 
+def _warmed_up(report: LoadReport) -> int:
+    """The warm-up rounds a ``report_warm_up`` child inherited from its fork server."""
+    assert report.error is not None and report.error.code == "loader_error", report.error
+    return int(report.error.message.rsplit("warmed_up=", 1)[1])
+
+
 async def test_the_fork_servers_warm_up_leaves_nothing_behind(
-    supervisor: Supervisor, small_model: Path
+    make_supervisor: Callable[..., Supervisor], small_model: Path
 ) -> None:
     """The fork server warms its children's code on a file of its own (_child.warm_up)
-    before it says it is ready; neither that file nor its socket pair stays open, and
-    a load after it still succeeds."""
-    await supervisor.forkserver.start()
-    held = _descriptors(supervisor.forkserver.pid)
-    assert not [d for d in held if "loadwarden-warm-up" in d], held
-    assert len([d for d in held if d.startswith("socket:")]) == 1, held  # its control socket
-    report = await supervisor.load(LoadRequest(source=str(small_model)))
+    before it says it is ready: every round ran (children inherit the count); neither
+    that file nor its socket pair stays open, and a load after it still succeeds."""
+    async with make_supervisor("report_warm_up") as sup:
+        await sup.forkserver.start()
+        held = _descriptors(sup.forkserver.pid)
+        assert not [d for d in held if "loadwarden-warm-up" in d], held
+        assert len([d for d in held if d.startswith("socket:")]) == 1, held  # its control socket
+        probed = await sup.load(LoadRequest(source=str(small_model)))
+    assert _warmed_up(probed) == 16
+    async with make_supervisor() as sup:
+        report = await sup.load(LoadRequest(source=str(small_model)))
     assert report.outcome is Outcome.OK, report.error
+
+
+@pytest.mark.parametrize("preload", ["tests.preload_no_memfd", "tests.preload_memfd_refused"])
+async def test_a_fork_server_whose_warm_up_fails_still_starts_and_loads(
+    small_model: Path, preload: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Without os.memfd_create (an old glibc, musl), or with one the kernel refuses, the
+    warm-up (only an optimisation) does not run, and the fork server starts confined and
+    loads all the same; a refusal is one line on its stderr."""
+    loaders = {ModelFormat.SAFETENSORS: "report_warm_up"}
+    async with Supervisor(Settings(), preload=[TEST_LOADERS, preload], loaders=loaders) as sup:
+        probed = await sup.load(LoadRequest(source=str(small_model)))
+        held = _descriptors(sup.forkserver.pid)
+        no_new_privs = _status_field(sup.forkserver.pid, "NoNewPrivs")
+    assert _warmed_up(probed) == 0
+    assert len([d for d in held if d.startswith("socket:")]) == 1, held
+    assert no_new_privs == "1"  # _confine_self ran after the failed warm-up
+    refused = "warm-up skipped" in capfd.readouterr().err
+    assert refused is (preload == "tests.preload_memfd_refused")
+    async with Supervisor(Settings(), preload=[TEST_LOADERS, preload]) as sup:
+        report = await sup.load(LoadRequest(source=str(small_model)))
+    assert report.outcome is Outcome.OK, report.error
+
+
+def _status_field(pid: int | None, name: str) -> str:
+    """One field of /proc/PID/status (a tiny /proc file: read synchronously)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == name:
+            return value.strip()
+    raise AssertionError(f"no {name} in /proc/{pid}/status")

@@ -34,8 +34,8 @@ def _exit(sig: int | None = None, code: int | None = None, cpu: float = 0.0) -> 
     )
 
 
-def _raised(type_: str, message: str = "") -> Raised:
-    return Raised(kind="raised", type=type_, module="m", message=message, traceback="", rchar=0)
+def _raised(type_: str, message: str = "", module: str = "m") -> Raised:
+    return Raised(kind="raised", type=type_, module=module, message=message, traceback="", rchar=0)
 
 
 def _loaded(digest: str = DIGEST) -> Loaded:
@@ -139,6 +139,21 @@ RUNS: dict[str, tuple[RunEnd, str, str]] = {
         RunEnd(LIMITS, EXITED, DIGEST, final=_raised("PermissionError")),
         "refused",
         "sandbox_denied",
+    ),
+    "child-could-not-confine-itself": (
+        RunEnd(
+            LIMITS,
+            EXITED,
+            DIGEST,
+            final=_raised("SandboxFailed", module="loadwarden.worker.sandbox._child"),
+        ),
+        "crashed",
+        "sandbox",
+    ),
+    "a-loaders-own-sandboxfailed-is-its-error": (
+        RunEnd(LIMITS, EXITED, DIGEST, final=_raised("SandboxFailed")),
+        "crashed",
+        "loader_error",
     ),
     "loader-rejected": (
         RunEnd(LIMITS, EXITED, DIGEST, final=_raised("SafetensorError")),

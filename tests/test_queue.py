@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pickle
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from arq.constants import job_key_prefix, result_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from redis.asyncio import Redis
 
 from loadwarden.producer import wire
 from loadwarden.producer.client import Client, JobState
@@ -25,6 +27,7 @@ from loadwarden.producer.keys import (
     dedupe_key,
 )
 from loadwarden.worker._keys import ATTEMPTS_KEY_PREFIX
+from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.config import Settings
 from loadwarden.worker.queue.jobs import JobBook
 from loadwarden.worker.queue.runner import WorkerRunner
@@ -226,3 +229,144 @@ async def test_a_run_begins_with_what_its_claim_read_and_later_cancels(
         await asyncio.wait({watcher})
         await redis.delete(CANCEL_KEY_PREFIX + "late")
         await redis.aclose()
+
+
+def _book_of(runner: WorkerRunner) -> JobBook:
+    """The running worker's JobBook (where its claims register cancel listeners)."""
+    assert runner.arq is not None
+    book = runner.arq._worker._book  # type: ignore[attr-defined]
+    assert isinstance(book, JobBook)
+    return book
+
+
+def _listening(book: JobBook, job_id: str) -> bool:
+    return job_id in book._cancel_events  # type: ignore[attr-defined]
+
+
+@contextlib.asynccontextmanager
+async def _monitored(redis_url: str) -> AsyncIterator[list[tuple[str, str]]]:
+    """Every command Redis runs meanwhile, as (client type: tcp or lua, command), in order:
+    Redis's own MONITOR, which shows the commands a script runs as the lua client's."""
+    seen: list[tuple[str, str]] = []
+    redis = redis_client(redis_url)
+    ready = asyncio.Event()
+
+    async def follow() -> None:
+        async with redis.monitor() as monitor:
+            ready.set()
+            async for command in monitor.listen():
+                seen.append((command["client_type"], command["command"]))
+
+    task = asyncio.create_task(follow())
+    try:
+        async with asyncio.timeout(5):
+            await ready.wait()
+        yield seen
+        # MONITOR shows commands in the order Redis ran them: once this one shows, all
+        # of those before it have.
+        end = f"ECHO monitored-{id(seen)}"
+        await redis.echo(end.split()[1])
+        await eventually(lambda: ("tcp", end) in seen, what="the monitor caught up")
+    finally:
+        await cancel_and_wait(task)
+        await redis.aclose()
+
+
+async def test_a_wrong_typed_attempts_key_ends_its_job_in_a_report_and_the_worker_serves_on(
+    worker_runner: WorkerRunner,
+    client: Client,
+    small_model: Path,
+    captured_events: list[dict[str, object]],
+) -> None:
+    """A job whose attempts key a producer planted with the wrong type ends in a classified
+    report (the claim leaves that read to the run), not in an error out of the claim that
+    would take the worker's main loop down; the same worker then serves the next job."""
+    redis = await client.redis()
+    arq = worker_runner.arq
+    await redis.rpush(ATTEMPTS_KEY_PREFIX + "poison", "x")
+    poisoned = await client.enqueue(LoadRequest(source=str(small_model)), job_id="poison")
+    report = await poisoned.report(timeout_s=20)
+    assert report.error is not None, report
+    assert (report.outcome, report.error.code) == (Outcome.CRASHED, "internal_error"), report
+    assert "WRONGTYPE" in report.error.message, report.error
+    following = await client.enqueue(LoadRequest(source=str(small_model), labels={"n": "2"}))
+    assert (await following.report(timeout_s=20)).outcome is Outcome.OK
+    assert worker_runner.arq is arq  # never rebuilt: Redis was not taken for lost
+    assert not [e for e in captured_events if e["event"] == "redis_lost"]
+    assert not _listening(_book_of(worker_runner), "poison")
+
+
+async def test_a_claim_that_starts_no_run_leaves_no_listener_and_gives_its_slot_back(
+    worker_runner: WorkerRunner,
+    client: Client,
+    small_model: Path,
+    redis_url: str,
+    captured_events: list[dict[str, object]],
+) -> None:
+    """A claim that starts no run drops the cancel listener it registered before it: one
+    answering nil (the job's in-progress marker set: running elsewhere), and one Redis
+    answers with an error (out of memory: its PSETEX refused), which is arq's failed
+    claim: the slot back, the job still queued, the worker's loop alive; the job runs
+    once Redis takes writes again."""
+    redis = await client.redis()
+    arq = worker_runner.arq
+    assert arq is not None
+    worker = arq._worker  # type: ignore[attr-defined]
+    book = _book_of(worker_runner)
+    await redis.set(in_progress_key_prefix + "elsewhere", b"1", px=60_000)
+    async with _monitored(redis_url) as seen:
+        await client.enqueue(LoadRequest(source=str(small_model)), job_id="elsewhere")
+        await eventually(
+            lambda: any(
+                c.startswith("EVALSHA") and in_progress_key_prefix + "elsewhere" in c
+                for _, c in seen
+            ),
+            what="a claim of the job running elsewhere",
+        )
+    await redis.zrem(worker.queue_name, "elsewhere")  # no claim of it after this
+    await eventually(lambda: not _listening(book, "elsewhere"), what="its listener dropped")
+
+    worker.allow_pick_jobs = False  # the job goes in while Redis still takes writes
+    handle = await client.enqueue(LoadRequest(source=str(small_model), labels={"n": "2"}))
+    max_memory = (await redis.config_get("maxmemory"))["maxmemory"]
+    refused = await _refused_writes(redis)
+    await redis.config_set("maxmemory", 1)
+    try:
+        worker.allow_pick_jobs = True
+        await eventually(lambda: _refused_writes(redis, more_than=refused), what="a refused claim")
+        # Another claim may be on its way (listening until it fails): none stays.
+        await eventually(lambda: not _listening(book, handle.job_id), what="no listener")
+        # More refused claims than slots (Redis counts them): were each to keep its slot,
+        # the last would find none.
+        await eventually(
+            lambda: _refused_writes(redis, more_than=refused + worker.max_jobs),
+            what="more refused claims than slots",
+        )
+    finally:
+        await redis.config_set("maxmemory", max_memory)
+    assert (await handle.report(timeout_s=20)).outcome is Outcome.OK
+    assert worker_runner.arq is arq  # never rebuilt: Redis was not taken for lost
+    assert not [e for e in captured_events if e["event"] == "redis_lost"]
+    failed = [e for e in captured_events if e["event"] == "job_claim_failed"]
+    assert failed[0]["job_id"] == handle.job_id and "maxmemory" in str(failed[0]["error"])
+
+
+async def _refused_writes(redis: Redis, more_than: int = -1) -> int:
+    """How many scripts (EVALSHA: claims, while no enqueue runs) Redis failed, when more
+    than ``more_than`` (else 0)."""
+    stats = (await redis.info("commandstats")).get("cmdstat_evalsha", {})
+    count = int(stats.get("failed_calls", 0))
+    return count if count > more_than else 0
+
+
+async def test_a_run_begins_with_what_its_claim_read(
+    worker_runner: WorkerRunner, client: Client, small_model: Path, redis_url: str
+) -> None:
+    """A job's run reads its attempts and cancel flag only inside its claim's script: no
+    round trip of its own for them (JobBook.begin answers from the claim's read)."""
+    attempts_key, cancel_key = ATTEMPTS_KEY_PREFIX + "read", CANCEL_KEY_PREFIX + "read"
+    async with _monitored(redis_url) as seen:
+        handle = await client.enqueue(LoadRequest(source=str(small_model)), job_id="read")
+        assert (await handle.report(timeout_s=20)).outcome is Outcome.OK
+    reads = [(t, c) for t, c in seen if c in (f"GET {attempts_key}", f"EXISTS {cancel_key}")]
+    assert reads == [("lua", f"GET {attempts_key}"), ("lua", f"EXISTS {cancel_key}")], reads

@@ -340,42 +340,51 @@ def test_reconnect_pauses_double_up_to_their_ceiling_and_reset() -> None:
     assert pauses.advance() == 0.5
 
 
-@pytest.mark.parametrize("watching", [False, True])
-async def test_a_cancelled_pipeline_gives_its_connection_back(
-    redis_url: str, watching: bool
+async def test_a_pipeline_cancelled_again_while_it_unwatches_gives_its_connection_back(
+    redis_url: str,
 ) -> None:
-    """Cancelled while it waits on Redis, a pipeline still returns its connection to the
-    pool: through the shielded reset when it must UNWATCH, through the plain one (which
-    never suspends) when it has nothing to send."""
-    redis = redis_client(redis_url)
-    blocker = redis_client(redis_url)
-    try:
-        key = f"test:cancelled-pipeline:{watching}"
-        entered = asyncio.Event()
+    """A watching pipeline cancelled while it waits on Redis, then cancelled again while its
+    reset sends the UNWATCH, still returns its connection to the pool: the shielded reset
+    runs to its end. (Unshielded, the second cancel ends the reset before its release.)
 
-        async def held() -> None:
-            # (Redis never blocks a command inside MULTI: these BLPOPs run outside one.)
-            async with redis.pipeline(transaction=False) as pipe:
-                if watching:  # a watching pipeline runs its commands at once
-                    await pipe.watch(key)
+    redis-py drops the connection on the first cancel, so the reset reconnects to send
+    its UNWATCH: through a proxy frozen meanwhile, that reconnection holds the reset in
+    flight until the second cancel has landed. A pipeline with nothing to send on reset
+    resets without suspending, so no second cancel can land in it: that path has no such
+    test."""
+    port = urlsplit(redis_url).port or 6379
+    db = urlsplit(redis_url).query.rpartition("db=")[2] or "0"
+    blocker = redis_client(redis_url)
+    async with FreezingProxy(port) as proxy:
+        redis = redis_client(f"redis://127.0.0.1:{proxy.port}/{db}")
+        try:
+            key = "test:cancelled-pipeline"
+            entered = asyncio.Event()
+
+            async def held() -> None:
+                async with redis.pipeline(transaction=False) as pipe:
+                    await pipe.watch(key)  # a watching pipeline runs its commands at once
                     entered.set()
                     await pipe.blpop([key], timeout=30)
-                else:
-                    pipe.blpop([key], timeout=30)
-                    entered.set()
-                    await pipe.execute()
 
-        task = asyncio.create_task(held())
-        async with asyncio.timeout(5):
-            await entered.wait()
-            # The BLPOP is blocked in Redis once it shows as a blocked client.
-            await eventually(lambda: _blocked_clients(blocker), what="the BLPOP blocked")
-        await cancel_and_wait(task)
-        pool = redis.connection_pool
-        assert not pool._in_use_connections  # type: ignore[attr-defined]
-    finally:
-        await redis.aclose()
-        await blocker.aclose()
+            task = asyncio.create_task(held())
+            async with asyncio.timeout(5):
+                await entered.wait()
+                # The BLPOP is blocked in Redis once it shows as a blocked client.
+                await eventually(lambda: _blocked_clients(blocker), what="the BLPOP blocked")
+                proxy.freeze()
+                accepted = proxy.accepted
+                task.cancel()
+                await eventually(lambda: proxy.accepted > accepted, what="the reset reconnecting")
+                assert not task.done()
+                task.cancel()  # while the reset's UNWATCH waits on the frozen proxy
+                proxy.thaw()
+                await asyncio.wait({task})
+            assert task.cancelled()
+            assert not redis.connection_pool._in_use_connections  # type: ignore[attr-defined]
+        finally:
+            await redis.aclose()
+            await blocker.aclose()
 
 
 async def _blocked_clients(redis: Redis) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from loadwarden.producer.contract import LoadReport, LoadRequest, Outcome
+from loadwarden.worker.config import Settings
+from loadwarden.worker.formats import ModelFormat
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox._landlock import abi_version
+from tests.conftest import TEST_LOADERS, require_facility
 from tests.sandbox_loaders import BAIT_NAME, CLAIMED_DIGEST, FORGED_LINE
 
 needs_landlock = pytest.mark.skipif(abi_version() < 1, reason="this kernel has no Landlock")
@@ -156,3 +160,71 @@ def test_children_get_only_the_documented_environment(monkeypatch: pytest.Monkey
     assert set(env) == inherited | {"PYTHONPATH", "PYTHONDONTWRITEBYTECODE"}
     assert all(env[name] == f"value of {name}" for name in inherited)
     assert "secret" not in repr(env)
+
+
+def _change(folder: Path, how: str) -> None:
+    """What a deploy may do to a folder the fork server imported from, after it started."""
+    shutil.rmtree(folder)
+    if how == "replaced_by_a_file":
+        folder.write_text("")
+    elif how == "a_symlink_loop":
+        folder.symlink_to(folder)
+
+
+async def _load_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_model: Path, how: str
+) -> LoadReport:
+    """A ``read_other`` load by a fork server that preloaded a module from a folder of its
+    own, that folder changed (``_change``) after the fork server started."""
+    folder = tmp_path / "modules"
+    folder.mkdir()
+    (folder / "loadwarden_stale_probe.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(folder))  # the fork server's PYTHONPATH
+    loaders = {ModelFormat.SAFETENSORS: "read_other"}
+    preload = [TEST_LOADERS, "loadwarden_stale_probe"]
+    async with Supervisor(Settings(), preload=preload, loaders=loaders) as sup:
+        require_facility(sup.landlock_abi >= 1, "needs Landlock")
+        await sup.forkserver.start()
+        _change(folder, how)
+        return await sup.load(LoadRequest(source=str(small_model)))
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced_by_a_file"])
+async def test_landlock_holds_when_a_preloaded_folder_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_model: Path, how: str
+) -> None:
+    """The fork server lists the folders children may read once; one removed (or turned
+    into a file) since is left out of a child's rules, and Landlock still confines it:
+    reading another file is denied."""
+    report = await _load_after(tmp_path, monkeypatch, small_model, how)
+    assert_denied(report)
+    assert any(c.startswith("landlock_abi") for c in report.confinement), report.confinement
+
+
+async def test_a_landlock_that_cannot_be_applied_refuses_the_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_model: Path
+) -> None:
+    """A rule that fails for another reason than a vanished path (here a symlink loop:
+    ELOOP) stops the child before the loader runs (unconfined, ``read_other`` would load
+    fine): the sandbox's failure, classified, not the file's."""
+    report = await _load_after(tmp_path, monkeypatch, small_model, "a_symlink_loop")
+    assert report.outcome is Outcome.CRASHED, report.error
+    assert report.error is not None and report.error.code == "sandbox", report.error
+    assert "Landlock could not be applied" in report.error.message
+    assert not any(c.startswith("landlock_abi") for c in report.confinement)
+
+
+@needs_landlock
+async def test_a_child_ready_without_the_landlock_asked_for_is_refused(
+    small_model: Path,
+) -> None:
+    """A child finds no Landlock (a filter preloaded into the fork server makes its system
+    calls fail with ENOSYS) although the supervisor found it and asked for it: the child
+    goes on as in a kernel without Landlock, and the supervisor refuses its answer."""
+    loaders = {ModelFormat.SAFETENSORS: "read_other"}
+    preload = [TEST_LOADERS, "tests.preload_no_landlock"]
+    async with Supervisor(Settings(), preload=preload, loaders=loaders) as sup:
+        report = await sup.load(LoadRequest(source=str(small_model)))
+    assert report.outcome is Outcome.CRASHED, report.error
+    assert report.error is not None and report.error.code == "protocol_violation"
+    assert "asked for Landlock" in report.error.message

@@ -107,13 +107,20 @@ async def _converse(
     limits: Limits,
     log: FilteringBoundLogger,
     sampling: list[asyncio.Task[None]],
+    landlock: bool,
 ) -> None:
-    """Read the child's messages: ready (start sampling), then its one answer."""
+    """Read the child's messages: ready (start sampling), then its one answer.
+
+    A child asked for Landlock (the supervisor found it in this kernel) that reports
+    itself ready without it is not believed to be confined: the run ends as a violation.
+    """
     while (raw := await child.receive()) is not None:
         message = parse_message(raw)
         if isinstance(message, Ready) and run.ready is None:
-            run.ready = message
             run.confinement += message.confinement
+            if landlock and not any(c.startswith("landlock_abi") for c in message.confinement):
+                raise ProtocolViolation("the child was asked for Landlock and reported none")
+            run.ready = message
             sampling.append(asyncio.create_task(monitor.run()))
             log.info(
                 "load_started",
@@ -216,7 +223,7 @@ async def run_child(
         await child.send_spec(job.spec, job.fds)
         try:
             await until(
-                _converse(child, run, monitor, limits, log, sampling),
+                _converse(child, run, monitor, limits, log, sampling, job.spec.landlock),
                 loop.time() + limits.timeout_seconds,
                 cancel,
             )

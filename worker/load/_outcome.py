@@ -267,7 +267,15 @@ def _run(end: RunEnd) -> LoadError | None:
     return _from_exit(end.exit, limits, end.peak_rss_bytes)
 
 
+#: The child's own exception for a confinement it could not put in place (``_child``).
+_SANDBOX_FAILED = ("SandboxFailed", "loadwarden.worker.sandbox._child")
+
+
 def _from_raised(raised: Raised) -> LoadError:
+    if (raised.type, raised.module) == _SANDBOX_FAILED:  # before the loader touched the file
+        return ChildCrashed(
+            f"the child could not confine itself: {raised.message[:300]}", code=str(Early.SANDBOX)
+        )
     if raised.type == "MemoryError" or (
         raised.type == "PanicException"
         and any(w in raised.message.lower() for w in _ALLOCATION_WORDS)

@@ -47,14 +47,13 @@ from loadwarden.producer import wire
 from loadwarden.producer.errors import LoadError, describe
 from loadwarden.producer.finished import push_message
 from loadwarden.producer.keys import (
-    CANCEL_KEY_PREFIX,
     FINISHED_CHANNEL,
     FINISHED_REPORTS_CHANNEL,
     now_ms,
     wake_key,
 )
-from loadwarden.worker._keys import ATTEMPTS_KEY_PREFIX
 from loadwarden.worker.load._outcome import Early, failure
+from loadwarden.worker.queue._claim import claim
 from loadwarden.worker.queue.job import (
     FINISH_WITH_RESULT,
     TRANSIENT_REDIS_ERRORS,
@@ -63,19 +62,6 @@ from loadwarden.worker.queue.job import (
 from loadwarden.worker.queue.jobs import Finish, JobBook
 
 log = structlog.get_logger("loadwarden.worker")
-
-#: arq's claim of a job (``Worker.start_jobs``), atomic: not in progress, still queued and
-#: due, then marked in progress; with it, what ``JobBook.begin`` reads (the attempts so far,
-#: whether a producer cancelled the job), saving that round trip. KEYS: in-progress key,
-#: queue, attempts key, cancel key. ARGV: job id, now (ms), marker expiry (ms). Returns
-#: [score, attempts (nil: none), cancelled (0/1)], or false (nil) when it is not ours to run.
-_CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
-redis.call('PSETEX', KEYS[1], ARGV[3], '1')
-return {score, redis.call('GET', KEYS[3]), redis.call('EXISTS', KEYS[4])}
-"""
 
 #: The shortest wait worth a BLPOP (Redis counts its timeout in milliseconds).
 BLPOP_MIN_S = 0.001
@@ -189,14 +175,13 @@ class LoadWorker(Worker):
         self._more = fetched >= self.queue_read_limit and bool(set(self.tasks) - before)
 
     async def _claim_and_start(self, job_ids: list[bytes]) -> None:
-        """arq's ``start_jobs`` with its claim in one round trip instead of four.
+        """arq's ``start_jobs`` with its claim in one round trip instead of four (``claim``).
 
-        arq claims a job under WATCH (WATCH, EXISTS, ZSCORE, then MULTI/PSETEX/EXEC):
-        ``_CLAIM`` makes the same checks and the same write atomically, in one EVALSHA.
         The slot accounting (semaphore, counter, task, release on completion) is arq's,
-        line for line.
+        line for line, and so is its handling of a claim Redis answers with an error: the
+        slot back, on to the next job (it stays queued; nothing of the claim was written).
         """
-        claim = self.pool.register_script(_CLAIM)
+        marker_ms = int(self.in_progress_timeout_s * 1000)
         for job_id_b in job_ids:
             await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
@@ -208,25 +193,24 @@ class LoadWorker(Worker):
             # published after that read still reaches the run (JobBook.begin).
             if self._book is not None:
                 self._book.cancel_event(job_id)
-            claimed = await claim(
-                keys=[
-                    in_progress_key_prefix + job_id,
-                    self.queue_name,
-                    ATTEMPTS_KEY_PREFIX + job_id,
-                    CANCEL_KEY_PREFIX + job_id,
-                ],
-                args=[job_id, now_ms(), int(self.in_progress_timeout_s * 1000)],
-            )
-            if claimed is None:  # running elsewhere, finished, or deferred again meanwhile
+            try:
+                claimed = await claim(self.pool, self.queue_name, job_id, marker_ms)
+            except ResponseError as exc:
+                log.warning("job_claim_failed", job_id=job_id, error=describe(exc))
+                claimed = None
+            except BaseException:  # a lost connection, a cancel: no run, so no listener
+                if self._book is not None:
+                    self._book.forget(job_id)
+                raise
+            if claimed is None:  # running elsewhere, finished, deferred again, or refused
                 if self._book is not None:
                     self._book.forget(job_id)
                 self.job_counter -= 1
                 self.sem.release()
                 continue
-            score, attempts, cancelled = claimed
-            if self._book is not None:
-                self._book.begun(job_id, attempts, bool(cancelled))
-            task = asyncio.get_running_loop().create_task(self.run_job(job_id, int(float(score))))
+            if self._book is not None and claimed.first_look is not None:
+                self._book.begun(job_id, *claimed.first_look)
+            task = asyncio.get_running_loop().create_task(self.run_job(job_id, claimed.score))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
 

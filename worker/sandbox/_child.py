@@ -130,12 +130,28 @@ def _apply_limits(spec: ChildSpec, applied: list[str], files: int = 1) -> dict[s
     return {"baseline_vsz": vsz, "baseline_rss": rss, "address_space": address_space}
 
 
+class SandboxFailed(Exception):
+    """A confinement the spec asks for could not be put in place: the file is never touched.
+
+    The machinery's failure, not the file's: the supervisor names it ``crashed`` /
+    ``sandbox`` by this class and module (``_outcome._from_raised``).
+    """
+
+
 def _apply_landlock(fds: list[int], applied: list[str]) -> None:
-    """Read the model and the interpreter only; no writes, no exec, no TCP (where supported)."""
+    """Read the model and the interpreter only; no writes, no exec, no TCP (where supported).
+
+    Fails closed: only a kernel without Landlock lets the load go on without it (the
+    report's confinement list says so by omission, and the supervisor, which asked for
+    Landlock only where it found it, refuses that answer); any other failure refuses the
+    load.
+    """
     try:
-        abi = _landlock.restrict(fds, _landlock.interpreter_rules())
-    except OSError:
-        return  # no Landlock in this kernel: the report's confinement list says so by omission
+        abi = _landlock.restrict(fds, _landlock.interpreter_paths())
+    except _landlock.Unavailable:
+        return
+    except OSError as exc:
+        raise SandboxFailed(f"Landlock could not be applied: {exc}") from exc
     applied.append(f"landlock_abi{abi}")
 
 
@@ -190,6 +206,10 @@ _WARM_HEADER = b'{"w":{"dtype":"F32","shape":[16,16],"data_offsets":[0,1024]}}'.
 _WARM_FILE = len(_WARM_HEADER).to_bytes(8, "little") + _WARM_HEADER + bytes(1024)
 
 
+#: The warm-up's rounds that ran to their end (in the fork server; inherited by children).
+warmed_up = 0
+
+
 def warm_up(rounds: int = 16) -> None:
     """Run, in the fork server, the Python each child runs around a tiny safetensors load.
 
@@ -202,13 +222,19 @@ def warm_up(rounds: int = 16) -> None:
     The spec travels as a child's does (a socket pair, the file's descriptor passed with
     it) and the replies are built and sent. Confinement is not run here (it would
     confine the fork server); the file is a memfd of bytes written above, so no input
-    from outside is read.
+    from outside is read. Where it cannot run it does nothing or raises: the fork server
+    says so on its stderr and starts without it.
     """
+    global warmed_up
+    memfd_create = getattr(os, "memfd_create", None)  # absent from some builds (old glibc, musl)
+    if memfd_create is None:
+        return  # only an optimisation
+    fd = memfd_create("loadwarden-warm-up", os.MFD_CLOEXEC)
     try:
-        fd = os.memfd_create("loadwarden-warm-up", os.MFD_CLOEXEC)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     except OSError:
-        return  # only an optimisation
+        os.close(fd)
+        raise
     try:
         theirs.settimeout(60)
         os.write(fd, _WARM_FILE)
@@ -241,6 +267,7 @@ def warm_up(rounds: int = 16) -> None:
                 os.close(copy)
             ours.recv(_protocol.MAX_REPLY_BYTES)
             ours.recv(_protocol.MAX_REPLY_BYTES)
+            warmed_up += 1
     finally:
         os.close(fd)
         ours.close()

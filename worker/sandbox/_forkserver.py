@@ -153,10 +153,13 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in argv[2:]:
         importlib.import_module(name)
-    _landlock.interpreter_rules()  # once here, not in every child: what Landlock lets them read
+    _landlock.interpreter_paths()  # once here, not in every child: what Landlock lets them read
     from loadwarden.worker.sandbox import _child  # every child runs it: preloaded in any case
 
-    _child.warm_up()  # the bytecode children run, quickened here once (see warm_up)
+    try:
+        _child.warm_up()  # the bytecode children run, quickened here once (see warm_up)
+    except Exception as exc:  # only an optimisation: never worth a fork server that can't start
+        print(f"loadwarden fork server: warm-up skipped: {exc!r}", file=sys.stderr, flush=True)
     _confine_self()
     control = socket.socket(fileno=control_fd)
     control.send(_protocol.READY)

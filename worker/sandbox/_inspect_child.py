@@ -33,7 +33,7 @@ def _confine(fd: int, memory_bytes: int, cpu_seconds: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
     if _landlock.abi_version() >= 1:
-        _landlock.restrict([fd], _landlock.interpreter_rules())
+        _landlock.restrict([fd], _landlock.interpreter_paths())
     # An architecture without a filter: Landlock and the limits still hold.
     with contextlib.suppress(OSError):
         _seccomp.install()

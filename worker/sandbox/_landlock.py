@@ -12,7 +12,9 @@ its own domain. No PyPI binding is used: the released one is a dev version.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import stat
 import sys
 import sysconfig
 from collections.abc import Iterable
@@ -44,9 +46,22 @@ class _PathBeneathAttr(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
-def _check(result: int) -> int:
+class Unavailable(OSError):
+    """This kernel has no Landlock (ENOSYS) or has it disabled (EOPNOTSUPP): the only
+    failure a caller may take as "no Landlock here" rather than as a broken sandbox."""
+
+
+#: The errors of the ABI probe and of ruleset creation that mean "no Landlock here".
+_ABSENT = (errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def _check(result: int, *, absent: bool = False) -> int:
+    """``result``, or the system call's errno raised (as ``Unavailable`` when ``absent``
+    and it says Landlock is missing)."""
     if result < 0:
         err = ctypes.get_errno()
+        if absent and err in _ABSENT:
+            raise Unavailable(err, os.strerror(err))
         raise OSError(err, os.strerror(err))
     return result
 
@@ -104,53 +119,64 @@ def prepare() -> list[str]:
     return _MODULE_FOLDERS
 
 
-def _rule(path: str) -> tuple[str, int]:
-    return path, _READ if os.path.isdir(path) else READ_FILE
+#: ``interpreter_paths`` without the per-process /proc file, found once (the fork server's).
+_STATIC_PATHS: list[str] | None = None
 
 
-#: ``interpreter_rules`` without the per-process /proc file, found once (the fork server's).
-_STATIC_RULES: list[tuple[str, int]] | None = None
+def interpreter_paths() -> list[str]:
+    """What a Python child reads: its modules' folders, shared libraries, its own /proc/PID/io.
 
-
-def interpreter_rules() -> list[tuple[str, int]]:
-    """What a Python child reads, as (path, rights): its modules' folders, shared libraries,
-    its own /proc/PID/io.
-
-    The folders and libraries are looked up (exists? a folder?) once, in the fork server,
-    and inherited: each child then only opens them for ``restrict`` (two stat calls
-    fewer per path in every child). They do not change while the worker runs.
+    The folders and libraries that exist are found once, in the fork server, and
+    inherited: each child then only opens them for ``restrict``. One may vanish, or turn
+    from a folder into a file, while the worker runs (a deploy, an editable source
+    folder): ``restrict`` leaves out what is gone and takes a rule's rights from what it
+    opened, so a stale list only ever grants less.
     """
-    global _STATIC_RULES
-    if _STATIC_RULES is None:
+    global _STATIC_PATHS
+    if _STATIC_PATHS is None:
         paths = {*prepare(), *_SYSTEM_LIBRARIES}
-        _STATIC_RULES = [_rule(p) for p in sorted(paths) if p and os.path.exists(p)]
-    return [*_STATIC_RULES, (f"/proc/{os.getpid()}/io", READ_FILE)]
+        _STATIC_PATHS = [p for p in sorted(paths) if p and os.path.exists(p)]
+    return [*_STATIC_PATHS, f"/proc/{os.getpid()}/io"]
 
 
-def restrict(read_fds: Iterable[int], read_rules: Iterable[tuple[str, int]]) -> int:
-    """Restrict this process to reading ``read_fds``' files and ``read_rules``' paths
-    (``interpreter_rules``); return the ABI.
+def restrict(read_fds: Iterable[int], read_paths: Iterable[str]) -> int:
+    """Restrict this process to reading ``read_fds``' files and ``read_paths``
+    (``interpreter_paths``: a folder's whole subtree, a file itself); return the ABI.
 
-    Raises OSError where the kernel has no Landlock (the caller decides what that means).
+    A path that no longer exists (ENOENT, ENOTDIR) is left out: nothing to read there.
+    Raises ``Unavailable`` where the kernel has no Landlock, and OSError for any other
+    failure (the caller must not take that as "no Landlock").
     """
-    abi = abi_version()
+    abi = _check(
+        _libc.syscall(
+            _SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION)
+        ),
+        absent=True,
+    )
     if abi < 1:
-        raise OSError(95, "Landlock is not supported by this kernel")
+        raise Unavailable(errno.EOPNOTSUPP, "Landlock is not supported by this kernel")
     fs_rights = _fs_rights(abi)
     attr = _RulesetAttr(fs_rights, _NET_ALL if abi >= 4 else 0, _SCOPE_ALL if abi >= 6 else 0)
     size = ctypes.sizeof(_RulesetAttr) if abi >= 6 else (16 if abi >= 4 else 8)
     ruleset = _check(
         _libc.syscall(
             _SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)
-        )
+        ),
+        absent=True,
     )
     try:
         for fd in read_fds:
             _add(ruleset, fd, READ_FILE)
-        for path, rights in read_rules:
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        for path in read_paths:
             try:
-                _add(ruleset, fd, rights)
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # gone since the fork server listed it
+            try:
+                # What was opened, not what was there at start: a folder's rights on a
+                # file make the kernel refuse the rule (EINVAL).
+                folder = stat.S_ISDIR(os.fstat(fd).st_mode)
+                _add(ruleset, fd, _READ if folder else READ_FILE)
             finally:
                 os.close(fd)
         _check(_libc.syscall(_SYS_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)))
