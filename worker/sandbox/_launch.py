@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 #: Modules every fork server imports before it forks: the child's own code
 #: (which imports its loaders, numpy and ml_dtypes).
@@ -44,15 +43,25 @@ def preloads(extra: Sequence[str] = ()) -> tuple[str, ...]:
     return tuple(dict.fromkeys((*BASE_PRELOAD, *extra)))
 
 
-@dataclass
 class Launched:
-    """A fork server's process, launched, and our end of its control socket (blocking)."""
+    """A fork server's process, launched, and our end of its control socket (blocking).
 
-    process: subprocess.Popen[bytes]
-    control: socket.socket
-    preload: tuple[str, ...]
-    #: Our end of the socket of the child requested at launch (``AHEAD_TOKEN``), if one was.
-    ahead: socket.socket | None = None
+    A plain class, not a dataclass: ``dataclasses`` imports ``inspect`` (6-17 ms here,
+    ``-X importtime``), which would delay the launch it is imported for.
+    """
+
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        control: socket.socket,
+        preload: tuple[str, ...],
+        ahead: socket.socket | None = None,
+    ) -> None:
+        self.process = process
+        self.control = control
+        self.preload = preload
+        #: Our end of the socket of the child requested at launch (``AHEAD_TOKEN``), if any.
+        self.ahead = ahead
 
     def abandon(self) -> None:
         """Stop it unused: it is ours, holding nothing yet but the child it may have forked
