@@ -234,8 +234,12 @@ class ForkServer:
                 log.debug("ready_child_failed", error=str(exc))
                 return
             raise
+        exited = self._exits.get(pid)
+        if exited is None:  # reaped already (read in the same burst as its FORKED)
+            ours.close()
+            return
         ours.setblocking(False)
-        await self._keep(Child(pid, ours, self._exits[pid]))
+        await self._keep(Child(pid, ours, exited))
 
     async def _keep(self, child: Child) -> None:
         """Place a child forked ahead (``on_ready``) and keep it for the next load."""
