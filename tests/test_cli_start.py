@@ -8,9 +8,11 @@ with the same status and all its output.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import psutil
@@ -111,6 +113,64 @@ async def test_forkserver_adopts_a_launched_process() -> None:
     finally:
         await server.close()
     assert launched.process.returncode is not None
+
+
+async def test_the_child_requested_at_launch_is_the_first_loads() -> None:
+    """launch(fork_ahead=True): once ready, the fork server forks one child before any spawn;
+    the first spawn takes that child, and no other is forked."""
+    launched = launch(preloads(), fork_ahead=True)
+    assert launched.ahead is not None
+    server = ForkServer(launched=launched, ready=0)
+    try:
+        await server.start()
+        adopting = server._adopting
+        assert adopting is not None
+        async with asyncio.timeout(30):
+            await asyncio.shield(adopting)
+        (ahead,) = server.waiting  # forked with no spawn asked for
+        forked = [p.pid for p in psutil.Process(launched.process.pid).children()]
+        assert forked == [ahead]
+        child = await server.spawn()
+        assert child.pid == ahead and child.sock is launched.ahead
+        assert server.waiting == [] and server.spawned == 1
+        await stop_child(child)
+        assert psutil.Process(launched.process.pid).children() == []
+    finally:
+        await server.close()
+    assert launched.process.returncode is not None
+
+
+def test_abandoning_a_launch_closes_the_requested_childs_socket() -> None:
+    """An unclaimed launch (a usage error) stops the fork server and closes our end of the
+    child it may have forked, which dies with it (PR_SET_PDEATHSIG)."""
+    launched = launch(preloads(), fork_ahead=True)
+    ahead = launched.ahead
+    assert ahead is not None
+    launched.abandon()
+    assert ahead.fileno() == -1
+    assert launched.process.returncode is not None
+
+
+def test_importing_runs_in_a_thread_and_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """_ahead.importing imports in a thread of its own, joined when the block ends, and puts
+    the interpreter's switch interval back (the console script's fast exit needs one thread)."""
+    from loadwarden.worker.cli._ahead import importing
+
+    (tmp_path / "lw_warm_probe.py").write_text(
+        "import threading\nTHREAD = threading.current_thread().name\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    interval, threads = sys.getswitchinterval(), threading.active_count()
+    with importing(("lw_warm_probe",)):
+        assert sys.getswitchinterval() < interval
+    assert sys.modules["lw_warm_probe"].THREAD == "loadwarden-import"
+    assert sys.getswitchinterval() == interval
+    assert threading.active_count() == threads
+    with importing(("lw_no_such_module",)):  # a failing import is left to where it is used
+        pass
+    assert "lw_no_such_module" not in sys.modules
 
 
 async def test_forkserver_replaces_a_launched_process_that_preloads_otherwise() -> None:

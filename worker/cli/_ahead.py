@@ -7,14 +7,23 @@ those imports, the fork server starts on the other core meanwhile; ``_local.load
 hands it to its ``ForkServer`` (``launched=``), which checks it exactly as one it
 launched (the READY packet, then ``Supervisor.start``). Stdlib only, like ``entry``.
 
+It is launched with the load's spawn request already queued (``fork_ahead``): once ready,
+it forks the child while the command still imports, and the load takes that child.
 A command line that turns out not to run a load (a usage error) leaves it unclaimed:
-it is killed and reaped at exit, before it has forked anything.
+it is killed and reaped at exit, and the child it may have forked dies with it.
+
+``importing`` overlaps another import (the renderer) with the load's wait on its child.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import importlib
 import itertools
+import sys
+import threading
+from collections.abc import Iterator
 
 from loadwarden.worker.sandbox._launch import Launched, launch, preloads
 
@@ -31,7 +40,7 @@ def launch_for(argv: list[str]) -> None:
     """Launch a fork server now if ``argv`` runs ``load``; ``take`` claims it."""
     global _launched
     if _launched is None and runs_load(argv):
-        _launched = launch(preloads())
+        _launched = launch(preloads(), fork_ahead=True)
         atexit.register(_abandon)
 
 
@@ -46,3 +55,38 @@ def _abandon() -> None:
     taken = take()
     if taken is not None:
         taken.abandon()
+
+
+#: The interpreter's switch interval while ``importing`` runs (its default is 5 ms).
+_SWITCH_S = 0.0005
+
+
+@contextlib.contextmanager
+def importing(names: tuple[str, ...]) -> Iterator[None]:
+    """Import ``names`` in a thread while the block runs; joined when it ends.
+
+    Why: a tiny load spends ~15-20 ms of the command's wall time waiting on its child
+    (the supervisor's loop idle in select), and the human-readable report then imports
+    rich (~15 ms) after it. Imported in a thread meanwhile, the two overlap. The thread
+    holds the GIL while the loop waits; the switch interval is lowered meanwhile so that
+    the loop, woken by the child's replies, gets it back within half a millisecond instead
+    of five. An import that fails here is imported again (and raises) where it is used.
+    """
+    if not names:
+        yield
+        return
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(_SWITCH_S)
+    thread = threading.Thread(target=_import_all, args=(names,), name="loadwarden-import")
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+        sys.setswitchinterval(previous)
+
+
+def _import_all(names: tuple[str, ...]) -> None:
+    with contextlib.suppress(Exception):
+        for name in names:
+            importlib.import_module(name)

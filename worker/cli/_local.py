@@ -80,10 +80,14 @@ def load(
         )
         return request, with_roots(settings_from(), *named_root(request.source))
 
-    emit_report(asyncio.run(_load_here(prepared)), as_json)
+    # The renderer (rich) is imported while the load child works (``_ahead.importing``).
+    warm = () if as_json else ("loadwarden.worker.cli._render",)
+    emit_report(asyncio.run(_load_here(prepared, warm)), as_json)
 
 
-async def _load_here(prepared: Callable[[], tuple[LoadRequest, Settings]]) -> LoadReport:
+async def _load_here(
+    prepared: Callable[[], tuple[LoadRequest, Settings]], warm: tuple[str, ...] = ()
+) -> LoadReport:
     """One load through a supervisor of its own, whose fork server starts first.
 
     The fork server is a fresh interpreter that imports numpy and the loaders: launched
@@ -100,7 +104,9 @@ async def _load_here(prepared: Callable[[], tuple[LoadRequest, Settings]]) -> Lo
     from loadwarden.worker.cli import _ahead
     from loadwarden.worker.sandbox.forkserver import ForkServer
 
-    forkserver = ForkServer(launched=_ahead.take())
+    # One load: no child forked ahead after it (``ready=0``), which close() would only kill;
+    # the one the console script requested at launch (``_ahead``) is its child.
+    forkserver = ForkServer(ready=0, launched=_ahead.take())
     starting = asyncio.create_task(forkserver.start())
     try:
         # One step of the loop: the task runs until it waits for the READY packet, so the
@@ -113,8 +119,10 @@ async def _load_here(prepared: Callable[[], tuple[LoadRequest, Settings]]) -> Lo
         # No metrics: nothing serves them here, and prometheus_client is not imported.
         supervisor = Supervisor(settings, forkserver=forkserver, metrics=Unrecorded())
         await starting
-        async with supervisor:
-            return await supervisor.load(request)
+        # Joined (blocking the loop a moment, at most) once the supervisor has closed.
+        with _ahead.importing(warm):
+            async with supervisor:
+                return await supervisor.load(request)
     finally:
         # Even after an error (a bad request or setting), let it finish starting: closed
         # before its READY, it would die on a broken pipe with a traceback. start() is bounded.

@@ -68,7 +68,9 @@ def _fork_child(control: socket.socket, token: int, child_end: socket.socket) ->
         pid = os.fork()
     except OSError as exc:
         child_end.close()
-        control.send(_protocol.FORK_FAILED + _protocol.FORK_FAILED_MSG.pack(token, exc.errno or 0))
+        _tell(
+            control, _protocol.FORK_FAILED + _protocol.FORK_FAILED_MSG.pack(token, exc.errno or 0)
+        )
         return
     if pid == 0:  # the load child
         status = 70
@@ -83,7 +85,15 @@ def _fork_child(control: socket.socket, token: int, child_end: socket.socket) ->
         finally:
             os._exit(status)
     child_end.close()
-    control.send(_protocol.FORKED + _protocol.FORKED_MSG.pack(token, pid))
+    _tell(control, _protocol.FORKED + _protocol.FORKED_MSG.pack(token, pid))
+
+
+def _tell(control: socket.socket, message: bytes) -> None:
+    """Send to the supervisor; one that closed its end meanwhile (it stopped us while a
+    request was queued: ``launch(fork_ahead=True)``) is seen as EOF next, and we return:
+    the child dies with us (``PR_SET_PDEATHSIG``)."""
+    with contextlib.suppress(OSError):
+        control.send(message)
 
 
 def _serve(control: socket.socket) -> None:

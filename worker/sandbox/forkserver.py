@@ -29,6 +29,7 @@ import structlog
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.sandbox import _protocol
 from loadwarden.worker.sandbox._launch import (
+    AHEAD_TOKEN,
     BASE_PRELOAD,
     INHERITED_ENV,
     Launched,
@@ -74,6 +75,8 @@ class ForkServer:
         self.ready = ready  # children kept forked ahead, from the first spawn on
         self._ready: collections.deque[tuple[float, Child]] = collections.deque()
         self._filling: asyncio.Task[None] | None = None
+        #: The child requested at launch (``Launched.ahead``) on its way to ``_ready``.
+        self._adopting: asyncio.Task[None] | None = None
         #: Awaited with each child forked ahead (to place it in a cgroup; OSError: left as is).
         self.on_ready: Callable[[Child], Awaitable[None]] | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -114,19 +117,26 @@ class ForkServer:
             launched = None
         if launched is None:
             launched = launch(self.preload)
-        self._process, ours = launched.process, launched.control
+        self._process, ours, ahead = launched.process, launched.control, launched.ahead
         ours.setblocking(False)
         self._control = ours
         started = loop.time()
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
                 first = await loop.sock_recv(ours, _protocol.MAX_CONTROL_BYTES)
+            if first != _protocol.READY:
+                raise SandboxError("the fork server did not start (see its stderr above)")
         except BaseException:
+            if ahead is not None:
+                ahead.close()
             await self._stop_process()
             raise
-        if first != _protocol.READY:
-            await self._stop_process()
-            raise SandboxError("the fork server did not start (see its stderr above)")
+        if ahead is not None:  # its FORKED comes next: the reader must find its waiter
+            forked = loop.create_future()
+            self._forks[AHEAD_TOKEN] = forked
+            self._adopting = loop.create_task(
+                self._adopt(ahead, forked), name="loadwarden-forkserver-ahead"
+            )
         self._reader = asyncio.create_task(self._read(ours), name="loadwarden-forkserver-reader")
         log.info(
             "forkserver_started",
@@ -176,6 +186,9 @@ class ForkServer:
     async def spawn(self) -> Child:
         """A fresh child for one load, waiting for its spec (forked ahead, or now), confined
         only as far as no spec needs (``_child._confine_process``); another is forked ahead."""
+        if self._adopting is not None:  # requested at launch: served before any fork of ours
+            await asyncio.wait([self._adopting])
+            self._adopting = None
         child = await self._take_ready()
         if child is None:
             child = await self._fork()
@@ -204,17 +217,40 @@ class ForkServer:
     async def _fill(self) -> None:
         try:
             while self.alive and len(self._ready) < self.ready:
-                child = await self._fork()
-                try:
-                    if self.on_ready is not None:
-                        with contextlib.suppress(OSError):
-                            await self.on_ready(child)
-                except BaseException:  # cancelled (close) while placed: no load will take it
-                    await self._discard(child)
-                    raise
-                self._ready.append((time.monotonic(), child))
+                await self._keep(await self._fork())
         except (SandboxError, OSError) as exc:  # the next load forks its own, or says why not
             log.debug("ready_child_failed", error=str(exc))
+
+    async def _adopt(self, ours: socket.socket, forked: asyncio.Future[int]) -> None:
+        """The child requested at launch (``launch(fork_ahead=True)``) joins the ready ones,
+        placed like them (``on_ready``) and aged like them (``READY_MAX_AGE_S``)."""
+        try:
+            pid = await forked
+        except BaseException as exc:
+            ours.close()
+            if forked.done() and not forked.cancelled() and forked.exception() is None:
+                kill_group(forked.result())  # forked, then we were cancelled (close)
+            if isinstance(exc, SandboxError):  # the first load forks its own, or says why not
+                log.debug("ready_child_failed", error=str(exc))
+                return
+            raise
+        exited = self._exits.get(pid)
+        if exited is None:  # reaped already (read in the same burst as its FORKED)
+            ours.close()
+            return
+        ours.setblocking(False)
+        await self._keep(Child(pid, ours, exited))
+
+    async def _keep(self, child: Child) -> None:
+        """Place a child forked ahead (``on_ready``) and keep it for the next load."""
+        try:
+            if self.on_ready is not None:
+                with contextlib.suppress(OSError):
+                    await self.on_ready(child)
+        except BaseException:  # cancelled (close) while placed: no load will take it
+            await self._discard(child)
+            raise
+        self._ready.append((time.monotonic(), child))
 
     async def _fork(self) -> Child:
         if not self.alive:
@@ -242,8 +278,10 @@ class ForkServer:
         """Stop the children forked ahead, then the fork server; the rest die with it
         (``PR_SET_PDEATHSIG``)."""
         async with self._lock:
-            if self._filling is not None:  # a fork on its way to become a waiting child
-                await cancel_and_wait(self._filling)
+            for task in (self._filling, self._adopting):  # forks on their way to wait
+                if task is not None:
+                    await cancel_and_wait(task)
+            self._adopting = None
             while self._ready:
                 await self._discard(self._ready.popleft()[1])
             if self._launched is not None:  # launched ahead, never started
