@@ -10,6 +10,7 @@ rule the same way for every controller, which is what the test is about.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -172,3 +173,29 @@ async def test_confinement_is_exported_as_labels(tmp_path: Path) -> None:
             },
         )
     assert sample == 1
+
+
+def test_a_killed_workers_folders_are_swept_by_the_next(tmp_path: Path) -> None:
+    """A worker killed by SIGKILL leaves ``loadwarden-<pid>`` (and its loads' folders) in
+    its cgroup; the next worker there removes them, and leaves a live worker's alone."""
+    manager, note = CgroupManager.detect()
+    if manager is None:
+        pytest.skip(f"needs cgroups this worker may create: {note}")
+    parent = manager.memory_base.parent
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that was a process and is no more
+    dead, live = parent / f"loadwarden-{gone.pid}", parent / "loadwarden-1"  # pid 1 lives
+    try:
+        (dead / "child-7").mkdir(parents=True)
+        live.mkdir()
+        again, _ = CgroupManager.detect()
+        assert again is not None
+        again.threads.shutdown()  # the same folders as ``manager``'s: closed once, below
+        assert not dead.exists(), "the dead worker's folders were left"
+        assert live.is_dir(), "a live worker's folder was removed"
+        assert manager.memory_base.is_dir(), "this (live) worker's own folder was removed"
+    finally:
+        for folder in (dead / "child-7", dead, live):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        manager.close()

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,6 +63,56 @@ def _read(path: Path) -> str:
 
 def _writable_dir(path: Path) -> bool:
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+#: A worker's own folders (``loadwarden-<pid>``, and on v2 its ``-supervisor`` leaf).
+_WORKER_FOLDER = re.compile(r"loadwarden-(\d+)(?:-supervisor)?")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _holds_processes(folder: Path) -> bool:
+    for procs in (folder / "cgroup.procs", *folder.glob("*/cgroup.procs")):
+        with contextlib.suppress(OSError):
+            if _read(procs).strip():
+                return True
+    return False
+
+
+def sweep_dead(parent: Path) -> list[str]:
+    """Remove the folders that workers killed by SIGKILL (or a lost node) left in ``parent``:
+    ``loadwarden-<pid>`` with its loads' folders, where that pid is gone and nothing in them
+    holds a process. A worker that is alive, or a folder still holding a process (a load
+    child that outlived its worker), is left alone. Workers that share a cgroup share a pid
+    namespace (a container's), so a pid that is gone here is a worker that is gone."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        found = _WORKER_FOLDER.fullmatch(entry.name)
+        if found is None or not entry.is_dir(follow_symlinks=False) or _alive(int(found[1])):
+            continue
+        folder = Path(entry.path)
+        if _holds_processes(folder):
+            continue
+        for load in folder.iterdir():
+            if load.is_dir():
+                with contextlib.suppress(OSError):
+                    load.rmdir()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+            removed.append(entry.name)
+    return removed
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +280,7 @@ class CgroupManager:
         if not _writable_dir(unified):
             return None, f"cgroup v2 folder {unified} is read-only (not delegated)"
         wanted = [c for c in V2_CONTROLLERS if c in available]
+        sweep_dead(unified)
         try:
             delegation = delegate_v2(unified, tag, wanted)
         except OSError as exc:
@@ -242,6 +294,8 @@ class CgroupManager:
     def _make(
         cls, version: int, memory: Path, pids: Path | None
     ) -> tuple[CgroupManager | None, str]:
+        for parent in {memory.parent, *([pids.parent] if pids is not None else [])}:
+            sweep_dead(parent)
         try:
             memory.mkdir(exist_ok=True)
             if pids is not None and pids != memory:
