@@ -115,6 +115,8 @@ def _serve(control: socket.socket) -> None:
                 data, fds, _flags, _addr = socket.recv_fds(control, _protocol.MAX_CONTROL_BYTES, 1)
             except InterruptedError:
                 continue
+            except ConnectionResetError:  # the supervisor closed with our FORKED unread
+                return
             if not data:  # the supervisor is gone
                 return
             if data[:1] != _protocol.SPAWN or len(fds) != 1:

@@ -53,6 +53,9 @@ log = structlog.get_logger("loadwarden.sandbox")
 
 #: A fork server that has not finished importing in this long is broken.
 START_TIMEOUT_S = 60.0
+#: A child's pid and the future of its exit, as its FORKED packet gives them.
+Forked = tuple[int, "asyncio.Future[ChildExit]"]
+
 #: Children forked ahead, waiting for a spec (bench/tiny.py): loads start one at a time.
 READY_CHILDREN = 1
 #: A child forked ahead is replaced past this age: it stops waiting for a spec at 60 s.
@@ -84,7 +87,9 @@ class ForkServer:
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._tokens = itertools.count(1)
-        self._forks: dict[int, asyncio.Future[int]] = {}
+        #: Spawn token -> the child's pid and its exit, resolved by its FORKED packet (the
+        #: exit is taken then: a REAPED read in the same burst would leave none to look up).
+        self._forks: dict[int, asyncio.Future[Forked]] = {}
         self._exits: dict[int, asyncio.Future[ChildExit]] = {}
         #: Children handed to loads so far (tests assert that a rejected file started none).
         self.spawned = 0
@@ -167,11 +172,11 @@ class ForkServer:
         if kind == _protocol.FORKED:
             token, pid = _protocol.FORKED_MSG.unpack(body)
             waiter = self._forks.pop(token, None)
-            self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
+            exited = self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
             if waiter is None or waiter.done():  # its spawn() was cancelled: do not leak it
                 kill_group(pid)
             else:
-                waiter.set_result(pid)
+                waiter.set_result((pid, exited))
         elif kind == _protocol.FORK_FAILED:
             token, errno = _protocol.FORK_FAILED_MSG.unpack(body)
             waiter = self._forks.pop(token, None)
@@ -221,23 +226,19 @@ class ForkServer:
         except (SandboxError, OSError) as exc:  # the next load forks its own, or says why not
             log.debug("ready_child_failed", error=str(exc))
 
-    async def _adopt(self, ours: socket.socket, forked: asyncio.Future[int]) -> None:
+    async def _adopt(self, ours: socket.socket, forked: asyncio.Future[Forked]) -> None:
         """The child requested at launch (``launch(fork_ahead=True)``) joins the ready ones,
         placed like them (``on_ready``) and aged like them (``READY_MAX_AGE_S``)."""
         try:
-            pid = await forked
+            pid, exited = await forked
         except BaseException as exc:
             ours.close()
             if forked.done() and not forked.cancelled() and forked.exception() is None:
-                kill_group(forked.result())  # forked, then we were cancelled (close)
+                kill_group(forked.result()[0])  # forked, then we were cancelled (close)
             if isinstance(exc, SandboxError):  # the first load forks its own, or says why not
                 log.debug("ready_child_failed", error=str(exc))
                 return
             raise
-        exited = self._exits.get(pid)
-        if exited is None:  # reaped already (read in the same burst as its FORKED)
-            ours.close()
-            return
         ours.setblocking(False)
         await self._keep(Child(pid, ours, exited))
 
@@ -259,20 +260,20 @@ class ForkServer:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         token = next(self._tokens)
-        forked: asyncio.Future[int] = loop.create_future()
+        forked: asyncio.Future[Forked] = loop.create_future()
         self._forks[token] = forked
         try:
             await send_with_fds(
                 self._control, _protocol.SPAWN + _protocol.TOKEN.pack(token), [theirs.fileno()]
             )
-            pid = await forked
+            pid, exited = await forked
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
         ours.setblocking(False)
-        return Child(pid, ours, self._exits[pid])
+        return Child(pid, ours, exited)
 
     async def close(self) -> None:
         """Stop the children forked ahead, then the fork server; the rest die with it
