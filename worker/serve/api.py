@@ -194,13 +194,19 @@ async def get_load(
 
 async def load_status(client: Client, job_id: str) -> LoadStatus:
     """The state and report as stored now; 404 when Redis knows no such job."""
-    try:
-        report = await client.stored_report(job_id)
-    except ContractError as exc:
-        return LoadStatus(job_id=job_id, state=JobState.COMPLETE, failure=str(exc))
-    if report is not None:
-        return LoadStatus(job_id=job_id, state=JobState.COMPLETE, report=report)
-    state = await client.job_state(job_id)
+    for _read in range(2):
+        try:
+            report = await client.stored_report(job_id)
+        except ContractError as exc:
+            return LoadStatus(job_id=job_id, state=JobState.COMPLETE, failure=str(exc))
+        if report is not None:
+            return LoadStatus(job_id=job_id, state=JobState.COMPLETE, report=report)
+        state = await client.job_state(job_id)
+        # Complete with no report read: it finished between the two reads, and its report
+        # (stored in the same transaction) is there now: read it once more, or a page would
+        # show "complete" without an outcome and stop refreshing.
+        if state is not JobState.COMPLETE:
+            break
     if state is JobState.NOT_FOUND:
         raise Problem(404, f"no job {job_id!r} is queued, running or finished", kind="not-found")
     return LoadStatus(job_id=job_id, state=state)
