@@ -157,9 +157,34 @@ def test_children_get_only_the_documented_environment(monkeypatch: pytest.Monkey
         monkeypatch.setenv(name, f"value of {name}")
     env = child_environment()
     inherited = {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "HOME"}
-    assert set(env) == inherited | {"PYTHONPATH", "PYTHONDONTWRITEBYTECODE"}
+    assert set(env) == inherited | {"PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONSAFEPATH"}
     assert all(env[name] == f"value of {name}" for name in inherited)
     assert "secret" not in repr(env)
+
+
+def test_modules_in_the_working_directory_never_run_in_the_fork_server(
+    tmp_path: Path, small_model: Path
+) -> None:
+    """`loadwarden load` run from a folder holding a `socket.py` (a cloned model repository,
+    say) loads without running it: the fork server does not look in the working directory."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "ran"
+    (tmp_path / "socket.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    model = tmp_path / "model.safetensors"
+    shutil.copy(small_model, model)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "loadwarden"), "load", "--json", model.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists(), "a module of the working directory ran in the fork server"
 
 
 def _change(folder: Path, how: str) -> None:

@@ -35,6 +35,11 @@ def child_environment() -> dict[str, str]:
     # The fork server imports what the supervisor imports (tests, editable installs).
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    # `python -m` would put the working directory first on sys.path, ahead of the standard
+    # library: a `socket.py` or `numpy.py` in the folder a user runs `loadwarden load` from
+    # (a cloned model repository) would run in the fork server, unconfined, and be inherited
+    # by every child. Safe path (3.11+) leaves it out; the server also starts in "/".
+    env["PYTHONSAFEPATH"] = "1"
     return env
 
 
@@ -87,7 +92,11 @@ def launch(preload: tuple[str, ...], *, fork_ahead: bool = False) -> Launched:
     ]
     try:
         process = subprocess.Popen(
-            cmd, pass_fds=[theirs.fileno()], env=child_environment(), stdin=subprocess.DEVNULL
+            cmd,
+            pass_fds=[theirs.fileno()],
+            env=child_environment(),
+            stdin=subprocess.DEVNULL,
+            cwd="/",
         )
     except BaseException:
         ours.close()

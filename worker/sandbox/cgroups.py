@@ -103,15 +103,17 @@ def sweep_dead(parent: Path) -> list[str]:
         if found is None or not entry.is_dir(follow_symlinks=False) or _alive(int(found[1])):
             continue
         folder = Path(entry.path)
-        if _holds_processes(folder):
-            continue
-        for load in folder.iterdir():
-            if load.is_dir():
-                with contextlib.suppress(OSError):
-                    load.rmdir()
-        with contextlib.suppress(OSError):
+        try:  # another worker starting beside us may sweep it first; a folder not ours
+            if _holds_processes(folder):
+                continue
+            for load in folder.iterdir():
+                if load.is_dir():
+                    with contextlib.suppress(OSError):
+                        load.rmdir()
             folder.rmdir()
-            removed.append(entry.name)
+        except OSError:
+            continue
+        removed.append(entry.name)
     return removed
 
 

@@ -128,7 +128,10 @@ class ForkServer:
         started = loop.time()
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
-                first = await loop.sock_recv(ours, _protocol.MAX_CONTROL_BYTES)
+                try:
+                    first = await loop.sock_recv(ours, _protocol.MAX_CONTROL_BYTES)
+                except ConnectionResetError:  # died with a spawn request unread (launch ahead)
+                    first = b""
             if first != _protocol.READY:
                 raise SandboxError("the fork server did not start (see its stderr above)")
         except BaseException:
