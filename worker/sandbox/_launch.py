@@ -33,7 +33,9 @@ INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "HOME")
 def child_environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV}
     # The fork server imports what the supervisor imports (tests, editable installs).
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    # Absolute: it starts in "/" (below), and "" (the supervisor's working directory, for
+    # `python -c` or `-m`) must stay what it is to the supervisor, as much and no more.
+    env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in sys.path)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     # `python -m` would put the working directory first on sys.path, ahead of the standard
     # library: a `socket.py` or `numpy.py` in the folder a user runs `loadwarden load` from
