@@ -25,7 +25,7 @@ from loadwarden.worker.load._outcome import (
     parse_message,
 )
 from loadwarden.worker.load.monitor import Monitor
-from loadwarden.worker.sandbox.cgroups import Cgroup, CgroupManager
+from loadwarden.worker.sandbox.cgroups import CgroupManager
 from loadwarden.worker.sandbox.children import Child, ChildExit, SandboxError, stop_child
 from loadwarden.worker.sandbox.forkserver import ForkServer
 from loadwarden.worker.sandbox.spec import ChildSpec
@@ -149,7 +149,7 @@ async def place_ahead(cgroups: CgroupManager, child: Child) -> None:
     await in_thread(lambda: _cgroup_for(cgroups, child, None), cgroups.threads)
 
 
-def _cgroup_for(cgroups: CgroupManager, child: Child, memory_bytes: int | None) -> Cgroup:
+def _cgroup_for(cgroups: CgroupManager, child: Child, memory_bytes: int | None) -> None:
     """A new cgroup holding ``child`` (set as ``child.cgroup``), its memory limit written
     unless None; blocking (see ``place_ahead``)."""
     name = f"child-{child.pid}"
@@ -164,33 +164,29 @@ def _cgroup_for(cgroups: CgroupManager, child: Child, memory_bytes: int | None) 
         cgroup.remove()
         raise
     child.cgroup = cgroup
-    return cgroup
 
 
 async def _place(
     cgroups: CgroupManager | None, child: Child, limits: Limits, run: ChildRun
-) -> Cgroup | None:
+) -> None:
     """Put the child in a cgroup of its own, its limits written, before it learns its job
     (a new one in a thread, as ``place_ahead`` does)."""
     if cgroups is None:
-        return None
+        return
     if child.cgroup is not None:  # placed while it waited: only the load's limit is left
         try:
             cgroups.limit(child.cgroup, limits.memory_bytes)
         except OSError as exc:
             raise failure(Early.CGROUP_FAILED, f"could not limit the load's cgroup: {exc}") from exc
         run.confinement.append(cgroups.mechanism)
-        return child.cgroup
+        return
     try:
-        cgroup = await in_thread(
-            lambda: _cgroup_for(cgroups, child, limits.memory_bytes), cgroups.threads
-        )
+        await in_thread(lambda: _cgroup_for(cgroups, child, limits.memory_bytes), cgroups.threads)
     except OSError as exc:  # the machinery failed, not the file: a classified, retried crash
         raise failure(
             Early.CGROUP_FAILED, f"could not place the child in a cgroup of its own: {exc}"
         ) from exc
     run.confinement.append(cgroups.mechanism)
-    return cgroup
 
 
 async def run_child(
