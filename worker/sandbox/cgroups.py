@@ -26,7 +26,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import structlog
+
 from loadwarden.worker.sandbox.memory_limit import cgroup_folder, own_cgroups
+
+log = structlog.get_logger("loadwarden.sandbox")
 
 ROOT = Path("/sys/fs/cgroup")
 _SLASH = PurePosixPath("/")
@@ -91,8 +95,9 @@ def sweep_dead(parent: Path) -> list[str]:
     """Remove the folders that workers killed by SIGKILL (or a lost node) left in ``parent``:
     ``loadwarden-<pid>`` with its loads' folders, where that pid is gone and nothing in them
     holds a process. A worker that is alive, or a folder still holding a process (a load
-    child that outlived its worker), is left alone. Workers that share a cgroup share a pid
-    namespace (a container's), so a pid that is gone here is a worker that is gone."""
+    child that outlived its worker), is left alone. A live worker whose pid we cannot see
+    (another pid namespace on the tree) may lose its empty folder: it makes it again
+    (``CgroupManager._fresh``)."""
     removed: list[str] = []
     try:
         entries = list(os.scandir(parent))
@@ -182,6 +187,7 @@ class Delegation:
     leaf: Path
     worker: Path
     enabled: list[str]
+    controllers: tuple[str, ...] = ()  # what ``worker``'s children get (``_fresh``)
 
     def undo(self) -> None:
         """Best effort: the supervisor back into its cgroup, controllers off, folders gone."""
@@ -205,7 +211,7 @@ def delegate_v2(unified: Path, tag: str, controllers: Sequence[str]) -> Delegati
     ``unified/tag``. On failure everything done so far is undone and OSError raised.
     """
     leaf, worker = unified / f"{tag}-supervisor", unified / tag
-    done = Delegation(unified, leaf, worker, [])
+    done = Delegation(unified, leaf, worker, [], tuple(controllers))
     try:
         leaf.mkdir(exist_ok=True)
         (leaf / "cgroup.procs").write_text(str(os.getpid()))
@@ -321,16 +327,36 @@ class CgroupManager:
         one: running nothing of a load's until ``limit`` has been written)."""
         memory = self.memory_base / name
         pids = self.pids_base / name if self.pids_base else None
-        os.mkdir(memory)
+        cgroup = Cgroup(self.version, memory, pids if pids != memory else None)
+        self._fresh(memory)
         try:
+            if cgroup.pids is not None:
+                self._fresh(cgroup.pids)
             if pids is not None:
-                if pids != memory:
-                    os.mkdir(pids)
                 _write(pids / "pids.max", str(pids_max))
         except OSError:
-            Cgroup(self.version, memory, pids if pids != memory else None).remove()
+            cgroup.remove()
             raise
-        return Cgroup(self.version, memory, pids if pids != memory else None)
+        return cgroup
+
+    def _fresh(self, folder: Path) -> None:
+        """Make a load's folder, mending what another process may have done to ours. ENOENT:
+        a worker beside us swept our own folder (``sweep_dead``, not seeing our pid): made
+        again, or every later load fails until restart. EEXIST: left by an earlier child of
+        the same pid (its removal failed), with counters (oom_kill, peak) and limits that
+        would be read as this load's: removed first (EBUSY if it holds a process: not ours)."""
+        try:
+            os.mkdir(folder)
+        except FileNotFoundError:
+            folder.parent.mkdir(exist_ok=True)  # the other cgroup thread may have been first
+            if self.delegation is not None:  # v2: its children get the controllers again
+                enable_controllers(folder.parent, self.delegation.controllers)
+            log.warning("cgroup_folder_restored", folder=str(folder.parent))
+            os.mkdir(folder)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):  # its removal ran meanwhile
+                os.rmdir(folder)
+            os.mkdir(folder)
 
     def limit(self, cgroup: Cgroup, memory_bytes: int) -> None:
         """Write a load's memory limit (swap included where the kernel accounts it)."""
