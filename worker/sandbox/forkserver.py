@@ -60,6 +60,16 @@ Forked = tuple[int, "asyncio.Future[ChildExit]"]
 READY_CHILDREN = 1
 #: A child forked ahead is replaced past this age: it stops waiting for a spec at 60 s.
 READY_MAX_AGE_S = 30.0
+#: A lost fork server (killed, crashed) is started again at once; the second in a row lost
+#: this soon after its start (or not started) makes the next start wait 1 s, the third 2 s,
+#: doubling up to RESTART_WAIT_MAX_S. Loads meanwhile end ``crashed``/``sandbox`` (retried).
+SHORT_LIFE_S = 30.0
+RESTART_WAIT_MAX_S = 60.0
+
+
+def restart_wait_s(short_lives: int) -> float:
+    """How long to wait before the next start after that many short lives in a row."""
+    return 0.0 if short_lives <= 1 else min(RESTART_WAIT_MAX_S, 2.0 ** (short_lives - 2))
 
 
 class ForkServer:
@@ -93,6 +103,16 @@ class ForkServer:
         self._exits: dict[int, asyncio.Future[ChildExit]] = {}
         #: Children handed to loads so far (tests assert that a rejected file started none).
         self.spawned = 0
+        #: Called each time a fork server is started in place of a lost one (a metric).
+        self.on_restart: Callable[[], object] | None = None
+        self.restarts = 0
+        self._restarting: asyncio.Task[None] | None = None
+        self._closing = False
+        #: Fork servers in a row lost soon after their start or not started (``restart_wait_s``),
+        #: when the last one was ready, and the time before which none is started.
+        self._short_lives = 0
+        self._ready_at = 0.0
+        self._not_before = 0.0
 
     @property
     def pid(self) -> int | None:
@@ -107,12 +127,63 @@ class ForkServer:
         return self._reader is not None and not self._reader.done()
 
     async def start(self) -> None:
-        """Start the fork server (if it is not running) and wait until it has preloaded."""
+        """Start the fork server (if it is not running) and wait until it has preloaded.
+
+        While a lost fork server's backoff runs (``restart_wait_s``), SandboxError at once."""
         async with self._lock:
             if self.alive:
                 return
+            wait_s = self._not_before - time.monotonic()
+            if wait_s > 0:
+                raise SandboxError(
+                    f"the fork server failed {self._short_lives} times in a row (lost soon "
+                    f"after its start, or not started); starting it again in {wait_s:.1f} s"
+                )
             await self._stop_process()
-            await self._start_process()
+            try:
+                await self._start_process()
+            except Exception as exc:
+                self._short_lives += 1
+                self._not_before = time.monotonic() + restart_wait_s(self._short_lives)
+                log.warning("forkserver_start_failed", error=str(exc), again_in_s=self._wait_s())
+                raise
+            self._ready_at = time.monotonic()
+
+    def _wait_s(self) -> float:
+        return round(max(0.0, self._not_before - time.monotonic()), 3)
+
+    def _lost(self) -> None:
+        """The fork server exited (killed, crashed) while we held it: count its life for the
+        backoff and start another (``_restart``); its children died with it."""
+        lived_s = time.monotonic() - self._ready_at
+        self._short_lives = self._short_lives + 1 if lived_s < SHORT_LIFE_S else 0
+        self._not_before = time.monotonic() + restart_wait_s(self._short_lives)
+        log.warning(
+            "forkserver_lost", pid=self.pid, lived_s=round(lived_s, 3), again_in_s=self._wait_s()
+        )
+        if not self._closing and (self._restarting is None or self._restarting.done()):
+            self._restarting = asyncio.get_running_loop().create_task(
+                self._restart(), name="loadwarden-forkserver-restart"
+            )
+
+    async def _restart(self) -> None:
+        """Reap the lost fork server now (not a zombie through the backoff), then start another
+        when the backoff allows; a failed start (counted by ``start``) is tried again later."""
+        while True:
+            async with self._lock:
+                if self.alive:  # started meanwhile by a load's spawn, or by the start below
+                    break
+                await self._stop_process()
+            await asyncio.sleep(max(0.0, self._not_before - time.monotonic()))  # the backoff
+            with contextlib.suppress(Exception):  # logged and counted by start
+                await self.start()
+        self.restarts += 1
+        log.info("forkserver_restarted", pid=self.pid, restarts=self.restarts)
+        if self.on_restart is not None:
+            self.on_restart()
+        while self._ready and self._ready[0][1].exited.done():  # forked by the lost one
+            await self._discard(self._ready.popleft()[1])
+        self._top_up()
 
     async def _start_process(self) -> None:
         loop = asyncio.get_running_loop()
@@ -159,7 +230,7 @@ class ForkServer:
             while data := await loop.sock_recv(control, _protocol.MAX_CONTROL_BYTES):
                 self._dispatch(data)
         except OSError as exc:
-            log.warning("forkserver_lost", error=str(exc))
+            log.warning("forkserver_control_failed", error=str(exc))
         finally:
             gone = SandboxError("the fork server exited")
             waiting: list[asyncio.Future[Any]] = [*self._forks.values(), *self._exits.values()]
@@ -169,6 +240,7 @@ class ForkServer:
                     pending.exception()  # mark retrieved: a cancelled waiter never reads it
             self._forks.clear()
             self._exits.clear()
+        self._lost()  # not when cancelled: that is our own stop (``_stop_process``)
 
     def _dispatch(self, data: bytes) -> None:
         kind, body = data[:1], data[1:]
@@ -201,11 +273,15 @@ class ForkServer:
         if child is None:
             child = await self._fork()
         self.spawned += 1
+        self._top_up()
+        return child
+
+    def _top_up(self) -> None:
+        """Fork children ahead (``ready`` of them) in the background, unless that runs."""
         if self.ready and (self._filling is None or self._filling.done()):
             self._filling = asyncio.get_running_loop().create_task(
                 self._fill(), name="loadwarden-forkserver-ready"
             )
-        return child
 
     async def _take_ready(self) -> Child | None:
         while self._ready:
@@ -281,6 +357,9 @@ class ForkServer:
     async def close(self) -> None:
         """Stop the children forked ahead, then the fork server; the rest die with it
         (``PR_SET_PDEATHSIG``)."""
+        self._closing = True  # no restart from here on (``_lost``)
+        if self._restarting is not None:  # first: it may wait for the lock below
+            await cancel_and_wait(self._restarting)
         async with self._lock:
             for task in (self._filling, self._adopting):  # forks on their way to wait
                 if task is not None:
@@ -292,6 +371,7 @@ class ForkServer:
                 self._launched.abandon()
                 self._launched = None
             await self._stop_process()
+            self._closing, self._short_lives, self._not_before = False, 0, 0.0
 
     async def _stop_process(self) -> None:
         if self._control is not None:
@@ -310,3 +390,5 @@ class ForkServer:
             except TimeoutError:
                 process.kill()
                 await asyncio.to_thread(process.wait)
+            if process.returncode and not self._closing:  # lost, or failed to start: why
+                log.warning("forkserver_exited", pid=process.pid, returncode=process.returncode)
