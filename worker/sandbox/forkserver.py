@@ -154,7 +154,10 @@ class ForkServer:
 
     def _lost(self) -> None:
         """The fork server exited (killed, crashed) while we held it: count its life for the
-        backoff and start another (``_restart``); its children died with it."""
+        backoff and start another (``_restart``); its children die with it, but for one forked
+        so late that it saw no fork server to die with (``PR_SET_PDEATHSIG``): killed here."""
+        for _born, child in self._ready:
+            kill_group(child.pid)
         lived_s = time.monotonic() - self._ready_at
         self._short_lives = self._short_lives + 1 if lived_s < SHORT_LIFE_S else 0
         self._not_before = time.monotonic() + restart_wait_s(self._short_lives)
@@ -177,12 +180,12 @@ class ForkServer:
             await asyncio.sleep(max(0.0, self._not_before - time.monotonic()))  # the backoff
             with contextlib.suppress(Exception):  # logged and counted by start
                 await self.start()
+        while self._ready and self._ready[0][1].exited.done():  # forked by the lost one
+            await self._discard(self._ready.popleft()[1])  # killed by _lost: its cgroup goes
         self.restarts += 1
         log.info("forkserver_restarted", pid=self.pid, restarts=self.restarts)
         if self.on_restart is not None:
             self.on_restart()
-        while self._ready and self._ready[0][1].exited.done():  # forked by the lost one
-            await self._discard(self._ready.popleft()[1])
         self._top_up()
 
     async def _start_process(self) -> None:
