@@ -10,6 +10,7 @@ rule the same way for every controller, which is what the test is about.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -288,3 +289,27 @@ async def test_a_load_runs_after_the_workers_folder_was_swept(small_model: Path)
         report = await sup.load(LoadRequest(source=str(small_model)))
     assert report.outcome is Outcome.OK, report.error
     assert sup.cgroups.mechanism in report.confinement
+
+
+async def test_a_cgroup_is_removed_once_its_killed_child_has_left() -> None:
+    """A child killed with no fork server left to reap it first may still be in its cgroup
+    when the load ends: ``remove_soon`` removes the cgroup once it has left, not never."""
+    manager = _manager()
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; sys.stdin.read()", stdin=asyncio.subprocess.PIPE
+    )
+    try:
+        cgroup = manager.prepare("child-4", 16)
+        cgroup.add(holder.pid)
+        manager.remove_soon(cgroup)  # finds it busy: the child has not left yet
+        assert holder.stdin is not None
+        holder.stdin.close()  # it leaves now
+        await holder.wait()
+        await manager.drain()
+        assert not cgroup.memory.exists(), "the cgroup was left"
+        assert cgroup.pids is None or not cgroup.pids.exists()
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+        manager.close()

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import errno
 import os
-import re
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 
 import structlog
 
+from loadwarden.worker.sandbox._sweep import sweep_dead
 from loadwarden.worker.sandbox.memory_limit import cgroup_folder, own_cgroups
 
 log = structlog.get_logger("loadwarden.sandbox")
@@ -45,6 +46,8 @@ V2_CONTROLLERS = ("memory", "pids")
 #: keeping the GIL through the calls that take no cgroup lock (ctypes.PyDLL), by one hop
 #: per load (the removal riding on the next placement) or by sys.setswitchinterval.
 CGROUP_THREADS = 2
+#: How long ``remove_soon`` waits for a killed child to leave its cgroup (``Cgroup.remove``).
+REMOVE_WAIT_S = 2.0
 
 
 def _write(path: Path, text: str) -> None:
@@ -67,59 +70,6 @@ def _read(path: Path) -> str:
 
 def _writable_dir(path: Path) -> bool:
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
-
-
-#: A worker's own folders (``loadwarden-<pid>``, and on v2 its ``-supervisor`` leaf).
-_WORKER_FOLDER = re.compile(r"loadwarden-(\d+)(?:-supervisor)?")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def _holds_processes(folder: Path) -> bool:
-    for procs in (folder / "cgroup.procs", *folder.glob("*/cgroup.procs")):
-        with contextlib.suppress(OSError):
-            if _read(procs).strip():
-                return True
-    return False
-
-
-def sweep_dead(parent: Path) -> list[str]:
-    """Remove the folders that workers killed by SIGKILL (or a lost node) left in ``parent``:
-    ``loadwarden-<pid>`` with its loads' folders, where that pid is gone and nothing in them
-    holds a process. A worker that is alive, or a folder still holding a process (a load
-    child that outlived its worker), is left alone. A live worker whose pid we cannot see
-    (another pid namespace on the tree) may lose its empty folder: it makes it again
-    (``CgroupManager._fresh``)."""
-    removed: list[str] = []
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return removed
-    for entry in entries:
-        found = _WORKER_FOLDER.fullmatch(entry.name)
-        if found is None or not entry.is_dir(follow_symlinks=False) or _alive(int(found[1])):
-            continue
-        folder = Path(entry.path)
-        try:  # another worker starting beside us may sweep it first; a folder not ours
-            if _holds_processes(folder):
-                continue
-            for load in folder.iterdir():
-                if load.is_dir():
-                    with contextlib.suppress(OSError):
-                        load.rmdir()
-            folder.rmdir()
-        except OSError:
-            continue
-        removed.append(entry.name)
-    return removed
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,12 +106,25 @@ class Cgroup:
         except (OSError, ValueError):
             return None
 
-    def remove(self) -> None:
-        """Remove the (empty) cgroup folders; a failure leaves them for the next sweep."""
+    def remove(self, wait_s: float = 0.0) -> None:
+        """Remove the (empty) cgroup folders; a failure leaves them to ``CgroupManager.close``.
+        ``wait_s`` (in a thread: it blocks) is how long one may still hold a dying process
+        (EBUSY): a child killed when no fork server was left to reap it first."""
+        deadline = time.monotonic() + wait_s
         for folder in (self.pids, self.memory):
             if folder is not None:
-                with contextlib.suppress(OSError):
-                    os.rmdir(folder)
+                _rmdir(folder, deadline)
+
+
+def _rmdir(folder: Path, deadline: float) -> None:
+    while True:
+        try:
+            os.rmdir(folder)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                return
+        time.sleep(0.005)  # polled: cgroup v1 has no event for a cgroup that emptied
 
 
 def _controllers(path: Path) -> list[str]:
@@ -377,7 +340,7 @@ class CgroupManager:
 
         A bare ``submit``, not ``run_in_executor``: nothing on the loop waits for the
         removal, so its end need not wake the loop (one wake-up less per load)."""
-        removing = self.threads.submit(cgroup.remove)
+        removing = self.threads.submit(cgroup.remove, REMOVE_WAIT_S)
         self._removing.add(removing)
         removing.add_done_callback(self._removing.discard)  # in the thread, or here if done
 
