@@ -301,7 +301,7 @@ async def test_a_cgroup_is_removed_once_its_killed_child_has_left() -> None:
     try:
         cgroup = manager.prepare("child-4", 16)
         cgroup.add(holder.pid)
-        manager.remove_soon(cgroup)  # finds it busy: the child has not left yet
+        manager.remove_soon(cgroup, unreaped=True)  # finds it busy: the child is still there
         assert holder.stdin is not None
         holder.stdin.close()  # it leaves now
         await holder.wait()

@@ -244,7 +244,7 @@ async def run_child(
             if (cgroup := child.cgroup) is not None:
                 run.cgroup_oom, run.cgroup_peak_bytes = cgroup.oom_killed(), cgroup.peak_bytes()
                 if host.cgroups is not None:  # removed off the job's path (``remove_soon``)
-                    host.cgroups.remove_soon(cgroup)
+                    host.cgroups.remove_soon(cgroup, unreaped=run.ended is None)
                 else:
                     cgroup.remove()
     run.wall_seconds = loop.time() - started

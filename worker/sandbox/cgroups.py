@@ -46,7 +46,8 @@ V2_CONTROLLERS = ("memory", "pids")
 #: keeping the GIL through the calls that take no cgroup lock (ctypes.PyDLL), by one hop
 #: per load (the removal riding on the next placement) or by sys.setswitchinterval.
 CGROUP_THREADS = 2
-#: How long ``remove_soon`` waits for a killed child to leave its cgroup (``Cgroup.remove``).
+#: How long ``remove_soon`` waits for an unreaped child to leave its cgroup (not for a
+#: process that escaped the kill: a thread blocked that long would delay other loads).
 REMOVE_WAIT_S = 2.0
 
 
@@ -332,15 +333,17 @@ class CgroupManager:
             with contextlib.suppress(OSError):
                 _write(cgroup.memory / "memory.swap.max", "0")
 
-    def remove_soon(self, cgroup: Cgroup) -> None:
+    def remove_soon(self, cgroup: Cgroup, *, unreaped: bool = False) -> None:
         """Remove a finished load's cgroup in ``threads``, off the event loop and off the
         job's path (its figures are read already): rmdir takes the kernel's cgroup mutex,
         which a migration (a cgroup.procs write, ours for the next child or another
         process's) holds through an RCU grace period, 10-60 ms. ``drain`` waits for them.
 
         A bare ``submit``, not ``run_in_executor``: nothing on the loop waits for the
-        removal, so its end need not wake the loop (one wake-up less per load)."""
-        removing = self.threads.submit(cgroup.remove, REMOVE_WAIT_S)
+        removal, so its end need not wake the loop (one wake-up less per load).
+        ``unreaped``: its child was killed with no fork server left to reap it first, and
+        may not have left yet: wait for that (``REMOVE_WAIT_S``), in the thread."""
+        removing = self.threads.submit(cgroup.remove, REMOVE_WAIT_S if unreaped else 0.0)
         self._removing.add(removing)
         removing.add_done_callback(self._removing.discard)  # in the thread, or here if done
 
