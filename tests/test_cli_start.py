@@ -225,3 +225,64 @@ def test_a_command_alone_parses_helps_and_fails_as_in_the_whole_app(argv: list[s
         expected.stdout,
         expected.stderr,
     )
+
+
+CGROUP_FILES = {
+    "v1": "9:memory:/user.slice\n8:pids:/user.slice\n1:name=systemd:/\n",
+    "hybrid": "9:memory:/user.slice\n1:name=systemd:/\n0::/user.slice\n",
+    "v2": "0::/user.slice/session-1.scope\n",
+    "v1 without memory": "8:pids:/\n7:blkio:/\n",
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize(("host", "first"), [(h, h != "v2") for h in CGROUP_FILES])
+def test_the_fork_server_starts_first_unless_cgroup_v2_is_delegated(
+    tmp_path: Path, host: str, first: bool
+) -> None:
+    """_ahead.starts_first reads /proc/self/cgroup as CgroupManager.detect does
+    (memory_limit.own_cgroups): only where detect would delegate v2 (no v1 memory
+    controller, a unified hierarchy) must the fork server wait for the supervisor."""
+    from loadwarden.worker.cli._ahead import starts_first
+    from loadwarden.worker.sandbox.memory_limit import own_cgroups
+
+    proc = tmp_path / "proc/self/cgroup"
+    proc.parent.mkdir(parents=True)
+    proc.write_text(CGROUP_FILES[host])
+    own = own_cgroups(tmp_path)
+    assert starts_first(str(proc)) is first
+    assert first is ("memory" in own or "" not in own)  # detect's own test, v1 first
+    assert starts_first(str(tmp_path / "missing"))  # unreadable: detect finds no cgroups
+
+
+@pytest.mark.parametrize("first", [True, False])
+async def test_on_cgroup_v2_the_supervisor_starts_the_fork_server_after_detecting(
+    small_model: Path, monkeypatch: pytest.MonkeyPatch, first: bool
+) -> None:
+    """Where the fork server may not start first (cgroup v2 delegation: ``delegate_v2`` gets
+    EBUSY while it sits in the supervisor's cgroup), neither the console script nor
+    ``_load_here`` starts it before ``CgroupManager.detect`` runs; the load is still ok."""
+    from loadwarden.worker.cli import _ahead, _local
+    from loadwarden.worker.cli._common import load_request, named_root, settings_from, with_roots
+    from loadwarden.worker.sandbox.cgroups import CgroupManager
+
+    monkeypatch.setattr(_ahead, "starts_first", lambda: first)  # the host's answer
+    _ahead.launch_for(["load", str(small_model)])
+    launched = _ahead.take()
+    assert (launched is not None) is first
+    if launched is not None:
+        launched.abandon()
+    at_detect: list[int] = []
+    detect = CgroupManager.detect
+
+    def spying(*args: object, **kwargs: object) -> object:  # the real detect, observed
+        at_detect.append(len(forkservers_of(os.getpid())))
+        return detect(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(CgroupManager, "detect", spying)
+    request = load_request(str(small_model), None, {})
+    settings = with_roots(settings_from(use_cgroups=True), *named_root(request.source))
+    report = await _local._load_here(lambda: (request, settings))
+    assert report.outcome == "ok", report.error
+    assert at_detect == [1 if first else 0]
+    assert forkservers_of(os.getpid()) == []

@@ -97,7 +97,8 @@ async def _load_here(
     before even importing the command line (``_ahead``); run otherwise, it is launched
     here. It is the same fork server, checked the same way (``Supervisor.start`` refuses
     what it would refuse); a bad request or setting is the same usage error, after the
-    fork server is stopped.
+    fork server is stopped. Where a fork server started first would cost the loads their
+    cgroups (cgroup v2: ``_ahead.starts_first``), ``Supervisor.start`` starts it, after.
     """
     import asyncio
 
@@ -106,8 +107,10 @@ async def _load_here(
 
     # One load: no child forked ahead after it (``ready=0``), which close() would only kill;
     # the one the console script requested at launch (``_ahead``) is its child.
-    forkserver = ForkServer(ready=0, launched=_ahead.take())
-    starting = asyncio.create_task(forkserver.start())
+    launched = _ahead.take()
+    forkserver = ForkServer(ready=0, launched=launched)
+    first = launched is not None or _ahead.starts_first()
+    starting = asyncio.create_task(forkserver.start() if first else asyncio.sleep(0))
     try:
         # One step of the loop: the task runs until it waits for the READY packet, so the
         # process is launched. Only the overlap depends on it, never a check.
@@ -121,7 +124,7 @@ async def _load_here(
         await starting
         # Joined (blocking the loop a moment, at most) once the supervisor has closed.
         with _ahead.importing(warm):
-            async with supervisor:
+            async with supervisor:  # starts the fork server, unless started above
                 return await supervisor.load(request)
     finally:
         # Even after an error (a bad request or setting), let it finish starting: closed
