@@ -286,3 +286,61 @@ async def test_on_cgroup_v2_the_supervisor_starts_the_fork_server_after_detectin
     assert report.outcome == "ok", report.error
     assert at_detect == [1 if first else 0]
     assert forkservers_of(os.getpid()) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "held"),
+    [
+        (["inspect", "x"], True),
+        (["load", "x", "--json"], True),
+        (["--help"], True),
+        ([], True),
+        (["worker", "--redis", "--help"], False),  # runs for days: never held
+        (["serve"], False),
+        (["status", "--help"], False),
+    ],
+)
+def test_only_inspect_load_and_the_groups_help_hold_the_collector(
+    argv: list[str], held: bool
+) -> None:
+    import gc
+
+    from loadwarden.worker.cli import entry
+
+    assert gc.isenabled()
+    try:
+        entry.hold_collector(argv)
+        assert gc.isenabled() is not held
+        entry.release_collector()
+        assert gc.isenabled()
+        assert (gc.get_freeze_count() > 0) is held
+        entry.release_collector()  # once only
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+@pytest.mark.parametrize("command", ["inspect", "load"])
+def test_inspect_and_load_run_collected_after_their_imports(
+    small_model: Path, command: str
+) -> None:
+    """The console script holds the collector while inspect or load imports, and the command
+    turns it back on, frozen, before its work: a long load runs collected."""
+    at_exit = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('GC', gc.isenabled(), gc.get_freeze_count() > 0,"
+        " file=sys.stderr))\n"
+        "sys.argv = ['loadwarden', *sys.argv[1:]]\n"
+        "from loadwarden.worker.cli.entry import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", at_exit, command, str(small_model), "--json"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "GC True True" in done.stderr.splitlines()

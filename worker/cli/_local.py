@@ -31,6 +31,7 @@ from loadwarden.worker.cli._common import (
     settings_from,
     with_roots,
 )
+from loadwarden.worker.cli.entry import release_collector
 
 if TYPE_CHECKING:
     from loadwarden.producer.contract import LoadReport, LoadRequest
@@ -121,6 +122,7 @@ async def _load_here(
 
         # No metrics: nothing serves them here, and prometheus_client is not imported.
         supervisor = Supervisor(settings, forkserver=forkserver, metrics=Unrecorded())
+        release_collector()  # imported: the load runs collected (entry.hold_collector)
         await starting
         # Joined (blocking the loop a moment, at most) once the supervisor has closed.
         with _ahead.importing(warm):
@@ -181,6 +183,7 @@ def inspect(
             raise
         return opened, status, refusal
 
+    release_collector()  # imported: the file's inspection runs collected (entry.hold_collector)
     signature: dict[str, Any] | None = None
     try:
         opened, signature, refusal = asyncio.run(open_it())
