@@ -67,6 +67,30 @@ def test_load_adopts_the_fork_server_launched_ahead(small_model: Path) -> None:
     assert forkservers_of(pid) == []
 
 
+def test_json_inspect_imports_no_rich(small_model: Path) -> None:
+    """`inspect --json` prints its document with json alone: rich is never imported."""
+    at_exit = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('MODULES', *sorted(sys.modules), file=sys.stderr))\n"
+        "sys.argv = ['loadwarden', *sys.argv[1:]]\n"
+        "from loadwarden.worker.cli.entry import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", at_exit, "inspect", str(small_model), "--json"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"outcome": "ok"' in done.stdout
+    modules = next(line for line in done.stderr.splitlines() if line.startswith("MODULES ")).split()
+    assert "loadwarden.worker.load._model" in modules  # the check sees the inspection's imports
+    assert [name for name in modules if name.split(".")[0] == "rich"] == []
+
+
 def test_json_load_imports_neither_rich_nor_prometheus(small_model: Path) -> None:
     """`load --json` with stderr on a pipe imports no rich module (structlog's included)
     and no prometheus_client."""

@@ -158,7 +158,6 @@ def inspect(
 
     from loadwarden.producer.contract import ErrorInfo
     from loadwarden.producer.errors import LoadError
-    from loadwarden.worker.cli import _render
     from loadwarden.worker.load._model import inspect_opened
     from loadwarden.worker.load.signing import Trust, TrustError, signature_status
     from loadwarden.worker.sources import open_model
@@ -209,6 +208,8 @@ def inspect(
     if as_json:
         typer.echo(json.dumps(document))
     else:
+        from loadwarden.worker.cli import _render  # rich: only for the human output
+
         _render.inspection(document)
     raise typer.Exit(EXIT_OK if document["outcome"] == "ok" else EXIT_OUTCOME)
 
