@@ -51,6 +51,35 @@ def run_cli(*args: str) -> tuple[int, int, str, str]:
     return proc.pid, proc.returncode, out, err
 
 
+def run_entry(at_exit: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The console script's ``main`` run with ``args``; at exit it prints ``at_exit`` (an
+    expression, with ``gc`` and ``sys`` imported) on stderr, after the command's own exit
+    handlers ran (``entry.exit_now``)."""
+    code = (
+        "import atexit, gc, sys\n"
+        f"atexit.register(lambda: print({at_exit}, file=sys.stderr))\n"
+        "sys.argv = ['loadwarden', *sys.argv[1:]]\n"
+        "from loadwarden.worker.cli.entry import main\n"
+        "main()\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def modules_at_exit(*args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """``run_entry`` of ``args`` (which must exit 0), and the modules imported by its end."""
+    done = run_entry("'MODULES', *sorted(sys.modules)", *args)
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stderr.splitlines() if line.startswith("MODULES "))
+    return done, line.split()
+
+
 def test_usage_error_leaves_no_fork_server(small_model: Path) -> None:
     """`load` with a bad option exits 2, and the fork server launched ahead is already gone."""
     pid, status, _out, err = run_cli("load", str(small_model), "--memory-bytes", "0")
@@ -69,24 +98,8 @@ def test_load_adopts_the_fork_server_launched_ahead(small_model: Path) -> None:
 
 def test_json_inspect_imports_no_rich(small_model: Path) -> None:
     """`inspect --json` prints its document with json alone: rich is never imported."""
-    at_exit = (
-        "import atexit, sys\n"
-        "atexit.register(lambda: print('MODULES', *sorted(sys.modules), file=sys.stderr))\n"
-        "sys.argv = ['loadwarden', *sys.argv[1:]]\n"
-        "from loadwarden.worker.cli.entry import main\n"
-        "main()\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", at_exit, "inspect", str(small_model), "--json"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done, modules = modules_at_exit("inspect", str(small_model), "--json")
     assert '"outcome": "ok"' in done.stdout
-    modules = next(line for line in done.stderr.splitlines() if line.startswith("MODULES ")).split()
     assert "loadwarden.worker.load._model" in modules  # the check sees the inspection's imports
     assert [name for name in modules if name.split(".")[0] == "rich"] == []
 
@@ -94,23 +107,7 @@ def test_json_inspect_imports_no_rich(small_model: Path) -> None:
 def test_json_load_imports_neither_rich_nor_prometheus(small_model: Path) -> None:
     """`load --json` with stderr on a pipe imports no rich module (structlog's included)
     and no prometheus_client."""
-    at_exit = (
-        "import atexit, sys\n"
-        "atexit.register(lambda: print('MODULES', *sorted(sys.modules), file=sys.stderr))\n"
-        "sys.argv = ['loadwarden', *sys.argv[1:]]\n"
-        "from loadwarden.worker.cli.entry import main\n"
-        "main()\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", at_exit, "load", str(small_model), "--json"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    modules = next(line for line in done.stderr.splitlines() if line.startswith("MODULES ")).split()
+    _done, modules = modules_at_exit("load", str(small_model), "--json")
     assert "structlog" in modules  # the check sees what logging imported
     assert [name for name in modules if name.split(".")[0] == "rich"] == []
     assert "prometheus_client" not in modules  # its metrics would be served by no one
@@ -350,21 +347,8 @@ def test_inspect_and_load_run_collected_after_their_imports(
 ) -> None:
     """The console script holds the collector while inspect or load imports, and the command
     turns it back on, frozen, before its work: a long load runs collected."""
-    at_exit = (
-        "import atexit, gc, sys\n"
-        "atexit.register(lambda: print('GC', gc.isenabled(), gc.get_freeze_count() > 0,"
-        " file=sys.stderr))\n"
-        "sys.argv = ['loadwarden', *sys.argv[1:]]\n"
-        "from loadwarden.worker.cli.entry import main\n"
-        "main()\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", at_exit, command, str(small_model), "--json"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    done = run_entry(
+        "'GC', gc.isenabled(), gc.get_freeze_count() > 0", command, str(small_model), "--json"
     )
     assert done.returncode == 0, done.stderr
     assert "GC True True" in done.stderr.splitlines()
