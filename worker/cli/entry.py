@@ -82,7 +82,7 @@ def hold_collector(argv: list[str]) -> None:
     Why: their start (typer, pydantic and the models it builds, the supervisor's stack)
     allocates ~45,000 lasting objects and next to no garbage: the collector ran ~100
     times during an ``inspect`` of a tiny file, ~40 ms of its ~450 ms on this machine,
-    and freed ~540 objects (``gc.callbacks``; peak RSS +0.5 MiB without it). Only these
+    and freed ~540 objects (``gc.callbacks``; held, peak RSS is 0.5 MiB more). Only these
     two commands: each turns it back on (``release_collector``) once imported, so a long
     load or a hostile file's inspection runs collected as ever; the others (a worker runs
     for days) never hold it, but for the group's own help, which runs nothing.
