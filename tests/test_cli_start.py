@@ -51,6 +51,35 @@ def run_cli(*args: str) -> tuple[int, int, str, str]:
     return proc.pid, proc.returncode, out, err
 
 
+def run_entry(at_exit: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The console script's ``main`` run with ``args``; at exit it prints ``at_exit`` (an
+    expression, with ``gc`` and ``sys`` imported) on stderr, after the command's own exit
+    handlers ran (``entry.exit_now``)."""
+    code = (
+        "import atexit, gc, sys\n"
+        f"atexit.register(lambda: print({at_exit}, file=sys.stderr))\n"
+        "sys.argv = ['loadwarden', *sys.argv[1:]]\n"
+        "from loadwarden.worker.cli.entry import main\n"
+        "main()\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def modules_at_exit(*args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """``run_entry`` of ``args`` (which must exit 0), and the modules imported by its end."""
+    done = run_entry("'MODULES', *sorted(sys.modules)", *args)
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stderr.splitlines() if line.startswith("MODULES "))
+    return done, line.split()
+
+
 def test_usage_error_leaves_no_fork_server(small_model: Path) -> None:
     """`load` with a bad option exits 2, and the fork server launched ahead is already gone."""
     pid, status, _out, err = run_cli("load", str(small_model), "--memory-bytes", "0")
@@ -67,26 +96,18 @@ def test_load_adopts_the_fork_server_launched_ahead(small_model: Path) -> None:
     assert forkservers_of(pid) == []
 
 
+def test_json_inspect_imports_no_rich(small_model: Path) -> None:
+    """`inspect --json` prints its document with json alone: rich is never imported."""
+    done, modules = modules_at_exit("inspect", str(small_model), "--json")
+    assert '"outcome": "ok"' in done.stdout
+    assert "loadwarden.worker.load._model" in modules  # the check sees the inspection's imports
+    assert [name for name in modules if name.split(".")[0] == "rich"] == []
+
+
 def test_json_load_imports_neither_rich_nor_prometheus(small_model: Path) -> None:
     """`load --json` with stderr on a pipe imports no rich module (structlog's included)
     and no prometheus_client."""
-    at_exit = (
-        "import atexit, sys\n"
-        "atexit.register(lambda: print('MODULES', *sorted(sys.modules), file=sys.stderr))\n"
-        "sys.argv = ['loadwarden', *sys.argv[1:]]\n"
-        "from loadwarden.worker.cli.entry import main\n"
-        "main()\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", at_exit, "load", str(small_model), "--json"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    modules = next(line for line in done.stderr.splitlines() if line.startswith("MODULES ")).split()
+    _done, modules = modules_at_exit("load", str(small_model), "--json")
     assert "structlog" in modules  # the check sees what logging imported
     assert [name for name in modules if name.split(".")[0] == "rich"] == []
     assert "prometheus_client" not in modules  # its metrics would be served by no one
@@ -225,3 +246,109 @@ def test_a_command_alone_parses_helps_and_fails_as_in_the_whole_app(argv: list[s
         expected.stdout,
         expected.stderr,
     )
+
+
+CGROUP_FILES = {
+    "v1": "9:memory:/user.slice\n8:pids:/user.slice\n1:name=systemd:/\n",
+    "hybrid": "9:memory:/user.slice\n1:name=systemd:/\n0::/user.slice\n",
+    "v2": "0::/user.slice/session-1.scope\n",
+    "v1 without memory": "8:pids:/\n7:blkio:/\n",
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize(("host", "first"), [(h, h != "v2") for h in CGROUP_FILES])
+def test_the_fork_server_starts_first_unless_cgroup_v2_is_delegated(
+    tmp_path: Path, host: str, first: bool
+) -> None:
+    """_ahead.starts_first reads /proc/self/cgroup as CgroupManager.detect does
+    (memory_limit.own_cgroups): only where detect would delegate v2 (no v1 memory
+    controller, a unified hierarchy) must the fork server wait for the supervisor."""
+    from loadwarden.worker.cli._ahead import starts_first
+    from loadwarden.worker.sandbox.memory_limit import own_cgroups
+
+    proc = tmp_path / "proc/self/cgroup"
+    proc.parent.mkdir(parents=True)
+    proc.write_text(CGROUP_FILES[host])
+    own = own_cgroups(tmp_path)
+    assert starts_first(str(proc)) is first
+    assert first is ("memory" in own or "" not in own)  # detect's own test, v1 first
+    assert starts_first(str(tmp_path / "missing"))  # unreadable: detect finds no cgroups
+
+
+@pytest.mark.parametrize("first", [True, False])
+async def test_on_cgroup_v2_the_supervisor_starts_the_fork_server_after_detecting(
+    small_model: Path, monkeypatch: pytest.MonkeyPatch, first: bool
+) -> None:
+    """Where the fork server may not start first (cgroup v2 delegation: ``delegate_v2`` gets
+    EBUSY while it sits in the supervisor's cgroup), neither the console script nor
+    ``_load_here`` starts it before ``CgroupManager.detect`` runs; the load is still ok."""
+    from loadwarden.worker.cli import _ahead, _local
+    from loadwarden.worker.cli._common import load_request, named_root, settings_from, with_roots
+    from loadwarden.worker.sandbox.cgroups import CgroupManager
+
+    monkeypatch.setattr(_ahead, "starts_first", lambda: first)  # the host's answer
+    _ahead.launch_for(["load", str(small_model)])
+    launched = _ahead.take()
+    assert (launched is not None) is first
+    if launched is not None:
+        launched.abandon()
+    at_detect: list[int] = []
+    detect = CgroupManager.detect
+
+    def spying(*args: object, **kwargs: object) -> object:  # the real detect, observed
+        at_detect.append(len(forkservers_of(os.getpid())))
+        return detect(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(CgroupManager, "detect", spying)
+    request = load_request(str(small_model), None, {})
+    settings = with_roots(settings_from(use_cgroups=True), *named_root(request.source))
+    report = await _local._load_here(lambda: (request, settings))
+    assert report.outcome == "ok", report.error
+    assert at_detect == [1 if first else 0]
+    assert forkservers_of(os.getpid()) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "held"),
+    [
+        (["inspect", "x"], True),
+        (["load", "x", "--json"], True),
+        (["--help"], True),
+        ([], True),
+        (["worker", "--redis", "--help"], False),  # runs for days: never held
+        (["serve"], False),
+        (["status", "--help"], False),
+    ],
+)
+def test_only_inspect_load_and_the_groups_help_hold_the_collector(
+    argv: list[str], held: bool
+) -> None:
+    import gc
+
+    from loadwarden.worker.cli import entry
+
+    assert gc.isenabled()
+    try:
+        entry.hold_collector(argv)
+        assert gc.isenabled() is not held
+        entry.release_collector()
+        assert gc.isenabled()
+        assert (gc.get_freeze_count() > 0) is held
+        entry.release_collector()  # once only
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+@pytest.mark.parametrize("command", ["inspect", "load"])
+def test_inspect_and_load_run_collected_after_their_imports(
+    small_model: Path, command: str
+) -> None:
+    """The console script holds the collector while inspect or load imports, and the command
+    turns it back on, frozen, before its work: a long load runs collected."""
+    done = run_entry(
+        "'GC', gc.isenabled(), gc.get_freeze_count() > 0", command, str(small_model), "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "GC True True" in done.stderr.splitlines()

@@ -36,11 +36,13 @@ from loadwarden.producer.errors import (
     MemoryExceeded,
     SourceRefused,
 )
+from loadwarden.producer.keys import RUNNING_ZSET
 from loadwarden.producer.settings import RedisOptions
+from loadwarden.worker._keys import ATTEMPTS_KEY_PREFIX
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.cli import main as cli
-from loadwarden.worker.config import FailureMemoryPolicy, LimitPolicy, Settings
-from loadwarden.worker.load._lookup import look_up
+from loadwarden.worker.config import FailureMemoryPolicy, LimitPolicy, Settings, SourcePolicy
+from loadwarden.worker.load._lookup import FirstWritesFailed, look_up
 from loadwarden.worker.load.failures import (
     REFUSED_CODE,
     FailureMemory,
@@ -50,6 +52,7 @@ from loadwarden.worker.load.failures import (
 from loadwarden.worker.load.history import FLUSH_DELAY_S, History
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.ops.queue_gauges import QueueGauges, update_queue_gauges
+from loadwarden.worker.queue.jobs import JobBook
 from loadwarden.worker.sandbox.forkserver import ForkServer
 from tests.conftest import TEST_LOADERS, eventually, running_worker
 from tests.safetensors_files import valid_model
@@ -410,3 +413,43 @@ async def test_recorded_history_is_written_within_its_delay_or_on_close(redis: R
     await history.record("b", 0.5, 0.1, 1000)
     await history.close()
     assert await redis.llen(History.key("b")) == 1
+
+
+async def test_a_jobs_lease_rides_in_the_look_up(redis: Redis, tmp_path: Path) -> None:
+    """A job's first lease write (attempts, marker, running entry) goes in the look-up's
+    transaction when the model opened on the loop; before the open, on its own, when the
+    open goes to a thread (the first open under a root, a folder); and when it cannot be
+    written the load stops before any inspection or child (FirstWritesFailed)."""
+    from tests.checkpoints import save_pretrained, state_dict
+
+    model = _model(tmp_path / "m.safetensors")
+    folder = tmp_path / "ckpt"
+    save_pretrained(folder, state_dict(), 40_000)
+    settings = Settings(sources=SourcePolicy(allow_roots=(tmp_path,)))
+    book = JobBook(redis, settings)
+    sup = Supervisor(
+        settings,
+        failures=FailureMemory(redis, FailureMemoryPolicy()),
+        history=History(redis, LimitPolicy()),
+    )
+    lease = ["SET", "SET", "ZADD"]
+    reports: dict[str, LoadReport] = {}
+
+    async def load(source: Path, job_id: str) -> None:
+        async with book.lease(job_id, [], hand_over=True) as first:
+            request = LoadRequest(source=str(source))
+            reports[job_id] = await sup.load(request, job_id=job_id, first=first)
+
+    async with sup:
+        for source, alone in ((model, True), (model, False), (folder, True)):
+            job_id = f"{source.name}-{alone}"
+            commands = await _commands_during(redis, load(source, job_id))
+            assert reports[job_id].outcome == Outcome.OK, reports[job_id]
+            ahead = [*lease, "MULTI"] if alone else ["MULTI", *lease]
+            assert commands[:4] == ahead and "HGETALL" in commands, (source.name, commands)
+            assert await redis.get(ATTEMPTS_KEY_PREFIX + job_id) == b"[]"
+            assert await redis.zscore(RUNNING_ZSET, job_id) is not None
+        await redis.set(RUNNING_ZSET, "not a sorted set")
+        with pytest.raises(FirstWritesFailed):
+            await load(model, "refused")
+        assert not sup.in_flight

@@ -17,8 +17,9 @@ from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadRequest, ModelFormat, Outcome
 from loadwarden.worker.config import Settings
 from loadwarden.worker.load.supervisor import Supervisor
+from loadwarden.worker.sandbox._backoff import restart_wait_s
 from loadwarden.worker.sandbox.children import SandboxError, stop_child
-from loadwarden.worker.sandbox.forkserver import ForkServer, restart_wait_s
+from loadwarden.worker.sandbox.forkserver import ForkServer
 from tests.conftest import TEST_LOADERS, assert_pid_gone, eventually, running_worker
 from tests.forkserver_dies import MARKER
 

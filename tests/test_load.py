@@ -479,6 +479,8 @@ async def test_a_fork_server_whose_warm_up_fails_still_starts_and_loads(
     loaders = {ModelFormat.SAFETENSORS: "report_warm_up"}
     async with Supervisor(Settings(), preload=[TEST_LOADERS, preload], loaders=loaders) as sup:
         probed = await sup.load(LoadRequest(source=str(small_model)))
+        # The next child is forked once the load's is stopped: a fork holds its socket.
+        await eventually(lambda: sup.forkserver.waiting, what="the next child, forked ahead")
         held = _descriptors(sup.forkserver.pid)
         no_new_privs = _status_field(sup.forkserver.pid, "NoNewPrivs")
     assert _warmed_up(probed) == 0

@@ -37,11 +37,35 @@ def runs_load(argv: list[str]) -> bool:
 
 
 def launch_for(argv: list[str]) -> None:
-    """Launch a fork server now if ``argv`` runs ``load``; ``take`` claims it."""
+    """Launch a fork server now if ``argv`` runs ``load`` (and ``starts_first``);
+    ``take`` claims it."""
     global _launched
-    if _launched is None and runs_load(argv):
+    if _launched is None and runs_load(argv) and starts_first():
         _launched = launch(preloads(), fork_ahead=True)
         atexit.register(_abandon)
+
+
+def starts_first(path: str = "/proc/self/cgroup") -> bool:
+    """Whether a load's fork server may start before its supervisor finds its cgroups.
+
+    Not where that search would delegate cgroup v2 (``CgroupManager.detect``: no v1
+    memory controller, a unified hierarchy): ``delegate_v2`` moves the supervisor into
+    the leaf ``<tag>-supervisor`` and then enables controllers in the cgroup it left,
+    which the kernel refuses (EBUSY, the no-internal-process rule) while any other
+    process is still in it: a fork server started first, or the child it forked ahead,
+    would leave every load without cgroups (or refused, with ``require_cgroups``).
+    Started by ``Supervisor.start`` after the search, it is launched from the leaf.
+
+    Read as ``memory_limit.own_cgroups`` reads it (a test holds them together), but
+    without importing it: its dataclasses import would delay the launch ~15 ms.
+    """
+    try:
+        with open(path, encoding="utf-8") as lines:
+            fields = [line.rstrip("\n").split(":", 2) for line in lines]
+    except OSError:
+        return True  # detect finds no cgroups: nothing to delegate
+    controllers = {c for f in fields if len(f) == 3 for c in (f[1].split(",") if f[1] else [""])}
+    return "memory" in controllers or "" not in controllers
 
 
 def take() -> Launched | None:

@@ -31,6 +31,7 @@ from loadwarden.worker.cli._common import (
     settings_from,
     with_roots,
 )
+from loadwarden.worker.cli.entry import release_collector
 
 if TYPE_CHECKING:
     from loadwarden.producer.contract import LoadReport, LoadRequest
@@ -97,7 +98,8 @@ async def _load_here(
     before even importing the command line (``_ahead``); run otherwise, it is launched
     here. It is the same fork server, checked the same way (``Supervisor.start`` refuses
     what it would refuse); a bad request or setting is the same usage error, after the
-    fork server is stopped.
+    fork server is stopped. Where a fork server started first would cost the loads their
+    cgroups (cgroup v2: ``_ahead.starts_first``), ``Supervisor.start`` starts it, after.
     """
     import asyncio
 
@@ -106,8 +108,10 @@ async def _load_here(
 
     # One load: no child forked ahead after it (``ready=0``), which close() would only kill;
     # the one the console script requested at launch (``_ahead``) is its child.
-    forkserver = ForkServer(ready=0, launched=_ahead.take())
-    starting = asyncio.create_task(forkserver.start())
+    launched = _ahead.take()
+    forkserver = ForkServer(ready=0, launched=launched)
+    first = launched is not None or _ahead.starts_first()
+    starting = asyncio.create_task(forkserver.start() if first else asyncio.sleep(0))
     try:
         # One step of the loop: the task runs until it waits for the READY packet, so the
         # process is launched. Only the overlap depends on it, never a check.
@@ -118,10 +122,11 @@ async def _load_here(
 
         # No metrics: nothing serves them here, and prometheus_client is not imported.
         supervisor = Supervisor(settings, forkserver=forkserver, metrics=Unrecorded())
+        release_collector()  # imported: the load runs collected (entry.hold_collector)
         await starting
         # Joined (blocking the loop a moment, at most) once the supervisor has closed.
         with _ahead.importing(warm):
-            async with supervisor:
+            async with supervisor:  # starts the fork server, unless started above
                 return await supervisor.load(request)
     finally:
         # Even after an error (a bad request or setting), let it finish starting: closed
@@ -153,7 +158,6 @@ def inspect(
 
     from loadwarden.producer.contract import ErrorInfo
     from loadwarden.producer.errors import LoadError
-    from loadwarden.worker.cli import _render
     from loadwarden.worker.load._model import inspect_opened
     from loadwarden.worker.load.signing import Trust, TrustError, signature_status
     from loadwarden.worker.sources import open_model
@@ -178,6 +182,7 @@ def inspect(
             raise
         return opened, status, refusal
 
+    release_collector()  # imported: the file's inspection runs collected (entry.hold_collector)
     signature: dict[str, Any] | None = None
     try:
         opened, signature, refusal = asyncio.run(open_it())
@@ -203,6 +208,8 @@ def inspect(
     if as_json:
         typer.echo(json.dumps(document))
     else:
+        from loadwarden.worker.cli import _render  # rich: only for the human output
+
         _render.inspection(document)
     raise typer.Exit(EXIT_OK if document["outcome"] == "ok" else EXIT_OUTCOME)
 

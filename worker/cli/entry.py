@@ -8,6 +8,7 @@ would end in a traceback naming some module; this says what to install instead.
 from __future__ import annotations
 
 import atexit
+import gc
 import importlib.util
 import os
 import sys
@@ -33,6 +34,12 @@ WORKER_MODULES = (
 #: Exit status of a command that cannot start as installed: a usage error (README, exit codes).
 EXIT_USAGE = 2
 
+#: The commands that hold the garbage collector through their start (``hold_collector``):
+#: each releases it once imported (``release_collector``), before its work.
+HOLDING = ("inspect", "load")
+
+_held = False
+
 
 def missing_worker_module() -> str | None:
     """The first worker module that cannot be imported here, or None when all can."""
@@ -56,6 +63,7 @@ def main() -> None:
             file=sys.stderr,
         )
         raise SystemExit(EXIT_USAGE)
+    hold_collector(sys.argv[1:])
     from loadwarden.worker.cli import _ahead
 
     _ahead.launch_for(sys.argv[1:])  # first: it starts while the command imports
@@ -66,6 +74,38 @@ def main() -> None:
     except SystemExit as done:
         exit_now(done)
         raise
+
+
+def hold_collector(argv: list[str]) -> None:
+    """Turn the cyclic garbage collector off while ``inspect`` or ``load`` imports.
+
+    Why: their start (typer, pydantic and the models it builds, the supervisor's stack)
+    allocates ~45,000 lasting objects and next to no garbage: the collector ran ~100
+    times during an ``inspect`` of a tiny file, ~40 ms of its ~450 ms on this machine,
+    and freed ~540 objects (``gc.callbacks``; held, peak RSS is 0.5 MiB more). Only these
+    two commands: each turns it back on (``release_collector``) once imported, so a long
+    load or a hostile file's inspection runs collected as ever; the others (a worker runs
+    for days) never hold it, but for the group's own help, which runs nothing.
+    """
+    global _held
+    helps = argv in ([], ["--help"])  # the group's help: printed, then the process ends
+    if (helps or argv[0] in HOLDING) and gc.isenabled():
+        gc.disable()
+        _held = True
+
+
+def release_collector() -> None:
+    """The collector back on, if ``hold_collector`` held it; what start imported frozen.
+
+    Frozen (``gc.freeze``): the modules, classes and schemas imported so far live until
+    exit, and would otherwise all sit in the youngest generation, each rescanned by the
+    next collections; frozen, no collection scans them again.
+    """
+    global _held
+    if _held:
+        _held = False
+        gc.freeze()
+        gc.enable()
 
 
 def exit_now(done: SystemExit) -> None:

@@ -201,7 +201,7 @@ async def run_child(
     run = ChildRun()
     limits = job.limits
     try:
-        child = await host.forkserver.spawn()
+        child = await host.forkserver.spawn(lent=True)
     except SandboxError as exc:
         raise failure(Early.SANDBOX, f"could not start a child: {exc.message}") from None
     started = loop.time()
@@ -239,6 +239,7 @@ async def run_child(
         try:
             run.ended = await stop_child(child)
         finally:  # also when stop_child raised (the fork server was lost): no cgroup left
+            host.forkserver.returned()  # the next child is forked now, off this load's path
             for task in sampling:
                 await cancel_and_wait(task)
             if (cgroup := child.cgroup) is not None:

@@ -39,7 +39,7 @@ from loadwarden.worker.load._child_run import ChildHost, ChildJob, place_ahead, 
 from loadwarden.worker.load._deadline import JobDeadline, in_thread, within
 from loadwarden.worker.load._digest import digest_files
 from loadwarden.worker.load._inspection import inspect_bounded, manifest_for
-from loadwarden.worker.load._lookup import look_up
+from loadwarden.worker.load._lookup import FirstWrites, FirstWritesFailed, Once, look_up
 from loadwarden.worker.load._model import (
     child_spec,
     inspect_opened,
@@ -183,10 +183,13 @@ class Supervisor:
         attempt: int = 1,
         enqueued_at: datetime | None = None,
         cancel: asyncio.Event | None = None,
+        first: FirstWrites | None = None,
     ) -> LoadReport:
         """Run one load to its end and return its report; never raises for a bad file.
 
         Setting ``cancel`` kills the child at once and ends the load ``cancelled``.
+        ``first`` (a job's lease) is written before the model is inspected or loaded, or
+        opened in a thread; ``FirstWritesFailed`` if it cannot be, and the load stops there.
         """
         job = JobRef(
             job_id or uuid.uuid4().hex, request.source, dict(request.labels), attempt, enqueued_at
@@ -197,7 +200,9 @@ class Supervisor:
         phase = self._phase_setter(job.job_id, request.source)
         phase(JobPhase.INSPECTING)
         try:
-            error = await self._load(request, state, log, cancel, phase)
+            error = await self._load(request, state, log, cancel, phase, first)
+        except FirstWritesFailed:
+            raise
         except LoadError as exc:
             error = exc
         except SandboxError as exc:  # the machinery failed, not the file: worth a retry
@@ -232,19 +237,29 @@ class Supervisor:
         log: FilteringBoundLogger,
         cancel: asyncio.Event | None,
         phase: Callable[[JobPhase], None],
+        first: FirstWrites | None,
     ) -> LoadError | None:
         deadline = JobDeadline.starting_now(self.job_budget_s(request), cancel)
+        # Sent before work in a thread (which could take the worker down), else in the look-up.
+        first_writes = Once(first)
         opened = await deadline.before(
             open_model(
                 request.source,
                 expected_sha256=request.sha256,
                 policy=self.settings.sources,
                 caps=self.settings.inspection,
+                before_thread=first_writes.send,
             ),
             "opening the source",
         )
         with opened:
-            identity = await self._admit(opened, request, state, log)
+            # A model the failure memory holds as repeatedly failing is refused in the look-up,
+            # before its signature is checked, its header inspected or any child; its history
+            # comes in the same round trip (with the first writes, when not sent yet).
+            state.identity = identity = model_identity(opened, request.sha256)
+            state.remembered, state.history = await look_up(
+                identity, self.failures, self.history, log, first_writes.take()
+            )
             state.stage = "signature"
             await verify_signature(
                 self.settings.signing, self._trusted, opened, request, state, deadline
@@ -345,16 +360,6 @@ class Supervisor:
             policy = self.settings.signing
             self.trust = await in_thread(lambda: Trust(policy))
         return self.trust
-
-    async def _admit(
-        self, opened: OpenedModel, request: LoadRequest, state: LoadState, log: FilteringBoundLogger
-    ) -> str:
-        """The model's identity; a model the failure memory holds as repeatedly failing is
-        refused here, before its signature is checked, its header inspected or any child."""
-        state.identity = identity = model_identity(opened, request.sha256)
-        # The history is read here too, in the same round trip, for the limits.
-        state.remembered, state.history = await look_up(identity, self.failures, self.history, log)
-        return identity
 
     def job_budget_s(self, request: LoadRequest) -> float:
         """The whole job's deadline (source, inspection, load): the request's, capped."""

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
@@ -73,6 +74,33 @@ def _recent_entry(job_id: str, report: LoadReport) -> dict[str, str]:
         "source": report.source[:512],
         "labels": json.dumps(report.labels),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseStart:
+    """A lease's writes: the marker anew, the running entry, and (the first time) the
+    attempts so far; ``queue``d on a pipeline (``look_up``'s transaction), or ``send``."""
+
+    redis: Redis
+    job_id: str
+    attempts: list[Attempt] | None
+    lease_ms: int
+
+    def queue(self, pipe: Pipeline) -> int:
+        if self.attempts is not None:
+            pipe.set(
+                ATTEMPTS_KEY_PREFIX + self.job_id,
+                _attempts.dump_json(self.attempts),
+                ex=BOOK_TTL_S,
+            )
+        pipe.set(in_progress_key_prefix + self.job_id, b"1", px=self.lease_ms)
+        pipe.zadd(RUNNING_ZSET, {self.job_id: now_ms() + self.lease_ms})
+        return 2 if self.attempts is None else 3
+
+    async def send(self) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self.queue(pipe)
+            await pipe.execute()
 
 
 class JobBook:
@@ -157,7 +185,9 @@ class JobBook:
                 event.set()
 
     @contextlib.asynccontextmanager
-    async def lease(self, job_id: str, attempts: list[Attempt]) -> AsyncIterator[None]:
+    async def lease(
+        self, job_id: str, attempts: list[Attempt], *, hand_over: bool = False
+    ) -> AsyncIterator[LeaseStart | None]:
         """Keep arq's in-progress marker alive only while we live: if this worker dies, the
         marker lapses after ``lease_s`` and another worker runs the job. Each renewal
         writes the marker anew (not only its expiry), so a marker a failover lost is back
@@ -165,33 +195,27 @@ class JobBook:
 
         ``attempts`` are saved with the first renewal, in its round trip (a failure to
         save them raises, as ``save_attempts`` would); later renewals only log failures.
+        With ``hand_over`` that first renewal is not sent but handed to the caller (yielded),
+        for the supervisor to send before it inspects or loads anything (``look_up``): the
+        marker the claim wrote holds the job meanwhile.
         """
-        key = in_progress_key_prefix + job_id
         lease_ms = int(self.settings.lease_s * 1000)
-
-        async def renew_once(first: list[Attempt] | None = None) -> None:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if first is not None:
-                    pipe.set(
-                        ATTEMPTS_KEY_PREFIX + job_id, _attempts.dump_json(first), ex=BOOK_TTL_S
-                    )
-                pipe.set(key, b"1", px=lease_ms)
-                pipe.zadd(RUNNING_ZSET, {job_id: now_ms() + lease_ms})
-                await pipe.execute()
 
         async def renew() -> None:
             while True:
                 await asyncio.sleep(self.settings.lease_renew_s)
                 try:
-                    await renew_once()
+                    await LeaseStart(self.redis, job_id, None, lease_ms).send()
                 except (RedisError, OSError) as exc:
                     log.warning("lease_renewal_failed", job_id=job_id, error=str(exc))
 
-        await renew_once(attempts)
+        start = LeaseStart(self.redis, job_id, attempts, lease_ms)
+        if not hand_over:
+            await start.send()
 
         task = asyncio.create_task(renew(), name=f"loadwarden-lease-{job_id}")
         try:
-            yield
+            yield start if hand_over else None
         except BaseException:
             task.cancel()
             await asyncio.wait({task})

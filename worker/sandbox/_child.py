@@ -13,12 +13,13 @@ What confines a child, and where it is done:
    there confines every child as much as doing them in each, for none of its CPU.
 2. After fork, before the spec arrives (children are forked ahead):
    ``_keep_only`` (descriptors), then ``_confine_process`` (session,
-   pdeathsig, no_new_privs again, no core, oom_score_adj).
+   pdeathsig, no_new_privs again, no core, oom_score_adj), then a Landlock
+   ruleset for what the interpreter reads (the paths found once in the fork
+   server, and this child's own /proc/PID/io), built but not yet enforced.
 3. With the spec (it depends on it): the file's identity, rlimits sized from
-   the child's own memory, then Landlock, whose rules name the model's
-   descriptors and this child's own /proc/PID/io (the rest of its rules are
-   found once in the fork server), and the seccomp filter where it was not
-   inherited. Only then does the loader touch the file.
+   the child's own memory, then Landlock enforced, the model's descriptors
+   added to its rules, and the seccomp filter where it was not inherited. Only
+   then does the loader touch the file.
 
 The fork server also runs this module's spec, load and reply code once on a
 file of its own (``warm_up``), so that children inherit that bytecode already
@@ -138,7 +139,23 @@ class SandboxFailed(Exception):
     """
 
 
-def _apply_landlock(fds: list[int], applied: list[str]) -> None:
+def _prepare_landlock() -> _landlock.Ruleset | OSError:
+    """Landlock's rules for what the interpreter reads, built while the child waits for its
+    spec (they need none of it): with the spec only the model's rules and the enforcing
+    are left (``_apply_landlock``). A failure is kept for the spec that asks for Landlock.
+
+    The paths are the fork server's list (``interpreter_paths``), opened here as before,
+    only earlier: by a child forked ahead up to ``READY_MAX_AGE_S`` before its load.
+    """
+    try:
+        return _landlock.ruleset(_landlock.interpreter_paths())
+    except OSError as exc:  # Unavailable too: judged by _apply_landlock
+        return exc
+
+
+def _apply_landlock(
+    fds: list[int], applied: list[str], prepared: _landlock.Ruleset | OSError
+) -> None:
     """Read the model and the interpreter only; no writes, no exec, no TCP (where supported).
 
     Fails closed: only a kernel without Landlock lets the load go on without it (the
@@ -146,10 +163,12 @@ def _apply_landlock(fds: list[int], applied: list[str]) -> None:
     Landlock only where it found it, refuses that answer); any other failure refuses the
     load.
     """
-    try:
-        abi = _landlock.restrict(fds, _landlock.interpreter_paths())
-    except _landlock.Unavailable:
+    if isinstance(prepared, _landlock.Unavailable):
         return
+    if isinstance(prepared, OSError):
+        raise SandboxFailed(f"Landlock could not be applied: {prepared}") from prepared
+    try:
+        abi = _landlock.enforce(prepared, fds)
     except OSError as exc:
         raise SandboxFailed(f"Landlock could not be applied: {exc}") from exc
     applied.append(f"landlock_abi{abi}")
@@ -277,6 +296,7 @@ def warm_up(rounds: int = 16) -> None:
 def main(sock: socket.socket) -> int:
     """Entry point of a forked child; returns the exit status."""
     applied = _confine_process()
+    prepared = _prepare_landlock()
     sock.settimeout(60)
     received = _receive(sock)
     if received is None:
@@ -288,7 +308,9 @@ def main(sock: socket.socket) -> int:
         loader = LOADERS[spec.loader]
         figures = _apply_limits(spec, applied, len(fds))
         if spec.landlock:
-            _apply_landlock(fds, applied)
+            _apply_landlock(fds, applied, prepared)
+        elif isinstance(prepared, _landlock.Ruleset):
+            prepared.close()  # not asked for: the loader never holds an unenforced ruleset
         _apply_seccomp(applied)
         _send(sock, {"kind": "ready", "pid": os.getpid(), "confinement": applied, **figures})
         result = load_files(fds, spec) if spec.files is not None else loader(fds[0], spec)

@@ -34,6 +34,21 @@ PSEUDO_FILESYSTEMS: dict[int, str] = {
 }
 
 
+#: ``f_type`` magic numbers of filesystems on a local disk (or in memory), whose metadata
+#: calls answer without a network round trip: a file under a root on one of these may be
+#: opened on the event loop (``sources._local.open_local_inline``).
+LOCAL_FILESYSTEMS: dict[int, str] = {
+    0xEF53: "ext2/3/4",
+    0x58465342: "xfs",
+    0x9123683E: "btrfs",
+    0xF2F52010: "f2fs",
+    0x2FC12FC1: "zfs",
+    0x01021994: "tmpfs",
+    0x858458F6: "ramfs",
+    0x794C7630: "overlayfs",
+}
+
+
 class _StatFs(ctypes.Structure):
     # f_type is the first member (__fsword_t, a long) on every Linux ABI; the rest of
     # struct statfs is padding to us, sized generously.
@@ -54,6 +69,11 @@ def fs_type(fd: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return int(buf.f_type) & 0xFFFFFFFF
+
+
+def on_local_disk(fd: int) -> bool:
+    """Whether ``fd`` lives on a local-disk (or in-memory) filesystem, not a network one."""
+    return fs_type(fd) in LOCAL_FILESYSTEMS
 
 
 def pseudo_filesystem(fd: int) -> str | None:

@@ -21,6 +21,13 @@ from loadwarden.worker.sources._checkpoint import (
     read_signature,
 )
 from loadwarden.worker.sources._fstype import pseudo_filesystem
+from loadwarden.worker.sources._ondisk import (
+    NeedsThread,
+    exists,
+    learn_roots,
+    local_roots,
+    root_device,
+)
 
 #: Linux's own limit on symlinks followed while resolving one path (MAXSYMLINKS).
 MAX_SYMLINK_HOPS = 40
@@ -39,12 +46,14 @@ class Root:
 
     real: str
     prefixes: tuple[tuple[str, ...], ...]
+    #: The path as configured, made absolute (no filesystem call).
+    given: str
 
     @classmethod
     def of(cls, path: Path) -> Root:
         given = os.path.abspath(path)
         real = os.path.realpath(given)
-        return cls(real, tuple(dict.fromkeys((_parts(real), _parts(given)))))
+        return cls(real, tuple(dict.fromkeys((_parts(real), _parts(given)))), given)
 
     def strip(self, parts: tuple[str, ...]) -> list[str] | None:
         """``parts`` (of an absolute path) below this root, or None if it does not start here."""
@@ -107,20 +116,55 @@ def open_local_model(
     """Open the model ``source`` names inside ``roots``: a file, a checkpoint's index, or a
     folder holding a checkpoint (``_checkpoint``). Roots, paths and ``refuse_hard_links``
     (checked on every shard) as in ``open_local``."""
-    model = _open_local_model(source, roots, caps)
+    learn_roots(roots)
+    model = _open_local_model(source, roots, caps, inline=False)
     if refuse_hard_links:
         _refuse_hard_links(model, source)
     return model
 
 
-def _open_local_model(source: str, roots: Sequence[Path], caps: InspectionCaps) -> OpenedModel:
+def open_local_inline(
+    source: str, roots: Sequence[Path], caps: InspectionCaps, *, refuse_hard_links: bool = False
+) -> OpenedModel | None:
+    """``open_local_model``, cheap enough for the event loop, or None: open it in a thread.
+
+    Only a single file with no signature beside it, under roots an earlier open (in a
+    thread) found on a local-disk filesystem, with every component of its path on the
+    root's device: a few metadata calls that answer from the kernel's caches, cheaper than
+    the thread hop. A network filesystem (anywhere on the path), a folder or index (up to
+    16 MiB of JSON to parse) or a signature (up to 4 MiB to read) goes to the thread. The
+    checks are ``open_local_model``'s own, and so are the errors it raises.
+    """
+    given = [os.path.abspath(r) for r in roots] or [os.getcwd()]
+    if any(local_roots.get(path) is None for path in given):
+        return None  # not seen on a local disk: even resolving the roots may block
+    try:
+        model = _open_local_model(source, roots, caps, inline=True)
+    except NeedsThread:
+        return None
+    if refuse_hard_links:
+        _refuse_hard_links(model, source)
+    return model
+
+
+def _open_local_model(
+    source: str, roots: Sequence[Path], caps: InspectionCaps, *, inline: bool
+) -> OpenedModel:
+    """``open_local_model``; ``inline``, on the event loop: ``NeedsThread`` for anything
+    ``open_local_inline`` leaves to a thread."""
     root, parts = _locate(source, roots)
     _refuse_special_tree(root.real, source)
-    walk = _Walk(root, _open_root(root.real, source), source)
+    root_fd = _open_root(root.real, source)
+    device = root_device(root.given, root_fd) if inline else None
+    walk = _Walk(root, root_fd, source, device)
     try:
         found = walk.walk(list(parts))
         if found is not None and not found.path.endswith(INDEX_SUFFIX):
-            return _with_signature(OpenedModel.single(found), walk, source)
+            return _with_signature(OpenedModel.single(found), walk, source, inline=device)
+        if device is not None:  # a folder or an index: files to list and JSON to parse
+            if found is not None:
+                found.close()
+            raise NeedsThread(source)
         try:
             dir_fd, folder = walk.folder()
         except BaseException:
@@ -138,8 +182,11 @@ def _open_local_model(source: str, roots: Sequence[Path], caps: InspectionCaps) 
         os.close(dir_fd)
 
 
-def _with_signature(opened: OpenedModel, walk: _Walk, source: str) -> OpenedModel:
-    """A single file's model with ``FILE.sig`` from the same folder, when there is one."""
+def _with_signature(
+    opened: OpenedModel, walk: _Walk, source: str, *, inline: int | None = None
+) -> OpenedModel:
+    """A single file's model with ``FILE.sig`` from the same folder, when there is one
+    (``inline``: ``NeedsThread`` when there is one, to be read in a thread)."""
     try:
         dir_fd, folder = walk.folder()
     except BaseException:
@@ -147,7 +194,11 @@ def _with_signature(opened: OpenedModel, walk: _Walk, source: str) -> OpenedMode
         raise
     try:
         name = os.path.basename(opened.first.path) + SIGNATURE_SUFFIX
-        opened.signature = read_signature(folder_opener(dir_fd, folder, source), name, opened)
+        if inline is None:
+            opened.signature = read_signature(folder_opener(dir_fd, folder, source), name, opened)
+        elif exists(dir_fd, name):
+            opened.close()
+            raise NeedsThread(source)
     finally:
         os.close(dir_fd)
     return opened
@@ -174,10 +225,12 @@ def open_under(root: Root, parts: Sequence[str], source: str) -> ModelFile:
 class _Walk:
     """The directories entered so far, each held open, and the symlinks followed."""
 
-    def __init__(self, root: Root, root_fd: int, source: str) -> None:
+    def __init__(self, root: Root, root_fd: int, source: str, device: int | None = None) -> None:
         self.root = root
         self.root_fd = root_fd
         self.source = source
+        #: On the event loop: the root's device, which every component must be on.
+        self.device = device
         self.stack: list[tuple[str, int]] = []
         self.hops = 0
 
@@ -204,6 +257,8 @@ class _Walk:
                 self._up()
                 continue
             st = self._lstat(name)
+            if self.device is not None and st.st_dev != self.device:
+                raise NeedsThread(self.source)  # a mount below the root: maybe a network one
             if stat.S_ISLNK(st.st_mode):
                 pending.extend(reversed(self._follow(name)))
             elif stat.S_ISDIR(st.st_mode):
