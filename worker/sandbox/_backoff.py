@@ -37,7 +37,7 @@ class Backoff:
             return None
         return (
             f"the fork server failed {self.short_lives} times in a row (lost soon after its "
-            f"start, or not started); starting it again in {self.wait_s():.1f} s"
+            f"start, or not started); starting it again in {self.wait_s():.2f} s"
         )
 
     def started(self) -> None:
