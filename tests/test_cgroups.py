@@ -10,6 +10,7 @@ rule the same way for every controller, which is what the test is about.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -20,18 +21,21 @@ from pathlib import Path
 
 import pytest
 
+from loadwarden.producer.contract import LoadRequest, Outcome
 from loadwarden.worker.config import Settings
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox import _seccomp
 from loadwarden.worker.sandbox._landlock import abi_version
 from loadwarden.worker.sandbox.cgroups import CgroupManager
 from loadwarden.worker.sandbox.children import SandboxError
+from loadwarden.worker.sandbox.forkserver import ForkServer
+from tests.conftest import TEST_LOADERS, require_cgroups, require_facility
 
 #: Runs in the private mount namespace with cgroup2 mounted at argv[1].
 V2_SCRIPT = r"""
 import errno, json, os, sys
 from pathlib import Path
-from loadwarden.worker.sandbox.cgroups import delegate_v2, enable_controllers
+from loadwarden.worker.sandbox.cgroups import CgroupManager, delegate_v2, enable_controllers
 
 mnt = Path(sys.argv[1])
 available = (mnt / "cgroup.controllers").read_text().split()
@@ -57,6 +61,11 @@ try:
     load.mkdir()
     out["load_files"] = sorted(p.name for p in load.iterdir())
     load.rmdir()
+    manager = CgroupManager(2, done.worker, done.worker if "pids" in wanted else None, done)
+    manager.threads.shutdown()
+    done.worker.rmdir()  # swept by a worker that could not see our pid
+    manager.prepare("child-2", 16).remove()
+    out["restored_subtree"] = (done.worker / "cgroup.subtree_control").read_text().split()
     done.undo()
     out["after_undo"] = sorted(p.name for p in box.iterdir() if p.is_dir())
 finally:
@@ -85,7 +94,7 @@ def _run_in_cgroup2_namespace(tmp_path: Path) -> dict[str, object]:
     if done.returncode == 77:
         pytest.skip(f"this kernel does not let us mount cgroup2: {done.stderr.strip()}")
     assert done.returncode == 0, done.stderr
-    result: dict[str, object] = json.loads(done.stdout)
+    result: dict[str, object] = json.loads(done.stdout.splitlines()[-1])  # after any log
     return result
 
 
@@ -101,6 +110,8 @@ def test_v2_delegation_moves_the_supervisor_into_a_leaf(tmp_path: Path) -> None:
     assert str(out["own_cgroup"]).endswith("/loadwarden-test-supervisor")
     assert set(wanted) <= set(out["box_subtree"])  # type: ignore[arg-type]
     assert set(wanted) <= set(out["worker_subtree"])  # type: ignore[arg-type]
+    # The worker's folder swept and made again by the next load: its controllers with it.
+    assert out["restored_subtree"] == out["worker_subtree"]
     # A per-load cgroup gets each controller's files: memory.max where memory is delegated.
     load_files = out["load_files"]
     assert isinstance(load_files, list)
@@ -178,9 +189,7 @@ async def test_confinement_is_exported_as_labels(tmp_path: Path) -> None:
 def test_a_killed_workers_folders_are_swept_by_the_next(tmp_path: Path) -> None:
     """A worker killed by SIGKILL leaves ``loadwarden-<pid>`` (and its loads' folders) in
     its cgroup; the next worker there removes them, and leaves a live worker's alone."""
-    manager, note = CgroupManager.detect()
-    if manager is None:
-        pytest.skip(f"needs cgroups this worker may create: {note}")
+    manager = _manager()
     parent = manager.memory_base.parent
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that was a process and is no more
@@ -198,4 +207,109 @@ def test_a_killed_workers_folders_are_swept_by_the_next(tmp_path: Path) -> None:
         for folder in (dead / "child-7", dead, live):
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        manager.close()
+
+
+def _manager() -> CgroupManager:
+    manager, note = CgroupManager.detect()
+    require_facility(manager is not None, f"needs cgroups this worker may create: {note}")
+    assert manager is not None
+    return manager
+
+
+def _bases(manager: CgroupManager) -> list[Path]:
+    return list(dict.fromkeys(b for b in (manager.memory_base, manager.pids_base) if b))
+
+
+def test_a_swept_worker_folder_is_made_again() -> None:
+    """Our empty ``loadwarden-<pid>`` swept by a worker that could not see our pid (another
+    pid namespace sharing the tree): the next load's cgroup is made anyway, limits and all."""
+    manager = _manager()
+    try:
+        for base in _bases(manager):
+            base.rmdir()  # what that worker's ``sweep_dead`` does
+        cgroup = manager.create("child-1", 64 << 20, 16)
+        try:
+            limit = "memory.limit_in_bytes" if cgroup.version == 1 else "memory.max"
+            assert int((cgroup.memory / limit).read_text()) == 64 << 20
+            if cgroup.pids is not None:
+                assert (cgroup.pids / "pids.max").read_text().strip() == "16"
+        finally:
+            cgroup.remove()
+        assert all(base.is_dir() for base in _bases(manager))
+    finally:
+        manager.close()
+
+
+def test_a_stale_load_folder_of_the_same_name_is_replaced() -> None:
+    """A ``child-<pid>`` left by an earlier child of the same pid (its removal failed) is
+    replaced by a fresh one: its old limits are not the new load's."""
+    manager = _manager()
+    try:
+        stale = manager.prepare("child-2", 16)
+        manager.limit(stale, 32 << 20)
+        fresh = manager.prepare("child-2", 16)  # the pid reused: the same name again
+        try:
+            limit = "memory.limit_in_bytes" if fresh.version == 1 else "memory.max"
+            assert (fresh.memory / limit).read_text().strip() != str(32 << 20)
+        finally:
+            fresh.remove()
+    finally:
+        manager.close()
+
+
+def test_a_stale_load_folder_holding_a_process_is_left_alone() -> None:
+    """A stale ``child-<pid>`` that still holds a process is not taken over: the new cgroup
+    fails (the load is a retried crash) and the process stays where it was."""
+    manager = _manager()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        stale = manager.prepare("child-3", 16)
+        stale.add(holder.pid)
+        with pytest.raises(OSError, match="busy"):  # EBUSY
+            manager.prepare("child-3", 16)
+        assert str(holder.pid) in (stale.memory / "cgroup.procs").read_text().split()
+    finally:
+        holder.kill()
+        holder.communicate()
+        manager.close()
+
+
+async def test_a_load_runs_after_the_workers_folder_was_swept(small_model: Path) -> None:
+    """Through the supervisor: the folder swept while no child waited in it (none forked
+    ahead), the next load still runs confined by its cgroup and ends ok."""
+    forkserver = ForkServer(preload=[TEST_LOADERS], ready=0)
+    async with Supervisor(Settings(), forkserver=forkserver) as sup:
+        require_cgroups(sup)
+        assert sup.cgroups is not None
+        for base in _bases(sup.cgroups):
+            base.rmdir()
+        report = await sup.load(LoadRequest(source=str(small_model)))
+    assert report.outcome is Outcome.OK, report.error
+    assert sup.cgroups.mechanism in report.confinement
+
+
+async def test_a_cgroup_is_removed_once_its_killed_child_has_left() -> None:
+    """A child killed with no fork server left to reap it first may still be in its cgroup
+    when the load ends: ``remove_soon`` removes the cgroup once it has left, not never."""
+    manager = _manager()
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; sys.stdin.read()", stdin=asyncio.subprocess.PIPE
+    )
+    try:
+        cgroup = manager.prepare("child-4", 16)
+        cgroup.add(holder.pid)
+        manager.remove_soon(cgroup, unreaped=True)  # finds it busy: the child is still there
+        assert holder.stdin is not None
+        holder.stdin.close()  # it leaves now
+        await holder.wait()
+        await manager.drain()
+        assert not cgroup.memory.exists(), "the cgroup was left"
+        assert cgroup.pids is None or not cgroup.pids.exists()
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
         manager.close()

@@ -238,16 +238,16 @@ async def run_child(
             monitor.sample()
         try:
             run.ended = await stop_child(child)
-        finally:
+        finally:  # also when stop_child raised (the fork server was lost): no cgroup left
             host.forkserver.returned()  # the next child is forked now, off this load's path
             for task in sampling:
                 await cancel_and_wait(task)
-        if (cgroup := child.cgroup) is not None:
-            run.cgroup_oom, run.cgroup_peak_bytes = cgroup.oom_killed(), cgroup.peak_bytes()
-            if host.cgroups is not None:  # removed off the job's path (``remove_soon``)
-                host.cgroups.remove_soon(cgroup)
-            else:
-                cgroup.remove()
+            if (cgroup := child.cgroup) is not None:
+                run.cgroup_oom, run.cgroup_peak_bytes = cgroup.oom_killed(), cgroup.peak_bytes()
+                if host.cgroups is not None:  # removed off the job's path (``remove_soon``)
+                    host.cgroups.remove_soon(cgroup, unreaped=run.ended is None)
+                else:
+                    cgroup.remove()
     run.wall_seconds = loop.time() - started
     run.samples = monitor.usage.samples
     run.sampled_peak_rss = monitor.usage.peak_rss_bytes

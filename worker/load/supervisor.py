@@ -146,6 +146,7 @@ class Supervisor:
             raise SandboxError("refusing to start: " + "; ".join(refusals))
         if self.cgroups is not None:
             self.forkserver.on_ready = functools.partial(place_ahead, self.cgroups)
+        self.forkserver.on_restart = self.metrics.forkserver_restarts.inc
         await self.forkserver.start()
 
     def confinement_labels(self) -> dict[str, str]:

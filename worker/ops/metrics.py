@@ -97,6 +97,11 @@ class Metrics:
             "Loads refused at once because their model failed repeatedly (repeatedly_failing).",
             registry=r,
         )
+        self.forkserver_restarts = Counter(
+            "loadwarden_forkserver_restarts",
+            "Fork servers started in place of a lost one (killed, crashed, or not started).",
+            registry=r,
+        )
         self.confinement = Info(
             "loadwarden_confinement", "What confines this worker's loads.", registry=r
         )

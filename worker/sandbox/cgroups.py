@@ -20,13 +20,18 @@ import asyncio
 import contextlib
 import errno
 import os
-import re
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import structlog
+
+from loadwarden.worker.sandbox._sweep import sweep_dead
 from loadwarden.worker.sandbox.memory_limit import cgroup_folder, own_cgroups
+
+log = structlog.get_logger("loadwarden.sandbox")
 
 ROOT = Path("/sys/fs/cgroup")
 _SLASH = PurePosixPath("/")
@@ -41,6 +46,9 @@ V2_CONTROLLERS = ("memory", "pids")
 #: keeping the GIL through the calls that take no cgroup lock (ctypes.PyDLL), by one hop
 #: per load (the removal riding on the next placement) or by sys.setswitchinterval.
 CGROUP_THREADS = 2
+#: How long ``remove_soon`` waits for an unreaped child to leave its cgroup (not for a
+#: process that escaped the kill: a thread blocked that long would delay other loads).
+REMOVE_WAIT_S = 2.0
 
 
 def _write(path: Path, text: str) -> None:
@@ -63,58 +71,6 @@ def _read(path: Path) -> str:
 
 def _writable_dir(path: Path) -> bool:
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
-
-
-#: A worker's own folders (``loadwarden-<pid>``, and on v2 its ``-supervisor`` leaf).
-_WORKER_FOLDER = re.compile(r"loadwarden-(\d+)(?:-supervisor)?")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def _holds_processes(folder: Path) -> bool:
-    for procs in (folder / "cgroup.procs", *folder.glob("*/cgroup.procs")):
-        with contextlib.suppress(OSError):
-            if _read(procs).strip():
-                return True
-    return False
-
-
-def sweep_dead(parent: Path) -> list[str]:
-    """Remove the folders that workers killed by SIGKILL (or a lost node) left in ``parent``:
-    ``loadwarden-<pid>`` with its loads' folders, where that pid is gone and nothing in them
-    holds a process. A worker that is alive, or a folder still holding a process (a load
-    child that outlived its worker), is left alone. Workers that share a cgroup share a pid
-    namespace (a container's), so a pid that is gone here is a worker that is gone."""
-    removed: list[str] = []
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return removed
-    for entry in entries:
-        found = _WORKER_FOLDER.fullmatch(entry.name)
-        if found is None or not entry.is_dir(follow_symlinks=False) or _alive(int(found[1])):
-            continue
-        folder = Path(entry.path)
-        try:  # another worker starting beside us may sweep it first; a folder not ours
-            if _holds_processes(folder):
-                continue
-            for load in folder.iterdir():
-                if load.is_dir():
-                    with contextlib.suppress(OSError):
-                        load.rmdir()
-            folder.rmdir()
-        except OSError:
-            continue
-        removed.append(entry.name)
-    return removed
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,12 +107,25 @@ class Cgroup:
         except (OSError, ValueError):
             return None
 
-    def remove(self) -> None:
-        """Remove the (empty) cgroup folders; a failure leaves them for the next sweep."""
+    def remove(self, wait_s: float = 0.0) -> None:
+        """Remove the (empty) cgroup folders; a failure leaves them to ``CgroupManager.close``.
+        ``wait_s`` (in a thread: it blocks) is how long one may still hold a dying process
+        (EBUSY): a child killed when no fork server was left to reap it first."""
+        deadline = time.monotonic() + wait_s
         for folder in (self.pids, self.memory):
             if folder is not None:
-                with contextlib.suppress(OSError):
-                    os.rmdir(folder)
+                _rmdir(folder, deadline)
+
+
+def _rmdir(folder: Path, deadline: float) -> None:
+    while True:
+        try:
+            os.rmdir(folder)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                return
+        time.sleep(0.005)  # polled: cgroup v1 has no event for a cgroup that emptied
 
 
 def _controllers(path: Path) -> list[str]:
@@ -182,6 +151,7 @@ class Delegation:
     leaf: Path
     worker: Path
     enabled: list[str]
+    controllers: tuple[str, ...] = ()  # what ``worker``'s children get (``_fresh``)
 
     def undo(self) -> None:
         """Best effort: the supervisor back into its cgroup, controllers off, folders gone."""
@@ -205,7 +175,7 @@ def delegate_v2(unified: Path, tag: str, controllers: Sequence[str]) -> Delegati
     ``unified/tag``. On failure everything done so far is undone and OSError raised.
     """
     leaf, worker = unified / f"{tag}-supervisor", unified / tag
-    done = Delegation(unified, leaf, worker, [])
+    done = Delegation(unified, leaf, worker, [], tuple(controllers))
     try:
         leaf.mkdir(exist_ok=True)
         (leaf / "cgroup.procs").write_text(str(os.getpid()))
@@ -321,16 +291,36 @@ class CgroupManager:
         one: running nothing of a load's until ``limit`` has been written)."""
         memory = self.memory_base / name
         pids = self.pids_base / name if self.pids_base else None
-        os.mkdir(memory)
+        cgroup = Cgroup(self.version, memory, pids if pids != memory else None)
+        self._fresh(memory)
         try:
+            if cgroup.pids is not None:
+                self._fresh(cgroup.pids)
             if pids is not None:
-                if pids != memory:
-                    os.mkdir(pids)
                 _write(pids / "pids.max", str(pids_max))
         except OSError:
-            Cgroup(self.version, memory, pids if pids != memory else None).remove()
+            cgroup.remove()
             raise
-        return Cgroup(self.version, memory, pids if pids != memory else None)
+        return cgroup
+
+    def _fresh(self, folder: Path) -> None:
+        """Make a load's folder, mending what another process may have done to ours. ENOENT:
+        a worker beside us swept our own folder (``sweep_dead``, not seeing our pid): made
+        again, or every later load fails until restart. EEXIST: left by an earlier child of
+        the same pid (its removal failed), with counters (oom_kill, peak) and limits that
+        would be read as this load's: removed first (EBUSY if it holds a process: not ours)."""
+        try:
+            os.mkdir(folder)
+        except FileNotFoundError:
+            folder.parent.mkdir(exist_ok=True)  # the other cgroup thread may have been first
+            if self.delegation is not None:  # v2: its children get the controllers again
+                enable_controllers(folder.parent, self.delegation.controllers)
+            log.warning("cgroup_folder_restored", folder=str(folder.parent))
+            os.mkdir(folder)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):  # its removal ran meanwhile
+                os.rmdir(folder)
+            os.mkdir(folder)
 
     def limit(self, cgroup: Cgroup, memory_bytes: int) -> None:
         """Write a load's memory limit (swap included where the kernel accounts it)."""
@@ -343,15 +333,17 @@ class CgroupManager:
             with contextlib.suppress(OSError):
                 _write(cgroup.memory / "memory.swap.max", "0")
 
-    def remove_soon(self, cgroup: Cgroup) -> None:
+    def remove_soon(self, cgroup: Cgroup, *, unreaped: bool = False) -> None:
         """Remove a finished load's cgroup in ``threads``, off the event loop and off the
         job's path (its figures are read already): rmdir takes the kernel's cgroup mutex,
         which a migration (a cgroup.procs write, ours for the next child or another
         process's) holds through an RCU grace period, 10-60 ms. ``drain`` waits for them.
 
         A bare ``submit``, not ``run_in_executor``: nothing on the loop waits for the
-        removal, so its end need not wake the loop (one wake-up less per load)."""
-        removing = self.threads.submit(cgroup.remove)
+        removal, so its end need not wake the loop (one wake-up less per load).
+        ``unreaped``: its child was killed with no fork server left to reap it first, and
+        may not have left yet: wait for that (``REMOVE_WAIT_S``), in the thread."""
+        removing = self.threads.submit(cgroup.remove, REMOVE_WAIT_S if unreaped else 0.0)
         self._removing.add(removing)
         removing.add_done_callback(self._removing.discard)  # in the thread, or here if done
 

@@ -28,6 +28,7 @@ import structlog
 
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.sandbox import _protocol
+from loadwarden.worker.sandbox._backoff import Backoff
 from loadwarden.worker.sandbox._launch import (
     AHEAD_TOKEN,
     BASE_PRELOAD,
@@ -95,8 +96,13 @@ class ForkServer:
         self.spawned = 0
         #: Children ``spawn`` lent and not yet ``returned``.
         self._lent = 0
-        #: Set by ``close``: no child is forked ahead any more (a load ending meanwhile).
+        #: Set by ``close``: no child is forked ahead, no lost fork server started again.
         self._closing = False
+        #: Called each time a fork server is started in place of a lost one (a metric).
+        self.on_restart: Callable[[], object] | None = None
+        self.restarts = 0
+        self._restarting: asyncio.Task[None] | None = None
+        self._backoff = Backoff()
 
     @property
     def pid(self) -> int | None:
@@ -111,13 +117,55 @@ class ForkServer:
         return self._reader is not None and not self._reader.done()
 
     async def start(self) -> None:
-        """Start the fork server (if it is not running) and wait until it has preloaded."""
+        """Start the fork server (if it is not running) and wait until it has preloaded.
+
+        While a lost fork server's backoff runs (``_backoff``), SandboxError at once."""
         async with self._lock:
             self._closing = False  # started again after close: children are forked ahead again
             if self.alive:
                 return
+            if (refusal := self._backoff.refusal()) is not None:
+                raise SandboxError(refusal)
             await self._stop_process()
-            await self._start_process()
+            try:
+                await self._start_process()
+            except Exception as exc:
+                again_s = self._backoff.failed()
+                log.warning("forkserver_start_failed", error=str(exc), again_in_s=again_s)
+                raise
+            self._backoff.started()
+
+    def _lost(self) -> None:
+        """The fork server exited (killed, crashed) while we held it: count its life for the
+        backoff and start another (``_restart``); its children die with it, but for one forked
+        so late that it saw no fork server to die with (``PR_SET_PDEATHSIG``): killed here."""
+        for _born, child in self._ready:
+            kill_group(child.pid)
+        lived_s, again_s = self._backoff.lost()
+        log.warning("forkserver_lost", pid=self.pid, lived_s=lived_s, again_in_s=again_s)
+        if not self._closing and (self._restarting is None or self._restarting.done()):
+            self._restarting = asyncio.get_running_loop().create_task(
+                self._restart(), name="loadwarden-forkserver-restart"
+            )
+
+    async def _restart(self) -> None:
+        """Reap the lost fork server now (not a zombie through the backoff), then start another
+        when the backoff allows; a failed start (counted by ``start``) is tried again later."""
+        while True:
+            async with self._lock:
+                if self.alive:  # started meanwhile by a load's spawn, or by the start below
+                    break
+                await self._stop_process()
+            await asyncio.sleep(self._backoff.wait_s())
+            with contextlib.suppress(Exception):  # logged and counted by start
+                await self.start()
+        while self._ready and self._ready[0][1].exited.done():  # forked by the lost one
+            await self._discard(self._ready.popleft()[1])  # killed by _lost: its cgroup goes
+        self.restarts += 1
+        log.info("forkserver_restarted", pid=self.pid, restarts=self.restarts)
+        if self.on_restart is not None:
+            self.on_restart()
+        self._refill()
 
     async def _start_process(self) -> None:
         loop = asyncio.get_running_loop()
@@ -164,7 +212,7 @@ class ForkServer:
             while data := await loop.sock_recv(control, _protocol.MAX_CONTROL_BYTES):
                 self._dispatch(data)
         except OSError as exc:
-            log.warning("forkserver_lost", error=str(exc))
+            log.warning("forkserver_control_failed", error=str(exc))
         finally:
             gone = SandboxError("the fork server exited")
             waiting: list[asyncio.Future[Any]] = [*self._forks.values(), *self._exits.values()]
@@ -174,6 +222,7 @@ class ForkServer:
                     pending.exception()  # mark retrieved: a cancelled waiter never reads it
             self._forks.clear()
             self._exits.clear()
+        self._lost()  # not when cancelled: that is our own stop (``_stop_process``)
 
     def _dispatch(self, data: bytes) -> None:
         kind, body = data[:1], data[1:]
@@ -312,6 +361,8 @@ class ForkServer:
         """Stop the children forked ahead, then the fork server; the rest die with it
         (``PR_SET_PDEATHSIG``)."""
         self._closing = True
+        if self._restarting is not None:  # first: it may wait for the lock below
+            await cancel_and_wait(self._restarting)
         async with self._lock:
             for task in (self._filling, self._adopting):  # forks on their way to wait
                 if task is not None:
@@ -323,6 +374,7 @@ class ForkServer:
                 self._launched.abandon()
                 self._launched = None
             await self._stop_process()
+            self._backoff = Backoff()
 
     async def _stop_process(self) -> None:
         if self._control is not None:
@@ -341,3 +393,5 @@ class ForkServer:
             except TimeoutError:
                 process.kill()
                 await asyncio.to_thread(process.wait)
+            if process.returncode and not self._closing:  # lost, or failed to start: why
+                log.warning("forkserver_exited", pid=process.pid, returncode=process.returncode)
