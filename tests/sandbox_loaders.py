@@ -323,3 +323,27 @@ def report_warm_up(fd: int, spec: ChildSpec) -> dict[str, Any]:
     from loadwarden.worker.sandbox import _child  # preloaded: no import happens here
 
     raise RuntimeError(f"warmed_up={_child.warmed_up}")
+
+
+@register_loader("leave_session")
+def leave_session(fd: int, spec: ChildSpec) -> dict[str, Any]:
+    """Fork a process that tries to leave the child's session and process group (where
+    ``stop_child``'s group kill would miss it); raise with what each call did."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        outcomes = []
+        for call in (os.setsid, lambda: os.setpgid(0, 0)):
+            try:
+                call()
+                outcomes.append("allowed")
+            except PermissionError:
+                outcomes.append("denied")
+        os.write(write_end, json.dumps(outcomes).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        answer = reader.read()
+    os.waitpid(pid, 0)
+    raise RuntimeError(answer.decode())

@@ -102,6 +102,18 @@ async def test_new_sockets_are_denied(
     assert "seccomp_no_sockets" in report.confinement
 
 
+@needs_seccomp_filter
+async def test_what_a_loader_forks_cannot_leave_its_process_group(
+    make_supervisor: Callable[..., Supervisor], small_model: Path
+) -> None:
+    """seccomp: a process the loader forks gets EPERM from setsid and setpgid, so it stays in
+    the process group that stop_child kills whole (it outlived the load before)."""
+    report = await load_with(make_supervisor, "leave_session", small_model)
+    assert report.error is not None and report.error.code == "loader_error", report.error
+    assert json.loads(report.error.message.split(": ", 1)[1]) == ["denied", "denied"]
+    assert "seccomp_no_new_sessions" in report.confinement
+
+
 def _status(pid: int | None) -> dict[str, str]:
     """/proc/PID/status as a dict (a tiny /proc file: read synchronously)."""
     text = Path(f"/proc/{pid}/status").read_text()

@@ -90,6 +90,11 @@ def _confine_process() -> list[str]:
     _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     applied = ["setsid", "pdeathsig", "no_new_privs", "rlimit_core"]
+    try:  # what the loader forks stays in this process group: stop_child kills it whole
+        _seccomp.install_no_new_sessions()
+        applied.append("seccomp_no_new_sessions")
+    except OSError:
+        pass  # an architecture without a filter: the confinement list says so by omission
     try:
         _linux.write_small("/proc/self/oom_score_adj", b"1000")
         applied.append("oom_score_adj")

@@ -8,6 +8,13 @@ needs no other. Landlock covers TCP only (ABI >= 4) and abstract unix sockets
 ring can open sockets without those system calls) fail with EPERM, whatever the
 family. Sending on the inherited socket is untouched.
 
+A second filter (``install_no_new_sessions``), stacked by each child right after it
+made its own session, makes ``setsid`` and ``setpgid`` fail with EPERM: a process the
+loader forks stays in the child's process group, which ``stop_child`` kills as one
+(a grandchild that left by ``setsid`` outlived the load, paused in its cgroup). It
+cannot be part of the fork server's filter: each child's own ``setsid`` comes after
+the fork.
+
 Hand-written (16 BPF instructions) rather than through libseccomp: its Python
 binding is a Debian package (``python3-seccomp``), not a wheel a venv can
 install, and the filter is too small to be worth a C dependency. Only x86_64
@@ -42,6 +49,8 @@ _ARCHES: dict[str, tuple[int, tuple[int, ...], bool]] = {
     "x86_64": (0xC000003E, (41, 53, 42, 49, 425), True),
     "aarch64": (0xC00000B7, (198, 199, 203, 200, 425), False),
 }
+#: machine -> {setsid, setpgid}: the second filter's (``install_no_new_sessions``).
+_SESSION_CALLS: dict[str, tuple[int, ...]] = {"x86_64": (112, 109), "aarch64": (157, 154)}
 
 
 class _Instruction(ctypes.Structure):
@@ -57,9 +66,11 @@ class _Program(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_Instruction))]
 
 
-def program(machine: str) -> list[tuple[int, int, int, int]]:
-    """The filter for ``machine`` as (code, jt, jf, k) instructions; KeyError if unknown."""
-    arch, denied, has_x32 = _ARCHES[machine]
+def program(machine: str, denied: tuple[int, ...] | None = None) -> list[tuple[int, int, int, int]]:
+    """The filter for ``machine`` as (code, jt, jf, k) instructions, denying ``denied``
+    system calls (default: the socket calls); KeyError if the machine is unknown."""
+    arch, sockets, has_x32 = _ARCHES[machine]
+    denied = sockets if denied is None else denied
     checks: list[tuple[int, int]] = []  # (jump code, k) that each jump to "deny" when true
     if has_x32:
         checks.append((_JGE_K, _X32_BIT))
@@ -100,11 +111,25 @@ def install() -> None:
     machine = platform.machine()
     if machine not in _ARCHES:
         raise OSError(errno.ENOSYS, f"no seccomp filter written for {machine}")
-    code = program(machine)
-    instructions = (_Instruction * len(code))(*(_Instruction(*ins) for ins in code))
-    prog = _Program(len(code), instructions)
-    _linux.prctl3(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(prog))
+    _install(program(machine))
     installed = True
 
 
-__all__ = ["available", "install", "program"]
+def install_no_new_sessions() -> None:
+    """Deny this process (and what it forks) ``setsid`` and ``setpgid``; after no_new_privs.
+
+    Raises OSError where the architecture is not described or the kernel refuses.
+    """
+    machine = platform.machine()
+    if machine not in _SESSION_CALLS:
+        raise OSError(errno.ENOSYS, f"no seccomp filter written for {machine}")
+    _install(program(machine, _SESSION_CALLS[machine]))
+
+
+def _install(code: list[tuple[int, int, int, int]]) -> None:
+    instructions = (_Instruction * len(code))(*(_Instruction(*ins) for ins in code))
+    prog = _Program(len(code), instructions)
+    _linux.prctl3(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(prog))
+
+
+__all__ = ["available", "install", "install_no_new_sessions", "program"]
