@@ -113,6 +113,15 @@ def test_json_load_imports_neither_rich_nor_prometheus(small_model: Path) -> Non
     assert "prometheus_client" not in modules  # its metrics would be served by no one
 
 
+def test_load_imports_no_redis_client(small_model: Path) -> None:
+    """`load` runs without Redis, so redis-py (~170 ms of imports here, jwt and cryptography
+    with it) is never imported: a Redis type in an annotation had pulled it in."""
+    done, modules = modules_at_exit("load", str(small_model), "--json")
+    assert '"outcome":"ok"' in done.stdout
+    assert "loadwarden.worker.load._lookup" in modules  # the check sees the load path's imports
+    assert [name for name in modules if name.split(".")[0] == "redis"] == []
+
+
 def test_exit_status_and_output_survive_the_fast_exit(tmp_path: Path) -> None:
     """An outcome other than ok still exits 1 with its whole JSON document on stdout."""
     bad = tmp_path / "bad.safetensors"
