@@ -57,10 +57,27 @@ def tmpfs_mount(target: Path) -> Iterator[None]:
         _libc.umount2(os.fsencode(target), _MNT_DETACH)
 
 
+@contextlib.contextmanager
+def overlay_mount(lower: Path, target: Path) -> Iterator[None]:
+    """A read-only overlayfs of ``lower`` on ``target`` (made), unmounted on exit."""
+    target.mkdir(parents=True, exist_ok=True)
+    empty = target.with_name(target.name + ".empty")
+    empty.mkdir(exist_ok=True)
+    options = f"lowerdir={lower}:{empty}".encode()  # two layers: read-only, no upper
+    if _libc.mount(b"overlay", os.fsencode(target), b"overlay", _MS_NOSUID | _MS_NODEV, options):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(target))
+    try:
+        yield
+    finally:
+        _libc.umount2(os.fsencode(target), _MNT_DETACH)
+
+
 def main(root: str, *sources: str) -> None:
     from loadwarden.worker.sources._ondisk import _roots, open_local_inline
 
     _roots.learn([Path(root)])
+    assert _roots.learnt[root].fd is not None, "the root is not learnt as on a local disk"
     for source in sources:
         try:
             opened = open_local_inline(source, [Path(root)])

@@ -62,9 +62,9 @@ STAGES: dict[str, tuple[str, str, Callable[..., Any], str, str]] = {
         "unavailable",
         "source_error",
     ),
-    "open": (
-        "loadwarden.worker.sources._local._Walk",
-        "_open_file",
+    "open": (  # on the loop or in a thread, every opened file is adopted here
+        "loadwarden.worker._files.ModelFile",
+        "adopt",
         lambda real: _raise(OSError(errno.EIO, "injected")),
         "unavailable",
         "source_error",

@@ -17,9 +17,8 @@ import pytest
 
 from loadwarden.producer.errors import SourceRefused, SourceUnavailable
 from loadwarden.worker.config import SourcePolicy
-from loadwarden.worker.sources import open_model
-from loadwarden.worker.sources._ondisk import _roots
-from tests.hung_mount import can_mount, hung_mount, tmpfs_mount
+from loadwarden.worker.sources import _ondisk, open_model
+from tests.hung_mount import can_mount, hung_mount, overlay_mount, tmpfs_mount
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,6 +33,14 @@ class CountingExecutor(ThreadPoolExecutor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         self.submitted += 1
         return super().submit(fn, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def roots(monkeypatch: pytest.MonkeyPatch) -> _ondisk._Roots:
+    """A fresh record of learnt roots for each test (the module keeps one per process)."""
+    fresh = _ondisk._Roots()
+    monkeypatch.setattr(_ondisk, "_roots", fresh)
+    return fresh
 
 
 @pytest.fixture
@@ -113,13 +120,14 @@ async def test_refusals_are_the_thread_s(
     with pytest.raises(SourceRefused) as caught:
         await _open(root / "linked.safetensors", root, refuse_hard_links=True)
     assert caught.value.code == "hard_link"
-    with pytest.raises(SourceUnavailable) as missing:
-        await _open("absent.safetensors", root)
-    assert missing.value.code == "not_found"
     with pytest.raises(SourceRefused) as caught:
         await _open("/elsewhere/x.safetensors", root)
     assert caught.value.code == "outside_root"
-    assert threads.submitted == before  # all three judged on the loop
+    assert threads.submitted == before  # both judged on the loop
+    with pytest.raises(SourceUnavailable) as missing:
+        await _open("absent.safetensors", root)
+    assert missing.value.code == "not_found"
+    before += 1  # a miss: the root held may be one replaced since, so the walk looks
     with pytest.raises(SourceRefused) as caught:
         await _open("out.safetensors", root)
     assert caught.value.code == "outside_root"
@@ -129,17 +137,48 @@ async def test_refusals_are_the_thread_s(
     assert threads.submitted == before + 2  # a symlink and a climb: the walk's
 
 
-async def test_a_stale_root_or_a_changed_mount_table_goes_back_to_a_thread(
+async def test_a_root_replaced_since_it_was_learnt_is_looked_up_again(
     tmp_path: Path, small_model: Path, threads: CountingExecutor
+) -> None:
+    """A root that is a symlink switched to another folder: a file only the new folder has
+    opens (the held descriptor still names the old one, so the miss goes to a thread)."""
+    _copy(small_model, tmp_path / "v1" / "old.safetensors")
+    new = _copy(small_model, tmp_path / "v2" / "new.safetensors")
+    root = tmp_path / "current"
+    root.symlink_to("v1")
+    await _open("old.safetensors", root)
+    (tmp_path / "next").symlink_to("v2")
+    (tmp_path / "next").replace(root)
+    assert await _open("new.safetensors", root) == (str(new), 1)
+
+
+async def test_without_openat2_every_open_is_a_thread_s_and_nothing_is_held(
+    small_model: Path, threads: CountingExecutor, roots: _ondisk._Roots
+) -> None:
+    """Where openat2 is refused (an old kernel, a seccomp profile): no root is held open,
+    however many opens come."""
+    root = small_model.parent
+    await _open(small_model, root)
+    assert roots.learnt[str(root)].fd is not None
+    roots.unusable()
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        roots.learnt.clear()
+        await _open(small_model, root)
+    assert threads.submitted == 21
+    assert roots.learnt == {} and roots.retired == []
+    assert len(os.listdir("/proc/self/fd")) <= fds
+
+
+async def test_a_stale_root_or_a_changed_mount_table_goes_back_to_a_thread(
+    tmp_path: Path, small_model: Path, threads: CountingExecutor, roots: _ondisk._Roots
 ) -> None:
     """A root is learnt again once FRESH_S has passed (here: its time moved back), and every
     root is forgotten when anything is mounted or unmounted."""
     root = small_model.parent
     await _open(small_model, root)
     given = str(root)
-    learnt = _roots.learnt[given]
-    assert learnt is not None
-    _roots.learnt[given] = dataclasses.replace(learnt, until=0.0)
+    roots.learnt[given] = dataclasses.replace(roots.learnt[given], until=0.0)
     assert await _open(small_model, root) == (str(small_model), 1)
     assert threads.submitted == 2
     await _open(small_model, root)
@@ -151,6 +190,22 @@ async def test_a_stale_root_or_a_changed_mount_table_goes_back_to_a_thread(
         assert threads.submitted == 3
         await _open(small_model, root)
         assert threads.submitted == 3
+
+
+async def test_a_root_on_overlayfs_is_not_opened_on_the_loop(
+    tmp_path: Path, small_model: Path, threads: CountingExecutor
+) -> None:
+    """overlayfs looks things up in its layers, which may be FUSE or NFS: never on the loop."""
+    if (why := can_mount()) is not None:
+        pytest.skip(why)
+    lower = _copy(small_model, tmp_path / "lower" / "m.safetensors").parent
+    with overlay_mount(lower, tmp_path / "merged"):
+        for opens in range(1, 4):
+            assert await _open("m.safetensors", tmp_path / "merged") == (
+                str(tmp_path / "merged" / "m.safetensors"),
+                1,
+            )
+            assert threads.submitted == opens
 
 
 def test_a_hung_mount_below_a_root_never_blocks_an_open_on_the_loop(tmp_path: Path) -> None:

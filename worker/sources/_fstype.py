@@ -36,7 +36,8 @@ PSEUDO_FILESYSTEMS: dict[int, str] = {
 
 #: ``f_type`` magic numbers of filesystems on a local disk (or in memory), whose metadata
 #: calls answer without a network round trip: a file under a root on one of these may be
-#: opened on the event loop (``sources._local.open_local_inline``).
+#: opened on the event loop (``sources._ondisk.open_local_inline``). Not overlayfs: its
+#: look-ups go down into its layers, which may be FUSE (lazy-pulling snapshotters) or NFS.
 LOCAL_FILESYSTEMS: dict[int, str] = {
     0xEF53: "ext2/3/4",
     0x58465342: "xfs",
@@ -45,7 +46,6 @@ LOCAL_FILESYSTEMS: dict[int, str] = {
     0x2FC12FC1: "zfs",
     0x01021994: "tmpfs",
     0x858458F6: "ramfs",
-    0x794C7630: "overlayfs",
 }
 
 

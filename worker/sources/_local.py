@@ -146,17 +146,12 @@ def _open_local_model(source: str, roots: Sequence[Path], caps: InspectionCaps) 
 
 
 def _with_signature(opened: OpenedModel, walk: _Walk, source: str) -> OpenedModel:
-    """A single file's model with ``FILE.sig`` from the same folder, when there is one."""
-    try:
-        dir_fd, folder = walk.folder()
-    except BaseException:
-        opened.close()
-        raise
-    try:
-        name = os.path.basename(opened.first.path) + SIGNATURE_SUFFIX
-        opened.signature = read_signature(folder_opener(dir_fd, folder, source), name, opened)
-    finally:
-        os.close(dir_fd)
+    """A single file's model with ``FILE.sig`` from the same folder, when there is one
+    (opened by name from the walk's own handle: a folder one may pass through but not
+    list serves its signature too)."""
+    name = os.path.basename(opened.first.path) + SIGNATURE_SUFFIX
+    folder = os.path.dirname(opened.first.path)
+    opened.signature = read_signature(folder_opener(walk.here, folder, source), name, opened)
     return opened
 
 
@@ -224,8 +219,16 @@ class _Walk:
     def folder(self) -> tuple[int, str]:
         """The directory the walk is in (the file's folder, or the folder it named), opened
         readable so it can be listed, and its path."""
-        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._cwd)
+        try:  # EACCES: a folder one may pass through (x) but not list (r)
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._cwd)
+        except OSError as exc:
+            raise _os_error(self.source, exc) from exc
         return fd, os.path.join(self.root.real, *(n for n, _ in self.stack))
+
+    @property
+    def here(self) -> int:
+        """The directory the walk is in (O_PATH; the walk's own, closed with it)."""
+        return self._cwd
 
     @property
     def _cwd(self) -> int:

@@ -26,12 +26,12 @@ import select
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from loadwarden.producer.errors import SourceRefused
-from loadwarden.worker._files import ModelFile, OpenedModel, _os_error
+from loadwarden.worker._files import ModelFile, OpenedModel
 from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats.index import INDEX_SUFFIX
 from loadwarden.worker.sources._checkpoint import SIGNATURE_SUFFIX
@@ -84,69 +84,87 @@ def _openat2(dir_fd: int, path: str, flags: int) -> int:
 @dataclass(frozen=True, slots=True)
 class _Learnt:
     root: Root
-    fd: int  # O_PATH, held: the loop never resolves the root's own path
+    fd: int | None  # O_PATH, held (the loop never resolves the root's own path); None: not local
     until: float
 
 
 class _Roots:
-    """Roots learnt in threads (by their path as given, made absolute): held open when on a
-    local disk, None when not. Descriptors are closed on the loop only, the one user."""
+    """Roots learnt in threads, by their path as given, made absolute. Descriptors are
+    closed on the loop only, their one user (``held``), once out of ``learnt``."""
 
     def __init__(self) -> None:
-        self.learnt: dict[str, _Learnt | None] = {}
+        self.learnt: dict[str, _Learnt] = {}
         self.retired: list[int] = []
         self.lock = threading.Lock()
         self.mounts: select.poll | None = None
+        #: Bumped by ``held`` when the mount table changed: a root learnt across a bump is
+        #: dropped, since it may have been looked at before the change.
+        self.generation = 0
         self.usable = True  # False where openat2 is missing (kernel < 5.6, a seccomp profile)
 
     def learn(self, roots: Sequence[Path]) -> None:
         """Note each root not learnt or stale; in a thread (resolving a root may block)."""
+        if not self.usable:
+            return
         with self.lock:
             if self.mounts is None:  # before any root is looked at: no change goes unseen
                 watch = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
                 self.mounts = select.poll()
                 self.mounts.register(watch, select.POLLPRI)
-        now = time.monotonic()
         for given in _given(roots):
-            if given in self.learnt:
-                known = self.learnt[given]
-                if known is None or known.until > now:
-                    continue
+            now = time.monotonic()
+            with self.lock:
+                known = self.learnt.get(given)
+                generation = self.generation
+            if known is not None and known.until > now:
+                continue
             learnt = _learn_one(given, now)
             with self.lock:
-                old = self.learnt.pop(given, None)
-                if old is not None:
-                    self.retired.append(old.fd)
+                if generation != self.generation:  # the mounts changed meanwhile
+                    if learnt.fd is not None:
+                        self.retired.append(learnt.fd)
+                    continue
                 if len(self.learnt) >= MAX_ROOTS:
-                    self._retire(lambda item: item is None or item.until <= now)
+                    self._retire_all()
+                old = self.learnt.pop(given, None)
+                if old is not None and old.fd is not None:
+                    self.retired.append(old.fd)
                 self.learnt[given] = learnt
 
-    def held(self, roots: Sequence[Path]) -> list[_Learnt] | None:
-        """Every root, learnt, fresh and on a local disk, or None; on the loop."""
-        if not self.usable or self.mounts is None:
-            return None
+    def held(self, roots: Sequence[Path]) -> list[tuple[Root, int]] | None:
+        """Every root with its descriptor, learnt, fresh and on a local disk, or None; on
+        the loop."""
         with self.lock:
-            for fd in self.retired:
-                os.close(fd)
-            self.retired.clear()
-            if self.mounts.poll(0):  # the mount table changed: whatever was learnt may not hold
-                self._retire(lambda _item: True)
-                for fd in self.retired:
-                    os.close(fd)
-                self.retired.clear()
+            self._close_retired()
+            if not self.usable or self.mounts is None:
                 return None
-            now = time.monotonic()
-            held = [self.learnt.get(given) for given in _given(roots)]
-        if any(item is None or item.until <= now for item in held):
-            return None
-        return [item for item in held if item is not None]
+            if self.mounts.poll(0):  # the mount table changed: whatever was learnt may not hold
+                self.generation += 1
+                self._retire_all()
+                self._close_retired()
+                return None
+            learnt = [self.learnt.get(given) for given in _given(roots)]
+        now = time.monotonic()
+        held = [
+            (item.root, item.fd)
+            for item in learnt
+            if item is not None and item.fd is not None and item.until > now
+        ]
+        return held if len(held) == len(learnt) else None
 
-    def _retire(self, which: Callable[[_Learnt | None], bool]) -> None:
-        for given, item in list(self.learnt.items()):
-            if which(item):
-                del self.learnt[given]
-                if item is not None:
-                    self.retired.append(item.fd)
+    def unusable(self) -> None:
+        with self.lock:
+            self.usable = False
+            self._retire_all()
+
+    def _retire_all(self) -> None:
+        self.retired.extend(item.fd for item in self.learnt.values() if item.fd is not None)
+        self.learnt.clear()
+
+    def _close_retired(self) -> None:
+        for fd in self.retired:
+            os.close(fd)
+        self.retired.clear()
 
 
 _roots = _Roots()
@@ -156,19 +174,19 @@ def _given(roots: Sequence[Path]) -> list[str]:
     return [os.path.abspath(r) for r in roots] or [os.getcwd()]
 
 
-def _learn_one(given: str, now: float) -> _Learnt | None:
+def _learn_one(given: str, now: float) -> _Learnt:
     root = Root.of(Path(given))
     try:
         fd = os.open(root.real, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:  # the open itself says why, if this root is the one used
-        return None
+        return _Learnt(root, None, now + FRESH_S)
     try:
         if on_local_disk(fd):
             return _Learnt(root, fd, now + FRESH_S)
     except OSError:
         pass
     os.close(fd)
-    return None
+    return _Learnt(root, None, now + FRESH_S)
 
 
 def open_local_learning(
@@ -192,29 +210,28 @@ def open_local_inline(
     held = _roots.held(roots)
     if held is None:
         return None
-    where = locate_among(source, [item.root for item in held])
-    learnt = held[[item.root for item in held].index(where[0])]
-    parts = where[1]
+    allowed = [root for root, _fd in held]
+    root, parts = locate_among(source, allowed)
+    root_fd = held[allowed.index(root)][1]
     if not parts or any(part in ("", ".", "..") for part in parts):
         return None  # the root itself, or a climb: the walk applies it
     if parts[-1].endswith(INDEX_SUFFIX):
         return None  # a checkpoint's index: up to 16 MiB of JSON to read, and its shards
     relative = "/".join(parts)
-    path = os.path.join(learnt.root.real, relative)
+    path = os.path.join(root.real, relative)
     refuse_special_tree(path, source)
     try:
-        look = _openat2(learnt.fd, relative, _LOOK_FLAGS)
+        look = _openat2(root_fd, relative, _LOOK_FLAGS)
     except OSError as exc:
         if exc.errno in (errno.ENOSYS, errno.EPERM):  # no openat2 here: threads from now on
-            _roots.usable = False
-        elif exc.errno == errno.ENOENT:  # every component before it a plain directory
-            raise _os_error(source, exc) from exc
+            _roots.unusable()
+        # ENOENT too: the held root may be one renamed or replaced since it was learnt
         return None  # EXDEV (a mount), ELOOP (a symlink), ENOTDIR, EACCES: the walk's call
     try:
         seen = os.fstat(look)
-        if not stat.S_ISREG(seen.st_mode) or _exists(learnt.fd, relative + SIGNATURE_SUFFIX):
+        if not stat.S_ISREG(seen.st_mode) or _exists(root_fd, relative + SIGNATURE_SUFFIX):
             return None  # a folder, an index's folder, a device: the walk says which
-        fd = _openat2(learnt.fd, relative, _FILE_FLAGS)
+        fd = _openat2(root_fd, relative, _FILE_FLAGS)
     except OSError:
         return None
     finally:
