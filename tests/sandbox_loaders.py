@@ -17,6 +17,7 @@ from loadwarden.worker.sandbox import _regions
 from loadwarden.worker.sandbox._registry import register_loader, register_reader
 from loadwarden.worker.sandbox.loaders import load_safetensors, read_safetensors
 from loadwarden.worker.sandbox.spec import ChildSpec
+from tests import process_loaders  # noqa: F401 (its loaders register as it is imported)
 
 #: What ``forge_stdout`` writes: a report line a ``load --json`` reader would believe.
 FORGED_LINE = b'{"outcome":"ok","forged":true}\n'

@@ -114,6 +114,59 @@ async def test_what_a_loader_forks_cannot_leave_its_process_group(
     assert "seccomp_no_new_sessions" in report.confinement
 
 
+#: What ``reach_others`` tries on processes outside its group: every one must be EPERM.
+_OTHERS = [
+    "kill_server",
+    "kill_worker",
+    "kill_all",
+    "killpg_server",
+    "tgkill_server",
+    "tkill_server",
+    "sigq_server",
+    "tgsigq_server",
+    "pidfd_server",
+    "setown_server",
+    "setown_worker_pg",
+    "fiosetown",
+    "prlimit_server",
+    "ptrace_server",
+]
+#: ... and on itself and its own group, where it must keep working (CPython's own signals).
+_OWN = [
+    "kill_self",
+    "kill_0",
+    "killpg_own",
+    "tgkill_self",
+    "setown_self",
+    "prlimit_self",
+]
+
+
+@needs_seccomp_filter
+@pytest.mark.parametrize("landlock", [True, False], ids=["landlock", "no_landlock"])
+async def test_a_loader_cannot_signal_the_fork_server_or_the_worker(
+    make_supervisor: Callable[..., Supervisor], small_model: Path, landlock: bool
+) -> None:
+    """seccomp, with or without Landlock's signal scoping: a loader's SIGKILL to its fork
+    server, signals to the worker (kill, tgkill, sigqueue, pidfd, F_SETOWN), prlimit and
+    ptrace on them fail with EPERM; it still signals itself and its group, and the same
+    fork server serves the next load."""
+    settings = Settings(use_landlock=landlock)
+    async with make_supervisor("reach_others", settings) as sup:
+        report = await sup.load(LoadRequest(source=str(small_model)))
+        server = sup.forkserver.pid
+        sup.loaders[ModelFormat.SAFETENSORS] = "safetensors"  # the next load, a genuine one
+        again = await sup.load(LoadRequest(source=str(small_model)))
+        assert sup.forkserver.pid == server, "the fork server was restarted"
+    assert report.error is not None and report.error.code == "loader_error", report.error
+    assert json.loads(report.error.message.split(": ", 1)[1]) == {"allowed": _OWN, "EPERM": _OTHERS}
+    assert "seccomp_signals_own_group" in report.confinement
+    assert "seccomp_no_ptrace" in report.confinement
+    landlocked = any(c.startswith("landlock_abi") for c in report.confinement)
+    assert landlocked == (landlock and abi_version() >= 1), report.confinement
+    assert again.outcome is Outcome.OK, again.error
+
+
 def _status(pid: int | None) -> dict[str, str]:
     """/proc/PID/status as a dict (a tiny /proc file: read synchronously)."""
     text = Path(f"/proc/{pid}/status").read_text()

@@ -90,9 +90,12 @@ def _confine_process() -> list[str]:
     _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     applied = ["setsid", "pdeathsig", "no_new_privs", "rlimit_core"]
-    try:  # what the loader forks stays in this process group: stop_child kills it whole
-        _seccomp.install_no_new_sessions()
-        applied.append("seccomp_no_new_sessions")
+    # What the loader forks stays in this process group (stop_child kills it whole), and
+    # no signal, prlimit or ptrace reaches past it: not the fork server, not the worker,
+    # even where Landlock's signal scoping is missing or off. Our pid is our group's id now.
+    try:
+        _seccomp.install_child(os.getpid())
+        applied += ["seccomp_no_new_sessions", "seccomp_signals_own_group", "seccomp_no_ptrace"]
     except OSError:
         pass  # an architecture without a filter: the confinement list says so by omission
     try:
