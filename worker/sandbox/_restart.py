@@ -13,10 +13,15 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import structlog
+
+from loadwarden.producer.errors import describe
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.sandbox import _orphans
 from loadwarden.worker.sandbox._backoff import Backoff
 from loadwarden.worker.sandbox.children import SandboxError
+
+log = structlog.get_logger("loadwarden.sandbox")
 
 
 class Restart:
@@ -51,6 +56,14 @@ class Restart:
             self._task = asyncio.get_running_loop().create_task(
                 come_back(), name="loadwarden-forkserver-restart"
             )
+            self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A restart that ended with no start (a failure of its own) leaves no load waiting."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("forkserver_restart_failed", error=describe(exc))
+        if task is self._task:  # not one ended as the next began (lost again at once)
+            self.settle(SandboxError("the fork server's restart stopped"), again=False)
 
     def reap_left(self) -> None:
         """Reap what the lost fork servers left (PID 1 only), once they are reaped themselves:
