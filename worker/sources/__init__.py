@@ -70,7 +70,8 @@ from loadwarden.producer.sources import is_hf, is_url, url_scheme
 from loadwarden.worker._files import ModelFile, OpenedModel
 from loadwarden.worker.config import InspectionCaps, SourcePolicy
 from loadwarden.worker.sources._hf import open_hf
-from loadwarden.worker.sources._local import open_local, open_local_inline, open_local_model
+from loadwarden.worker.sources._local import open_local
+from loadwarden.worker.sources._ondisk import open_local_inline, open_local_learning
 
 __all__ = ["open_model", "open_source"]
 
@@ -121,9 +122,9 @@ async def open_model(
     checks = caps or InspectionCaps()
     hard_links = policy.refuse_hard_links
     if not is_hf(source) and not is_url(source):
-        # A single file under a root on a local disk opens here, on the loop: its handful of
-        # metadata calls cost less than the thread hop (1-2 ms with the GIL handed over).
-        opened = open_local_inline(source, policy.allow_roots, checks, refuse_hard_links=hard_links)
+        # A single file under a root on a local disk opens here, on the loop (``_ondisk``):
+        # its few syscalls cost less than the thread hop (1-2 ms with the GIL handed over).
+        opened = open_local_inline(source, policy.allow_roots, refuse_hard_links=hard_links)
         if opened is not None:
             return opened
     if before_thread is not None:
@@ -132,7 +133,7 @@ async def open_model(
         return await _off_loop(lambda: open_hf(source, policy, checks))
     if not is_url(source):
         return await _off_loop(
-            lambda: open_local_model(
+            lambda: open_local_learning(
                 source, policy.allow_roots, checks, refuse_hard_links=hard_links
             )
         )

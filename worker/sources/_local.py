@@ -21,13 +21,6 @@ from loadwarden.worker.sources._checkpoint import (
     read_signature,
 )
 from loadwarden.worker.sources._fstype import pseudo_filesystem
-from loadwarden.worker.sources._ondisk import (
-    NeedsThread,
-    exists,
-    learn_roots,
-    local_roots,
-    root_device,
-)
 
 #: Linux's own limit on symlinks followed while resolving one path (MAXSYMLINKS).
 MAX_SYMLINK_HOPS = 40
@@ -75,11 +68,11 @@ def open_local(source: str, roots: Sequence[Path], *, refuse_hard_links: bool = 
     root, parts = _locate(source, roots)
     opened = open_under(root, parts, source)
     if refuse_hard_links:
-        _refuse_hard_links(OpenedModel.single(opened), source)
+        refuse_linked(OpenedModel.single(opened), source)
     return opened
 
 
-def _refuse_hard_links(model: OpenedModel, source: str) -> None:
+def refuse_linked(model: OpenedModel, source: str) -> None:
     """Close ``model`` and refuse it if any of its files has more than one link."""
     for shard in model.files:
         links = os.fstat(shard.file.fd).st_nlink
@@ -94,13 +87,17 @@ def _refuse_hard_links(model: OpenedModel, source: str) -> None:
 
 def _locate(source: str, roots: Sequence[Path]) -> tuple[Root, tuple[str, ...]]:
     """The allowed root ``source`` lies in, and its components below that root."""
-    allowed = [Root.of(r) for r in roots] or [Root.of(Path.cwd())]
+    return locate_among(source, [Root.of(r) for r in roots] or [Root.of(Path.cwd())])
+
+
+def locate_among(source: str, allowed: Sequence[Root]) -> tuple[Root, tuple[str, ...]]:
+    """``_locate`` among roots already resolved (no filesystem call)."""
     if not source:
         raise SourceUnavailable("an empty path names no file", code="not_found")
     if "\0" in source:  # no file has one; os calls would raise ValueError on it
         raise SourceRefused("a path with a NUL byte names no file", code="bad_path")
     absolute = source if source.startswith("/") else os.path.join(allowed[0].real, source)
-    _refuse_special_tree(os.path.normpath(absolute), source)
+    refuse_special_tree(os.path.normpath(absolute), source)
     if not source.startswith("/"):
         return allowed[0], _parts(source)
     for root in allowed:
@@ -116,55 +113,21 @@ def open_local_model(
     """Open the model ``source`` names inside ``roots``: a file, a checkpoint's index, or a
     folder holding a checkpoint (``_checkpoint``). Roots, paths and ``refuse_hard_links``
     (checked on every shard) as in ``open_local``."""
-    learn_roots(roots)
-    model = _open_local_model(source, roots, caps, inline=False)
+    model = _open_local_model(source, roots, caps)
     if refuse_hard_links:
-        _refuse_hard_links(model, source)
+        refuse_linked(model, source)
     return model
 
 
-def open_local_inline(
-    source: str, roots: Sequence[Path], caps: InspectionCaps, *, refuse_hard_links: bool = False
-) -> OpenedModel | None:
-    """``open_local_model``, cheap enough for the event loop, or None: open it in a thread.
-
-    Only a single file with no signature beside it, under roots an earlier open (in a
-    thread) found on a local-disk filesystem, with every component of its path on the
-    root's device: a few metadata calls that answer from the kernel's caches, cheaper than
-    the thread hop. A network filesystem (anywhere on the path), a folder or index (up to
-    16 MiB of JSON to parse) or a signature (up to 4 MiB to read) goes to the thread. The
-    checks are ``open_local_model``'s own, and so are the errors it raises.
-    """
-    given = [os.path.abspath(r) for r in roots] or [os.getcwd()]
-    if any(local_roots.get(path) is None for path in given):
-        return None  # not seen on a local disk: even resolving the roots may block
-    try:
-        model = _open_local_model(source, roots, caps, inline=True)
-    except NeedsThread:
-        return None
-    if refuse_hard_links:
-        _refuse_hard_links(model, source)
-    return model
-
-
-def _open_local_model(
-    source: str, roots: Sequence[Path], caps: InspectionCaps, *, inline: bool
-) -> OpenedModel:
-    """``open_local_model``; ``inline``, on the event loop: ``NeedsThread`` for anything
-    ``open_local_inline`` leaves to a thread."""
+def _open_local_model(source: str, roots: Sequence[Path], caps: InspectionCaps) -> OpenedModel:
     root, parts = _locate(source, roots)
-    _refuse_special_tree(root.real, source)
+    refuse_special_tree(root.real, source)
     root_fd = _open_root(root.real, source)
-    device = root_device(root.given, root_fd) if inline else None
-    walk = _Walk(root, root_fd, source, device)
+    walk = _Walk(root, root_fd, source)
     try:
         found = walk.walk(list(parts))
         if found is not None and not found.path.endswith(INDEX_SUFFIX):
-            return _with_signature(OpenedModel.single(found), walk, source, inline=device)
-        if device is not None:  # a folder or an index: files to list and JSON to parse
-            if found is not None:
-                found.close()
-            raise NeedsThread(source)
+            return _with_signature(OpenedModel.single(found), walk, source)
         try:
             dir_fd, folder = walk.folder()
         except BaseException:
@@ -182,11 +145,8 @@ def _open_local_model(
         os.close(dir_fd)
 
 
-def _with_signature(
-    opened: OpenedModel, walk: _Walk, source: str, *, inline: int | None = None
-) -> OpenedModel:
-    """A single file's model with ``FILE.sig`` from the same folder, when there is one
-    (``inline``: ``NeedsThread`` when there is one, to be read in a thread)."""
+def _with_signature(opened: OpenedModel, walk: _Walk, source: str) -> OpenedModel:
+    """A single file's model with ``FILE.sig`` from the same folder, when there is one."""
     try:
         dir_fd, folder = walk.folder()
     except BaseException:
@@ -194,11 +154,7 @@ def _with_signature(
         raise
     try:
         name = os.path.basename(opened.first.path) + SIGNATURE_SUFFIX
-        if inline is None:
-            opened.signature = read_signature(folder_opener(dir_fd, folder, source), name, opened)
-        elif exists(dir_fd, name):
-            opened.close()
-            raise NeedsThread(source)
+        opened.signature = read_signature(folder_opener(dir_fd, folder, source), name, opened)
     finally:
         os.close(dir_fd)
     return opened
@@ -212,7 +168,7 @@ def open_under(root: Root, parts: Sequence[str], source: str) -> ModelFile:
     between a check and an open. A symlink is followed only if its target stays
     inside the root; ``..`` cannot climb above it.
     """
-    _refuse_special_tree(root.real, source)
+    refuse_special_tree(root.real, source)
     root_fd = _open_root(root.real, source)
     walk = _Walk(root, root_fd, source)
     try:
@@ -225,12 +181,10 @@ def open_under(root: Root, parts: Sequence[str], source: str) -> ModelFile:
 class _Walk:
     """The directories entered so far, each held open, and the symlinks followed."""
 
-    def __init__(self, root: Root, root_fd: int, source: str, device: int | None = None) -> None:
+    def __init__(self, root: Root, root_fd: int, source: str) -> None:
         self.root = root
         self.root_fd = root_fd
         self.source = source
-        #: On the event loop: the root's device, which every component must be on.
-        self.device = device
         self.stack: list[tuple[str, int]] = []
         self.hops = 0
 
@@ -257,8 +211,6 @@ class _Walk:
                 self._up()
                 continue
             st = self._lstat(name)
-            if self.device is not None and st.st_dev != self.device:
-                raise NeedsThread(self.source)  # a mount below the root: maybe a network one
             if stat.S_ISLNK(st.st_mode):
                 pending.extend(reversed(self._follow(name)))
             elif stat.S_ISDIR(st.st_mode):
@@ -330,7 +282,7 @@ class _Walk:
 
     def _open_file(self, name: str, st: os.stat_result) -> ModelFile:
         path = self._path(name)
-        _refuse_special_tree(path, self.source)
+        refuse_special_tree(path, self.source)
         _refuse_special(self.source, st.st_mode)
         fd = self._open(name, _FILE_FLAGS)
         try:
@@ -373,7 +325,7 @@ def _open_root(real: str, source: str) -> int:
         ) from exc
 
 
-def _refuse_special_tree(path: str, source: str) -> None:
+def refuse_special_tree(path: str, source: str) -> None:
     for tree in SPECIAL_TREES:
         if path == tree or path.startswith(tree + "/"):
             raise SourceRefused(

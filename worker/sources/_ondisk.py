@@ -1,62 +1,241 @@
-"""What lets a local open run on the event loop: roots seen on a local disk, and the bail-out.
+"""Opening a single local file on the event loop, where nothing can make it wait.
 
-A network filesystem's metadata calls may wait on a server (for ever, when it is hard-mounted
-and gone): those opens stay in a thread. A root an open in a thread found on a local-disk
-filesystem (``_fstype.LOCAL_FILESYSTEMS``) is noted with its device; a later open under it
-may run on the loop (``_local.open_local_inline``), and bails out to a thread
-(``NeedsThread``) at the first component on another device, or a root remounted.
+A network filesystem's metadata calls may wait on a server, for ever when it is hard-mounted
+and gone, and so may a FUSE mount whose daemon hangs: such a wait on the event loop would
+stop the worker (heartbeats, leases, every other load). So an open on the loop
+(``open_local_inline``) starts from a root an open in a thread (``open_local_learning``)
+found on a local-disk filesystem (``_fstype.LOCAL_FILESYSTEMS``) and holds open, and resolves
+the path with one ``openat2(RESOLVE_BENEATH | RESOLVE_NO_XDEV | RESOLVE_NO_SYMLINKS)``: the
+kernel refuses (EXDEV) to cross any mount point before it asks the filesystem below for
+anything, so no component on another filesystem is ever looked up on the loop. What it
+refuses, or what needs more than one file (a folder, an index, a signature beside the file),
+opens in a thread with the walk's own checks (``_local``).
+
+A root is used from the loop for FRESH_S after it was learnt, then learnt again in a thread
+(a root renamed or replaced is seen within that); any change to the mount table (a poll of
+``/proc/self/mountinfo``, one syscall) forgets every root at once. Hand-written with ctypes:
+the stdlib has no ``openat2``, and it is one call.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
-from collections.abc import Sequence
+import select
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from loadwarden.producer.errors import SourceRefused
+from loadwarden.worker._files import ModelFile, OpenedModel, _os_error
+from loadwarden.worker.config import InspectionCaps
+from loadwarden.worker.formats.index import INDEX_SUFFIX
+from loadwarden.worker.sources._checkpoint import SIGNATURE_SUFFIX
 from loadwarden.worker.sources._fstype import on_local_disk
+from loadwarden.worker.sources._local import (
+    Root,
+    locate_among,
+    open_local_model,
+    refuse_linked,
+    refuse_special_tree,
+)
 
-#: Allowed roots (as given, made absolute) an open in a thread looked at: their device when
-#: on a local-disk filesystem (later opens under them may run on the event loop), else None.
-local_roots: dict[str, int | None] = {}
+#: How long a root learnt in a thread is used from the loop before it is learnt again.
+FRESH_S = 2.0
+#: Roots held open at most (a worker has a handful; tests make many).
+MAX_ROOTS = 64
 
-
-class NeedsThread(Exception):
-    """An open on the event loop met what could block or take long (another filesystem, a
-    folder or an index to read, a signature): nothing it opened is left open."""
-
-
-def learn_roots(roots: Sequence[Path]) -> None:
-    """Note, once, which roots are on a local disk (``open_local_inline``); in a thread."""
-    for given in [os.path.abspath(r) for r in roots] or [os.getcwd()]:
-        if given in local_roots:
-            continue
-        try:
-            fd = os.open(given, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:  # the open itself says why, if this root is the one used
-            continue
-        try:
-            local_roots[given] = os.fstat(fd).st_dev if on_local_disk(fd) else None
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+_SYS_OPENAT2 = 437  # the same number on every Linux architecture (new syscalls share one table)
+_RESOLVE_NO_XDEV, _RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 1, 2, 4, 8
+_RESOLVE = _RESOLVE_NO_XDEV | _RESOLVE_NO_MAGICLINKS | _RESOLVE_NO_SYMLINKS | _RESOLVE_BENEATH
+# O_NONBLOCK: a FIFO swapped in after the O_PATH look does not block the open; fstat sees it.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_LOOK_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def root_device(given: str, root_fd: int) -> int:
-    """The device noted for the root ``given``, or ``NeedsThread`` (``root_fd`` closed) when
-    it is not the one it is on now (remounted: the next open in a thread looks again)."""
-    device = local_roots.get(given)
-    if device is None or os.fstat(root_fd).st_dev != device:
-        os.close(root_fd)
-        local_roots.pop(given, None)
-        raise NeedsThread(given)
-    return device
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-def exists(dir_fd: int, name: str) -> bool:
-    """Whether ``name`` is in ``dir_fd`` (an error but ENOENT says yes: the thread looks)."""
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _openat2(dir_fd: int, path: str, flags: int) -> int:
+    """``openat2(dir_fd, path, flags)`` beneath ``dir_fd``, crossing no mount or symlink."""
+    how = _OpenHow(flags, 0, _RESOLVE)
+    fd = _libc.syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dir_fd),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class _Learnt:
+    root: Root
+    fd: int  # O_PATH, held: the loop never resolves the root's own path
+    until: float
+
+
+class _Roots:
+    """Roots learnt in threads (by their path as given, made absolute): held open when on a
+    local disk, None when not. Descriptors are closed on the loop only, the one user."""
+
+    def __init__(self) -> None:
+        self.learnt: dict[str, _Learnt | None] = {}
+        self.retired: list[int] = []
+        self.lock = threading.Lock()
+        self.mounts: select.poll | None = None
+        self.usable = True  # False where openat2 is missing (kernel < 5.6, a seccomp profile)
+
+    def learn(self, roots: Sequence[Path]) -> None:
+        """Note each root not learnt or stale; in a thread (resolving a root may block)."""
+        with self.lock:
+            if self.mounts is None:  # before any root is looked at: no change goes unseen
+                watch = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+                self.mounts = select.poll()
+                self.mounts.register(watch, select.POLLPRI)
+        now = time.monotonic()
+        for given in _given(roots):
+            if given in self.learnt:
+                known = self.learnt[given]
+                if known is None or known.until > now:
+                    continue
+            learnt = _learn_one(given, now)
+            with self.lock:
+                old = self.learnt.pop(given, None)
+                if old is not None:
+                    self.retired.append(old.fd)
+                if len(self.learnt) >= MAX_ROOTS:
+                    self._retire(lambda item: item is None or item.until <= now)
+                self.learnt[given] = learnt
+
+    def held(self, roots: Sequence[Path]) -> list[_Learnt] | None:
+        """Every root, learnt, fresh and on a local disk, or None; on the loop."""
+        if not self.usable or self.mounts is None:
+            return None
+        with self.lock:
+            for fd in self.retired:
+                os.close(fd)
+            self.retired.clear()
+            if self.mounts.poll(0):  # the mount table changed: whatever was learnt may not hold
+                self._retire(lambda _item: True)
+                for fd in self.retired:
+                    os.close(fd)
+                self.retired.clear()
+                return None
+            now = time.monotonic()
+            held = [self.learnt.get(given) for given in _given(roots)]
+        if any(item is None or item.until <= now for item in held):
+            return None
+        return [item for item in held if item is not None]
+
+    def _retire(self, which: Callable[[_Learnt | None], bool]) -> None:
+        for given, item in list(self.learnt.items()):
+            if which(item):
+                del self.learnt[given]
+                if item is not None:
+                    self.retired.append(item.fd)
+
+
+_roots = _Roots()
+
+
+def _given(roots: Sequence[Path]) -> list[str]:
+    return [os.path.abspath(r) for r in roots] or [os.getcwd()]
+
+
+def _learn_one(given: str, now: float) -> _Learnt | None:
+    root = Root.of(Path(given))
     try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        fd = os.open(root.real, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:  # the open itself says why, if this root is the one used
+        return None
+    try:
+        if on_local_disk(fd):
+            return _Learnt(root, fd, now + FRESH_S)
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def open_local_learning(
+    source: str, roots: Sequence[Path], caps: InspectionCaps, *, refuse_hard_links: bool = False
+) -> OpenedModel:
+    """``_local.open_local_model``, noting first which roots are on a local disk; in a thread."""
+    _roots.learn(roots)
+    return open_local_model(source, roots, caps, refuse_hard_links=refuse_hard_links)
+
+
+def open_local_inline(
+    source: str, roots: Sequence[Path], *, refuse_hard_links: bool = False
+) -> OpenedModel | None:
+    """``open_local_model`` on the event loop for a single file, or None: open it in a thread.
+
+    None unless every root was learnt on a local disk (``open_local_learning``) and the
+    path names, below its root, a regular file reached with no symlink, ``..`` or mount on
+    the way and no signature beside it. A missing file and a refused one raise the thread's
+    own errors; anything else the thread judges.
+    """
+    held = _roots.held(roots)
+    if held is None:
+        return None
+    where = locate_among(source, [item.root for item in held])
+    learnt = held[[item.root for item in held].index(where[0])]
+    parts = where[1]
+    if not parts or any(part in ("", ".", "..") for part in parts):
+        return None  # the root itself, or a climb: the walk applies it
+    if parts[-1].endswith(INDEX_SUFFIX):
+        return None  # a checkpoint's index: up to 16 MiB of JSON to read, and its shards
+    relative = "/".join(parts)
+    path = os.path.join(learnt.root.real, relative)
+    refuse_special_tree(path, source)
+    try:
+        look = _openat2(learnt.fd, relative, _LOOK_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EPERM):  # no openat2 here: threads from now on
+            _roots.usable = False
+        elif exc.errno == errno.ENOENT:  # every component before it a plain directory
+            raise _os_error(source, exc) from exc
+        return None  # EXDEV (a mount), ELOOP (a symlink), ENOTDIR, EACCES: the walk's call
+    try:
+        seen = os.fstat(look)
+        if not stat.S_ISREG(seen.st_mode) or _exists(learnt.fd, relative + SIGNATURE_SUFFIX):
+            return None  # a folder, an index's folder, a device: the walk says which
+        fd = _openat2(learnt.fd, relative, _FILE_FLAGS)
+    except OSError:
+        return None
+    finally:
+        os.close(look)
+    try:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (seen.st_dev, seen.st_ino):
+            raise SourceRefused(f"{source!r} changed while it was opened", code="file_changed")
+        model = OpenedModel.single(ModelFile.adopt(path, fd, opened))
+    except BaseException:
+        os.close(fd)
+        raise
+    if refuse_hard_links:
+        refuse_linked(model, source)
+    return model
+
+
+def _exists(dir_fd: int, relative: str) -> bool:
+    """Whether ``relative`` is there (an error but ENOENT says yes: the thread looks)."""
+    try:
+        os.close(_openat2(dir_fd, relative, _LOOK_FLAGS))
     except FileNotFoundError:
         return False
     except OSError:
