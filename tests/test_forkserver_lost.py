@@ -1,5 +1,6 @@
 """A fork server lost under a running worker (killed, crashed) is started again, with a backoff
-when it keeps dying at once; loads meanwhile end ``crashed``/``sandbox`` and nothing leaks."""
+when it keeps dying at once; a load running then ends ``crashed``/``sandbox`` and nothing
+leaks (loads during the backoff: ``test_forkserver_backoff``)."""
 
 from __future__ import annotations
 
@@ -91,8 +92,8 @@ async def test_a_fork_server_that_dies_at_once_is_started_again_after_a_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Lost, then dying at once on each start: the starts back off (a spawn meanwhile is
-    refused at once, with no launch, as SandboxError: the load's crashed/sandbox); once it
-    can start again, it does so by itself."""
+    refused at once, with no launch, as SandboxError: a load waits for the restart first);
+    once it can start again, it does so by itself."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     marker = tmp_path / MARKER
     forkserver = ForkServer(preload=["tests.forkserver_dies"], ready=0)

@@ -12,7 +12,7 @@ from structlog.typing import FilteringBoundLogger
 from loadwarden.producer.contract import Limits, Sample
 from loadwarden.producer.errors import LoadError
 from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.load._deadline import Stopped, in_thread, until
+from loadwarden.worker.load._deadline import JobDeadline, Stopped, in_thread, until
 from loadwarden.worker.load._outcome import (
     Early,
     Loaded,
@@ -44,6 +44,16 @@ class ChildHost:
     forkserver: ForkServer
     cgroups: CgroupManager | None
     sample_interval_s: float
+
+    async def sandbox_back(self, deadline: JobDeadline, log: FilteringBoundLogger) -> None:
+        """Wait for a lost fork server's restart (``ForkServer.running``), if one is under
+        way, within the job's deadline: a load meanwhile would fail at once, its attempt
+        burnt while the sandbox merely restarts. A start that failed fails the load."""
+        forkserver = self.forkserver
+        if forkserver.alive or not forkserver.restarting:
+            return
+        log.info("forkserver_awaited", deadline_in_s=round(deadline.remaining_s(), 3))
+        await deadline.before(forkserver.running(), "waiting for the fork server to start again")
 
 
 @dataclass(frozen=True, slots=True)

@@ -239,7 +239,8 @@ class Supervisor:
         phase: Callable[[JobPhase], None],
         first: FirstWrites | None,
     ) -> LoadError | None:
-        deadline = JobDeadline.starting_now(self.job_budget_s(request), cancel)
+        budget_s = job_budget_s(request.limits, self.settings.limits)  # the request's, capped
+        deadline = JobDeadline.starting_now(budget_s, cancel)
         # Sent before work in a thread (which could take the worker down), else in the look-up.
         first_writes = Once(first)
         opened = await deadline.before(
@@ -293,7 +294,9 @@ class Supervisor:
                 phase(JobPhase.LOADING)
                 if cancel is not None and cancel.is_set():
                     raise failure(Early.CANCELLED, "cancelled before the load began")
-                # What is left of the job's deadline, after the source, inspection and admission.
+                host = ChildHost(self.forkserver, self.cgroups, self.settings.sample_interval_s)
+                await host.sandbox_back(deadline, log)  # a lost fork server's restart
+                # What is left of the job's deadline, after source, inspection, admission, restart.
                 state.limits = limits = within(limits, deadline.remaining_s())
                 # Every file hashed here while the child loads: the loader never sees a digest.
                 hashing = (
@@ -307,7 +310,7 @@ class Supervisor:
                 state.stage = "child"
                 try:
                     state.run = run = await run_child(
-                        ChildHost(self.forkserver, self.cgroups, self.settings.sample_interval_s),
+                        host,
                         self._child_job(opened, summary, manifest, limits, history),
                         log=log,
                         cancel=cancel,
@@ -360,10 +363,6 @@ class Supervisor:
             policy = self.settings.signing
             self.trust = await in_thread(lambda: Trust(policy))
         return self.trust
-
-    def job_budget_s(self, request: LoadRequest) -> float:
-        """The whole job's deadline (source, inspection, load): the request's, capped."""
-        return job_budget_s(request.limits, self.settings.limits)
 
     def _inspect(self, opened: OpenedModel, request: LoadRequest) -> ModelSummary:
         """Sniff each file's format by magic bytes and inspect it strictly (no loader, no

@@ -60,6 +60,8 @@ from loadwarden.worker.queue.job import (
     end_with_report,
 )
 from loadwarden.worker.queue.jobs import Finish, JobBook
+from loadwarden.worker.sandbox.children import SandboxError
+from loadwarden.worker.sandbox.forkserver import ForkServer
 
 log = structlog.get_logger("loadwarden.worker")
 
@@ -96,6 +98,8 @@ class LoadWorker(Worker):
         self._failures: dict[str, tuple[BaseException, dict[str, Any]]] = {}
         # The job function leaves a finished job's bookkeeping to finish_job's transaction.
         self._book: JobBook | None = self.ctx.get("book")
+        supervisor = self.ctx.get("supervisor")
+        self._forkserver: ForkServer | None = supervisor.forkserver if supervisor else None
         if self._book is not None:
             self.ctx[FINISH_WITH_RESULT] = True
         self.job_serializer = self._serialize
@@ -140,6 +144,11 @@ class LoadWorker(Worker):
         if self.burst or not self.allow_pick_jobs:
             await asyncio.sleep(fallback)
             return
+        if (forkserver := self._restarting()) is not None:  # no claim until it runs again
+            with contextlib.suppress(TimeoutError, SandboxError):  # (a failed start: again)
+                async with asyncio.timeout(fallback):
+                    await forkserver.running()
+            return
         if self.job_counter >= self.max_jobs:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(fallback):
@@ -158,7 +167,16 @@ class LoadWorker(Worker):
                 "BLPOP", self._wake_key, f"{wait_s:.3f}"
             )
 
+    def _restarting(self) -> ForkServer | None:
+        """The fork server, while a lost one is being started again: a job claimed then would
+        only wait for it (``ChildHost.sandbox_back``), when another worker may run it now."""
+        forkserver = self._forkserver
+        down = forkserver is not None and forkserver.restarting and not forkserver.alive
+        return forkserver if down else None
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        if self._restarting() is not None:  # left queued (``_restarting``)
+            return
         # Never a second run of a job this process runs now. arq's guard is the job's
         # in-progress marker in Redis, which a failover can lose (a replica promoted before
         # the marker reached it): the second run would then share the first's per-job state

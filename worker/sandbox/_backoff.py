@@ -3,7 +3,7 @@
 A lost fork server (killed, crashed) is started again at once; the second in a row lost
 SHORT_LIFE_S or less after its start (or one that did not start) makes the next start wait
 1 s, the third 2 s, doubling up to RESTART_WAIT_MAX_S: one that dies at once on every start
-does not spin. Loads meanwhile end ``crashed``/``sandbox`` at once (retried).
+does not spin. Loads meanwhile wait for the restart (``_restart``), within their deadline.
 """
 
 from __future__ import annotations

@@ -17,18 +17,16 @@ import asyncio
 import collections
 import contextlib
 import itertools
-import os
 import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import structlog
 
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.sandbox import _protocol
-from loadwarden.worker.sandbox._backoff import Backoff
+from loadwarden.worker.sandbox._control import Forked, Waiters
 from loadwarden.worker.sandbox._launch import (
     AHEAD_TOKEN,
     BASE_PRELOAD,
@@ -38,9 +36,9 @@ from loadwarden.worker.sandbox._launch import (
     launch,
     preloads,
 )
+from loadwarden.worker.sandbox._restart import Restart
 from loadwarden.worker.sandbox.children import (
     Child,
-    ChildExit,
     SandboxError,
     kill_group,
     send_with_fds,
@@ -54,8 +52,6 @@ log = structlog.get_logger("loadwarden.sandbox")
 
 #: A fork server that has not finished importing in this long is broken.
 START_TIMEOUT_S = 60.0
-#: A child's pid and the future of its exit, as its FORKED packet gives them.
-Forked = tuple[int, "asyncio.Future[ChildExit]"]
 
 #: Children forked ahead, waiting for a spec (bench/tiny.py): loads start one at a time.
 READY_CHILDREN = 1
@@ -88,10 +84,7 @@ class ForkServer:
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._tokens = itertools.count(1)
-        #: Spawn token -> the child's pid and its exit, resolved by its FORKED packet (the
-        #: exit is taken then: a REAPED read in the same burst would leave none to look up).
-        self._forks: dict[int, asyncio.Future[Forked]] = {}
-        self._exits: dict[int, asyncio.Future[ChildExit]] = {}
+        self._waiters = Waiters()  # for the fork server's packets
         #: Children handed to loads so far (tests assert that a rejected file started none).
         self.spawned = 0
         #: Children ``spawn`` lent and not yet ``returned``.
@@ -101,8 +94,7 @@ class ForkServer:
         #: Called each time a fork server is started in place of a lost one (a metric).
         self.on_restart: Callable[[], object] | None = None
         self.restarts = 0
-        self._restarting: asyncio.Task[None] | None = None
-        self._backoff = Backoff()
+        self._restart = Restart()
 
     @property
     def pid(self) -> int | None:
@@ -116,56 +108,85 @@ class ForkServer:
     def alive(self) -> bool:
         return self._reader is not None and not self._reader.done()
 
+    @property
+    def restarting(self) -> bool:
+        """A lost fork server is being started again (its backoff, or its start, under way)."""
+        return self._restart.under_way
+
     async def start(self) -> None:
         """Start the fork server (if it is not running) and wait until it has preloaded.
 
-        While a lost fork server's backoff runs (``_backoff``), SandboxError at once."""
+        While a lost fork server's backoff runs (``_backoff``), SandboxError at once: a load
+        waits for the restart first (``running``)."""
         async with self._lock:
             self._closing = False  # started again after close: children are forked ahead again
             if self.alive:
                 return
-            if (refusal := self._backoff.refusal()) is not None:
+            if (refusal := self._restart.backoff.refusal()) is not None:
                 raise SandboxError(refusal)
-            await self._stop_process()
-            try:
-                await self._start_process()
-            except Exception as exc:
-                again_s = self._backoff.failed()
-                log.warning("forkserver_start_failed", error=str(exc), again_in_s=again_s)
-                raise
-            self._backoff.started()
+            await self._start_locked()
 
-    def _lost(self) -> None:
+    async def _start_locked(self) -> None:  # holding self._lock
+        await self._stop_process()
+        try:
+            await self._start_process()
+        except Exception as exc:
+            again_s = self._restart.backoff.failed()
+            log.warning("forkserver_start_failed", error=str(exc), again_in_s=again_s)
+            raise
+        self._restart.backoff.started()
+
+    async def running(self) -> None:
+        """Wait out a lost fork server's restart (its backoff, then its start): return once
+        one runs, at once if no restart is under way; SandboxError if the restart's start
+        failed. Unbounded here: a load bounds it by its job's deadline (``ChildHost``)."""
+        while not self.alive and (start := self._restart.next_start()) is not None:
+            await asyncio.shield(start)
+
+    def _lost(self, children: list[int]) -> None:
         """The fork server exited (killed, crashed) while we held it: count its life for the
-        backoff and start another (``_restart``); its children die with it, but for one forked
-        so late that it saw no fork server to die with (``PR_SET_PDEATHSIG``): killed here."""
+        backoff and start another (``_come_back``); its children die with it, but for one
+        forked so late that it saw no fork server to die with (``PR_SET_PDEATHSIG``): killed
+        here. As PID 1, we reap them (``_orphans``)."""
         for _born, child in self._ready:
             kill_group(child.pid)
-        lived_s, again_s = self._backoff.lost()
+        lived_s, again_s = self._restart.backoff.lost()
         log.warning("forkserver_lost", pid=self.pid, lived_s=lived_s, again_in_s=again_s)
-        if not self._closing and (self._restarting is None or self._restarting.done()):
-            self._restarting = asyncio.get_running_loop().create_task(
-                self._restart(), name="loadwarden-forkserver-restart"
-            )
+        if not self._closing:
+            self._restart.lost(children, self._come_back)
 
-    async def _restart(self) -> None:
+    async def _come_back(self) -> None:
+        """Start a fork server in place of a lost one (``_start_again``) and replace what the
+        lost one forked ahead; lost again meanwhile: again."""
+        while not self.alive:
+            await self._start_again()
+            while self._ready and self._ready[0][1].exited.done():  # forked by the lost one
+                await self._discard(self._ready.popleft()[1])  # killed by _lost: its cgroup goes
+            self.restarts += 1
+            log.info("forkserver_restarted", pid=self.pid, restarts=self.restarts)
+            if self.on_restart is not None:
+                self.on_restart()
+            self._refill()
+
+    async def _start_again(self) -> None:
         """Reap the lost fork server now (not a zombie through the backoff), then start another
-        when the backoff allows; a failed start (counted by ``start``) is tried again later."""
+        when the backoff allows. A failed start (counted by the backoff) fails the loads
+        waiting for it (an attempt each) and is tried again later."""
         while True:
             async with self._lock:
-                if self.alive:  # started meanwhile by a load's spawn, or by the start below
+                if self.alive:  # started meanwhile by a load's spawn
                     break
                 await self._stop_process()
-            await asyncio.sleep(self._backoff.wait_s())
-            with contextlib.suppress(Exception):  # logged and counted by start
-                await self.start()
-        while self._ready and self._ready[0][1].exited.done():  # forked by the lost one
-            await self._discard(self._ready.popleft()[1])  # killed by _lost: its cgroup goes
-        self.restarts += 1
-        log.info("forkserver_restarted", pid=self.pid, restarts=self.restarts)
-        if self.on_restart is not None:
-            self.on_restart()
-        self._refill()
+                self._restart.reap_left()
+            await asyncio.sleep(self._restart.backoff.wait_s())
+            async with self._lock:
+                try:
+                    if not self.alive:
+                        await self._start_locked()
+                    break
+                except Exception as exc:  # logged and counted by _start_locked
+                    self._restart.settle(SandboxError(f"the fork server did not start: {exc}"))
+        self._restart.settle(None)
 
     async def _start_process(self) -> None:
         loop = asyncio.get_running_loop()
@@ -194,7 +215,7 @@ class ForkServer:
             raise
         if ahead is not None:  # its FORKED comes next: the reader must find its waiter
             forked = loop.create_future()
-            self._forks[AHEAD_TOKEN] = forked
+            self._waiters.forks[AHEAD_TOKEN] = forked
             self._adopting = loop.create_task(
                 self._adopt(ahead, forked), name="loadwarden-forkserver-ahead"
             )
@@ -210,40 +231,12 @@ class ForkServer:
         loop = asyncio.get_running_loop()
         try:
             while data := await loop.sock_recv(control, _protocol.MAX_CONTROL_BYTES):
-                self._dispatch(data)
+                self._waiters.dispatch(data)
         except OSError as exc:
             log.warning("forkserver_control_failed", error=str(exc))
         finally:
-            gone = SandboxError("the fork server exited")
-            waiting: list[asyncio.Future[Any]] = [*self._forks.values(), *self._exits.values()]
-            for pending in waiting:
-                if not pending.done():
-                    pending.set_exception(gone)
-                    pending.exception()  # mark retrieved: a cancelled waiter never reads it
-            self._forks.clear()
-            self._exits.clear()
-        self._lost()  # not when cancelled: that is our own stop (``_stop_process``)
-
-    def _dispatch(self, data: bytes) -> None:
-        kind, body = data[:1], data[1:]
-        if kind == _protocol.FORKED:
-            token, pid = _protocol.FORKED_MSG.unpack(body)
-            waiter = self._forks.pop(token, None)
-            exited = self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
-            if waiter is None or waiter.done():  # its spawn() was cancelled: do not leak it
-                kill_group(pid)
-            else:
-                waiter.set_result((pid, exited))
-        elif kind == _protocol.FORK_FAILED:
-            token, errno = _protocol.FORK_FAILED_MSG.unpack(body)
-            waiter = self._forks.pop(token, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(SandboxError(f"fork failed: {os.strerror(errno)}"))
-        elif kind == _protocol.REAPED:
-            pid, status, utime, stime, maxrss = _protocol.REAPED_MSG.unpack(body)
-            future = self._exits.pop(pid, None)  # None: a reparented grandchild
-            if future is not None and not future.done():
-                future.set_result(ChildExit.from_wait(pid, status, utime, stime, maxrss))
+            children = self._waiters.gone()
+        self._lost(children)  # not when cancelled: that is our own stop (``_stop_process``)
 
     async def spawn(self, *, lent: bool = False) -> Child:
         """A fresh child for one load, waiting for its spec (forked ahead, or now), confined
@@ -343,7 +336,7 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         token = next(self._tokens)
         forked: asyncio.Future[Forked] = loop.create_future()
-        self._forks[token] = forked
+        self._waiters.forks[token] = forked
         try:
             await send_with_fds(
                 self._control, _protocol.SPAWN + _protocol.TOKEN.pack(token), [theirs.fileno()]
@@ -361,8 +354,7 @@ class ForkServer:
         """Stop the children forked ahead, then the fork server; the rest die with it
         (``PR_SET_PDEATHSIG``)."""
         self._closing = True
-        if self._restarting is not None:  # first: it may wait for the lock below
-            await cancel_and_wait(self._restarting)
+        await self._restart.close()  # first: it may wait for the lock below
         async with self._lock:
             for task in (self._filling, self._adopting):  # forks on their way to wait
                 if task is not None:
@@ -374,7 +366,7 @@ class ForkServer:
                 self._launched.abandon()
                 self._launched = None
             await self._stop_process()
-            self._backoff = Backoff()
+            self._restart = Restart()
 
     async def _stop_process(self) -> None:
         if self._control is not None:

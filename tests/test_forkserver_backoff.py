@@ -1,0 +1,104 @@
+"""While a lost fork server's restart waits out its backoff, jobs keep their attempts: the
+worker claims none, and a load that needs a child waits for the restart (within its job's
+deadline) instead of ending ``crashed``/``sandbox`` at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from loadwarden.producer.client import Client
+from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
+from loadwarden.worker.config import Settings
+from loadwarden.worker.load.supervisor import Supervisor
+from loadwarden.worker.sandbox.children import SandboxError, stop_child
+from loadwarden.worker.sandbox.forkserver import ForkServer
+from tests.conftest import TEST_LOADERS, eventually, running_worker
+from tests.forkserver_dies import MARKER
+
+
+async def _kill_twice(forkserver: ForkServer) -> None:
+    """Kill the fork server, wait for its restart, kill the new one: lost twice within 30 s of
+    a start, its next start waits 1 s (``_backoff``); returns while that wait runs."""
+    os.kill(forkserver.pid or 0, signal.SIGKILL)
+    await eventually(lambda: forkserver.restarts == 1, 30, "the first restart")
+    os.kill(forkserver.pid or 0, signal.SIGKILL)
+    await eventually(lambda: not forkserver.alive, 30, "the loss")
+
+
+def _lost_waits(events: list[dict[str, Any]]) -> list[float]:
+    return [e["again_in_s"] for e in events if e["event"] == "forkserver_lost"]
+
+
+async def test_jobs_enqueued_during_the_backoff_all_end_ok_on_their_first_attempt(
+    settings: Settings, small_model: Path
+) -> None:
+    """Kill a worker's fork server twice in a row and enqueue jobs while its restart waits 1 s:
+    none is claimed meanwhile (no load waits in the worker), and each ends ok with one attempt."""
+    async with running_worker(settings) as runner, Client(settings=settings) as client:
+        forkserver = runner.supervisor.forkserver
+        with structlog.testing.capture_logs() as events:
+            await _kill_twice(forkserver)
+            handles = [
+                await client.enqueue(LoadRequest(source=str(small_model), labels={"n": str(n)}))
+                for n in range(6)
+            ]
+            assert not forkserver.alive, "the backoff ended before the jobs were enqueued"
+            reports = [await handle.report(30) for handle in handles]
+        assert forkserver.restarts == 2
+    assert _lost_waits(events)[-1] >= 0.9  # the second loss waited: the window was real
+    for report in reports:
+        assert report.outcome is Outcome.OK, report.error
+        assert [a.number for a in report.attempts] == [1], report.attempts
+    assert not any(e["event"] == "forkserver_awaited" for e in events), "claimed while down"
+
+
+async def test_a_load_during_the_backoff_waits_for_the_restart_within_its_deadline(
+    small_model: Path,
+) -> None:
+    """A load that reaches its child while the restart waits 1 s waits for it and ends ok; one
+    whose job deadline ends first ends ``timeout`` saying what it waited for."""
+    async with Supervisor(Settings(), preload=[TEST_LOADERS]) as sup:
+        with structlog.testing.capture_logs() as events:
+            await _kill_twice(sup.forkserver)
+            short = LoadRequest(source=str(small_model), limits=LimitOverrides(timeout_seconds=0.2))
+            waited, cut = await asyncio.gather(
+                sup.load(LoadRequest(source=str(small_model))), sup.load(short)
+            )
+            assert sup.forkserver.restarts == 2
+    assert waited.outcome is Outcome.OK, waited.error
+    assert cut.outcome is Outcome.TIMEOUT
+    assert cut.error is not None and "waiting for the fork server" in cut.error.message
+    assert sum(e["event"] == "forkserver_awaited" for e in events) == 2
+
+
+async def test_a_failed_restart_fails_the_loads_waiting_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart's start that fails (the new fork server dies at once) fails those waiting for
+    it (an attempt each: ``crashed``/``sandbox``); the restart goes on, and once a start
+    succeeds the waiters return."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    marker = tmp_path / MARKER
+    forkserver = ForkServer(preload=["tests.forkserver_dies"], ready=0)
+    try:
+        await forkserver.start()
+        marker.touch()
+        os.kill(forkserver.pid or 0, signal.SIGKILL)
+        await eventually(lambda: forkserver.restarting, 30, "the restart")
+        with pytest.raises(SandboxError, match="did not start"):
+            async with asyncio.timeout(30):
+                await forkserver.running()
+        marker.unlink()
+        async with asyncio.timeout(30):
+            await forkserver.running()
+        assert forkserver.alive
+        await stop_child(await forkserver.spawn())
+    finally:
+        await forkserver.close()
