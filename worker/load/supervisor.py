@@ -367,12 +367,8 @@ class Supervisor:
     def _inspect(self, opened: OpenedModel, request: LoadRequest) -> ModelSummary:
         """Sniff each file's format by magic bytes and inspect it strictly (no loader, no
         child); a checkpoint's shards are checked against its index and summed."""
-        return inspect_opened(
-            opened,
-            declared=request.format,
-            caps=self.settings.inspection,
-            budget_bytes=self.tensor_budget_bytes(),
-        )
+        caps, budget = self.settings.inspection, self.tensor_budget_bytes()
+        return inspect_opened(opened, declared=request.format, caps=caps, budget_bytes=budget)
 
     def tensor_budget_bytes(self) -> int:
         """The most tensor bytes a load could hold on this worker (see ``limits``)."""
