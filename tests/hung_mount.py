@@ -28,49 +28,41 @@ def can_mount() -> str | None:
 
 
 @contextlib.contextmanager
+def mounted(kind: bytes, target: Path, options: bytes | None) -> Iterator[None]:
+    """A filesystem of ``kind`` mounted on ``target``, detached on exit."""
+    if _libc.mount(kind, os.fsencode(target), kind, _MS_NOSUID | _MS_NODEV, options):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(target))
+    try:
+        yield
+    finally:
+        _libc.umount2(os.fsencode(target), _MNT_DETACH)
+
+
+@contextlib.contextmanager
 def hung_mount(target: Path, *, directory: bool = True) -> Iterator[None]:
     """A FUSE filesystem mounted on ``target`` (a folder, or a file when not ``directory``)
     that no daemon serves; unmounted (and its waiters released) on exit."""
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     mode = "40000" if directory else "100000"
-    options = f"fd={fd},rootmode={mode},user_id=0,group_id=0".encode()
-    if _libc.mount(b"hung", os.fsencode(target), b"fuse", _MS_NOSUID | _MS_NODEV, options):
-        err = ctypes.get_errno()
-        os.close(fd)
-        raise OSError(err, os.strerror(err), str(target))
     try:
-        yield
+        with mounted(b"fuse", target, f"fd={fd},rootmode={mode},user_id=0,group_id=0".encode()):
+            yield
     finally:
-        _libc.umount2(os.fsencode(target), _MNT_DETACH)
-        os.close(fd)  # aborts the connection: any waiter gets ENOTCONN
+        os.close(fd)  # after the detach: aborts the connection, any waiter gets ENOTCONN
 
 
-@contextlib.contextmanager
-def tmpfs_mount(target: Path) -> Iterator[None]:
+def tmpfs_mount(target: Path) -> contextlib.AbstractContextManager[None]:
     """A tmpfs mounted on ``target`` (a change to the mount table), unmounted on exit."""
-    if _libc.mount(b"none", os.fsencode(target), b"tmpfs", _MS_NOSUID | _MS_NODEV, None):
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(target))
-    try:
-        yield
-    finally:
-        _libc.umount2(os.fsencode(target), _MNT_DETACH)
+    return mounted(b"tmpfs", target, None)
 
 
-@contextlib.contextmanager
-def overlay_mount(lower: Path, target: Path) -> Iterator[None]:
+def overlay_mount(lower: Path, target: Path) -> contextlib.AbstractContextManager[None]:
     """A read-only overlayfs of ``lower`` on ``target`` (made), unmounted on exit."""
     target.mkdir(parents=True, exist_ok=True)
     empty = target.with_name(target.name + ".empty")
     empty.mkdir(exist_ok=True)
-    options = f"lowerdir={lower}:{empty}".encode()  # two layers: read-only, no upper
-    if _libc.mount(b"overlay", os.fsencode(target), b"overlay", _MS_NOSUID | _MS_NODEV, options):
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(target))
-    try:
-        yield
-    finally:
-        _libc.umount2(os.fsencode(target), _MNT_DETACH)
+    return mounted(b"overlay", target, f"lowerdir={lower}:{empty}".encode())  # no upper
 
 
 def main(root: str, *sources: str) -> None:
