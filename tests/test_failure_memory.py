@@ -210,6 +210,30 @@ def test_which_failures_count_against_a_model(
 ) -> None:
     """Only a load child's own failure, by an allowed code, counts against the model."""
     assert counts_against(error, child_ran=child_ran, child_timed_out=child_timed_out) is counts
+    cut = counts_against(
+        error, child_ran=child_ran, child_timed_out=child_timed_out, limit_cut=True
+    )
+    assert cut is (counts and not isinstance(error, LoadTimeout))  # a cut deadline: not its own
+
+
+async def test_a_timeout_cut_short_by_a_fork_server_restart_is_not_the_model_s(
+    redis: Redis, model: Path
+) -> None:
+    """A load that waited out a fork server's restart (1 s of its 2.5 s) and then reached the
+    deadline of what was left is not remembered against its model; one that did not wait is."""
+    from tests.test_forkserver_backoff import _kill_twice
+
+    async with _supervisor(redis, threshold=1) as sup:
+        await _kill_twice(sup.forkserver)
+        request = LoadRequest(source=str(model), limits=LimitOverrides(timeout_seconds=2.5))
+        waited = await sup.load(request)
+        assert sup.forkserver.restarts == 2
+        assert await store.listing(redis) == []
+        again = await sup.load(request)
+    assert waited.outcome is Outcome.TIMEOUT and again.outcome is Outcome.TIMEOUT
+    assert waited.error is not None and waited.error.code == "deadline"
+    assert waited.resources is not None and waited.resources.wall_seconds < 2.0  # the cut one
+    assert len(await store.listing(redis)) == 1  # the second timed out on its own deadline
 
 
 async def test_redis_trouble_never_fails_a_load(model: Path) -> None:

@@ -105,8 +105,17 @@ def _discard(result: object) -> None:
         close()
 
 
-def within(limits: Limits, remaining_s: float) -> Limits:
-    """``limits`` with the child's deadline cut to what is left of the job's."""
-    if remaining_s >= limits.timeout_seconds:
-        return limits
-    return limits.model_copy(update={"timeout_seconds": max(0.001, round(remaining_s, 3))})
+#: Waits the job's deadline paid for (admission, a fork server's restart) that took more
+#: than this share of the child's limit make its timeout not the model's (``failures``).
+WAITED_SHARE = 0.1
+
+
+def within(limits: Limits, deadline: JobDeadline, waits_began: float) -> tuple[Limits, bool]:
+    """``limits`` with the child's deadline cut to what is left of the job's, and whether
+    waits since ``waits_began`` (the loop's clock) took over ``WAITED_SHARE`` of it."""
+    now = asyncio.get_running_loop().time()
+    if deadline.at - now >= limits.timeout_seconds:
+        return limits, False
+    cut = max(0.001, round(deadline.at - now, 3))
+    waited = now - waits_began > WAITED_SHARE * limits.timeout_seconds
+    return limits.model_copy(update={"timeout_seconds": cut}), waited

@@ -64,6 +64,8 @@ class LoadState:
 
     summary: ModelSummary | None = None
     limits: Limits | None = None
+    #: The child's deadline was cut to what was left of the job's (``_deadline.within``).
+    limit_cut: bool = False
     run: ChildRun | None = None
     signature: SignatureCheck | None = None
     stage: str = "source"

@@ -5,7 +5,8 @@ load child that ran the model and ended in
 
 - ``timeout`` by its own deadline (``deadline`` with the child killed at it; a deadline
   that passed while downloading, inspecting, waiting for memory or hashing is not the
-  model's doing),
+  model's doing, nor is one cut short by such waits: over ``_deadline.WAITED_SHARE`` of
+  the child's limit),
 - ``memory_exceeded`` (``memory_limit``, ``oom_killed``, ``cgroup_oom``),
 - ``cpu_exceeded`` (``cpu_limit``),
 - ``crashed`` by a signal, an exit or an exception of the loader (``signal``, ``exited``,
@@ -36,10 +37,11 @@ from loadwarden.producer import failures as store
 from loadwarden.producer.contract import FailingModel, Outcome
 from loadwarden.producer.errors import LoadError, SourceRefused, describe
 from loadwarden.worker.config import FailureMemoryPolicy
-from loadwarden.worker.load._child_run import ChildRun
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+
+    from loadwarden.worker.load._report import LoadState
 
 #: The error code of a refusal by the memory.
 REFUSED_CODE = "repeatedly_failing"
@@ -54,12 +56,16 @@ COUNTED: dict[Outcome, frozenset[str]] = {
 }
 
 
-def counts_against(error: LoadError | None, *, child_ran: bool, child_timed_out: bool) -> bool:
+def counts_against(
+    error: LoadError | None, *, child_ran: bool, child_timed_out: bool, limit_cut: bool = False
+) -> bool:
     """Whether this load's end counts against its model (pure: see the module docstring)."""
     if error is None or not child_ran:
         return False
-    if error.outcome is Outcome.TIMEOUT and not child_timed_out:
-        return False  # the job's deadline passed outside the child (hashing, after it ran)
+    if error.outcome is Outcome.TIMEOUT and (not child_timed_out or limit_cut):
+        # the job's deadline passed outside the child (hashing, after it ran), or the child
+        # had only what waiting (admission, a fork server's restart) left of the job's
+        return False
     return error.code in COUNTED.get(error.outcome, frozenset())
 
 
@@ -113,23 +119,25 @@ class FailureMemory:
 
     async def settle(
         self,
-        identity: str,
+        state: LoadState,
         job_id: str,
         source: str,
         error: LoadError | None,
-        run: ChildRun | None,
-        remembered: FailingModel | None,
         log: FilteringBoundLogger,
     ) -> None:
         """How a load ended: a success forgets the model's failures (when there were any:
         no round trip otherwise), a failure of the model's own making is remembered."""
+        identity, run = state.identity, state.run
+        if identity is None:  # the source never opened: no model to judge
+            return
         if error is None:
-            if remembered is not None:
+            if state.remembered is not None:
                 await self.forget(identity, log)
         elif counts_against(
             error,
             child_ran=run is not None and not run.cancelled,
             child_timed_out=run is not None and run.timed_out,
+            limit_cut=state.limit_cut,
         ):
             await self.record(identity, job_id=job_id, source=source, error=error, log=log)
 

@@ -216,9 +216,7 @@ class Supervisor:
             self.in_flight.pop(job.job_id, None)
             self.changed.set()
         if self.failures is not None and state.identity is not None:
-            await self.failures.settle(
-                state.identity, job.job_id, request.source, error, state.run, state.remembered, log
-            )
+            await self.failures.settle(state, job.job_id, request.source, error, log)
         return self._finish(log, job, state, error)
 
     def _phase_setter(self, job_id: str, source: str) -> Callable[[JobPhase], None]:
@@ -290,14 +288,16 @@ class Supervisor:
             warn_clamped(log, request, limits)
             state.stage = "admit"
             phase(JobPhase.WAITING)
+            waits_began = asyncio.get_running_loop().time()
             async with self.admission.reserve(limits.memory_bytes):
                 phase(JobPhase.LOADING)
                 if cancel is not None and cancel.is_set():
                     raise failure(Early.CANCELLED, "cancelled before the load began")
                 host = ChildHost(self.forkserver, self.cgroups, self.settings.sample_interval_s)
                 await host.sandbox_back(deadline, log)  # a lost fork server's restart
-                # What is left of the job's deadline, after source, inspection, admission, restart.
-                state.limits = limits = within(limits, deadline.remaining_s())
+                # What is left of the job's deadline (after source, inspection, admission, restart)
+                limits, state.limit_cut = within(limits, deadline, waits_began)
+                state.limits = limits
                 # Every file hashed here while the child loads: the loader never sees a digest.
                 hashing = (
                     asyncio.create_task(
