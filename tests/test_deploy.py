@@ -67,6 +67,7 @@ METRICS = {
     "loadwarden_failure_memory_refusals_total": "counter",
     "loadwarden_failing_models": "gauge",
     "loadwarden_forkserver_restarts_total": "counter",
+    "loadwarden_forkserver_down_seconds": "gauge",
 }
 METRIC_NAME = re.compile(r"\bloadwarden_[a-z_]+\b")
 #: Files that are not Kubernetes API objects (kustomize's own config).

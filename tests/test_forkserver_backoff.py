@@ -67,12 +67,14 @@ async def test_a_load_during_the_backoff_waits_for_the_restart_within_its_deadli
     async with Supervisor(Settings(), preload=[TEST_LOADERS]) as sup:
         with structlog.testing.capture_logs() as events:
             await _kill_twice(sup.forkserver)
+            down_s = sup.metrics.registry.get_sample_value("loadwarden_forkserver_down_seconds")
             short = LoadRequest(source=str(small_model), limits=LimitOverrides(timeout_seconds=0.2))
             waited, cut = await asyncio.gather(
                 sup.load(LoadRequest(source=str(small_model))), sup.load(short)
             )
             assert sup.forkserver.restarts == 2
     assert waited.outcome is Outcome.OK, waited.error
+    assert down_s > 0 and sup.forkserver.down_s == 0.0
     assert cut.outcome is Outcome.TIMEOUT
     assert cut.error is not None and "waiting for the fork server" in cut.error.message
     assert sum(e["event"] == "forkserver_awaited" for e in events) == 2

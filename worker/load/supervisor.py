@@ -147,6 +147,7 @@ class Supervisor:
         if self.cgroups is not None:
             self.forkserver.on_ready = functools.partial(place_ahead, self.cgroups)
         self.forkserver.on_restart = self.metrics.forkserver_restarts.inc
+        self.metrics.forkserver_down.set_function(lambda: self.forkserver.down_s)
         await self.forkserver.start()
 
     def confinement_labels(self) -> dict[str, str]:

@@ -99,7 +99,13 @@ class Metrics:
         )
         self.forkserver_restarts = Counter(
             "loadwarden_forkserver_restarts",
-            "Fork servers started in place of a lost one (killed, crashed, or not started).",
+            "Fork servers started in place of a lost one (killed or crashed).",
+            registry=r,
+        )
+        self.forkserver_down = Gauge(
+            "loadwarden_forkserver_down_seconds",
+            "Seconds since this worker's fork server was lost while none has started again"
+            " (0 while one runs): meanwhile the worker claims no job.",
             registry=r,
         )
         self.confinement = Info(

@@ -27,6 +27,12 @@ class Backoff:
         self.short_lives = 0
         self.ready_at = 0.0
         self.not_before = 0.0
+        #: When the fork server was lost, while none has started since (None: it runs).
+        self.down_since: float | None = None
+
+    def down_s(self) -> float:
+        """How long no fork server has run since one was lost (0.0 while one runs)."""
+        return 0.0 if self.down_since is None else time.monotonic() - self.down_since
 
     def wait_s(self) -> float:
         return round(max(0.0, self.not_before - time.monotonic()), 3)
@@ -42,6 +48,7 @@ class Backoff:
 
     def started(self) -> None:
         self.ready_at = time.monotonic()
+        self.down_since = None
 
     def failed(self) -> float:
         """Count a start that failed; returns the wait before the next."""
@@ -53,6 +60,8 @@ class Backoff:
         """Count a lost fork server's life; returns how long it lived and the wait before
         the next start."""
         lived_s = time.monotonic() - self.ready_at
+        if self.down_since is None:
+            self.down_since = time.monotonic()
         self.short_lives = self.short_lives + 1 if lived_s < SHORT_LIFE_S else 0
         self.not_before = time.monotonic() + restart_wait_s(self.short_lives)
         return round(lived_s, 3), self.wait_s()

@@ -109,6 +109,11 @@ class ForkServer:
         return self._reader is not None and not self._reader.done()
 
     @property
+    def down_s(self) -> float:
+        """Seconds since a fork server was lost while none has started again (0.0: it runs)."""
+        return self._restart.backoff.down_s()
+
+    @property
     def restarting(self) -> bool:
         """A lost fork server is being started again (its backoff, or its start, under way)."""
         return self._restart.under_way
