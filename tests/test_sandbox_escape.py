@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import platform
 import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,6 +177,42 @@ def _status(pid: int | None) -> dict[str, str]:
 
 
 @needs_seccomp_filter
+def test_the_inspection_child_cannot_signal_the_worker(tmp_path: Path) -> None:
+    """The confined inspection's process (a session of its own, as the inspector starts it)
+    confines itself as a load child does: a signal to its parent, or a prlimit on it, is
+    refused (EPERM), even without Landlock's signal scoping; to itself, allowed."""
+    model = tmp_path / "m.bin"
+    model.write_bytes(b"x")
+    probe = (
+        "import os, resource, sys\n"
+        "from loadwarden.worker.sandbox._inspect_child import _confine\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "_confine(fd, 1 << 30, 10)\n"
+        "out = []\n"
+        "for name, call in [\n"
+        "    ('kill', lambda: os.kill(os.getppid(), 0)),\n"
+        "    ('prlimit', lambda: resource.prlimit(os.getppid(), resource.RLIMIT_CPU)),\n"
+        "    ('self', lambda: os.kill(os.getpid(), 0)),\n"
+        "]:\n"
+        "    try:\n"
+        "        call()\n"
+        "        out.append(name + ' ok')\n"
+        "    except OSError as exc:\n"
+        "        out.append(name + ' ' + str(exc.errno))\n"
+        "print(','.join(out))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(model)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"kill {errno.EPERM},prlimit {errno.EPERM},self ok"
+
+
 async def test_children_inherit_the_fork_servers_filter(
     make_supervisor: Callable[..., Supervisor], small_model: Path
 ) -> None:

@@ -4,7 +4,7 @@ Run as ``python -m loadwarden.worker.sandbox._inspect_child ARGS_JSON`` by
 ``inspector.inspect_in_child`` with the model's descriptor inherited. It imports
 everything first, then confines itself like a load child (no_new_privs, its own
 address-space and CPU limits, Landlock to the model and the interpreter, no
-sockets), then inspects and writes one JSON object to stdout:
+sockets, no signal past itself), then inspects and writes one JSON object to stdout:
 ``{"summary": {...}}`` or ``{"error": {"type", "code", "message"}}``.
 """
 
@@ -37,6 +37,9 @@ def _confine(fd: int, memory_bytes: int, cpu_seconds: int) -> None:
     # An architecture without a filter: Landlock and the limits still hold.
     with contextlib.suppress(OSError):
         _seccomp.install()
+        # It leads its own session (start_new_session): no signal, prlimit or ptrace
+        # reaches the worker that started it, Landlock's signal scoping or not.
+        _seccomp.install_child(os.getpid())
 
 
 def _answer(message: dict[str, Any]) -> None:

@@ -189,7 +189,9 @@ class ForkServer:
                     if not self.alive:
                         await self._start_locked()
                     break
-                except Exception as exc:  # logged and counted by _start_locked
+                except SandboxError as exc:  # logged and counted by _start_locked
+                    self._restart.settle(exc)  # "the fork server did not start (...)"
+                except Exception as exc:  # the same
                     self._restart.settle(SandboxError(f"the fork server did not start: {exc}"))
         self._restart.settle(None)
 
