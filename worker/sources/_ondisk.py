@@ -204,8 +204,9 @@ def open_local_inline(
 
     None unless every root was learnt on a local disk (``open_local_learning``) and the
     path names, below its root, a regular file reached with no symlink, ``..`` or mount on
-    the way and no signature beside it. A missing file and a refused one raise the thread's
-    own errors; anything else the thread judges.
+    the way and no signature beside it. A source outside its roots, under a special tree or
+    (with ``refuse_hard_links``) hard-linked raises the thread's own error; anything else,
+    a missing file included, the thread judges.
     """
     held = _roots.held(roots)
     if held is None:
