@@ -22,7 +22,7 @@ from collections.abc import Collection
 import psutil
 import structlog
 
-from loadwarden.worker.sandbox.children import kill_group
+from loadwarden.worker.sandbox.children import kill_group, one_exits
 
 log = structlog.get_logger("loadwarden.sandbox")
 
@@ -54,30 +54,6 @@ def _reaped(pid: int) -> bool:
     return done == pid
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-async def _one_exits(pids: list[int]) -> None:
-    """Return once one of ``pids`` has exited (its pidfd readable), or is gone already."""
-    loop = asyncio.get_running_loop()
-    exited: asyncio.Future[None] = loop.create_future()
-    fds: list[int] = []
-    try:
-        for pid in pids:
-            try:
-                fds.append(os.pidfd_open(pid))
-            except ProcessLookupError:
-                return
-            loop.add_reader(fds[-1], _resolve, exited)
-        await exited
-    finally:
-        for fd in fds:
-            loop.remove_reader(fd)
-            os.close(fd)
-
-
 async def reap(known: Collection[int]) -> list[int]:
     """Kill and reap the lost fork server's children (``known``) and their groups, once they
     are ours; returns the pids reaped. Call it once the fork server itself is reaped."""
@@ -90,7 +66,7 @@ async def reap(known: Collection[int]) -> list[int]:
             while left := _left_to_us(known):  # again: what a reaped one forked is ours now
                 reaped += [pid for pid in left if _reaped(pid)]
                 if running := [pid for pid in left if pid not in reaped]:
-                    await _one_exits(running)
+                    await one_exits(running)
     except TimeoutError:
         log.warning("orphans_left", pids=_left_to_us(known))
     if reaped:

@@ -145,9 +145,30 @@ async def stop_child(child: Child) -> ChildExit:
     return replace(ended, killed=killed)
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+def resolve(future: asyncio.Future[None]) -> None:
+    """Set ``future``'s result unless it is done (a reader's or writer's callback)."""
     if not future.done():
         future.set_result(None)
+
+
+async def one_exits(pids: Sequence[int]) -> None:
+    """Return once one of ``pids`` (our children) has exited, without reaping it: its pidfd
+    becomes readable; at once if one is gone already."""
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+    fds: list[int] = []
+    try:
+        for pid in pids:
+            try:
+                fds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                return
+            loop.add_reader(fds[-1], resolve, exited)
+        await exited
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
+            os.close(fd)
 
 
 async def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
@@ -158,7 +179,7 @@ async def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> Non
             return
         except BlockingIOError:
             writable: asyncio.Future[None] = loop.create_future()
-            loop.add_writer(sock.fileno(), _resolve, writable)
+            loop.add_writer(sock.fileno(), resolve, writable)
             try:
                 await writable
             finally:

@@ -35,7 +35,7 @@ from loadwarden.producer.errors import (
 )
 from loadwarden.worker._files import ModelFile
 from loadwarden.worker.config import InspectionCaps
-from loadwarden.worker.sandbox.children import SandboxError, kill_group
+from loadwarden.worker.sandbox.children import SandboxError, kill_group, one_exits
 from loadwarden.worker.sandbox.forkserver import child_environment
 
 #: Errors the child may name, by class name: nothing else is believed.
@@ -94,7 +94,7 @@ async def inspect_in_child(
         data = await _read_to_end(ours, max_answer_bytes)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_EXIT_GRACE_S):
-                await _exited(process.pid)
+                await one_exits([process.pid])
     finally:
         ours.close()
         if process.poll() is None:
@@ -114,24 +114,6 @@ async def _read_to_end(sock: socket.socket, cap: int) -> bytes:
                 code="too_many_tensors",
             )
     return bytes(data)
-
-
-async def _exited(pid: int) -> None:
-    """Wait until process ``pid`` (our child) has exited, without reaping it."""
-    loop = asyncio.get_running_loop()
-    pidfd = os.pidfd_open(pid)
-    exited: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(pidfd, _resolve, exited)
-    try:
-        await exited
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _answer(data: bytes, returncode: int | None, cpu_seconds: int) -> ModelSummary:
