@@ -64,7 +64,8 @@ class LoadState:
 
     summary: ModelSummary | None = None
     limits: Limits | None = None
-    #: The child's deadline was cut to what was left of the job's (``_deadline.within``).
+    #: Waits before the child (admission, a fork server's restart) cut its deadline by over
+    #: ``_deadline.WAITED_SHARE``: its timeout is not held against the model.
     limit_cut: bool = False
     run: ChildRun | None = None
     signature: SignatureCheck | None = None
