@@ -11,6 +11,8 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from loadwarden.producer._lean_io import LeanIO
+
 
 class _CancelSafeWrites(AbstractConnection):
     """A connection whose writes keep a cancellation (redis-py 5 writes through wait_for).
@@ -19,7 +21,8 @@ class _CancelSafeWrites(AbstractConnection):
     finishes (CPython gh-86296, fixed in 3.12), which is likely for a write that
     completes at once: measured, 3 in 200 cancelled pipelines kept running, and a
     lease-renewal task that ignores its cancel holds a job for ever. The same write
-    under ``asyncio.timeout`` (which counts cancels correctly) instead.
+    under ``asyncio.timeout`` (which counts cancels correctly) instead, when there is a
+    wait at all: a write the kernel took whole needs no timer (``LeanIO``'s reasons).
     """
 
     async def send_packed_command(
@@ -34,9 +37,13 @@ class _CancelSafeWrites(AbstractConnection):
         writer = self._writer
         assert writer is not None
         try:
-            async with asyncio.timeout(self.socket_timeout):
-                writer.writelines(chunks)
-                await writer.drain()
+            writer.writelines(chunks)
+            transport = writer.transport
+            if transport.get_write_buffer_size() or transport.is_closing():
+                async with asyncio.timeout(self.socket_timeout):
+                    await writer.drain()
+            else:  # all of it went to the kernel at once: drain() returns without waiting,
+                await writer.drain()  # so no timer to arm (and no cancel can come in it)
         except TimeoutError:
             await self.disconnect(nowait=True)
             raise RedisTimeoutError("Timeout writing to socket") from None
@@ -52,9 +59,11 @@ _SAFE: dict[type[AbstractConnection], type[AbstractConnection]] = {}
 
 
 def cancel_safe_connection(cls: type[AbstractConnection]) -> type[AbstractConnection]:
-    """``cls`` whose writes keep a cancellation (one class made per connection class)."""
+    """``cls`` whose writes keep a cancellation (one class made per connection class), and
+    with ``LeanIO``'s packing and reads below ``cls``'s own (a Sentinel connection's
+    read_response still sees every reply)."""
     if cls not in _SAFE:
-        _SAFE[cls] = type(f"CancelSafe{cls.__name__}", (_CancelSafeWrites, cls), {})
+        _SAFE[cls] = type(f"CancelSafe{cls.__name__}", (_CancelSafeWrites, cls, LeanIO), {})
     return _SAFE[cls]
 
 

@@ -6,7 +6,8 @@ its synchronous twin ``blocking_redis_client``), so they share one set of timeou
 and one reconnection policy (``RedisOptions`` in settings). What the factory puts
 together lives beside it: the URLs it accepts (``_redis_url``), the ride-through of
 an outage (``_ride_through``), connections and pipelines safe to cancel
-(``_cancel_safe``), and how a long-lived connection comes back (``_reconnect``).
+(``_cancel_safe``), connections that pay less CPU per command (``_lean_io``), and how a
+long-lived connection comes back (``_reconnect``).
 
 The primary behind a Sentinel URL is found through redis-py's asyncio ``Sentinel``
 (never by hand): a connection asks the Sentinels for the primary's address, and one
