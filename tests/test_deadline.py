@@ -15,7 +15,7 @@ import pytest
 
 from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
 from loadwarden.worker.config import Settings
-from loadwarden.worker.load._deadline import Stopped, until
+from loadwarden.worker.load._deadline import CancelFlag, Stopped, until
 from loadwarden.worker.load._outcome import Stop
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sources import _http  # noqa: F401 (imported now, not in the deadline)
@@ -137,24 +137,53 @@ async def _forever(stopped: asyncio.Event) -> None:
         stopped.set()
 
 
-async def test_until_stops_work_at_its_deadline() -> None:
+#: A plain event (``loadwarden load``, a library caller) and a job's own (``JobBook``).
+CANCELS = pytest.mark.parametrize("make_cancel", [asyncio.Event, CancelFlag])
+
+
+@CANCELS
+async def test_until_stops_work_at_its_deadline(make_cancel: type[asyncio.Event]) -> None:
     """Past the deadline the work is cancelled and awaited, then Stopped says deadline."""
     stopped = asyncio.Event()
     deadline = asyncio.get_running_loop().time() + 0.05
     with pytest.raises(Stopped) as caught:
-        await until(_forever(stopped), deadline, asyncio.Event())
+        await until(_forever(stopped), deadline, make_cancel())
     assert caught.value.why is Stop.DEADLINE
     assert stopped.is_set()
 
 
-async def test_until_stops_work_on_a_cancel() -> None:
+@CANCELS
+async def test_until_stops_work_on_a_cancel(make_cancel: type[asyncio.Event]) -> None:
     """A cancel set while the work runs stops it at once, and Stopped says cancel."""
-    stopped, cancel = asyncio.Event(), asyncio.Event()
+    stopped, cancel = asyncio.Event(), make_cancel()
     asyncio.get_running_loop().call_soon(cancel.set)
     with pytest.raises(Stopped) as caught:
         await until(_forever(stopped), asyncio.get_running_loop().time() + 60, cancel)
     assert caught.value.why is Stop.CANCEL
     assert stopped.is_set()
+
+
+@CANCELS
+async def test_until_stops_at_once_on_a_cancel_set_before(make_cancel: type[asyncio.Event]) -> None:
+    """A cancel already set stops the work at once (it never ends by itself), as cancel."""
+    cancel = make_cancel()
+    cancel.set()
+    with pytest.raises(Stopped) as caught:
+        await until(_forever(asyncio.Event()), asyncio.get_running_loop().time() + 60, cancel)
+    assert caught.value.why is Stop.CANCEL
+
+
+async def test_a_cancel_flag_is_followed_only_while_until_waits() -> None:
+    """Once ``until`` returns, the flag holds nothing of it: a cancel set later wakes no one."""
+
+    async def answer() -> int:
+        return 42
+
+    flag = CancelFlag()
+    assert await until(answer(), asyncio.get_running_loop().time() + 60, flag) == 42
+    assert flag._followers == set()
+    flag.set()
+    assert flag.is_set()
 
 
 async def test_until_returns_what_the_work_returns_or_raises_what_it_raises() -> None:

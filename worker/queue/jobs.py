@@ -42,6 +42,7 @@ from loadwarden.producer.keys import (
 from loadwarden.worker._keys import ATTEMPTS_KEY_PREFIX, RECENT_MAXLEN
 from loadwarden.worker._tasks import finish_despite_cancel
 from loadwarden.worker.config import Settings
+from loadwarden.worker.load._deadline import CancelFlag
 from loadwarden.worker.ops.metrics import Metrics
 
 log = structlog.get_logger("loadwarden.jobs")
@@ -115,7 +116,7 @@ class JobBook:
         self.redis = redis
         self.settings = settings
         self.metrics = metrics
-        self._cancel_events: dict[str, asyncio.Event] = {}
+        self._cancel_events: dict[str, CancelFlag] = {}
         #: Job id -> ``finish``'s arguments, for the transaction that stores the result.
         self._finishing: dict[str, Finish] = {}
         #: Job id -> ``begin``'s answer read with the job's claim (raw attempts, cancelled).
@@ -152,9 +153,11 @@ class JobBook:
     async def is_cancelled(self, job_id: str) -> bool:
         return bool(await self.redis.exists(CANCEL_KEY_PREFIX + job_id))
 
-    def cancel_event(self, job_id: str) -> asyncio.Event:
+    def cancel_event(self, job_id: str) -> CancelFlag:
         """An event set when a producer cancels this job (while it runs here)."""
-        return self._cancel_events.setdefault(job_id, asyncio.Event())
+        if (flag := self._cancel_events.get(job_id)) is None:
+            flag = self._cancel_events[job_id] = CancelFlag()
+        return flag
 
     def forget(self, job_id: str) -> None:
         self._cancel_events.pop(job_id, None)
