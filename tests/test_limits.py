@@ -218,3 +218,15 @@ async def test_calibrated_limits_fit_each_model_and_stop_a_10x_one(tmp_path: Pat
             LoadRequest(source=str(tmp_path / "huge.safetensors"), limits=medium_limits)
         )
     assert huge.outcome is Outcome.MEMORY_EXCEEDED
+
+
+def test_history_stats_count_whole_samples_only() -> None:
+    """A damaged history entry costs its own sample, on every read of the list (each entry
+    is parsed once and kept by its bytes: a second read finds the same)."""
+    raw = [b"[1.0,0.5,100]", b"not json", b"[1,2]", b'["x",1,2]', b"[2.0,1.5,300]"]
+    first = History.stats_from(raw)
+    assert first is not None and first.samples == 2
+    assert History.stats_from(raw) == first
+    assert History.stats_from([*raw, b"[3.0,2.5,500]"]) == History.stats_from(
+        [b"[1.0,0.5,100]", b"[2.0,1.5,300]", b"[3.0,2.5,500]"]
+    )

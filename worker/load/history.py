@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -40,6 +41,21 @@ FLUSH_DELAY_S = 0.1
 MAX_PENDING = 1000
 #: The commands ``queue_pending`` adds to a pipeline per sample.
 ANSWERS_PER_SAMPLE = 3
+
+
+#: Stored samples parsed, kept by their bytes: a model's list gains one sample a load, so
+#: each load of it would otherwise parse again the ``history_samples`` its last one read.
+SAMPLES_CACHED = 4096
+
+
+@functools.lru_cache(maxsize=SAMPLES_CACHED)
+def _sample(item: bytes) -> tuple[float, float, int] | None:
+    """One stored sample; None for a damaged entry (it costs one sample, not the load)."""
+    try:
+        wall, cpu, peak = json.loads(item)
+        return float(wall), float(cpu), int(peak)
+    except (ValueError, TypeError):
+        return None
 
 
 class History:
@@ -86,13 +102,7 @@ class History:
     @staticmethod
     def stats_from(raw: Sequence[bytes]) -> HistoryStats | None:
         """The stats of the model's stored samples (its list, whole)."""
-        samples = []
-        for item in raw:
-            try:
-                wall, cpu, peak = json.loads(item)
-                samples.append((float(wall), float(cpu), int(peak)))
-            except (ValueError, TypeError):
-                continue  # a damaged entry costs one sample, not the load
+        samples = [sample for item in raw if (sample := _sample(item)) is not None]
         return stats_of(samples)
 
     async def record(self, identity: str, wall_s: float, cpu_s: float, peak_rss_bytes: int) -> None:
