@@ -155,9 +155,9 @@ class Supervisor:
         return {
             "cgroups": f"v{self.cgroups.version}" if self.cgroups else "none",
             "landlock": f"abi{self.landlock_abi}" if self.landlock_abi else "none",
-            # The child's own seccomp filter, when the sandbox has one; the container
+            # The child's own seccomp filters, when the sandbox has them; the container
             # runtime's profile (RuntimeDefault) is not ours to report.
-            "seccomp": "no_sockets" if _seccomp.available() else "none",
+            "seccomp": _seccomp.label(),
             "address_space_limit": "on" if self.settings.use_address_space_limit else "off",
         }
 
