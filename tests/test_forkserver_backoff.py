@@ -15,7 +15,7 @@ import pytest
 import structlog
 
 from loadwarden.producer.client import Client
-from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
+from loadwarden.producer.contract import JobPhase, LimitOverrides, LoadRequest, Outcome
 from loadwarden.worker.config import Settings
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox.children import SandboxError, stop_child
@@ -79,6 +79,35 @@ async def test_a_load_during_the_backoff_waits_for_the_restart_within_its_deadli
     assert cut.outcome is Outcome.TIMEOUT
     assert cut.error is not None and "waiting for the fork server" in cut.error.message
     assert sum(e["event"] == "forkserver_awaited" for e in events) == 2
+
+
+async def test_a_load_waiting_for_the_restart_shows_phase_waiting(small_model: Path) -> None:
+    """A load admitted while its fork server restarts is ``waiting`` until the restart is done
+    (the heartbeat's phase), then ``loading``, and ends ok."""
+    async with Supervisor(Settings(), preload=[TEST_LOADERS]) as sup:
+        forkserver = sup.forkserver
+        phases: list[JobPhase] = []
+        with structlog.testing.capture_logs() as events:
+            async with forkserver._lock:  # holds the restart back until the phase is read
+                os.kill(forkserver.pid or 0, signal.SIGKILL)
+                await eventually(lambda: forkserver.restarting, 30, "the restart")
+                load = asyncio.create_task(sup.load(LoadRequest(source=str(small_model))))
+                await eventually(
+                    lambda: any(e["event"] == "forkserver_awaited" for e in events),
+                    30,
+                    "the load waits for the restart",
+                )
+                phases += [job.phase for job in sup.in_flight.values()]
+            await eventually(
+                lambda: [j.phase for j in sup.in_flight.values()] != phases,
+                30,
+                "the load goes on",
+            )
+            phases += [job.phase for job in sup.in_flight.values()]
+            report = await load
+    assert phases[:1] == [JobPhase.WAITING]
+    assert phases[1:] in ([JobPhase.LOADING], []), phases  # [] when it ended at once
+    assert report.outcome is Outcome.OK, report.error
 
 
 async def test_a_failed_restart_fails_the_loads_waiting_for_it(
