@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -100,36 +102,36 @@ async def test_a_transaction_reads_every_reply_and_error(redis_url: str) -> None
         await client.aclose()
 
 
-async def test_a_reply_not_come_yet_is_still_waited_for_under_the_timeout(redis_url: str) -> None:
-    """A reply that has not arrived is waited for at most socket_timeout, then TimeoutError."""
+@contextlib.asynccontextmanager
+async def _frozen_connection(redis_url: str) -> AsyncIterator[AbstractConnection]:
+    """A connection of ours (QUICK) to Redis through a proxy that then moves no byte."""
     async with FreezingProxy(urlsplit(redis_url).port or 6379) as proxy:
         client = redis_client(f"redis://127.0.0.1:{proxy.port}/9", QUICK)
         connection = await client.connection_pool.get_connection()
         try:
             proxy.freeze()
-            await connection.send_command("PING")
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            with pytest.raises(RedisTimeoutError):
-                await connection.read_response()
-            assert loop.time() - started < QUICK.socket_timeout_s + 1
+            yield connection
         finally:
             await client.connection_pool.release(connection)
             await client.aclose()
+
+
+async def test_a_reply_not_come_yet_is_still_waited_for_under_the_timeout(redis_url: str) -> None:
+    """A reply that has not arrived is waited for at most socket_timeout, then TimeoutError."""
+    async with _frozen_connection(redis_url) as connection:
+        await connection.send_command("PING")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(RedisTimeoutError):
+            await connection.read_response()
+        assert loop.time() - started < QUICK.socket_timeout_s + 1
 
 
 async def test_a_write_the_kernel_cannot_take_still_times_out(redis_url: str) -> None:
     """A write that fills the socket's buffers waits for it at most socket_timeout."""
-    async with FreezingProxy(urlsplit(redis_url).port or 6379) as proxy:
-        client = redis_client(f"redis://127.0.0.1:{proxy.port}/9", QUICK)
-        connection = await client.connection_pool.get_connection()
-        try:
-            proxy.freeze()
-            with pytest.raises(RedisTimeoutError, match="writing"):
-                await connection.send_command("SET", "big", b"x" * (64 << 20))
-        finally:
-            await client.connection_pool.release(connection)
-            await client.aclose()
+    async with _frozen_connection(redis_url) as connection:
+        with pytest.raises(RedisTimeoutError, match="writing"):
+            await connection.send_command("SET", "big", b"x" * (64 << 20))
 
 
 async def test_a_stray_reply_is_seen_and_its_connection_replaced(redis_url: str) -> None:

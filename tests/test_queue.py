@@ -231,6 +231,32 @@ async def test_a_run_begins_with_what_its_claim_read_and_later_cancels(
         await redis.aclose()
 
 
+async def test_a_lease_renews_on_its_interval_and_stops_with_the_attempt(
+    settings: Settings,
+) -> None:
+    """A lease writes the marker and the running entry anew every ``lease_renew_s`` (the
+    first one interval in), and nothing of it runs once the attempt leaves it."""
+    assert settings.redis_url
+    quick = settings.model_copy(update={"lease_s": 5.0, "lease_renew_s": 0.05})
+    redis = redis_client(quick.redis_url or "", quick.redis)
+    book = JobBook(redis, quick)
+    marker = in_progress_key_prefix + "leased"
+    try:
+        async with book.lease("leased", []):
+            first = await redis.zscore(RUNNING_ZSET, "leased")
+            assert first is not None and await redis.exists(marker)
+            await redis.delete(marker)  # as a failover that lost it
+            await eventually(lambda: redis.exists(marker), 5, "the marker written back")
+            later = await redis.zscore(RUNNING_ZSET, "leased")
+            assert later is not None and later > first
+        names = {task.get_name() for task in asyncio.all_tasks()}
+        assert "loadwarden-lease-leased" not in names
+    finally:
+        await redis.delete(marker, ATTEMPTS_KEY_PREFIX + "leased")
+        await redis.zrem(RUNNING_ZSET, "leased")
+        await redis.aclose()
+
+
 def _book_of(runner: WorkerRunner) -> JobBook:
     """The running worker's JobBook (where its claims register cancel listeners)."""
     assert runner.arq is not None
