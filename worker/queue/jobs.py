@@ -203,46 +203,32 @@ class JobBook:
         marker the claim wrote holds the job meanwhile.
         """
         lease_ms = int(self.settings.lease_s * 1000)
-        every_s = self.settings.lease_renew_s
-        loop = asyncio.get_running_loop()
 
-        async def renew() -> None:  # one interval in, then every interval
+        async def renew() -> None:
             while True:
+                await asyncio.sleep(self.settings.lease_renew_s)
                 try:
                     await LeaseStart(self.redis, job_id, None, lease_ms).send()
                 except (RedisError, OSError) as exc:
                     log.warning("lease_renewal_failed", job_id=job_id, error=str(exc))
-                await asyncio.sleep(every_s)
-
-        renewing: list[asyncio.Task[None]] = []
-
-        def start_renewing() -> None:
-            renewing.append(loop.create_task(renew(), name=f"loadwarden-lease-{job_id}"))
-
-        async def stop_renewing() -> None:
-            timer.cancel()
-            for task in renewing:
-                task.cancel()
-                await asyncio.wait({task})
 
         start = LeaseStart(self.redis, job_id, attempts, lease_ms)
         if not hand_over:
             await start.send()
 
-        # The renewals start on a timer, not in a task asleep from the start: most loads end
-        # before the first one, and a task made and cancelled per load cost ~25 us of the
-        # worker's CPU (bench/tiny.py), a timer ~4 us.
-        timer = loop.call_later(every_s, start_renewing)
+        task = asyncio.create_task(renew(), name=f"loadwarden-lease-{job_id}")
         try:
             yield start if hand_over else None
         except BaseException:
-            await stop_renewing()
+            task.cancel()
+            await asyncio.wait({task})
             with contextlib.suppress(RedisError, OSError):  # else it lapses by itself
                 await finish_despite_cancel(self.redis.zrem(RUNNING_ZSET, job_id))
             raise
         # An attempt that ended goes on to ``finish`` or ``add_busy``, whose round trip
         # drops the running entry too.
-        await stop_renewing()
+        task.cancel()
+        await asyncio.wait({task})
 
     async def add_busy(self, job_id: str, seconds: float) -> None:
         """Count a run that ended in a retry toward the service time (its job is not done)."""
