@@ -32,8 +32,9 @@ ADAPTER = {"worker/queue/arq_adapter.py", "worker/queue/_arq.py"}
 JOB_API = {"Retry"}
 
 #: Public names the Worker shares with things that are not it (any object's close/run/main;
-#: arq's client and our settings are added below): ``settings.queue_name`` is no internal.
-SHARED = {"__init__", "__repr__", "close", "run", "main", "burst", "ctx"}
+#: a redis-py connection's health_check_interval, read by ``producer/_lean_io``; arq's client
+#: and our settings are added below): ``settings.queue_name`` is no internal.
+SHARED = {"__init__", "__repr__", "close", "run", "main", "burst", "ctx", "health_check_interval"}
 
 
 def _worker_names() -> set[str]:

@@ -10,8 +10,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.constants import (
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from loadwarden.producer import wire
 from loadwarden.producer.client import Client, JobState
@@ -29,6 +35,7 @@ from loadwarden.producer.keys import (
 from loadwarden.worker._keys import ATTEMPTS_KEY_PREFIX
 from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.config import Settings
+from loadwarden.worker.queue._claim import answered, claim
 from loadwarden.worker.queue.jobs import JobBook
 from loadwarden.worker.queue.runner import WorkerRunner
 from tests.conftest import eventually
@@ -254,6 +261,48 @@ async def test_a_lease_renews_on_its_interval_and_stops_with_the_attempt(
     finally:
         await redis.delete(marker, ATTEMPTS_KEY_PREFIX + "leased")
         await redis.zrem(RUNNING_ZSET, "leased")
+        await redis.aclose()
+
+
+async def test_a_claim_makes_the_runs_first_read_for_arq(settings: Settings) -> None:
+    """The claim GETs the job and counts its try once; in the run's task arq's first
+    transaction is answered from that (no second count), and only there, only once. A try
+    counter that cannot count leaves arq's transaction to Redis, as before."""
+    assert settings.redis_url
+    redis = redis_client(settings.redis_url, settings.redis)
+    queue, payload = "lw-test-queue", b'{"t":1}'
+    try:
+        for job_id in ("fine", "odd"):
+            await redis.set(job_key_prefix + job_id, payload)
+            await redis.zadd(queue, {job_id: 1})
+        await redis.set(retry_key_prefix + "odd", "x")  # INCR answers an error
+        fine = await claim(redis, queue, "fine", 60_000)
+        odd = await claim(redis, queue, "odd", 60_000)
+        assert fine is not None and fine.first_read is not None
+        assert odd is not None and odd.first_read is None
+        assert await redis.get(retry_key_prefix + "fine") == b"1"
+        assert await redis.get(retry_key_prefix + "odd") == b"x"  # nothing counted
+        assert answered(redis) is redis  # not in a run's task
+
+        async def first_read(job_id: str) -> tuple[list[object], object]:
+            async with answered(redis).pipeline(transaction=True) as pipe:
+                pipe.get(job_key_prefix + job_id)
+                pipe.incr(retry_key_prefix + job_id)
+                pipe.expire(retry_key_prefix + job_id, 88400)
+                answers = await pipe.execute()
+            return answers, answered(redis)
+
+        answers, after = await fine.start(first_read("fine"))
+        assert answers == [payload, 1, True] and after is redis  # taken once
+        assert await redis.get(retry_key_prefix + "fine") == b"1"  # not counted twice
+        assert 0 < await redis.ttl(retry_key_prefix + "fine") <= 88400
+        with pytest.raises(ResponseError):  # arq's own transaction, as before
+            await odd.start(first_read("odd"))
+    finally:
+        for job_id in ("fine", "odd"):
+            keys = (job_key_prefix, retry_key_prefix, in_progress_key_prefix)
+            await redis.delete(*(prefix + job_id for prefix in keys))
+        await redis.delete(queue)
         await redis.aclose()
 
 

@@ -15,13 +15,12 @@ enqueue pushes a token on the queue's wake list (BLPOP), or a running job ends
 while all slots are full, and ``poll_delay`` becomes the longest wait (a fallback
 for jobs enqueued without a token).
 
-Why a subclass and not a patch of arq: the hooks used (``run_job``,
-``finish_job``, ``finish_failed_job``, the job serializer, ``start_jobs``,
-``_poll_iteration``, the slot release) are arq's methods, and the overrides call
-arq's code unchanged, except two copies made to save round trips (``start_jobs``'
-claim, now one script that also reads what the job's run looks at first; ``finish_job``,
-with the finished push in its transaction), which keep arq's logic line for line (arq
-0.28 is pinned).
+Why a subclass and not a patch of arq: the hooks used (``run_job``, ``finish_job``,
+``finish_failed_job``, the job serializer, ``start_jobs``, ``_poll_iteration``, the slot
+release, ``pool``) are arq's, and the overrides call arq's code unchanged, but for two
+copies made to save round trips (``start_jobs``' claim, now one script that also makes
+the run's first reads, ``_claim``; ``finish_job``, with the finished push in its
+transaction), which keep arq's logic line for line (arq 0.28 is pinned).
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import contextlib
 from typing import Any
 
 import structlog
+from arq.connections import ArqRedis
 from arq.constants import (
     abort_jobs_ss,
     in_progress_key_prefix,
@@ -46,14 +46,9 @@ from redis.exceptions import RedisError, ResponseError
 from loadwarden.producer import wire
 from loadwarden.producer.errors import LoadError, describe
 from loadwarden.producer.finished import push_message
-from loadwarden.producer.keys import (
-    FINISHED_CHANNEL,
-    FINISHED_REPORTS_CHANNEL,
-    now_ms,
-    wake_key,
-)
+from loadwarden.producer.keys import FINISHED_CHANNEL, FINISHED_REPORTS_CHANNEL, now_ms, wake_key
 from loadwarden.worker.load._outcome import Early, failure
-from loadwarden.worker.queue._claim import claim
+from loadwarden.worker.queue._claim import answered, claim
 from loadwarden.worker.queue.job import (
     FINISH_WITH_RESULT,
     TRANSIENT_REDIS_ERRORS,
@@ -120,6 +115,10 @@ class LoadWorker(Worker):
         if document.get("s") is False and isinstance(document.get("r"), BaseException):
             self._failures[str(document.get("id"))] = (document["r"], document)
         return wire.dumps(document)
+
+    @property
+    def pool(self) -> ArqRedis:  # in a run's task, its first read is answered by its claim
+        return answered(super().pool)  # type: ignore[no-any-return]
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
@@ -228,7 +227,7 @@ class LoadWorker(Worker):
                 continue
             if self._book is not None and claimed.first_look is not None:
                 self._book.begun(job_id, *claimed.first_look)
-            task = asyncio.get_running_loop().create_task(self.run_job(job_id, claimed.score))
+            task = claimed.start(self.run_job(job_id, claimed.score))  # its first read
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
 
