@@ -27,6 +27,7 @@ from loadwarden.worker.cli._common import (
     catalog_defects,
     emit_report,
     load_request,
+    local_policies,
     named_root,
     settings_from,
     with_roots,
@@ -164,7 +165,7 @@ def inspect(
 
     request = load_request(file, None, {}, signed_by)
     source = request.source
-    settings = with_roots(settings_from(), *named_root(source))
+    settings = local_policies(*named_root(source))
     try:
         trust = Trust(settings.signing) if settings.signing.signers else None
     except TrustError as exc:

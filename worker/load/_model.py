@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loadwarden.producer.contract import Limits, ModelFormat, ModelSummary, ShardInfo
 from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused
 from loadwarden.worker._files import ModelFile, OpenedModel
-from loadwarden.worker.config import InspectionCaps, Settings
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats import inspect_model
 from loadwarden.worker.formats._common import over_budget
 from loadwarden.worker.formats.index import check_coverage
 from loadwarden.worker.load._digest import check_digest
 from loadwarden.worker.load._outcome import LoadedModel
 from loadwarden.worker.sandbox.spec import ChildSpec, FileIdentity, SpecFile
+
+if TYPE_CHECKING:
+    from loadwarden.worker.config import Settings
 
 
 def shard_format(opened: OpenedModel, declared: ModelFormat | None) -> ModelFormat | None:
