@@ -51,10 +51,12 @@ def run_cli(*args: str) -> tuple[int, int, str, str]:
     return proc.pid, proc.returncode, out, err
 
 
-def run_entry(at_exit: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """The console script's ``main`` run with ``args``; at exit it prints ``at_exit`` (an
-    expression, with ``gc`` and ``sys`` imported) on stderr, after the command's own exit
-    handlers ran (``entry.exit_now``)."""
+def run_entry(
+    at_exit: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The console script's ``main`` run with ``args`` (in ``env``, else ours); at exit it
+    prints ``at_exit`` (an expression, with ``gc`` and ``sys`` imported) on stderr, after
+    the command's own exit handlers ran (``entry.exit_now``)."""
     code = (
         "import atexit, gc, sys\n"
         f"atexit.register(lambda: print({at_exit}, file=sys.stderr))\n"
@@ -69,12 +71,15 @@ def run_entry(at_exit: str, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         check=False,
+        env=env,
     )
 
 
-def modules_at_exit(*args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def modules_at_exit(
+    *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """``run_entry`` of ``args`` (which must exit 0), and the modules imported by its end."""
-    done = run_entry("'MODULES', *sorted(sys.modules)", *args)
+    done = run_entry("'MODULES', *sorted(sys.modules)", *args, env=env)
     assert done.returncode == 0, done.stderr
     line = next(line for line in done.stderr.splitlines() if line.startswith("MODULES "))
     return done, line.split()
@@ -101,6 +106,38 @@ def test_json_inspect_imports_no_rich(small_model: Path) -> None:
     done, modules = modules_at_exit("inspect", str(small_model), "--json")
     assert '"outcome": "ok"' in done.stdout
     assert "loadwarden.worker.load._model" in modules  # the check sees the inspection's imports
+    assert [name for name in modules if name.split(".")[0] == "rich"] == []
+
+
+#: What ``inspect`` of a safetensors file, printed to a pipe, never imports: rich (its
+#: output is plain), pydantic-settings and the worker's Settings (no LOADWARDEN_* variable
+#: is set), and the other formats' parsers (GGUF, npy, npz and zip).
+NOT_FOR_A_PLAIN_INSPECT = (
+    "rich",
+    "pydantic_settings",
+    "loadwarden.producer.settings",
+    "loadwarden.worker.config.settings",
+    "loadwarden.worker.formats.gguf",
+    "loadwarden.worker.binary.gguf",
+    "loadwarden.worker.formats.npy",
+    "loadwarden.worker.formats.npz",
+    "loadwarden.worker.formats._zip",
+)
+
+
+def test_plain_inspect_imports_only_what_it_uses(small_model: Path) -> None:
+    """`inspect` of a safetensors file, its table on a pipe and no LOADWARDEN_* variable set,
+    imports no rich, no pydantic-settings and no other format's parser."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LOADWARDEN_")}
+    done, modules = modules_at_exit("inspect", str(small_model), env=env)
+    assert "outcome" in done.stdout and "safetensors" in done.stdout
+    assert "loadwarden.worker.formats.safetensors" in modules  # the check sees the parser's
+    found = [m for m in modules for n in NOT_FOR_A_PLAIN_INSPECT if m == n or m.startswith(n + ".")]
+    assert found == []
+    # The same command told a setting reads the settings (and still no rich).
+    told = {**env, "LOADWARDEN_REPORT_MAX_TENSORS": "1"}
+    _done, modules = modules_at_exit("inspect", str(small_model), env=told)
+    assert "loadwarden.worker.config.settings" in modules
     assert [name for name in modules if name.split(".")[0] == "rich"] == []
 
 

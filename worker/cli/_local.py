@@ -209,9 +209,9 @@ def inspect(
     if as_json:
         typer.echo(json.dumps(document))
     else:
-        from loadwarden.worker.cli import _render  # rich: only for the human output
+        from loadwarden.worker.cli import _rows  # rich only where the output needs it
 
-        _render.inspection(document)
+        _rows.show(_rows.inspection_rows(document))
     raise typer.Exit(EXIT_OK if document["outcome"] == "ok" else EXIT_OUTCOME)
 
 
