@@ -15,11 +15,11 @@ from loadwarden.worker.formats import inspect_model
 from loadwarden.worker.formats._common import over_budget
 from loadwarden.worker.formats.index import check_coverage
 from loadwarden.worker.load._digest import check_digest
-from loadwarden.worker.load._outcome import LoadedModel
 from loadwarden.worker.sandbox.spec import ChildSpec, FileIdentity, SpecFile
 
 if TYPE_CHECKING:
     from loadwarden.worker.config import Settings
+    from loadwarden.worker.load._outcome import LoadedModel
 
 
 def shard_format(opened: OpenedModel, declared: ModelFormat | None) -> ModelFormat | None:

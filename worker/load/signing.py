@@ -49,6 +49,7 @@ from loadwarden.producer.contract import LoadRequest
 from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused
 from loadwarden.producer.sources import is_hf, parse_hf
 from loadwarden.worker._files import OpenedModel
+from loadwarden.worker._tasks import in_thread
 from loadwarden.worker.config import SigningPolicy
 from loadwarden.worker.load._bundle import (
     Found,
@@ -58,7 +59,6 @@ from loadwarden.worker.load._bundle import (
     unknown_signer,
     verify_bundle,
 )
-from loadwarden.worker.load._deadline import in_thread
 from loadwarden.worker.load._digest import digest_files
 
 __all__ = [
