@@ -9,10 +9,13 @@ with the same status and all its output.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import os
 import subprocess
 import sys
 import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -111,9 +114,12 @@ def test_json_inspect_imports_no_rich(small_model: Path) -> None:
 
 #: What ``inspect`` of a safetensors file, printed to a pipe, never imports: rich (its
 #: output is plain), pydantic-settings and the worker's Settings (no LOADWARDEN_* variable
-#: is set), and the other formats' parsers (GGUF, npy, npz and zip).
+#: is set), the other formats' parsers (GGUF, npy, npz and zip), and asyncio (no download,
+#: no signature to verify) or the child run's outcomes.
 NOT_FOR_A_PLAIN_INSPECT = (
     "rich",
+    "asyncio",
+    "loadwarden.worker.load._outcome",
     "pydantic_settings",
     "loadwarden.producer.settings",
     "loadwarden.worker.config.settings",
@@ -127,7 +133,7 @@ NOT_FOR_A_PLAIN_INSPECT = (
 
 def test_plain_inspect_imports_only_what_it_uses(small_model: Path) -> None:
     """`inspect` of a safetensors file, its table on a pipe and no LOADWARDEN_* variable set,
-    imports no rich, no pydantic-settings and no other format's parser."""
+    imports no rich, no pydantic-settings, no other format's parser and no asyncio."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LOADWARDEN_")}
     done, modules = modules_at_exit("inspect", str(small_model), env=env)
     assert "outcome" in done.stdout and "safetensors" in done.stdout
@@ -139,6 +145,32 @@ def test_plain_inspect_imports_only_what_it_uses(small_model: Path) -> None:
     _done, modules = modules_at_exit("inspect", str(small_model), env=told)
     assert "loadwarden.worker.config.settings" in modules
     assert [name for name in modules if name.split(".")[0] == "rich"] == []
+
+
+def test_inspect_downloads_a_url_on_an_event_loop(small_model: Path, tmp_path: Path) -> None:
+    """What `inspect` needs an event loop for still runs on one: a URL's download (here
+    from a loopback server), which imports asyncio, and reports what the file holds."""
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(small_model.parent))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    serving.start()
+    try:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.upper().startswith("LOADWARDEN_")},
+            "LOADWARDEN_SOURCES__ALLOW_HOSTS": '["127.0.0.1"]',
+            "LOADWARDEN_SOURCES__ALLOW_NETWORKS": '["127.0.0.0/8"]',
+            "LOADWARDEN_SOURCES__CACHE_DIR": str(tmp_path / "cache"),
+        }
+        url = f"http://127.0.0.1:{server.server_address[1]}/{small_model.name}"
+        done, modules = modules_at_exit("inspect", url, "--json", env=env)
+    finally:
+        server.shutdown()
+        serving.join()
+        server.server_close()
+    document = json.loads(done.stdout)
+    assert document["outcome"] == "ok" and document["model"]["format"] == "safetensors"
+    assert len(document["model"]["tensors"]) == 6
+    assert "asyncio" in modules
 
 
 def test_json_load_imports_neither_rich_nor_prometheus(small_model: Path) -> None:

@@ -14,7 +14,6 @@ from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats import inspect_model
 from loadwarden.worker.formats._common import over_budget
 from loadwarden.worker.formats.index import check_coverage
-from loadwarden.worker.load._digest import check_digest
 from loadwarden.worker.sandbox.spec import ChildSpec, FileIdentity, SpecFile
 
 if TYPE_CHECKING:
@@ -169,6 +168,10 @@ def with_digests(
         )
     if digests is None:
         return summary, None
+    # Here, not at the top: _digest imports asyncio, which ``inspect`` (it imports this
+    # module for ``inspect_opened``) runs without.
+    from loadwarden.worker.load._digest import check_digest
+
     for shard, digest in zip(opened.files, digests, strict=True):
         if shard.expected_sha256 not in (None, digest):
             return summary, InvalidModel(
