@@ -177,7 +177,7 @@ def inspect(
         raise typer.Exit(2) from None
 
     def open_it() -> tuple[OpenedModel, dict[str, Any], LoadError | None]:
-        opened = open_here(source, settings.sources, settings.inspection)
+        opened = _open_here(source, settings.sources, settings.inspection)
         try:
             status = settled_status(opened, request, settings.signing, trust)
             if status is not None:
@@ -220,7 +220,7 @@ def inspect(
     raise typer.Exit(EXIT_OK if document["outcome"] == "ok" else EXIT_OUTCOME)
 
 
-def open_here(source: str, policy: SourcePolicy, caps: InspectionCaps) -> OpenedModel:
+def _open_here(source: str, policy: SourcePolicy, caps: InspectionCaps) -> OpenedModel:
     """The model's files, opened as a load opens them: here, blocking (no event loop to keep
     free, and asyncio is not imported for it), but a URL's download."""
     from loadwarden.worker.sources import open_model, open_model_here
