@@ -89,6 +89,8 @@ class ForkServer:
         self.spawned = 0
         #: Children ``spawn`` lent and not yet ``returned``.
         self._lent = 0
+        #: Set by a caller that calls ``refill`` once a load's report is out (``LoadWorker``).
+        self.refill_later = False
         #: Set by ``close``: no child is forked ahead, no lost fork server started again.
         self._closing = False
         #: Called each time a fork server is started in place of a lost one (a metric).
@@ -171,7 +173,7 @@ class ForkServer:
             log.info("forkserver_restarted", pid=self.pid, restarts=self.restarts)
             if self.on_restart is not None:
                 self.on_restart()
-            self._refill()
+            self.refill()
 
     async def _start_again(self) -> None:
         """Reap the lost fork server now (not a zombie through the backoff), then start another
@@ -250,11 +252,11 @@ class ForkServer:
         only as far as no spec needs (``_child._confine_process``); another is forked ahead.
 
         A child ``lent`` (to ``run_child``) while no other lent child is out has the next
-        one forked ahead only when it is ``returned``: fork server, new child and its
-        placement then no longer share the two CPUs with the load's own child. Measured on
-        paced tiny loads: spec -> final message 5.9 -> 3.7 ms (p50), its child's CPU over
-        that span 2.4 -> 2.1 ms. While another lent child is out (a backlog), the next is
-        forked at once, as for any other caller.
+        one forked ahead only when it is ``returned`` (with ``refill_later``, when the caller
+        calls ``refill``, its report pushed): fork server, new child and its placement then
+        no longer share the two CPUs with the load's own child (spec -> final message 5.9 ->
+        3.7 ms, p50) or with the report on its way. While another lent child is out (a
+        backlog), the next is forked at once, as for any other caller.
         """
         if self._adopting is not None:  # requested at launch: served before any fork of ours
             await asyncio.wait([self._adopting])
@@ -266,16 +268,18 @@ class ForkServer:
         if lent:
             self._lent += 1
         if not lent or self._lent > 1:
-            self._refill()
+            self.refill()
         return child
 
     def returned(self) -> None:
-        """A child ``spawn`` lent is stopped: fork the next one ahead now if it waited."""
+        """A child ``spawn`` lent is stopped: fork the next one ahead now if it waited
+        (with ``refill_later``: when the caller calls ``refill``)."""
         self._lent -= 1
-        self._refill()
+        if not self.refill_later:
+            self.refill()
 
-    def _refill(self) -> None:
-        """Fork children ahead until ``ready`` wait (in a task; one at a time)."""
+    def refill(self) -> None:
+        """Fork children ahead until ``ready`` wait (in a task; one at a time), if fewer do."""
         if (
             self.ready
             and not self._closing
