@@ -251,16 +251,17 @@ class ForkServer:
         """A fresh child for one load, waiting for its spec (forked ahead, or now), confined
         only as far as no spec needs (``_child._confine_process``); another is forked ahead.
 
-        A child ``lent`` (to ``run_child``) while no other lent child is out has the next
-        one forked ahead only when it is ``returned`` (with ``refill_later``, when the caller
-        calls ``refill``, its report pushed): fork server, new child and its placement then
-        no longer share the two CPUs with the load's own child (spec -> final message 5.9 ->
-        3.7 ms, p50) or with the report on its way. While another lent child is out (a
-        backlog), the next is forked at once, as for any other caller.
-        """
+        A child ``lent`` (to ``run_child``) while no other is out has the next forked ahead
+        only when it is ``returned`` (``refill_later``: when the caller's report is out and
+        it calls ``refill``), off the CPUs of the load's child and of its report; such a lone
+        load waits for the child still on its way (its cgroup placement waits out an RCU
+        grace period) rather than fork and place a second. With another lent child out (a
+        backlog), the next is forked at once."""
         if self._adopting is not None:  # requested at launch: served before any fork of ours
             await asyncio.wait([self._adopting])
             self._adopting = None
+        if lent and not self._lent and not self._ready and self._filling is not None:
+            await asyncio.wait([self._filling])  # a lone load: the child on its way
         child = await self._take_ready()
         if child is None:
             child = await self._fork()
@@ -272,8 +273,7 @@ class ForkServer:
         return child
 
     def returned(self) -> None:
-        """A child ``spawn`` lent is stopped: fork the next one ahead now if it waited
-        (with ``refill_later``: when the caller calls ``refill``)."""
+        """A child ``spawn`` lent is stopped: fork the next ahead (``refill_later``: not yet)."""
         self._lent -= 1
         if not self.refill_later:
             self.refill()
