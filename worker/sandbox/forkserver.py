@@ -255,8 +255,7 @@ class ForkServer:
         only when it is ``returned`` (``refill_later``: when the caller's report is out and
         it calls ``refill``), off the CPUs of the load's child and of its report; such a lone
         load waits for the child still on its way (its cgroup placement waits out an RCU
-        grace period) rather than fork and place a second. With another lent child out (a
-        backlog), the next is forked at once."""
+        grace period) rather than fork and place a second. A backlog forks at once."""
         if self._adopting is not None:  # requested at launch: served before any fork of ours
             await asyncio.wait([self._adopting])
             self._adopting = None
@@ -273,9 +272,10 @@ class ForkServer:
         return child
 
     def returned(self) -> None:
-        """A child ``spawn`` lent is stopped: fork the next ahead (``refill_later``: not yet)."""
+        """A child ``spawn`` lent is stopped: fork the next ahead (not yet if it was the only
+        one lent and ``refill_later``)."""
         self._lent -= 1
-        if not self.refill_later:
+        if self._lent or not self.refill_later:
             self.refill()
 
     def refill(self) -> None:
