@@ -3,23 +3,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
 
 import pytest
-from arq.constants import result_key_prefix
 
-from loadwarden.producer.client import Client
 from loadwarden.producer.contract import LoadRequest
 from loadwarden.worker.config import Settings
 from loadwarden.worker.formats import ModelFormat
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox._landlock import abi_version
-from loadwarden.worker.sandbox.children import Child, stop_child
+from loadwarden.worker.sandbox.children import stop_child
 from loadwarden.worker.sandbox.forkserver import ForkServer
-from tests.conftest import TEST_LOADERS, assert_pid_gone, eventually, running_worker
+from tests.conftest import TEST_LOADERS, assert_pid_gone, eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,32 +46,6 @@ async def test_a_lone_loads_next_child_is_forked_once_its_own_is_returned() -> N
             server.returned()
     finally:
         await server.close()
-
-
-async def test_a_lone_jobs_next_child_is_forked_once_its_report_is_stored(
-    settings: Settings, small_model: Path
-) -> None:
-    """Through a real worker: a lone job's next child is forked ahead only once the job's
-    result is stored (the push to its caller goes in the same transaction), not when its
-    child stops: the fork no longer shares the CPUs with the report on its way."""
-    async with running_worker(settings) as runner, Client(settings=settings) as client:
-        server = runner.supervisor.forkserver
-        redis = await client.redis()
-        await redis.ping()  # connected before any fork: its first look is not late
-        fork, job_ids, stored = server._fork, [], []
-
-        async def asking_first() -> Child:  # a fork ahead first asks Redis for the result
-            if job_ids and asyncio.current_task() is server._filling:
-                stored.append(bool(await redis.exists(result_key_prefix + job_ids[-1])))
-            return await fork()
-
-        server._fork = asking_first  # type: ignore[method-assign]
-        for _ in range(3):
-            handle = await client.enqueue(LoadRequest(source=str(small_model)))
-            job_ids.append(handle.job_id)
-            assert (await handle.report(timeout_s=30)).ok
-            await eventually(lambda: server.waiting, what="the next child, forked ahead")
-    assert stored == [True, True, True]
 
 
 async def test_a_child_returned_while_the_fork_server_closes_forks_no_other() -> None:

@@ -53,7 +53,7 @@ from loadwarden.producer.keys import (
     wake_key,
 )
 from loadwarden.worker.load._outcome import Early, failure
-from loadwarden.worker.queue._claim import claim, lease_stray_markers
+from loadwarden.worker.queue._claim import claim
 from loadwarden.worker.queue.job import (
     FINISH_WITH_RESULT,
     TRANSIENT_REDIS_ERRORS,
@@ -100,8 +100,6 @@ class LoadWorker(Worker):
         self._book: JobBook | None = self.ctx.get("book")
         supervisor = self.ctx.get("supervisor")
         self._forkserver: ForkServer | None = supervisor.forkserver if supervisor else None
-        if self._forkserver is not None:  # the next child is forked once a report is pushed
-            self._forkserver.refill_later = True  # (run_job)
         if self._book is not None:
             self.ctx[FINISH_WITH_RESULT] = True
         self.job_serializer = self._serialize
@@ -189,7 +187,7 @@ class LoadWorker(Worker):
         loop = asyncio.get_running_loop()
         if job_ids and loop.time() >= self._next_marker_check:
             self._next_marker_check = loop.time() + self.in_progress_timeout_s / 3
-            await lease_stray_markers(self.pool, job_ids, int(self.in_progress_timeout_s * 1000))
+            await self._lease_stray_markers(job_ids)
         before = set(self.tasks)
         await self._claim_and_start(job_ids)
         self._more = fetched >= self.queue_read_limit and bool(set(self.tasks) - before)
@@ -234,6 +232,26 @@ class LoadWorker(Worker):
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
 
+    async def _lease_stray_markers(self, job_ids: list[bytes]) -> None:
+        """Give an in-progress marker without expiry one lease to live.
+
+        arq writes its marker with PSETEX and our lease rewrites it with SET PX, so a
+        marker that never expires was written by someone else, and would hold its job
+        out of every worker's reach forever: it now lapses within a lease like any other.
+        """
+        keys = [in_progress_key_prefix + j.decode() for j in job_ids]
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.pttl(key)
+            ttls = await pipe.execute()
+        stray = [key for key, ttl in zip(keys, ttls, strict=True) if ttl == -1]
+        if stray:
+            log.warning("stray_in_progress_markers", keys=stray)
+            async with self.pool.pipeline(transaction=False) as pipe:
+                for key in stray:
+                    pipe.pexpire(key, int(self.in_progress_timeout_s * 1000))
+                await pipe.execute()
+
     async def run_job(self, job_id: str, score: int) -> None:
         try:
             await super().run_job(job_id, score)
@@ -248,10 +266,6 @@ class LoadWorker(Worker):
             if self._book is not None:  # a bookkeeping that never reached finish_job
                 self._book.take_finish(job_id)
                 self._book.forget(job_id)  # a run that ended before its load
-            # A lone load's next child is forked ahead now, its report pushed (finish_job):
-            # the fork no longer shares the CPUs with the report's way to the caller.
-            if self._forkserver is not None:
-                self._forkserver.refill()
 
     async def finish_job(
         self,

@@ -1,5 +1,4 @@
-"""The claim of a job in one round trip: arq's ``start_jobs`` claim, and the run's first read;
-and the lease of in-progress markers someone else wrote without expiry.
+"""The claim of a job in one round trip: arq's ``start_jobs`` claim, and the run's first read.
 
 arq claims a job under WATCH (WATCH, EXISTS, ZSCORE, then MULTI/PSETEX/EXEC): ``_CLAIM``
 makes the same checks and the same write atomically, in one EVALSHA, and with them reads
@@ -11,14 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import structlog
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
 from loadwarden.producer.keys import CANCEL_KEY_PREFIX, now_ms
 from loadwarden.worker._keys import ATTEMPTS_KEY_PREFIX
-
-log = structlog.get_logger("loadwarden.worker")
 
 #: KEYS: in-progress key, queue, attempts key, cancel key. ARGV: job id, now (ms), marker
 #: expiry (ms). Returns false (nil) when the job is not ours to run (in progress elsewhere,
@@ -69,24 +65,3 @@ async def claim(redis: Redis, queue: str, job_id: str, marker_ms: int) -> Claime
     if len(claimed) == 1:
         return Claimed(score, None)
     return Claimed(score, (claimed[1], bool(claimed[2])))
-
-
-async def lease_stray_markers(redis: Redis, job_ids: list[bytes], lease_ms: int) -> None:
-    """Give an in-progress marker without expiry one lease (``lease_ms``) to live.
-
-    arq writes its marker with PSETEX and our lease rewrites it with SET PX, so a
-    marker that never expires was written by someone else, and would hold its job
-    out of every worker's reach forever: it now lapses within a lease like any other.
-    """
-    keys = [in_progress_key_prefix + j.decode() for j in job_ids]
-    async with redis.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.pttl(key)
-        ttls = await pipe.execute()
-    stray = [key for key, ttl in zip(keys, ttls, strict=True) if ttl == -1]
-    if stray:
-        log.warning("stray_in_progress_markers", keys=stray)
-        async with redis.pipeline(transaction=False) as pipe:
-            for key in stray:
-                pipe.pexpire(key, lease_ms)
-            await pipe.execute()
