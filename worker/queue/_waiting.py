@@ -3,7 +3,8 @@
 arq's loop sleeps ``poll_delay`` between two looks at the queue; ours looks again as
 soon as an enqueue pushes a token on the queue's wake list (BLPOP), or a running job
 ends while all slots are full, and ``poll_delay`` becomes the longest wait (a fallback
-for jobs enqueued without a token).
+for jobs enqueued without a token). The look after a BLPOP costs no round trip of its
+own: the queue's first page is read behind the BLPOP, in its round trip.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class WaitingWorker(Worker):
         #: Whether the last look filled a page of ids and started one of them: then more
         #: may wait behind it, and the next look comes at once (set by ``start_jobs``).
         self._more = False
+        #: The queue's first page, read with the last wait's BLPOP, for the next look.
+        self._fetched: list[bytes] | None = None
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
@@ -47,8 +50,25 @@ class WaitingWorker(Worker):
     async def _poll_iteration(self) -> None:
         self._slot_freed.clear()  # before the look: a job ending during it ends the wait too
         self._more = False
-        await super()._poll_iteration()
+        fetched, self._fetched = self._fetched, None
+        if fetched is None:
+            await super()._poll_iteration()
+        else:
+            await self._poll_fetched(fetched)
         await self._wait_for_work()
+
+    async def _poll_fetched(self, job_ids: list[bytes]) -> None:
+        """arq's ``_poll_iteration`` (0.28, not in burst) line for line, with the queue's
+        page read in the wait's round trip (``_wait_for_work``) instead of one of its own."""
+        if self.allow_pick_jobs and self.job_counter < self.max_jobs:
+            await self.start_jobs(job_ids)
+        if self.allow_abort_jobs:
+            await self._cancel_aborted_jobs()
+        for job_id, t in list(self.tasks.items()):
+            if t.done():
+                del self.tasks[job_id]
+                t.result()  # required to make sure errors in run_job get propagated
+        await self.heart_beat()
 
     async def _wait_for_work(self) -> None:
         """Wait until the queue may hold a job for us, at most ``fallback_poll_s``.
@@ -81,10 +101,23 @@ class WaitingWorker(Worker):
         )
         wait_s = min(fallback, (due[0][1] - now) / 1000) if due else fallback
         if wait_s >= BLPOP_MIN_S:  # BLPOP's 0 would block for ever
-            # Fractional seconds (Redis >= 6), which redis-py's typed blpop() does not take.
-            await self.pool.execute_command(  # type: ignore[no-untyped-call]
-                "BLPOP", self._wake_key, f"{wait_s:.3f}"
-            )
+            # The queue's first page is read in the same round trip: Redis runs the command
+            # queued behind BLPOP as soon as BLPOP returns. The next look takes the ids due
+            # by then (arq's own look reads up to now): it needs no round trip of its own.
+            async with self.pool.pipeline(transaction=False) as pipe:
+                # Fractional seconds (Redis >= 6), which redis-py's typed blpop() does not take.
+                pipe.execute_command("BLPOP", self._wake_key, f"{wait_s:.3f}")
+                pipe.zrangebyscore(
+                    self.queue_name,
+                    min="-inf",
+                    max="+inf",
+                    start=self._queue_read_offset,
+                    num=self.queue_read_limit,
+                    withscores=True,
+                )
+                _, page = await pipe.execute()
+            now = now_ms()
+            self._fetched = [job_id for job_id, score in page if score <= now]
 
     def _restarting(self) -> ForkServer | None:
         """The fork server, while a lost one is being started again: a job claimed then would
