@@ -267,8 +267,10 @@ def make_supervisor() -> Callable[..., Supervisor]:
 
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings, **options: Any) -> AsyncIterator[WorkerRunner]:
-    """A worker (arq + supervisor + bookkeeping) running in this event loop, stopped after."""
-    runner = WorkerRunner(settings, handle_signals=False, preload=[TEST_LOADERS], **options)
+    """A worker (arq + supervisor + bookkeeping) running in this event loop, stopped after
+    (its fork server preloads the test loaders unless ``preload`` says otherwise)."""
+    options.setdefault("preload", [TEST_LOADERS])
+    runner = WorkerRunner(settings, handle_signals=False, **options)
     task = asyncio.create_task(runner.run())
     started = asyncio.create_task(runner.started.wait())
     await asyncio.wait({task, started}, timeout=30, return_when=asyncio.FIRST_COMPLETED)

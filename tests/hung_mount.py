@@ -14,8 +14,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from loadwarden.worker._libc import libc
+
 _MS_NOSUID, _MS_NODEV, _MNT_DETACH = 2, 4, 2
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def can_mount() -> str | None:
@@ -30,13 +31,13 @@ def can_mount() -> str | None:
 @contextlib.contextmanager
 def mounted(kind: bytes, target: Path, options: bytes | None) -> Iterator[None]:
     """A filesystem of ``kind`` mounted on ``target``, detached on exit."""
-    if _libc.mount(kind, os.fsencode(target), kind, _MS_NOSUID | _MS_NODEV, options):
+    if libc().mount(kind, os.fsencode(target), kind, _MS_NOSUID | _MS_NODEV, options):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(target))
     try:
         yield
     finally:
-        _libc.umount2(os.fsencode(target), _MNT_DETACH)
+        libc().umount2(os.fsencode(target), _MNT_DETACH)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from loadwarden.worker._libc import libc
 from loadwarden.worker.sandbox._registry import register_loader
 from loadwarden.worker.sandbox.spec import ChildSpec
 
@@ -38,12 +39,10 @@ def _outcome(call: Callable[[], object]) -> str:
 
 
 def _syscall(name: str, *args: int | ctypes.Array[ctypes.c_char]) -> Callable[[], object]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
     nr = _CALLS[platform.machine()][name]
 
     def call() -> None:
-        if libc.syscall(nr, *args) < 0:
+        if libc().syscall(nr, *args) < 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 

@@ -171,19 +171,29 @@ def test_a_requirement_without_its_mechanism_is_a_settings_error() -> None:
         Settings(require_cgroups=True, use_cgroups=False)
 
 
-async def test_confinement_is_exported_as_labels(tmp_path: Path) -> None:
-    """loadwarden_confinement_info carries what confines loads: cgroups, landlock, seccomp."""
+#: Both seccomp filters, as the label names them (the socket filter, then the child's own).
+SECCOMP_LABEL = "no_sockets+no_new_sessions+signals_own_group+no_ptrace"
+
+
+async def test_confinement_is_exported_as_labels(tmp_path: Path, small_model: Path) -> None:
+    """loadwarden_confinement_info carries what confines loads: cgroups, landlock, and seccomp
+    naming each filter a load's report lists (no sockets; sessions, signals, ptrace)."""
     async with Supervisor(Settings(cgroup_root=tmp_path)) as supervisor:
+        seccomp = SECCOMP_LABEL if _seccomp.available() else "none"
         sample = supervisor.metrics.registry.get_sample_value(
             "loadwarden_confinement_info",
             {
                 "cgroups": "none",
                 "landlock": f"abi{abi_version()}" if abi_version() else "none",
-                "seccomp": "no_sockets" if _seccomp.available() else "none",
+                "seccomp": seccomp,
                 "address_space_limit": "on",
             },
         )
+        report = await supervisor.load(LoadRequest(source=str(small_model)))
     assert sample == 1
+    assert report.outcome is Outcome.OK, report.error
+    reported = sorted(c.removeprefix("seccomp_") for c in report.confinement if "seccomp" in c)
+    assert reported == sorted(seccomp.split("+")) if seccomp != "none" else reported == []
 
 
 def test_a_killed_workers_folders_are_swept_by_the_next(tmp_path: Path) -> None:

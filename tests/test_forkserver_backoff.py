@@ -10,11 +10,12 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import structlog
 
 from loadwarden.producer.client import Client
-from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome
+from loadwarden.producer.contract import JobPhase, LimitOverrides, LoadRequest, Outcome
 from loadwarden.worker.config import Settings
 from loadwarden.worker.load.supervisor import Supervisor
 from loadwarden.worker.sandbox.children import SandboxError, stop_child
@@ -80,6 +81,35 @@ async def test_a_load_during_the_backoff_waits_for_the_restart_within_its_deadli
     assert sum(e["event"] == "forkserver_awaited" for e in events) == 2
 
 
+async def test_a_load_waiting_for_the_restart_shows_phase_waiting(small_model: Path) -> None:
+    """A load admitted while its fork server restarts is ``waiting`` until the restart is done
+    (the heartbeat's phase), then ``loading``, and ends ok."""
+    async with Supervisor(Settings(), preload=[TEST_LOADERS]) as sup:
+        forkserver = sup.forkserver
+        phases: list[JobPhase] = []
+        with structlog.testing.capture_logs() as events:
+            async with forkserver._lock:  # holds the restart back until the phase is read
+                os.kill(forkserver.pid or 0, signal.SIGKILL)
+                await eventually(lambda: forkserver.restarting, 30, "the restart")
+                load = asyncio.create_task(sup.load(LoadRequest(source=str(small_model))))
+                await eventually(
+                    lambda: any(e["event"] == "forkserver_awaited" for e in events),
+                    30,
+                    "the load waits for the restart",
+                )
+                phases += [job.phase for job in sup.in_flight.values()]
+            await eventually(
+                lambda: [j.phase for j in sup.in_flight.values()] != phases,
+                30,
+                "the load goes on",
+            )
+            phases += [job.phase for job in sup.in_flight.values()]
+            report = await load
+    assert phases[:1] == [JobPhase.WAITING]
+    assert phases[1:] in ([JobPhase.LOADING], []), phases  # [] when it ended at once
+    assert report.outcome is Outcome.OK, report.error
+
+
 async def test_a_failed_restart_fails_the_loads_waiting_for_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -104,3 +134,39 @@ async def test_a_failed_restart_fails_the_loads_waiting_for_it(
         await stop_child(await forkserver.spawn())
     finally:
         await forkserver.close()
+
+
+async def test_livez_fails_once_the_fork_server_stays_down_past_the_setting(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose fork server cannot start again answers /livez 503, saying why, once it
+    has been down longer than ``forkserver_down_max_s``; before, /livez is 200 (and /readyz
+    already 503)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    settings = Settings(
+        redis_url=redis_url, metrics_port=0, metrics_host="127.0.0.1", forkserver_down_max_s=0.5
+    )
+    preload = [TEST_LOADERS, "tests.forkserver_dies"]
+    async with running_worker(settings, preload=preload) as runner:
+        forkserver = runner.supervisor.forkserver
+        assert runner.probes is not None
+        base = f"http://127.0.0.1:{runner.probes.port}"
+        async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+            assert (await http.get("/livez")).status_code == 200
+            (tmp_path / MARKER).touch()  # every start from now on dies at once
+            os.kill(forkserver.pid or 0, signal.SIGKILL)
+            await eventually(lambda: forkserver.down_s > 0, 30, "the loss")
+            early = await http.get("/livez")
+            down_s = forkserver.down_s  # read after the answer: it was at most this when served
+
+            async def dead() -> httpx.Response | None:
+                answer = await http.get("/livez")
+                return answer if answer.status_code == 503 else None
+
+            failed = await eventually(dead, 30, "/livez fails")
+            assert forkserver.down_s > 0.5 and not forkserver.alive
+            ready = await http.get("/readyz")
+    assert down_s > 0.5 or early.status_code == 200, (down_s, early.text)
+    assert "no fork server for" in failed.text
+    assert "LOADWARDEN_FORKSERVER_DOWN_MAX_S (0.5 s)" in failed.text
+    assert ready.status_code == 503 and "fork server not running" in ready.text

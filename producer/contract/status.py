@@ -42,7 +42,7 @@ class JobPhase(StrEnum):
     """What a worker is doing with a job right now."""
 
     INSPECTING = "inspecting"  # opening the source, reading the header, deriving limits
-    WAITING = "waiting"  # for room in the worker's memory budget
+    WAITING = "waiting"  # for room in the worker's memory budget, or its fork server's restart
     LOADING = "loading"  # a confined child is loading it
 
 

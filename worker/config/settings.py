@@ -92,6 +92,12 @@ class Settings(ProducerSettings):
     # Serve /metrics, /livez and /readyz here (None: no HTTP server).
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     metrics_host: str = "0.0.0.0"
+    # /livez fails once the fork server has been down this long (every start since its loss
+    # failed): such a worker claims no job, and only a fresh process helps, so the liveness
+    # probe restarts it. 300 s outlasts the restart backoff's longest waits (60 s) several
+    # times over, so a fork server that comes back after a few tries never costs a restart;
+    # None: /livez ignores the fork server.
+    forkserver_down_max_s: Annotated[float, Field(gt=0)] | None = 300.0
     # Log (and count) a load near a limit: early warning before the limit stops it. For
     # memory, "near" is this fraction of the headroom above what a healthy load of the
     # model holds (worker/load/limits.py: near_thresholds); for CPU and deadline, of the limit.

@@ -155,9 +155,9 @@ class Supervisor:
         return {
             "cgroups": f"v{self.cgroups.version}" if self.cgroups else "none",
             "landlock": f"abi{self.landlock_abi}" if self.landlock_abi else "none",
-            # The child's own seccomp filter, when the sandbox has one; the container
+            # The child's own seccomp filters, when the sandbox has them; the container
             # runtime's profile (RuntimeDefault) is not ours to report.
-            "seccomp": "no_sockets" if _seccomp.available() else "none",
+            "seccomp": _seccomp.label(),
             "address_space_limit": "on" if self.settings.use_address_space_limit else "off",
         }
 
@@ -291,11 +291,11 @@ class Supervisor:
             phase(JobPhase.WAITING)
             waits_began = asyncio.get_running_loop().time()
             async with self.admission.reserve(limits.memory_bytes):
-                phase(JobPhase.LOADING)
                 if cancel is not None and cancel.is_set():
                     raise failure(Early.CANCELLED, "cancelled before the load began")
                 host = ChildHost(self.forkserver, self.cgroups, self.settings.sample_interval_s)
-                await host.sandbox_back(deadline, log)  # a lost fork server's restart
+                await host.sandbox_back(deadline, log)  # a lost fork server's restart: waiting
+                phase(JobPhase.LOADING)
                 # What is left of the job's deadline (after source, inspection, admission, restart)
                 limits, state.limit_cut = within(limits, deadline, waits_began)
                 state.limits = limits

@@ -1,7 +1,9 @@
 """A tiny HTTP server on the event loop: /metrics (Prometheus), /livez and /readyz (Kubernetes).
 
 Served from the worker's own event loop on purpose: if the loop is blocked,
-/livez does not answer, which is what a liveness probe must see.
+/livez does not answer, which is what a liveness probe must see. A process may also say
+it is not live although its loop answers (a worker whose fork server stays down): /livez
+then answers 503 with the reason.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ MAX_REQUEST_BYTES = 8192
 READ_TIMEOUT_S = 5.0
 
 Readiness = Callable[[], Awaitable[tuple[bool, str]]]
+#: Synchronous on purpose: /livez must not wait on anything but the event loop itself.
+Liveness = Callable[[], tuple[bool, str]]
+
+
+def _always_live() -> tuple[bool, str]:
+    return True, "ok"
 
 
 class Probes:
@@ -28,11 +36,13 @@ class Probes:
         registry: CollectorRegistry,
         ready: Readiness,
         *,
+        live: Liveness = _always_live,
         host: str = "0.0.0.0",
         port: int = 9400,
     ) -> None:
         self.registry = registry
         self.ready = ready
+        self.live = live
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
@@ -77,10 +87,8 @@ class Probes:
             return "405 Method Not Allowed", "text/plain", b"GET only\n"
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
-        if path == "/livez":
-            return "200 OK", "text/plain", b"ok\n"
-        if path == "/readyz":
-            ok, why = await self.ready()
+        if path in ("/livez", "/readyz"):
+            ok, why = self.live() if path == "/livez" else await self.ready()
             return (
                 ("200 OK" if ok else "503 Service Unavailable"),
                 "text/plain",

@@ -1,7 +1,7 @@
 """Each worker's heartbeat in Redis: identity, concurrency, memory budget, jobs in flight.
 
 Written every INTERVAL_S, and at once whenever a job starts, changes phase
-(inspecting, waiting for memory, loading) or ends, so ``loadwarden status``
+(inspecting, waiting for memory or a fork server, loading) or ends, so ``loadwarden status``
 shows what runs now, short loads included.
 """
 

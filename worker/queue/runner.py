@@ -81,6 +81,19 @@ class WorkerRunner:
             return False, f"Redis does not answer: {exc}"
         return True, "ready"
 
+    def liveness(self) -> tuple[bool, str]:
+        """Live unless the fork server has been down longer than ``forkserver_down_max_s``.
+
+        Such a worker claims nothing until a start succeeds; a restart of the process
+        (the liveness probe's) gives it a fresh one."""
+        limit_s, down_s = self.settings.forkserver_down_max_s, self.supervisor.forkserver.down_s
+        if limit_s is not None and down_s > limit_s:
+            return False, (
+                f"no fork server for {down_s:.1f} s since it was lost, over "
+                f"LOADWARDEN_FORKSERVER_DOWN_MAX_S ({limit_s:g} s)"
+            )
+        return True, "ok"
+
     async def run(self) -> None:
         """Run until stopped (or, in burst mode, until the queue is empty)."""
         assert self.settings.redis_url
@@ -101,6 +114,7 @@ class WorkerRunner:
                 self.probes = Probes(
                     sup.metrics.registry,
                     self.readiness,
+                    live=self.liveness,
                     host=self.settings.metrics_host,
                     port=self.settings.metrics_port,
                 )

@@ -95,7 +95,7 @@ def _confine_process() -> list[str]:
     # even where Landlock's signal scoping is missing or off. Our pid is our group's id now.
     try:
         _seccomp.install_child(os.getpid())
-        applied += ["seccomp_no_new_sessions", "seccomp_signals_own_group", "seccomp_no_ptrace"]
+        applied += _seccomp.CHILD
     except OSError:
         pass  # an architecture without a filter: the confinement list says so by omission
     try:
@@ -194,7 +194,7 @@ def _apply_seccomp(applied: list[str]) -> None:
             _seccomp.install()
         except OSError:
             return  # an architecture without a filter: the confinement list says so by omission
-    applied.append("seccomp_no_sockets")
+    applied.append(_seccomp.SOCKETS)
 
 
 def _raised(exc: BaseException) -> dict[str, Any]:

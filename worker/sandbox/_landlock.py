@@ -19,6 +19,8 @@ import sys
 import sysconfig
 from collections.abc import Iterable
 
+from loadwarden.worker._libc import libc
+
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446  # same on every arch
 _CREATE_RULESET_VERSION = 1
 _RULE_PATH_BENEATH = 1
@@ -28,9 +30,6 @@ _FS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 5: (1 << 16)
 _NET_ALL = (1 << 0) | (1 << 1)  # BIND_TCP | CONNECT_TCP, ABI >= 4
 _SCOPE_ALL = (1 << 0) | (1 << 1)  # ABSTRACT_UNIX_SOCKET | SIGNAL, ABI >= 6
 _READ = READ_FILE | READ_DIR
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -68,7 +67,7 @@ def _check(result: int, *, absent: bool = False) -> int:
 
 def abi_version() -> int:
     """The kernel's Landlock ABI, or 0 when Landlock is not available."""
-    result = _libc.syscall(
+    result = libc().syscall(
         _SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION)
     )
     return max(0, int(result))
@@ -169,7 +168,7 @@ def ruleset(read_paths: Iterable[str]) -> Ruleset:
     failure (the caller must not take that as "no Landlock").
     """
     abi = _check(
-        _libc.syscall(
+        libc().syscall(
             _SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION)
         ),
         absent=True,
@@ -181,7 +180,7 @@ def ruleset(read_paths: Iterable[str]) -> Ruleset:
     size = ctypes.sizeof(_RulesetAttr) if abi >= 6 else (16 if abi >= 4 else 8)
     rules = Ruleset(
         _check(
-            _libc.syscall(
+            libc().syscall(
                 _SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)
             ),
             absent=True,
@@ -213,7 +212,7 @@ def enforce(rules: Ruleset, read_fds: Iterable[int]) -> int:
     try:
         for fd in read_fds:
             _add(rules.fd, fd, READ_FILE)
-        _check(_libc.syscall(_SYS_RESTRICT_SELF, ctypes.c_int(rules.fd), ctypes.c_uint32(0)))
+        _check(libc().syscall(_SYS_RESTRICT_SELF, ctypes.c_int(rules.fd), ctypes.c_uint32(0)))
     finally:
         rules.close()
     return rules.abi
@@ -228,7 +227,7 @@ def restrict(read_fds: Iterable[int], read_paths: Iterable[str]) -> int:
 def _add(ruleset: int, fd: int, rights: int) -> None:
     rule = _PathBeneathAttr(rights, fd)
     _check(
-        _libc.syscall(
+        libc().syscall(
             _SYS_ADD_RULE,
             ctypes.c_int(ruleset),
             ctypes.c_int(_RULE_PATH_BENEATH),

@@ -6,21 +6,11 @@ import ctypes
 import errno
 import os
 
+from loadwarden.worker._libc import libc
+
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.prctl.argtypes = [
-    ctypes.c_int,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-]
-_libc.prctl.restype = ctypes.c_int
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.madvise.restype = ctypes.c_int
 
 #: madvise(2) advice (Linux >= 5.14, not in Python 3.11's mmap module): fault a range in
 #: writable now, in one call, as a write to each page would one fault at a time.
@@ -30,7 +20,7 @@ PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 def _kernel_populates() -> bool:
     # An empty range is checked for a known advice, then does nothing: EINVAL before 5.14.
-    if _libc.madvise(0, 0, MADV_POPULATE_WRITE) == 0:
+    if libc().madvise(0, 0, MADV_POPULATE_WRITE) == 0:
         return True
     return ctypes.get_errno() != errno.EINVAL
 
@@ -46,7 +36,7 @@ def prctl(option: int, arg2: int = 0) -> None:
 
 def prctl3(option: int, arg2: int, arg3: int) -> None:
     """Call prctl(2) with a third argument (a pointer, for PR_SET_SECCOMP); raise on failure."""
-    if _libc.prctl(option, arg2, arg3, 0, 0) != 0:
+    if libc().prctl(option, arg2, arg3, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -61,7 +51,7 @@ def populate_write(address: int, nbytes: int) -> bool:
     end = (address + nbytes) // PAGE_BYTES * PAGE_BYTES
     if not CAN_POPULATE or end <= start:
         return False
-    return bool(_libc.madvise(start, end - start, MADV_POPULATE_WRITE) == 0)
+    return bool(libc().madvise(start, end - start, MADV_POPULATE_WRITE) == 0)
 
 
 def _read_small(path: str) -> bytes:

@@ -143,6 +143,22 @@ def available() -> bool:
     return platform.machine() in _ARCHES
 
 
+#: What ``install``'s filter confines, as a load report's ``confinement`` names it.
+SOCKETS = "seccomp_no_sockets"
+#: What ``install_child``'s filter confines, as a load report's ``confinement`` names them.
+CHILD = ("seccomp_no_new_sessions", "seccomp_signals_own_group", "seccomp_no_ptrace")
+
+
+def label() -> str:
+    """What the filters confine on this machine, as one metric label value: the report's
+    names without ``seccomp_``, joined by ``+`` ("none": no filter for this architecture)."""
+    machine = platform.machine()
+    names = ([SOCKETS] if machine in _ARCHES else []) + list(
+        CHILD if machine in _CHILD_CALLS else ()
+    )
+    return "+".join(name.removeprefix("seccomp_") for name in names) or "none"
+
+
 #: Whether ``install`` succeeded in this process or in the process it was forked from (a
 #: filter is inherited across fork and can never be removed).
 installed = False
@@ -248,4 +264,13 @@ def _install(code: list[tuple[int, int, int, int]]) -> None:
     _linux.prctl3(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(prog))
 
 
-__all__ = ["available", "child_program", "install", "install_child", "program"]
+__all__ = [
+    "CHILD",
+    "SOCKETS",
+    "available",
+    "child_program",
+    "install",
+    "install_child",
+    "label",
+    "program",
+]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from loadwarden.worker._libc import libc
+
 #: ``f_type`` magic numbers (linux/magic.h) of filesystems that never hold model files:
 #: their "files" are kernel state (reading them can have effects) or devices.
 PSEUDO_FILESYSTEMS: dict[int, str] = {
@@ -55,17 +57,10 @@ class _StatFs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
 
 
-# The process's own symbols, libc's among them (as _linux.py and _landlock.py do):
-# ctypes.util.find_library("c") would run `ldconfig -p` in a subprocess on every import.
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_StatFs)]
-_libc.fstatfs.restype = ctypes.c_int
-
-
 def fs_type(fd: int) -> int:
     """The ``f_type`` of the filesystem ``fd`` (any descriptor, O_PATH included) lives on."""
     buf = _StatFs()
-    if _libc.fstatfs(fd, ctypes.byref(buf)) != 0:
+    if libc().fstatfs(fd, ctypes.byref(buf)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return int(buf.f_type) & 0xFFFFFFFF

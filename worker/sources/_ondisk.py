@@ -32,6 +32,7 @@ from pathlib import Path
 
 from loadwarden.producer.errors import SourceRefused
 from loadwarden.worker._files import ModelFile, OpenedModel
+from loadwarden.worker._libc import libc
 from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats.index import INDEX_SUFFIX
 from loadwarden.worker.sources._checkpoint import SIGNATURE_SUFFIX
@@ -61,14 +62,10 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
 def _openat2(dir_fd: int, path: str, flags: int) -> int:
     """``openat2(dir_fd, path, flags)`` beneath ``dir_fd``, crossing no mount or symlink."""
     how = _OpenHow(flags, 0, _RESOLVE)
-    fd = _libc.syscall(
+    fd = libc().syscall(
         ctypes.c_long(_SYS_OPENAT2),
         ctypes.c_int(dir_fd),
         ctypes.c_char_p(os.fsencode(path)),
