@@ -56,9 +56,13 @@ async def test_the_look_after_a_wake_is_sent_with_the_wait(
     Redis (which runs it as soon as BLPOP returns): a wake costs no round trip before the
     claim. The job that look finds is run."""
     slow = settings.model_copy(update={"poll_delay_s": FALLBACK_S})
+
+    async def look_queued() -> bool:  # unread in the blocked connection's query buffer
+        waiting = await _blocked_on_wake(redis_url, slow)
+        return waiting is not None and int(waiting["qbuf"]) > 0
+
     async with running_worker(slow), Client(settings=slow) as client:
-        waiting = await eventually(lambda: _blocked_on_wake(redis_url, slow), what="blocked")
-        assert int(waiting["qbuf"]) > 0, waiting  # the look, unread behind the BLPOP
+        await eventually(look_queued, timeout_s=BOUND_S, what="a look behind the BLPOP")
         handle = await client.enqueue(LoadRequest(source=str(small_model)))
         assert (await handle.report(timeout_s=BOUND_S)).outcome is Outcome.OK
 
