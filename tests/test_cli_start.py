@@ -9,10 +9,13 @@ with the same status and all its output.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import os
 import subprocess
 import sys
 import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -51,10 +54,12 @@ def run_cli(*args: str) -> tuple[int, int, str, str]:
     return proc.pid, proc.returncode, out, err
 
 
-def run_entry(at_exit: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """The console script's ``main`` run with ``args``; at exit it prints ``at_exit`` (an
-    expression, with ``gc`` and ``sys`` imported) on stderr, after the command's own exit
-    handlers ran (``entry.exit_now``)."""
+def run_entry(
+    at_exit: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The console script's ``main`` run with ``args`` (in ``env``, else ours); at exit it
+    prints ``at_exit`` (an expression, with ``gc`` and ``sys`` imported) on stderr, after
+    the command's own exit handlers ran (``entry.exit_now``)."""
     code = (
         "import atexit, gc, sys\n"
         f"atexit.register(lambda: print({at_exit}, file=sys.stderr))\n"
@@ -69,12 +74,15 @@ def run_entry(at_exit: str, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         check=False,
+        env=env,
     )
 
 
-def modules_at_exit(*args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def modules_at_exit(
+    *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """``run_entry`` of ``args`` (which must exit 0), and the modules imported by its end."""
-    done = run_entry("'MODULES', *sorted(sys.modules)", *args)
+    done = run_entry("'MODULES', *sorted(sys.modules)", *args, env=env)
     assert done.returncode == 0, done.stderr
     line = next(line for line in done.stderr.splitlines() if line.startswith("MODULES "))
     return done, line.split()
@@ -102,6 +110,67 @@ def test_json_inspect_imports_no_rich(small_model: Path) -> None:
     assert '"outcome": "ok"' in done.stdout
     assert "loadwarden.worker.load._model" in modules  # the check sees the inspection's imports
     assert [name for name in modules if name.split(".")[0] == "rich"] == []
+
+
+#: What ``inspect`` of a safetensors file, printed to a pipe, never imports: rich (its
+#: output is plain), pydantic-settings and the worker's Settings (no LOADWARDEN_* variable
+#: is set), the other formats' parsers (GGUF, npy, npz and zip), and asyncio (no download,
+#: no signature to verify) or the child run's outcomes.
+NOT_FOR_A_PLAIN_INSPECT = (
+    "rich",
+    "asyncio",
+    "loadwarden.worker.load._outcome",
+    "pydantic_settings",
+    "loadwarden.producer.settings",
+    "loadwarden.worker.config.settings",
+    "loadwarden.worker.formats.gguf",
+    "loadwarden.worker.binary.gguf",
+    "loadwarden.worker.formats.npy",
+    "loadwarden.worker.formats.npz",
+    "loadwarden.worker.formats._zip",
+)
+
+
+def test_plain_inspect_imports_only_what_it_uses(small_model: Path) -> None:
+    """`inspect` of a safetensors file, its table on a pipe and no LOADWARDEN_* variable set,
+    imports no rich, no pydantic-settings, no other format's parser and no asyncio."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LOADWARDEN_")}
+    done, modules = modules_at_exit("inspect", str(small_model), env=env)
+    assert "outcome" in done.stdout and "safetensors" in done.stdout
+    assert "loadwarden.worker.formats.safetensors" in modules  # the check sees the parser's
+    found = [m for m in modules for n in NOT_FOR_A_PLAIN_INSPECT if m == n or m.startswith(n + ".")]
+    assert found == []
+    # The same command told a setting reads the settings (and still no rich).
+    told = {**env, "LOADWARDEN_REPORT_MAX_TENSORS": "1"}
+    _done, modules = modules_at_exit("inspect", str(small_model), env=told)
+    assert "loadwarden.worker.config.settings" in modules
+    assert [name for name in modules if name.split(".")[0] == "rich"] == []
+
+
+def test_inspect_downloads_a_url_on_an_event_loop(small_model: Path, tmp_path: Path) -> None:
+    """What `inspect` needs an event loop for still runs on one: a URL's download (here
+    from a loopback server), which imports asyncio, and reports what the file holds."""
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(small_model.parent))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    serving.start()
+    try:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.upper().startswith("LOADWARDEN_")},
+            "LOADWARDEN_SOURCES__ALLOW_HOSTS": '["127.0.0.1"]',
+            "LOADWARDEN_SOURCES__ALLOW_NETWORKS": '["127.0.0.0/8"]',
+            "LOADWARDEN_SOURCES__CACHE_DIR": str(tmp_path / "cache"),
+        }
+        url = f"http://127.0.0.1:{server.server_address[1]}/{small_model.name}"
+        done, modules = modules_at_exit("inspect", url, "--json", env=env)
+    finally:
+        server.shutdown()
+        serving.join()
+        server.server_close()
+    document = json.loads(done.stdout)
+    assert document["outcome"] == "ok" and document["model"]["format"] == "safetensors"
+    assert len(document["model"]["tensors"]) == 6
+    assert "asyncio" in modules
 
 
 def test_json_load_imports_neither_rich_nor_prometheus(small_model: Path) -> None:

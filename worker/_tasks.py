@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import contextlib
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -47,3 +49,19 @@ async def finish_despite_cancel(work: Awaitable[T]) -> T:
     if cancelled:
         raise asyncio.CancelledError
     return task.result()
+
+
+async def in_thread(fn: Callable[[], T], executor: Executor | None = None) -> T:
+    """Run blocking work in a thread (the default executor's, or ``executor``'s); if
+    cancelled, let it finish first (it may use our fds)."""
+    future = (
+        asyncio.ensure_future(asyncio.to_thread(fn))
+        if executor is None
+        else asyncio.get_running_loop().run_in_executor(executor, fn)
+    )
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await future
+        raise

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from loadwarden.producer.client import Client
     from loadwarden.producer.contract import LoadReport, LoadRequest
     from loadwarden.worker.config import Settings
+    from loadwarden.worker.config.policies import InspectionCaps
+    from loadwarden.worker.config.trust import SigningPolicy, SourcePolicy
 
 EXIT_OK, EXIT_OUTCOME, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 #: How long `enqueue --wait` and `report --wait` wait unless told (--timeout-s; 0: no limit):
@@ -159,6 +161,51 @@ def with_roots(settings: Settings, *roots: Path) -> Settings:
     """Settings whose local sources may come only from ``roots``."""
     policy = settings.sources.model_copy(update={"allow_roots": tuple(roots)})
     return settings.model_copy(update={"sources": policy})
+
+
+class Policies:
+    """What ``inspect`` reads of the settings (``local_policies``)."""
+
+    __slots__ = ("inspection", "report_max_tensors", "signing", "sources")
+
+    def __init__(
+        self,
+        inspection: InspectionCaps,
+        sources: SourcePolicy,
+        signing: SigningPolicy,
+        report_max_tensors: int,
+    ) -> None:
+        self.inspection = inspection
+        self.sources = sources
+        self.signing = signing
+        self.report_max_tensors = report_max_tensors
+
+
+#: The one ``LOADWARDEN_*`` variable that sets nothing ``local_policies`` returns, and that
+#: cannot make the settings invalid (a string, any string): the usual one in a shell.
+_UNREAD = "LOADWARDEN_REDIS_URL"
+
+
+def local_policies(*roots: Path) -> Policies:
+    """The settings' policies and report cap (environment first), local sources only from
+    ``roots``: what ``with_roots(settings_from(), *roots)`` holds of them.
+
+    Where no ``LOADWARDEN_*`` variable is set (the Redis URL aside), that is each one's
+    default, built here without the settings themselves: pydantic-settings and the
+    ``Settings`` models cost ~25 ms of a ~250 ms ``inspect``. Any other such variable
+    (in any case, as pydantic-settings reads them) builds the settings, and a bad one is
+    the same usage error.
+    """
+    if any(k.upper().startswith("LOADWARDEN_") and k.upper() != _UNREAD for k in os.environ):
+        settings = with_roots(settings_from(), *roots)
+        return Policies(
+            settings.inspection, settings.sources, settings.signing, settings.report_max_tensors
+        )
+    from loadwarden.worker.config.policies import REPORT_MAX_TENSORS, InspectionCaps
+    from loadwarden.worker.config.trust import SigningPolicy, SourcePolicy
+
+    sources = SourcePolicy().model_copy(update={"allow_roots": tuple(roots)})  # as with_roots
+    return Policies(InspectionCaps(), sources, SigningPolicy(), REPORT_MAX_TENSORS)
 
 
 def note_embedded(roots: tuple[Path, ...]) -> None:

@@ -7,9 +7,9 @@ reads only the Hugging Face cache.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -27,6 +27,7 @@ from loadwarden.worker.cli._common import (
     catalog_defects,
     emit_report,
     load_request,
+    local_policies,
     named_root,
     settings_from,
     with_roots,
@@ -37,7 +38,9 @@ if TYPE_CHECKING:
     from loadwarden.producer.contract import LoadReport, LoadRequest
     from loadwarden.producer.errors import LoadError
     from loadwarden.worker._files import OpenedModel
-    from loadwarden.worker.config import Settings
+    from loadwarden.worker.config import InspectionCaps, Settings, SourcePolicy
+
+T = TypeVar("T")
 
 FileArg = Annotated[
     str,
@@ -154,38 +157,41 @@ def inspect(
     worker's trusted signers (signing.signers), hashing every file; where the worker's
     rules or --signed-by require one, a missing or bad one is the outcome.
     """
-    import asyncio
-
     from loadwarden.producer.contract import ErrorInfo
     from loadwarden.producer.errors import LoadError
     from loadwarden.worker.load._model import inspect_opened
-    from loadwarden.worker.load.signing import Trust, TrustError, signature_status
-    from loadwarden.worker.sources import open_model
+    from loadwarden.worker.load.signing import (
+        Trust,
+        TrustError,
+        settled_status,
+        signature_status,
+    )
 
     request = load_request(file, None, {}, signed_by)
     source = request.source
-    settings = with_roots(settings_from(), *named_root(source))
+    settings = local_policies(*named_root(source))
     try:
         trust = Trust(settings.signing) if settings.signing.signers else None
     except TrustError as exc:
         typer.echo(f"error: {clean(str(exc))}", err=True)
         raise typer.Exit(2) from None
 
-    async def open_it() -> tuple[OpenedModel, dict[str, Any], LoadError | None]:
-        opened = await open_model(
-            source, expected_sha256=None, policy=settings.sources, caps=settings.inspection
-        )
+    def open_it() -> tuple[OpenedModel, dict[str, Any], LoadError | None]:
+        opened = _open_here(source, settings.sources, settings.inspection)
         try:
-            status, refusal = await signature_status(opened, request, settings.signing, trust)
+            status = settled_status(opened, request, settings.signing, trust)
+            if status is not None:
+                return opened, status, None
+            found, refusal = _on_a_loop(signature_status(opened, request, settings.signing, trust))
+            return opened, found, refusal
         except BaseException:
             opened.close()
             raise
-        return opened, status, refusal
 
     release_collector()  # imported: the file's inspection runs collected (entry.hold_collector)
     signature: dict[str, Any] | None = None
     try:
-        opened, signature, refusal = asyncio.run(open_it())
+        opened, signature, refusal = open_it()
         with opened:
             if refusal is not None:
                 raise refusal
@@ -208,10 +214,29 @@ def inspect(
     if as_json:
         typer.echo(json.dumps(document))
     else:
-        from loadwarden.worker.cli import _render  # rich: only for the human output
+        from loadwarden.worker.cli import _rows  # rich only where the output needs it
 
-        _render.inspection(document)
+        _rows.show(_rows.inspection_rows(document))
     raise typer.Exit(EXIT_OK if document["outcome"] == "ok" else EXIT_OUTCOME)
+
+
+def _open_here(source: str, policy: SourcePolicy, caps: InspectionCaps) -> OpenedModel:
+    """The model's files, opened as a load opens them: here, blocking (no event loop to keep
+    free, and asyncio is not imported for it), but a URL's download."""
+    from loadwarden.worker.sources import open_model, open_model_here
+
+    opened = open_model_here(source, policy=policy, caps=caps)
+    if opened is None:
+        opened = _on_a_loop(open_model(source, expected_sha256=None, policy=policy, caps=caps))
+    return opened
+
+
+def _on_a_loop(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` on an event loop of its own: what ``inspect`` needs one for (a download,
+    a signature to verify and hash) imports asyncio, the rest does not."""
+    import asyncio
+
+    return asyncio.run(work)
 
 
 def calibrate(

@@ -18,9 +18,10 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from loadwarden.producer.contract import ModelSummary, Outcome
+from loadwarden.producer.contract import Outcome
 from loadwarden.worker._text import clean
 from loadwarden.worker._text import human_bytes as _size
+from loadwarden.worker.cli import _rows
 
 if TYPE_CHECKING:
     from loadwarden.producer.client import DeadLetter, QueueStatus
@@ -54,39 +55,25 @@ def _pairs() -> Table:
     return table
 
 
+def _cell(value: _rows.Value) -> str | Text:
+    return Text(value.text, style=value.style) if isinstance(value, _rows.Shown) else value
+
+
+def _add(table: Table, rows: Sequence[_rows.Row]) -> None:
+    for name, value in rows:
+        table.add_row(name, _cell(value))
+
+
+def pairs(rows: Sequence[_rows.Row]) -> None:
+    """Rows as a two-column table, names in bold (``_rows.show`` writes it plain)."""
+    table = _pairs()
+    _add(table, rows)
+    console.print(table)
+
+
 def _outcome(outcome: Outcome) -> Text:
-    return Text(str(outcome), style="green" if outcome is Outcome.OK else "red")
-
-
-def _model_rows(table: Table, model: ModelSummary) -> None:
-    table.add_row("format", str(model.format))
-    count = model.tensor_count if model.tensor_count is not None else len(model.tensors)
-    listed = f"; {len(model.tensors):,} listed" if len(model.tensors) < count else ""
-    table.add_row("tensors", f"{count:,} ({model.parameters:,} parameters{listed})")
-    table.add_row("tensor bytes", _size(model.bytes))
-    table.add_row("dtypes", safe(", ".join(f"{d}: {n:,}" for d, n in sorted(model.dtypes.items()))))
-    if model.sha256:
-        table.add_row("sha256", model.sha256)
-    if model.shards is not None:
-        _shard_rows(table, model)
-
-
-#: Shards listed one per line; a larger checkpoint's list is cut (--json has them all).
-SHOWN_SHARDS = 32
-
-
-def _shard_rows(table: Table, model: ModelSummary) -> None:
-    shards = model.shards or []
-    table.add_row("shards", f"{len(shards)} files, {_size(model.file_bytes)}")
-    for shard in shards[:SHOWN_SHARDS]:
-        # Names come from an untrusted index: Text, so "[...]" is never read as markup.
-        line = Text(shard.file)
-        line.append(f"  {_size(shard.bytes)}, {shard.tensors} tensors")
-        if shard.sha256:
-            line.append(f", sha256 {shard.sha256[:16]}…")
-        table.add_row("", line)
-    if len(shards) > SHOWN_SHARDS:
-        table.add_row("", f"… and {len(shards) - SHOWN_SHARDS} more (--json lists them all)")
+    shown = _rows.outcome(outcome)
+    return Text(shown.text, style=shown.style)
 
 
 def report(r: LoadReport) -> None:
@@ -99,7 +86,7 @@ def report(r: LoadReport) -> None:
     if r.error:
         table.add_row("error", safe(f"{r.error.type} ({r.error.code}): {r.error.message}"))
     if r.model:
-        _model_rows(table, r.model)
+        _add(table, _rows.model_rows(r.model))
     if r.signature:
         sig = r.signature
         table.add_row(
@@ -137,27 +124,6 @@ def report(r: LoadReport) -> None:
             f"attempt {a.number}",
             safe(f"{a.outcome}{code} on {a.worker}, {took:.3f} s{delay}"),
         )
-    console.print(table)
-
-
-def inspection(document: dict[str, Any]) -> None:
-    table = _pairs()
-    table.add_row("outcome", _outcome(Outcome(document["outcome"])))
-    if document["error"]:
-        err = document["error"]
-        table.add_row("error", safe(f"{err['type']} ({err['code']}): {err['message']}"))
-    if document["model"]:
-        _model_rows(table, ModelSummary.model_validate(document["model"]))
-    sig = document.get("signature") or {}
-    status = sig.get("status", "none")
-    what = {"none": "none", "unchecked": f"{sig.get('file')}, unchecked: {sig.get('reason')}"}
-    if status in ("verified", "refused"):
-        what[status] = (
-            f"{status}{' (required)' if sig.get('required') else ''}: {sig.get('file')}, "
-            f"signer {sig.get('signer') or 'unknown'}, {sig.get('files', 0)} files signed"
-            + (f"; {sig.get('code')}: {sig.get('message')}" if status == "refused" else "")
-        )
-    table.add_row("signature", safe(what[status]))
     console.print(table)
 
 

@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
+#: ``Settings.report_max_tensors``: a report lists at most this many tensors (totals
+#: always). A 150,000-tensor manifest is ~9 MB of JSON per report, and nobody reads past
+#: the first screens of it.
+REPORT_MAX_TENSORS = 1000
 
 
 class InspectionCaps(BaseModel):

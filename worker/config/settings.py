@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from loadwarden.producer.contract import Outcome
 from loadwarden.producer.settings import Settings as ProducerSettings
 from loadwarden.worker.config.policies import (
+    REPORT_MAX_TENSORS,
     AutoscalePolicy,
     FailureMemoryPolicy,
     InspectionCaps,
@@ -136,9 +137,7 @@ class Settings(ProducerSettings):
     # RLIMIT_AS bounds the child's address space. Some native libraries reserve far more
     # address space than they touch; where cgroups confine memory, this may be turned off.
     use_address_space_limit: bool = True
-    # A report lists at most this many tensors (totals always): a 150,000-tensor manifest
-    # is ~9 MB of JSON per report, and nobody reads past the first screens of it.
-    report_max_tensors: Annotated[int, Field(ge=0)] = 1000
+    report_max_tensors: Annotated[int, Field(ge=0)] = REPORT_MAX_TENSORS
     # LOADWARDEN_ALLOW_ROOTS=/a:/b, folders separated by ':' as in PATH; when set it wins
     # over sources.allow_roots (LOADWARDEN_SOURCES__ALLOW_ROOTS, a JSON list), for the
     # worker, the in-process Supervisor and every command alike.

@@ -38,7 +38,7 @@ import contextlib
 import gc
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from loadwarden.producer.contract import ModelFormat, ModelSummary
@@ -56,10 +56,6 @@ from loadwarden.worker.formats._sniff import (
     needs_isolation,
     sniff_file,
 )
-from loadwarden.worker.formats.gguf import inspect_gguf
-from loadwarden.worker.formats.npy import inspect_npy
-from loadwarden.worker.formats.npz import inspect_npz
-from loadwarden.worker.formats.safetensors import inspect_safetensors
 
 __all__ = [
     "LOADERS",
@@ -79,15 +75,27 @@ LOADERS: Mapping[ModelFormat, str] = {
     ModelFormat.GGUF: "gguf",
 }
 
-_Inspector = Callable[[int, int, InspectionCaps, int | None], ModelSummary]
-_INSPECTORS: Mapping[ModelFormat, _Inspector] = {
-    ModelFormat.SAFETENSORS: lambda fd, size, caps, _budget: (
-        inspect_safetensors(fd, size, caps).summary
-    ),
-    ModelFormat.NPY: lambda fd, size, caps, _budget: inspect_npy(fd, size, caps),
-    ModelFormat.NPZ: inspect_npz,
-    ModelFormat.GGUF: lambda fd, size, caps, _budget: inspect_gguf(fd, size, caps),
-}
+
+def _inspect(
+    fmt: ModelFormat, fd: int, size: int, caps: InspectionCaps, budget_bytes: int | None
+) -> ModelSummary:
+    """Run ``fmt``'s inspector, imported here: a file needs its own format's parser alone
+    (``loadwarden inspect`` of a safetensors file imports no GGUF, npy or zip parser)."""
+    if fmt is ModelFormat.SAFETENSORS:
+        from loadwarden.worker.formats.safetensors import inspect_safetensors
+
+        return inspect_safetensors(fd, size, caps).summary
+    if fmt is ModelFormat.NPY:
+        from loadwarden.worker.formats.npy import inspect_npy
+
+        return inspect_npy(fd, size, caps)
+    if fmt is ModelFormat.NPZ:
+        from loadwarden.worker.formats.npz import inspect_npz
+
+        return inspect_npz(fd, size, caps, budget_bytes)
+    from loadwarden.worker.formats.gguf import inspect_gguf
+
+    return inspect_gguf(fd, size, caps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +134,7 @@ def inspect_model(
     sniffed = sniff_file(fd, size, path, caps)
     fmt = _choose(sniffed, path, declared)
     with _gc_paused():
-        summary = _INSPECTORS[fmt](fd, size, caps, budget_bytes)
+        summary = _inspect(fmt, fd, size, caps, budget_bytes)
     if budget_bytes is not None and summary.bytes > budget_bytes:
         raise over_budget(str(fmt), summary.bytes, budget_bytes)
     return Inspection(summary, LOADERS[fmt])

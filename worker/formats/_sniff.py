@@ -11,7 +11,6 @@ from loadwarden.producer.contract import ModelFormat
 from loadwarden.worker.binary import magic
 from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats._common import file_pickle_protocol, read_at, show
-from loadwarden.worker.formats._zip import member_names
 
 if TYPE_CHECKING:
     from loadwarden.worker._files import ModelFile
@@ -133,6 +132,9 @@ def _hdf5_after_userblock(fd: int, size: int) -> bool:
 
 
 def _zip_kind(fd: int, size: int, path: str, caps: InspectionCaps, prefix: bytes) -> Sniffed:
+    # Imported for a zip only: zipfile is most of the cost of a sniff's imports.
+    from loadwarden.worker.formats._zip import member_names
+
     ext = extension(path)
     names = member_names(fd, size, caps)
     if names is None:  # an unreadable directory: the name says which flavour was meant

@@ -9,9 +9,10 @@ from structlog.typing import FilteringBoundLogger
 from loadwarden.producer.contract import Derivation, Limits, LoadRequest
 from loadwarden.producer.errors import SourceRefused, describe
 from loadwarden.worker._files import OpenedModel
+from loadwarden.worker._tasks import in_thread
 from loadwarden.worker.config import Settings, SigningPolicy
 from loadwarden.worker.load._child_run import ChildRun
-from loadwarden.worker.load._deadline import JobDeadline, in_thread
+from loadwarden.worker.load._deadline import JobDeadline
 from loadwarden.worker.load._report import LoadState
 from loadwarden.worker.load.history import History
 from loadwarden.worker.load.limits import HistoryStats

@@ -11,8 +11,8 @@ from structlog.typing import FilteringBoundLogger
 
 from loadwarden.producer.contract import Limits, Sample
 from loadwarden.producer.errors import LoadError
-from loadwarden.worker._tasks import cancel_and_wait
-from loadwarden.worker.load._deadline import JobDeadline, Stopped, in_thread, until
+from loadwarden.worker._tasks import cancel_and_wait, in_thread
+from loadwarden.worker.load._deadline import JobDeadline, Stopped, until
 from loadwarden.worker.load._outcome import (
     Early,
     Loaded,

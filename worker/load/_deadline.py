@@ -1,12 +1,11 @@
 """Deadlines: ``until`` keeps every one (each stage of a job, the child's conversation),
-blocking work in a thread, and the child's deadline cut to what is left of the job's."""
+blocking work in a thread (``_tasks.in_thread``), and the child's deadline cut to what is
+left of the job's."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -15,22 +14,6 @@ from loadwarden.worker._tasks import cancel_and_wait
 from loadwarden.worker.load._outcome import Early, Stop, failure
 
 T = TypeVar("T")
-
-
-async def in_thread(fn: Callable[[], T], executor: Executor | None = None) -> T:
-    """Run blocking work in a thread (the default executor's, or ``executor``'s); if
-    cancelled, let it finish first (it may use our fds)."""
-    future = (
-        asyncio.ensure_future(asyncio.to_thread(fn))
-        if executor is None
-        else asyncio.get_running_loop().run_in_executor(executor, fn)
-    )
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            await future
-        raise
 
 
 class Stopped(Exception):

@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 from loadwarden.producer.contract import LoadRequest, ModelSummary
 from loadwarden.worker._files import OpenedModel
+from loadwarden.worker._tasks import in_thread
 from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats import needs_isolation
-from loadwarden.worker.load._deadline import JobDeadline, in_thread
+from loadwarden.worker.load._deadline import JobDeadline
 from loadwarden.worker.load._model import inspect_opened, shard_format
 from loadwarden.worker.sandbox._protocol import manifest_digest
 from loadwarden.worker.sandbox.inspector import inspect_in_child

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loadwarden.producer.contract import Limits, ModelFormat, ModelSummary, ShardInfo
 from loadwarden.producer.errors import InvalidModel, LoadError, SourceRefused
 from loadwarden.worker._files import ModelFile, OpenedModel
-from loadwarden.worker.config import InspectionCaps, Settings
+from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats import inspect_model
 from loadwarden.worker.formats._common import over_budget
 from loadwarden.worker.formats.index import check_coverage
-from loadwarden.worker.load._digest import check_digest
-from loadwarden.worker.load._outcome import LoadedModel
 from loadwarden.worker.sandbox.spec import ChildSpec, FileIdentity, SpecFile
+
+if TYPE_CHECKING:
+    from loadwarden.worker.config import Settings
+    from loadwarden.worker.load._outcome import LoadedModel
 
 
 def shard_format(opened: OpenedModel, declared: ModelFormat | None) -> ModelFormat | None:
@@ -166,6 +168,10 @@ def with_digests(
         )
     if digests is None:
         return summary, None
+    # Here, not at the top: _digest imports asyncio, which ``inspect`` (it imports this
+    # module for ``inspect_opened``) runs without.
+    from loadwarden.worker.load._digest import check_digest
+
     for shard, digest in zip(opened.files, digests, strict=True):
         if shard.expected_sha256 not in (None, digest):
             return summary, InvalidModel(

@@ -58,8 +58,6 @@ from loadwarden.worker.load._bundle import (
     unknown_signer,
     verify_bundle,
 )
-from loadwarden.worker.load._deadline import in_thread
-from loadwarden.worker.load._digest import digest_files
 
 __all__ = [
     "Requirement",
@@ -71,6 +69,7 @@ __all__ = [
     "note_writes",
     "recheck",
     "required_signers",
+    "settled_status",
     "signature_status",
     "signing_installed",
 ]
@@ -255,6 +254,10 @@ async def check_signature(
                 code="signing_unavailable",
             )
         raise unknown_signer(requirement, "a key, and this worker trusts none (signing.signers)")
+    # asyncio's helpers: imported for a signature to verify (inspect needs no loop before).
+    from loadwarden.worker._tasks import in_thread
+    from loadwarden.worker.load._digest import digest_files
+
     manifest = await in_thread(lambda: verify_bundle(sig, requirement, trust, check))
     check.expected = _covered(opened, manifest)
     check.stamps = [_stamp(s.file.fd) for s in opened.files]
@@ -280,14 +283,11 @@ async def signature_status(
     meet (None when it would pass). A signature no rule requires is still checked against
     every trusted signer, so an operator sees whether signing it would pass."""
     requirement = required_signers(policy, request, opened)
-    sig = opened.signature
+    settled = _nothing_to_check(requirement, opened, trust)
+    if settled is not None:
+        return settled, None
     if requirement is None:
-        if sig is None:
-            return {"status": "none", "required": False}, None
-        if trust is None:
-            reason = "this worker trusts no signer (signing.signers)"
-            unchecked = {"status": "unchecked", "file": sig.name, "reason": reason}
-            return {**unchecked, "required": False}, None
+        assert trust is not None  # else settled
         requirement = Requirement(frozenset(trust.signers), ("any trusted signer",))
         required = False
     else:
@@ -308,6 +308,27 @@ async def signature_status(
     assert check.info is not None
     info = check.info.model_dump(mode="json")
     return {"status": "verified", "required": required, **info}, None
+
+
+def settled_status(
+    opened: OpenedModel, request: LoadRequest, policy: SigningPolicy, trust: Trust | None
+) -> dict[str, Any] | None:
+    """``signature_status``'s answer, found without verifying or hashing anything (no rule
+    requires a signature, and there is none or no signer to check it against), or None:
+    ``loadwarden inspect`` then needs no event loop (``signature_status`` does the rest)."""
+    return _nothing_to_check(required_signers(policy, request, opened), opened, trust)
+
+
+def _nothing_to_check(
+    requirement: Requirement | None, opened: OpenedModel, trust: Trust | None
+) -> dict[str, Any] | None:
+    sig = opened.signature
+    if requirement is not None or (sig is not None and trust is not None):
+        return None
+    if sig is None:
+        return {"status": "none", "required": False}
+    reason = "this worker trusts no signer (signing.signers)"
+    return {"status": "unchecked", "file": sig.name, "reason": reason, "required": False}
 
 
 def _where(opened: OpenedModel) -> str:

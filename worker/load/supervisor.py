@@ -26,7 +26,7 @@ from loadwarden.producer.contract import (
 )
 from loadwarden.producer.errors import LoadError, describe
 from loadwarden.worker._files import OpenedModel
-from loadwarden.worker._tasks import cancel_and_wait
+from loadwarden.worker._tasks import cancel_and_wait, in_thread
 from loadwarden.worker.config import Settings
 from loadwarden.worker.formats import LOADERS
 from loadwarden.worker.load._checks import (
@@ -36,7 +36,7 @@ from loadwarden.worker.load._checks import (
     warn_clamped,
 )
 from loadwarden.worker.load._child_run import ChildHost, ChildJob, place_ahead, run_child
-from loadwarden.worker.load._deadline import JobDeadline, in_thread, within
+from loadwarden.worker.load._deadline import JobDeadline, within
 from loadwarden.worker.load._digest import digest_files
 from loadwarden.worker.load._inspection import inspect_bounded, manifest_for
 from loadwarden.worker.load._lookup import FirstWrites, FirstWritesFailed, Once, look_up

@@ -60,7 +60,6 @@ the child loads (``loadwarden.worker.load._digest``), outside the loader's reach
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 from collections.abc import Awaitable, Callable
@@ -73,7 +72,7 @@ from loadwarden.worker.sources._hf import open_hf
 from loadwarden.worker.sources._local import open_local
 from loadwarden.worker.sources._ondisk import open_local_inline, open_local_learning
 
-__all__ = ["open_model", "open_source"]
+__all__ = ["open_model", "open_model_here", "open_source"]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -142,9 +141,26 @@ async def open_model(
     )
 
 
+def open_model_here(
+    source: str, *, policy: SourcePolicy, caps: InspectionCaps | None = None
+) -> OpenedModel | None:
+    """``open_model`` in this thread, for a process with no event loop to keep free (the
+    command line): a local path or ``hf://`` opened as ``open_model`` opens it off the
+    loop, blocking; None for a URL, which ``open_model`` downloads."""
+    if is_url(source):
+        return None
+    checks = caps or InspectionCaps()
+    if is_hf(source):
+        return open_hf(source, policy, checks)
+    hard_links = policy.refuse_hard_links
+    return open_local_learning(source, policy.allow_roots, checks, refuse_hard_links=hard_links)
+
+
 async def _off_loop(open_files: Callable[[], OpenedModel]) -> OpenedModel:
     """Run a blocking open (an index may be 16 MiB of JSON) in a thread; if we are
     cancelled meanwhile, wait for it and close what it opened, so no descriptor leaks."""
+    import asyncio  # here: the command line's opens (``open_model_here``) need no loop
+
     future = asyncio.ensure_future(asyncio.to_thread(open_files))
     try:
         return await asyncio.shield(future)
