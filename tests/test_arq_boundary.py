@@ -25,7 +25,7 @@ from tests.conftest import eventually
 ROOT = Path(__file__).parent.parent
 
 #: The adapter: ``ArqAdapter`` and the arq subclass it builds (which overrides arq's methods).
-ADAPTER = {"worker/queue/arq_adapter.py", "worker/queue/_arq.py"}
+ADAPTER = {"worker/queue/arq_adapter.py", "worker/queue/_arq.py", "worker/queue/_waiting.py"}
 
 #: Names ``arq.worker`` defines that a job function may use: raising ``Retry`` is arq's
 #: documented way for a job to ask for another try, not a look inside the Worker.

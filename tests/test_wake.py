@@ -22,14 +22,16 @@ FALLBACK_S = 4.5
 BOUND_S = 3.0
 
 
-async def _blocked_on_wake(redis_url: str, settings: Settings) -> bool:
-    """Whether a worker sits in BLPOP on the queue's wake list now."""
+async def _blocked_on_wake(redis_url: str, settings: Settings) -> dict[str, str] | None:
+    """The connection of a worker that sits in BLPOP on the queue's wake list now (CLIENT
+    LIST's fields), if one does."""
     raw = redis_client(redis_url)
     try:
         clients = await raw.client_list()
     finally:
         await raw.aclose()
-    return any(c.get("cmd") == "blpop" and "b" in c.get("flags", "") for c in clients)
+    blocked = [c for c in clients if c.get("cmd") == "blpop" and "b" in c.get("flags", "")]
+    return blocked[0] if blocked else None
 
 
 async def test_an_enqueue_wakes_an_idle_worker(
@@ -45,6 +47,24 @@ async def test_an_enqueue_wakes_an_idle_worker(
         raw = redis_client(redis_url)
         assert await raw.llen(wake_key(slow.queue_name)) == 0  # the token was taken
         await raw.aclose()
+
+
+async def test_the_look_after_a_wake_is_sent_with_the_wait(
+    redis_url: str, small_model: object, settings: Settings
+) -> None:
+    """An idle worker's next look at the queue goes out with its BLPOP, queued behind it in
+    Redis (which runs it as soon as BLPOP returns): a wake costs no round trip before the
+    claim. The job that look finds is run."""
+    slow = settings.model_copy(update={"poll_delay_s": FALLBACK_S})
+
+    async def look_queued() -> bool:  # unread in the blocked connection's query buffer
+        waiting = await _blocked_on_wake(redis_url, slow)
+        return waiting is not None and int(waiting["qbuf"]) > 0
+
+    async with running_worker(slow), Client(settings=slow) as client:
+        await eventually(look_queued, timeout_s=BOUND_S, what="a look behind the BLPOP")
+        handle = await client.enqueue(LoadRequest(source=str(small_model)))
+        assert (await handle.report(timeout_s=BOUND_S)).outcome is Outcome.OK
 
 
 async def test_a_freed_slot_wakes_a_full_worker(

@@ -9,24 +9,20 @@ here with a report of a classified outcome, stored where the report goes and
 dead-lettered. A Redis *connection* error still escapes: the runner reconnects and
 the job waits for its lease.
 
-It also waits for work instead of polling (``_wait_for_work``): arq's loop sleeps
-``poll_delay`` between two looks at the queue; ours looks again as soon as an
-enqueue pushes a token on the queue's wake list (BLPOP), or a running job ends
-while all slots are full, and ``poll_delay`` becomes the longest wait (a fallback
-for jobs enqueued without a token).
+It waits for work instead of polling (``_waiting.WaitingWorker``, its base).
 
 Why a subclass and not a patch of arq: the hooks used (``run_job``, ``finish_job``,
-``finish_failed_job``, the job serializer, ``start_jobs``, ``_poll_iteration``, the slot
-release, ``pool``) are arq's, and the overrides call arq's code unchanged, but for two
-copies made to save round trips (``start_jobs``' claim, now one script that also makes
-the run's first reads, ``_claim``; ``finish_job``, with the finished push in its
-transaction), which keep arq's logic line for line (arq 0.28 is pinned).
+``finish_failed_job``, the job serializer, ``start_jobs``, ``pool``, and in the base
+``_poll_iteration`` and the slot release) are arq's methods, and the overrides call arq's
+code unchanged, except copies made to save round trips (``start_jobs``' claim, now one
+script that also makes the run's first reads, ``_claim``; ``finish_job``, with the
+finished push in its transaction; the base's look at the queue, read with its wait),
+which keep arq's logic line for line (arq 0.28 is pinned).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import structlog
@@ -39,29 +35,28 @@ from arq.constants import (
     retry_key_prefix,
 )
 from arq.utils import to_ms
-from arq.worker import Worker
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, ResponseError
 
 from loadwarden.producer import wire
 from loadwarden.producer.errors import LoadError, describe
 from loadwarden.producer.finished import push_message
-from loadwarden.producer.keys import FINISHED_CHANNEL, FINISHED_REPORTS_CHANNEL, now_ms, wake_key
+from loadwarden.producer.keys import (
+    FINISHED_CHANNEL,
+    FINISHED_REPORTS_CHANNEL,
+    now_ms,
+)
 from loadwarden.worker.load._outcome import Early, failure
 from loadwarden.worker.queue._claim import answered, claim
+from loadwarden.worker.queue._waiting import WaitingWorker
 from loadwarden.worker.queue.job import (
     FINISH_WITH_RESULT,
     TRANSIENT_REDIS_ERRORS,
     end_with_report,
 )
 from loadwarden.worker.queue.jobs import Finish, JobBook
-from loadwarden.worker.sandbox.children import SandboxError
-from loadwarden.worker.sandbox.forkserver import ForkServer
 
 log = structlog.get_logger("loadwarden.worker")
-
-#: The shortest wait worth a BLPOP (Redis counts its timeout in milliseconds).
-BLPOP_MIN_S = 0.001
 
 
 def _error_for(exc: BaseException) -> LoadError:
@@ -81,7 +76,7 @@ def _error_for(exc: BaseException) -> LoadError:
     return failure(Early.INTERNAL_ERROR, f"arq failed the job: {text}")
 
 
-class LoadWorker(Worker):
+class LoadWorker(WaitingWorker):
     """An arq Worker whose every job ends with a LoadReport (see the module docstring).
 
     Built and driven only by ``arq_adapter``: nothing else knows arq's Worker.
@@ -93,21 +88,10 @@ class LoadWorker(Worker):
         self._failures: dict[str, tuple[BaseException, dict[str, Any]]] = {}
         # The job function leaves a finished job's bookkeeping to finish_job's transaction.
         self._book: JobBook | None = self.ctx.get("book")
-        supervisor = self.ctx.get("supervisor")
-        self._forkserver: ForkServer | None = supervisor.forkserver if supervisor else None
         if self._book is not None:
             self.ctx[FINISH_WITH_RESULT] = True
         self.job_serializer = self._serialize
         self._next_marker_check = 0.0
-        # arq sleeps poll_delay_s between two looks at the queue; we wait in _poll_iteration
-        # instead, woken by an enqueue or a freed slot, and look at most this long apart.
-        self.fallback_poll_s = self.poll_delay_s
-        self.poll_delay_s = 0.0
-        self._wake_key = wake_key(self.queue_name)
-        self._slot_freed = asyncio.Event()
-        #: Whether the last look filled a page of ids and started one of them: then more
-        #: may wait behind it, and the next look comes at once.
-        self._more = False
 
     def _serialize(self, document: dict[str, Any]) -> bytes:
         # arq serializes a result just before it stores it: a failure is noted here so that
@@ -119,59 +103,6 @@ class LoadWorker(Worker):
     @property
     def pool(self) -> ArqRedis:  # in a run's task, its first read is answered by its claim
         return answered(super().pool)  # type: ignore[no-any-return]
-
-    def _release_sem_dec_counter_on_complete(self) -> None:
-        super()._release_sem_dec_counter_on_complete()
-        self._slot_freed.set()
-
-    async def _poll_iteration(self) -> None:
-        self._slot_freed.clear()  # before the look: a job ending during it ends the wait too
-        self._more = False
-        await super()._poll_iteration()
-        await self._wait_for_work()
-
-    async def _wait_for_work(self) -> None:
-        """Wait until the queue may hold a job for us, at most ``fallback_poll_s``.
-
-        Full: until a running job ends. A full page of ids fetched, one of them started
-        here: not at all (more may be ready). Else on the queue's wake list (BLPOP: an
-        enqueue pushes one token, which wakes one idle worker), no longer than until the
-        next deferred job (a retry's backoff) is due. The fallback picks up jobs enqueued
-        without a token (arq's own ``enqueue_job``, a producer in another language).
-        """
-        fallback = self.fallback_poll_s
-        if self.burst or not self.allow_pick_jobs:
-            await asyncio.sleep(fallback)
-            return
-        if (forkserver := self._restarting()) is not None:  # no claim until it runs again
-            with contextlib.suppress(TimeoutError, SandboxError):  # (a failed start: again)
-                async with asyncio.timeout(fallback):
-                    await forkserver.running()
-            return
-        if self.job_counter >= self.max_jobs:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(fallback):
-                    await self._slot_freed.wait()
-            return
-        if self._more:
-            return
-        now = now_ms()
-        due = await self.pool.zrangebyscore(
-            self.queue_name, min=f"({now}", max="+inf", start=0, num=1, withscores=True
-        )
-        wait_s = min(fallback, (due[0][1] - now) / 1000) if due else fallback
-        if wait_s >= BLPOP_MIN_S:  # BLPOP's 0 would block for ever
-            # Fractional seconds (Redis >= 6), which redis-py's typed blpop() does not take.
-            await self.pool.execute_command(  # type: ignore[no-untyped-call]
-                "BLPOP", self._wake_key, f"{wait_s:.3f}"
-            )
-
-    def _restarting(self) -> ForkServer | None:
-        """The fork server, while a lost one is being started again: a job claimed then would
-        only wait for it (``ChildHost.sandbox_back``), when another worker may run it now."""
-        forkserver = self._forkserver
-        down = forkserver is not None and forkserver.restarting and not forkserver.alive
-        return forkserver if down else None
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         if self._restarting() is not None:  # left queued (``_restarting``)
