@@ -107,6 +107,7 @@ def test_plain_text_is_written_for_a_small_model_and_left_to_rich_otherwise() ->
     [
         ({}, False),
         ({"COLUMNS": "123"}, False),
+        ({"COLUMNS": "0"}, False),  # rich renders 0 wide (prints nothing), not 80
         ({"FORCE_COLOR": "1"}, True),
         ({"FORCE_COLOR": ""}, False),
         ({"TTY_COMPATIBLE": "1"}, True),

@@ -170,3 +170,12 @@ async def test_livez_fails_once_the_fork_server_stays_down_past_the_setting(
     assert "no fork server for" in failed.text
     assert "LOADWARDEN_FORKSERVER_DOWN_MAX_S (0.5 s)" in failed.text
     assert ready.status_code == 503 and "fork server not running" in ready.text
+
+
+@pytest.mark.parametrize(("value", "limit"), [("null", None), ("NULL", None), ("120", 120.0)])
+def test_the_livez_limit_is_turned_off_from_the_environment_as_documented(
+    value: str, limit: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: LOADWARDEN_FORKSERVER_DOWN_MAX_S=null makes /livez ignore the fork server."""
+    monkeypatch.setenv("LOADWARDEN_FORKSERVER_DOWN_MAX_S", value)
+    assert Settings().forkserver_down_max_s == limit

@@ -147,6 +147,9 @@ def plain_width() -> int | None:
     """
     if sys.stdout is None or _terminal():
         return None
+    columns = os.environ.get("COLUMNS")
+    if columns is not None and columns.isdigit():
+        return int(columns)  # as rich's Console takes it: as given, 0 included (no "or 80")
     width = None
     for fd in (0, 1, 2):
         try:
@@ -154,9 +157,6 @@ def plain_width() -> int | None:
         except (AttributeError, ValueError, OSError):
             continue
         break
-    columns = os.environ.get("COLUMNS")
-    if columns is not None and columns.isdigit():
-        width = int(columns)
     return width or 80
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from loadwarden.producer.contract import Outcome
 from loadwarden.producer.settings import Settings as ProducerSettings
@@ -97,7 +97,7 @@ class Settings(ProducerSettings):
     # failed): such a worker claims no job, and only a fresh process helps, so the liveness
     # probe restarts it. 300 s outlasts the restart backoff's longest waits (60 s) several
     # times over, so a fork server that comes back after a few tries never costs a restart;
-    # None: /livez ignores the fork server.
+    # None (LOADWARDEN_FORKSERVER_DOWN_MAX_S=null): /livez ignores the fork server.
     forkserver_down_max_s: Annotated[float, Field(gt=0)] | None = 300.0
     # Log (and count) a load near a limit: early warning before the limit stops it. For
     # memory, "near" is this fraction of the headroom above what a healthy load of the
@@ -157,6 +157,13 @@ class Settings(ProducerSettings):
         if self.shutdown_grace_s is not None:
             return float(self.shutdown_grace_s)
         return self.limits.timeout_ceiling_s
+
+    @field_validator("forkserver_down_max_s", mode="before")
+    @classmethod
+    def _null_from_the_environment(cls, value: object) -> object:
+        # pydantic-settings passes a scalar variable as its text: "null" is how README says
+        # to turn the check off, and no float parses it.
+        return None if isinstance(value, str) and value.strip().lower() == "null" else value
 
     @model_validator(mode="after")
     def _poll_within_socket_timeout(self) -> Settings:

@@ -93,9 +93,11 @@ def _inspect(
         from loadwarden.worker.formats.npz import inspect_npz
 
         return inspect_npz(fd, size, caps, budget_bytes)
-    from loadwarden.worker.formats.gguf import inspect_gguf
+    if fmt is ModelFormat.GGUF:
+        from loadwarden.worker.formats.gguf import inspect_gguf
 
-    return inspect_gguf(fd, size, caps)
+        return inspect_gguf(fd, size, caps)
+    raise AssertionError(f"no inspector for {fmt}")  # a new ModelFormat needs its branch
 
 
 @dataclass(frozen=True, slots=True)

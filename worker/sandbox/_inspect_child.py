@@ -22,6 +22,11 @@ from loadwarden.producer.contract import ModelFormat
 from loadwarden.producer.errors import InvalidModel, LoadError
 from loadwarden.worker.config import InspectionCaps
 from loadwarden.worker.formats import inspect_model
+
+# Every format's parser, imported before the child confines itself (``inspect_model``
+# imports a format's parser only when a file of it is inspected): no import runs under
+# Landlock, the address-space limit or seccomp.
+from loadwarden.worker.formats import gguf, npy, npz, safetensors  # noqa: F401  # isort: skip
 from loadwarden.worker.sandbox import _landlock, _linux, _seccomp
 
 
