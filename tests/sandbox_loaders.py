@@ -348,3 +348,11 @@ def leave_session(fd: int, spec: ChildSpec) -> dict[str, Any]:
         answer = reader.read()
     os.waitpid(pid, 0)
     raise RuntimeError(answer.decode())
+
+
+@register_loader("report_rehearsed")
+def report_rehearsed(fd: int, spec: ChildSpec) -> dict[str, Any]:
+    """Raise with whether this child rehearsed a load before its spec (``_child.rehearsed``)."""
+    from loadwarden.worker.sandbox import _child  # preloaded: no import happens here
+
+    raise RuntimeError(f"rehearsed={_child.rehearsed}")

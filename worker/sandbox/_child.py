@@ -262,7 +262,9 @@ def _rehearse(sock: socket.socket) -> bool:
     (~100 page faults) now rather than between its spec and its answer. No socket, no
     descriptor from outside: a memfd of the bytes above, closed again; nothing is sent.
     Skipped (False) when the spec is already there, or where it cannot run (only an
-    optimisation: the load then takes the faults itself).
+    optimisation: the load then takes the faults itself). Only a child forked while no
+    load of this worker runs is asked to (``ForkServer._fill``): in a backlog the CPUs are
+    the loads', and the next spec comes at once.
     """
     memfd_create = getattr(os, "memfd_create", None)
     if memfd_create is None:
@@ -347,11 +349,17 @@ def warm_up(rounds: int = 16) -> None:
         theirs.close()
 
 
-def main(sock: socket.socket) -> int:
-    """Entry point of a forked child; returns the exit status."""
+#: Whether this child rehearsed a load before its spec came (``_rehearse``; tests read it).
+rehearsed = False
+
+
+def main(sock: socket.socket, *, rehearse: bool = False) -> int:
+    """Entry point of a forked child; returns the exit status. ``rehearse``: it was forked
+    to wait while the machine is idle (``ForkServer``), and runs ``_rehearse`` meanwhile."""
+    global rehearsed
     applied = _confine_process()
     prepared = _prepare_landlock()
-    _rehearse(sock)
+    rehearsed = rehearse and _rehearse(sock)
     sock.settimeout(60)
     received = _receive(sock)
     if received is None:

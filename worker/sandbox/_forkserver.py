@@ -63,7 +63,9 @@ def _keep_only(fd: int) -> None:
     os.closerange(fd + 1, _MAX_FD)
 
 
-def _fork_child(control: socket.socket, token: int, child_end: socket.socket) -> None:
+def _fork_child(
+    control: socket.socket, token: int, child_end: socket.socket, rehearse: bool
+) -> None:
     try:
         pid = os.fork()
     except OSError as exc:
@@ -81,7 +83,7 @@ def _fork_child(control: socket.socket, token: int, child_end: socket.socket) ->
             _keep_only(child_end.fileno())
             from loadwarden.worker.sandbox import _child
 
-            status = _child.main(child_end)
+            status = _child.main(child_end, rehearse=rehearse)
         finally:
             os._exit(status)
     child_end.close()
@@ -119,13 +121,14 @@ def _serve(control: socket.socket) -> None:
                 return
             if not data:  # the supervisor is gone
                 return
-            if data[:1] != _protocol.SPAWN or len(fds) != 1:
+            kind = data[:1]
+            if kind not in (_protocol.SPAWN, _protocol.SPAWN_IDLE) or len(fds) != 1:
                 for fd in fds:
                     os.close(fd)
                 continue
             (token,) = _protocol.TOKEN.unpack(data[1:])
             child_end = socket.socket(fileno=fds[0])
-            _fork_child(control, token, child_end)
+            _fork_child(control, token, child_end, kind == _protocol.SPAWN_IDLE)
         _reap(control)
 
 

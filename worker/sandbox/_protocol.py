@@ -2,6 +2,8 @@
 
 Control socket (supervisor <-> fork server), SOCK_SEQPACKET, one message per packet:
   supervisor -> server  ``b"S" + token:u64`` with one fd attached: the child's end of its socket
+                        ``b"W" + token:u64``, the same, for a child to wait while the machine
+                        is idle (it rehearses a load meanwhile: ``_child._rehearse``)
   server -> supervisor  ``b"R"``                               preloading done, ready to fork
                         ``b"P" + token:u64 + pid:i64``          a child was forked
                         ``b"F" + token:u64 + errno:i64``        the fork failed
@@ -23,6 +25,7 @@ import json
 import struct
 
 SPAWN = b"S"
+SPAWN_IDLE = b"W"
 READY = b"R"
 FORKED = b"P"
 FORK_FAILED = b"F"

@@ -304,7 +304,8 @@ class ForkServer:
     async def _fill(self) -> None:
         try:
             while self.alive and len(self._ready) < self.ready:
-                await self._keep(await self._fork())
+                # Forked while no load of ours runs: it rehearses one while it waits.
+                await self._keep(await self._fork(idle=self._lent == 0))
         except (SandboxError, OSError) as exc:  # the next load forks its own, or says why not
             log.debug("ready_child_failed", error=str(exc))
 
@@ -335,7 +336,7 @@ class ForkServer:
             raise
         self._ready.append((time.monotonic(), child))
 
-    async def _fork(self) -> Child:
+    async def _fork(self, *, idle: bool = False) -> Child:
         if not self.alive:
             await self.start()
         assert self._control is not None
@@ -346,7 +347,9 @@ class ForkServer:
         self._waiters.forks[token] = forked
         try:
             await send_with_fds(
-                self._control, _protocol.SPAWN + _protocol.TOKEN.pack(token), [theirs.fileno()]
+                self._control,
+                (_protocol.SPAWN_IDLE if idle else _protocol.SPAWN) + _protocol.TOKEN.pack(token),
+                [theirs.fileno()],
             )
             pid, exited = await forked
         except BaseException:
