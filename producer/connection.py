@@ -92,7 +92,25 @@ class _Sentinels(Sentinel):
         return bool(super().check_master_state(state, service_name))
 
 
-class _SentinelPool(SentinelConnectionPool):
+async def _dropped(error: RedisError) -> None:
+    """Nothing to drop: a failed checkout gave its connection back to the pool already."""
+
+
+class _RidingCheckout(ConnectionPool):
+    """A pool whose checkout rides through an outage too: redis-py connects a connection it
+    hands out (its handshake: HELLO/AUTH/CLIENT SETINFO/SELECT) outside the command's Retry,
+    so a connection lost in its handshake would fail the command at once."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        retry = self.connection_kwargs.get("retry")
+        if not isinstance(retry, RideThrough):
+            return await super().get_connection(*args, **kwargs)
+        return await retry.call_with_retry(
+            lambda: super(_RidingCheckout, self).get_connection(*args, **kwargs), _dropped
+        )
+
+
+class _SentinelPool(_RidingCheckout, SentinelConnectionPool):
     """A Sentinel-managed pool whose final close also closes the Sentinels' connections."""
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
@@ -141,7 +159,7 @@ def redis_client(
         "retry_on_error": list(RETRIED),
     }
     if target.service is None:
-        pool = ConnectionPool.from_url(url, **common)
+        pool = _RidingCheckout.from_url(url, **common)
         pool.connection_class = cancel_safe_connection(pool.connection_class)
         return redis_class.from_pool(pool)
     sentinel = _Sentinels(

@@ -21,6 +21,9 @@ class FreezingProxy:
         self.port = 0
         #: Connections accepted so far (frozen or not).
         self.accepted = 0
+        #: How many of the next connections to close as soon as they are accepted: the
+        #: client's TCP connect succeeds, its first command (the handshake) finds it closed.
+        self.drop_next = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
@@ -51,6 +54,10 @@ class FreezingProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
         self.accepted += 1
+        if self.drop_next > 0:
+            self.drop_next -= 1
+            writer.close()
+            return
         await self.thawed.wait()
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self._writers.append(up_writer)
@@ -64,3 +71,5 @@ class FreezingProxy:
                 await self.thawed.wait()  # frozen: hold the bytes, send nothing
                 dst.write(data)
                 await dst.drain()
+            if self.thawed.is_set():  # one side closed: so is the other (frozen: nothing moves)
+                dst.close()

@@ -223,7 +223,10 @@ async def test_calibrated_limits_fit_each_model_and_stop_a_10x_one(tmp_path: Pat
 def test_history_stats_count_whole_samples_only() -> None:
     """A damaged history entry costs its own sample, on every read of the list (each entry
     is parsed once and kept by its bytes: a second read finds the same)."""
-    raw = [b"[1.0,0.5,100]", b"not json", b"[1,2]", b'["x",1,2]', b"[2.0,1.5,300]"]
+    raw = [
+        *(b"[1.0,0.5,100]", b"not json", b"[1,2]", b'["x",1,2]', b"[2.0,1.5,300]"),
+        *(b"[1,2,1e400]", b"[NaN,1,2]", b"[Infinity,1,2]", b"[1,-2,3]"),  # no load measured these
+    ]
     first = History.stats_from(raw)
     assert first is not None and first.samples == 2
     assert History.stats_from(raw) == first

@@ -149,6 +149,36 @@ async def test_half_open_connection_does_not_hang_report(redis_url: str) -> None
             assert loop.time() - started < bound
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_a_connection_lost_in_its_handshake_is_ridden_through(
+    redis_url: str, pipelined: bool
+) -> None:
+    """redis-py connects a connection it takes from the pool (HELLO/SELECT/CLIENT SETINFO)
+    outside the command's retry: one closed by the peer during that handshake failed the
+    command at once (a worker's finish_job then left a finished job to run again)."""
+    port = urlsplit(redis_url).port or 6379
+    async with FreezingProxy(port) as proxy:
+        redis = redis_client(f"redis://127.0.0.1:{proxy.port}/9", TIGHT)
+        direct = Redis.from_url(redis_url)
+        try:
+            pooled = await redis.client_id()  # reached: from now on an error is an outage
+            await direct.client_kill_filter(_id=pooled)
+            # The pooled connection sees the kill's end before its next checkout, which
+            # then connects anew in the pool (not in a command's retry).
+            idle = redis.connection_pool._available_connections[0]  # type: ignore[attr-defined]
+            await eventually(idle._reader.at_eof, what="the kill reaching the client")
+            proxy.drop_next = 2  # its next two connections close before their handshake
+            if pipelined:
+                async with redis.pipeline(transaction=True) as pipe:
+                    assert await pipe.ping().echo("ok").execute() == [True, b"ok"]
+            else:
+                assert await redis.ping() is True
+            assert proxy.accepted == 4 and proxy.drop_next == 0
+        finally:
+            await redis.aclose()
+            await direct.aclose()
+
+
 async def test_half_open_subscription_is_noticed(redis_url: str) -> None:
     """A cancel subscription whose connection goes silent raises instead of listening for ever."""
     port = urlsplit(redis_url).port or 6379

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -53,9 +54,12 @@ def _sample(item: bytes) -> tuple[float, float, int] | None:
     """One stored sample; None for a damaged entry (it costs one sample, not the load)."""
     try:
         wall, cpu, peak = json.loads(item)
-        return float(wall), float(cpu), int(peak)
-    except (ValueError, TypeError):
+        sample = float(wall), float(cpu), int(peak)
+    except (ValueError, TypeError, OverflowError):  # OverflowError: int() of 1e400 (inf)
         return None
+    if not all(math.isfinite(x) and x >= 0 for x in sample):
+        return None  # NaN, inf or a negative figure: no load measured that
+    return sample
 
 
 class History:
