@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from loadwarden.producer.client import Client
 from loadwarden.producer.connection import redis_client
-from loadwarden.producer.contract import LoadRequest, Outcome
+from loadwarden.producer.contract import LimitOverrides, LoadRequest, Outcome, RetryPolicy
 from loadwarden.producer.keys import wake_key
 from loadwarden.worker.config import Settings
 from tests.conftest import eventually, running_worker
@@ -20,6 +20,8 @@ from tests.conftest import eventually, running_worker
 FALLBACK_S = 4.5
 #: A tiny load, woken at once, ends far within this; one found by the fallback cannot.
 BOUND_S = 3.0
+#: How late after its backoff a retry may start (its wake, a look, a claim, a spawn).
+RETRY_SLACK_S = 1.5
 
 
 async def _blocked_on_wake(redis_url: str, settings: Settings) -> dict[str, str] | None:
@@ -80,6 +82,30 @@ async def test_a_freed_slot_wakes_a_full_worker(
         ]
         for handle in handles:
             assert (await handle.report(timeout_s=BOUND_S)).outcome is Outcome.OK
+
+
+async def test_a_retry_wakes_an_idle_worker_when_due(
+    redis_url: str, small_model: object, settings: Settings
+) -> None:
+    """A job re-queued for a retry (a later score) wakes the idle worker, which then waits
+    only until the retry is due: the second attempt starts within a bound of its backoff,
+    not at the fallback poll the worker's wait was computed for before the retry."""
+    slow = settings.model_copy(update={"poll_delay_s": FALLBACK_S, "concurrency": 2})
+    request = LoadRequest(
+        source=str(small_model),
+        limits=LimitOverrides(timeout_seconds=0.3),
+        retry=RetryPolicy(max_attempts=2, base_s=0.5, max_s=0.5),
+    )
+    async with (
+        running_worker(slow, loaders={"safetensors": "hang"}),
+        Client(settings=slow) as client,
+    ):
+        await eventually(lambda: _blocked_on_wake(redis_url, slow), what="worker blocked")
+        report = await (await client.enqueue(request)).report(timeout_s=2 * FALLBACK_S)
+    first, second = report.attempts
+    assert first.outcome is Outcome.TIMEOUT and first.delay_s is not None
+    gap_s = (second.started_at - first.finished_at).total_seconds()
+    assert gap_s < first.delay_s + RETRY_SLACK_S, (gap_s, first.delay_s)
 
 
 def test_fallback_poll_must_fit_in_the_socket_timeout() -> None:

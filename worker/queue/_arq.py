@@ -16,7 +16,8 @@ Why a subclass and not a patch of arq: the hooks used (``run_job``, ``finish_job
 ``_poll_iteration`` and the slot release) are arq's methods, and the overrides call arq's
 code unchanged, except copies made to save round trips (``start_jobs``' claim, now one
 script that also makes the run's first reads, ``_claim``; ``finish_job``, with the
-finished push in its transaction; the base's look at the queue, read with its wait),
+finished push in its transaction, and a job left queued for a retry pushing a wake token
+there, as an enqueue does; the base's look at the queue, read with its wait),
 which keep arq's logic line for line (arq 0.28 is pinned).
 """
 
@@ -45,6 +46,7 @@ from loadwarden.producer.keys import (
     FINISHED_CHANNEL,
     FINISHED_REPORTS_CHANNEL,
     now_ms,
+    wake_workers,
 )
 from loadwarden.worker.load._outcome import Early, failure
 from loadwarden.worker.queue._claim import answered, claim
@@ -234,8 +236,7 @@ class LoadWorker(WaitingWorker):
             if delete_keys:
                 tr.delete(*delete_keys)
             arqs = len(tr.command_stack)
-            if finish and left is not None:
-                self._queue_bookkeeping(tr, job_id, left)
+            self._queue_ours(tr, job_id, finish, left)
             results = await tr.execute(raise_on_error=False)
         # A transaction is not rolled back: a command that failed (a key of ours holding the
         # wrong type) failed alone. arq's own raise as they would have; ours are logged (the
@@ -248,11 +249,16 @@ class LoadWorker(WaitingWorker):
                 log.error("job_bookkeeping_failed", job_id=job_id, error=describe(result))
                 break
 
-    def _queue_bookkeeping(self, tr: Pipeline, job_id: str, left: Finish) -> None:
-        """Queue the job's own bookkeeping after arq's commands in ``tr``; if building it
-        fails (in Python, before anything is sent), drop what it queued and log it: ours
-        must never cost the stored report."""
-        if self._book is None:
+    def _queue_ours(self, tr: Pipeline, job_id: str, finish: bool, left: Finish | None) -> None:
+        """Queue our commands after arq's in ``tr``. A job left queued for another run (a
+        retry, maybe deferred): a wake token, so that an idle worker, blocked for a wait
+        computed before, looks again and waits until it is due. A finished one: its own
+        bookkeeping; if building it fails (in Python, before anything is sent), drop what it
+        queued and log it: ours must never cost the stored report."""
+        if not finish:
+            wake_workers(tr, self.queue_name)
+            return
+        if self._book is None or left is None:
             return
         arqs = len(tr.command_stack)
         request, report, busy_s = left

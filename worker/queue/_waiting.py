@@ -75,9 +75,10 @@ class WaitingWorker(Worker):
 
         Full: until a running job ends. A full page of ids fetched, one of them started
         here: not at all (more may be ready). Else on the queue's wake list (BLPOP: an
-        enqueue pushes one token, which wakes one idle worker), no longer than until the
-        next deferred job (a retry's backoff) is due. The fallback picks up jobs enqueued
-        without a token (arq's own ``enqueue_job``, a producer in another language).
+        enqueue, or a job's re-queue for a retry, pushes one token, which wakes one idle
+        worker), no longer than until the next deferred job (a retry's backoff) is due. The
+        fallback picks up jobs enqueued without a token (arq's own ``enqueue_job``, a
+        producer in another language).
         """
         fallback = self.fallback_poll_s
         if self.burst or not self.allow_pick_jobs:
