@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from loadwarden.producer.client import Client
 from loadwarden.producer.contract import JobPhase, LimitOverrides, LoadRequest, Outcome
 from loadwarden.worker.config import Settings
 from loadwarden.worker.load.supervisor import Supervisor
+from loadwarden.worker.sandbox import _backoff
 from loadwarden.worker.sandbox.children import SandboxError, stop_child
 from loadwarden.worker.sandbox.forkserver import ForkServer
 from tests.conftest import TEST_LOADERS, eventually, running_worker
@@ -74,8 +76,10 @@ async def test_a_load_during_the_backoff_waits_for_the_restart_within_its_deadli
                 sup.load(LoadRequest(source=str(small_model))), sup.load(short)
             )
             assert sup.forkserver.restarts == 2
+            # up again, not yet for 30 s: down since the first loss (``_backoff``)
+            assert sup.forkserver.alive and sup.forkserver.down_s > down_s
     assert waited.outcome is Outcome.OK, waited.error
-    assert down_s > 0 and sup.forkserver.down_s == 0.0
+    assert down_s > 0
     assert cut.outcome is Outcome.TIMEOUT
     assert cut.error is not None and "waiting for the fork server" in cut.error.message
     assert sum(e["event"] == "forkserver_awaited" for e in events) == 2
@@ -170,6 +174,57 @@ async def test_livez_fails_once_the_fork_server_stays_down_past_the_setting(
     assert "no fork server for" in failed.text
     assert "LOADWARDEN_FORKSERVER_DOWN_MAX_S (0.5 s)" in failed.text
     assert ready.status_code == 503 and "fork server not running" in ready.text
+
+
+def _restarted(forkserver: ForkServer, restarts: int) -> Callable[[], bool]:
+    return lambda: forkserver.restarts == restarts and forkserver.alive
+
+
+async def test_livez_fails_for_a_fork_server_lost_again_soon_after_each_start(
+    redis_url: str,
+) -> None:
+    """A crash loop: the fork server starts again each time but is killed once it runs, three
+    times. No single down time is long (the backoff waits 0 s, 1 s, 2 s), yet once the third
+    runs, /livez answers 503 and the gauge reads over ``forkserver_down_max_s`` (2.5 s): the
+    down time counts from the first loss until one has stayed up 30 s, not until any start."""
+    settings = Settings(
+        redis_url=redis_url, metrics_port=0, metrics_host="127.0.0.1", forkserver_down_max_s=2.5
+    )
+    async with running_worker(settings) as runner:
+        forkserver = runner.supervisor.forkserver
+        assert runner.probes is not None
+        base = f"http://127.0.0.1:{runner.probes.port}"
+        async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+            assert (await http.get("/livez")).status_code == 200
+            for restarts in (1, 2, 3):
+                os.kill(forkserver.pid or 0, signal.SIGKILL)
+                await eventually(_restarted(forkserver, restarts), 30, f"restart {restarts}")
+            live = await http.get("/livez")
+            gauge = runner.supervisor.metrics.registry.get_sample_value(
+                "loadwarden_forkserver_down_seconds"
+            )
+            assert forkserver.alive and forkserver.restarts == 3, "lost again meanwhile"
+    assert live.status_code == 503, live.text
+    assert "no fork server for" in live.text and "lost again soon after its start" in live.text
+    assert gauge is not None and gauge > 2.5
+
+
+async def test_a_fork_server_that_stays_up_ends_the_down_time(
+    small_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a restarted fork server has stayed up the backoff's stable window (made 0.5 s
+    here), the down time and its gauge are 0 again, and the next loss counts anew."""
+    monkeypatch.setattr(_backoff, "SHORT_LIFE_S", 0.5)
+    async with Supervisor(Settings(), preload=[TEST_LOADERS]) as sup:
+        forkserver = sup.forkserver
+        os.kill(forkserver.pid or 0, signal.SIGKILL)
+        await eventually(_restarted(forkserver, 1), 30, "the restart")
+        await eventually(lambda: forkserver.down_s == 0.0, 30, "the down time ends")
+        gauge = sup.metrics.registry.get_sample_value("loadwarden_forkserver_down_seconds")
+        assert forkserver.restarts == 1 and forkserver.alive
+        report = await sup.load(LoadRequest(source=str(small_model)))
+    assert gauge == 0.0
+    assert report.outcome is Outcome.OK, report.error
 
 
 @pytest.mark.parametrize(("value", "limit"), [("null", None), ("NULL", None), ("120", 120.0)])

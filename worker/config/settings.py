@@ -94,9 +94,10 @@ class Settings(ProducerSettings):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     metrics_host: str = "0.0.0.0"
     # /livez fails once the fork server has been down this long (every start since its loss
-    # failed): such a worker claims no job, and only a fresh process helps, so the liveness
-    # probe restarts it. 300 s outlasts the restart backoff's longest waits (60 s) several
-    # times over, so a fork server that comes back after a few tries never costs a restart;
+    # failed, or died again within the backoff's 30 s): such a worker claims no job, or
+    # barely any, and only a fresh process helps, so the liveness probe restarts it. 300 s
+    # outlasts the restart backoff's longest waits (60 s) several times over, so a fork
+    # server that comes back after a few tries and stays up never costs a restart;
     # None (LOADWARDEN_FORKSERVER_DOWN_MAX_S=null): /livez ignores the fork server.
     forkserver_down_max_s: Annotated[float, Field(gt=0)] | None = 300.0
     # Log (and count) a load near a limit: early warning before the limit stops it. For

@@ -104,8 +104,9 @@ class Metrics:
         )
         self.forkserver_down = Gauge(
             "loadwarden_forkserver_down_seconds",
-            "Seconds since this worker's fork server was lost while none has started again"
-            " (0 while one runs): meanwhile the worker claims no job.",
+            "Seconds since this worker's fork server was lost while none has stayed up 30 s"
+            " since (none started, or each lost again soon after its start; 0 once one has):"
+            " meanwhile the worker claims no job, or barely any.",
             registry=r,
         )
         self.confinement = Info(

@@ -82,14 +82,16 @@ class WorkerRunner:
         return True, "ready"
 
     def liveness(self) -> tuple[bool, str]:
-        """Live unless the fork server has been down longer than ``forkserver_down_max_s``.
+        """Live unless the fork server has been down longer than ``forkserver_down_max_s``:
+        lost, and none started since, or each lost again soon after its start (``_backoff``).
 
-        Such a worker claims nothing until a start succeeds; a restart of the process
-        (the liveness probe's) gives it a fresh one."""
+        Such a worker claims nothing, or barely anything, until one stays up; a restart of the
+        process (the liveness probe's) gives it a fresh one."""
         limit_s, down_s = self.settings.forkserver_down_max_s, self.supervisor.forkserver.down_s
         if limit_s is not None and down_s > limit_s:
             return False, (
-                f"no fork server for {down_s:.1f} s since it was lost, over "
+                f"no fork server for {down_s:.1f} s since it was lost (none started, or each "
+                f"lost again soon after its start), over "
                 f"LOADWARDEN_FORKSERVER_DOWN_MAX_S ({limit_s:g} s)"
             )
         return True, "ok"

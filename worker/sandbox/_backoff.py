@@ -4,6 +4,10 @@ A lost fork server (killed, crashed) is started again at once; the second in a r
 SHORT_LIFE_S or less after its start (or one that did not start) makes the next start wait
 1 s, the third 2 s, doubling up to RESTART_WAIT_MAX_S: one that dies at once on every start
 does not spin. Loads meanwhile wait for the restart (``_restart``), within their deadline.
+
+The down time (``down_s``: ``/livez``, the gauge ``loadwarden_forkserver_down_seconds``) runs
+from the first loss until a fork server has stayed up SHORT_LIFE_S: one that starts and dies
+again soon after each start (a crash loop) does not reset it, though it runs in between.
 """
 
 from __future__ import annotations
@@ -27,12 +31,18 @@ class Backoff:
         self.short_lives = 0
         self.ready_at = 0.0
         self.not_before = 0.0
-        #: When the fork server was lost, while none has started since (None: it runs).
+        #: A fork server runs (started, not lost since).
+        self.up = False
+        #: When the fork server was first lost, while none has stayed up SHORT_LIFE_S since.
         self.down_since: float | None = None
 
     def down_s(self) -> float:
-        """How long no fork server has run since one was lost (0.0 while one runs)."""
-        return 0.0 if self.down_since is None else time.monotonic() - self.down_since
+        """How long since a fork server was first lost while none has stayed up SHORT_LIFE_S
+        since (0.0 once one has, or none was lost)."""
+        now = time.monotonic()
+        if self.down_since is None or (self.up and now - self.ready_at >= SHORT_LIFE_S):
+            return 0.0
+        return now - self.down_since
 
     def wait_s(self) -> float:
         return round(max(0.0, self.not_before - time.monotonic()), 3)
@@ -48,7 +58,7 @@ class Backoff:
 
     def started(self) -> None:
         self.ready_at = time.monotonic()
-        self.down_since = None
+        self.up = True
 
     def failed(self) -> float:
         """Count a start that failed; returns the wait before the next."""
@@ -60,7 +70,8 @@ class Backoff:
         """Count a lost fork server's life; returns how long it lived and the wait before
         the next start."""
         lived_s = time.monotonic() - self.ready_at
-        if self.down_since is None:
+        self.up = False
+        if self.down_since is None or lived_s >= SHORT_LIFE_S:  # else the crash loop goes on
             self.down_since = time.monotonic()
         self.short_lives = self.short_lives + 1 if lived_s < SHORT_LIFE_S else 0
         self.not_before = time.monotonic() + restart_wait_s(self.short_lives)

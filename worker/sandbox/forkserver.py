@@ -110,7 +110,7 @@ class ForkServer:
 
     @property
     def down_s(self) -> float:
-        """Seconds since a fork server was lost while none has started again (0.0: it runs)."""
+        """Seconds since a fork server was lost while none has stayed up since (``_backoff``)."""
         return self._restart.backoff.down_s()
 
     @property
